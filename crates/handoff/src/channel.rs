@@ -1,0 +1,229 @@
+//! A framed, versioned message channel over a Unix stream socket.
+//!
+//! Reads are always bounded: every receive arms `SO_RCVTIMEO` through
+//! [`timeouts::arm`](crate::timeouts::arm) (with the BSD EINVAL tolerance)
+//! or is explicitly documented as unbounded. Writes are serialised by a
+//! mutex so a heartbeat thread can share the socket with the protocol thread
+//! without interleaving frames.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::frame::{self, FrameError};
+use crate::protocol::{Message, ProtoVersion, HELLO_FRAME_VERSION};
+use crate::sys::{self, PeerCred};
+use crate::timeouts::{self, TimeoutSocket};
+
+impl TimeoutSocket for UnixStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, d)
+    }
+
+    fn peek_nonblocking(&self) -> io::Result<usize> {
+        use nix::sys::socket::{recv, MsgFlags};
+        let mut b = [0u8; 1];
+        loop {
+            match recv(
+                self.as_raw_fd(),
+                &mut b,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(n) => return Ok(n),
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            }
+        }
+    }
+}
+
+/// One end of a control channel.
+#[derive(Debug)]
+pub struct Channel {
+    stream: UnixStream,
+    write_lock: Arc<Mutex<()>>,
+    version: ProtoVersion,
+}
+
+impl Channel {
+    pub fn new(stream: UnixStream) -> Channel {
+        Channel {
+            stream,
+            write_lock: Arc::new(Mutex::new(())),
+            version: HELLO_FRAME_VERSION,
+        }
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Switches to the negotiated version for every frame after HelloAck.
+    pub fn set_version(&mut self, v: ProtoVersion) {
+        self.version = v;
+    }
+
+    pub fn version(&self) -> ProtoVersion {
+        self.version
+    }
+
+    fn frame_version(&self, msg: &Message) -> ProtoVersion {
+        match msg {
+            Message::Hello(_) | Message::HelloAck { .. } => HELLO_FRAME_VERSION,
+            _ => self.version,
+        }
+    }
+
+    fn encode(&self, msg: &Message) -> Result<Vec<u8>, FrameError> {
+        frame::encode(self.frame_version(msg), &msg.encode())
+    }
+
+    /// Sends one message.
+    pub fn send(&self, msg: &Message) -> Result<(), FrameError> {
+        let bytes = self.encode(msg)?;
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        (&self.stream).write_all(&bytes)?;
+        Ok(())
+    }
+
+    /// Sends one message with the kernel attaching our credentials
+    /// (`SCM_CREDENTIALS` on Linux).
+    pub fn send_with_credentials(&self, msg: &Message) -> Result<(), FrameError> {
+        let bytes = self.encode(msg)?;
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        sys::send_with_credentials(&self.stream, &bytes)?;
+        Ok(())
+    }
+
+    /// A handle that can send from another thread (heartbeats).
+    pub fn sender(&self) -> io::Result<Sender> {
+        Ok(Sender {
+            stream: self.stream.try_clone()?,
+            write_lock: self.write_lock.clone(),
+            version: self.version,
+        })
+    }
+
+    fn arm(&self, timeout: Option<Duration>) -> Result<(), FrameError> {
+        match timeout {
+            Some(d) => {
+                timeouts::arm(&self.stream, d, timeouts::TOLERATE_EINVAL)?;
+            }
+            None => self.stream.set_read_timeout(None)?,
+        }
+        Ok(())
+    }
+
+    fn check(&self, f: frame::Frame) -> Result<Message, FrameError> {
+        let msg = Message::decode(&f.payload)?;
+        let expected = self.frame_version(&msg);
+        if f.version != expected {
+            return Err(FrameError::VersionMismatch {
+                found: f.version,
+                expected,
+            });
+        }
+        Ok(msg)
+    }
+
+    fn timed(start: Instant, r: Result<frame::Frame, FrameError>) -> Result<frame::Frame, FrameError> {
+        r.map_err(|e| match e {
+            FrameError::TimedOut { .. } => FrameError::TimedOut {
+                waited_ms: start.elapsed().as_millis() as u64,
+            },
+            e => e,
+        })
+    }
+
+    /// Receives one message, waiting at most `timeout` for each read
+    /// (`None`: wait indefinitely — only for peers whose death we learn of
+    /// by EOF, never for a peer that could merely hang).
+    pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Message, FrameError> {
+        self.arm(timeout)?;
+        let start = Instant::now();
+        let f = Self::timed(start, frame::read_frame(&mut &self.stream))?;
+        self.check(f)
+    }
+
+    /// Like [`recv`](Self::recv), also returning the credentials the kernel
+    /// attached to the first chunk (requires `SO_PASSCRED` on this end).
+    pub fn recv_with_credentials(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(Message, Option<PeerCred>), FrameError> {
+        self.arm(Some(timeout))?;
+        let start = Instant::now();
+        let mut head = [0u8; frame::HEADER_LEN];
+        let (n, cred) = match sys::recv_with_credentials(&self.stream, &mut head) {
+            Ok(v) => v,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(FrameError::TimedOut {
+                    waited_ms: start.elapsed().as_millis() as u64,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Err(FrameError::Closed);
+        }
+        let mut reader = (&head[..n]).chain(&self.stream);
+        let f = Self::timed(start, frame::read_frame(&mut reader))?;
+        Ok((self.check(f)?, cred))
+    }
+}
+
+/// Sending half of a [`Channel`], for a heartbeat thread.
+#[derive(Debug)]
+pub struct Sender {
+    stream: UnixStream,
+    write_lock: Arc<Mutex<()>>,
+    version: ProtoVersion,
+}
+
+impl Sender {
+    pub fn send(&self, msg: &Message) -> Result<(), FrameError> {
+        let bytes = frame::encode(self.version, &msg.encode())?;
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        (&self.stream).write_all(&bytes)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recv_times_out_and_reports_wait() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = Channel::new(a);
+        match c.recv(Some(Duration::from_millis(50))) {
+            Err(FrameError::TimedOut { waited_ms }) => assert!(waited_ms >= 40, "{waited_ms}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn negotiated_version_is_enforced_after_hello() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let tx = Channel::new(a);
+        let mut rx = Channel::new(b);
+        rx.set_version(2);
+        // A non-hello frame in version 1 when 2 was negotiated.
+        tx.send(&Message::Commit { handoff_id: 1 }).unwrap();
+        assert!(matches!(
+            rx.recv(Some(Duration::from_secs(1))),
+            Err(FrameError::VersionMismatch { found: 1, expected: 2 })
+        ));
+    }
+
+    #[test]
+    fn closed_peer_is_closed_not_truncated() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let mut c = Channel::new(a);
+        assert!(matches!(c.recv(Some(Duration::from_secs(1))), Err(FrameError::Closed)));
+    }
+}

@@ -1,0 +1,187 @@
+//! Typed errors. Each names the phase and the peer it happened with, so a
+//! log line or an aborted upgrade says what failed, where, and with whom.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::frame::FrameError;
+use crate::journal::JournalError;
+use crate::lock::LockError;
+use crate::phase::{Peer, SupervisorPhase};
+use crate::protocol::{HandoffId, NoCommonVersion, Role};
+
+/// A protocol violation or failure on one channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("{phase}: reading from/writing to the {peer}: {source}")]
+    Frame {
+        peer: Peer,
+        phase: &'static str,
+        #[source]
+        source: FrameError,
+    },
+    #[error("{phase}: the {peer} sent {message} for handoff {found:#018x}, but this is handoff {expected:#018x}")]
+    WrongHandoffId {
+        peer: Peer,
+        phase: &'static str,
+        message: &'static str,
+        expected: HandoffId,
+        found: HandoffId,
+    },
+    #[error("{phase}: the {peer} sent {message}, which is not legal in this phase")]
+    Unexpected {
+        peer: Peer,
+        phase: &'static str,
+        message: &'static str,
+    },
+    #[error("{phase}: expected a Hello from a {expected}, got one from a {found}")]
+    WrongRole {
+        phase: &'static str,
+        expected: Role,
+        found: Role,
+    },
+    #[error("{phase}: the {peer} announced pid {announced} but the kernel says the socket belongs to pid {kernel}")]
+    PidMismatch {
+        peer: Peer,
+        phase: &'static str,
+        announced: u32,
+        kernel: u32,
+    },
+    #[error("{phase}: the {peer}'s socket belongs to uid {uid}; only uid {ours} or root may take part")]
+    WrongUid {
+        peer: Peer,
+        phase: &'static str,
+        uid: u32,
+        ours: u32,
+    },
+    #[error("{phase}: the kernel attached no credentials to the {peer}'s Hello")]
+    NoCredentials { peer: Peer, phase: &'static str },
+    #[error("{phase}: {0}", phase = .1)]
+    NoCommonVersion(#[source] NoCommonVersion, &'static str),
+    #[error("{phase}: the {peer} did not answer within {waited_ms} ms ({clock})")]
+    Timeout {
+        peer: Peer,
+        phase: &'static str,
+        waited_ms: u64,
+        /// "liveness" (silence) or "phase deadline" (wall clock).
+        clock: &'static str,
+    },
+}
+
+impl ProtocolError {
+    pub(crate) fn frame(peer: Peer, phase: &'static str, source: FrameError) -> ProtocolError {
+        match source {
+            FrameError::TimedOut { waited_ms } => ProtocolError::Timeout {
+                peer,
+                phase,
+                waited_ms,
+                clock: "liveness",
+            },
+            source => ProtocolError::Frame {
+                peer,
+                phase,
+                source,
+            },
+        }
+    }
+
+    /// True when the peer went away (EOF, reset, broken pipe) rather than
+    /// misbehaving.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            ProtocolError::Frame { source, .. } => match source {
+                FrameError::Closed | FrameError::Truncated { .. } => true,
+                FrameError::Io(e) => matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::UnexpectedEof
+                ),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Spawning a successor failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("program {path} not found{}", if *.searched_path { " in PATH" } else { "" })]
+    NotFound { path: PathBuf, searched_path: bool },
+    #[error("cannot execute {path}: {source}")]
+    Exec { path: PathBuf, source: io::Error },
+    #[error("preparing to spawn {path}: {source}")]
+    Prepare { path: PathBuf, source: io::Error },
+}
+
+/// Why a handoff did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("another handoff is in progress; retry when it finishes")]
+    InProgress,
+    #[error("there is no incumbent to hand off from; start one first")]
+    NoIncumbent,
+    #[error("connecting to the incumbent's control socket {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("spawning the successor: {0}")]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the incumbent failed to seal: {reason}")]
+    SealFailed { reason: String },
+    #[error("the successor failed its health check: {detail}")]
+    Unhealthy { detail: String },
+    #[error("the successor (pid {pid}) exited before Ready: {exit}")]
+    SuccessorExited { pid: u32, exit: crate::child::Exit },
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("handoff {handoff_id:#018x} aborted while {phase}: {cause}{}", resumed_note(*.incumbent_resumed))]
+    Aborted {
+        handoff_id: HandoffId,
+        phase: SupervisorPhase,
+        cause: Box<HandoffError>,
+        /// Whether an incumbent was told to resume (false on a first start).
+        incumbent_resumed: bool,
+    },
+}
+
+fn resumed_note(resumed: bool) -> &'static str {
+    if resumed {
+        "; the successor was killed and the incumbent keeps serving"
+    } else {
+        "; the successor was killed"
+    }
+}
+
+impl HandoffError {
+    /// The root cause, looking through `Aborted`.
+    pub fn cause(&self) -> &HandoffError {
+        match self {
+            HandoffError::Aborted { cause, .. } => cause.cause(),
+            e => e,
+        }
+    }
+}
+
+/// Errors on the process side (incumbent or successor).
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("environment: {0}")]
+    Env(String),
+    #[error(transparent)]
+    ListenFds(#[from] crate::listeners::ListenFdsError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("control socket {path}: {source}")]
+    ControlSocket { path: PathBuf, source: io::Error },
+    #[error("the supervisor aborted this handoff: {reason}")]
+    Aborted { reason: String },
+    #[error("the supervisor went away before Begin; exiting so the incumbent keeps serving")]
+    SupervisorGone,
+    #[error("service: {0}")]
+    Service(String),
+}

@@ -1,0 +1,332 @@
+//! The incumbent role: the serving process. Holds the state lock, listens on
+//! the control socket, and answers the supervisor's handoff requests by
+//! calling into the service's [`Drainable`] implementation.
+//!
+//! It also recovers by itself when the supervisor disappears (DESIGN §6):
+//! EOF while drained → resume; EOF while sealed → try to re-take the state
+//! lock (resume if it gets it; if the successor holds it, the successor has
+//! won and this process retires).
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use crate::channel::Channel;
+use crate::error::{ProcessError, ProtocolError};
+use crate::lock::StateLock;
+use crate::phase::{IncumbentPhase, Peer};
+use crate::process::{bind_control, Drainable, Heartbeat, ProcessConfig};
+use crate::protocol::{negotiate, HandoffId, Hello, Message, Role};
+use crate::sys;
+
+/// Why [`Incumbent::serve`] returned: this process is no longer the
+/// incumbent and should exit once its remaining connections are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// The supervisor committed the handoff to the successor.
+    Committed { handoff_id: HandoffId },
+    /// The supervisor vanished after we sealed, and the successor holds the
+    /// state lock: it became the incumbent.
+    SuccessorWon { handoff_id: HandoffId },
+}
+
+/// The serving side: state lock held, control socket bound.
+#[derive(Debug)]
+pub struct Incumbent {
+    cfg: ProcessConfig,
+    lock: Option<StateLock>,
+    listener: UnixListener,
+}
+
+enum Next {
+    Continue,
+    Retire(Retired),
+}
+
+impl Incumbent {
+    pub(crate) fn new(cfg: ProcessConfig, lock: StateLock, listener: UnixListener) -> Incumbent {
+        Incumbent {
+            cfg,
+            lock: Some(lock),
+            listener,
+        }
+    }
+
+    pub fn config(&self) -> &ProcessConfig {
+        &self.cfg
+    }
+
+    /// Serves the control socket until this process is retired. Blocks the
+    /// calling thread: run it on a thread of its own.
+    pub fn serve<D: Drainable>(mut self, service: &mut D) -> Result<Retired, ProcessError> {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(ProcessError::ControlSocket {
+                        path: self.cfg.control_path.clone(),
+                        source,
+                    })
+                }
+            };
+            let Some(chan) = self.greet(stream) else {
+                continue;
+            };
+            match self.handoff(chan, service)? {
+                Next::Continue => continue,
+                Next::Retire(r) => {
+                    tracing::info!(target: "handoff::incumbent", ?r, "retiring");
+                    return Ok(r);
+                }
+            }
+        }
+    }
+
+    /// Checks the caller and exchanges Hello/HelloAck. A failed greeting
+    /// only drops that connection: the service goes on.
+    fn greet(&self, stream: UnixStream) -> Option<Channel> {
+        let ours = nix::unistd::geteuid().as_raw();
+        match sys::peer_credentials(&stream) {
+            Ok(c) if c.uid == ours || c.uid == 0 => {}
+            Ok(c) => {
+                tracing::warn!(target: "handoff::incumbent", uid = c.uid, pid = ?c.pid, "refusing control connection from another user");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(target: "handoff::incumbent", error = %e, "cannot identify control peer");
+                return None;
+            }
+        }
+        let mut chan = Channel::new(stream);
+        let hello = Message::Hello(Hello {
+            role: Role::Incumbent,
+            pid: std::process::id(),
+            proto_min: self.cfg.versions.min,
+            proto_max: self.cfg.versions.max,
+            build_id: self.cfg.build_id.clone(),
+        });
+        if let Err(e) = chan.send(&hello) {
+            tracing::warn!(target: "handoff::incumbent", error = %e, "sending Hello");
+            return None;
+        }
+        match chan.recv(Some(self.cfg.timeouts.hello)) {
+            Ok(Message::HelloAck { version }) => {
+                // The supervisor picks; we only check it is one we speak.
+                let ok = negotiate(
+                    self.cfg.versions,
+                    crate::protocol::VersionRange {
+                        min: version,
+                        max: version,
+                    },
+                    Role::Supervisor,
+                );
+                match ok {
+                    Ok(v) => {
+                        chan.set_version(v);
+                        Some(chan)
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "handoff::incumbent", error = %e, "supervisor chose a version we do not speak");
+                        None
+                    }
+                }
+            }
+            Ok(m) => {
+                tracing::warn!(target: "handoff::incumbent", message = m.name(), "expected HelloAck");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(target: "handoff::incumbent", error = %e, "control connection closed during greeting");
+                None
+            }
+        }
+    }
+
+    /// Receives the next message legal in `phase`, or explains why not.
+    fn recv(
+        chan: &mut Channel,
+        phase: IncumbentPhase,
+        id: Option<HandoffId>,
+        timeout: Duration,
+    ) -> Result<Message, ProtocolError> {
+        let msg = chan
+            .recv(Some(timeout))
+            .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))?;
+        if !phase.allows(&msg) {
+            return Err(ProtocolError::Unexpected {
+                peer: Peer::Supervisor,
+                phase: phase.name(),
+                message: msg.name(),
+            });
+        }
+        if let (Some(expected), Some(found)) = (id, msg.handoff_id()) {
+            if expected != found {
+                return Err(ProtocolError::WrongHandoffId {
+                    peer: Peer::Supervisor,
+                    phase: phase.name(),
+                    message: msg.name(),
+                    expected,
+                    found,
+                });
+            }
+        }
+        Ok(msg)
+    }
+
+    fn handoff<D: Drainable>(&mut self, mut chan: Channel, service: &mut D) -> Result<Next, ProcessError> {
+        let t = self.cfg.timeouts;
+        let (id, deadline, grace) = match Self::recv(&mut chan, IncumbentPhase::Idle, None, self.cfg.idle_timeout) {
+            Ok(Message::PrepareHandoff {
+                handoff_id,
+                deadline_ms,
+                drain_grace_ms,
+                successor_pid,
+            }) => {
+                tracing::info!(target: "handoff::incumbent", handoff_id, successor_pid, deadline_ms, drain_grace_ms, "draining");
+                (
+                    handoff_id,
+                    Instant::now() + Duration::from_millis(deadline_ms),
+                    Duration::from_millis(drain_grace_ms),
+                )
+            }
+            Ok(_) => unreachable!("phase table"),
+            Err(e) => {
+                // Nothing was changed yet: the connection simply ends.
+                tracing::debug!(target: "handoff::incumbent", error = %e, "control connection ended before PrepareHandoff");
+                return Ok(Next::Continue);
+            }
+        };
+        let left = |slack: Duration| deadline.saturating_duration_since(Instant::now()) + slack;
+
+        // Drain, heartbeating meanwhile.
+        let hb = Heartbeat::start(chan.sender(), id, t.heartbeat);
+        let drained = service.drain(grace);
+        hb.stop();
+        let report = match drained {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(target: "handoff::incumbent", handoff_id = id, error = %e, "drain failed; resuming");
+                self.resume(service)?;
+                return Ok(Next::Continue); // dropping the channel aborts the handoff
+            }
+        };
+        let sent = chan.send(&Message::Drained {
+            handoff_id: id,
+            open_conns_remaining: report.open_conns_remaining,
+            accept_closed: report.accept_closed,
+        });
+        if let Err(e) = sent {
+            tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "supervisor gone after drain; resuming");
+            self.resume(service)?;
+            return Ok(Next::Continue);
+        }
+
+        // Drained: wait for the seal request.
+        match Self::recv(&mut chan, IncumbentPhase::Drained, Some(id), left(t.wire_slack)) {
+            Ok(Message::SealRequest { .. }) => {}
+            Ok(Message::ResumeAfterAbort { .. }) => {
+                tracing::info!(target: "handoff::incumbent", handoff_id = id, "handoff aborted while drained; resuming");
+                self.resume(service)?;
+                return Ok(Next::Continue);
+            }
+            Ok(_) => unreachable!("phase table"),
+            Err(e) => {
+                tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "lost the supervisor while drained; resuming");
+                self.resume(service)?;
+                return Ok(Next::Continue);
+            }
+        }
+
+        // Seal, heartbeating meanwhile; SealProgress frames from the service.
+        let hb = Heartbeat::start(chan.sender(), id, t.heartbeat);
+        let progress_sender = chan.sender().ok();
+        let mut progress = |done: u64, total: u64| {
+            if let Some(s) = &progress_sender {
+                let _ = s.send(&Message::SealProgress {
+                    handoff_id: id,
+                    done,
+                    total,
+                });
+            }
+        };
+        let sealed = service.seal(&mut progress);
+        hb.stop();
+        match sealed {
+            Ok(state) => {
+                // Release the lock *before* telling the supervisor: the
+                // successor takes it as soon as it gets Begin.
+                self.lock = None;
+                if let Err(e) = chan.send(&Message::SealComplete { handoff_id: id, state }) {
+                    tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "supervisor gone after seal");
+                    return self.recover_after_seal(id, service);
+                }
+            }
+            Err(e) => {
+                tracing::error!(target: "handoff::incumbent", handoff_id = id, error = %e, "seal failed");
+                let _ = chan.send(&Message::SealFailed {
+                    handoff_id: id,
+                    error: e.to_string(),
+                });
+                // Whatever the supervisor says next (ResumeAfterAbort) or
+                // does (hang up), we resume; the lock is still ours.
+                let _ = Self::recv(&mut chan, IncumbentPhase::SealFailed, Some(id), left(t.wire_slack));
+                self.resume(service)?;
+                return Ok(Next::Continue);
+            }
+        }
+
+        // Sealed: Commit or ResumeAfterAbort.
+        match Self::recv(&mut chan, IncumbentPhase::Sealed, Some(id), left(t.wire_slack) + self.cfg.lock_wait) {
+            Ok(Message::Commit { .. }) => {
+                service.retire();
+                Ok(Next::Retire(Retired::Committed { handoff_id: id }))
+            }
+            Ok(Message::ResumeAfterAbort { .. }) => {
+                tracing::info!(target: "handoff::incumbent", handoff_id = id, "handoff aborted after seal; re-taking the state lock");
+                let lock = StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait)?;
+                self.relocked(lock, service)?;
+                Ok(Next::Continue)
+            }
+            Ok(_) => unreachable!("phase table"),
+            Err(e) => {
+                tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "lost the supervisor while sealed");
+                self.recover_after_seal(id, service)
+            }
+        }
+    }
+
+    /// The supervisor vanished after we released the lock. Whoever holds the
+    /// lock is the incumbent: if we can take it back, the successor never
+    /// made it (or gave up); if not within `recovery_wait`, it did.
+    fn recover_after_seal<D: Drainable>(&mut self, id: HandoffId, service: &mut D) -> Result<Next, ProcessError> {
+        match StateLock::acquire_within(&self.cfg.state_dir, self.cfg.recovery_wait) {
+            Ok(lock) => {
+                tracing::info!(target: "handoff::incumbent", handoff_id = id, "re-took the state lock; resuming");
+                self.relocked(lock, service)?;
+                Ok(Next::Continue)
+            }
+            Err(crate::lock::LockError::Busy { .. }) => {
+                tracing::info!(target: "handoff::incumbent", handoff_id = id, "the successor holds the state lock; retiring");
+                service.retire();
+                Ok(Next::Retire(Retired::SuccessorWon { handoff_id: id }))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Lock re-taken after a seal: the successor may have bound the control
+    /// path meanwhile, so bind it again before serving.
+    fn relocked<D: Drainable>(&mut self, lock: StateLock, service: &mut D) -> Result<(), ProcessError> {
+        self.lock = Some(lock);
+        self.listener = bind_control(&self.cfg.control_path).map_err(|source| ProcessError::ControlSocket {
+            path: self.cfg.control_path.clone(),
+            source,
+        })?;
+        self.resume(service)
+    }
+
+    fn resume<D: Drainable>(&mut self, service: &mut D) -> Result<(), ProcessError> {
+        service.resume().map_err(|e| ProcessError::Service(format!("resume failed: {e}")))
+    }
+}
+

@@ -1,0 +1,66 @@
+//! # handoff
+//!
+//! Zero-downtime binary upgrades for Unix network daemons.
+//!
+//! A **supervisor** owns the listening sockets for the service's whole life
+//! and spawns each new build (the **successor**) with them; the old build
+//! (the **incumbent**) drains, seals its state and hands over, over a small
+//! versioned protocol on Unix sockets. Because the supervisor never closes
+//! the listeners, the kernel keeps queueing connections in the accept
+//! backlog even while no process accepts: nothing is ever refused.
+//!
+//! ```text
+//! S -> O  connect(control socket); O: Hello; S: HelloAck (version chosen)
+//! S       socketpair(); spawn N with listeners + control fd; N: Hello; S: HelloAck
+//! S -> O  PrepareHandoff{id, successor_pid, deadline_ms, drain_grace_ms}
+//! O -> S  Heartbeat* Drained{open_conns_remaining, accept_closed}
+//! S -> O  SealRequest        O -> S  SealProgress* SealComplete | SealFailed
+//! S -> N  Begin{state?}      N -> S  Ready{listening_on, healthz_ok, metadata}
+//! S -> O  Commit             (O exits after its connections finish)
+//! ```
+//!
+//! Any failure before Ready: S kills and reaps N and sends O
+//! `ResumeAfterAbort`. After Ready, N is the incumbent whatever happens.
+//!
+//! * Supervisor side: [`Supervisor`], [`resume_from_journal`].
+//! * Service side: [`Boot`] → [`Begun`] → [`Incumbent`], and the
+//!   [`Drainable`] trait the service implements.
+//! * Primitives: [`StateLock`], [`Journal`].
+#![deny(unsafe_code)]
+#![warn(missing_debug_implementations)]
+
+pub mod channel;
+pub mod child;
+pub mod error;
+pub mod frame;
+pub mod incumbent;
+pub mod journal;
+pub mod listeners;
+pub mod lock;
+pub mod phase;
+mod procinfo;
+pub mod process;
+pub mod protocol;
+pub mod spawn;
+pub mod successor;
+pub mod supervisor;
+#[allow(unsafe_code)]
+mod sys;
+pub mod timeouts;
+
+pub use child::{Child, Exit};
+pub use error::{HandoffError, ProcessError, ProtocolError, SpawnError};
+pub use incumbent::{Incumbent, Retired};
+pub use journal::{Journal, JournalRecord};
+pub use listeners::Listener;
+pub use lock::StateLock;
+pub use phase::SupervisorPhase;
+pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
+pub use protocol::{HandoffId, Message, Role, VersionRange};
+pub use spawn::Program;
+pub use successor::{Begun, Boot, BootOptions, StartRole};
+pub use supervisor::{resume_from_journal, HandoffOptions, PhaseDone, Recovery, Report, Supervisor, SupervisorConfig};
+pub use timeouts::Timeouts;
+
+/// Peer credentials (for the admin socket of a supervisor binary).
+pub use sys::{peer_credentials, PeerCred};

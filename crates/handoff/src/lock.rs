@@ -1,0 +1,127 @@
+//! The state lock: an exclusive lock on `<state_dir>/handoff.lock` that the
+//! kernel releases when its holder dies.
+//!
+//! It is an `flock(2)` lock (std's [`File::try_lock`]): it belongs to the open
+//! file description, so it is released when the last descriptor for it is
+//! closed — including by process death — and it is not shared with a child
+//! across exec because the descriptor is close-on-exec. A crashed incumbent
+//! therefore never leaves a stale lock behind, which is what lets the
+//! successor, or the incumbent resuming after an abort, take it without any
+//! "is the owner still alive?" guesswork.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// File name of the state lock inside the state dir.
+pub const LOCK_FILE: &str = "handoff.lock";
+
+/// Errors taking the state lock.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot open state lock {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("state lock {path} is held by another process (last holder recorded: {holder}) and was not released within {waited_ms} ms")]
+    Busy {
+        path: PathBuf,
+        holder: String,
+        waited_ms: u64,
+    },
+    #[error("locking {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+}
+
+/// A held state lock. Dropping it releases the lock.
+#[derive(Debug)]
+pub struct StateLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// Takes the lock if it is free right now.
+    pub fn try_acquire(state_dir: &Path) -> Result<Option<StateLock>, LockError> {
+        let path = state_dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| LockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => {
+                let mut lock = StateLock { file, path };
+                // Diagnostics only: who holds it. Failure to record is not a
+                // reason to give the lock up.
+                let _ = lock.record_holder();
+                Ok(Some(lock))
+            }
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(source)) => Err(LockError::Lock { path, source }),
+        }
+    }
+
+    /// Polls for the lock until `budget` runs out. Used where the previous
+    /// holder is expected to release it momentarily (after SealComplete, or
+    /// after the supervisor killed an aborted successor).
+    pub fn acquire_within(state_dir: &Path, budget: Duration) -> Result<StateLock, LockError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Some(l) = Self::try_acquire(state_dir)? {
+                return Ok(l);
+            }
+            if start.elapsed() >= budget {
+                let path = state_dir.join(LOCK_FILE);
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "unknown".into());
+                return Err(LockError::Busy {
+                    path,
+                    holder,
+                    waited_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether some process holds the lock right now (probes by trying it).
+    pub fn is_held(state_dir: &Path) -> Result<bool, LockError> {
+        Ok(Self::try_acquire(state_dir)?.is_none())
+    }
+
+    fn record_holder(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        writeln!(self.file, "pid {}", std::process::id())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StateLock::try_acquire(dir.path()).unwrap().unwrap();
+        assert!(StateLock::try_acquire(dir.path()).unwrap().is_none());
+        let e = StateLock::acquire_within(dir.path(), Duration::from_millis(30)).unwrap_err();
+        assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(a);
+        assert!(StateLock::try_acquire(dir.path()).unwrap().is_some());
+    }
+}

@@ -1,0 +1,207 @@
+//! Which message is legal in which phase, for each of the three roles, in one
+//! place (the rustls discipline): every read in the crate goes through
+//! [`SupervisorPhase::allows`], [`IncumbentPhase::allows`] or
+//! [`SuccessorPhase::allows`], so a message arriving out of turn is rejected
+//! the same way everywhere.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Message;
+
+/// The supervisor's phases; also what the journal records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+pub enum SupervisorPhase {
+    /// Hello/HelloAck with the incumbent and the freshly spawned successor.
+    Negotiating,
+    /// PrepareHandoff sent; waiting for Drained.
+    Draining,
+    /// SealRequest sent; waiting for SealComplete or SealFailed.
+    Sealing,
+    /// Begin sent; waiting for the successor's Ready.
+    AwaitingReady,
+    /// Ready received; Commit being delivered. The successor is the
+    /// incumbent from here on, whatever happens.
+    Committed,
+    /// Something failed before Ready: successor killed, incumbent resuming.
+    ResumingAfterAbort,
+}
+
+impl SupervisorPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            SupervisorPhase::Negotiating => "negotiating",
+            SupervisorPhase::Draining => "draining",
+            SupervisorPhase::Sealing => "sealing",
+            SupervisorPhase::AwaitingReady => "awaiting-ready",
+            SupervisorPhase::Committed => "committed",
+            SupervisorPhase::ResumingAfterAbort => "resuming-after-abort",
+        }
+    }
+
+    /// May `peer` send `msg` to the supervisor in this phase?
+    ///
+    /// Keepalives (Heartbeat, SealProgress) are legal only from the
+    /// incumbent while it drains or seals: that is when it has promised them.
+    pub fn allows(self, peer: Peer, msg: &Message) -> bool {
+        use Message as M;
+        use SupervisorPhase as P;
+        match (self, peer, msg) {
+            (P::Negotiating, _, M::Hello(_)) => true,
+            (P::Draining, Peer::Incumbent, M::Drained { .. } | M::Heartbeat { .. }) => true,
+            (
+                P::Sealing,
+                Peer::Incumbent,
+                M::SealComplete { .. }
+                | M::SealFailed { .. }
+                | M::SealProgress { .. }
+                | M::Heartbeat { .. },
+            ) => true,
+            (P::AwaitingReady, Peer::Successor, M::Ready { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for SupervisorPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The peer a supervisor talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Peer {
+    Incumbent,
+    Successor,
+    Supervisor,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Peer::Incumbent => "incumbent",
+            Peer::Successor => "successor",
+            Peer::Supervisor => "supervisor",
+        })
+    }
+}
+
+/// The incumbent's side of one control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncumbentPhase {
+    /// Hello sent, waiting for HelloAck.
+    Greeting,
+    /// Negotiated; waiting for PrepareHandoff.
+    Idle,
+    /// Drained sent; waiting for the seal request (or an abort).
+    Drained,
+    /// Seal failed and reported; waiting to be told to resume.
+    SealFailed,
+    /// State lock released; waiting for Commit or ResumeAfterAbort.
+    Sealed,
+}
+
+impl IncumbentPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            IncumbentPhase::Greeting => "greeting",
+            IncumbentPhase::Idle => "idle",
+            IncumbentPhase::Drained => "drained",
+            IncumbentPhase::SealFailed => "seal-failed",
+            IncumbentPhase::Sealed => "sealed",
+        }
+    }
+
+    pub fn allows(self, msg: &Message) -> bool {
+        use IncumbentPhase as P;
+        use Message as M;
+        matches!(
+            (self, msg),
+            (P::Greeting, M::HelloAck { .. })
+                | (P::Idle, M::PrepareHandoff { .. })
+                | (
+                    P::Drained,
+                    M::SealRequest { .. } | M::ResumeAfterAbort { .. }
+                )
+                | (P::SealFailed, M::ResumeAfterAbort { .. })
+                | (P::Sealed, M::Commit { .. } | M::ResumeAfterAbort { .. })
+        )
+    }
+}
+
+/// The successor's side of its socketpair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuccessorPhase {
+    Greeting,
+    /// Warm; waiting for Begin (or Abort).
+    AwaitBegin,
+    /// Ready sent; waiting for Commit. Abort is no longer legal: after Ready
+    /// the successor is the incumbent whatever happens.
+    AwaitCommit,
+}
+
+impl SuccessorPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            SuccessorPhase::Greeting => "greeting",
+            SuccessorPhase::AwaitBegin => "await-begin",
+            SuccessorPhase::AwaitCommit => "await-commit",
+        }
+    }
+
+    pub fn allows(self, msg: &Message) -> bool {
+        use Message as M;
+        use SuccessorPhase as P;
+        matches!(
+            (self, msg),
+            (P::Greeting, M::HelloAck { .. })
+                | (P::AwaitBegin, M::Begin { .. } | M::Abort { .. })
+                | (P::AwaitCommit, M::Commit { .. })
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalives_only_from_incumbent_while_draining_or_sealing() {
+        let hb = Message::Heartbeat { handoff_id: 1 };
+        assert!(SupervisorPhase::Draining.allows(Peer::Incumbent, &hb));
+        assert!(SupervisorPhase::Sealing.allows(Peer::Incumbent, &hb));
+        assert!(!SupervisorPhase::AwaitingReady.allows(Peer::Successor, &hb));
+        assert!(!SupervisorPhase::Draining.allows(Peer::Successor, &hb));
+    }
+
+    #[test]
+    fn ready_only_from_successor_awaiting_ready() {
+        let ready = Message::Ready {
+            handoff_id: 1,
+            listening_on: vec![],
+            healthz_ok: true,
+            metadata: vec![],
+        };
+        assert!(SupervisorPhase::AwaitingReady.allows(Peer::Successor, &ready));
+        assert!(!SupervisorPhase::AwaitingReady.allows(Peer::Incumbent, &ready));
+        assert!(!SupervisorPhase::Sealing.allows(Peer::Successor, &ready));
+    }
+
+    #[test]
+    fn abort_is_illegal_after_ready() {
+        let abort = Message::Abort {
+            handoff_id: 1,
+            reason: String::new(),
+        };
+        assert!(SuccessorPhase::AwaitBegin.allows(&abort));
+        assert!(!SuccessorPhase::AwaitCommit.allows(&abort));
+    }
+
+    #[test]
+    fn incumbent_cannot_be_sealed_before_draining() {
+        let seal = Message::SealRequest { handoff_id: 1 };
+        assert!(!IncumbentPhase::Idle.allows(&seal));
+        assert!(IncumbentPhase::Drained.allows(&seal));
+        assert!(!IncumbentPhase::Sealed.allows(&Message::SealRequest { handoff_id: 1 }));
+    }
+}

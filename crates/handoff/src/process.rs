@@ -1,0 +1,167 @@
+//! What the incumbent and successor sides share: their configuration, the
+//! service trait, heartbeats and the control socket binding.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::channel::Sender;
+use crate::protocol::{HandoffId, Message, VersionRange};
+use crate::timeouts::Timeouts;
+
+/// An error reported by the service's own code.
+pub type ServiceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How far a drain got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections still open when the drain returned (0 for a full drain).
+    pub open_conns_remaining: u64,
+    /// Whether the service has stopped accepting new connections.
+    pub accept_closed: bool,
+}
+
+/// What a service implements so the library can hand it off.
+///
+/// The library calls these from its control thread, one at a time, in the
+/// order the protocol allows: `drain` → `seal` → (`retire` | `resume`), or
+/// `drain` → `resume`.
+pub trait Drainable {
+    /// Stop accepting and wind connections down at request boundaries,
+    /// returning within `grace`. The listeners stay open (the supervisor
+    /// owns them): connections that arrive now wait in the kernel backlog for
+    /// the successor.
+    fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError>;
+
+    /// Make all state durable and stop writing it. After `Ok` the library
+    /// releases the state lock and the successor may take it. The returned
+    /// bytes (optional, at most ~1 MiB) are passed to the successor's
+    /// `Begin`. `progress(done, total)` sends SealProgress frames.
+    fn seal(&mut self, progress: &mut dyn FnMut(u64, u64)) -> Result<Option<Vec<u8>>, ServiceError>;
+
+    /// The handoff was aborted (or the supervisor vanished): the state lock
+    /// is ours again. Reload state if it could have changed, and accept again.
+    fn resume(&mut self) -> Result<(), ServiceError>;
+
+    /// The successor is the incumbent now. Finish what is in flight; the
+    /// process should exit once its connections are done.
+    fn retire(&mut self) {}
+}
+
+/// Configuration of the process side (incumbent or successor).
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    pub build_id: String,
+    pub versions: VersionRange,
+    pub state_dir: PathBuf,
+    pub control_path: PathBuf,
+    pub timeouts: Timeouts,
+    /// How long a successor waits, after Begin, for the sealed incumbent's
+    /// lock to become free (it was released just before SealComplete).
+    pub lock_wait: Duration,
+    /// How long an incumbent that lost its supervisor after sealing tries to
+    /// re-take the state lock before concluding the successor won.
+    pub recovery_wait: Duration,
+    /// How long an incumbent waits for PrepareHandoff after Hello.
+    pub idle_timeout: Duration,
+}
+
+impl ProcessConfig {
+    pub fn new(build_id: impl Into<String>, state_dir: impl Into<PathBuf>, control_path: impl Into<PathBuf>) -> Self {
+        ProcessConfig {
+            build_id: build_id.into(),
+            versions: VersionRange::OURS,
+            state_dir: state_dir.into(),
+            control_path: control_path.into(),
+            timeouts: Timeouts::from_env(),
+            lock_wait: Duration::from_secs(5),
+            recovery_wait: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Binds the control socket at `path` atomically: bind a temporary name,
+/// restrict it to its owner, then rename it over `path`. A supervisor
+/// connecting at any instant reaches either the old owner or the new one,
+/// never "no such file".
+pub fn bind_control(path: &Path) -> io::Result<UnixListener> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "control.sock".into());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(l)
+}
+
+/// A thread that sends Heartbeat every `interval` until stopped.
+pub(crate) struct Heartbeat {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    pub(crate) fn start(sender: io::Result<Sender>, id: HandoffId, interval: Duration) -> Heartbeat {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let handle = match sender {
+            Ok(sender) => {
+                let s = stop.clone();
+                std::thread::Builder::new()
+                    .name("handoff-heartbeat".into())
+                    .spawn(move || {
+                        let (m, cv) = &*s;
+                        let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
+                        loop {
+                            let (g, _) = cv
+                                .wait_timeout(stopped, interval)
+                                .unwrap_or_else(|p| p.into_inner());
+                            stopped = g;
+                            if *stopped {
+                                return;
+                            }
+                            if sender.send(&Message::Heartbeat { handoff_id: id }).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .ok()
+            }
+            Err(e) => {
+                tracing::warn!(target: "handoff::heartbeat", error = %e, "cannot heartbeat");
+                None
+            }
+        };
+        Heartbeat { stop, handle }
+    }
+
+    pub(crate) fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        let (m, cv) = &*self.stop;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}

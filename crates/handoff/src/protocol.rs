@@ -1,0 +1,400 @@
+//! Messages, protocol versions and version negotiation (DESIGN §4).
+//!
+//! A payload is one tag byte followed by the postcard encoding of that
+//! message's body. Keeping the tag outside postcard means an unknown message
+//! is reported as exactly that ([`FrameError::UnknownMessage`]) instead of as a
+//! generic deserialisation failure, and a newer peer can add messages without
+//! an older one misreading them.
+//!
+//! `Hello` and `HelloAck` are frozen: they are always sent in version-1 frames
+//! with the same body layout, so any two builds can at least agree on whether
+//! they share a version.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::FrameError;
+
+/// A protocol version number.
+pub type ProtoVersion = u16;
+/// Lowest protocol version this build can speak.
+pub const PROTO_MIN: ProtoVersion = 1;
+/// Highest protocol version this build can speak.
+pub const PROTO_MAX: ProtoVersion = 1;
+/// Version of the frames carrying `Hello`/`HelloAck`, fixed forever.
+pub const HELLO_FRAME_VERSION: ProtoVersion = 1;
+
+/// Identifies one handoff; carried by every handoff-scoped message.
+pub type HandoffId = u64;
+
+/// Who is speaking on a control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Supervisor,
+    Incumbent,
+    Successor,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Supervisor => "supervisor",
+            Role::Incumbent => "incumbent",
+            Role::Successor => "successor",
+        })
+    }
+}
+
+/// An inclusive range of protocol versions a peer speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRange {
+    pub min: ProtoVersion,
+    pub max: ProtoVersion,
+}
+
+impl VersionRange {
+    /// The range this build speaks.
+    pub const OURS: VersionRange = VersionRange {
+        min: PROTO_MIN,
+        max: PROTO_MAX,
+    };
+}
+
+impl std::fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..={}", self.min, self.max)
+    }
+}
+
+/// No version both peers speak.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no common protocol version: we speak {ours}, the {peer} speaks {theirs}; upgrade in smaller steps so adjacent builds overlap")]
+pub struct NoCommonVersion {
+    pub ours: VersionRange,
+    pub theirs: VersionRange,
+    pub peer: Role,
+}
+
+/// Picks the highest version inside both ranges.
+///
+/// An empty range on either side (min > max) shares nothing with anything.
+pub fn negotiate(
+    ours: VersionRange,
+    theirs: VersionRange,
+    peer: Role,
+) -> Result<ProtoVersion, NoCommonVersion> {
+    let lo = ours.min.max(theirs.min);
+    let hi = ours.max.min(theirs.max);
+    if ours.min > ours.max || theirs.min > theirs.max || lo > hi {
+        return Err(NoCommonVersion { ours, theirs, peer });
+    }
+    Ok(hi)
+}
+
+/// First message on every channel, from the process side (incumbent or
+/// successor) to the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub role: Role,
+    pub pid: u32,
+    pub proto_min: ProtoVersion,
+    pub proto_max: ProtoVersion,
+    pub build_id: String,
+}
+
+impl Hello {
+    pub fn range(&self) -> VersionRange {
+        VersionRange {
+            min: self.proto_min,
+            max: self.proto_max,
+        }
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck {
+        version: ProtoVersion,
+    },
+    PrepareHandoff {
+        handoff_id: HandoffId,
+        successor_pid: u32,
+        /// What remains of the overall deadline when this is sent.
+        deadline_ms: u64,
+        /// Budget for draining; never more than `deadline_ms`.
+        drain_grace_ms: u64,
+    },
+    Drained {
+        handoff_id: HandoffId,
+        open_conns_remaining: u64,
+        accept_closed: bool,
+    },
+    SealRequest {
+        handoff_id: HandoffId,
+    },
+    SealProgress {
+        handoff_id: HandoffId,
+        done: u64,
+        total: u64,
+    },
+    SealComplete {
+        handoff_id: HandoffId,
+        /// Small opaque state the incumbent hands to its successor.
+        state: Option<Vec<u8>>,
+    },
+    SealFailed {
+        handoff_id: HandoffId,
+        error: String,
+    },
+    Begin {
+        handoff_id: HandoffId,
+        state: Option<Vec<u8>>,
+    },
+    Ready {
+        handoff_id: HandoffId,
+        listening_on: Vec<String>,
+        healthz_ok: bool,
+        metadata: Vec<(String, String)>,
+    },
+    Commit {
+        handoff_id: HandoffId,
+    },
+    Abort {
+        handoff_id: HandoffId,
+        reason: String,
+    },
+    ResumeAfterAbort {
+        handoff_id: HandoffId,
+    },
+    Heartbeat {
+        handoff_id: HandoffId,
+    },
+}
+
+macro_rules! bodies {
+    ($( $tag:literal $name:ident { $($field:ident : $ty:ty),* } )*) => {
+        mod body {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[derive(serde::Serialize, serde::Deserialize)]
+                pub struct $name { $(pub $field: $ty),* }
+            )*
+        }
+
+        impl Message {
+            /// The message's name, for errors and logs.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    Message::Hello(_) => "Hello",
+                    $( Message::$name { .. } => stringify!($name), )*
+                }
+            }
+
+            /// Payload bytes: tag then postcard body.
+            pub fn encode(&self) -> Vec<u8> {
+                let (tag, body) = match self {
+                    Message::Hello(h) => (0u8, postcard::to_stdvec(h)),
+                    $( Message::$name { $($field),* } => (
+                        $tag,
+                        postcard::to_stdvec(&body::$name { $($field: $field.clone()),* }),
+                    ), )*
+                };
+                // postcard serialisation of these plain structs into a Vec
+                // cannot fail (no maps with non-string keys, no I/O).
+                let body = body.unwrap_or_default();
+                let mut out = Vec::with_capacity(1 + body.len());
+                out.push(tag);
+                out.extend_from_slice(&body);
+                out
+            }
+
+            /// Parses a payload. Unknown tags, short or over-long bodies are
+            /// typed errors.
+            pub fn decode(payload: &[u8]) -> Result<Message, FrameError> {
+                let (&tag, body) = payload.split_first().ok_or(FrameError::Empty)?;
+                match tag {
+                    0 => Ok(Message::Hello(strict::<Hello>("Hello", body)?)),
+                    $( $tag => {
+                        let b: body::$name = strict(stringify!($name), body)?;
+                        Ok(Message::$name { $($field: b.$field),* })
+                    } )*
+                    other => Err(FrameError::UnknownMessage { tag: other }),
+                }
+            }
+        }
+    };
+}
+
+bodies! {
+    1 HelloAck { version: ProtoVersion }
+    2 PrepareHandoff { handoff_id: HandoffId, successor_pid: u32, deadline_ms: u64, drain_grace_ms: u64 }
+    3 Drained { handoff_id: HandoffId, open_conns_remaining: u64, accept_closed: bool }
+    4 SealRequest { handoff_id: HandoffId }
+    5 SealProgress { handoff_id: HandoffId, done: u64, total: u64 }
+    6 SealComplete { handoff_id: HandoffId, state: Option<Vec<u8>> }
+    7 SealFailed { handoff_id: HandoffId, error: String }
+    8 Begin { handoff_id: HandoffId, state: Option<Vec<u8>> }
+    9 Ready { handoff_id: HandoffId, listening_on: Vec<String>, healthz_ok: bool, metadata: Vec<(String, String)> }
+    10 Commit { handoff_id: HandoffId }
+    11 Abort { handoff_id: HandoffId, reason: String }
+    12 ResumeAfterAbort { handoff_id: HandoffId }
+    13 Heartbeat { handoff_id: HandoffId }
+}
+
+/// Decodes a body and insists that it used every byte: trailing garbage is a
+/// sign of a framing bug or tampering, not something to ignore.
+fn strict<T: serde::de::DeserializeOwned>(
+    message: &'static str,
+    body: &[u8],
+) -> Result<T, FrameError> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(FrameError::Malformed {
+            message,
+            reason: format!("{} trailing bytes", rest.len()),
+        }),
+        Err(e) => Err(FrameError::Malformed {
+            message,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+impl Message {
+    /// The handoff this message belongs to, if it is handoff-scoped.
+    pub fn handoff_id(&self) -> Option<HandoffId> {
+        match self {
+            Message::Hello(_) | Message::HelloAck { .. } => None,
+            Message::PrepareHandoff { handoff_id, .. }
+            | Message::Drained { handoff_id, .. }
+            | Message::SealRequest { handoff_id }
+            | Message::SealProgress { handoff_id, .. }
+            | Message::SealComplete { handoff_id, .. }
+            | Message::SealFailed { handoff_id, .. }
+            | Message::Begin { handoff_id, .. }
+            | Message::Ready { handoff_id, .. }
+            | Message::Commit { handoff_id }
+            | Message::Abort { handoff_id, .. }
+            | Message::ResumeAfterAbort { handoff_id }
+            | Message::Heartbeat { handoff_id } => Some(*handoff_id),
+        }
+    }
+
+    /// True for the messages that only prove liveness.
+    pub fn is_keepalive(&self) -> bool {
+        matches!(
+            self,
+            Message::Heartbeat { .. } | Message::SealProgress { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                role: Role::Successor,
+                pid: 42,
+                proto_min: 1,
+                proto_max: 3,
+                build_id: "b".into(),
+            }),
+            Message::HelloAck { version: 1 },
+            Message::PrepareHandoff {
+                handoff_id: 7,
+                successor_pid: 9,
+                deadline_ms: 1000,
+                drain_grace_ms: 500,
+            },
+            Message::Drained {
+                handoff_id: 7,
+                open_conns_remaining: 2,
+                accept_closed: true,
+            },
+            Message::SealRequest { handoff_id: 7 },
+            Message::SealProgress {
+                handoff_id: 7,
+                done: 1,
+                total: 2,
+            },
+            Message::SealComplete {
+                handoff_id: 7,
+                state: Some(vec![1, 2, 3]),
+            },
+            Message::SealFailed {
+                handoff_id: 7,
+                error: "disk".into(),
+            },
+            Message::Begin {
+                handoff_id: 7,
+                state: None,
+            },
+            Message::Ready {
+                handoff_id: 7,
+                listening_on: vec!["http".into()],
+                healthz_ok: true,
+                metadata: vec![("k".into(), "v".into())],
+            },
+            Message::Commit { handoff_id: 7 },
+            Message::Abort {
+                handoff_id: 7,
+                reason: "r".into(),
+            },
+            Message::ResumeAfterAbort { handoff_id: 7 },
+            Message::Heartbeat { handoff_id: 7 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all() {
+            let bytes = m.encode();
+            assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.name());
+        }
+    }
+
+    #[test]
+    fn unknown_tag_is_typed() {
+        assert!(matches!(
+            Message::decode(&[200, 0]),
+            Err(FrameError::UnknownMessage { tag: 200 })
+        ));
+        assert!(matches!(Message::decode(&[]), Err(FrameError::Empty)));
+    }
+
+    #[test]
+    fn short_and_trailing_bodies_are_malformed() {
+        let mut b = Message::Commit { handoff_id: 300 }.encode();
+        b.push(0);
+        assert!(matches!(
+            Message::decode(&b),
+            Err(FrameError::Malformed {
+                message: "Commit",
+                ..
+            })
+        ));
+        let b = Message::Commit { handoff_id: 300 }.encode();
+        assert!(matches!(
+            Message::decode(&b[..b.len() - 1]),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn negotiation_picks_highest_common() {
+        let r = |min, max| VersionRange { min, max };
+        assert_eq!(negotiate(r(1, 3), r(2, 5), Role::Successor), Ok(3));
+        assert_eq!(negotiate(r(2, 5), r(1, 3), Role::Successor), Ok(3));
+        assert_eq!(negotiate(r(1, 1), r(1, 1), Role::Incumbent), Ok(1));
+        assert_eq!(negotiate(r(1, 9), r(4, 4), Role::Incumbent), Ok(4));
+        let e = negotiate(r(1, 2), r(3, 4), Role::Incumbent).unwrap_err();
+        assert!(e.to_string().contains("no common protocol version"));
+        assert!(e.to_string().contains("3..=4"));
+        assert!(negotiate(r(3, 1), r(1, 3), Role::Incumbent).is_err());
+    }
+}

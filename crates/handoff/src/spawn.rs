@@ -1,0 +1,142 @@
+//! Spawning a service process with the listeners and a control channel
+//! (DESIGN §3), on top of `sys::exec`.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::child::Child;
+use crate::error::SpawnError;
+use crate::listeners::{Listener, LISTEN_FDS_START};
+use crate::sys::exec::ExecPlan;
+
+/// What to run: a program, its arguments and extra environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    pub path: PathBuf,
+    pub args: Vec<OsString>,
+    /// Added to (and overriding) the supervisor's own environment.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+impl Program {
+    pub fn new(path: impl Into<PathBuf>) -> Program {
+        Program {
+            path: path.into(),
+            args: vec![],
+            env: vec![],
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<OsString>) -> Program {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Program {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// Variables the supervisor owns: never inherited from its own environment.
+const OWNED_VARS: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PID",
+    "HANDOFF_ROLE",
+    "HANDOFF_SOCK_FD",
+    "HANDOFF_CONTROL_SOCK",
+    "HANDOFF_STATE_DIR",
+];
+
+/// Resolves a bare program name through `PATH` like a shell would; a path
+/// with a slash is taken as is (relative to the current directory).
+pub fn resolve(path: &Path) -> Result<PathBuf, SpawnError> {
+    if path.as_os_str().as_bytes().contains(&b'/') {
+        if path.exists() {
+            return Ok(path.to_path_buf());
+        }
+        return Err(SpawnError::NotFound {
+            path: path.to_path_buf(),
+            searched_path: false,
+        });
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&search) {
+        let cand = dir.join(path);
+        if let Ok(m) = cand.metadata() {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(cand);
+            }
+        }
+    }
+    Err(SpawnError::NotFound {
+        path: path.to_path_buf(),
+        searched_path: true,
+    })
+}
+
+/// Spawns `program` with `listeners` at fds 3… and `control` right after
+/// them, `HANDOFF_ROLE=successor`, and `LISTEN_PID` set to the child's own
+/// pid. All other descriptors are closed in the child.
+pub fn spawn_service(
+    program: &Program,
+    listeners: &[Listener],
+    control: &UnixStream,
+    extra_env: &[(&str, &OsStr)],
+) -> Result<Child, SpawnError> {
+    let path = resolve(&program.path)?;
+    let n = listeners.len();
+    let sock_fd = LISTEN_FDS_START + n as RawFd;
+    let names = listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect::<Vec<_>>()
+        .join(":");
+
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !OWNED_VARS.contains(&k.as_ref()) && !program.env.iter().any(|(pk, _)| pk.as_os_str() == k.as_ref())
+        })
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    for (k, v) in &program.env {
+        env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+    }
+    let ours: Vec<(&str, Vec<u8>)> = vec![
+        ("LISTEN_FDS", n.to_string().into_bytes()),
+        ("LISTEN_FDNAMES", names.into_bytes()),
+        ("HANDOFF_ROLE", b"successor".to_vec()),
+        ("HANDOFF_SOCK_FD", sock_fd.to_string().into_bytes()),
+    ];
+    for (k, v) in ours {
+        env.push((k.as_bytes().to_vec(), v));
+    }
+    for (k, v) in extra_env {
+        env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+    }
+
+    let mut fds: Vec<(RawFd, RawFd)> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.fd.as_raw_fd(), LISTEN_FDS_START + i as RawFd))
+        .collect();
+    fds.push((control.as_raw_fd(), sock_fd));
+
+    let args: Vec<&OsStr> = program.args.iter().map(|a| a.as_os_str()).collect();
+    let prep = |source| SpawnError::Prepare {
+        path: path.clone(),
+        source,
+    };
+    let mut plan = ExecPlan::new(&path, &args, &env, true, fds).map_err(prep)?;
+    let pid = plan.spawn().map_err(|source| SpawnError::Exec {
+        path: path.clone(),
+        source,
+    })?;
+    Child::adopt(pid).map_err(prep)
+}

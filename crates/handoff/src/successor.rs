@@ -1,0 +1,303 @@
+//! Process start-up: reading what the supervisor passed, and — for a
+//! successor — the Hello → Begin → Ready → Commit side of the protocol.
+//!
+//! The same code path serves every build: a process starts as a successor
+//! (spawned by the supervisor with `HANDOFF_ROLE=successor`) or standalone
+//! (`HANDOFF_ROLE` unset or `initial`), and either way ends up an
+//! [`Incumbent`].
+//!
+//! ```no_run
+//! use handoff::{Boot, BootOptions};
+//! # struct Svc;
+//! # impl handoff::Drainable for Svc {
+//! #   fn drain(&mut self, _: std::time::Duration) -> Result<handoff::DrainReport, handoff::ServiceError> { todo!() }
+//! #   fn seal(&mut self, _: &mut dyn FnMut(u64, u64)) -> Result<Option<Vec<u8>>, handoff::ServiceError> { todo!() }
+//! #   fn resume(&mut self) -> Result<(), handoff::ServiceError> { todo!() }
+//! # }
+//! let mut boot = Boot::from_env(BootOptions::new("my-service 1.2.3"))?;
+//! let listeners = boot.take_listeners();
+//! // ... warm up: load config, build caches. Not serving yet.
+//! let begun = boot.begin()?;            // waits for Begin; takes the state lock
+//! // ... open state (we hold the lock now) and start accepting on `listeners`.
+//! let incumbent = begun.ready(|| Ok(()))?; // health check; Ready; waits for Commit
+//! let retired = incumbent.serve(&mut Svc)?; // answers future handoffs
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::channel::Channel;
+use crate::error::{ProcessError, ProtocolError};
+use crate::incumbent::Incumbent;
+use crate::listeners::{self, Listener};
+use crate::lock::StateLock;
+use crate::phase::{Peer, SuccessorPhase};
+use crate::process::{bind_control, Heartbeat, ProcessConfig};
+use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
+use crate::timeouts::Timeouts;
+
+/// How this process was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartRole {
+    /// No supervisor handshake: take the lock, bind the control socket, serve.
+    Initial,
+    /// Spawned by a supervisor to take over from an incumbent (or as the
+    /// first process of a supervised service).
+    Successor,
+}
+
+/// Options for [`Boot::from_env`]. Paths given here are used when the
+/// supervisor did not pass `HANDOFF_STATE_DIR` / `HANDOFF_CONTROL_SOCK`.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    pub build_id: String,
+    pub state_dir: Option<PathBuf>,
+    pub control_path: Option<PathBuf>,
+    pub versions: VersionRange,
+    pub timeouts: Timeouts,
+}
+
+impl BootOptions {
+    pub fn new(build_id: impl Into<String>) -> BootOptions {
+        BootOptions {
+            build_id: build_id.into(),
+            state_dir: None,
+            control_path: None,
+            versions: VersionRange::OURS,
+            timeouts: Timeouts::from_env(),
+        }
+    }
+}
+
+/// A process that has read its environment but is not serving yet.
+#[derive(Debug)]
+pub struct Boot {
+    cfg: ProcessConfig,
+    role: StartRole,
+    listeners: Vec<Listener>,
+    chan: Option<Channel>,
+}
+
+fn env_path(var: &str, fallback: Option<PathBuf>) -> Result<PathBuf, ProcessError> {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .or(fallback)
+        .ok_or_else(|| ProcessError::Env(format!("{var} is not set and no default was configured")))
+}
+
+impl Boot {
+    /// Reads `HANDOFF_ROLE`, the listeners (`LISTEN_FDS`…), and for a
+    /// successor its control channel (`HANDOFF_SOCK_FD`), then says Hello
+    /// and waits (bounded) for HelloAck.
+    pub fn from_env(opts: BootOptions) -> Result<Boot, ProcessError> {
+        let state_dir = env_path("HANDOFF_STATE_DIR", opts.state_dir)?;
+        let control_path = env_path("HANDOFF_CONTROL_SOCK", opts.control_path)?;
+        let mut cfg = ProcessConfig::new(opts.build_id, state_dir, control_path);
+        cfg.versions = opts.versions;
+        cfg.timeouts = opts.timeouts;
+        let role = match std::env::var("HANDOFF_ROLE").ok().as_deref() {
+            None | Some("") | Some("initial") => StartRole::Initial,
+            Some("successor") => StartRole::Successor,
+            Some(other) => return Err(ProcessError::Env(format!("HANDOFF_ROLE={other:?} is not one of initial, successor"))),
+        };
+        let listeners = listeners::take_from_env()?;
+        let mut boot = Boot {
+            cfg,
+            role,
+            listeners,
+            chan: None,
+        };
+        if role == StartRole::Successor {
+            boot.greet()?;
+        }
+        Ok(boot)
+    }
+
+    fn greet(&mut self) -> Result<(), ProcessError> {
+        let raw = std::env::var("HANDOFF_SOCK_FD")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .ok_or_else(|| ProcessError::Env("HANDOFF_ROLE=successor but HANDOFF_SOCK_FD is missing or not a number".into()))?;
+        let fd = listeners::take_fd(raw)?;
+        let stream = UnixStream::from(fd);
+        debug_assert!(stream.as_raw_fd() >= 0);
+        let mut chan = Channel::new(stream);
+        let phase = SuccessorPhase::Greeting;
+        let hello = Message::Hello(Hello {
+            role: Role::Successor,
+            pid: std::process::id(),
+            proto_min: self.cfg.versions.min,
+            proto_max: self.cfg.versions.max,
+            build_id: self.cfg.build_id.clone(),
+        });
+        chan.send_with_credentials(&hello)
+            .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))?;
+        let msg = recv(&mut chan, phase, None, Some(self.cfg.timeouts.hello))?;
+        let Message::HelloAck { version } = msg else {
+            unreachable!("phase table")
+        };
+        let v = negotiate(self.cfg.versions, VersionRange { min: version, max: version }, Role::Supervisor)
+            .map_err(|e| ProtocolError::NoCommonVersion(e, phase.name()))?;
+        chan.set_version(v);
+        self.chan = Some(chan);
+        Ok(())
+    }
+
+    pub fn role(&self) -> StartRole {
+        self.role
+    }
+
+    pub fn config(&self) -> &ProcessConfig {
+        &self.cfg
+    }
+
+    /// The listening sockets passed by the supervisor (empty when started
+    /// standalone: bind your own then).
+    pub fn take_listeners(&mut self) -> Vec<Listener> {
+        std::mem::take(&mut self.listeners)
+    }
+
+    /// Waits for Begin (a successor) and takes the state lock. Do all
+    /// warm-up before calling this: the time from Begin to Ready is the
+    /// accept gap users wait through.
+    ///
+    /// A successor whose supervisor hangs up or aborts gets an error and
+    /// should exit: the incumbent keeps serving.
+    pub fn begin(mut self) -> Result<Begun, ProcessError> {
+        let (handoff_id, state) = match self.chan.as_mut() {
+            None => (0, None),
+            Some(chan) => match recv(chan, SuccessorPhase::AwaitBegin, None, None) {
+                Ok(Message::Begin { handoff_id, state }) => (handoff_id, state),
+                Ok(Message::Abort { reason, .. }) => return Err(ProcessError::Aborted { reason }),
+                Ok(_) => unreachable!("phase table"),
+                Err(e) if e.is_disconnect() => return Err(ProcessError::SupervisorGone),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let lock = StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait)?;
+        tracing::info!(target: "handoff::successor", handoff_id, "began: state lock taken");
+        Ok(Begun {
+            cfg: self.cfg,
+            lock,
+            chan: self.chan,
+            handoff_id,
+            state,
+            listener_names: self.listeners.iter().map(|l| l.name.clone()).collect(),
+        })
+    }
+}
+
+/// Holding the state lock, about to become the incumbent.
+#[derive(Debug)]
+pub struct Begun {
+    cfg: ProcessConfig,
+    lock: StateLock,
+    chan: Option<Channel>,
+    handoff_id: HandoffId,
+    state: Option<Vec<u8>>,
+    listener_names: Vec<String>,
+}
+
+impl Begun {
+    /// Opaque state the previous incumbent handed over at seal, if any.
+    pub fn state(&self) -> Option<&[u8]> {
+        self.state.as_deref()
+    }
+
+    pub fn handoff_id(&self) -> HandoffId {
+        self.handoff_id
+    }
+
+    /// Takes over the control socket path, runs `health` (heartbeating
+    /// meanwhile), says Ready, and waits for Commit.
+    ///
+    /// A failed health check is reported to the supervisor (which aborts
+    /// and kills this process) and returned as an error.
+    pub fn ready<H>(self, health: H) -> Result<Incumbent, ProcessError>
+    where
+        H: FnOnce() -> Result<(), String>,
+    {
+        let listener = bind_control(&self.cfg.control_path).map_err(|source| ProcessError::ControlSocket {
+            path: self.cfg.control_path.clone(),
+            source,
+        })?;
+        let Some(mut chan) = self.chan else {
+            health().map_err(|e| ProcessError::Service(format!("health check failed: {e}")))?;
+            return Ok(Incumbent::new(self.cfg, self.lock, listener));
+        };
+        let id = self.handoff_id;
+        let hb = Heartbeat::start(chan.sender(), id, self.cfg.timeouts.heartbeat);
+        let healthy = health();
+        hb.stop();
+        let mut metadata = vec![("build_id".to_string(), self.cfg.build_id.clone())];
+        if let Err(e) = &healthy {
+            metadata.push(("health".into(), e.clone()));
+        }
+        let ready = Message::Ready {
+            handoff_id: id,
+            listening_on: self.listener_names.clone(),
+            healthz_ok: healthy.is_ok(),
+            metadata,
+        };
+        let phase = SuccessorPhase::AwaitCommit;
+        if let Err(e) = chan.send(&ready) {
+            // Ready never left: the supervisor is gone and we are not the
+            // incumbent. Exiting releases the lock for the old one.
+            let e = ProtocolError::frame(Peer::Supervisor, phase.name(), e);
+            return Err(if e.is_disconnect() { ProcessError::SupervisorGone } else { e.into() });
+        }
+        if let Err(e) = healthy {
+            return Err(ProcessError::Service(format!("health check failed: {e}")));
+        }
+        // After Ready we are the incumbent whatever happens: Commit, or the
+        // supervisor vanishing, both end here.
+        loop {
+            match recv(&mut chan, phase, Some(id), None) {
+                Ok(_) => break, // Commit
+                Err(ProtocolError::Unexpected { message, .. }) => {
+                    tracing::warn!(target: "handoff::successor", handoff_id = id, message, "ignoring message after Ready");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "handoff::successor", handoff_id = id, error = %e, "supervisor gone after Ready; serving as the incumbent");
+                    break;
+                }
+            }
+        }
+        tracing::info!(target: "handoff::successor", handoff_id = id, "committed: now the incumbent");
+        Ok(Incumbent::new(self.cfg, self.lock, listener))
+    }
+}
+
+fn recv(
+    chan: &mut Channel,
+    phase: SuccessorPhase,
+    id: Option<HandoffId>,
+    timeout: Option<Duration>,
+) -> Result<Message, ProtocolError> {
+    let msg = chan
+        .recv(timeout)
+        .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))?;
+    if !phase.allows(&msg) {
+        return Err(ProtocolError::Unexpected {
+            peer: Peer::Supervisor,
+            phase: phase.name(),
+            message: msg.name(),
+        });
+    }
+    if let (Some(expected), Some(found)) = (id, msg.handoff_id()) {
+        if expected != found {
+            return Err(ProtocolError::WrongHandoffId {
+                peer: Peer::Supervisor,
+                phase: phase.name(),
+                message: msg.name(),
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(msg)
+}

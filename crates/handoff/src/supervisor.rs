@@ -1,0 +1,835 @@
+//! The supervisor role: owns the listeners, spawns successors, drives each
+//! handoff and journals it (DESIGN §2, §5, §6).
+//!
+//! ```text
+//! S -> O  connect(control socket); O: Hello; S: HelloAck
+//! S       socketpair(); spawn N with listeners + control fd; N: Hello; S: HelloAck
+//! S -> O  PrepareHandoff            O -> S  Heartbeat* Drained
+//! S -> O  SealRequest               O -> S  SealProgress* SealComplete | SealFailed
+//! S -> N  Begin                     N -> S  Heartbeat* Ready
+//! S -> O,N Commit
+//! ```
+//!
+//! Any failure before Ready kills and reaps the successor and tells the
+//! incumbent to resume. After Ready the successor is the incumbent whatever
+//! happens next.
+
+use std::ffi::OsStr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::channel::Channel;
+use crate::child::Child;
+use crate::error::{HandoffError, ProtocolError};
+use crate::frame::FrameError;
+use crate::journal::{now_ms, Journal, JournalRecord};
+use crate::listeners::Listener;
+use crate::phase::{Peer, SupervisorPhase};
+use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
+use crate::spawn::{spawn_service, Program};
+use crate::sys;
+use crate::timeouts::{PhaseClock, Timeouts};
+
+/// How the supervisor is set up.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Where the service keeps its state lock; also holds the journal.
+    pub state_dir: PathBuf,
+    /// Path of the incumbent's control socket.
+    pub control_path: PathBuf,
+    pub timeouts: Timeouts,
+    pub versions: VersionRange,
+}
+
+impl SupervisorConfig {
+    pub fn new(state_dir: impl Into<PathBuf>, control_path: impl Into<PathBuf>) -> Self {
+        SupervisorConfig {
+            state_dir: state_dir.into(),
+            control_path: control_path.into(),
+            timeouts: Timeouts::default(),
+            versions: VersionRange::OURS,
+        }
+    }
+}
+
+/// Per-handoff overrides of the configured timeouts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HandoffOptions {
+    pub deadline: Option<Duration>,
+    pub drain_grace: Option<Duration>,
+}
+
+/// One phase as it completed, reported to the observer as it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseDone {
+    pub phase: SupervisorPhase,
+    pub took: Duration,
+}
+
+/// What a committed handoff did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub handoff_id: HandoffId,
+    pub old_pid: Option<u32>,
+    pub new_pid: u32,
+    pub new_build_id: String,
+    pub phases: Vec<PhaseDone>,
+    pub total: Duration,
+    /// Problems after Ready that did not change the outcome (e.g. the old
+    /// process vanished before it got Commit).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Processes {
+    incumbent: Option<Child>,
+    incumbent_build: String,
+    /// Old incumbents finishing their connections; reaped as they exit.
+    retiring: Vec<Child>,
+}
+
+/// Drives handoffs for one service.
+///
+/// # Example
+///
+/// ```no_run
+/// use handoff::{Supervisor, SupervisorConfig, Program, HandoffOptions};
+/// use handoff::listeners::Listener;
+/// use std::net::TcpListener;
+///
+/// let tcp = TcpListener::bind("127.0.0.1:0")?;
+/// let listeners = vec![Listener { name: "http".into(), fd: tcp.into() }];
+/// let sup = Supervisor::new(SupervisorConfig::new("/var/lib/svc", "/run/svc/control.sock"), listeners);
+/// let program = Program::new("/usr/local/bin/my-service");
+/// sup.start(&program, &mut |p| println!("{} {:?}", p.phase, p.took))?;
+/// // ... later, after replacing the binary on disk:
+/// let report = sup.perform_handoff(&program, HandoffOptions::default(), &mut |_| {})?;
+/// println!("now serving: pid {}", report.new_pid);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Supervisor {
+    cfg: SupervisorConfig,
+    listeners: Vec<Listener>,
+    journal: Journal,
+    busy: Mutex<()>,
+    procs: Mutex<Processes>,
+}
+
+impl Supervisor {
+    pub fn new(cfg: SupervisorConfig, listeners: Vec<Listener>) -> Supervisor {
+        let journal = Journal::new(&cfg.state_dir);
+        Supervisor {
+            cfg,
+            listeners,
+            journal,
+            busy: Mutex::new(()),
+            procs: Mutex::new(Processes::default()),
+        }
+    }
+
+    pub fn config(&self) -> &SupervisorConfig {
+        &self.cfg
+    }
+
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    fn procs(&self) -> MutexGuard<'_, Processes> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pid of the current incumbent, if one is running.
+    pub fn incumbent_pid(&self) -> Option<u32> {
+        let p = self.procs();
+        p.incumbent
+            .as_ref()
+            .filter(|c| c.try_exit().is_none())
+            .map(Child::pid)
+    }
+
+    /// The incumbent's child handle (for waiting on it or signalling it).
+    pub fn incumbent(&self) -> Option<Child> {
+        self.procs().incumbent.clone()
+    }
+
+    pub fn incumbent_build(&self) -> String {
+        self.procs().incumbent_build.clone()
+    }
+
+    /// Old incumbents still finishing their connections.
+    pub fn retiring_pids(&self) -> Vec<u32> {
+        let mut p = self.procs();
+        p.retiring.retain(|c| c.try_exit().is_none());
+        p.retiring.iter().map(Child::pid).collect()
+    }
+
+    /// Starts the first incumbent: a handoff from nobody.
+    pub fn start(
+        &self,
+        program: &Program,
+        observer: &mut dyn FnMut(PhaseDone),
+    ) -> Result<Report, HandoffError> {
+        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
+        Run::new(self, HandoffOptions::default(), observer, false).execute(program)
+    }
+
+    /// Replaces the incumbent with a fresh process of `program`.
+    ///
+    /// Only one handoff runs at a time; a concurrent call gets
+    /// [`HandoffError::InProgress`] at once.
+    pub fn perform_handoff(
+        &self,
+        program: &Program,
+        opts: HandoffOptions,
+        observer: &mut dyn FnMut(PhaseDone),
+    ) -> Result<Report, HandoffError> {
+        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
+        if self.incumbent_pid().is_none() {
+            return Err(HandoffError::NoIncumbent);
+        }
+        Run::new(self, opts, observer, true).execute(program)
+    }
+}
+
+/// Fresh handoff id: random enough to never repeat across restarts.
+fn new_handoff_id() -> HandoffId {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+struct Successor {
+    child: Child,
+    chan: Channel,
+}
+
+/// One handoff in flight.
+struct Run<'a, 'o> {
+    sup: &'a Supervisor,
+    t: Timeouts,
+    observer: &'o mut dyn FnMut(PhaseDone),
+    id: HandoffId,
+    started: Instant,
+    phase_started: Instant,
+    phases: Vec<PhaseDone>,
+    record: JournalRecord,
+    with_incumbent: bool,
+    old: Option<Child>,
+    o: Option<Channel>,
+    n: Option<Successor>,
+    /// PrepareHandoff was sent: the incumbent must be told to resume.
+    prepared: bool,
+}
+
+impl<'a, 'o> Run<'a, 'o> {
+    fn new(
+        sup: &'a Supervisor,
+        opts: HandoffOptions,
+        observer: &'o mut dyn FnMut(PhaseDone),
+        with_incumbent: bool,
+    ) -> Self {
+        let mut t = sup.cfg.timeouts;
+        if let Some(d) = opts.deadline {
+            t.deadline = d;
+        }
+        if let Some(g) = opts.drain_grace {
+            t.drain_grace = g;
+        }
+        let id = new_handoff_id();
+        let old = if with_incumbent {
+            sup.procs().incumbent.clone()
+        } else {
+            None
+        };
+        let now = Instant::now();
+        Run {
+            sup,
+            t,
+            observer,
+            id,
+            started: now,
+            phase_started: now,
+            phases: vec![],
+            record: JournalRecord {
+                handoff_id: id,
+                phase: SupervisorPhase::Negotiating,
+                incumbent_pid: old.as_ref().map(Child::pid),
+                successor_pid: None,
+                started_at: now_ms(),
+            },
+            with_incumbent,
+            old,
+            o: None,
+            n: None,
+            prepared: false,
+        }
+    }
+
+    fn phase(&self) -> SupervisorPhase {
+        self.record.phase
+    }
+
+    /// Journals the next phase and reports the one that just ended.
+    fn enter(&mut self, next: SupervisorPhase) -> Result<(), HandoffError> {
+        let now = Instant::now();
+        let done = PhaseDone {
+            phase: self.record.phase,
+            took: now - self.phase_started,
+        };
+        self.phases.push(done);
+        (self.observer)(done);
+        tracing::info!(
+            target: "handoff::phase",
+            handoff_id = self.id,
+            phase = done.phase.name(),
+            took_us = done.took.as_micros() as u64,
+            next = next.name(),
+        );
+        self.phase_started = now;
+        self.record.phase = next;
+        self.sup.journal.write(&self.record)?;
+        Ok(())
+    }
+
+    /// What remains of the overall deadline.
+    fn remaining(&self) -> Duration {
+        self.t.deadline.saturating_sub(self.started.elapsed())
+    }
+
+    fn execute(mut self, program: &Program) -> Result<Report, HandoffError> {
+        self.sup.journal.write(&self.record)?;
+        match self.drive(program) {
+            Ok(()) => self.commit(),
+            Err(e) => Err(self.abort(e)),
+        }
+    }
+
+    /// Everything up to and including Ready.
+    fn drive(&mut self, program: &Program) -> Result<(), HandoffError> {
+        if self.with_incumbent {
+            self.connect_incumbent()?;
+        }
+        self.spawn_successor(program)?;
+
+        let mut state = None;
+        if self.o.is_some() {
+            self.enter(SupervisorPhase::Draining)?;
+            match self.drain_and_seal() {
+                Ok(s) => state = s,
+                Err(e) if self.incumbent_died() => {
+                    // The incumbent crashed mid-handoff: nothing to resume,
+                    // so carry on with the successor rather than leave the
+                    // listeners unserved.
+                    tracing::warn!(target: "handoff::phase", handoff_id = self.id, error = %e,
+                        "incumbent died during the handoff; continuing with the successor");
+                    self.o = None;
+                    self.prepared = false;
+                    if self.phase() != SupervisorPhase::Sealing {
+                        self.enter(SupervisorPhase::Sealing)?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            self.enter(SupervisorPhase::AwaitingReady)?;
+        } else {
+            self.enter(SupervisorPhase::AwaitingReady)?;
+        }
+
+        let id = self.id;
+        self.n_chan()
+            .send(&Message::Begin {
+                handoff_id: id,
+                state,
+            })
+            .map_err(|e| ProtocolError::frame(Peer::Successor, "begin", e))?;
+        let ready = self.recv_phase(Peer::Successor, self.remaining())?;
+        let Message::Ready {
+            healthz_ok,
+            metadata,
+            ..
+        } = ready
+        else {
+            unreachable!("phase table admits only Ready here")
+        };
+        if !healthz_ok {
+            let detail = metadata
+                .iter()
+                .find(|(k, _)| k == "health")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| "no detail given".into());
+            return Err(HandoffError::Unhealthy { detail });
+        }
+        self.record.successor_pid = self.n.as_ref().map(|n| n.child.pid());
+        if let Some(b) = metadata.iter().find(|(k, _)| k == "build_id") {
+            let mut p = self.sup.procs();
+            p.incumbent_build = b.1.clone();
+        }
+        Ok(())
+    }
+
+    fn incumbent_died(&self) -> bool {
+        match &self.old {
+            Some(c) => c.wait_timeout(Duration::from_millis(500)).is_some(),
+            None => false,
+        }
+    }
+
+    fn n_chan(&mut self) -> &mut Channel {
+        &mut self.n.as_mut().expect("successor spawned before use").chan
+    }
+
+    fn connect_incumbent(&mut self) -> Result<(), HandoffError> {
+        let path = &self.sup.cfg.control_path;
+        let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+        let phase = "connecting to the incumbent";
+        let kernel = sys::peer_credentials(&stream).map_err(|e| {
+            ProtocolError::frame(Peer::Incumbent, phase, FrameError::Io(e))
+        })?;
+        let ours = nix::unistd::geteuid().as_raw();
+        if kernel.uid != ours && kernel.uid != 0 {
+            return Err(ProtocolError::WrongUid {
+                peer: Peer::Incumbent,
+                phase,
+                uid: kernel.uid,
+                ours,
+            }
+            .into());
+        }
+        let mut chan = Channel::new(stream);
+        let hello = match chan.recv(Some(self.t.hello)) {
+            Ok(Message::Hello(h)) => h,
+            Ok(m) => {
+                return Err(ProtocolError::Unexpected {
+                    peer: Peer::Incumbent,
+                    phase: "hello",
+                    message: m.name(),
+                }
+                .into())
+            }
+            Err(e) => return Err(ProtocolError::frame(Peer::Incumbent, "hello", e).into()),
+        };
+        let expected_pid = self.old.as_ref().map(Child::pid);
+        self.check_hello(&hello, Role::Incumbent, kernel.pid, expected_pid)?;
+        let v = negotiate(self.sup.cfg.versions, hello.range(), Role::Incumbent)
+            .map_err(|e| ProtocolError::NoCommonVersion(e, "hello"))?;
+        chan.send(&Message::HelloAck { version: v })
+            .map_err(|e| ProtocolError::frame(Peer::Incumbent, "hello", e))?;
+        chan.set_version(v);
+        self.o = Some(chan);
+        Ok(())
+    }
+
+    fn check_hello(
+        &self,
+        hello: &Hello,
+        role: Role,
+        kernel_pid: Option<u32>,
+        expected_pid: Option<u32>,
+    ) -> Result<(), ProtocolError> {
+        let peer = if role == Role::Incumbent {
+            Peer::Incumbent
+        } else {
+            Peer::Successor
+        };
+        if hello.role != role {
+            return Err(ProtocolError::WrongRole {
+                phase: "hello",
+                expected: role,
+                found: hello.role,
+            });
+        }
+        if let Some(k) = kernel_pid {
+            if k != hello.pid {
+                return Err(ProtocolError::PidMismatch {
+                    peer,
+                    phase: "hello",
+                    announced: hello.pid,
+                    kernel: k,
+                });
+            }
+        }
+        if let Some(e) = expected_pid {
+            let k = kernel_pid.unwrap_or(hello.pid);
+            if k != e {
+                return Err(ProtocolError::PidMismatch {
+                    peer,
+                    phase: "hello",
+                    announced: e,
+                    kernel: k,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_successor(&mut self, program: &Program) -> Result<(), HandoffError> {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| {
+            crate::error::SpawnError::Prepare {
+                path: program.path.clone(),
+                source: e,
+            }
+        })?;
+        sys::creds::enable_passcred(&ours).map_err(|e| crate::error::SpawnError::Prepare {
+            path: program.path.clone(),
+            source: e,
+        })?;
+        let control: &OsStr = self.sup.cfg.control_path.as_os_str();
+        let state: &OsStr = self.sup.cfg.state_dir.as_os_str();
+        let child = spawn_service(
+            program,
+            &self.sup.listeners,
+            &theirs,
+            &[("HANDOFF_CONTROL_SOCK", control), ("HANDOFF_STATE_DIR", state)],
+        )?;
+        drop(theirs);
+        self.record.successor_pid = Some(child.pid());
+        let pid = child.pid();
+        self.n = Some(Successor {
+            child,
+            chan: Channel::new(ours),
+        });
+        self.sup.journal.write(&self.record)?;
+        tracing::info!(target: "handoff::spawn", handoff_id = self.id, pid, program = %program.path.display());
+
+        let hello_budget = self.t.hello;
+        let (msg, cred) = match self.n_chan().recv_with_credentials(hello_budget) {
+            Ok(v) => v,
+            Err(e) => return Err(self.successor_failure(ProtocolError::frame(Peer::Successor, "hello", e))),
+        };
+        let Message::Hello(hello) = msg else {
+            return Err(ProtocolError::Unexpected {
+                peer: Peer::Successor,
+                phase: "hello",
+                message: msg.name(),
+            }
+            .into());
+        };
+        // Linux attaches SCM_CREDENTIALS (we set SO_PASSCRED before the
+        // spawn); elsewhere identity rests on construction.
+        let kernel_pid = match cred {
+            Some(c) => c.pid,
+            None if cfg!(any(target_os = "linux", target_os = "android")) => {
+                return Err(ProtocolError::NoCredentials {
+                    peer: Peer::Successor,
+                    phase: "hello",
+                }
+                .into())
+            }
+            None => None,
+        };
+        self.check_hello(&hello, Role::Successor, kernel_pid, Some(pid))?;
+        let v = negotiate(self.sup.cfg.versions, hello.range(), Role::Successor)
+            .map_err(|e| ProtocolError::NoCommonVersion(e, "hello"))?;
+        let chan = self.n_chan();
+        chan.send(&Message::HelloAck { version: v })
+            .map_err(|e| ProtocolError::frame(Peer::Successor, "hello", e))?;
+        chan.set_version(v);
+        Ok(())
+    }
+
+    /// A successor channel failure: if the child exited, say so (that is the
+    /// useful diagnosis), otherwise keep the protocol error.
+    fn successor_failure(&self, e: ProtocolError) -> HandoffError {
+        if let Some(n) = &self.n {
+            if let Some(exit) = n.child.wait_timeout(Duration::from_millis(200)) {
+                return HandoffError::SuccessorExited {
+                    pid: n.child.pid(),
+                    exit,
+                };
+            }
+        }
+        e.into()
+    }
+
+    fn drain_and_seal(&mut self) -> Result<Option<Vec<u8>>, HandoffError> {
+        let remaining = self.remaining();
+        let grace = self.t.drain_grace.min(remaining);
+        let id = self.id;
+        let successor_pid = self.n.as_ref().map(|n| n.child.pid()).unwrap_or(0);
+        self.o
+            .as_ref()
+            .expect("connected")
+            .send(&Message::PrepareHandoff {
+                handoff_id: id,
+                successor_pid,
+                deadline_ms: remaining.as_millis() as u64,
+                drain_grace_ms: grace.as_millis() as u64,
+            })
+            .map_err(|e| ProtocolError::frame(Peer::Incumbent, "draining", e))?;
+        self.prepared = true;
+        self.recv_phase(Peer::Incumbent, grace)?;
+
+        self.enter(SupervisorPhase::Sealing)?;
+        self.o
+            .as_ref()
+            .expect("connected")
+            .send(&Message::SealRequest { handoff_id: id })
+            .map_err(|e| ProtocolError::frame(Peer::Incumbent, "sealing", e))?;
+        match self.recv_phase(Peer::Incumbent, self.remaining())? {
+            Message::SealComplete { state, .. } => Ok(state),
+            Message::SealFailed { error, .. } => Err(HandoffError::SealFailed { reason: error }),
+            _ => unreachable!("phase table admits only seal outcomes here"),
+        }
+    }
+
+    /// Reads until a message that ends the current phase arrives, enforcing
+    /// liveness per read and `cap` (plus wire slack) on the whole phase.
+    fn recv_phase(&mut self, peer: Peer, cap: Duration) -> Result<Message, HandoffError> {
+        let phase = self.phase();
+        let clock = PhaseClock::start(cap);
+        let id = self.id;
+        let t = self.t;
+        loop {
+            let now = Instant::now();
+            if clock.expired(now, t.wire_slack) {
+                let e = ProtocolError::Timeout {
+                    peer,
+                    phase: phase.name(),
+                    waited_ms: now.duration_since(clock.started).as_millis() as u64,
+                    clock: "phase deadline",
+                };
+                return Err(if peer == Peer::Successor {
+                    self.successor_failure(e)
+                } else {
+                    e.into()
+                });
+            }
+            let timeout = t.read_timeout(&clock, now);
+            let chan = match peer {
+                Peer::Incumbent => self.o.as_mut().expect("connected"),
+                _ => &mut self.n.as_mut().expect("spawned").chan,
+            };
+            let msg = match chan.recv(Some(timeout)) {
+                Ok(m) => m,
+                Err(FrameError::TimedOut { waited_ms }) if clock.expired(Instant::now(), t.wire_slack) => {
+                    let e = ProtocolError::Timeout {
+                        peer,
+                        phase: phase.name(),
+                        waited_ms: clock.started.elapsed().as_millis() as u64,
+                        clock: "phase deadline",
+                    };
+                    let _ = waited_ms;
+                    return Err(if peer == Peer::Successor {
+                        self.successor_failure(e)
+                    } else {
+                        e.into()
+                    });
+                }
+                Err(e) => {
+                    let e = ProtocolError::frame(peer, phase.name(), e);
+                    return Err(if peer == Peer::Successor {
+                        self.successor_failure(e)
+                    } else {
+                        e.into()
+                    });
+                }
+            };
+            if !phase.allows(peer, &msg) {
+                return Err(ProtocolError::Unexpected {
+                    peer,
+                    phase: phase.name(),
+                    message: msg.name(),
+                }
+                .into());
+            }
+            if let Some(found) = msg.handoff_id() {
+                if found != id {
+                    return Err(ProtocolError::WrongHandoffId {
+                        peer,
+                        phase: phase.name(),
+                        message: msg.name(),
+                        expected: id,
+                        found,
+                    }
+                    .into());
+                }
+            }
+            if msg.is_keepalive() {
+                continue;
+            }
+            return Ok(msg);
+        }
+    }
+
+    fn commit(mut self) -> Result<Report, HandoffError> {
+        self.enter(SupervisorPhase::Committed)?;
+        let mut warnings = vec![];
+        let id = self.id;
+        if let Some(o) = &self.o {
+            if let Err(e) = o.send(&Message::Commit { handoff_id: id }) {
+                warnings.push(format!("the old incumbent did not get Commit ({e}); it will find the state lock taken and retire"));
+            }
+        }
+        let n = self.n.take().expect("successor exists at commit");
+        if let Err(e) = n.chan.send(&Message::Commit { handoff_id: id }) {
+            warnings.push(format!("the new incumbent did not get Commit ({e})"));
+        }
+        let new_pid = n.child.pid();
+        let old_pid = self.old.as_ref().map(Child::pid);
+        {
+            let mut p = self.sup.procs();
+            if let Some(old) = p.incumbent.replace(n.child) {
+                p.retiring.push(old);
+            }
+            p.retiring.retain(|c| c.try_exit().is_none());
+        }
+        // Dropping our end tells the old incumbent we are done with it.
+        self.o = None;
+        drop(n.chan);
+        let took = self.phase_started.elapsed();
+        let done = PhaseDone {
+            phase: SupervisorPhase::Committed,
+            took,
+        };
+        self.phases.push(done);
+        (self.observer)(done);
+        if let Err(e) = self.sup.journal.clear() {
+            warnings.push(format!("clearing the journal failed: {e}"));
+        }
+        let total = self.started.elapsed();
+        tracing::info!(target: "handoff::commit", handoff_id = id, new_pid, ?old_pid, total_us = total.as_micros() as u64);
+        for w in &warnings {
+            tracing::warn!(target: "handoff::commit", handoff_id = id, "{w}");
+        }
+        Ok(Report {
+            handoff_id: id,
+            old_pid,
+            new_pid,
+            new_build_id: self.sup.procs().incumbent_build.clone(),
+            phases: self.phases,
+            total,
+            warnings,
+        })
+    }
+
+    fn abort(mut self, cause: HandoffError) -> HandoffError {
+        let phase = self.phase();
+        tracing::warn!(target: "handoff::abort", handoff_id = self.id, phase = phase.name(), cause = %cause);
+        let _ = self.enter(SupervisorPhase::ResumingAfterAbort);
+        let reason = cause.to_string();
+        if let Some(n) = self.n.take() {
+            let _ = n.chan.send(&Message::Abort {
+                handoff_id: self.id,
+                reason: reason.clone(),
+            });
+            if n.child.kill_and_reap(Duration::from_secs(10)).is_none() {
+                tracing::error!(target: "handoff::abort", pid = n.child.pid(), "successor did not die within 10 s of SIGKILL");
+            }
+        }
+        let mut resumed = false;
+        if let Some(o) = self.o.take() {
+            if self.prepared {
+                resumed = o
+                    .send(&Message::ResumeAfterAbort {
+                        handoff_id: self.id,
+                    })
+                    .is_ok();
+            } else {
+                resumed = true; // never asked to drain: it simply goes on
+            }
+        }
+        let took = self.phase_started.elapsed();
+        (self.observer)(PhaseDone {
+            phase: SupervisorPhase::ResumingAfterAbort,
+            took,
+        });
+        if let Err(e) = self.sup.journal.clear() {
+            tracing::error!(target: "handoff::abort", error = %e, "clearing the journal failed");
+        }
+        HandoffError::Aborted {
+            handoff_id: self.id,
+            phase,
+            cause: Box::new(cause),
+            incumbent_resumed: resumed,
+        }
+    }
+}
+
+/// What `resume_from_journal` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub record: JournalRecord,
+    /// The process now owning the control socket, if any.
+    pub incumbent_pid: Option<u32>,
+    /// An orphaned successor that never became the incumbent and was killed.
+    pub killed_successor: Option<u32>,
+}
+
+/// For a supervisor restarted after a crash: reads the journal once, finds
+/// which process owns the control socket now (that is the incumbent: only
+/// the state-lock holder binds it), kills an orphaned successor that never
+/// became the incumbent, and clears the journal.
+///
+/// Returns `Ok(None)` when no handoff was in flight.
+pub fn resume_from_journal(
+    state_dir: &Path,
+    control_path: &Path,
+) -> Result<Option<Recovery>, HandoffError> {
+    let journal = Journal::new(state_dir);
+    let Some(record) = journal.read()? else {
+        return Ok(None);
+    };
+    // Give a successor that already sent Ready — or an incumbent resuming
+    // after losing us — a moment to (re)bind the control socket.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let incumbent_pid = loop {
+        let owner = UnixStream::connect(control_path)
+            .ok()
+            .and_then(|s| sys::peer_credentials(&s).ok())
+            .and_then(|c| c.pid);
+        if owner.is_some() || Instant::now() >= deadline {
+            break owner;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut killed_successor = None;
+    if let Some(n) = record.successor_pid {
+        if Some(n) != incumbent_pid && process_started_after(n, record.started_at) {
+            if sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                killed_successor = Some(n);
+            }
+        }
+    }
+    journal.clear()?;
+    tracing::info!(target: "handoff::recovery", handoff_id = record.handoff_id, phase = record.phase.name(), ?incumbent_pid, ?killed_successor);
+    Ok(Some(Recovery {
+        record,
+        incumbent_pid,
+        killed_successor,
+    }))
+}
+
+/// Pid-reuse guard: is `pid` alive and did it start no earlier than the
+/// handoff (within a second)? Only then can it be the successor we spawned.
+fn process_started_after(pid: u32, started_at_ms: u64) -> bool {
+    if sys::wait::signal(pid, nix::sys::signal::Signal::SIGCONT).is_err() {
+        return false;
+    }
+    match crate::procinfo::start_time_ms(pid) {
+        Some(t) => t + 1000 >= started_at_ms,
+        // Cannot tell (non-Linux): trust the journal.
+        None => true,
+    }
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("cfg", &self.cfg)
+            .field("listeners", &self.listeners.len())
+            .finish()
+    }
+}
+

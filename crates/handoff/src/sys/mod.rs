@@ -1,0 +1,34 @@
+//! Every `unsafe` block and every platform difference of the crate.
+//!
+//! The rest of the crate is `deny(unsafe_code)`; what needs raw syscalls —
+//! fork/exec with an fd shuffle, waiting without reaping, kernel-vouched peer
+//! credentials — lives here behind small safe functions, each `unsafe` block
+//! with the `SAFETY:` argument that justifies it.
+
+pub mod creds;
+pub mod exec;
+pub mod wait;
+
+pub use creds::{peer_credentials, recv_with_credentials, send_with_credentials, PeerCred};
+
+pub mod fd {
+    //! Raw fd numbers from the environment (`LISTEN_FDS`, `HANDOFF_SOCK_FD`).
+    use std::io;
+    use std::os::fd::{BorrowedFd, RawFd};
+
+    /// Borrows `fd` after confirming with `F_GETFD` that it is open.
+    pub fn borrow_raw_checked(fd: RawFd) -> io::Result<BorrowedFd<'static>> {
+        if fd < 0 {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // SAFETY: F_GETFD only queries flags of a descriptor number; on a
+        // closed number it fails with EBADF and touches nothing.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor is open (checked above) and was inherited by
+        // this process for it to own; the borrow is only used immediately,
+        // before `own` takes it over.
+        Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+}

@@ -1,0 +1,85 @@
+//! Waiting for a child without reaping it, so that signalling it stays
+//! race-free against pid reuse.
+//!
+//! A pid can be recycled only after its zombie is reaped. The waiter thread
+//! first blocks in `waitid(WEXITED | WNOWAIT)`, which returns when the child
+//! has exited but leaves the zombie in place; it then marks the child dead
+//! under the same mutex that `kill` takes, and only then reaps. So `kill`
+//! either sees "alive" while the pid still names our child (alive or
+//! zombie), or sees "dead" and does not signal at all.
+
+use std::io;
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit status {c}"),
+            Exit::Signal(s) => {
+                let name = nix::sys::signal::Signal::try_from(*s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown signal");
+                write!(f, "killed by signal {s} ({name})")
+            }
+        }
+    }
+}
+
+/// Blocks until `pid` has exited, without reaping it.
+pub fn wait_exited_nowait(pid: u32) -> io::Result<()> {
+    loop {
+        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with a valid out pointer; P_PID restricts it to our
+        // own child, so no other owner's child is touched.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Reaps an exited child and decodes its status.
+pub fn reap(pid: u32) -> io::Result<Exit> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid as i32), None) {
+            Ok(WaitStatus::Exited(_, c)) => return Ok(Exit::Code(c)),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Ok(Exit::Signal(s as i32)),
+            Ok(_) => continue,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+        }
+    }
+}
+
+/// Sends `sig` to `pid`. Only call while the child is known not reaped.
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) -> io::Result<()> {
+    let Ok(raw) = i32::try_from(pid) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"));
+    };
+    // kill(0) or a negative pid would signal a process group or every
+    // process: refuse them outright.
+    if raw <= 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal pid <= 0"));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), sig)
+        .map_err(|e| io::Error::from_raw_os_error(e as i32))
+}
