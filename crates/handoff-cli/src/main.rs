@@ -1,1 +1,65 @@
-fn main() {}
+//! `handoff`: run a network service and upgrade it without dropping a
+//! connection.
+//!
+//! A thin CLI over the `handoff` library: `run` is the supervisor, `upgrade`
+//! asks a running supervisor for one handoff over its admin socket.
+
+mod admin;
+mod duration;
+mod run;
+mod upgrade;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "handoff",
+    version,
+    about = "Run a network service and upgrade it with zero downtime",
+    long_about = "Run a network service and upgrade it with zero downtime.\n\n\
+The supervisor (`handoff run`) binds the listening sockets once and keeps them for the \
+service's whole life; each upgrade spawns the new build with those sockets (systemd's \
+LISTEN_FDS convention), lets the old process drain and seal its state, and commits only \
+when the new one reports Ready. Connections that arrive meanwhile wait in the kernel's \
+accept queue: none is refused.",
+    after_help = "EXAMPLE:\n  \
+handoff run --runtime-dir /run/kv --state-dir /var/lib/kv \\\n      --listen http=tcp://127.0.0.1:8080 -- handoff-demo &\n  \
+cp new-build/handoff-demo /usr/local/bin/handoff-demo   # replace the file on disk\n  \
+handoff upgrade --runtime-dir /run/kv                  # prints each phase; exit 0 = committed"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Bind the listeners, start PROGRAM and serve upgrade requests (foreground).
+    Run(run::RunArgs),
+    /// Ask a running supervisor to replace the service with a fresh process.
+    Upgrade(upgrade::UpgradeArgs),
+}
+
+/// Options both commands share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RuntimeDir {
+    /// Directory for the admin and control sockets (created mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: PathBuf,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    duration::parse(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => run::main(a),
+        Command::Upgrade(a) => upgrade::main(a),
+    }
+}

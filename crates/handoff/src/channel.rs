@@ -128,7 +128,10 @@ impl Channel {
         Ok(msg)
     }
 
-    fn timed(start: Instant, r: Result<frame::Frame, FrameError>) -> Result<frame::Frame, FrameError> {
+    fn timed(
+        start: Instant,
+        r: Result<frame::Frame, FrameError>,
+    ) -> Result<frame::Frame, FrameError> {
         r.map_err(|e| match e {
             FrameError::TimedOut { .. } => FrameError::TimedOut {
                 waited_ms: start.elapsed().as_millis() as u64,
@@ -158,7 +161,12 @@ impl Channel {
         let mut head = [0u8; frame::HEADER_LEN];
         let (n, cred) = match sys::recv_with_credentials(&self.stream, &mut head) {
             Ok(v) => v,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(FrameError::TimedOut {
                     waited_ms: start.elapsed().as_millis() as u64,
                 })
@@ -215,7 +223,10 @@ mod tests {
         tx.send(&Message::Commit { handoff_id: 1 }).unwrap();
         assert!(matches!(
             rx.recv(Some(Duration::from_secs(1))),
-            Err(FrameError::VersionMismatch { found: 1, expected: 2 })
+            Err(FrameError::VersionMismatch {
+                found: 1,
+                expected: 2
+            })
         ));
     }
 
@@ -224,6 +235,9 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         drop(b);
         let mut c = Channel::new(a);
-        assert!(matches!(c.recv(Some(Duration::from_secs(1))), Err(FrameError::Closed)));
+        assert!(matches!(
+            c.recv(Some(Duration::from_secs(1))),
+            Err(FrameError::Closed)
+        ));
     }
 }

@@ -10,8 +10,8 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-pub use crate::sys::wait::Exit;
 use crate::sys::wait;
+pub use crate::sys::wait::Exit;
 
 #[derive(Debug, Default)]
 struct State {

@@ -47,7 +47,9 @@ pub enum ProtocolError {
         announced: u32,
         kernel: u32,
     },
-    #[error("{phase}: the {peer}'s socket belongs to uid {uid}; only uid {ours} or root may take part")]
+    #[error(
+        "{phase}: the {peer}'s socket belongs to uid {uid}; only uid {ours} or root may take part"
+    )]
     WrongUid {
         peer: Peer,
         phase: &'static str,

@@ -29,9 +29,13 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 /// input maps to one of these.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("bad magic {found:02x?} (expected {MAGIC:02x?}): peer is not speaking the handoff protocol")]
+    #[error(
+        "bad magic {found:02x?} (expected {MAGIC:02x?}): peer is not speaking the handoff protocol"
+    )]
     BadMagic { found: [u8; 4] },
-    #[error("unsupported protocol version {found} in frame header (this build speaks {min}..={max})")]
+    #[error(
+        "unsupported protocol version {found} in frame header (this build speaks {min}..={max})"
+    )]
     UnsupportedVersion { found: u16, min: u16, max: u16 },
     #[error("frame header says version {found} but {expected} was negotiated")]
     VersionMismatch { found: u16, expected: u16 },
@@ -46,7 +50,10 @@ pub enum FrameError {
     #[error("unknown message tag {tag}")]
     UnknownMessage { tag: u8 },
     #[error("malformed {message} payload: {reason}")]
-    Malformed { message: &'static str, reason: String },
+    Malformed {
+        message: &'static str,
+        reason: String,
+    },
     #[error("empty payload (no message tag)")]
     Empty,
     #[error("peer closed the connection")]
@@ -285,7 +292,10 @@ mod tests {
             decode(&buf[..buf.len() - 1]),
             Err(FrameError::Truncated { .. })
         ));
-        assert!(matches!(read_frame(&mut &buf[..0]), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame(&mut &buf[..0]),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
@@ -311,6 +321,9 @@ mod tests {
         ));
         let mut buf = good();
         buf[6] = 1;
-        assert!(matches!(decode(&buf), Err(FrameError::ReservedFlags { .. })));
+        assert!(matches!(
+            decode(&buf),
+            Err(FrameError::ReservedFlags { .. })
+        ));
     }
 }

@@ -173,9 +173,18 @@ impl Incumbent {
         Ok(msg)
     }
 
-    fn handoff<D: Drainable>(&mut self, mut chan: Channel, service: &mut D) -> Result<Next, ProcessError> {
+    fn handoff<D: Drainable>(
+        &mut self,
+        mut chan: Channel,
+        service: &mut D,
+    ) -> Result<Next, ProcessError> {
         let t = self.cfg.timeouts;
-        let (id, deadline, grace) = match Self::recv(&mut chan, IncumbentPhase::Idle, None, self.cfg.idle_timeout) {
+        let (id, deadline, grace) = match Self::recv(
+            &mut chan,
+            IncumbentPhase::Idle,
+            None,
+            self.cfg.idle_timeout,
+        ) {
             Ok(Message::PrepareHandoff {
                 handoff_id,
                 deadline_ms,
@@ -222,7 +231,12 @@ impl Incumbent {
         }
 
         // Drained: wait for the seal request.
-        match Self::recv(&mut chan, IncumbentPhase::Drained, Some(id), left(t.wire_slack)) {
+        match Self::recv(
+            &mut chan,
+            IncumbentPhase::Drained,
+            Some(id),
+            left(t.wire_slack),
+        ) {
             Ok(Message::SealRequest { .. }) => {}
             Ok(Message::ResumeAfterAbort { .. }) => {
                 tracing::info!(target: "handoff::incumbent", handoff_id = id, "handoff aborted while drained; resuming");
@@ -256,7 +270,10 @@ impl Incumbent {
                 // Release the lock *before* telling the supervisor: the
                 // successor takes it as soon as it gets Begin.
                 self.lock = None;
-                if let Err(e) = chan.send(&Message::SealComplete { handoff_id: id, state }) {
+                if let Err(e) = chan.send(&Message::SealComplete {
+                    handoff_id: id,
+                    state,
+                }) {
                     tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "supervisor gone after seal");
                     return self.recover_after_seal(id, service);
                 }
@@ -269,14 +286,24 @@ impl Incumbent {
                 });
                 // Whatever the supervisor says next (ResumeAfterAbort) or
                 // does (hang up), we resume; the lock is still ours.
-                let _ = Self::recv(&mut chan, IncumbentPhase::SealFailed, Some(id), left(t.wire_slack));
+                let _ = Self::recv(
+                    &mut chan,
+                    IncumbentPhase::SealFailed,
+                    Some(id),
+                    left(t.wire_slack),
+                );
                 self.resume(service)?;
                 return Ok(Next::Continue);
             }
         }
 
         // Sealed: Commit or ResumeAfterAbort.
-        match Self::recv(&mut chan, IncumbentPhase::Sealed, Some(id), left(t.wire_slack) + self.cfg.lock_wait) {
+        match Self::recv(
+            &mut chan,
+            IncumbentPhase::Sealed,
+            Some(id),
+            left(t.wire_slack) + self.cfg.lock_wait,
+        ) {
             Ok(Message::Commit { .. }) => {
                 service.retire();
                 Ok(Next::Retire(Retired::Committed { handoff_id: id }))
@@ -298,7 +325,11 @@ impl Incumbent {
     /// The supervisor vanished after we released the lock. Whoever holds the
     /// lock is the incumbent: if we can take it back, the successor never
     /// made it (or gave up); if not within `recovery_wait`, it did.
-    fn recover_after_seal<D: Drainable>(&mut self, id: HandoffId, service: &mut D) -> Result<Next, ProcessError> {
+    fn recover_after_seal<D: Drainable>(
+        &mut self,
+        id: HandoffId,
+        service: &mut D,
+    ) -> Result<Next, ProcessError> {
         match StateLock::acquire_within(&self.cfg.state_dir, self.cfg.recovery_wait) {
             Ok(lock) => {
                 tracing::info!(target: "handoff::incumbent", handoff_id = id, "re-took the state lock; resuming");
@@ -316,17 +347,23 @@ impl Incumbent {
 
     /// Lock re-taken after a seal: the successor may have bound the control
     /// path meanwhile, so bind it again before serving.
-    fn relocked<D: Drainable>(&mut self, lock: StateLock, service: &mut D) -> Result<(), ProcessError> {
+    fn relocked<D: Drainable>(
+        &mut self,
+        lock: StateLock,
+        service: &mut D,
+    ) -> Result<(), ProcessError> {
         self.lock = Some(lock);
-        self.listener = bind_control(&self.cfg.control_path).map_err(|source| ProcessError::ControlSocket {
-            path: self.cfg.control_path.clone(),
-            source,
-        })?;
+        self.listener =
+            bind_control(&self.cfg.control_path).map_err(|source| ProcessError::ControlSocket {
+                path: self.cfg.control_path.clone(),
+                source,
+            })?;
         self.resume(service)
     }
 
     fn resume<D: Drainable>(&mut self, service: &mut D) -> Result<(), ProcessError> {
-        service.resume().map_err(|e| ProcessError::Service(format!("resume failed: {e}")))
+        service
+            .resume()
+            .map_err(|e| ProcessError::Service(format!("resume failed: {e}")))
     }
 }
-

@@ -38,8 +38,8 @@ pub mod journal;
 pub mod listeners;
 pub mod lock;
 pub mod phase;
-mod procinfo;
 pub mod process;
+mod procinfo;
 pub mod protocol;
 pub mod spawn;
 pub mod successor;
@@ -59,7 +59,9 @@ pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceEr
 pub use protocol::{HandoffId, Message, Role, VersionRange};
 pub use spawn::Program;
 pub use successor::{Begun, Boot, BootOptions, StartRole};
-pub use supervisor::{resume_from_journal, HandoffOptions, PhaseDone, Recovery, Report, Supervisor, SupervisorConfig};
+pub use supervisor::{
+    resume_from_journal, HandoffOptions, PhaseDone, Recovery, Report, Supervisor, SupervisorConfig,
+};
 pub use timeouts::Timeouts;
 
 /// Peer credentials (for the admin socket of a supervisor binary).

@@ -38,7 +38,9 @@ impl Listener {
 pub enum ListenFdsError {
     #[error("LISTEN_FDS={0:?} is not a number")]
     BadCount(String),
-    #[error("LISTEN_PID={found} is not this process ({ours}): the fds were meant for another process")]
+    #[error(
+        "LISTEN_PID={found} is not this process ({ours}): the fds were meant for another process"
+    )]
     WrongPid { found: String, ours: u32 },
     #[error("LISTEN_FDNAMES has {names} names for {fds} fds")]
     NameCount { names: usize, fds: usize },
@@ -119,11 +121,12 @@ pub(crate) fn take_fd(fd: RawFd) -> Result<OwnedFd, ListenFdsError> {
     // SAFETY-free check first: F_GETFD on a borrowed raw number.
     let borrowed = crate::sys::fd::borrow_raw_checked(fd)
         .map_err(|source| ListenFdsError::NotOpen { fd, source })?;
-    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-        .map_err(|e| ListenFdsError::NotOpen {
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| {
+        ListenFdsError::NotOpen {
             fd,
             source: std::io::Error::from_raw_os_error(e as i32),
-        })?;
+        }
+    })?;
     let owned = crate::sys::exec::own(fd);
     debug_assert_eq!(owned.as_raw_fd(), fd);
     Ok(owned)
@@ -144,7 +147,11 @@ mod tests {
 
     #[test]
     fn parses_names_and_fds() {
-        let e = env(&[("LISTEN_FDS", "2"), ("LISTEN_PID", "77"), ("LISTEN_FDNAMES", "http:admin")]);
+        let e = env(&[
+            ("LISTEN_FDS", "2"),
+            ("LISTEN_PID", "77"),
+            ("LISTEN_FDNAMES", "http:admin"),
+        ]);
         let l = from_env_with(e, 77, false).unwrap();
         assert_eq!(l, vec![("http".into(), 3), ("admin".into(), 4)]);
     }
@@ -152,7 +159,10 @@ mod tests {
     #[test]
     fn wrong_or_missing_pid_is_refused() {
         let e = env(&[("LISTEN_FDS", "1"), ("LISTEN_PID", "78")]);
-        assert!(matches!(from_env_with(e, 77, false), Err(ListenFdsError::WrongPid { .. })));
+        assert!(matches!(
+            from_env_with(e, 77, false),
+            Err(ListenFdsError::WrongPid { .. })
+        ));
         let e = env(&[("LISTEN_FDS", "1")]);
         assert!(from_env_with(e, 77, false).is_err());
     }
@@ -165,8 +175,18 @@ mod tests {
     #[test]
     fn bad_count_and_name_mismatch() {
         let e = env(&[("LISTEN_FDS", "x"), ("LISTEN_PID", "1")]);
-        assert!(matches!(from_env_with(e, 1, false), Err(ListenFdsError::BadCount(_))));
-        let e = env(&[("LISTEN_FDS", "2"), ("LISTEN_PID", "1"), ("LISTEN_FDNAMES", "a")]);
-        assert!(matches!(from_env_with(e, 1, false), Err(ListenFdsError::NameCount { .. })));
+        assert!(matches!(
+            from_env_with(e, 1, false),
+            Err(ListenFdsError::BadCount(_))
+        ));
+        let e = env(&[
+            ("LISTEN_FDS", "2"),
+            ("LISTEN_PID", "1"),
+            ("LISTEN_FDNAMES", "a"),
+        ]);
+        assert!(matches!(
+            from_env_with(e, 1, false),
+            Err(ListenFdsError::NameCount { .. })
+        ));
     }
 }

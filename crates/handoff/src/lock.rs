@@ -120,7 +120,11 @@ mod tests {
         let a = StateLock::try_acquire(dir.path()).unwrap().unwrap();
         assert!(StateLock::try_acquire(dir.path()).unwrap().is_none());
         let e = StateLock::acquire_within(dir.path(), Duration::from_millis(30)).unwrap_err();
-        assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
         drop(a);
         assert!(StateLock::try_acquire(dir.path()).unwrap().is_some());
     }

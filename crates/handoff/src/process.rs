@@ -41,7 +41,8 @@ pub trait Drainable {
     /// releases the state lock and the successor may take it. The returned
     /// bytes (optional, at most ~1 MiB) are passed to the successor's
     /// `Begin`. `progress(done, total)` sends SealProgress frames.
-    fn seal(&mut self, progress: &mut dyn FnMut(u64, u64)) -> Result<Option<Vec<u8>>, ServiceError>;
+    fn seal(&mut self, progress: &mut dyn FnMut(u64, u64))
+        -> Result<Option<Vec<u8>>, ServiceError>;
 
     /// The handoff was aborted (or the supervisor vanished): the state lock
     /// is ours again. Reload state if it could have changed, and accept again.
@@ -71,7 +72,11 @@ pub struct ProcessConfig {
 }
 
 impl ProcessConfig {
-    pub fn new(build_id: impl Into<String>, state_dir: impl Into<PathBuf>, control_path: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        build_id: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+        control_path: impl Into<PathBuf>,
+    ) -> Self {
         ProcessConfig {
             build_id: build_id.into(),
             versions: VersionRange::OURS,
@@ -113,7 +118,11 @@ pub(crate) struct Heartbeat {
 }
 
 impl Heartbeat {
-    pub(crate) fn start(sender: io::Result<Sender>, id: HandoffId, interval: Duration) -> Heartbeat {
+    pub(crate) fn start(
+        sender: io::Result<Sender>,
+        id: HandoffId,
+        interval: Duration,
+    ) -> Heartbeat {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let handle = match sender {
             Ok(sender) => {

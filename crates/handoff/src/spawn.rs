@@ -101,7 +101,11 @@ pub fn spawn_service(
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
-            !OWNED_VARS.contains(&k.as_ref()) && !program.env.iter().any(|(pk, _)| pk.as_os_str() == k.as_ref())
+            !OWNED_VARS.contains(&k.as_ref())
+                && !program
+                    .env
+                    .iter()
+                    .any(|(pk, _)| pk.as_os_str() == k.as_ref())
         })
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();

@@ -101,7 +101,11 @@ impl Boot {
         let role = match std::env::var("HANDOFF_ROLE").ok().as_deref() {
             None | Some("") | Some("initial") => StartRole::Initial,
             Some("successor") => StartRole::Successor,
-            Some(other) => return Err(ProcessError::Env(format!("HANDOFF_ROLE={other:?} is not one of initial, successor"))),
+            Some(other) => {
+                return Err(ProcessError::Env(format!(
+                    "HANDOFF_ROLE={other:?} is not one of initial, successor"
+                )))
+            }
         };
         let listeners = listeners::take_from_env()?;
         let mut boot = Boot {
@@ -120,7 +124,11 @@ impl Boot {
         let raw = std::env::var("HANDOFF_SOCK_FD")
             .ok()
             .and_then(|v| v.parse::<i32>().ok())
-            .ok_or_else(|| ProcessError::Env("HANDOFF_ROLE=successor but HANDOFF_SOCK_FD is missing or not a number".into()))?;
+            .ok_or_else(|| {
+                ProcessError::Env(
+                    "HANDOFF_ROLE=successor but HANDOFF_SOCK_FD is missing or not a number".into(),
+                )
+            })?;
         let fd = listeners::take_fd(raw)?;
         let stream = UnixStream::from(fd);
         debug_assert!(stream.as_raw_fd() >= 0);
@@ -139,8 +147,15 @@ impl Boot {
         let Message::HelloAck { version } = msg else {
             unreachable!("phase table")
         };
-        let v = negotiate(self.cfg.versions, VersionRange { min: version, max: version }, Role::Supervisor)
-            .map_err(|e| ProtocolError::NoCommonVersion(e, phase.name()))?;
+        let v = negotiate(
+            self.cfg.versions,
+            VersionRange {
+                min: version,
+                max: version,
+            },
+            Role::Supervisor,
+        )
+        .map_err(|e| ProtocolError::NoCommonVersion(e, phase.name()))?;
         chan.set_version(v);
         self.chan = Some(chan);
         Ok(())
@@ -220,10 +235,11 @@ impl Begun {
     where
         H: FnOnce() -> Result<(), String>,
     {
-        let listener = bind_control(&self.cfg.control_path).map_err(|source| ProcessError::ControlSocket {
-            path: self.cfg.control_path.clone(),
-            source,
-        })?;
+        let listener =
+            bind_control(&self.cfg.control_path).map_err(|source| ProcessError::ControlSocket {
+                path: self.cfg.control_path.clone(),
+                source,
+            })?;
         let Some(mut chan) = self.chan else {
             health().map_err(|e| ProcessError::Service(format!("health check failed: {e}")))?;
             return Ok(Incumbent::new(self.cfg, self.lock, listener));
@@ -247,7 +263,11 @@ impl Begun {
             // Ready never left: the supervisor is gone and we are not the
             // incumbent. Exiting releases the lock for the old one.
             let e = ProtocolError::frame(Peer::Supervisor, phase.name(), e);
-            return Err(if e.is_disconnect() { ProcessError::SupervisorGone } else { e.into() });
+            return Err(if e.is_disconnect() {
+                ProcessError::SupervisorGone
+            } else {
+                e.into()
+            });
         }
         if let Err(e) = healthy {
             return Err(ProcessError::Service(format!("health check failed: {e}")));

@@ -394,9 +394,8 @@ impl<'a, 'o> Run<'a, 'o> {
             source,
         })?;
         let phase = "connecting to the incumbent";
-        let kernel = sys::peer_credentials(&stream).map_err(|e| {
-            ProtocolError::frame(Peer::Incumbent, phase, FrameError::Io(e))
-        })?;
+        let kernel = sys::peer_credentials(&stream)
+            .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, FrameError::Io(e)))?;
         let ours = nix::unistd::geteuid().as_raw();
         if kernel.uid != ours && kernel.uid != 0 {
             return Err(ProtocolError::WrongUid {
@@ -475,11 +474,9 @@ impl<'a, 'o> Run<'a, 'o> {
     }
 
     fn spawn_successor(&mut self, program: &Program) -> Result<(), HandoffError> {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| {
-            crate::error::SpawnError::Prepare {
-                path: program.path.clone(),
-                source: e,
-            }
+        let (ours, theirs) = UnixStream::pair().map_err(|e| crate::error::SpawnError::Prepare {
+            path: program.path.clone(),
+            source: e,
         })?;
         sys::creds::enable_passcred(&ours).map_err(|e| crate::error::SpawnError::Prepare {
             path: program.path.clone(),
@@ -491,7 +488,10 @@ impl<'a, 'o> Run<'a, 'o> {
             program,
             &self.sup.listeners,
             &theirs,
-            &[("HANDOFF_CONTROL_SOCK", control), ("HANDOFF_STATE_DIR", state)],
+            &[
+                ("HANDOFF_CONTROL_SOCK", control),
+                ("HANDOFF_STATE_DIR", state),
+            ],
         )?;
         drop(theirs);
         self.record.successor_pid = Some(child.pid());
@@ -506,7 +506,13 @@ impl<'a, 'o> Run<'a, 'o> {
         let hello_budget = self.t.hello;
         let (msg, cred) = match self.n_chan().recv_with_credentials(hello_budget) {
             Ok(v) => v,
-            Err(e) => return Err(self.successor_failure(ProtocolError::frame(Peer::Successor, "hello", e))),
+            Err(e) => {
+                return Err(self.successor_failure(ProtocolError::frame(
+                    Peer::Successor,
+                    "hello",
+                    e,
+                )))
+            }
         };
         let Message::Hello(hello) = msg else {
             return Err(ProtocolError::Unexpected {
@@ -613,7 +619,9 @@ impl<'a, 'o> Run<'a, 'o> {
             };
             let msg = match chan.recv(Some(timeout)) {
                 Ok(m) => m,
-                Err(FrameError::TimedOut { waited_ms }) if clock.expired(Instant::now(), t.wire_slack) => {
+                Err(FrameError::TimedOut { waited_ms })
+                    if clock.expired(Instant::now(), t.wire_slack) =>
+                {
                     let e = ProtocolError::Timeout {
                         peer,
                         phase: phase.name(),
@@ -832,4 +840,3 @@ impl std::fmt::Debug for Supervisor {
             .finish()
     }
 }
-

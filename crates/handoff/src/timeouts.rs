@@ -86,7 +86,8 @@ impl PhaseClock {
     }
 
     pub fn remaining(&self, now: Instant) -> Duration {
-        self.cap.saturating_sub(now.saturating_duration_since(self.started))
+        self.cap
+            .saturating_sub(now.saturating_duration_since(self.started))
     }
 
     /// True once the cap *and* the wire slack have passed.
@@ -191,20 +192,29 @@ mod tests {
     #[test]
     fn normal_arm_does_not_peek() {
         let f = Fake::new(Ok(()), Ok(1));
-        assert_eq!(arm(&f, Duration::from_secs(1), true).unwrap(), Armed::WithTimeout);
+        assert_eq!(
+            arm(&f, Duration::from_secs(1), true).unwrap(),
+            Armed::WithTimeout
+        );
         assert!(!f.peeked.get());
     }
 
     #[test]
     fn einval_with_buffered_frame_reads_without_timeout() {
         let f = Fake::new(einval(), Ok(1));
-        assert_eq!(arm(&f, Duration::from_secs(1), true).unwrap(), Armed::CannotBlock);
+        assert_eq!(
+            arm(&f, Duration::from_secs(1), true).unwrap(),
+            Armed::CannotBlock
+        );
     }
 
     #[test]
     fn einval_at_eof_reads_without_timeout() {
         let f = Fake::new(einval(), Ok(0));
-        assert_eq!(arm(&f, Duration::from_secs(1), true).unwrap(), Armed::CannotBlock);
+        assert_eq!(
+            arm(&f, Duration::from_secs(1), true).unwrap(),
+            Armed::CannotBlock
+        );
     }
 
     #[test]
@@ -224,7 +234,9 @@ mod tests {
     fn other_errors_pass_through() {
         let f = Fake::new(Err(io::Error::from_raw_os_error(libc::EBADF)), Ok(1));
         assert_eq!(
-            arm(&f, Duration::from_secs(1), true).unwrap_err().raw_os_error(),
+            arm(&f, Duration::from_secs(1), true)
+                .unwrap_err()
+                .raw_os_error(),
             Some(libc::EBADF)
         );
     }
@@ -234,18 +246,30 @@ mod tests {
         let t = Timeouts::default();
         let now = Instant::now();
         // Long phase: liveness bounds the read.
-        let c = PhaseClock { started: now, cap: Duration::from_secs(60) };
+        let c = PhaseClock {
+            started: now,
+            cap: Duration::from_secs(60),
+        };
         assert_eq!(t.read_timeout(&c, now), Duration::from_secs(10));
         // Short phase: cap + slack bounds it.
-        let c = PhaseClock { started: now, cap: Duration::from_secs(2) };
+        let c = PhaseClock {
+            started: now,
+            cap: Duration::from_secs(2),
+        };
         assert_eq!(t.read_timeout(&c, now), Duration::from_secs(3));
         // Cap passed: only the slack is left.
-        let c = PhaseClock { started: now - Duration::from_secs(5), cap: Duration::from_secs(2) };
+        let c = PhaseClock {
+            started: now - Duration::from_secs(5),
+            cap: Duration::from_secs(2),
+        };
         assert_eq!(t.read_timeout(&c, now), Duration::from_secs(1));
         assert!(!c.expired(now - Duration::from_millis(2500), t.wire_slack));
         assert!(c.expired(now, t.wire_slack));
         // Floor.
-        let t2 = Timeouts { wire_slack: Duration::ZERO, ..t };
+        let t2 = Timeouts {
+            wire_slack: Duration::ZERO,
+            ..t
+        };
         assert_eq!(t2.read_timeout(&c, now), Duration::from_millis(100));
     }
 }

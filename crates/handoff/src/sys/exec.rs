@@ -338,7 +338,12 @@ mod tests {
     #[test]
     fn decimal_slot() {
         let mut buf = [0xffu8; PID_SLOT];
-        for (v, s) in [(0u32, "0"), (7, "7"), (12345, "12345"), (u32::MAX, "4294967295")] {
+        for (v, s) in [
+            (0u32, "0"),
+            (7, "7"),
+            (12345, "12345"),
+            (u32::MAX, "4294967295"),
+        ] {
             // SAFETY: buf has PID_SLOT bytes.
             unsafe { write_decimal(buf.as_mut_ptr(), v) };
             let end = buf.iter().position(|b| *b == 0).unwrap();

@@ -73,12 +73,18 @@ pub fn reap(pid: u32) -> io::Result<Exit> {
 /// Sends `sig` to `pid`. Only call while the child is known not reaped.
 pub fn signal(pid: u32, sig: nix::sys::signal::Signal) -> io::Result<()> {
     let Ok(raw) = i32::try_from(pid) else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "pid out of range",
+        ));
     };
     // kill(0) or a negative pid would signal a process group or every
     // process: refuse them outright.
     if raw <= 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal pid <= 0"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to signal pid <= 0",
+        ));
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), sig)
         .map_err(|e| io::Error::from_raw_os_error(e as i32))

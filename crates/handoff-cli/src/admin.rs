@@ -1,0 +1,83 @@
+//! The supervisor's admin socket: how `handoff upgrade` (and later
+//! `status`/`stop`) talk to `handoff run`.
+//!
+//! One request frame from the client, then a stream of event frames from the
+//! supervisor ending with a final one. Frames are the library's (magic,
+//! length cap checked before allocation, crc32c) carrying JSON, so a hostile
+//! client can cost us at most a 16-byte read before being refused.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use handoff::frame;
+use serde::{Deserialize, Serialize};
+
+/// File name of the admin socket inside the runtime dir.
+pub const ADMIN_SOCK: &str = "admin.sock";
+/// File name of the incumbent's control socket inside the runtime dir.
+pub const CONTROL_SOCK: &str = "control.sock";
+
+pub fn admin_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join(ADMIN_SOCK)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Upgrade {
+        binary: Option<PathBuf>,
+        deadline_ms: Option<u64>,
+        drain_grace_ms: Option<u64>,
+    },
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    Phase {
+        phase: String,
+        took_ms: f64,
+    },
+    Committed {
+        handoff_id: String,
+        old_pid: Option<u32>,
+        new_pid: u32,
+        build_id: String,
+        total_ms: f64,
+        warnings: Vec<String>,
+    },
+    Aborted {
+        handoff_id: Option<String>,
+        phase: Option<String>,
+        reason: String,
+    },
+    Status {
+        supervisor_pid: u32,
+        incumbent_pid: Option<u32>,
+        build_id: String,
+        listeners: Vec<String>,
+        retiring_pids: Vec<u32>,
+    },
+    /// The request itself failed (bad request, handoff already running…).
+    Error {
+        message: String,
+    },
+}
+
+pub fn send<T: Serialize>(mut s: &UnixStream, msg: &T) -> std::io::Result<()> {
+    let json = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    let bytes = frame::encode(1, &json).map_err(std::io::Error::other)?;
+    s.write_all(&bytes)
+}
+
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    mut s: &UnixStream,
+    timeout: Option<Duration>,
+) -> Result<T, String> {
+    s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+    let f = frame::read_frame(&mut s).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&f.payload).map_err(|e| format!("bad admin message: {e}"))
+}

@@ -1,0 +1,447 @@
+//! `handoff run`: the supervisor daemon.
+//!
+//! Binds the listeners, starts PROGRAM as the first incumbent, and serves
+//! upgrade requests on `<runtime-dir>/admin.sock` (mode 0600; only our own
+//! uid or root may use it, checked with `SO_PEERCRED` on every connection).
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use handoff::{
+    HandoffError, HandoffOptions, Listener, PhaseDone, Program, Supervisor, SupervisorConfig,
+};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::admin::{self, Event, Request};
+use crate::RuntimeDir;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub rt: RuntimeDir,
+    /// Directory for the service's state: the state lock and the journal.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// A listener to bind and pass to the service, as NAME=tcp://HOST:PORT
+    /// (port 0 picks a free port; the bound address is printed) or
+    /// NAME=unix:PATH. Repeat for several; they are passed in this order.
+    #[arg(long = "listen", value_name = "NAME=ADDR", required = true)]
+    pub listen: Vec<String>,
+    /// Default overall budget of each upgrade, start to Ready.
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION", default_value = "5m")]
+    pub deadline: Duration,
+    /// Default budget for the old process to drain.
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION", default_value = "60s")]
+    pub drain_grace: Duration,
+    /// The service and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
+    pub program: Vec<OsString>,
+}
+
+pub fn main(a: RunArgs) -> ExitCode {
+    match run(a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("handoff run: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A parsed `--listen` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenSpec {
+    Tcp { name: String, addr: String },
+    Unix { name: String, path: PathBuf },
+}
+
+pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+    let (name, addr) = s.split_once('=').ok_or_else(|| {
+        format!("--listen {s:?}: expected NAME=tcp://HOST:PORT or NAME=unix:PATH")
+    })?;
+    if name.is_empty() || name.contains(':') || !name.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "--listen {s:?}: the name must be non-empty printable ASCII without ':'"
+        ));
+    }
+    if let Some(a) = addr.strip_prefix("tcp://") {
+        Ok(ListenSpec::Tcp {
+            name: name.into(),
+            addr: a.into(),
+        })
+    } else if let Some(p) = addr.strip_prefix("unix:") {
+        Ok(ListenSpec::Unix {
+            name: name.into(),
+            path: PathBuf::from(p),
+        })
+    } else {
+        Err(format!(
+            "--listen {s:?}: address must start with tcp:// or unix:"
+        ))
+    }
+}
+
+/// Binds one listener with a generous backlog: during the accept gap of a
+/// handoff, connections wait there.
+fn bind(spec: &ListenSpec) -> Result<(Listener, String)> {
+    let (name, fd, shown) = match spec {
+        ListenSpec::Tcp { name, addr } => {
+            let l =
+                TcpListener::bind(addr).with_context(|| format!("binding {name}=tcp://{addr}"))?;
+            let local = l.local_addr()?;
+            (
+                name.clone(),
+                std::os::fd::OwnedFd::from(l),
+                format!("tcp://{local}"),
+            )
+        }
+        ListenSpec::Unix { name, path } => {
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("binding {name}=unix:{}", path.display()))?;
+            (
+                name.clone(),
+                std::os::fd::OwnedFd::from(l),
+                format!("unix:{}", path.display()),
+            )
+        }
+    };
+    nix::sys::socket::listen(
+        &fd,
+        nix::sys::socket::Backlog::new(4096).unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+    )
+    .context("raising the listen backlog")?;
+    Ok((Listener { name, fd }, shown))
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    if mode == 0o700 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {} to mode 0700", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    // Block the signals we handle before any thread exists, so every thread
+    // inherits the mask and only the signal thread (sigwait) sees them.
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block().context("blocking signals")?;
+
+    let runtime = a.rt.runtime_dir.clone();
+    make_dir(&runtime, 0o700)?;
+    make_dir(&a.state_dir, 0o755)?;
+
+    // One supervisor per runtime dir, enforced by a kernel-released lock.
+    let lock_path = runtime.join("supervisor.lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another handoff supervisor is running with --runtime-dir {} (it holds {}); use `handoff upgrade` to talk to it",
+            runtime.display(),
+            lock_path.display()
+        );
+    }
+
+    let control = runtime.join(admin::CONTROL_SOCK);
+    if let Some(rec) = handoff::resume_from_journal(&a.state_dir, &control)
+        .context("recovering from the journal")?
+    {
+        eprintln!(
+            "handoff run: found an interrupted handoff {:#018x} (phase {}); incumbent now: {:?}, killed orphaned successor: {:?}",
+            rec.record.handoff_id, rec.record.phase, rec.incumbent_pid, rec.killed_successor
+        );
+    }
+    if let Ok(s) = UnixStream::connect(&control) {
+        let who = handoff::peer_credentials(&s).ok().and_then(|c| c.pid);
+        bail!(
+            "a service process (pid {}) from an earlier supervisor still owns {}; stop it before starting a new supervisor",
+            who.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+            control.display()
+        );
+    }
+
+    let mut listeners = vec![];
+    let mut shown = vec![];
+    for s in &a.listen {
+        let spec = parse_listen(s).map_err(anyhow::Error::msg)?;
+        let (l, addr) = bind(&spec)?;
+        shown.push(format!("{}={addr}", l.name));
+        listeners.push(l);
+    }
+    {
+        let mut o = std::io::stdout().lock();
+        for s in &shown {
+            writeln!(o, "listening {s}")?;
+        }
+        o.flush()?;
+    }
+
+    let mut cfg = SupervisorConfig::new(&a.state_dir, &control);
+    cfg.timeouts.deadline = a.deadline;
+    cfg.timeouts.drain_grace = a.drain_grace;
+    if let Some(ms) = std::env::var("HANDOFF_LIVENESS_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.timeouts.liveness = Duration::from_millis(ms);
+    }
+    let sup = Arc::new(Supervisor::new(cfg, listeners));
+    let mut program = Program::new(PathBuf::from(&a.program[0]));
+    program.args = a.program[1..].to_vec();
+
+    let report = sup
+        .start(&program, &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("starting {}: {e}", a.program[0].to_string_lossy()))?;
+    println!("ready pid={}", report.new_pid);
+    std::io::stdout().flush()?;
+
+    let admin_path = admin::admin_path(&runtime);
+    let _ = fs::remove_file(&admin_path); // stale: we hold the supervisor lock
+    let admin_listener = UnixListener::bind(&admin_path)
+        .with_context(|| format!("binding {}", admin_path.display()))?;
+    fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
+
+    let ctx = Arc::new(Ctx {
+        sup: sup.clone(),
+        program,
+        shown,
+    });
+    {
+        let ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || serve_admin(admin_listener, ctx))?;
+    }
+
+    // The main thread waits for signals.
+    loop {
+        match sigs.wait() {
+            Ok(Signal::SIGHUP) => {
+                let ctx = ctx.clone();
+                std::thread::spawn(move || {
+                    let r = ctx.sup.perform_handoff(
+                        &ctx.program,
+                        HandoffOptions::default(),
+                        &mut |_| {},
+                    );
+                    match r {
+                        Ok(r) => eprintln!(
+                            "handoff run: SIGHUP upgrade committed: pid {} in {:?}",
+                            r.new_pid, r.total
+                        ),
+                        Err(e) => eprintln!("handoff run: SIGHUP upgrade failed: {e}"),
+                    }
+                });
+            }
+            Ok(sig) => {
+                eprintln!("handoff run: {sig}: stopping");
+                stop(&sup);
+                let _ = fs::remove_file(&admin_path);
+                drop(lock);
+                return Ok(());
+            }
+            Err(e) => bail!("waiting for signals: {e}"),
+        }
+    }
+}
+
+/// Stops the service: SIGTERM to every process we run, SIGKILL after a grace.
+fn stop(sup: &Supervisor) {
+    let mut kids: Vec<handoff::Child> = vec![];
+    if let Some(c) = sup.incumbent() {
+        kids.push(c);
+    }
+    for c in &kids {
+        let _ = c.signal(Signal::SIGTERM);
+    }
+    for c in &kids {
+        if c.wait_timeout(Duration::from_secs(10)).is_none() {
+            let _ = c.kill_and_reap(Duration::from_secs(5));
+        }
+    }
+}
+
+struct Ctx {
+    sup: Arc<Supervisor>,
+    program: Program,
+    shown: Vec<String>,
+}
+
+fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
+    let ours = nix::unistd::geteuid().as_raw();
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("handoff run: admin accept: {e}");
+                continue;
+            }
+        };
+        match handoff::peer_credentials(&stream) {
+            Ok(c) if c.uid == ours || c.uid == 0 => {}
+            Ok(c) => {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Error {
+                        message: format!(
+                            "uid {} may not control this supervisor (owner uid {ours})",
+                            c.uid
+                        ),
+                    },
+                );
+                continue;
+            }
+            Err(_) => continue,
+        }
+        let ctx = ctx.clone();
+        let _ = std::thread::Builder::new()
+            .name("admin-conn".into())
+            .spawn(move || handle_admin(stream, &ctx));
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn handle_admin(stream: UnixStream, ctx: &Ctx) {
+    // A client that connects and says nothing must not pin a thread forever.
+    let req: Request = match admin::recv(&stream, Some(Duration::from_secs(5))) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = admin::send(
+                &stream,
+                &Event::Error {
+                    message: format!("bad request: {e}"),
+                },
+            );
+            return;
+        }
+    };
+    match req {
+        Request::Status => {
+            let _ = admin::send(
+                &stream,
+                &Event::Status {
+                    supervisor_pid: std::process::id(),
+                    incumbent_pid: ctx.sup.incumbent_pid(),
+                    build_id: ctx.sup.incumbent_build(),
+                    listeners: ctx.shown.clone(),
+                    retiring_pids: ctx.sup.retiring_pids(),
+                },
+            );
+        }
+        Request::Upgrade {
+            binary,
+            deadline_ms,
+            drain_grace_ms,
+        } => {
+            let mut program = ctx.program.clone();
+            if let Some(b) = binary {
+                program.path = b;
+            }
+            let opts = HandoffOptions {
+                deadline: deadline_ms.map(Duration::from_millis),
+                drain_grace: drain_grace_ms.map(Duration::from_millis),
+            };
+            let mut observer = |p: PhaseDone| {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Phase {
+                        phase: p.phase.name().to_string(),
+                        took_ms: ms(p.took),
+                    },
+                );
+            };
+            let ev = match ctx.sup.perform_handoff(&program, opts, &mut observer) {
+                Ok(r) => {
+                    eprintln!(
+                        "handoff run: upgrade {:#018x} committed: pid {} -> {} in {:.2} ms",
+                        r.handoff_id,
+                        r.old_pid.unwrap_or(0),
+                        r.new_pid,
+                        ms(r.total)
+                    );
+                    Event::Committed {
+                        handoff_id: format!("{:#018x}", r.handoff_id),
+                        old_pid: r.old_pid,
+                        new_pid: r.new_pid,
+                        build_id: r.new_build_id,
+                        total_ms: ms(r.total),
+                        warnings: r.warnings,
+                    }
+                }
+                Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {
+                    message: e.to_string(),
+                },
+                Err(e) => {
+                    eprintln!("handoff run: upgrade failed: {e}");
+                    let (id, phase) = match &e {
+                        HandoffError::Aborted {
+                            handoff_id, phase, ..
+                        } => (
+                            Some(format!("{handoff_id:#018x}")),
+                            Some(phase.name().to_string()),
+                        ),
+                        _ => (None, None),
+                    };
+                    Event::Aborted {
+                        handoff_id: id,
+                        phase,
+                        reason: e.to_string(),
+                    }
+                }
+            };
+            let _ = admin::send(&stream, &ev);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs() {
+        assert_eq!(
+            parse_listen("http=tcp://127.0.0.1:0").unwrap(),
+            ListenSpec::Tcp {
+                name: "http".into(),
+                addr: "127.0.0.1:0".into()
+            }
+        );
+        assert_eq!(
+            parse_listen("a=unix:/tmp/x.sock").unwrap(),
+            ListenSpec::Unix {
+                name: "a".into(),
+                path: "/tmp/x.sock".into()
+            }
+        );
+        assert!(parse_listen("nohost").is_err());
+        assert!(parse_listen("=tcp://x:1").is_err());
+        assert!(parse_listen("a:b=tcp://x:1").is_err());
+        assert!(parse_listen("a=udp://x:1").is_err());
+    }
+}
