@@ -23,7 +23,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         }
     };
     let secs = n * scale;
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))

@@ -64,7 +64,7 @@ fn replay(buf: &[u8]) -> (HashMap<String, Arc<[u8]>>, usize) {
         let len = u32::from_le_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
         let crc = u32::from_le_bytes(buf[off + 4..off + 8].try_into().unwrap_or([0; 4]));
         let start = off + HEADER;
-        if len < 2 || len > 2 + MAX_KEY + MAX_VALUE || buf.len() - start < len {
+        if !(2..=2 + MAX_KEY + MAX_VALUE).contains(&len) || buf.len() - start < len {
             break;
         }
         let body = &buf[start..start + len];

@@ -59,6 +59,34 @@ impl Child {
         Ok(Child { pid, shared })
     }
 
+    /// Watches a process that is *not* our child — an incumbent left by a
+    /// previous supervisor. Its exit status cannot be collected; liveness is
+    /// polled, guarded against pid reuse by the process start time.
+    pub fn adopt_foreign(pid: u32) -> io::Result<Child> {
+        let started = crate::procinfo::start_time_ms(pid);
+        if !foreign_alive(pid, started) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} is not running"),
+            ));
+        }
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("watch-{pid}"))
+            .spawn(move || {
+                while foreign_alive(pid, started) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let mut st = s.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.exited = true;
+                st.exit = Some(Exit::Unknown);
+                drop(st);
+                s.cv.notify_all();
+            })?;
+        Ok(Child { pid, shared })
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -112,5 +140,21 @@ impl Child {
             tracing::warn!(target: "handoff::child", pid = self.pid, error = %e, "SIGKILL failed");
         }
         self.wait_timeout(d)
+    }
+}
+
+/// Alive, not a zombie, and (where the platform tells) the same process
+/// that had `started` as its start time.
+fn foreign_alive(pid: u32, started: Option<u64>) -> bool {
+    if !crate::procinfo::exists(pid) {
+        return false;
+    }
+    if crate::procinfo::is_zombie(pid) {
+        return false;
+    }
+    match (started, crate::procinfo::start_time_ms(pid)) {
+        (Some(a), Some(b)) => a == b,
+        (Some(_), None) => false,
+        (None, _) => true,
     }
 }

@@ -40,25 +40,27 @@ impl SupervisorPhase {
 
     /// May `peer` send `msg` to the supervisor in this phase?
     ///
-    /// Keepalives (Heartbeat, SealProgress) are legal only from the
-    /// incumbent while it drains or seals: that is when it has promised them.
+    /// Keepalives are legal only where a peer has promised them: Heartbeat
+    /// and SealProgress from the incumbent while it drains or seals,
+    /// Heartbeat from the successor while its health check runs.
     pub fn allows(self, peer: Peer, msg: &Message) -> bool {
         use Message as M;
         use SupervisorPhase as P;
-        match (self, peer, msg) {
-            (P::Negotiating, _, M::Hello(_)) => true,
-            (P::Draining, Peer::Incumbent, M::Drained { .. } | M::Heartbeat { .. }) => true,
-            (
-                P::Sealing,
-                Peer::Incumbent,
-                M::SealComplete { .. }
-                | M::SealFailed { .. }
-                | M::SealProgress { .. }
-                | M::Heartbeat { .. },
-            ) => true,
-            (P::AwaitingReady, Peer::Successor, M::Ready { .. }) => true,
-            _ => false,
-        }
+        matches!(
+            (self, peer, msg),
+            (P::Negotiating, _, M::Hello(_))
+                | (P::Draining, Peer::Incumbent, M::Drained { .. } | M::Heartbeat { .. })
+                | (
+                    P::Sealing,
+                    Peer::Incumbent,
+                    M::SealComplete { .. }
+                        | M::SealFailed { .. }
+                        | M::SealProgress { .. }
+                        | M::Heartbeat { .. }
+                )
+                // The successor heartbeats while its health check runs.
+                | (P::AwaitingReady, Peer::Successor, M::Ready { .. } | M::Heartbeat { .. })
+        )
     }
 }
 
@@ -166,12 +168,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keepalives_only_from_incumbent_while_draining_or_sealing() {
+    fn keepalives_only_where_promised() {
         let hb = Message::Heartbeat { handoff_id: 1 };
         assert!(SupervisorPhase::Draining.allows(Peer::Incumbent, &hb));
         assert!(SupervisorPhase::Sealing.allows(Peer::Incumbent, &hb));
-        assert!(!SupervisorPhase::AwaitingReady.allows(Peer::Successor, &hb));
+        assert!(SupervisorPhase::AwaitingReady.allows(Peer::Successor, &hb));
+        assert!(!SupervisorPhase::AwaitingReady.allows(Peer::Incumbent, &hb));
         assert!(!SupervisorPhase::Draining.allows(Peer::Successor, &hb));
+        assert!(!SupervisorPhase::Negotiating.allows(Peer::Incumbent, &hb));
     }
 
     #[test]

@@ -24,6 +24,32 @@ pub fn start_time_ms(pid: u32) -> Option<u64> {
     Some(btime * 1000 + ticks * 1000 / hz)
 }
 
+/// Whether a process with this pid exists (`kill(pid, 0)`; EPERM still
+/// means it exists). Pids that would address a group are never probed.
+pub fn exists(pid: u32) -> bool {
+    match i32::try_from(pid) {
+        Ok(p) if p > 0 => !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None),
+            Err(nix::Error::ESRCH)
+        ),
+        _ => false,
+    }
+}
+
+/// Whether `pid` is a zombie (exited, not yet reaped by its parent).
+#[cfg(target_os = "linux")]
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn is_zombie(_pid: u32) -> bool {
+    false
+}
+
 #[cfg(not(target_os = "linux"))]
 pub fn start_time_ms(_pid: u32) -> Option<u64> {
     None

@@ -24,7 +24,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -121,18 +120,7 @@ impl Boot {
     }
 
     fn greet(&mut self) -> Result<(), ProcessError> {
-        let raw = std::env::var("HANDOFF_SOCK_FD")
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok())
-            .ok_or_else(|| {
-                ProcessError::Env(
-                    "HANDOFF_ROLE=successor but HANDOFF_SOCK_FD is missing or not a number".into(),
-                )
-            })?;
-        let fd = listeners::take_fd(raw)?;
-        let stream = UnixStream::from(fd);
-        debug_assert!(stream.as_raw_fd() >= 0);
-        let mut chan = Channel::new(stream);
+        let mut chan = Channel::new(take_control_from_env()?);
         let phase = SuccessorPhase::Greeting;
         let hello = Message::Hello(Hello {
             role: Role::Successor,
@@ -290,6 +278,28 @@ impl Begun {
         tracing::info!(target: "handoff::successor", handoff_id = id, "committed: now the incumbent");
         Ok(Incumbent::new(self.cfg, self.lock, listener))
     }
+}
+
+/// Takes the control channel the supervisor passed in `HANDOFF_SOCK_FD`.
+/// [`Boot::from_env`] does this; it is public for test peers that speak the
+/// protocol by hand.
+#[doc(hidden)]
+pub fn take_control_from_env() -> Result<UnixStream, ProcessError> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let raw = std::env::var("HANDOFF_SOCK_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .ok_or_else(|| {
+            ProcessError::Env(
+                "HANDOFF_ROLE=successor but HANDOFF_SOCK_FD is missing or not a number".into(),
+            )
+        })?;
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Err(ProcessError::Env(
+            "HANDOFF_SOCK_FD was already taken".into(),
+        ));
+    }
+    Ok(UnixStream::from(listeners::take_fd(raw)?))
 }
 
 fn recv(

@@ -170,6 +170,19 @@ impl Supervisor {
         p.retiring.iter().map(Child::pid).collect()
     }
 
+    /// Takes on an incumbent that this supervisor did not spawn — one left
+    /// serving by a previous supervisor — so the next handoff starts from
+    /// it. Its liveness is watched by polling (it is not our child).
+    pub fn adopt_incumbent(&self, pid: u32, build_id: &str) -> std::io::Result<()> {
+        let c = Child::adopt_foreign(pid)?;
+        let mut p = self.procs();
+        if let Some(old) = p.incumbent.replace(c) {
+            p.retiring.push(old);
+        }
+        p.incumbent_build = build_id.to_string();
+        Ok(())
+    }
+
     /// Starts the first incumbent: a handoff from nobody.
     pub fn start(
         &self,
@@ -804,10 +817,11 @@ pub fn resume_from_journal(
     };
     let mut killed_successor = None;
     if let Some(n) = record.successor_pid {
-        if Some(n) != incumbent_pid && process_started_after(n, record.started_at) {
-            if sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok() {
-                killed_successor = Some(n);
-            }
+        if Some(n) != incumbent_pid
+            && process_started_after(n, record.started_at)
+            && sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok()
+        {
+            killed_successor = Some(n);
         }
     }
     journal.clear()?;
@@ -822,7 +836,7 @@ pub fn resume_from_journal(
 /// Pid-reuse guard: is `pid` alive and did it start no earlier than the
 /// handoff (within a second)? Only then can it be the successor we spawned.
 fn process_started_after(pid: u32, started_at_ms: u64) -> bool {
-    if sys::wait::signal(pid, nix::sys::signal::Signal::SIGCONT).is_err() {
+    if !crate::procinfo::exists(pid) || crate::procinfo::is_zombie(pid) {
         return false;
     }
     match crate::procinfo::start_time_ms(pid) {

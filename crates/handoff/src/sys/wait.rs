@@ -15,6 +15,8 @@ use std::io;
 pub enum Exit {
     Code(i32),
     Signal(i32),
+    /// The process was not our child (adopted), so its status is unknown.
+    Unknown,
 }
 
 impl std::fmt::Display for Exit {
@@ -27,6 +29,7 @@ impl std::fmt::Display for Exit {
                     .unwrap_or("unknown signal");
                 write!(f, "killed by signal {s} ({name})")
             }
+            Exit::Unknown => f.write_str("exited (status unknown: not our child)"),
         }
     }
 }

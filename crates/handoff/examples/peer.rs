@@ -1,0 +1,115 @@
+//! A service process for the library's integration tests: well-behaved by
+//! default, or misbehaving in one precise way so the supervisor's typed
+//! errors can be checked against a real spawned process.
+//!
+//! `peer MODE [TAG]` — TAG is ignored; tests use it to find their processes.
+//! Modes: good, wrong-role, wrong-pid, garbage, silent, no-common-version,
+//! ready-wrong-id, unhealthy.
+
+use std::io::Write;
+use std::time::Duration;
+
+use handoff::channel::Channel;
+use handoff::protocol::{Hello, Message, Role, PROTO_MAX, PROTO_MIN};
+use handoff::{Boot, BootOptions, DrainReport, Drainable, ServiceError};
+
+struct Idle;
+
+impl Drainable for Idle {
+    fn drain(&mut self, _: Duration) -> Result<DrainReport, ServiceError> {
+        Ok(DrainReport {
+            open_conns_remaining: 0,
+            accept_closed: true,
+        })
+    }
+    fn seal(&mut self, _: &mut dyn FnMut(u64, u64)) -> Result<Option<Vec<u8>>, ServiceError> {
+        Ok(None)
+    }
+    fn resume(&mut self) -> Result<(), ServiceError> {
+        Ok(())
+    }
+}
+
+fn hello(role: Role, pid: u32, min: u16, max: u16) -> Message {
+    Message::Hello(Hello {
+        role,
+        pid,
+        proto_min: min,
+        proto_max: max,
+        build_id: "peer".into(),
+    })
+}
+
+fn park() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "good".into());
+    let pid = std::process::id();
+    match mode.as_str() {
+        "good" | "unhealthy" => {
+            let unhealthy = mode == "unhealthy";
+            let r = Boot::from_env(BootOptions::new("peer"))
+                .and_then(|b| b.begin())
+                .and_then(|b| {
+                    b.ready(move || {
+                        if unhealthy {
+                            Err("peer says no".into())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                })
+                .and_then(|inc| inc.serve(&mut Idle));
+            if let Err(e) = r {
+                eprintln!("peer[{pid}]: {e}");
+                std::process::exit(1);
+            }
+        }
+        other => {
+            let stream = handoff::successor::take_control_from_env().expect("control fd");
+            let mut chan = Channel::new(stream);
+            match other {
+                "wrong-role" => chan
+                    .send_with_credentials(&hello(Role::Incumbent, pid, PROTO_MIN, PROTO_MAX))
+                    .unwrap(),
+                "wrong-pid" => chan
+                    .send_with_credentials(&hello(Role::Successor, pid + 1, PROTO_MIN, PROTO_MAX))
+                    .unwrap(),
+                "no-common-version" => chan
+                    .send_with_credentials(&hello(Role::Successor, pid, 40, 41))
+                    .unwrap(),
+                "garbage" => {
+                    let _ = chan.stream().write_all(b"GET / HTTP/1.1\r\n\r\n");
+                }
+                "silent" => {}
+                "ready-wrong-id" => {
+                    chan.send_with_credentials(&hello(Role::Successor, pid, PROTO_MIN, PROTO_MAX))
+                        .unwrap();
+                    let Ok(Message::HelloAck { version }) = chan.recv(None) else {
+                        std::process::exit(1)
+                    };
+                    chan.set_version(version);
+                    let Ok(Message::Begin { handoff_id, .. }) = chan.recv(None) else {
+                        std::process::exit(1)
+                    };
+                    chan.send(&Message::Ready {
+                        handoff_id: handoff_id.wrapping_add(1),
+                        listening_on: vec![],
+                        healthz_ok: true,
+                        metadata: vec![],
+                    })
+                    .unwrap();
+                }
+                m => {
+                    eprintln!("peer: unknown mode {m}");
+                    std::process::exit(2);
+                }
+            }
+            park();
+        }
+    }
+}
