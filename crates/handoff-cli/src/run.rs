@@ -207,7 +207,7 @@ fn run(a: RunArgs) -> Result<()> {
     {
         cfg.timeouts.liveness = Duration::from_millis(ms);
     }
-    let sup = Arc::new(Supervisor::new(cfg, listeners));
+    let sup = Arc::new(Supervisor::new(cfg, listeners).context("starting the supervisor")?);
     let mut program = Program::new(PathBuf::from(&a.program[0]));
     program.args = a.program[1..].to_vec();
 

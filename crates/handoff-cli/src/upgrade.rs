@@ -110,9 +110,9 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             Event::Aborted { reason, .. } => {
-                if !a.json {
-                    eprintln!("aborted: {reason}");
-                }
+                // On stderr in both modes: JSON consumers get it on stdout
+                // too, a person watching a deploy log sees it either way.
+                eprintln!("aborted: {reason}");
                 return ExitCode::from(1);
             }
             Event::Error { message } => {

@@ -200,6 +200,20 @@ fn run() -> Result<ExitCode, String> {
         .map(Duration::from_millis)
         .unwrap_or(Duration::from_millis(100));
 
+    // Registering the listeners with the runtime is warm-up too; accepting
+    // on them waits for Commit.
+    let listeners = {
+        let _guard = rt.enter();
+        listeners
+            .into_iter()
+            .map(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("registering listeners: {e}"))?
+    };
+
     let begun = match boot.begin() {
         Ok(b) => b,
         Err(ProcessError::Aborted { reason }) => {
@@ -219,7 +233,7 @@ fn run() -> Result<ExitCode, String> {
         return Ok(ExitCode::from(3));
     }
 
-    // We hold the state lock: open the store and start accepting.
+    // We hold the state lock: open the store.
     let store = Store::open(&state_dir)
         .map_err(|e| format!("opening the store in {}: {e}", state_dir.display()))?;
     let (mode, _) = watch::channel(Mode::Serving);
@@ -233,15 +247,6 @@ fn run() -> Result<ExitCode, String> {
         served: AtomicU64::new(0),
         drain_idle,
     });
-    for l in listeners {
-        l.set_nonblocking(true)
-            .map_err(|e| format!("listener: {e}"))?;
-        let shared = shared.clone();
-        let _guard = rt.enter();
-        let l = tokio::net::TcpListener::from_std(l).map_err(|e| format!("listener: {e}"))?;
-        rt.spawn(server::accept_loop(l, shared));
-    }
-
     let health_shared = shared.clone();
     let incumbent = begun
         .ready(move || {
@@ -262,6 +267,12 @@ fn run() -> Result<ExitCode, String> {
                 .map_err(|e| format!("store writer: {e}"))
         })
         .map_err(|e| format!("becoming ready: {e}"))?;
+    // Committed: only now accept. A successor that accepted earlier and was
+    // then aborted (killed) would reset the connections it had taken.
+    for l in listeners {
+        rt.spawn(server::accept_loop(l, shared.clone()));
+    }
+
     tracing::info!(target: "demo", ?role, pid = std::process::id(), "serving");
 
     let mut service = Service {

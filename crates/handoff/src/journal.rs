@@ -124,6 +124,147 @@ impl Journal {
     }
 }
 
+/// Writes journal records on a background thread, in order, so the fsyncs
+/// overlap the protocol instead of sitting on its critical path.
+///
+/// Each record replaces the whole journal, so when writes queue up only the
+/// newest matters: the writer coalesces to it. Callers wait (with
+/// [`wait`](Self::wait)) only where durability is load-bearing — before the
+/// successor is sent Begin (from then on it holds the state lock, so a
+/// restarted supervisor must find its pid), and before a handoff returns
+/// (so the journal is cleared when the caller sees the outcome).
+#[derive(Debug)]
+pub struct JournalWriter {
+    journal: Journal,
+    shared: std::sync::Arc<(std::sync::Mutex<WriterState>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Write(JournalRecord),
+    Clear,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    pending: Option<(u64, Op)>,
+    submitted: u64,
+    durable: u64,
+    /// First failure, with the sequence number it happened at.
+    failed: Option<(u64, io::ErrorKind, String)>,
+    stop: bool,
+}
+
+impl JournalWriter {
+    pub fn new(journal: Journal) -> io::Result<JournalWriter> {
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(WriterState::default()),
+            std::sync::Condvar::new(),
+        ));
+        let s = shared.clone();
+        let j = journal.clone();
+        let thread = std::thread::Builder::new()
+            .name("handoff-journal".into())
+            .spawn(move || Self::run(j, s))?;
+        Ok(JournalWriter {
+            journal,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(j: Journal, s: std::sync::Arc<(std::sync::Mutex<WriterState>, std::sync::Condvar)>) {
+        let (m, cv) = &*s;
+        loop {
+            let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+            while st.pending.is_none() && !st.stop {
+                st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            let Some((seq, op)) = st.pending.take() else {
+                return; // stopping with nothing left to write
+            };
+            drop(st);
+            let r = match &op {
+                Op::Write(rec) => j.write(rec),
+                Op::Clear => j.clear(),
+            };
+            let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+            st.durable = seq;
+            if let Err(e) = r {
+                let (kind, msg) = match &e {
+                    JournalError::Write { source, .. } | JournalError::Read { source, .. } => {
+                        (source.kind(), source.to_string())
+                    }
+                    other => (io::ErrorKind::Other, other.to_string()),
+                };
+                st.failed.get_or_insert((seq, kind, msg));
+            }
+            drop(st);
+            cv.notify_all();
+        }
+    }
+
+    fn submit(&self, op: Op) -> u64 {
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+        st.submitted += 1;
+        let seq = st.submitted;
+        st.pending = Some((seq, op));
+        drop(st);
+        cv.notify_all();
+        seq
+    }
+
+    /// Queues `record` to replace the journal; returns its sequence number.
+    pub fn write(&self, record: &JournalRecord) -> u64 {
+        self.submit(Op::Write(record.clone()))
+    }
+
+    /// Queues the removal of the journal.
+    pub fn clear(&self) -> u64 {
+        self.submit(Op::Clear)
+    }
+
+    /// Blocks until operation `seq` (or a later one superseding it) is
+    /// durable. A failed write is reported to every waiter from then on.
+    pub fn wait(&self, seq: u64) -> Result<(), JournalError> {
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+        while st.durable < seq && st.failed.is_none() {
+            st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        match &st.failed {
+            Some((_, kind, msg)) => Err(JournalError::Write {
+                path: self.journal.path().to_path_buf(),
+                source: io::Error::new(*kind, msg.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets a reported failure (a new handoff starts afresh).
+    pub fn reset_error(&self) {
+        let (m, _) = &*self.shared;
+        m.lock().unwrap_or_else(|p| p.into_inner()).failed = None;
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+}
+
+impl Drop for JournalWriter {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.shared;
+        m.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// fsync on a directory makes a rename or unlink inside it durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -164,6 +305,45 @@ mod tests {
         j.clear().unwrap();
         // No temp files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn writer_orders_coalesces_and_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = JournalWriter::new(Journal::new(dir.path())).unwrap();
+        let mut r = JournalRecord {
+            handoff_id: 1,
+            phase: SupervisorPhase::Negotiating,
+            incumbent_pid: None,
+            successor_pid: None,
+            started_at: 0,
+        };
+        let mut last = 0;
+        for pid in 0..100 {
+            r.successor_pid = Some(pid);
+            last = w.write(&r);
+        }
+        w.wait(last).unwrap();
+        assert_eq!(w.journal().read().unwrap().unwrap().successor_pid, Some(99));
+        let c = w.clear();
+        w.wait(c).unwrap();
+        assert_eq!(w.journal().read().unwrap(), None);
+    }
+
+    #[test]
+    fn writer_reports_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = JournalWriter::new(Journal::new(&dir.path().join("missing"))).unwrap();
+        let seq = w.write(&JournalRecord {
+            handoff_id: 1,
+            phase: SupervisorPhase::Negotiating,
+            incumbent_pid: None,
+            successor_pid: None,
+            started_at: 0,
+        });
+        let e = w.wait(seq).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        w.reset_error();
     }
 
     #[test]

@@ -131,15 +131,22 @@ impl Heartbeat {
                     .name("handoff-heartbeat".into())
                     .spawn(move || {
                         let (m, cv) = &*s;
-                        let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
                         loop {
-                            let (g, _) = cv
-                                .wait_timeout(stopped, interval)
-                                .unwrap_or_else(|p| p.into_inner());
-                            stopped = g;
+                            let stopped = m.lock().unwrap_or_else(|p| p.into_inner());
+                            // Checked before waiting: `stop` may have run
+                            // before this thread first took the lock.
                             if *stopped {
                                 return;
                             }
+                            let (stopped, _) = cv
+                                .wait_timeout(stopped, interval)
+                                .unwrap_or_else(|p| p.into_inner());
+                            if *stopped {
+                                return;
+                            }
+                            // Send without holding the lock, so `stop` never
+                            // waits behind a slow write.
+                            drop(stopped);
                             if sender.send(&Message::Heartbeat { handoff_id: id }).is_err() {
                                 return;
                             }
@@ -172,5 +179,43 @@ impl Heartbeat {
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::Channel;
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    #[test]
+    fn heartbeat_stop_does_not_wait_an_interval() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let chan = Channel::new(a);
+        for _ in 0..50 {
+            let t = Instant::now();
+            Heartbeat::start(chan.sender(), 1, Duration::from_secs(30)).stop();
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "stop took {:?}",
+                t.elapsed()
+            );
+        }
+    }
+
+    #[test]
+    fn heartbeats_arrive_at_the_interval() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let chan = Channel::new(a);
+        let hb = Heartbeat::start(chan.sender(), 7, Duration::from_millis(20));
+        let mut rx = Channel::new(b);
+        for _ in 0..3 {
+            assert_eq!(
+                rx.recv(Some(Duration::from_secs(5))).unwrap(),
+                Message::Heartbeat { handoff_id: 7 }
+            );
+        }
+        hb.stop();
     }
 }

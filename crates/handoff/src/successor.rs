@@ -18,8 +18,10 @@
 //! let listeners = boot.take_listeners();
 //! // ... warm up: load config, build caches. Not serving yet.
 //! let begun = boot.begin()?;            // waits for Begin; takes the state lock
-//! // ... open state (we hold the lock now) and start accepting on `listeners`.
+//! // ... open state (we hold the lock now).
 //! let incumbent = begun.ready(|| Ok(()))?; // health check; Ready; waits for Commit
+//! // ... committed: start accepting on `listeners` now, not earlier — a
+//! // successor aborted before Commit is killed, resetting what it accepted.
 //! let retired = incumbent.serve(&mut Svc)?; // answers future handoffs
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -216,6 +218,12 @@ impl Begun {
 
     /// Takes over the control socket path, runs `health` (heartbeating
     /// meanwhile), says Ready, and waits for Commit.
+    ///
+    /// Start accepting connections only after this returns: until Commit the
+    /// supervisor may still abort, and an aborted successor is killed —
+    /// resetting every connection it had accepted. Connections arriving in
+    /// the meantime wait in the listen backlog, which the supervisor sizes
+    /// generously.
     ///
     /// A failed health check is reported to the supervisor (which aborts
     /// and kills this process) and returned as an error.

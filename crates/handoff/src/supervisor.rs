@@ -24,7 +24,7 @@ use crate::channel::Channel;
 use crate::child::Child;
 use crate::error::{HandoffError, ProtocolError};
 use crate::frame::FrameError;
-use crate::journal::{now_ms, Journal, JournalRecord};
+use crate::journal::{now_ms, Journal, JournalRecord, JournalWriter};
 use crate::listeners::Listener;
 use crate::phase::{Peer, SupervisorPhase};
 use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
@@ -82,6 +82,10 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
+// `total` runs from the request to the moment both processes have been sent
+// Commit; the journal is cleared (durably) after that, before
+// `perform_handoff` returns.
+
 #[derive(Debug, Default)]
 struct Processes {
     incumbent: Option<Child>,
@@ -101,7 +105,7 @@ struct Processes {
 ///
 /// let tcp = TcpListener::bind("127.0.0.1:0")?;
 /// let listeners = vec![Listener { name: "http".into(), fd: tcp.into() }];
-/// let sup = Supervisor::new(SupervisorConfig::new("/var/lib/svc", "/run/svc/control.sock"), listeners);
+/// let sup = Supervisor::new(SupervisorConfig::new("/var/lib/svc", "/run/svc/control.sock"), listeners)?;
 /// let program = Program::new("/usr/local/bin/my-service");
 /// sup.start(&program, &mut |p| println!("{} {:?}", p.phase, p.took))?;
 /// // ... later, after replacing the binary on disk:
@@ -112,21 +116,22 @@ struct Processes {
 pub struct Supervisor {
     cfg: SupervisorConfig,
     listeners: Vec<Listener>,
-    journal: Journal,
+    journal: JournalWriter,
     busy: Mutex<()>,
     procs: Mutex<Processes>,
 }
 
 impl Supervisor {
-    pub fn new(cfg: SupervisorConfig, listeners: Vec<Listener>) -> Supervisor {
-        let journal = Journal::new(&cfg.state_dir);
-        Supervisor {
+    /// Fails only if the journal's writer thread cannot be started.
+    pub fn new(cfg: SupervisorConfig, listeners: Vec<Listener>) -> std::io::Result<Supervisor> {
+        let journal = JournalWriter::new(Journal::new(&cfg.state_dir))?;
+        Ok(Supervisor {
             cfg,
             listeners,
             journal,
             busy: Mutex::new(()),
             procs: Mutex::new(Processes::default()),
-        }
+        })
     }
 
     pub fn config(&self) -> &SupervisorConfig {
@@ -138,7 +143,7 @@ impl Supervisor {
     }
 
     pub fn journal(&self) -> &Journal {
-        &self.journal
+        self.journal.journal()
     }
 
     fn procs(&self) -> MutexGuard<'_, Processes> {
@@ -241,6 +246,9 @@ struct Run<'a, 'o> {
     n: Option<Successor>,
     /// PrepareHandoff was sent: the incumbent must be told to resume.
     prepared: bool,
+    /// Journal write that recorded the successor's pid; must be durable
+    /// before Begin.
+    successor_recorded: u64,
 }
 
 impl<'a, 'o> Run<'a, 'o> {
@@ -284,6 +292,7 @@ impl<'a, 'o> Run<'a, 'o> {
             o: None,
             n: None,
             prepared: false,
+            successor_recorded: 0,
         }
     }
 
@@ -309,7 +318,7 @@ impl<'a, 'o> Run<'a, 'o> {
         );
         self.phase_started = now;
         self.record.phase = next;
-        self.sup.journal.write(&self.record)?;
+        self.sup.journal.write(&self.record);
         Ok(())
     }
 
@@ -319,7 +328,8 @@ impl<'a, 'o> Run<'a, 'o> {
     }
 
     fn execute(mut self, program: &Program) -> Result<Report, HandoffError> {
-        self.sup.journal.write(&self.record)?;
+        self.sup.journal.reset_error();
+        self.sup.journal.write(&self.record);
         match self.drive(program) {
             Ok(()) => self.commit(),
             Err(e) => Err(self.abort(e)),
@@ -357,6 +367,10 @@ impl<'a, 'o> Run<'a, 'o> {
             self.enter(SupervisorPhase::AwaitingReady)?;
         }
 
+        // From Begin on the successor holds the state lock: a restarted
+        // supervisor must be able to find it. (The write was queued at spawn
+        // time and has had the whole drain and seal to land.)
+        self.sup.journal.wait(self.successor_recorded)?;
         let id = self.id;
         self.n_chan()
             .send(&Message::Begin {
@@ -513,7 +527,7 @@ impl<'a, 'o> Run<'a, 'o> {
             child,
             chan: Channel::new(ours),
         });
-        self.sup.journal.write(&self.record)?;
+        self.successor_recorded = self.sup.journal.write(&self.record);
         tracing::info!(target: "handoff::spawn", handoff_id = self.id, pid, program = %program.path.display());
 
         let hello_budget = self.t.hello;
@@ -716,10 +730,13 @@ impl<'a, 'o> Run<'a, 'o> {
         };
         self.phases.push(done);
         (self.observer)(done);
-        if let Err(e) = self.sup.journal.clear() {
+        // The handoff is over for the service: both processes have their
+        // Commit. What follows is the supervisor's bookkeeping.
+        let total = self.started.elapsed();
+        let cleared = self.sup.journal.clear();
+        if let Err(e) = self.sup.journal.wait(cleared) {
             warnings.push(format!("clearing the journal failed: {e}"));
         }
-        let total = self.started.elapsed();
         tracing::info!(target: "handoff::commit", handoff_id = id, new_pid, ?old_pid, total_us = total.as_micros() as u64);
         for w in &warnings {
             tracing::warn!(target: "handoff::commit", handoff_id = id, "{w}");
@@ -766,7 +783,8 @@ impl<'a, 'o> Run<'a, 'o> {
             phase: SupervisorPhase::ResumingAfterAbort,
             took,
         });
-        if let Err(e) = self.sup.journal.clear() {
+        let cleared = self.sup.journal.clear();
+        if let Err(e) = self.sup.journal.wait(cleared) {
             tracing::error!(target: "handoff::abort", error = %e, "clearing the journal failed");
         }
         HandoffError::Aborted {

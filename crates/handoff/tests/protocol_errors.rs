@@ -63,7 +63,8 @@ fn setup() -> Setup {
             name: "http".into(),
             fd: tcp.into(),
         }],
-    );
+    )
+    .unwrap();
     sup.adopt_incumbent(std::process::id(), "test").unwrap();
     let tag = format!("tag-{}-{:?}", std::process::id(), Instant::now());
     Setup {
