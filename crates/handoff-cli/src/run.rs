@@ -165,7 +165,7 @@ fn run(a: RunArgs) -> Result<()> {
     }
 
     let control = runtime.join(admin::CONTROL_SOCK);
-    if let Some(rec) = handoff::resume_from_journal(&a.state_dir, &control)
+    if let Some(rec) = handoff::resume_from_journal(&a.state_dir, &control, Duration::from_secs(5))
         .context("recovering from the journal")?
     {
         eprintln!(

@@ -811,18 +811,21 @@ pub struct Recovery {
 /// the state-lock holder binds it), kills an orphaned successor that never
 /// became the incumbent, and clears the journal.
 ///
+/// `settle` bounds how long to wait for some process to own the control
+/// socket (a successor that sent Ready, or an incumbent re-binding after
+/// losing its supervisor, may be about to bind it).
+///
 /// Returns `Ok(None)` when no handoff was in flight.
 pub fn resume_from_journal(
     state_dir: &Path,
     control_path: &Path,
+    settle: Duration,
 ) -> Result<Option<Recovery>, HandoffError> {
     let journal = Journal::new(state_dir);
     let Some(record) = journal.read()? else {
         return Ok(None);
     };
-    // Give a successor that already sent Ready — or an incumbent resuming
-    // after losing us — a moment to (re)bind the control socket.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + settle;
     let incumbent_pid = loop {
         let owner = UnixStream::connect(control_path)
             .ok()
