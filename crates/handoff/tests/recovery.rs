@@ -38,14 +38,23 @@ fn nothing_in_flight() {
 fn orphaned_successor_is_killed_and_journal_cleared() {
     let dir = tempfile::tempdir().unwrap();
     let orphan = sleeper();
-    Journal::new(dir.path()).write(&record(Some(orphan.pid()), now_ms() - 500)).unwrap();
-    let r = resume_from_journal(dir.path(), &dir.path().join("c.sock"), Duration::from_millis(50))
-        .unwrap()
+    Journal::new(dir.path())
+        .write(&record(Some(orphan.pid()), now_ms() - 500))
         .unwrap();
+    let r = resume_from_journal(
+        dir.path(),
+        &dir.path().join("c.sock"),
+        Duration::from_millis(50),
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(r.killed_successor, Some(orphan.pid()));
     assert_eq!(r.incumbent_pid, None);
     assert_eq!(r.record.handoff_id, 42);
-    assert!(orphan.wait_timeout(Duration::from_secs(10)).is_some(), "orphan not killed");
+    assert!(
+        orphan.wait_timeout(Duration::from_secs(10)).is_some(),
+        "orphan not killed"
+    );
     assert_eq!(Journal::new(dir.path()).read().unwrap(), None);
 }
 
@@ -56,8 +65,12 @@ fn successor_that_became_incumbent_is_kept() {
     // This process owns the control socket: it is "the successor that made
     // it". The journal names it as the successor; it must not be touched.
     let _l = UnixListener::bind(&control).unwrap();
-    Journal::new(dir.path()).write(&record(Some(std::process::id()), now_ms())).unwrap();
-    let r = resume_from_journal(dir.path(), &control, Duration::from_secs(5)).unwrap().unwrap();
+    Journal::new(dir.path())
+        .write(&record(Some(std::process::id()), now_ms()))
+        .unwrap();
+    let r = resume_from_journal(dir.path(), &control, Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
     assert_eq!(r.incumbent_pid, Some(std::process::id()));
     assert_eq!(r.killed_successor, None);
 }
@@ -69,10 +82,16 @@ fn recycled_pid_is_not_killed() {
     // The journal says the handoff started a minute from now: a process
     // that already exists cannot be the successor it spawned (its pid was
     // recycled), so it must survive.
-    Journal::new(dir.path()).write(&record(Some(bystander.pid()), now_ms() + 60_000)).unwrap();
-    let r = resume_from_journal(dir.path(), &dir.path().join("c.sock"), Duration::from_millis(50))
-        .unwrap()
+    Journal::new(dir.path())
+        .write(&record(Some(bystander.pid()), now_ms() + 60_000))
         .unwrap();
+    let r = resume_from_journal(
+        dir.path(),
+        &dir.path().join("c.sock"),
+        Duration::from_millis(50),
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(r.killed_successor, None);
     assert!(bystander.try_exit().is_none());
     assert!(bystander.kill_and_reap(Duration::from_secs(10)).is_some());
