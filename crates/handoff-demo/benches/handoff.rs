@@ -106,6 +106,7 @@ fn main() {
     ];
     let mut per_phase: Vec<Vec<Duration>> = vec![vec![]; phases.len()];
     let mut totals = vec![];
+    let mut spawn = vec![];
     eprint!("handoffs: ");
     for i in 0..handoffs {
         let r = sup
@@ -117,13 +118,13 @@ fn main() {
             }
         }
         totals.push(r.total);
+        // Interleaved, so floor and handoff see the same machine state.
+        spawn.extend(spawn_floor(&demo, 1));
         if i % 10 == 9 {
             eprint!("{} ", i + 1);
         }
     }
     eprintln!();
-    // Floors measured after the handoffs too, so both see the same machine.
-    let mut spawn = spawn_floor(&demo, 50);
     let mut rtt = socketpair_rtt(10_000);
     let spawn_med = pct(&mut spawn, 0.5);
     let rtt_med = pct(&mut rtt, 0.5);
