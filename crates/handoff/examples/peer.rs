@@ -52,7 +52,14 @@ fn main() {
     match mode.as_str() {
         "good" | "unhealthy" => {
             let unhealthy = mode == "unhealthy";
-            let r = Boot::from_env(BootOptions::new("peer"))
+            let mut opts = BootOptions::new("peer");
+            if let Some(ms) = std::env::var("PEER_RECOVERY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                opts.recovery_wait = Duration::from_millis(ms);
+            }
+            let r = Boot::from_env(opts)
                 .and_then(|b| b.begin())
                 .and_then(|b| {
                     b.ready(move || {
@@ -64,9 +71,12 @@ fn main() {
                     })
                 })
                 .and_then(|inc| inc.serve(&mut Idle));
-            if let Err(e) = r {
-                eprintln!("peer[{pid}]: {e}");
-                std::process::exit(1);
+            match r {
+                Ok(retired) => println!("retired: {retired:?}"),
+                Err(e) => {
+                    eprintln!("peer[{pid}]: {e}");
+                    std::process::exit(1);
+                }
             }
         }
         other => {

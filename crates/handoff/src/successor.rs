@@ -59,6 +59,10 @@ pub struct BootOptions {
     pub control_path: Option<PathBuf>,
     pub versions: VersionRange,
     pub timeouts: Timeouts,
+    /// See [`ProcessConfig::lock_wait`].
+    pub lock_wait: Duration,
+    /// See [`ProcessConfig::recovery_wait`].
+    pub recovery_wait: Duration,
 }
 
 impl BootOptions {
@@ -69,6 +73,8 @@ impl BootOptions {
             control_path: None,
             versions: VersionRange::OURS,
             timeouts: Timeouts::from_env(),
+            lock_wait: Duration::from_secs(5),
+            recovery_wait: Duration::from_secs(10),
         }
     }
 }
@@ -99,6 +105,8 @@ impl Boot {
         let mut cfg = ProcessConfig::new(opts.build_id, state_dir, control_path);
         cfg.versions = opts.versions;
         cfg.timeouts = opts.timeouts;
+        cfg.lock_wait = opts.lock_wait;
+        cfg.recovery_wait = opts.recovery_wait;
         let role = match std::env::var("HANDOFF_ROLE").ok().as_deref() {
             None | Some("") | Some("initial") => StartRole::Initial,
             Some("successor") => StartRole::Successor,

@@ -612,3 +612,26 @@ fn full_handoff_then_peer_to_peer() {
     }
     assert_eq!(s.peers(), vec![r2.new_pid]);
 }
+
+#[test]
+fn one_handoff_at_a_time() {
+    let s = std::sync::Arc::new(setup());
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let t = fake_incumbent(&s.control, move |st| {
+        // Hold the first handoff in its greeting until told to go on.
+        entered_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+        drop(st);
+    });
+    let s2 = s.clone();
+    let first = std::thread::spawn(move || s2.handoff("good"));
+    entered_rx.recv().unwrap();
+    let second = s.handoff("good").unwrap_err();
+    assert!(matches!(second, HandoffError::InProgress), "{second}");
+    release_tx.send(()).unwrap();
+    // The first one fails (its incumbent hung up) but runs to its end.
+    assert!(first.join().unwrap().is_err());
+    t.join().unwrap();
+    s.assert_no_peer_left();
+}
