@@ -97,6 +97,48 @@ impl Channel {
         Ok(())
     }
 
+    /// Sends one message with `fds` attached (`SCM_RIGHTS`).
+    pub fn send_with_fds(
+        &self,
+        msg: &Message,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), FrameError> {
+        let bytes = self.encode(msg)?;
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        sys::fdpass::send_with_fds(&self.stream, &bytes, fds)?;
+        Ok(())
+    }
+
+    /// Receives one message and the descriptors attached to it.
+    pub fn recv_with_fds(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(Message, Vec<std::os::fd::OwnedFd>), FrameError> {
+        self.arm(Some(timeout))?;
+        let start = Instant::now();
+        let mut head = [0u8; frame::HEADER_LEN];
+        let (n, fds) = match sys::fdpass::recv_with_fds(&self.stream, &mut head) {
+            Ok(v) => v,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(FrameError::TimedOut {
+                    waited_ms: start.elapsed().as_millis() as u64,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Err(FrameError::Closed);
+        }
+        let mut reader = (&head[..n]).chain(&self.stream);
+        let f = Self::timed(start, frame::read_frame(&mut reader))?;
+        Ok((self.check(f)?, fds))
+    }
+
     /// A handle that can send from another thread (heartbeats).
     pub fn sender(&self) -> io::Result<Sender> {
         Ok(Sender {

@@ -11,6 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use crate::channel::Channel;
+use crate::crash;
 use crate::error::{ProcessError, ProtocolError};
 use crate::lock::StateLock;
 use crate::phase::{IncumbentPhase, Peer};
@@ -35,6 +36,8 @@ pub struct Incumbent {
     cfg: ProcessConfig,
     lock: Option<StateLock>,
     listener: UnixListener,
+    /// Copies of the passed listeners, for a supervisor that lost them.
+    kept: Vec<crate::listeners::Listener>,
 }
 
 enum Next {
@@ -43,11 +46,17 @@ enum Next {
 }
 
 impl Incumbent {
-    pub(crate) fn new(cfg: ProcessConfig, lock: StateLock, listener: UnixListener) -> Incumbent {
+    pub(crate) fn new(
+        cfg: ProcessConfig,
+        lock: StateLock,
+        listener: UnixListener,
+        kept: Vec<crate::listeners::Listener>,
+    ) -> Incumbent {
         Incumbent {
             cfg,
             lock: Some(lock),
             listener,
+            kept,
         }
     }
 
@@ -198,6 +207,25 @@ impl Incumbent {
                     Duration::from_millis(drain_grace_ms),
                 )
             }
+            Ok(Message::FetchListeners {}) => {
+                // A supervisor restarted after a crash wants the listeners
+                // back: hand over our copies (the kernel dups them into it).
+                let names = self.kept.iter().map(|l| l.name.clone()).collect();
+                let fds: Vec<_> = self
+                    .kept
+                    .iter()
+                    .map(|l| std::os::fd::AsFd::as_fd(&l.fd))
+                    .collect();
+                match chan.send_with_fds(&Message::Listeners { names }, &fds) {
+                    Ok(()) => {
+                        tracing::info!(target: "handoff::incumbent", count = fds.len(), "handed the listeners to a re-attaching supervisor")
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "handoff::incumbent", error = %e, "sending listeners")
+                    }
+                }
+                return Ok(Next::Continue);
+            }
             Ok(_) => unreachable!("phase table"),
             Err(e) => {
                 // Nothing was changed yet: the connection simply ends.
@@ -209,6 +237,7 @@ impl Incumbent {
 
         // Drain, heartbeating meanwhile.
         let hb = Heartbeat::start(chan.sender(), id, t.heartbeat);
+        crash::point("o-in-drain");
         let drained = service.drain(grace);
         hb.stop();
         let report = match drained {
@@ -229,6 +258,7 @@ impl Incumbent {
             self.resume(service)?;
             return Ok(Next::Continue);
         }
+        crash::point("o-after-drained");
 
         // Drained: wait for the seal request.
         match Self::recv(
@@ -263,6 +293,7 @@ impl Incumbent {
                 });
             }
         };
+        crash::point("o-in-seal");
         let sealed = service.seal(&mut progress);
         hb.stop();
         match sealed {
@@ -277,6 +308,7 @@ impl Incumbent {
                     tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "supervisor gone after seal");
                     return self.recover_after_seal(id, service);
                 }
+                crash::point("o-after-seal-complete");
             }
             Err(e) => {
                 tracing::error!(target: "handoff::incumbent", handoff_id = id, error = %e, "seal failed");
@@ -305,6 +337,7 @@ impl Incumbent {
             left(t.wire_slack) + self.cfg.lock_wait,
         ) {
             Ok(Message::Commit { .. }) => {
+                crash::point("o-after-commit");
                 service.retire();
                 Ok(Next::Retire(Retired::Committed { handoff_id: id }))
             }

@@ -31,6 +31,7 @@
 
 pub mod channel;
 pub mod child;
+pub mod crash;
 pub mod error;
 pub mod frame;
 pub mod incumbent;
@@ -41,6 +42,7 @@ pub mod phase;
 pub mod process;
 mod procinfo;
 pub mod protocol;
+pub mod recovery;
 pub mod spawn;
 pub mod successor;
 pub mod supervisor;
@@ -57,11 +59,10 @@ pub use lock::StateLock;
 pub use phase::SupervisorPhase;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
 pub use protocol::{HandoffId, Message, Role, VersionRange};
+pub use recovery::{reattach, resume_from_journal, Reattached, Recovery};
 pub use spawn::Program;
 pub use successor::{Begun, Boot, BootOptions, StartRole};
-pub use supervisor::{
-    resume_from_journal, HandoffOptions, PhaseDone, Recovery, Report, Supervisor, SupervisorConfig,
-};
+pub use supervisor::{HandoffOptions, PhaseDone, Report, Supervisor, SupervisorConfig};
 pub use timeouts::Timeouts;
 
 /// Peer credentials (for the admin socket of a supervisor binary).

@@ -88,6 +88,12 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// What a supervisor re-attaching after a crash accepts in reply to
+/// FetchListeners.
+pub fn reattach_allows(msg: &Message) -> bool {
+    matches!(msg, Message::Listeners { .. })
+}
+
 /// The incumbent's side of one control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IncumbentPhase {
@@ -120,7 +126,7 @@ impl IncumbentPhase {
         matches!(
             (self, msg),
             (P::Greeting, M::HelloAck { .. })
-                | (P::Idle, M::PrepareHandoff { .. })
+                | (P::Idle, M::PrepareHandoff { .. } | M::FetchListeners {})
                 | (
                     P::Drained,
                     M::SealRequest { .. } | M::ResumeAfterAbort { .. }

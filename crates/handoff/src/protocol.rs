@@ -170,6 +170,13 @@ pub enum Message {
     Heartbeat {
         handoff_id: HandoffId,
     },
+    /// From a supervisor restarted after a crash: send me the listeners.
+    FetchListeners {},
+    /// The incumbent's copies of the listeners, attached as `SCM_RIGHTS`,
+    /// in `names` order.
+    Listeners {
+        names: Vec<String>,
+    },
 }
 
 macro_rules! bodies {
@@ -217,6 +224,7 @@ macro_rules! bodies {
                 match tag {
                     0 => Ok(Message::Hello(strict::<Hello>("Hello", body)?)),
                     $( $tag => {
+                        #[allow(unused_variables)]
                         let b: body::$name = strict(stringify!($name), body)?;
                         Ok(Message::$name { $($field: b.$field),* })
                     } )*
@@ -241,6 +249,8 @@ bodies! {
     11 Abort { handoff_id: HandoffId, reason: String }
     12 ResumeAfterAbort { handoff_id: HandoffId }
     13 Heartbeat { handoff_id: HandoffId }
+    14 FetchListeners { }
+    15 Listeners { names: Vec<String> }
 }
 
 /// Decodes a body and insists that it used every byte: trailing garbage is a
@@ -266,7 +276,10 @@ impl Message {
     /// The handoff this message belongs to, if it is handoff-scoped.
     pub fn handoff_id(&self) -> Option<HandoffId> {
         match self {
-            Message::Hello(_) | Message::HelloAck { .. } => None,
+            Message::Hello(_)
+            | Message::HelloAck { .. }
+            | Message::FetchListeners {}
+            | Message::Listeners { .. } => None,
             Message::PrepareHandoff { handoff_id, .. }
             | Message::Drained { handoff_id, .. }
             | Message::SealRequest { handoff_id }
@@ -347,6 +360,10 @@ mod tests {
             },
             Message::ResumeAfterAbort { handoff_id: 7 },
             Message::Heartbeat { handoff_id: 7 },
+            Message::FetchListeners {},
+            Message::Listeners {
+                names: vec!["http".into(), "admin".into()],
+            },
         ]
     }
 

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::channel::Channel;
+use crate::crash;
 use crate::error::{ProcessError, ProtocolError};
 use crate::incumbent::Incumbent;
 use crate::listeners::{self, Listener};
@@ -85,6 +86,9 @@ pub struct Boot {
     cfg: ProcessConfig,
     role: StartRole,
     listeners: Vec<Listener>,
+    /// Our own copies of the passed listeners, kept for the life of the
+    /// process so a restarted supervisor can fetch them (FetchListeners).
+    kept: Vec<Listener>,
     chan: Option<Channel>,
 }
 
@@ -117,10 +121,22 @@ impl Boot {
             }
         };
         let listeners = listeners::take_from_env()?;
+        let kept = listeners
+            .iter()
+            .map(|l| {
+                Ok(Listener {
+                    name: l.name.clone(),
+                    fd: l.fd.try_clone().map_err(|e| {
+                        ProcessError::Env(format!("duplicating listener {}: {e}", l.name))
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>, ProcessError>>()?;
         let mut boot = Boot {
             cfg,
             role,
             listeners,
+            kept,
             chan: None,
         };
         if role == StartRole::Successor {
@@ -141,6 +157,7 @@ impl Boot {
         });
         chan.send_with_credentials(&hello)
             .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))?;
+        crash::point("n-after-hello");
         let msg = recv(&mut chan, phase, None, Some(self.cfg.timeouts.hello))?;
         let Message::HelloAck { version } = msg else {
             unreachable!("phase table")
@@ -190,7 +207,9 @@ impl Boot {
                 Err(e) => return Err(e.into()),
             },
         };
+        crash::point("n-after-begin");
         let lock = StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait)?;
+        crash::point("n-after-lock");
         tracing::info!(target: "handoff::successor", handoff_id, "began: state lock taken");
         Ok(Begun {
             cfg: self.cfg,
@@ -198,7 +217,7 @@ impl Boot {
             chan: self.chan,
             handoff_id,
             state,
-            listener_names: self.listeners.iter().map(|l| l.name.clone()).collect(),
+            kept: self.kept,
         })
     }
 }
@@ -211,7 +230,7 @@ pub struct Begun {
     chan: Option<Channel>,
     handoff_id: HandoffId,
     state: Option<Vec<u8>>,
-    listener_names: Vec<String>,
+    kept: Vec<Listener>,
 }
 
 impl Begun {
@@ -246,7 +265,7 @@ impl Begun {
             })?;
         let Some(mut chan) = self.chan else {
             health().map_err(|e| ProcessError::Service(format!("health check failed: {e}")))?;
-            return Ok(Incumbent::new(self.cfg, self.lock, listener));
+            return Ok(Incumbent::new(self.cfg, self.lock, listener, self.kept));
         };
         let id = self.handoff_id;
         let hb = Heartbeat::start(chan.sender(), id, self.cfg.timeouts.heartbeat);
@@ -258,11 +277,12 @@ impl Begun {
         }
         let ready = Message::Ready {
             handoff_id: id,
-            listening_on: self.listener_names.clone(),
+            listening_on: self.kept.iter().map(|l| l.name.clone()).collect(),
             healthz_ok: healthy.is_ok(),
             metadata,
         };
         let phase = SuccessorPhase::AwaitCommit;
+        crash::point("n-before-ready");
         if let Err(e) = chan.send(&ready) {
             // Ready never left: the supervisor is gone and we are not the
             // incumbent. Exiting releases the lock for the old one.
@@ -273,6 +293,7 @@ impl Begun {
                 e.into()
             });
         }
+        crash::point("n-after-ready");
         if let Err(e) = healthy {
             return Err(ProcessError::Service(format!("health check failed: {e}")));
         }
@@ -292,7 +313,7 @@ impl Begun {
             }
         }
         tracing::info!(target: "handoff::successor", handoff_id = id, "committed: now the incumbent");
-        Ok(Incumbent::new(self.cfg, self.lock, listener))
+        Ok(Incumbent::new(self.cfg, self.lock, listener, self.kept))
     }
 }
 

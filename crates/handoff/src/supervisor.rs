@@ -16,12 +16,13 @@
 
 use std::ffi::OsStr;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::channel::Channel;
 use crate::child::Child;
+use crate::crash;
 use crate::error::{HandoffError, ProtocolError};
 use crate::frame::FrameError;
 use crate::journal::{now_ms, Journal, JournalRecord, JournalWriter};
@@ -378,7 +379,9 @@ impl<'a, 'o> Run<'a, 'o> {
                 state,
             })
             .map_err(|e| ProtocolError::frame(Peer::Successor, "begin", e))?;
+        crash::point("s-after-begin");
         let ready = self.recv_phase(Peer::Successor, self.remaining())?;
+        crash::point("s-after-ready");
         let Message::Ready {
             healthz_ok,
             metadata,
@@ -446,12 +449,14 @@ impl<'a, 'o> Run<'a, 'o> {
             }
             Err(e) => return Err(ProtocolError::frame(Peer::Incumbent, "hello", e).into()),
         };
+        crash::point("s-after-incumbent-hello");
         let expected_pid = self.old.as_ref().map(Child::pid);
         self.check_hello(&hello, Role::Incumbent, kernel.pid, expected_pid)?;
         let v = negotiate(self.sup.cfg.versions, hello.range(), Role::Incumbent)
             .map_err(|e| ProtocolError::NoCommonVersion(e, "hello"))?;
         chan.send(&Message::HelloAck { version: v })
             .map_err(|e| ProtocolError::frame(Peer::Incumbent, "hello", e))?;
+        crash::point("s-after-incumbent-helloack");
         chan.set_version(v);
         self.o = Some(chan);
         Ok(())
@@ -521,6 +526,7 @@ impl<'a, 'o> Run<'a, 'o> {
             ],
         )?;
         drop(theirs);
+        crash::point("s-after-spawn");
         self.record.successor_pid = Some(child.pid());
         let pid = child.pid();
         self.n = Some(Successor {
@@ -541,6 +547,7 @@ impl<'a, 'o> Run<'a, 'o> {
                 )))
             }
         };
+        crash::point("s-after-successor-hello");
         let Message::Hello(hello) = msg else {
             return Err(ProtocolError::Unexpected {
                 peer: Peer::Successor,
@@ -568,6 +575,7 @@ impl<'a, 'o> Run<'a, 'o> {
         let chan = self.n_chan();
         chan.send(&Message::HelloAck { version: v })
             .map_err(|e| ProtocolError::frame(Peer::Successor, "hello", e))?;
+        crash::point("s-after-successor-helloack");
         chan.set_version(v);
         Ok(())
     }
@@ -602,7 +610,9 @@ impl<'a, 'o> Run<'a, 'o> {
             })
             .map_err(|e| ProtocolError::frame(Peer::Incumbent, "draining", e))?;
         self.prepared = true;
+        crash::point("s-after-prepare");
         self.recv_phase(Peer::Incumbent, grace)?;
+        crash::point("s-after-drained");
 
         self.enter(SupervisorPhase::Sealing)?;
         self.o
@@ -610,7 +620,10 @@ impl<'a, 'o> Run<'a, 'o> {
             .expect("connected")
             .send(&Message::SealRequest { handoff_id: id })
             .map_err(|e| ProtocolError::frame(Peer::Incumbent, "sealing", e))?;
-        match self.recv_phase(Peer::Incumbent, self.remaining())? {
+        crash::point("s-after-seal-request");
+        let sealed = self.recv_phase(Peer::Incumbent, self.remaining())?;
+        crash::point("s-after-sealed");
+        match sealed {
             Message::SealComplete { state, .. } => Ok(state),
             Message::SealFailed { error, .. } => Err(HandoffError::SealFailed { reason: error }),
             _ => unreachable!("phase table admits only seal outcomes here"),
@@ -711,6 +724,7 @@ impl<'a, 'o> Run<'a, 'o> {
         if let Err(e) = n.chan.send(&Message::Commit { handoff_id: id }) {
             warnings.push(format!("the new incumbent did not get Commit ({e})"));
         }
+        crash::point("s-after-commit");
         let new_pid = n.child.pid();
         let old_pid = self.old.as_ref().map(Child::pid);
         {
@@ -793,77 +807,6 @@ impl<'a, 'o> Run<'a, 'o> {
             cause: Box::new(cause),
             incumbent_resumed: resumed,
         }
-    }
-}
-
-/// What `resume_from_journal` found and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recovery {
-    pub record: JournalRecord,
-    /// The process now owning the control socket, if any.
-    pub incumbent_pid: Option<u32>,
-    /// An orphaned successor that never became the incumbent and was killed.
-    pub killed_successor: Option<u32>,
-}
-
-/// For a supervisor restarted after a crash: reads the journal once, finds
-/// which process owns the control socket now (that is the incumbent: only
-/// the state-lock holder binds it), kills an orphaned successor that never
-/// became the incumbent, and clears the journal.
-///
-/// `settle` bounds how long to wait for some process to own the control
-/// socket (a successor that sent Ready, or an incumbent re-binding after
-/// losing its supervisor, may be about to bind it).
-///
-/// Returns `Ok(None)` when no handoff was in flight.
-pub fn resume_from_journal(
-    state_dir: &Path,
-    control_path: &Path,
-    settle: Duration,
-) -> Result<Option<Recovery>, HandoffError> {
-    let journal = Journal::new(state_dir);
-    let Some(record) = journal.read()? else {
-        return Ok(None);
-    };
-    let deadline = Instant::now() + settle;
-    let incumbent_pid = loop {
-        let owner = UnixStream::connect(control_path)
-            .ok()
-            .and_then(|s| sys::peer_credentials(&s).ok())
-            .and_then(|c| c.pid);
-        if owner.is_some() || Instant::now() >= deadline {
-            break owner;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut killed_successor = None;
-    if let Some(n) = record.successor_pid {
-        if Some(n) != incumbent_pid
-            && process_started_after(n, record.started_at)
-            && sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok()
-        {
-            killed_successor = Some(n);
-        }
-    }
-    journal.clear()?;
-    tracing::info!(target: "handoff::recovery", handoff_id = record.handoff_id, phase = record.phase.name(), ?incumbent_pid, ?killed_successor);
-    Ok(Some(Recovery {
-        record,
-        incumbent_pid,
-        killed_successor,
-    }))
-}
-
-/// Pid-reuse guard: is `pid` alive and did it start no earlier than the
-/// handoff (within a second)? Only then can it be the successor we spawned.
-fn process_started_after(pid: u32, started_at_ms: u64) -> bool {
-    if !crate::procinfo::exists(pid) || crate::procinfo::is_zombie(pid) {
-        return false;
-    }
-    match crate::procinfo::start_time_ms(pid) {
-        Some(t) => t + 1000 >= started_at_ms,
-        // Cannot tell (non-Linux): trust the journal.
-        None => true,
     }
 }
 

@@ -96,3 +96,62 @@ fn recycled_pid_is_not_killed() {
     assert!(bystander.try_exit().is_none());
     assert!(bystander.kill_and_reap(Duration::from_secs(10)).is_some());
 }
+
+/// A supervisor that lost everything (its process died) gets the listeners
+/// back from the incumbent, adopts it, and can hand off again.
+#[test]
+fn reattach_fetches_listeners_and_hands_off_again() {
+    use handoff::{reattach, HandoffOptions, Listener, Program, Supervisor, SupervisorConfig};
+    use std::net::TcpListener;
+    let peer = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("peer");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = SupervisorConfig::new(&state, dir.path().join("control.sock"));
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let tag = format!("reattach-{}", std::process::id());
+    let program = Program::new(&peer).arg("good").arg(&tag);
+
+    let first = Supervisor::new(
+        cfg.clone(),
+        vec![Listener {
+            name: "http".into(),
+            fd: tcp.into(),
+        }],
+    )
+    .unwrap();
+    let r = first.start(&program, &mut |_| {}).unwrap();
+    let incumbent = first.incumbent().unwrap();
+    // The supervisor "crashes": its listener copies are gone with it.
+    drop(first);
+
+    let back = reattach(&cfg, Duration::from_secs(5))
+        .unwrap()
+        .expect("an incumbent to re-attach to");
+    assert_eq!(back.pid, r.new_pid);
+    assert_eq!(back.build_id, "peer");
+    assert_eq!(back.listeners.len(), 1);
+    assert_eq!(back.listeners[0].name, "http");
+    let l = TcpListener::from(back.listeners[0].fd.try_clone().unwrap());
+    assert_eq!(l.local_addr().unwrap(), addr, "not the same socket");
+
+    let second = Supervisor::new(cfg, back.listeners).unwrap();
+    second.adopt_incumbent(back.pid, &back.build_id).unwrap();
+    let r2 = second
+        .perform_handoff(&program, HandoffOptions::default(), &mut |_| {})
+        .unwrap();
+    assert_eq!(r2.old_pid, Some(r.new_pid));
+    // The old incumbent retires (it is still the first supervisor's child:
+    // our reaper thread for it collects it).
+    assert!(incumbent.wait_timeout(Duration::from_secs(10)).is_some());
+    let newest = second.incumbent().unwrap();
+    assert!(newest.kill_and_reap(Duration::from_secs(10)).is_some());
+}

@@ -7,6 +7,7 @@
 
 pub mod creds;
 pub mod exec;
+pub mod fdpass;
 pub mod wait;
 
 pub use creds::{peer_credentials, recv_with_credentials, send_with_credentials, PeerCred};

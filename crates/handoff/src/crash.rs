@@ -1,0 +1,134 @@
+//! Fault injection: named points at exact protocol steps where a test can
+//! make this process die as abruptly as `kill -9` would (DESIGN §7).
+//!
+//! Compiled in only with the `crash-points` cargo feature; without it
+//! [`point`] is an empty inline function. With it, the process dies at the
+//! point named by `HANDOFF_CRASH_AT` (read once): SIGKILL to itself — no
+//! destructors, no flushing, no unwinding, exactly like an OOM kill.
+//!
+//! Names are prefixed by role (`s-`, `o-`, `n-`), so one variable inherited
+//! by every process of a service only ever fires in the role it names.
+
+/// Every crash point, with the survivor the crash matrix expects and what
+/// brings the service back to exactly one healthy incumbent.
+pub const POINTS: &[CrashPoint] = &[
+    CrashPoint::new("s-after-incumbent-hello", Survivor::Old, "incumbent never prepared: keeps serving; successor (not spawned yet)"),
+    CrashPoint::new("s-after-incumbent-helloack", Survivor::Old, "incumbent sees EOF before PrepareHandoff and keeps serving"),
+    CrashPoint::new("s-after-spawn", Survivor::Old, "successor sees EOF in its greeting and exits; incumbent untouched"),
+    CrashPoint::new("s-after-successor-hello", Survivor::Old, "successor sees EOF and exits; incumbent untouched"),
+    CrashPoint::new("s-after-successor-helloack", Survivor::Old, "successor sees EOF waiting for Begin and exits"),
+    CrashPoint::new("s-after-prepare", Survivor::Old, "incumbent finishes draining, finds the supervisor gone, resumes; successor exits on EOF"),
+    CrashPoint::new("s-after-drained", Survivor::Old, "incumbent (drained) sees EOF and resumes; successor exits on EOF"),
+    CrashPoint::new("s-after-seal-request", Survivor::Old, "incumbent seals, then finds the supervisor gone and re-takes the free state lock"),
+    CrashPoint::new("s-after-sealed", Survivor::Old, "incumbent (sealed) re-takes the state lock; successor never got Begin and exits"),
+    CrashPoint::new("s-after-begin", Survivor::Old, "successor's Ready hits a closed socket: it exits, releasing the lock, which the incumbent re-takes"),
+    CrashPoint::new("s-after-ready", Survivor::New, "successor said Ready: it is the incumbent; the old one cannot re-take the lock and retires"),
+    CrashPoint::new("s-after-commit", Survivor::New, "committed: the old process retires, the new one serves"),
+    CrashPoint::new("o-in-drain", Survivor::New, "incumbent died: the supervisor continues with the successor (the kernel released the lock)"),
+    CrashPoint::new("o-after-drained", Survivor::New, "incumbent died: the supervisor continues with the successor"),
+    CrashPoint::new("o-in-seal", Survivor::New, "incumbent died mid-seal: the supervisor continues with the successor"),
+    CrashPoint::new("o-after-seal-complete", Survivor::New, "incumbent died after sealing: the handoff goes on to Ready and Commit"),
+    CrashPoint::new("o-after-commit", Survivor::New, "the old process died while retiring: nothing to do"),
+    CrashPoint::new("n-after-hello", Survivor::Old, "supervisor aborts: successor reaped, incumbent never drained"),
+    CrashPoint::new("n-after-begin", Survivor::Old, "supervisor aborts: incumbent told to resume, re-takes the lock"),
+    CrashPoint::new("n-after-lock", Survivor::Old, "supervisor aborts: the kernel released the dead successor's lock; incumbent re-takes it"),
+    CrashPoint::new("n-before-ready", Survivor::Old, "supervisor aborts; incumbent resumes and re-binds the control socket"),
+    CrashPoint::new("n-after-ready", Survivor::Restarted, "committed to a process that then died: the supervisor restarts the service"),
+];
+
+/// Which process serves once the dust settles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Survivor {
+    /// The incumbent of before the handoff.
+    Old,
+    /// The successor.
+    New,
+    /// Neither: a fresh process started by the supervisor's crash restart.
+    Restarted,
+}
+
+/// One named point.
+#[derive(Debug, Clone, Copy)]
+pub struct CrashPoint {
+    pub name: &'static str,
+    pub survivor: Survivor,
+    pub recovery: &'static str,
+}
+
+impl CrashPoint {
+    const fn new(name: &'static str, survivor: Survivor, recovery: &'static str) -> CrashPoint {
+        CrashPoint {
+            name,
+            survivor,
+            recovery,
+        }
+    }
+}
+
+/// Dies here if `HANDOFF_CRASH_AT` names this point.
+#[cfg(feature = "crash-points")]
+pub fn point(name: &'static str) {
+    use std::sync::OnceLock;
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("HANDOFF_CRASH_AT").ok());
+    if armed.as_deref() == Some(name) {
+        debug_assert!(
+            POINTS.iter().any(|p| p.name == name),
+            "unlisted crash point {name}"
+        );
+        // Straight to stderr (unbuffered) so test logs say why we died.
+        eprintln!(
+            "handoff[{}]: crash point {name}: SIGKILL",
+            std::process::id()
+        );
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        // SIGKILL cannot be caught; if raise somehow failed, still never
+        // run another line of protocol.
+        std::process::abort();
+    }
+}
+
+/// Without the `crash-points` feature: nothing at all.
+#[cfg(not(feature = "crash-points"))]
+#[inline(always)]
+pub fn point(_name: &'static str) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_role_prefixed() {
+        let mut seen = std::collections::HashSet::new();
+        for p in POINTS {
+            assert!(seen.insert(p.name), "duplicate {}", p.name);
+            assert!(
+                ["s-", "o-", "n-"].iter().any(|r| p.name.starts_with(r)),
+                "{}",
+                p.name
+            );
+        }
+        assert!(POINTS.len() >= 22);
+    }
+
+    /// Every listed point is placed in the code exactly once.
+    #[test]
+    fn every_point_is_placed() {
+        let src = [
+            include_str!("supervisor.rs"),
+            include_str!("incumbent.rs"),
+            include_str!("successor.rs"),
+        ]
+        .concat();
+        for p in POINTS {
+            let needle = format!("crash::point(\"{}\")", p.name);
+            assert_eq!(
+                src.matches(&needle).count(),
+                1,
+                "{} placed {} times",
+                p.name,
+                src.matches(&needle).count()
+            );
+        }
+    }
+}

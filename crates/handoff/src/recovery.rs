@@ -1,0 +1,226 @@
+//! What a supervisor restarted after a crash does (DESIGN §6): settle the
+//! journal its predecessor left, find the incumbent, and get the listening
+//! sockets back from it.
+//!
+//! The listeners survive a supervisor crash because every service process
+//! holds its own copies (the fds it was spawned with). The incumbent keeps
+//! them open for exactly this reason and hands them over on FetchListeners,
+//! as `SCM_RIGHTS`; no connection is refused meanwhile, since some process
+//! always has the listening sockets open and the kernel keeps queueing.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::channel::Channel;
+use crate::error::{HandoffError, ProtocolError};
+use crate::journal::{Journal, JournalRecord};
+use crate::listeners::Listener;
+use crate::phase::{self, Peer};
+use crate::protocol::{negotiate, Message, Role, VersionRange};
+use crate::supervisor::SupervisorConfig;
+use crate::sys;
+
+/// What `resume_from_journal` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub record: JournalRecord,
+    /// The process now owning the control socket, if any.
+    pub incumbent_pid: Option<u32>,
+    /// An orphaned successor that never became the incumbent and was killed.
+    pub killed_successor: Option<u32>,
+}
+
+/// For a supervisor restarted after a crash: reads the journal once, finds
+/// which process owns the control socket now (that is the incumbent: only
+/// the state-lock holder binds it), kills an orphaned successor that never
+/// became the incumbent, and clears the journal.
+///
+/// `settle` bounds how long to wait for some process to own the control
+/// socket (a successor that sent Ready, or an incumbent re-binding after
+/// losing its supervisor, may be about to bind it).
+///
+/// Returns `Ok(None)` when no handoff was in flight.
+pub fn resume_from_journal(
+    state_dir: &Path,
+    control_path: &Path,
+    settle: Duration,
+) -> Result<Option<Recovery>, HandoffError> {
+    let journal = Journal::new(state_dir);
+    let Some(record) = journal.read()? else {
+        return Ok(None);
+    };
+    let deadline = Instant::now() + settle;
+    let incumbent_pid = loop {
+        let owner = UnixStream::connect(control_path)
+            .ok()
+            .and_then(|s| sys::peer_credentials(&s).ok())
+            .and_then(|c| c.pid);
+        if owner.is_some() || Instant::now() >= deadline {
+            break owner;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut killed_successor = None;
+    if let Some(n) = record.successor_pid {
+        if Some(n) != incumbent_pid
+            && process_started_after(n, record.started_at)
+            && sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok()
+        {
+            killed_successor = Some(n);
+        }
+    }
+    journal.clear()?;
+    tracing::info!(target: "handoff::recovery", handoff_id = record.handoff_id, phase = record.phase.name(), ?incumbent_pid, ?killed_successor);
+    Ok(Some(Recovery {
+        record,
+        incumbent_pid,
+        killed_successor,
+    }))
+}
+
+/// Pid-reuse guard: is `pid` alive and did it start no earlier than the
+/// handoff (within a second)? Only then can it be the successor we spawned.
+fn process_started_after(pid: u32, started_at_ms: u64) -> bool {
+    if !crate::procinfo::exists(pid) || crate::procinfo::is_zombie(pid) {
+        return false;
+    }
+    match crate::procinfo::start_time_ms(pid) {
+        Some(t) => t + 1000 >= started_at_ms,
+        // Cannot tell (non-Linux): trust the journal.
+        None => true,
+    }
+}
+
+/// An incumbent found alive by a restarted supervisor, with its listeners.
+#[derive(Debug)]
+pub struct Reattached {
+    pub pid: u32,
+    pub build_id: String,
+    pub listeners: Vec<Listener>,
+}
+
+/// Finds the process serving the control socket and takes copies of its
+/// listeners. Retries until `settle` passes: right after a crash the
+/// incumbent may be re-taking the state lock, or a successor that bound the
+/// socket may be about to exit. Only a process that answers with an
+/// incumbent's Hello counts.
+///
+/// Returns `Ok(None)` when nobody answers within `settle`.
+pub fn reattach(
+    cfg: &SupervisorConfig,
+    settle: Duration,
+) -> Result<Option<Reattached>, HandoffError> {
+    let deadline = Instant::now() + settle;
+    loop {
+        let err = match try_reattach(cfg, &cfg.control_path, cfg.versions) {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            tracing::info!(target: "handoff::recovery", error = %err, "no incumbent to re-attach to");
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn try_reattach(
+    cfg: &SupervisorConfig,
+    path: &Path,
+    versions: VersionRange,
+) -> Result<Reattached, HandoffError> {
+    let phase = "re-attaching";
+    let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let kernel = sys::peer_credentials(&stream)
+        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, e.into()))?;
+    let ours = nix::unistd::geteuid().as_raw();
+    if kernel.uid != ours && kernel.uid != 0 {
+        return Err(ProtocolError::WrongUid {
+            peer: Peer::Incumbent,
+            phase,
+            uid: kernel.uid,
+            ours,
+        }
+        .into());
+    }
+    let mut chan = Channel::new(stream);
+    // Short: a bound-but-not-yet-serving successor never answers.
+    let hello_wait = cfg.timeouts.hello.min(Duration::from_secs(1));
+    let hello = match chan.recv(Some(hello_wait)) {
+        Ok(Message::Hello(h)) => h,
+        Ok(m) => {
+            return Err(ProtocolError::Unexpected {
+                peer: Peer::Incumbent,
+                phase,
+                message: m.name(),
+            }
+            .into())
+        }
+        Err(e) => return Err(ProtocolError::frame(Peer::Incumbent, phase, e).into()),
+    };
+    if hello.role != Role::Incumbent {
+        return Err(ProtocolError::WrongRole {
+            phase,
+            expected: Role::Incumbent,
+            found: hello.role,
+        }
+        .into());
+    }
+    if let Some(k) = kernel.pid {
+        if k != hello.pid {
+            return Err(ProtocolError::PidMismatch {
+                peer: Peer::Incumbent,
+                phase,
+                announced: hello.pid,
+                kernel: k,
+            }
+            .into());
+        }
+    }
+    let v = negotiate(versions, hello.range(), Role::Incumbent)
+        .map_err(|e| ProtocolError::NoCommonVersion(e, phase))?;
+    chan.send(&Message::HelloAck { version: v })
+        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, e))?;
+    chan.set_version(v);
+    chan.send(&Message::FetchListeners {})
+        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, e))?;
+    let (msg, fds) = chan
+        .recv_with_fds(cfg.timeouts.hello)
+        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, e))?;
+    if !phase::reattach_allows(&msg) {
+        return Err(ProtocolError::Unexpected {
+            peer: Peer::Incumbent,
+            phase,
+            message: msg.name(),
+        }
+        .into());
+    }
+    let Message::Listeners { names } = msg else {
+        unreachable!("phase table admits only Listeners")
+    };
+    if names.len() != fds.len() {
+        return Err(ProtocolError::frame(
+            Peer::Incumbent,
+            phase,
+            crate::frame::FrameError::Malformed {
+                message: "Listeners",
+                reason: format!("{} names but {} descriptors", names.len(), fds.len()),
+            },
+        )
+        .into());
+    }
+    let listeners = names
+        .into_iter()
+        .zip(fds)
+        .map(|(name, fd)| Listener { name, fd })
+        .collect();
+    Ok(Reattached {
+        pid: hello.pid,
+        build_id: hello.build_id,
+        listeners,
+    })
+}
