@@ -115,7 +115,7 @@ mod tests {
     #[test]
     fn every_point_is_placed() {
         let src = [
-            include_str!("supervisor.rs"),
+            include_str!("supervisor/handoff.rs"),
             include_str!("incumbent.rs"),
             include_str!("successor.rs"),
         ]

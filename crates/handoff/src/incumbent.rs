@@ -38,6 +38,9 @@ pub struct Incumbent {
     listener: UnixListener,
     /// Copies of the passed listeners, for a supervisor that lost them.
     kept: Vec<crate::listeners::Listener>,
+    /// Connections taken over from a replaced control socket, served before
+    /// the next accept.
+    queued: Vec<UnixStream>,
 }
 
 enum Next {
@@ -57,6 +60,7 @@ impl Incumbent {
             lock: Some(lock),
             listener,
             kept,
+            queued: vec![],
         }
     }
 
@@ -68,8 +72,13 @@ impl Incumbent {
     /// calling thread: run it on a thread of its own.
     pub fn serve<D: Drainable>(mut self, service: &mut D) -> Result<Retired, ProcessError> {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
+            let next = if self.queued.is_empty() {
+                self.listener.accept().map(|(s, _)| s)
+            } else {
+                Ok(self.queued.remove(0))
+            };
+            let stream = match next {
+                Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(source) => {
                     return Err(ProcessError::ControlSocket {
@@ -386,11 +395,23 @@ impl Incumbent {
         service: &mut D,
     ) -> Result<(), ProcessError> {
         self.lock = Some(lock);
-        self.listener =
+        let fresh =
             bind_control(&self.cfg.control_path).map_err(|source| ProcessError::ControlSocket {
                 path: self.cfg.control_path.clone(),
                 source,
             })?;
+        let old = std::mem::replace(&mut self.listener, fresh);
+        // A supervisor may have connected to the old socket just before the
+        // rename: dropping it would reset that connection. The rename is
+        // done, so nothing new can reach the old socket; take what is
+        // queued there and serve it first.
+        if old.set_nonblocking(true).is_ok() {
+            while let Ok((s, _)) = old.accept() {
+                if s.set_nonblocking(false).is_ok() {
+                    self.queued.push(s);
+                }
+            }
+        }
         self.resume(service)
     }
 

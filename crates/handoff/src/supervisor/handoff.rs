@@ -1,221 +1,22 @@
-//! The supervisor role: owns the listeners, spawns successors, drives each
-//! handoff and journals it (DESIGN §2, §5, §6).
-//!
-//! ```text
-//! S -> O  connect(control socket); O: Hello; S: HelloAck
-//! S       socketpair(); spawn N with listeners + control fd; N: Hello; S: HelloAck
-//! S -> O  PrepareHandoff            O -> S  Heartbeat* Drained
-//! S -> O  SealRequest               O -> S  SealProgress* SealComplete | SealFailed
-//! S -> N  Begin                     N -> S  Heartbeat* Ready
-//! S -> O,N Commit
-//! ```
-//!
-//! Any failure before Ready kills and reaps the successor and tells the
-//! incumbent to resume. After Ready the successor is the incumbent whatever
-//! happens next.
+//! One handoff in flight: the supervisor's side of the protocol, phase by
+//! phase, with the journal, the two clocks, and the abort path.
 
 use std::ffi::OsStr;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::{HandoffOptions, PhaseDone, Report, Supervisor};
 use crate::channel::Channel;
 use crate::child::Child;
 use crate::crash;
 use crate::error::{HandoffError, ProtocolError};
 use crate::frame::FrameError;
-use crate::journal::{now_ms, Journal, JournalRecord, JournalWriter};
-use crate::listeners::Listener;
+use crate::journal::{now_ms, JournalRecord};
 use crate::phase::{Peer, SupervisorPhase};
-use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
+use crate::protocol::{negotiate, HandoffId, Hello, Message, Role};
 use crate::spawn::{spawn_service, Program};
 use crate::sys;
 use crate::timeouts::{PhaseClock, Timeouts};
-
-/// How the supervisor is set up.
-#[derive(Debug, Clone)]
-pub struct SupervisorConfig {
-    /// Where the service keeps its state lock; also holds the journal.
-    pub state_dir: PathBuf,
-    /// Path of the incumbent's control socket.
-    pub control_path: PathBuf,
-    pub timeouts: Timeouts,
-    pub versions: VersionRange,
-}
-
-impl SupervisorConfig {
-    pub fn new(state_dir: impl Into<PathBuf>, control_path: impl Into<PathBuf>) -> Self {
-        SupervisorConfig {
-            state_dir: state_dir.into(),
-            control_path: control_path.into(),
-            timeouts: Timeouts::default(),
-            versions: VersionRange::OURS,
-        }
-    }
-}
-
-/// Per-handoff overrides of the configured timeouts.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HandoffOptions {
-    pub deadline: Option<Duration>,
-    pub drain_grace: Option<Duration>,
-}
-
-/// One phase as it completed, reported to the observer as it happens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PhaseDone {
-    pub phase: SupervisorPhase,
-    pub took: Duration,
-}
-
-/// What a committed handoff did.
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub handoff_id: HandoffId,
-    pub old_pid: Option<u32>,
-    pub new_pid: u32,
-    pub new_build_id: String,
-    pub phases: Vec<PhaseDone>,
-    pub total: Duration,
-    /// Problems after Ready that did not change the outcome (e.g. the old
-    /// process vanished before it got Commit).
-    pub warnings: Vec<String>,
-}
-
-// `total` runs from the request to the moment both processes have been sent
-// Commit; the journal is cleared (durably) after that, before
-// `perform_handoff` returns.
-
-#[derive(Debug, Default)]
-struct Processes {
-    incumbent: Option<Child>,
-    incumbent_build: String,
-    /// Old incumbents finishing their connections; reaped as they exit.
-    retiring: Vec<Child>,
-}
-
-/// Drives handoffs for one service.
-///
-/// # Example
-///
-/// ```no_run
-/// use handoff::{Supervisor, SupervisorConfig, Program, HandoffOptions};
-/// use handoff::listeners::Listener;
-/// use std::net::TcpListener;
-///
-/// let tcp = TcpListener::bind("127.0.0.1:0")?;
-/// let listeners = vec![Listener { name: "http".into(), fd: tcp.into() }];
-/// let sup = Supervisor::new(SupervisorConfig::new("/var/lib/svc", "/run/svc/control.sock"), listeners)?;
-/// let program = Program::new("/usr/local/bin/my-service");
-/// sup.start(&program, &mut |p| println!("{} {:?}", p.phase, p.took))?;
-/// // ... later, after replacing the binary on disk:
-/// let report = sup.perform_handoff(&program, HandoffOptions::default(), &mut |_| {})?;
-/// println!("now serving: pid {}", report.new_pid);
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub struct Supervisor {
-    cfg: SupervisorConfig,
-    listeners: Vec<Listener>,
-    journal: JournalWriter,
-    busy: Mutex<()>,
-    procs: Mutex<Processes>,
-}
-
-impl Supervisor {
-    /// Fails only if the journal's writer thread cannot be started.
-    pub fn new(cfg: SupervisorConfig, listeners: Vec<Listener>) -> std::io::Result<Supervisor> {
-        let journal = JournalWriter::new(Journal::new(&cfg.state_dir))?;
-        Ok(Supervisor {
-            cfg,
-            listeners,
-            journal,
-            busy: Mutex::new(()),
-            procs: Mutex::new(Processes::default()),
-        })
-    }
-
-    pub fn config(&self) -> &SupervisorConfig {
-        &self.cfg
-    }
-
-    pub fn listeners(&self) -> &[Listener] {
-        &self.listeners
-    }
-
-    pub fn journal(&self) -> &Journal {
-        self.journal.journal()
-    }
-
-    fn procs(&self) -> MutexGuard<'_, Processes> {
-        self.procs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Pid of the current incumbent, if one is running.
-    pub fn incumbent_pid(&self) -> Option<u32> {
-        let p = self.procs();
-        p.incumbent
-            .as_ref()
-            .filter(|c| c.try_exit().is_none())
-            .map(Child::pid)
-    }
-
-    /// The incumbent's child handle (for waiting on it or signalling it).
-    pub fn incumbent(&self) -> Option<Child> {
-        self.procs().incumbent.clone()
-    }
-
-    pub fn incumbent_build(&self) -> String {
-        self.procs().incumbent_build.clone()
-    }
-
-    /// Old incumbents still finishing their connections.
-    pub fn retiring_pids(&self) -> Vec<u32> {
-        let mut p = self.procs();
-        p.retiring.retain(|c| c.try_exit().is_none());
-        p.retiring.iter().map(Child::pid).collect()
-    }
-
-    /// Takes on an incumbent that this supervisor did not spawn — one left
-    /// serving by a previous supervisor — so the next handoff starts from
-    /// it. Its liveness is watched by polling (it is not our child).
-    pub fn adopt_incumbent(&self, pid: u32, build_id: &str) -> std::io::Result<()> {
-        let c = Child::adopt_foreign(pid)?;
-        let mut p = self.procs();
-        if let Some(old) = p.incumbent.replace(c) {
-            p.retiring.push(old);
-        }
-        p.incumbent_build = build_id.to_string();
-        Ok(())
-    }
-
-    /// Starts the first incumbent: a handoff from nobody.
-    pub fn start(
-        &self,
-        program: &Program,
-        observer: &mut dyn FnMut(PhaseDone),
-    ) -> Result<Report, HandoffError> {
-        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
-        Run::new(self, HandoffOptions::default(), observer, false).execute(program)
-    }
-
-    /// Replaces the incumbent with a fresh process of `program`.
-    ///
-    /// Only one handoff runs at a time; a concurrent call gets
-    /// [`HandoffError::InProgress`] at once.
-    pub fn perform_handoff(
-        &self,
-        program: &Program,
-        opts: HandoffOptions,
-        observer: &mut dyn FnMut(PhaseDone),
-    ) -> Result<Report, HandoffError> {
-        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
-        if self.incumbent_pid().is_none() {
-            return Err(HandoffError::NoIncumbent);
-        }
-        Run::new(self, opts, observer, true).execute(program)
-    }
-}
 
 /// Fresh handoff id: random enough to never repeat across restarts.
 fn new_handoff_id() -> HandoffId {
@@ -232,7 +33,7 @@ struct Successor {
 }
 
 /// One handoff in flight.
-struct Run<'a, 'o> {
+pub(super) struct Run<'a, 'o> {
     sup: &'a Supervisor,
     t: Timeouts,
     observer: &'o mut dyn FnMut(PhaseDone),
@@ -253,7 +54,7 @@ struct Run<'a, 'o> {
 }
 
 impl<'a, 'o> Run<'a, 'o> {
-    fn new(
+    pub(super) fn new(
         sup: &'a Supervisor,
         opts: HandoffOptions,
         observer: &'o mut dyn FnMut(PhaseDone),
@@ -328,7 +129,7 @@ impl<'a, 'o> Run<'a, 'o> {
         self.t.deadline.saturating_sub(self.started.elapsed())
     }
 
-    fn execute(mut self, program: &Program) -> Result<Report, HandoffError> {
+    pub(super) fn execute(mut self, program: &Program) -> Result<Report, HandoffError> {
         self.sup.journal.reset_error();
         self.sup.journal.write(&self.record);
         match self.drive(program) {
@@ -807,14 +608,5 @@ impl<'a, 'o> Run<'a, 'o> {
             cause: Box::new(cause),
             incumbent_resumed: resumed,
         }
-    }
-}
-
-impl std::fmt::Debug for Supervisor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Supervisor")
-            .field("cfg", &self.cfg)
-            .field("listeners", &self.listeners.len())
-            .finish()
     }
 }
