@@ -75,7 +75,13 @@ impl BootOptions {
             versions: VersionRange::OURS,
             timeouts: Timeouts::from_env(),
             lock_wait: Duration::from_secs(5),
-            recovery_wait: Duration::from_secs(10),
+            // A test knob like HANDOFF_HEARTBEAT_MS: crash tests shorten how
+            // long a sealed incumbent that lost its supervisor keeps trying.
+            recovery_wait: std::env::var("HANDOFF_RECOVERY_WAIT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+                .unwrap_or(Duration::from_secs(10)),
         }
     }
 }
