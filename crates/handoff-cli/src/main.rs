@@ -2,9 +2,11 @@
 //! connection.
 //!
 //! A thin CLI over the `handoff` library: `run` is the supervisor, `upgrade`
-//! asks a running supervisor for one handoff over its admin socket.
+//! asks a running supervisor for one handoff over its admin socket, `demo`
+//! shows both at work under load.
 
 mod admin;
+mod demo;
 mod duration;
 mod run;
 mod upgrade;
@@ -26,7 +28,8 @@ service's whole life; each upgrade spawns the new build with those sockets (syst
 LISTEN_FDS convention), lets the old process drain and seal its state, and commits only \
 when the new one reports Ready. Connections that arrive meanwhile wait in the kernel's \
 accept queue: none is refused.",
-    after_help = "EXAMPLE:\n  \
+    after_help = "EXAMPLES:\n  \
+handoff demo                                           # watch it: upgrades under load, then a summary\n\n  \
 handoff run --runtime-dir /run/kv --state-dir /var/lib/kv \\\n      --listen http=tcp://127.0.0.1:8080 -- handoff-demo &\n  \
 cp new-build/handoff-demo /usr/local/bin/handoff-demo   # replace the file on disk\n  \
 handoff upgrade --runtime-dir /run/kv                  # prints each phase; exit 0 = committed"
@@ -42,6 +45,8 @@ enum Command {
     Run(run::RunArgs),
     /// Ask a running supervisor to replace the service with a fresh process.
     Upgrade(upgrade::UpgradeArgs),
+    #[command(about = demo::ABOUT, long_about = demo::LONG_ABOUT, after_long_help = demo::AFTER_HELP)]
+    Demo(demo::DemoArgs),
 }
 
 /// Options both commands share.
@@ -61,5 +66,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(a) => run::main(a),
         Command::Upgrade(a) => upgrade::main(a),
+        Command::Demo(a) => demo::main(a),
     }
 }

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use support::{
-    begin_test, count_open_fds, demo_bin, poll_until, verify_acked, Load, LoadReport, Supervisor,
-    TestDirs,
+    begin_test, count_open_fds, demo_bin, poll_until, verify_acked, Load, LoadExt, LoadReport,
+    Supervisor, TestDirs,
 };
 
 /// Time for a retiring incumbent to finish its connections and exit, and for the supervisor
@@ -79,7 +79,7 @@ fn twenty_upgrades_under_load_lose_nothing() {
     let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo, &[]);
     sup.wait_settled(sup.first_pid, SETTLE);
 
-    let load = Load::start(sup.addr, 2, 2);
+    let load = Load::start(sup.addr, 2, 2).expect("start the load");
     load.wait_progress(50, PROGRESS, "before the first upgrade");
 
     let mut incumbent = sup.first_pid;
@@ -198,7 +198,7 @@ fn run_abort_case(case: AbortCase<'_>) {
     let old = sup.first_pid;
     sup.wait_settled(old, SETTLE);
 
-    let load = Load::start(sup.addr, 1, 1);
+    let load = Load::start(sup.addr, 1, 1).expect("start the load");
     load.wait_progress(20, PROGRESS, "before the failing upgrade");
 
     let args: Vec<&str> = upgrade_args.iter().map(String::as_str).collect();
