@@ -214,6 +214,11 @@ fn run() -> Result<ExitCode, String> {
             .map_err(|e| format!("registering listeners: {e}"))?
     };
 
+    // Read the store ahead of Begin (without the lock): after Begin only
+    // the tail appended since needs reading, keeping the accept gap short.
+    let preloaded = Store::preload(&state_dir)
+        .map_err(|e| format!("preloading the store in {}: {e}", state_dir.display()))?;
+
     let begun = match boot.begin() {
         Ok(b) => b,
         Err(ProcessError::Aborted { reason }) => {
@@ -234,7 +239,8 @@ fn run() -> Result<ExitCode, String> {
     }
 
     // We hold the state lock: open the store.
-    let store = Store::open(&state_dir)
+    let store = preloaded
+        .finish()
         .map_err(|e| format!("opening the store in {}: {e}", state_dir.display()))?;
     let (mode, _) = watch::channel(Mode::Serving);
     let shared = Arc::new(Shared {

@@ -59,6 +59,12 @@ fn encode(key: &str, value: &[u8]) -> Vec<u8> {
 /// Replays `buf`, returning the map and the length of the valid prefix.
 fn replay(buf: &[u8]) -> (HashMap<String, Arc<[u8]>>, usize) {
     let mut map = HashMap::new();
+    let valid = replay_into(&mut map, buf);
+    (map, valid)
+}
+
+/// Applies the records of `buf` to `map`; returns the valid prefix length.
+fn replay_into(map: &mut HashMap<String, Arc<[u8]>>, buf: &[u8]) -> usize {
     let mut off = 0;
     while buf.len() - off >= HEADER {
         let len = u32::from_le_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
@@ -81,7 +87,7 @@ fn replay(buf: &[u8]) -> (HashMap<String, Arc<[u8]>>, usize) {
         map.insert(key.to_string(), Arc::from(&body[2 + klen..]));
         off = start + len;
     }
-    (map, off)
+    off
 }
 
 impl Store {
@@ -110,6 +116,36 @@ impl Store {
         if valid > 1 << 20 && valid > 4 * live {
             file = compact(dir, &path, &map)?;
         }
+        Self::start(file, map, path)
+    }
+
+    /// Reads the log *without* the state lock, while the incumbent may still
+    /// be appending to it: warm-up, done before Begin so that the successor
+    /// only has to read what was appended since (usually nothing: the
+    /// incumbent flushed at seal) once it holds the lock. Records are
+    /// immutable once written, so a prefix read now stays valid; a record
+    /// caught half-written is simply left for [`Preloaded::finish`].
+    pub fn preload(dir: &Path) -> io::Result<Preloaded> {
+        let path = dir.join(LOG_FILE);
+        let (map, offset, identity) = match File::open(&path) {
+            Ok(mut f) => {
+                let mut buf = Vec::new();
+                f.read_to_end(&mut buf)?;
+                let (map, valid) = replay(&buf);
+                (map, valid as u64, Some(identity(&f.metadata()?)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (HashMap::new(), 0, None),
+            Err(e) => return Err(e),
+        };
+        Ok(Preloaded {
+            dir: dir.to_path_buf(),
+            map,
+            offset,
+            identity,
+        })
+    }
+
+    fn start(mut file: File, map: HashMap<String, Arc<[u8]>>, path: PathBuf) -> io::Result<Store> {
         file.seek(SeekFrom::End(0))?;
         let map = Arc::new(RwLock::new(map));
         let (tx, rx) = mpsc::channel();
@@ -123,6 +159,11 @@ impl Store {
             writer: Mutex::new(Some(writer)),
             path,
         })
+    }
+
+    #[cfg(test)]
+    fn snapshot(&self) -> HashMap<String, Arc<[u8]>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<[u8]>> {
@@ -181,6 +222,56 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// (device, inode): tells whether the log file was replaced (compacted)
+/// between preload and finish.
+fn identity(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+/// A log read ahead of taking the state lock.
+pub struct Preloaded {
+    dir: PathBuf,
+    map: HashMap<String, Arc<[u8]>>,
+    offset: u64,
+    identity: Option<(u64, u64)>,
+}
+
+impl Preloaded {
+    /// With the state lock held: applies what was appended since the
+    /// preload and opens the store for writing. Falls back to a full
+    /// [`Store::open`] if the file was replaced or shrank meanwhile.
+    pub fn finish(self) -> io::Result<Store> {
+        let path = self.dir.join(LOG_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        let meta = file.metadata()?;
+        let same = match self.identity {
+            Some(id) => id == identity(&meta) && meta.len() >= self.offset,
+            None => self.offset == 0,
+        };
+        if !same {
+            tracing::info!(target: "demo::store", "log replaced since preload; reading it whole");
+            drop(file);
+            return Store::open(&self.dir);
+        }
+        let mut map = self.map;
+        let mut tail = Vec::new();
+        file.seek(SeekFrom::Start(self.offset))?;
+        file.read_to_end(&mut tail)?;
+        let valid = replay_into(&mut map, &tail);
+        if valid < tail.len() {
+            tracing::warn!(target: "demo::store", dropped = tail.len() - valid, "truncating torn log tail");
+            file.set_len(self.offset + valid as u64)?;
+            file.sync_all()?;
+        }
+        Store::start(file, map, path)
     }
 }
 
@@ -263,6 +354,53 @@ mod tests {
         let n = bad.len();
         bad[n - 1] ^= 1;
         assert_eq!(replay(&bad).1, 0);
+    }
+
+    #[test]
+    fn preload_then_finish_sees_everything_written_in_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let a = Store::open(dir.path()).unwrap();
+        rt.block_on(a.put("before".into(), b"1".to_vec())).unwrap();
+        let pre = Store::preload(dir.path()).unwrap();
+        rt.block_on(a.put("after".into(), b"2".to_vec())).unwrap();
+        rt.block_on(a.put("before".into(), b"3".to_vec())).unwrap();
+        a.seal().unwrap();
+        // A torn record at the tail, as after a crash mid-append.
+        {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(dir.path().join(LOG_FILE))
+                .unwrap();
+            f.write_all(&encode("torn", b"xxxx")[..6]).unwrap();
+        }
+        let b = pre.finish().unwrap();
+        let m = b.snapshot();
+        assert_eq!(m.len(), 2);
+        assert_eq!(&*m["before"], b"3");
+        assert_eq!(&*m["after"], b"2");
+        // And the torn tail is gone, so new appends are replayable.
+        rt.block_on(b.put("new".into(), b"4".to_vec())).unwrap();
+        b.seal().unwrap();
+        assert_eq!(Store::open(dir.path()).unwrap().snapshot().len(), 3);
+    }
+
+    #[test]
+    fn finish_falls_back_when_the_log_was_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let a = Store::open(dir.path()).unwrap();
+        rt.block_on(a.put("k".into(), b"1".to_vec())).unwrap();
+        a.seal().unwrap();
+        let pre = Store::preload(dir.path()).unwrap();
+        // Replaced under us (as compaction does).
+        let map: HashMap<String, Arc<[u8]>> = [("k".to_string(), Arc::from(&b"2"[..]))].into();
+        compact(dir.path(), &dir.path().join(LOG_FILE), &map).unwrap();
+        assert_eq!(&*pre.finish().unwrap().get("k").unwrap(), b"2");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! let mut boot = Boot::from_env(BootOptions::new("my-service 1.2.3"))?;
 //! let listeners = boot.take_listeners();
 //! // ... warm up: load config, build caches. Not serving yet.
-//! let begun = boot.begin()?;            // waits for Begin; takes the state lock
+//! let begun = boot.begin()?;            // Hello; waits for Begin; takes the state lock
 //! // ... open state (we hold the lock now).
 //! let incumbent = begun.ready(|| Ok(()))?; // health check; Ready; waits for Commit
 //! // ... committed: start accepting on `listeners` now, not earlier — a
@@ -95,6 +95,8 @@ pub struct Boot {
     /// Our own copies of the passed listeners, kept for the life of the
     /// process so a restarted supervisor can fetch them (FetchListeners).
     kept: Vec<Listener>,
+    /// A successor's control channel before Hello.
+    pending: Option<UnixStream>,
     chan: Option<Channel>,
 }
 
@@ -107,8 +109,8 @@ fn env_path(var: &str, fallback: Option<PathBuf>) -> Result<PathBuf, ProcessErro
 
 impl Boot {
     /// Reads `HANDOFF_ROLE`, the listeners (`LISTEN_FDS`…), and for a
-    /// successor its control channel (`HANDOFF_SOCK_FD`), then says Hello
-    /// and waits (bounded) for HelloAck.
+    /// successor its control channel (`HANDOFF_SOCK_FD`). Nothing is said to
+    /// the supervisor yet: warm up, then call [`begin`](Self::begin).
     pub fn from_env(opts: BootOptions) -> Result<Boot, ProcessError> {
         let state_dir = env_path("HANDOFF_STATE_DIR", opts.state_dir)?;
         let control_path = env_path("HANDOFF_CONTROL_SOCK", opts.control_path)?;
@@ -143,16 +145,18 @@ impl Boot {
             role,
             listeners,
             kept,
+            pending: None,
             chan: None,
         };
         if role == StartRole::Successor {
-            boot.greet()?;
+            // Taken now (and made close-on-exec); Hello waits for begin().
+            boot.pending = Some(take_control_from_env()?);
         }
         Ok(boot)
     }
 
-    fn greet(&mut self) -> Result<(), ProcessError> {
-        let mut chan = Channel::new(take_control_from_env()?);
+    fn greet(&mut self, stream: UnixStream) -> Result<(), ProcessError> {
+        let mut chan = Channel::new(stream);
         let phase = SuccessorPhase::Greeting;
         let hello = Message::Hello(Hello {
             role: Role::Successor,
@@ -196,13 +200,20 @@ impl Boot {
         std::mem::take(&mut self.listeners)
     }
 
-    /// Waits for Begin (a successor) and takes the state lock. Do all
-    /// warm-up before calling this: the time from Begin to Ready is the
-    /// accept gap users wait through.
+    /// Says Hello (a successor), waits for Begin and takes the state lock.
+    ///
+    /// Do all warm-up before calling this. Hello tells the supervisor this
+    /// process is warm, and the supervisor starts draining the incumbent
+    /// only then: everything after that — drain, seal, Begin to Ready — is
+    /// the accept gap users wait through. The supervisor's Hello budget
+    /// (5 s by default, [`Timeouts::hello`]) therefore bounds warm-up.
     ///
     /// A successor whose supervisor hangs up or aborts gets an error and
     /// should exit: the incumbent keeps serving.
     pub fn begin(mut self) -> Result<Begun, ProcessError> {
+        if let Some(stream) = self.pending.take() {
+            self.greet(stream)?;
+        }
         let (handoff_id, state) = match self.chan.as_mut() {
             None => (0, None),
             Some(chan) => match recv(chan, SuccessorPhase::AwaitBegin, None, None) {

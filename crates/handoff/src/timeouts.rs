@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 pub struct Timeouts {
     /// Longest silence tolerated on any read.
     pub liveness: Duration,
-    /// Budget for receiving a peer's Hello.
+    /// Budget for receiving a peer's Hello. For a successor this includes
+    /// its warm-up: it says Hello once warm.
     pub hello: Duration,
     /// Wall-clock budget for the incumbent to report Drained.
     pub drain_grace: Duration,
