@@ -9,6 +9,7 @@ mod admin;
 mod demo;
 mod duration;
 mod run;
+mod supervise;
 mod upgrade;
 
 use std::path::PathBuf;

@@ -12,6 +12,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use handoff::{
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::admin::{self, Event, Request};
+use crate::supervise;
 use crate::RuntimeDir;
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +64,14 @@ pub fn main(a: RunArgs) -> ExitCode {
 pub enum ListenSpec {
     Tcp { name: String, addr: String },
     Unix { name: String, path: PathBuf },
+}
+
+impl ListenSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            ListenSpec::Tcp { name, .. } | ListenSpec::Unix { name, .. } => name,
+        }
+    }
 }
 
 pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
@@ -165,39 +175,6 @@ fn run(a: RunArgs) -> Result<()> {
     }
 
     let control = runtime.join(admin::CONTROL_SOCK);
-    if let Some(rec) = handoff::resume_from_journal(&a.state_dir, &control, Duration::from_secs(5))
-        .context("recovering from the journal")?
-    {
-        eprintln!(
-            "handoff run: found an interrupted handoff {:#018x} (phase {}); incumbent now: {:?}, killed orphaned successor: {:?}",
-            rec.record.handoff_id, rec.record.phase, rec.incumbent_pid, rec.killed_successor
-        );
-    }
-    if let Ok(s) = UnixStream::connect(&control) {
-        let who = handoff::peer_credentials(&s).ok().and_then(|c| c.pid);
-        bail!(
-            "a service process (pid {}) from an earlier supervisor still owns {}; stop it before starting a new supervisor",
-            who.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
-            control.display()
-        );
-    }
-
-    let mut listeners = vec![];
-    let mut shown = vec![];
-    for s in &a.listen {
-        let spec = parse_listen(s).map_err(anyhow::Error::msg)?;
-        let (l, addr) = bind(&spec)?;
-        shown.push(format!("{}={addr}", l.name));
-        listeners.push(l);
-    }
-    {
-        let mut o = std::io::stdout().lock();
-        for s in &shown {
-            writeln!(o, "listening {s}")?;
-        }
-        o.flush()?;
-    }
-
     let mut cfg = SupervisorConfig::new(&a.state_dir, &control);
     cfg.timeouts.deadline = a.deadline;
     cfg.timeouts.drain_grace = a.drain_grace;
@@ -207,15 +184,73 @@ fn run(a: RunArgs) -> Result<()> {
     {
         cfg.timeouts.liveness = Duration::from_millis(ms);
     }
-    let sup = Arc::new(Supervisor::new(cfg, listeners).context("starting the supervisor")?);
+    let specs = a
+        .listen
+        .iter()
+        .map(|s| parse_listen(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let names: Vec<String> = specs.iter().map(|s| s.name().to_string()).collect();
     let mut program = Program::new(PathBuf::from(&a.program[0]));
     program.args = a.program[1..].to_vec();
 
-    let report = sup
-        .start(&program, &mut |_| {})
-        .map_err(|e| anyhow::anyhow!("starting {}: {e}", a.program[0].to_string_lossy()))?;
-    println!("ready pid={}", report.new_pid);
+    // A service left running by a supervisor that died: take it over,
+    // listeners included, instead of binding anew (its sockets hold the
+    // ports, and it must not stop serving).
+    let (sup, shown, pid) = match supervise::recover(&cfg, &names)? {
+        Some(r) => {
+            let shown: Vec<String> = r
+                .listeners
+                .iter()
+                .map(|l| format!("{}={}", l.name, supervise::describe(l)))
+                .collect();
+            let sup = Supervisor::new(cfg, r.listeners).context("starting the supervisor")?;
+            sup.adopt_incumbent(r.pid, &r.build_id)
+                .with_context(|| format!("adopting pid {}", r.pid))?;
+            eprintln!(
+                "handoff run: re-attached to the running service (pid {}, {})",
+                r.pid, r.build_id
+            );
+            print_listening(&shown)?;
+            (Arc::new(sup), shown, r.pid)
+        }
+        None => {
+            let mut listeners = vec![];
+            let mut shown = vec![];
+            for spec in &specs {
+                let (l, addr) = bind(spec)?;
+                shown.push(format!("{}={addr}", l.name));
+                listeners.push(l);
+            }
+            print_listening(&shown)?;
+            let sup = Arc::new(Supervisor::new(cfg, listeners).context("starting the supervisor")?);
+            let report = sup
+                .start(&program, &mut |_| {})
+                .map_err(|e| anyhow::anyhow!("starting {}: {e}", a.program[0].to_string_lossy()))?;
+            (sup, shown, report.new_pid)
+        }
+    };
+    println!("ready pid={pid}");
     std::io::stdout().flush()?;
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (sup, program, stopping) = (sup.clone(), program.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name("monitor".into())
+            .spawn(move || {
+                if let Err(e) = supervise::monitor(
+                    sup.clone(),
+                    program,
+                    stopping,
+                    supervise::Backoff::default(),
+                ) {
+                    eprintln!("handoff run: {e:#}; stopping");
+                    stop(&sup);
+                    std::process::exit(1);
+                }
+            })?;
+    }
 
     let admin_path = admin::admin_path(&runtime);
     let _ = fs::remove_file(&admin_path); // stale: we hold the supervisor lock
@@ -257,6 +292,7 @@ fn run(a: RunArgs) -> Result<()> {
             }
             Ok(sig) => {
                 eprintln!("handoff run: {sig}: stopping");
+                stopping.store(true, Ordering::SeqCst);
                 stop(&sup);
                 let _ = fs::remove_file(&admin_path);
                 drop(lock);
@@ -268,6 +304,15 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 /// Stops the service: SIGTERM to every process we run, SIGKILL after a grace.
+fn print_listening(shown: &[String]) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    for s in shown {
+        writeln!(o, "listening {s}")?;
+    }
+    o.flush()?;
+    Ok(())
+}
+
 fn stop(sup: &Supervisor) {
     let mut kids: Vec<handoff::Child> = vec![];
     if let Some(c) = sup.incumbent() {

@@ -59,7 +59,7 @@ pub use lock::StateLock;
 pub use phase::SupervisorPhase;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
 pub use protocol::{HandoffId, Message, Role, VersionRange};
-pub use recovery::{reattach, resume_from_journal, Reattached, Recovery};
+pub use recovery::{probe_incumbent, reattach, resume_from_journal, Reattached, Recovery};
 pub use spawn::Program;
 pub use successor::{Begun, Boot, BootOptions, StartRole};
 pub use supervisor::{HandoffOptions, PhaseDone, Report, Supervisor, SupervisorConfig};

@@ -32,9 +32,9 @@ pub struct Recovery {
 }
 
 /// For a supervisor restarted after a crash: reads the journal once, finds
-/// which process owns the control socket now (that is the incumbent: only
-/// the state-lock holder binds it), kills an orphaned successor that never
-/// became the incumbent, and clears the journal.
+/// which process serves the control socket as the incumbent now (see
+/// [`probe_incumbent`]), kills an orphaned successor that never became the
+/// incumbent, and clears the journal.
 ///
 /// `settle` bounds how long to wait for some process to own the control
 /// socket (a successor that sent Ready, or an incumbent re-binding after
@@ -52,10 +52,7 @@ pub fn resume_from_journal(
     };
     let deadline = Instant::now() + settle;
     let incumbent_pid = loop {
-        let owner = UnixStream::connect(control_path)
-            .ok()
-            .and_then(|s| sys::peer_credentials(&s).ok())
-            .and_then(|c| c.pid);
+        let owner = probe_incumbent(control_path);
         if owner.is_some() || Instant::now() >= deadline {
             break owner;
         }
@@ -77,6 +74,20 @@ pub fn resume_from_journal(
         incumbent_pid,
         killed_successor,
     }))
+}
+
+/// The pid of a process serving the control socket *as an incumbent*: it
+/// must answer with an incumbent's Hello (within a second), and the kernel
+/// must agree on its pid. A successor that bound the path but never became
+/// the incumbent does not answer, and so does not count.
+pub fn probe_incumbent(control_path: &Path) -> Option<u32> {
+    let stream = UnixStream::connect(control_path).ok()?;
+    let kernel = sys::peer_credentials(&stream).ok()?.pid;
+    let mut chan = Channel::new(stream);
+    match chan.recv(Some(Duration::from_secs(1))) {
+        Ok(Message::Hello(h)) if h.role == Role::Incumbent && kernel.is_none_or(|k| k == h.pid) => Some(h.pid),
+        _ => None,
+    }
 }
 
 /// Pid-reuse guard: is `pid` alive and did it start no earlier than the

@@ -62,9 +62,23 @@ fn orphaned_successor_is_killed_and_journal_cleared() {
 fn successor_that_became_incumbent_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("c.sock");
-    // This process owns the control socket: it is "the successor that made
-    // it". The journal names it as the successor; it must not be touched.
-    let _l = UnixListener::bind(&control).unwrap();
+    // This process serves the control socket as an incumbent: it is "the
+    // successor that made it". The journal names it as the successor; it
+    // must not be touched.
+    let l = UnixListener::bind(&control).unwrap();
+    std::thread::spawn(move || {
+        use handoff::channel::Channel;
+        use handoff::protocol::{Hello, Message, Role};
+        for s in l.incoming().flatten() {
+            let _ = Channel::new(s).send(&Message::Hello(Hello {
+                role: Role::Incumbent,
+                pid: std::process::id(),
+                proto_min: 1,
+                proto_max: 1,
+                build_id: "test".into(),
+            }));
+        }
+    });
     Journal::new(dir.path())
         .write(&record(Some(std::process::id()), now_ms()))
         .unwrap();
@@ -73,6 +87,21 @@ fn successor_that_became_incumbent_is_kept() {
         .unwrap();
     assert_eq!(r.incumbent_pid, Some(std::process::id()));
     assert_eq!(r.killed_successor, None);
+}
+
+/// A successor that bound the control socket but never became the incumbent
+/// (it does not answer) does not count as the incumbent: it is killed.
+#[test]
+fn bound_but_silent_successor_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("c.sock");
+    let _silent = UnixListener::bind(&control).unwrap();
+    let orphan = sleeper();
+    Journal::new(dir.path()).write(&record(Some(orphan.pid()), now_ms() - 500)).unwrap();
+    let r = resume_from_journal(dir.path(), &control, Duration::from_millis(100)).unwrap().unwrap();
+    assert_eq!(r.incumbent_pid, None);
+    assert_eq!(r.killed_successor, Some(orphan.pid()));
+    assert!(orphan.wait_timeout(Duration::from_secs(10)).is_some());
 }
 
 #[test]

@@ -196,6 +196,32 @@ impl Supervisor {
         Run::new(self, HandoffOptions::default(), observer, false).execute(program)
     }
 
+    /// Starts a fresh incumbent if `dead_pid` — the incumbent the caller
+    /// saw exit — is still the recorded incumbent. Waits for a handoff in
+    /// progress to finish first (it may already have replaced the dead
+    /// process). Returns `Ok(None)` when there was nothing to do.
+    ///
+    /// While no process accepts, connections wait in the listen backlog
+    /// that this supervisor keeps open: a crash costs latency, not refusals.
+    pub fn restart_if_dead(
+        &self,
+        program: &Program,
+        dead_pid: u32,
+        observer: &mut dyn FnMut(PhaseDone),
+    ) -> Result<Option<Report>, HandoffError> {
+        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let p = self.procs();
+            match &p.incumbent {
+                Some(c) if c.pid() == dead_pid && c.try_exit().is_some() => {}
+                _ => return Ok(None),
+            }
+        }
+        Run::new(self, HandoffOptions::default(), observer, false)
+            .execute(program)
+            .map(Some)
+    }
+
     /// Replaces the incumbent with a fresh process of `program`.
     ///
     /// Only one handoff runs at a time; a concurrent call gets

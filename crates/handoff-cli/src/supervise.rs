@@ -1,0 +1,180 @@
+//! The long-running duties of `handoff run` beyond serving upgrades:
+//! taking over from a supervisor that crashed, and restarting an incumbent
+//! that died outside a handoff.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use handoff::{Listener, Program, StateLock, Supervisor, SupervisorConfig};
+
+/// How long a restarted supervisor waits for an incumbent to answer when the
+/// state says one should exist (a handoff was in flight, or the state lock
+/// is held): long enough for a sealed incumbent to re-take the lock
+/// (`HANDOFF_RECOVERY_WAIT_MS`, 10 s by default) and re-bind.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// An incumbent left by a previous supervisor, with its listeners.
+pub struct Recovered {
+    pub pid: u32,
+    pub build_id: String,
+    pub listeners: Vec<Listener>,
+}
+
+/// Finds out whether a service from a previous supervisor is still running
+/// and, if so, takes its listeners back. `names` are the `--listen` names
+/// in order; they must match what the running service was given.
+pub fn recover(cfg: &SupervisorConfig, names: &[String]) -> Result<Option<Recovered>> {
+    let journal =
+        handoff::resume_from_journal(&cfg.state_dir, &cfg.control_path, Duration::from_secs(2))
+            .context("recovering from the journal")?;
+    if let Some(rec) = &journal {
+        eprintln!(
+            "handoff run: an upgrade was interrupted (handoff {:#018x}, phase {}); incumbent now: {}, orphaned successor killed: {}",
+            rec.record.handoff_id,
+            rec.record.phase,
+            rec.incumbent_pid.map(|p| p.to_string()).unwrap_or_else(|| "none yet".into()),
+            rec.killed_successor.map(|p| p.to_string()).unwrap_or_else(|| "none".into()),
+        );
+    }
+    let lock_held = StateLock::is_held(&cfg.state_dir).context("probing the state lock")?;
+    let expect_one = journal.is_some() || lock_held;
+    if !expect_one && !cfg.control_path.exists() {
+        return Ok(None);
+    }
+    let settle = if expect_one { SETTLE } else { Duration::ZERO };
+    let Some(r) = handoff::reattach(cfg, settle).context("re-attaching to the running service")?
+    else {
+        if StateLock::is_held(&cfg.state_dir)? {
+            bail!(
+                "the state lock in {} is held, but no process answers as the incumbent on {} (waited {:?}); \
+                 find the holder with `fuser {}` and stop it",
+                cfg.state_dir.display(),
+                cfg.control_path.display(),
+                settle,
+                cfg.state_dir.join(handoff::lock::LOCK_FILE).display()
+            );
+        }
+        return Ok(None);
+    };
+    let got: Vec<String> = r.listeners.iter().map(|l| l.name.clone()).collect();
+    if got != names {
+        bail!(
+            "the running service (pid {}) has listeners {:?} but --listen names {:?}; \
+             restart with the same --listen list to take it over",
+            r.pid,
+            got,
+            names
+        );
+    }
+    Ok(Some(Recovered {
+        pid: r.pid,
+        build_id: r.build_id,
+        listeners: r.listeners,
+    }))
+}
+
+/// The address a listener is bound to, as `tcp://…` or `unix:…`.
+pub fn describe(l: &Listener) -> String {
+    let Ok(fd) = l.fd.try_clone() else {
+        return "?".into();
+    };
+    // Only one of these can succeed for a given socket family; the clone is
+    // closed either way.
+    if let Ok(a) = TcpListener::from(fd).local_addr() {
+        return format!("tcp://{a}");
+    }
+    let Ok(fd) = l.fd.try_clone() else {
+        return "?".into();
+    };
+    match UnixListener::from(fd)
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+    {
+        Some(p) => format!("unix:{}", p.display()),
+        None => "?".into(),
+    }
+}
+
+/// Restart policy for an incumbent that dies outside a handoff.
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// Consecutive failed restarts before giving up.
+    pub limit: u32,
+    /// An incumbent that lived this long resets the backoff.
+    pub healthy_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            limit: 5,
+            healthy_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Watches the incumbent; when it dies outside a handoff, starts a new one
+/// with the same listeners (connections wait in the backlog meanwhile).
+/// Returns an error when restarts keep failing (crash loop).
+pub fn monitor(
+    sup: Arc<Supervisor>,
+    program: Program,
+    stopping: Arc<AtomicBool>,
+    policy: Backoff,
+) -> Result<()> {
+    let mut delay = policy.initial;
+    let mut failures = 0u32;
+    let mut born = Instant::now();
+    loop {
+        if stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(c) = sup.incumbent() else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let Some(exit) = c.wait_timeout(Duration::from_millis(250)) else {
+            continue;
+        };
+        if stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let dead = c.pid();
+        if sup.incumbent().map(|x| x.pid()) != Some(dead) {
+            continue; // a handoff replaced it
+        }
+        if born.elapsed() >= policy.healthy_after {
+            delay = policy.initial;
+            failures = 0;
+        }
+        eprintln!("handoff run: the incumbent (pid {dead}) died outside a handoff ({exit}); restarting in {delay:?}");
+        std::thread::sleep(delay);
+        match sup.restart_if_dead(&program, dead, &mut |_| {}) {
+            Ok(Some(r)) => {
+                println!("restarted pid={}", r.new_pid);
+                born = Instant::now();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                failures += 1;
+                eprintln!(
+                    "handoff run: restart {failures}/{} failed: {e}",
+                    policy.limit
+                );
+                if failures >= policy.limit {
+                    bail!("the service keeps failing to start ({failures} restarts in a row failed; last: {e})");
+                }
+            }
+        }
+        delay = (delay * 2).min(policy.max);
+    }
+}
