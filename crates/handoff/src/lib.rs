@@ -25,7 +25,8 @@
 //! * Supervisor side: [`Supervisor`], [`resume_from_journal`].
 //! * Service side: [`Boot`] → [`Begun`] → [`Incumbent`], and the
 //!   [`Drainable`] trait the service implements.
-//! * Primitives: [`StateLock`], [`Journal`].
+//! * Primitives: [`StateLock`], [`Journal`], [`RestartLock`], and the
+//!   shared state [`Region`] (seqlock with a robust writer lock).
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -43,6 +44,8 @@ pub mod process;
 mod procinfo;
 pub mod protocol;
 pub mod recovery;
+pub mod restart_lock;
+pub mod shm;
 pub mod spawn;
 pub mod successor;
 pub mod supervisor;
@@ -60,6 +63,8 @@ pub use phase::SupervisorPhase;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
 pub use protocol::{HandoffId, Message, Role, VersionRange};
 pub use recovery::{probe_incumbent, reattach, resume_from_journal, Reattached, Recovery};
+pub use restart_lock::{RestartLock, RestartLockError};
+pub use shm::{Region, RegionSpec, ShmError, WriteGuard};
 pub use spawn::Program;
 pub use successor::{Begun, Boot, BootOptions, StartRole};
 pub use supervisor::{HandoffOptions, PhaseDone, Report, Supervisor, SupervisorConfig};

@@ -55,6 +55,47 @@ pub fn start_time_ms(_pid: u32) -> Option<u64> {
     None
 }
 
+/// What `/proc/<pid>/stat` says about a process, read in one go so the
+/// state and the start time describe the same process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// The state letter (`R`, `S`, `D`, `Z`, `X`, …).
+    pub state: u8,
+    /// Start time in clock ticks since boot (field 22). Unlike
+    /// [`start_time_ms`] it does not depend on `btime`, which some kernels
+    /// report with a second of jitter, so two reads of it always agree.
+    pub start_ticks: u64,
+}
+
+impl ProcStat {
+    /// Exited, not yet reaped (or being torn down): no longer runs code.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// State and start ticks of `pid`, where the platform can tell.
+#[cfg(target_os = "linux")]
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace();
+    // rest starts at field 3 (state); starttime is field 22 → 19 further.
+    let state = *fields.next()?.as_bytes().first()?;
+    let start_ticks = fields.nth(18)?.parse().ok()?;
+    Some(ProcStat { state, start_ticks })
+}
+
+/// Start-time seam for platforms without `/proc`: callers fall back to
+/// existence checks (documented where they do).
+#[cfg(not(target_os = "linux"))]
+pub fn stat(_pid: u32) -> Option<ProcStat> {
+    None
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     #[test]
@@ -63,5 +104,15 @@ mod tests {
         let now = crate::journal::now_ms();
         assert!(t <= now + 1000, "{t} vs {now}");
         assert!(now - t < 3_600_000 * 24, "{t} vs {now}");
+    }
+
+    #[test]
+    fn stat_of_self_is_running_and_stable() {
+        let a = super::stat(std::process::id()).unwrap();
+        let b = super::stat(std::process::id()).unwrap();
+        assert_eq!(a.start_ticks, b.start_ticks);
+        assert!(!a.is_dead(), "{a:?}");
+        assert!(super::stat(0).is_none());
+        assert!(super::stat(u32::MAX).is_none());
     }
 }

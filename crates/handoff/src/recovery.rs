@@ -85,7 +85,9 @@ pub fn probe_incumbent(control_path: &Path) -> Option<u32> {
     let kernel = sys::peer_credentials(&stream).ok()?.pid;
     let mut chan = Channel::new(stream);
     match chan.recv(Some(Duration::from_secs(1))) {
-        Ok(Message::Hello(h)) if h.role == Role::Incumbent && kernel.is_none_or(|k| k == h.pid) => Some(h.pid),
+        Ok(Message::Hello(h)) if h.role == Role::Incumbent && kernel.is_none_or(|k| k == h.pid) => {
+            Some(h.pid)
+        }
         _ => None,
     }
 }

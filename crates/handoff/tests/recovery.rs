@@ -97,8 +97,12 @@ fn bound_but_silent_successor_is_killed() {
     let control = dir.path().join("c.sock");
     let _silent = UnixListener::bind(&control).unwrap();
     let orphan = sleeper();
-    Journal::new(dir.path()).write(&record(Some(orphan.pid()), now_ms() - 500)).unwrap();
-    let r = resume_from_journal(dir.path(), &control, Duration::from_millis(100)).unwrap().unwrap();
+    Journal::new(dir.path())
+        .write(&record(Some(orphan.pid()), now_ms() - 500))
+        .unwrap();
+    let r = resume_from_journal(dir.path(), &control, Duration::from_millis(100))
+        .unwrap()
+        .unwrap();
     assert_eq!(r.incumbent_pid, None);
     assert_eq!(r.killed_successor, Some(orphan.pid()));
     assert!(orphan.wait_timeout(Duration::from_secs(10)).is_some());

@@ -170,6 +170,49 @@ pub fn demo_bin() -> PathBuf {
     path
 }
 
+/// Options for [`Supervisor::start_with`].
+#[derive(Debug, Default, Clone)]
+pub struct StartOpts {
+    pub env: Vec<(String, String)>,
+    pub subreaper: bool,
+}
+
+/// An example binary of this package (built by `cargo test --workspace`).
+pub fn example_bin(name: &str) -> PathBuf {
+    let p = handoff_bin()
+        .parent()
+        .expect("bin dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace` (it builds examples)",
+        p.display()
+    );
+    p
+}
+
+/// Pids holding an `flock` on `path`, from `/proc/locks` (matched by inode).
+pub fn lock_holders(path: &Path) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return vec![];
+    };
+    let ino = meta.ino().to_string();
+    fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+            let (kind, pid, dev_ino) = (*f.get(1)?, *f.get(4)?, *f.get(5)?);
+            (kind == "FLOCK" && dev_ino.rsplit(':').next() == Some(ino.as_str()))
+                .then(|| pid.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
 /// A scratch directory per test, holding the supervisor's runtime and state dirs and any
 /// wrapper scripts. Removed on drop.
 pub struct TestDirs {
@@ -209,6 +252,25 @@ impl TestDirs {
     pub fn fault_wrapper(&self, fault: &str) -> PathBuf {
         let path = self.root.path().join(format!("demo-{fault}.sh"));
         write_file(&path, wrapper_script(fault).as_bytes(), 0o755);
+        path
+    }
+
+    /// Writes an executable wrapper that runs the real demo with extra
+    /// environment variables (e.g. `HANDOFF_CRASH_AT`), keeping its pid.
+    pub fn env_wrapper(&self, name: &str, vars: &[(&str, &str)]) -> PathBuf {
+        let demo = demo_bin();
+        let demo = demo.to_str().expect("demo path is UTF-8");
+        let mut script = String::from("#!/bin/sh\n");
+        for (k, v) in vars {
+            assert!(
+                !v.contains('\''),
+                "value must not contain a single quote: {v}"
+            );
+            script.push_str(&format!("export {k}='{v}'\n"));
+        }
+        script.push_str(&format!("exec '{demo}' \"$@\"\n"));
+        let path = self.root.path().join(format!("demo-{name}.sh"));
+        write_file(&path, script.as_bytes(), 0o755);
         path
     }
 
@@ -444,7 +506,33 @@ impl Supervisor {
         program: &Path,
         extra_args: &[&str],
     ) -> Supervisor {
-        let mut cmd = Command::new(handoff_bin());
+        Self::start_with(
+            runtime_dir,
+            state_dir,
+            program,
+            extra_args,
+            &StartOpts::default(),
+        )
+    }
+
+    /// [`start`](Self::start) with extra environment for `handoff run` (and so for the
+    /// services it spawns), optionally under `examples/subreaper` so that processes
+    /// orphaned by a supervisor crash are reaped (pid 1 here does not reap).
+    pub fn start_with(
+        runtime_dir: &Path,
+        state_dir: &Path,
+        program: &Path,
+        extra_args: &[&str],
+        opts: &StartOpts,
+    ) -> Supervisor {
+        let mut cmd = if opts.subreaper {
+            let mut c = Command::new(example_bin("subreaper"));
+            c.arg(handoff_bin());
+            c
+        } else {
+            Command::new(handoff_bin())
+        };
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("run")
             .arg("--runtime-dir")
             .arg(runtime_dir)

@@ -2,12 +2,13 @@
 //!
 //! The rest of the crate is `deny(unsafe_code)`; what needs raw syscalls —
 //! fork/exec with an fd shuffle, waiting without reaping, kernel-vouched peer
-//! credentials — lives here behind small safe functions, each `unsafe` block
+//! credentials, the shared region's mapping seen as atomic words — lives here behind small safe functions, each `unsafe` block
 //! with the `SAFETY:` argument that justifies it.
 
 pub mod creds;
 pub mod exec;
 pub mod fdpass;
+pub mod shm;
 pub mod wait;
 
 pub use creds::{peer_credentials, recv_with_credentials, send_with_credentials, PeerCred};
