@@ -88,6 +88,16 @@ pub fn point(name: &'static str) {
     }
 }
 
+/// [`point`] when `armed` — the supervisor's points fire only during an
+/// upgrade, not while it starts the first incumbent (a handoff from nobody
+/// that walks through the same steps).
+#[inline(always)]
+pub fn point_if(armed: bool, name: &'static str) {
+    if armed {
+        point(name)
+    }
+}
+
 /// Without the `crash-points` feature: nothing at all.
 #[cfg(not(feature = "crash-points"))]
 #[inline(always)]
@@ -121,7 +131,7 @@ mod tests {
         ]
         .concat();
         for p in POINTS {
-            let needle = format!("crash::point(\"{}\")", p.name);
+            let needle = format!("\"{}\");", p.name);
             assert_eq!(
                 src.matches(&needle).count(),
                 1,

@@ -180,9 +180,9 @@ impl<'a, 'o> Run<'a, 'o> {
                 state,
             })
             .map_err(|e| ProtocolError::frame(Peer::Successor, "begin", e))?;
-        crash::point("s-after-begin");
+        crash::point_if(self.with_incumbent, "s-after-begin");
         let ready = self.recv_phase(Peer::Successor, self.remaining())?;
-        crash::point("s-after-ready");
+        crash::point_if(self.with_incumbent, "s-after-ready");
         let Message::Ready {
             healthz_ok,
             metadata,
@@ -250,14 +250,14 @@ impl<'a, 'o> Run<'a, 'o> {
             }
             Err(e) => return Err(ProtocolError::frame(Peer::Incumbent, "hello", e).into()),
         };
-        crash::point("s-after-incumbent-hello");
+        crash::point_if(self.with_incumbent, "s-after-incumbent-hello");
         let expected_pid = self.old.as_ref().map(Child::pid);
         self.check_hello(&hello, Role::Incumbent, kernel.pid, expected_pid)?;
         let v = negotiate(self.sup.cfg.versions, hello.range(), Role::Incumbent)
             .map_err(|e| ProtocolError::NoCommonVersion(e, "hello"))?;
         chan.send(&Message::HelloAck { version: v })
             .map_err(|e| ProtocolError::frame(Peer::Incumbent, "hello", e))?;
-        crash::point("s-after-incumbent-helloack");
+        crash::point_if(self.with_incumbent, "s-after-incumbent-helloack");
         chan.set_version(v);
         self.o = Some(chan);
         Ok(())
@@ -327,7 +327,7 @@ impl<'a, 'o> Run<'a, 'o> {
             ],
         )?;
         drop(theirs);
-        crash::point("s-after-spawn");
+        crash::point_if(self.with_incumbent, "s-after-spawn");
         self.record.successor_pid = Some(child.pid());
         let pid = child.pid();
         self.n = Some(Successor {
@@ -348,7 +348,7 @@ impl<'a, 'o> Run<'a, 'o> {
                 )))
             }
         };
-        crash::point("s-after-successor-hello");
+        crash::point_if(self.with_incumbent, "s-after-successor-hello");
         let Message::Hello(hello) = msg else {
             return Err(ProtocolError::Unexpected {
                 peer: Peer::Successor,
@@ -376,8 +376,8 @@ impl<'a, 'o> Run<'a, 'o> {
         let chan = self.n_chan();
         chan.send(&Message::HelloAck { version: v })
             .map_err(|e| ProtocolError::frame(Peer::Successor, "hello", e))?;
-        crash::point("s-after-successor-helloack");
         chan.set_version(v);
+        crash::point_if(self.with_incumbent, "s-after-successor-helloack");
         Ok(())
     }
 
@@ -411,9 +411,9 @@ impl<'a, 'o> Run<'a, 'o> {
             })
             .map_err(|e| ProtocolError::frame(Peer::Incumbent, "draining", e))?;
         self.prepared = true;
-        crash::point("s-after-prepare");
+        crash::point_if(self.with_incumbent, "s-after-prepare");
         self.recv_phase(Peer::Incumbent, grace)?;
-        crash::point("s-after-drained");
+        crash::point_if(self.with_incumbent, "s-after-drained");
 
         self.enter(SupervisorPhase::Sealing)?;
         self.o
@@ -421,9 +421,9 @@ impl<'a, 'o> Run<'a, 'o> {
             .expect("connected")
             .send(&Message::SealRequest { handoff_id: id })
             .map_err(|e| ProtocolError::frame(Peer::Incumbent, "sealing", e))?;
-        crash::point("s-after-seal-request");
+        crash::point_if(self.with_incumbent, "s-after-seal-request");
         let sealed = self.recv_phase(Peer::Incumbent, self.remaining())?;
-        crash::point("s-after-sealed");
+        crash::point_if(self.with_incumbent, "s-after-sealed");
         match sealed {
             Message::SealComplete { state, .. } => Ok(state),
             Message::SealFailed { error, .. } => Err(HandoffError::SealFailed { reason: error }),
@@ -516,16 +516,20 @@ impl<'a, 'o> Run<'a, 'o> {
         self.enter(SupervisorPhase::Committed)?;
         let mut warnings = vec![];
         let id = self.id;
+        // The successor first: were we to die between the two sends, the
+        // successor (committed, holding the lock) is the incumbent and the
+        // old one, finding the lock taken, retires. The other order could
+        // retire the old process while the new one is still waiting.
+        let n = self.n.take().expect("successor exists at commit");
+        if let Err(e) = n.chan.send(&Message::Commit { handoff_id: id }) {
+            warnings.push(format!("the new incumbent did not get Commit ({e})"));
+        }
         if let Some(o) = &self.o {
             if let Err(e) = o.send(&Message::Commit { handoff_id: id }) {
                 warnings.push(format!("the old incumbent did not get Commit ({e}); it will find the state lock taken and retire"));
             }
         }
-        let n = self.n.take().expect("successor exists at commit");
-        if let Err(e) = n.chan.send(&Message::Commit { handoff_id: id }) {
-            warnings.push(format!("the new incumbent did not get Commit ({e})"));
-        }
-        crash::point("s-after-commit");
+        crash::point_if(self.with_incumbent, "s-after-commit");
         let new_pid = n.child.pid();
         let old_pid = self.old.as_ref().map(Child::pid);
         {

@@ -1,0 +1,310 @@
+//! The crash matrix (DESIGN §7, issue 3): one scenario per crash point, run
+//! against the real binaries with clients connecting continuously.
+//!
+//! Each scenario kills one role — supervisor (`s-…`), incumbent (`o-…`) or
+//! successor (`n-…`) — at an exact protocol step (the `crash-points`
+//! feature; `HANDOFF_CRASH_AT=<point>`), lets the system recover on its own
+//! (a killed supervisor is started again with the same dirs, as an operator
+//! or systemd would), and asserts:
+//! 1. no connection attempt is ever refused; requests fail only where a
+//!    killed *serving* process takes its own connections with it;
+//! 2. once settled, exactly one service process runs, answers on the
+//!    listener, and holds the state lock — the one `handoff::crash::POINTS`
+//!    names as the survivor;
+//! 3. every acknowledged write is readable;
+//! 4. no zombie, the survivor's fd count back to an idle incumbent's, the
+//!    supervisor's fd count flat across the next upgrade, journal cleared;
+//! 5. the next upgrade commits.
+//!
+//! Run with `cargo test --workspace --all-features` (the README's command);
+//! `scripts/crash-matrix-loop N` repeats the whole matrix N times.
+#![cfg(feature = "crash-points")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use handoff::crash::{Survivor, POINTS};
+use support::*;
+
+/// Short recovery wait for a sealed incumbent that lost its supervisor, so
+/// scenarios settle in seconds (the default is 10 s).
+const RECOVERY_WAIT_MS: &str = "1500";
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Live (non-zombie) service processes under any of `roots`.
+fn services(roots: &[u32]) -> Vec<u32> {
+    let mut v: Vec<u32> = roots
+        .iter()
+        .flat_map(|r| descendants_of(*r))
+        .filter(|p| comm(*p) == "handoff-demo" && !is_zombie(*p))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn zombies(roots: &[u32]) -> Vec<u32> {
+    roots
+        .iter()
+        .flat_map(|r| descendants_of(*r))
+        .filter(|p| is_zombie(*p))
+        .collect()
+}
+
+/// The `handoff` process under a subreaper root.
+fn supervisor_pid(root: u32) -> u32 {
+    children_of(root)
+        .into_iter()
+        .find(|p| comm(*p) == "handoff")
+        .unwrap_or_else(|| panic!("no handoff process under {root}"))
+}
+
+/// Waits until exactly one service process runs, serves `addr` and holds
+/// the state lock; returns its pid.
+fn settle(roots: &[u32], addr: SocketAddr, lock: &Path, what: &str) -> u32 {
+    let mut last = String::new();
+    let ok = poll_until(SETTLE, || {
+        let svc = services(roots);
+        let serving = serving_pid(addr).ok();
+        let holders = lock_holders(lock);
+        last = format!("services {svc:?}, serving {serving:?}, lock holders {holders:?}");
+        svc.len() == 1 && serving == Some(svc[0]) && holders == svc
+    });
+    assert!(
+        ok,
+        "{what}: did not settle to exactly one serving lock holder within {SETTLE:?}: {last}"
+    );
+    services(roots)[0]
+}
+
+fn idle_fds_settle(pid: u32, expected: usize, what: &str) {
+    let mut now = None;
+    let ok = poll_until(Duration::from_secs(10), || {
+        now = count_open_fds(pid);
+        now == Some(expected)
+    });
+    assert!(
+        ok,
+        "{what}: pid {pid} has {now:?} fds idle, an idle incumbent has {expected}"
+    );
+}
+
+fn scenario(point: &str) {
+    let _guard = begin_test(point, Duration::from_secs(150));
+    let spec = POINTS
+        .iter()
+        .find(|p| p.name == point)
+        .unwrap_or_else(|| panic!("unknown crash point {point}"));
+    let role = &point[..2];
+    let dirs = TestDirs::new();
+    let lock = dirs.state.join(handoff::lock::LOCK_FILE);
+    let journal = dirs.state.join(handoff::journal::JOURNAL_FILE);
+    let base_env = vec![(
+        "HANDOFF_RECOVERY_WAIT_MS".to_string(),
+        RECOVERY_WAIT_MS.to_string(),
+    )];
+
+    let mut s1_env = base_env.clone();
+    if role == "s-" {
+        s1_env.push(("HANDOFF_CRASH_AT".into(), point.into()));
+    }
+    let crashing = dirs.env_wrapper(point, &[("HANDOFF_CRASH_AT", point)]);
+    let program = if role == "o-" {
+        crashing.clone()
+    } else {
+        demo_bin()
+    };
+    let s1 = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &program,
+        &[],
+        &StartOpts {
+            env: s1_env,
+            subreaper: true,
+        },
+    );
+    let addr = s1.addr;
+    let old = s1.first_pid;
+    let idle_fds = count_open_fds(old).expect("fds of the first incumbent");
+
+    let load = Load::start(addr, 2, 2).expect("start load");
+    load.wait_progress(100, Duration::from_secs(20), "before the upgrade");
+
+    let binary = if role == "n-" {
+        crashing.clone()
+    } else {
+        demo_bin()
+    };
+    let out = s1.upgrade(&["--binary", binary.to_str().unwrap()]);
+    let committed_new = match (role, spec.survivor) {
+        // The supervisor died mid-upgrade: its client loses the connection.
+        ("s-", _) => {
+            assert_eq!(
+                out.code,
+                Some(2),
+                "{point}: the upgrade client should see the supervisor vanish\n{out}"
+            );
+            None
+        }
+        (_, Survivor::Old) => {
+            out.expect_aborted(&["aborted"]);
+            None
+        }
+        _ => Some(out.expect_committed().new_pid),
+    };
+
+    // A killed supervisor is started again on the same dirs.
+    let s2 = (role == "s-").then(|| {
+        Supervisor::start_with(
+            &dirs.runtime,
+            &dirs.state,
+            &demo_bin(),
+            &[],
+            &StartOpts {
+                env: base_env.clone(),
+                subreaper: true,
+            },
+        )
+    });
+    let current = s2.as_ref().unwrap_or(&s1);
+    assert_eq!(
+        current.addr, addr,
+        "{point}: the restarted supervisor must keep the same listener"
+    );
+    let roots: Vec<u32> = [Some(s1.pid), s2.as_ref().map(|s| s.pid)]
+        .into_iter()
+        .flatten()
+        .collect();
+
+    let survivor = settle(&roots, addr, &lock, point);
+    match spec.survivor {
+        Survivor::Old => assert_eq!(
+            survivor, old,
+            "{point}: expected the old incumbent to survive"
+        ),
+        Survivor::New => {
+            assert_ne!(survivor, old, "{point}: expected the successor to survive");
+            if let Some(n) = committed_new {
+                assert_eq!(survivor, n, "{point}: expected the committed successor");
+            }
+        }
+        Survivor::Restarted => {
+            assert_ne!(survivor, old, "{point}: expected a restarted process");
+            assert_ne!(
+                Some(survivor),
+                committed_new,
+                "{point}: the committed successor died"
+            );
+        }
+    }
+    if let Some(s2) = &s2 {
+        assert_eq!(
+            s2.first_pid, survivor,
+            "{point}: the restarted supervisor adopted another process"
+        );
+    }
+    load.wait_progress(100, Duration::from_secs(20), "after recovery");
+
+    assert!(
+        poll_until(Duration::from_secs(10), || !journal.exists()),
+        "{point}: journal not cleared"
+    );
+    let mut z = vec![];
+    let reaped = poll_until(Duration::from_secs(10), || {
+        z = zombies(&roots);
+        z.is_empty()
+    });
+    assert!(reaped, "{point}: zombies left: {z:?}");
+
+    let report = load.stop();
+    eprintln!(
+        "{point}: survivor {survivor} ({:?}); {report}",
+        spec.survivor
+    );
+    assert_eq!(report.refused, 0, "{point}: connections refused\n{report}");
+    if role == "o-" {
+        // A killed serving process takes the connections it held with it;
+        // nothing else may fail.
+        assert_eq!(
+            report.timeouts + report.bad_status + report.mismatches,
+            0,
+            "{point}\n{report}"
+        );
+    } else {
+        report.assert_clean();
+    }
+    let problems = verify_acked(addr, &report.acked);
+    assert!(
+        problems.is_empty(),
+        "{point}: acknowledged writes lost: {problems:?}"
+    );
+
+    idle_fds_settle(survivor, idle_fds, point);
+    let sup = supervisor_pid(current.pid);
+    let sup_fds = count_open_fds(sup).expect("supervisor fds");
+
+    // The next upgrade commits, and leaves one process again.
+    let next = current
+        .upgrade(&["--binary", demo_bin().to_str().unwrap()])
+        .expect_committed();
+    let after = settle(&roots, addr, &lock, &format!("{point}, next upgrade"));
+    assert_eq!(after, next.new_pid);
+    assert!(
+        poll_until(Duration::from_secs(10), || count_open_fds(sup)
+            == Some(sup_fds)),
+        "{point}: supervisor fds {:?} after the next upgrade, {sup_fds} before",
+        count_open_fds(sup)
+    );
+    idle_fds_settle(after, idle_fds, point);
+}
+
+macro_rules! matrix {
+    ($($test:ident => $point:literal,)*) => {
+        $( #[test] fn $test() { scenario($point); } )*
+
+        /// The list above covers every crash point the library defines.
+        #[test]
+        fn every_point_has_a_scenario() {
+            let here = [$($point),*];
+            for p in POINTS {
+                assert!(here.contains(&p.name), "no scenario for {}", p.name);
+            }
+        }
+    };
+}
+
+matrix! {
+    s_after_incumbent_hello => "s-after-incumbent-hello",
+    s_after_incumbent_helloack => "s-after-incumbent-helloack",
+    s_after_spawn => "s-after-spawn",
+    s_after_successor_hello => "s-after-successor-hello",
+    s_after_successor_helloack => "s-after-successor-helloack",
+    s_after_prepare => "s-after-prepare",
+    s_after_drained => "s-after-drained",
+    s_after_seal_request => "s-after-seal-request",
+    s_after_sealed => "s-after-sealed",
+    s_after_begin => "s-after-begin",
+    s_after_ready => "s-after-ready",
+    s_after_commit => "s-after-commit",
+    o_in_drain => "o-in-drain",
+    o_after_drained => "o-after-drained",
+    o_in_seal => "o-in-seal",
+    o_after_seal_complete => "o-after-seal-complete",
+    o_after_commit => "o-after-commit",
+    n_after_hello => "n-after-hello",
+    n_after_begin => "n-after-begin",
+    n_after_lock => "n-after-lock",
+    n_before_ready => "n-before-ready",
+    n_after_ready => "n-after-ready",
+}
