@@ -308,3 +308,155 @@ matrix! {
     n_before_ready => "n-before-ready",
     n_after_ready => "n-after-ready",
 }
+
+/// Many consecutive upgrades, each with a random crash point armed, on one
+/// long-lived service under continuous load: after every one, exactly one
+/// process serves and holds the lock, no zombie, journal cleared; at the end
+/// no refused connection, every acknowledged write readable, and the
+/// survivor's idle fd count equal to the first incumbent's.
+///
+/// `HANDOFF_STRESS_ITERS` (default 8) and `HANDOFF_STRESS_SEED` (default:
+/// the clock; printed) control it.
+#[test]
+fn stress_random_crash_points() {
+    let iters: usize = std::env::var("HANDOFF_STRESS_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let _guard = begin_test("stress", Duration::from_secs(60 + 20 * iters as u64));
+    let mut seed: u64 = std::env::var("HANDOFF_STRESS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        });
+    eprintln!("stress: {iters} iterations, HANDOFF_STRESS_SEED={seed}");
+    let mut next = move || {
+        // xorshift64
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+
+    let dirs = TestDirs::new();
+    let lock = dirs.state.join(handoff::lock::LOCK_FILE);
+    let journal = dirs.state.join(handoff::journal::JOURNAL_FILE);
+    let env = vec![(
+        "HANDOFF_RECOVERY_WAIT_MS".to_string(),
+        RECOVERY_WAIT_MS.to_string(),
+    )];
+    let start = |extra: Option<&str>| {
+        let mut env = env.clone();
+        if let Some(p) = extra {
+            env.push(("HANDOFF_CRASH_AT".into(), p.into()));
+        }
+        Supervisor::start_with(
+            &dirs.runtime,
+            &dirs.state,
+            &demo_bin(),
+            &[],
+            &StartOpts {
+                env,
+                subreaper: true,
+            },
+        )
+    };
+    let mut sups = vec![start(None)];
+    let addr = sups[0].addr;
+    let idle_fds = count_open_fds(sups[0].first_pid).expect("fds");
+    let load = Load::start(addr, 2, 2).expect("start load");
+    load.wait_progress(100, Duration::from_secs(20), "before the first upgrade");
+    let demo = demo_bin();
+    let demo = demo.to_str().unwrap();
+
+    for it in 0..iters {
+        let p = POINTS[(next() % POINTS.len() as u64) as usize];
+        let wrapper =
+            dirs.env_wrapper(&format!("{}-{it}", p.name), &[("HANDOFF_CRASH_AT", p.name)]);
+        let wrapper = wrapper.to_str().unwrap();
+        eprintln!("stress {it}: {} (expect {:?})", p.name, p.survivor);
+        let sup_before = supervisor_pid(sups.last().unwrap().pid);
+        let fds_before = count_open_fds(sup_before);
+        match &p.name[..2] {
+            "n-" => {
+                let out = sups.last().unwrap().upgrade(&["--binary", wrapper]);
+                if p.survivor == Survivor::Old {
+                    out.expect_aborted(&["aborted"]);
+                } else {
+                    out.expect_committed();
+                }
+            }
+            "o-" => {
+                // Arm the incumbent: it must have been spawned with the point.
+                sups.last()
+                    .unwrap()
+                    .upgrade(&["--binary", wrapper])
+                    .expect_committed();
+                let roots: Vec<u32> = sups.iter().map(|s| s.pid).collect();
+                settle(&roots, addr, &lock, p.name);
+                sups.last()
+                    .unwrap()
+                    .upgrade(&["--binary", demo])
+                    .expect_committed();
+            }
+            _ => {
+                // Replace the supervisor by one armed with the point (a
+                // kill -9 and a re-attach in itself), crash it mid-upgrade,
+                // then start a clean one.
+                let victim = supervisor_pid(sups.last().unwrap().pid);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(victim as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                sups.push(start(Some(p.name)));
+                let out = sups.last().unwrap().upgrade(&["--binary", demo]);
+                assert_eq!(out.code, Some(2), "stress {it} {}: {out}", p.name);
+                sups.push(start(None));
+                assert_eq!(sups.last().unwrap().addr, addr);
+            }
+        }
+        let roots: Vec<u32> = sups.iter().map(|s| s.pid).collect();
+        settle(&roots, addr, &lock, &format!("stress {it}: {}", p.name));
+        assert!(
+            poll_until(Duration::from_secs(10), || !journal.exists()),
+            "stress {it}: journal not cleared"
+        );
+        assert!(
+            poll_until(Duration::from_secs(10), || zombies(&roots).is_empty()),
+            "stress {it}: zombies {:?}",
+            zombies(&roots)
+        );
+        load.wait_progress(50, Duration::from_secs(20), "after a crash");
+        // The same supervisor lived through it: its fd count is flat.
+        if supervisor_pid(sups.last().unwrap().pid) == sup_before {
+            assert!(
+                poll_until(Duration::from_secs(10), || count_open_fds(sup_before)
+                    == fds_before),
+                "stress {it}: supervisor fds {:?}, {fds_before:?} before",
+                count_open_fds(sup_before)
+            );
+        }
+    }
+
+    let report = load.stop();
+    eprintln!("stress: {report}");
+    assert_eq!(report.refused, 0, "{report}");
+    assert_eq!(
+        report.timeouts + report.bad_status + report.mismatches,
+        0,
+        "{report}"
+    );
+    let problems = verify_acked(addr, &report.acked);
+    assert!(
+        problems.is_empty(),
+        "acknowledged writes lost: {problems:?}"
+    );
+    let roots: Vec<u32> = sups.iter().map(|s| s.pid).collect();
+    let survivor = settle(&roots, addr, &lock, "stress end");
+    idle_fds_settle(survivor, idle_fds, "stress end");
+}
