@@ -12,9 +12,9 @@
 /// Every crash point, with the survivor the crash matrix expects and what
 /// brings the service back to exactly one healthy incumbent.
 pub const POINTS: &[CrashPoint] = &[
-    CrashPoint::new("s-after-incumbent-hello", Survivor::Old, "incumbent never prepared: keeps serving; successor (not spawned yet)"),
+    CrashPoint::new("s-after-incumbent-hello", Survivor::Old, "nothing was asked of the incumbent yet: it keeps serving (no successor exists)"),
     CrashPoint::new("s-after-incumbent-helloack", Survivor::Old, "incumbent sees EOF before PrepareHandoff and keeps serving"),
-    CrashPoint::new("s-after-spawn", Survivor::Old, "successor sees EOF in its greeting and exits; incumbent untouched"),
+    CrashPoint::new("s-after-spawn", Survivor::Old, "the successor finds the supervisor gone when it says Hello and exits; the incumbent was never asked to drain"),
     CrashPoint::new("s-after-successor-hello", Survivor::Old, "successor sees EOF and exits; incumbent untouched"),
     CrashPoint::new("s-after-successor-helloack", Survivor::Old, "successor sees EOF waiting for Begin and exits"),
     CrashPoint::new("s-after-prepare", Survivor::Old, "incumbent finishes draining, finds the supervisor gone, resumes; successor exits on EOF"),
@@ -119,6 +119,24 @@ mod tests {
             );
         }
         assert!(POINTS.len() >= 22);
+    }
+
+    /// docs/crash-matrix.md lists every point with the survivor above.
+    #[test]
+    fn the_documented_table_matches() {
+        let doc = include_str!("../../../docs/crash-matrix.md");
+        for p in POINTS {
+            let survivor = match p.survivor {
+                Survivor::Old => "old incumbent",
+                Survivor::New => "successor",
+                Survivor::Restarted => "a restarted incumbent",
+            };
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", p.name)))
+                .unwrap_or_else(|| panic!("{} missing from docs/crash-matrix.md", p.name));
+            assert!(row.contains(&format!("| {survivor} |")), "{row}");
+        }
     }
 
     /// Every listed point is placed in the code exactly once.
