@@ -166,7 +166,15 @@ fn run(a: RunArgs) -> Result<()> {
         .write(true)
         .open(&lock_path)
         .with_context(|| format!("opening {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
+    // A supervisor that was just killed may still be closing its files
+    // (the kernel releases the lock as the last of them closes): give it a
+    // moment rather than refuse a restart that raced its exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while lock.try_lock().is_err() {
+        if std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         bail!(
             "another handoff supervisor is running with --runtime-dir {} (it holds {}); use `handoff upgrade` to talk to it",
             runtime.display(),
