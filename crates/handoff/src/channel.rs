@@ -114,29 +114,7 @@ impl Channel {
         &mut self,
         timeout: Duration,
     ) -> Result<(Message, Vec<std::os::fd::OwnedFd>), FrameError> {
-        self.arm(Some(timeout))?;
-        let start = Instant::now();
-        let mut head = [0u8; frame::HEADER_LEN];
-        let (n, fds) = match sys::fdpass::recv_with_fds(&self.stream, &mut head) {
-            Ok(v) => v,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(FrameError::TimedOut {
-                    waited_ms: start.elapsed().as_millis() as u64,
-                })
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if n == 0 {
-            return Err(FrameError::Closed);
-        }
-        let mut reader = (&head[..n]).chain(&self.stream);
-        let f = Self::timed(start, frame::read_frame(&mut reader))?;
-        Ok((self.check(f)?, fds))
+        self.recv_with_ancillary(timeout, sys::fdpass::recv_with_fds)
     }
 
     /// A handle that can send from another thread (heartbeats).
@@ -198,10 +176,22 @@ impl Channel {
         &mut self,
         timeout: Duration,
     ) -> Result<(Message, Option<PeerCred>), FrameError> {
+        self.recv_with_ancillary(timeout, sys::recv_with_credentials)
+    }
+
+    /// Reads one frame whose first chunk comes from `first` — a `recvmsg`
+    /// that also collects the control message the sender attached (it
+    /// arrives with the first byte of the frame, so the header read is
+    /// where it must be taken).
+    fn recv_with_ancillary<T>(
+        &mut self,
+        timeout: Duration,
+        first: impl FnOnce(&UnixStream, &mut [u8]) -> io::Result<(usize, T)>,
+    ) -> Result<(Message, T), FrameError> {
         self.arm(Some(timeout))?;
         let start = Instant::now();
         let mut head = [0u8; frame::HEADER_LEN];
-        let (n, cred) = match sys::recv_with_credentials(&self.stream, &mut head) {
+        let (n, extra) = match first(&self.stream, &mut head) {
             Ok(v) => v,
             Err(e)
                 if matches!(
@@ -220,7 +210,7 @@ impl Channel {
         }
         let mut reader = (&head[..n]).chain(&self.stream);
         let f = Self::timed(start, frame::read_frame(&mut reader))?;
-        Ok((self.check(f)?, cred))
+        Ok((self.check(f)?, extra))
     }
 }
 

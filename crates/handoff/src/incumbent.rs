@@ -170,25 +170,8 @@ impl Incumbent {
         let msg = chan
             .recv(Some(timeout))
             .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))?;
-        if !phase.allows(&msg) {
-            return Err(ProtocolError::Unexpected {
-                peer: Peer::Supervisor,
-                phase: phase.name(),
-                message: msg.name(),
-            });
-        }
-        if let (Some(expected), Some(found)) = (id, msg.handoff_id()) {
-            if expected != found {
-                return Err(ProtocolError::WrongHandoffId {
-                    peer: Peer::Supervisor,
-                    phase: phase.name(),
-                    message: msg.name(),
-                    expected,
-                    found,
-                });
-            }
-        }
-        Ok(msg)
+        let legal = phase.allows(&msg);
+        crate::phase::admit(Peer::Supervisor, phase.name(), legal, id, msg)
     }
 
     fn handoff<D: Drainable>(

@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Message;
+use crate::error::ProtocolError;
+use crate::protocol::{HandoffId, Message};
 
 /// The supervisor's phases; also what the journal records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
@@ -86,6 +87,37 @@ impl std::fmt::Display for Peer {
             Peer::Supervisor => "supervisor",
         })
     }
+}
+
+/// The one gate every received message passes: legal in this phase (per
+/// the tables above, evaluated by the caller into `legal`) and, when it is
+/// handoff-scoped, for the handoff under way.
+pub fn admit(
+    peer: Peer,
+    phase: &'static str,
+    legal: bool,
+    id: Option<HandoffId>,
+    msg: Message,
+) -> Result<Message, ProtocolError> {
+    if !legal {
+        return Err(ProtocolError::Unexpected {
+            peer,
+            phase,
+            message: msg.name(),
+        });
+    }
+    if let (Some(expected), Some(found)) = (id, msg.handoff_id()) {
+        if expected != found {
+            return Err(ProtocolError::WrongHandoffId {
+                peer,
+                phase,
+                message: msg.name(),
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(msg)
 }
 
 /// What a supervisor re-attaching after a crash accepts in reply to

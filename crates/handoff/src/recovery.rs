@@ -175,25 +175,7 @@ fn try_reattach(
         }
         Err(e) => return Err(ProtocolError::frame(Peer::Incumbent, phase, e).into()),
     };
-    if hello.role != Role::Incumbent {
-        return Err(ProtocolError::WrongRole {
-            phase,
-            expected: Role::Incumbent,
-            found: hello.role,
-        }
-        .into());
-    }
-    if let Some(k) = kernel.pid {
-        if k != hello.pid {
-            return Err(ProtocolError::PidMismatch {
-                peer: Peer::Incumbent,
-                phase,
-                announced: hello.pid,
-                kernel: k,
-            }
-            .into());
-        }
-    }
+    crate::supervisor::check_hello(&hello, Role::Incumbent, kernel.pid, None, phase)?;
     let v = negotiate(versions, hello.range(), Role::Incumbent)
         .map_err(|e| ProtocolError::NoCommonVersion(e, phase))?;
     chan.send(&Message::HelloAck { version: v })
@@ -204,14 +186,8 @@ fn try_reattach(
     let (msg, fds) = chan
         .recv_with_fds(cfg.timeouts.hello)
         .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, e))?;
-    if !phase::reattach_allows(&msg) {
-        return Err(ProtocolError::Unexpected {
-            peer: Peer::Incumbent,
-            phase,
-            message: msg.name(),
-        }
-        .into());
-    }
+    let legal = phase::reattach_allows(&msg);
+    let msg = phase::admit(Peer::Incumbent, phase, legal, None, msg)?;
     let Message::Listeners { names } = msg else {
         unreachable!("phase table admits only Listeners")
     };

@@ -365,23 +365,6 @@ fn recv(
     let msg = chan
         .recv(timeout)
         .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))?;
-    if !phase.allows(&msg) {
-        return Err(ProtocolError::Unexpected {
-            peer: Peer::Supervisor,
-            phase: phase.name(),
-            message: msg.name(),
-        });
-    }
-    if let (Some(expected), Some(found)) = (id, msg.handoff_id()) {
-        if expected != found {
-            return Err(ProtocolError::WrongHandoffId {
-                peer: Peer::Supervisor,
-                phase: phase.name(),
-                message: msg.name(),
-                expected,
-                found,
-            });
-        }
-    }
-    Ok(msg)
+    let legal = phase.allows(&msg);
+    crate::phase::admit(Peer::Supervisor, phase.name(), legal, id, msg)
 }

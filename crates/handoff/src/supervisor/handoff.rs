@@ -252,7 +252,7 @@ impl<'a, 'o> Run<'a, 'o> {
         };
         crash::point_if(self.with_incumbent, "s-after-incumbent-hello");
         let expected_pid = self.old.as_ref().map(Child::pid);
-        self.check_hello(&hello, Role::Incumbent, kernel.pid, expected_pid)?;
+        check_hello(&hello, Role::Incumbent, kernel.pid, expected_pid, "hello")?;
         let v = negotiate(self.sup.cfg.versions, hello.range(), Role::Incumbent)
             .map_err(|e| ProtocolError::NoCommonVersion(e, "hello"))?;
         chan.send(&Message::HelloAck { version: v })
@@ -260,49 +260,6 @@ impl<'a, 'o> Run<'a, 'o> {
         crash::point_if(self.with_incumbent, "s-after-incumbent-helloack");
         chan.set_version(v);
         self.o = Some(chan);
-        Ok(())
-    }
-
-    fn check_hello(
-        &self,
-        hello: &Hello,
-        role: Role,
-        kernel_pid: Option<u32>,
-        expected_pid: Option<u32>,
-    ) -> Result<(), ProtocolError> {
-        let peer = if role == Role::Incumbent {
-            Peer::Incumbent
-        } else {
-            Peer::Successor
-        };
-        if hello.role != role {
-            return Err(ProtocolError::WrongRole {
-                phase: "hello",
-                expected: role,
-                found: hello.role,
-            });
-        }
-        if let Some(k) = kernel_pid {
-            if k != hello.pid {
-                return Err(ProtocolError::PidMismatch {
-                    peer,
-                    phase: "hello",
-                    announced: hello.pid,
-                    kernel: k,
-                });
-            }
-        }
-        if let Some(e) = expected_pid {
-            let k = kernel_pid.unwrap_or(hello.pid);
-            if k != e {
-                return Err(ProtocolError::PidMismatch {
-                    peer,
-                    phase: "hello",
-                    announced: e,
-                    kernel: k,
-                });
-            }
-        }
         Ok(())
     }
 
@@ -370,7 +327,7 @@ impl<'a, 'o> Run<'a, 'o> {
             }
             None => None,
         };
-        self.check_hello(&hello, Role::Successor, kernel_pid, Some(pid))?;
+        check_hello(&hello, Role::Successor, kernel_pid, Some(pid), "hello")?;
         let v = negotiate(self.sup.cfg.versions, hello.range(), Role::Successor)
             .map_err(|e| ProtocolError::NoCommonVersion(e, "hello"))?;
         let chan = self.n_chan();
@@ -485,26 +442,8 @@ impl<'a, 'o> Run<'a, 'o> {
                     });
                 }
             };
-            if !phase.allows(peer, &msg) {
-                return Err(ProtocolError::Unexpected {
-                    peer,
-                    phase: phase.name(),
-                    message: msg.name(),
-                }
-                .into());
-            }
-            if let Some(found) = msg.handoff_id() {
-                if found != id {
-                    return Err(ProtocolError::WrongHandoffId {
-                        peer,
-                        phase: phase.name(),
-                        message: msg.name(),
-                        expected: id,
-                        found,
-                    }
-                    .into());
-                }
-            }
+            let legal = phase.allows(peer, &msg);
+            let msg = crate::phase::admit(peer, phase.name(), legal, Some(id), msg)?;
             if msg.is_keepalive() {
                 continue;
             }
@@ -613,4 +552,50 @@ impl<'a, 'o> Run<'a, 'o> {
             incumbent_resumed: resumed,
         }
     }
+}
+
+/// Checks a Hello against what the kernel vouches for: the right role, the
+/// announced pid equal to the kernel's (`kernel_pid`, from `SO_PEERCRED` or
+/// `SCM_CREDENTIALS`), and — when we know whom we expect — that process.
+pub(crate) fn check_hello(
+    hello: &Hello,
+    role: Role,
+    kernel_pid: Option<u32>,
+    expected_pid: Option<u32>,
+    phase: &'static str,
+) -> Result<(), ProtocolError> {
+    let peer = if role == Role::Incumbent {
+        Peer::Incumbent
+    } else {
+        Peer::Successor
+    };
+    if hello.role != role {
+        return Err(ProtocolError::WrongRole {
+            phase,
+            expected: role,
+            found: hello.role,
+        });
+    }
+    if let Some(k) = kernel_pid {
+        if k != hello.pid {
+            return Err(ProtocolError::PidMismatch {
+                peer,
+                phase,
+                announced: hello.pid,
+                kernel: k,
+            });
+        }
+    }
+    if let Some(e) = expected_pid {
+        let k = kernel_pid.unwrap_or(hello.pid);
+        if k != e {
+            return Err(ProtocolError::PidMismatch {
+                peer,
+                phase,
+                announced: e,
+                kernel: k,
+            });
+        }
+    }
+    Ok(())
 }

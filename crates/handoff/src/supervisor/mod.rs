@@ -28,6 +28,7 @@ use crate::spawn::Program;
 use crate::timeouts::Timeouts;
 
 mod handoff;
+pub(crate) use handoff::check_hello;
 use handoff::Run;
 
 /// How the supervisor is set up.

@@ -8,8 +8,8 @@
 //!   the receiver sets `SO_PASSCRED` and the kernel attaches (and refuses to
 //!   let an unprivileged sender forge) the sender's pid/uid/gid.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd};
+use std::io;
+use std::os::fd::AsFd;
 
 /// Identity of a peer process as the kernel reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,40 +79,13 @@ pub fn enable_passcred<F: AsFd>(fd: &F) -> io::Result<()> {
 /// Writes all of `buf`, the first chunk carrying `SCM_CREDENTIALS` on Linux.
 pub fn send_with_credentials<F: AsFd>(fd: &F, buf: &[u8]) -> io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    let sent = {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixCredentials};
+    {
+        use nix::sys::socket::{ControlMessage, UnixCredentials};
         let creds = UnixCredentials::new();
-        let cmsg = [ControlMessage::ScmCredentials(&creds)];
-        loop {
-            match sendmsg::<()>(
-                fd.as_fd().as_raw_fd(),
-                &[IoSlice::new(buf)],
-                &cmsg,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
-                Ok(n) => break n,
-                Err(nix::Error::EINTR) => continue,
-                Err(e) => return Err(errno(e)),
-            }
-        }
-    };
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let sent = 0;
-    write_rest(fd, &buf[sent..])
-}
-
-fn write_rest<F: AsFd>(fd: &F, mut buf: &[u8]) -> io::Result<()> {
-    use nix::sys::socket::{send, MsgFlags};
-    while !buf.is_empty() {
-        match send(fd.as_fd().as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(errno(e)),
-        }
+        super::msg::send_all_with(fd, buf, &[ControlMessage::ScmCredentials(&creds)])
     }
-    Ok(())
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    super::msg::send_all_with(fd, buf, &[])
 }
 
 /// One `recvmsg` into `buf`, returning the byte count and the sender's pid if
@@ -122,38 +95,23 @@ pub fn recv_with_credentials<F: AsFd>(
     fd: &F,
     buf: &mut [u8],
 ) -> io::Result<(usize, Option<PeerCred>)> {
-    use nix::sys::socket::{recvmsg, MsgFlags};
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let mut space = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     let mut space = nix::cmsg_space!(libc::c_int);
-    loop {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = match recvmsg::<()>(
-            fd.as_fd().as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(errno(e)),
-        };
-        #[allow(unused_mut)]
-        let mut cred = None;
+    let mut cred = None;
+    let n = super::msg::recv_with(fd, buf, &mut space, |c| {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let nix::sys::socket::ControlMessageOwned::ScmCredentials(u) = c {
-                    cred = Some(PeerCred {
-                        pid: u32::try_from(u.pid()).ok(),
-                        uid: u.uid(),
-                    });
-                }
-            }
+        if let nix::sys::socket::ControlMessageOwned::ScmCredentials(u) = c {
+            cred = Some(PeerCred {
+                pid: u32::try_from(u.pid()).ok(),
+                uid: u.uid(),
+            });
         }
-        return Ok((msg.bytes, cred));
-    }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let _ = c;
+    })?;
+    Ok((n, cred))
 }
 
 #[cfg(test)]

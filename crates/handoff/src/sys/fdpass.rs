@@ -2,19 +2,15 @@
 //! restarted supervisor gets the listening sockets back from the incumbent,
 //! which holds its own copies of them.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 /// Most descriptors one message may carry (the kernel's SCM_MAX_FD is 253).
 pub const MAX_FDS: usize = 253;
 
-fn errno(e: nix::Error) -> io::Error {
-    io::Error::from_raw_os_error(e as i32)
-}
-
 /// Writes all of `buf`, the first chunk carrying `fds`.
 pub fn send_with_fds<F: AsFd>(sock: &F, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use nix::sys::socket::ControlMessage;
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -25,65 +21,26 @@ pub fn send_with_fds<F: AsFd>(sock: &F, buf: &[u8], fds: &[BorrowedFd<'_>]) -> i
         ));
     }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let sent = loop {
-        match sendmsg::<()>(
-            sock.as_fd().as_raw_fd(),
-            &[IoSlice::new(buf)],
-            if raw.is_empty() { &[] } else { &cmsg },
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(n) => break n,
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(errno(e)),
-        }
-    };
-    let mut rest = &buf[sent..];
-    while !rest.is_empty() {
-        match nix::sys::socket::send(sock.as_fd().as_raw_fd(), rest, MsgFlags::MSG_NOSIGNAL) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => rest = &rest[n..],
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(errno(e)),
-        }
+    if raw.is_empty() {
+        return super::msg::send_all_with(sock, buf, &[]);
     }
-    Ok(())
+    super::msg::send_all_with(sock, buf, &[ControlMessage::ScmRights(&raw)])
 }
 
 /// One `recvmsg` into `buf`, taking ownership of any descriptors attached
 /// (close-on-exec). Honours `SO_RCVTIMEO`. A truncated control message (more
 /// fds than we have room for) is an error: the kernel has closed the rest.
 pub fn recv_with_fds<F: AsFd>(sock: &F, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    loop {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = match recvmsg::<()>(
-            sock.as_fd().as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(errno(e)),
-        };
-        let mut fds = vec![];
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    // The kernel installed these descriptors in our table
-                    // for us alone: we own them.
-                    fds.extend(raw.into_iter().map(super::exec::own));
-                }
-            }
+    let mut fds = vec![];
+    let n = super::msg::recv_with(sock, buf, &mut space, |c| {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = c {
+            // The kernel installed these descriptors in our table for us
+            // alone: we own them.
+            fds.extend(raw.into_iter().map(super::exec::own));
         }
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-            return Err(io::Error::other("descriptor message truncated"));
-        }
-        return Ok((msg.bytes, fds));
-    }
+    })?;
+    Ok((n, fds))
 }
 
 #[cfg(test)]

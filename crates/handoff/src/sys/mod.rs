@@ -8,6 +8,7 @@
 pub mod creds;
 pub mod exec;
 pub mod fdpass;
+mod msg;
 pub mod shm;
 pub mod wait;
 
