@@ -21,7 +21,7 @@ pub const POINTS: &[CrashPoint] = &[
     CrashPoint::new("s-after-drained", Survivor::Old, "incumbent (drained) sees EOF and resumes; successor exits on EOF"),
     CrashPoint::new("s-after-seal-request", Survivor::Old, "incumbent seals, then finds the supervisor gone and re-takes the free state lock"),
     CrashPoint::new("s-after-sealed", Survivor::Old, "incumbent (sealed) re-takes the state lock; successor never got Begin and exits"),
-    CrashPoint::new("s-after-begin", Survivor::Old, "successor's Ready hits a closed socket: it exits, releasing the lock, which the incumbent re-takes"),
+    CrashPoint::new("s-after-begin", Survivor::Old, "the supervisor never read Ready: the successor sees EPIPE or a reset (not EOF) and exits, releasing the lock, which the incumbent re-takes"),
     CrashPoint::new("s-after-ready", Survivor::New, "successor said Ready: it is the incumbent; the old one cannot re-take the lock and retires"),
     CrashPoint::new("s-after-commit", Survivor::New, "committed: the old process retires, the new one serves"),
     CrashPoint::new("o-in-drain", Survivor::New, "incumbent died: the supervisor continues with the successor (the kernel released the lock)"),

@@ -314,14 +314,22 @@ impl Begun {
         if let Err(e) = healthy {
             return Err(ProcessError::Service(format!("health check failed: {e}")));
         }
-        // After Ready we are the incumbent whatever happens: Commit, or the
-        // supervisor vanishing, both end here.
+        // Once the supervisor has *read* Ready we are the incumbent whatever
+        // happens: Commit, or the supervisor vanishing, both end here.
         loop {
             match recv(&mut chan, phase, Some(id), None) {
                 Ok(_) => break, // Commit
                 Err(ProtocolError::Unexpected { message, .. }) => {
                     tracing::warn!(target: "handoff::successor", handoff_id = id, message, "ignoring message after Ready");
                     continue;
+                }
+                Err(e) if ready_was_unread(&e) => {
+                    // The supervisor died with our Ready still in its
+                    // receive queue: it never learned we were ready, and
+                    // the old incumbent is waiting to take the lock back.
+                    // Step aside (exiting releases the lock).
+                    tracing::warn!(target: "handoff::successor", handoff_id = id, "supervisor died before reading Ready; giving way to the incumbent");
+                    return Err(ProcessError::SupervisorGone);
                 }
                 Err(e) => {
                     tracing::warn!(target: "handoff::successor", handoff_id = id, error = %e, "supervisor gone after Ready; serving as the incumbent");
@@ -332,6 +340,24 @@ impl Begun {
         tracing::info!(target: "handoff::successor", handoff_id = id, "committed: now the incumbent");
         Ok(Incumbent::new(self.cfg, self.lock, listener, self.kept))
     }
+}
+
+/// Whether the supervisor closed its end without reading what we sent last.
+///
+/// Linux reports ECONNRESET to the peer of a Unix stream socket that is
+/// closed with data still in its receive queue, and plain EOF otherwise. So
+/// after our Ready, a reset means the supervisor died before reading it,
+/// EOF that it read it (and then died or hung up). Elsewhere both look like
+/// EOF, and the successor keeps the role it announced: still exactly one
+/// incumbent, decided by the state lock.
+fn ready_was_unread(e: &ProtocolError) -> bool {
+    matches!(
+        e,
+        ProtocolError::Frame {
+            source: crate::frame::FrameError::Io(io),
+            ..
+        } if io.kind() == std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Takes the control channel the supervisor passed in `HANDOFF_SOCK_FD`.
