@@ -87,6 +87,24 @@ fn settle(roots: &[u32], addr: SocketAddr, lock: &Path, what: &str) -> u32 {
     services(roots)[0]
 }
 
+/// The fd count of an idle incumbent. Measured once it has answered a
+/// request — it accepts only after its control channel to the supervisor is
+/// closed — and as the lowest of a few samples, since the connection of that
+/// request closes asynchronously.
+fn idle_fd_baseline(pid: u32, addr: SocketAddr) -> usize {
+    assert_eq!(
+        serving_pid(addr).ok(),
+        Some(pid),
+        "baseline: {pid} is not serving"
+    );
+    let mut low = usize::MAX;
+    poll_until(Duration::from_millis(300), || {
+        low = low.min(count_open_fds(pid).unwrap_or(usize::MAX));
+        false
+    });
+    low
+}
+
 fn idle_fds_settle(pid: u32, expected: usize, what: &str) {
     let mut now = None;
     let ok = poll_until(Duration::from_secs(10), || {
@@ -136,7 +154,7 @@ fn scenario(point: &str) {
     );
     let addr = s1.addr;
     let old = s1.first_pid;
-    let idle_fds = count_open_fds(old).expect("fds of the first incumbent");
+    let idle_fds = idle_fd_baseline(old, addr);
 
     let load = Load::start(addr, 2, 2).expect("start load");
     load.wait_progress(100, Duration::from_secs(20), "before the upgrade");
@@ -368,7 +386,7 @@ fn stress_random_crash_points() {
     };
     let mut sups = vec![start(None)];
     let addr = sups[0].addr;
-    let idle_fds = count_open_fds(sups[0].first_pid).expect("fds");
+    let idle_fds = idle_fd_baseline(sups[0].first_pid, addr);
     let load = Load::start(addr, 2, 2).expect("start load");
     load.wait_progress(100, Duration::from_secs(20), "before the first upgrade");
     let demo = demo_bin();
