@@ -238,9 +238,6 @@ fn run(a: RunArgs) -> Result<()> {
             (sup, shown, report.new_pid)
         }
     };
-    println!("ready pid={pid}");
-    std::io::stdout().flush()?;
-
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let (sup, program, stopping) = (sup.clone(), program.clone(), stopping.clone());
@@ -265,6 +262,10 @@ fn run(a: RunArgs) -> Result<()> {
     let admin_listener = UnixListener::bind(&admin_path)
         .with_context(|| format!("binding {}", admin_path.display()))?;
     fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
+    // `ready` means ready for commands too: only once the admin socket is
+    // bound (an upgrade sent right after it must find the socket).
+    println!("ready pid={pid}");
+    std::io::stdout().flush()?;
 
     let ctx = Arc::new(Ctx {
         sup: sup.clone(),
