@@ -182,6 +182,13 @@ fn scenario(point: &str) {
         _ => Some(out.expect_committed().new_pid),
     };
 
+    // The point really fired (its process announces it on the way down).
+    let fired = format!("crash point {point}: SIGKILL");
+    assert!(
+        poll_until(Duration::from_secs(10), || s1.stderr_log().contains(&fired)),
+        "{point}: the crash point never fired\n{out}"
+    );
+
     // A killed supervisor is started again on the same dirs.
     let s2 = (role == "s-").then(|| {
         Supervisor::start_with(
@@ -434,6 +441,16 @@ fn stress_random_crash_points() {
                 sups.push(start(Some(p.name)));
                 let out = sups.last().unwrap().upgrade(&["--binary", demo]);
                 assert_eq!(out.code, Some(2), "stress {it} {}: {out}", p.name);
+                let fired = format!("crash point {}: SIGKILL", p.name);
+                assert!(
+                    poll_until(Duration::from_secs(10), || sups
+                        .last()
+                        .unwrap()
+                        .stderr_log()
+                        .contains(&fired)),
+                    "stress {it}: {} never fired\n{out}",
+                    p.name
+                );
                 sups.push(start(None));
                 assert_eq!(sups.last().unwrap().addr, addr);
             }
