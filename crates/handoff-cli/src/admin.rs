@@ -1,5 +1,5 @@
-//! The supervisor's admin socket: how `handoff upgrade` (and later
-//! `status`/`stop`) talk to `handoff run`.
+//! The supervisor's admin socket: how `handoff upgrade` and `handoff
+//! status` (and later `stop`) talk to `handoff run`.
 //!
 //! One request frame from the client, then a stream of event frames from the
 //! supervisor ending with a final one. Frames are the library's (magic,
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use handoff::frame;
+use handoff_demo::counters::Counters;
 use serde::{Deserialize, Serialize};
 
 /// File name of the admin socket inside the runtime dir.
@@ -60,6 +61,14 @@ pub enum Event {
         build_id: String,
         listeners: Vec<String>,
         retiring_pids: Vec<u32>,
+        /// The service's live counters, read by the supervisor straight
+        /// from the shared region in the state dir (see
+        /// `handoff_demo::counters`); absent when the service keeps none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_counters: Option<Counters>,
+        /// Why the region exists but could not be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_counters_error: Option<String>,
     },
     /// The request itself failed (bad request, handoff already running…).
     Error {

@@ -2,13 +2,16 @@
 //! connection.
 //!
 //! A thin CLI over the `handoff` library: `run` is the supervisor, `upgrade`
-//! asks a running supervisor for one handoff over its admin socket, `demo`
-//! shows both at work under load.
+//! asks a running supervisor for one handoff over its admin socket, `status`
+//! asks it what runs (and the service's live counters), `demo` shows them at
+//! work under load.
 
 mod admin;
 mod demo;
 mod duration;
+mod restart;
 mod run;
+mod status;
 mod supervise;
 mod upgrade;
 
@@ -46,6 +49,8 @@ enum Command {
     Run(run::RunArgs),
     /// Ask a running supervisor to replace the service with a fresh process.
     Upgrade(upgrade::UpgradeArgs),
+    /// Show what a running supervisor runs, and the service's live counters.
+    Status(status::StatusArgs),
     #[command(about = demo::ABOUT, long_about = demo::LONG_ABOUT, after_long_help = demo::AFTER_HELP)]
     Demo(demo::DemoArgs),
 }
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(a) => run::main(a),
         Command::Upgrade(a) => upgrade::main(a),
+        Command::Status(a) => status::main(a),
         Command::Demo(a) => demo::main(a),
     }
 }

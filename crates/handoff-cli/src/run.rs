@@ -23,8 +23,8 @@ use handoff::{
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::admin::{self, Event, Request};
-use crate::supervise;
 use crate::RuntimeDir;
+use crate::{restart, status, supervise};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -181,6 +181,9 @@ fn run(a: RunArgs) -> Result<()> {
             lock_path.display()
         );
     }
+    // And one per service (state dir), whatever its runtime dir: held until
+    // we exit. See `restart` for why upgrades need no lock of their own.
+    let restart_lock = restart::hold(&a.state_dir, &runtime)?;
 
     let control = runtime.join(admin::CONTROL_SOCK);
     let mut cfg = SupervisorConfig::new(&a.state_dir, &control);
@@ -271,6 +274,7 @@ fn run(a: RunArgs) -> Result<()> {
         sup: sup.clone(),
         program,
         shown,
+        state_dir: a.state_dir.clone(),
     });
     {
         let ctx = ctx.clone();
@@ -304,6 +308,7 @@ fn run(a: RunArgs) -> Result<()> {
                 stopping.store(true, Ordering::SeqCst);
                 stop(&sup);
                 let _ = fs::remove_file(&admin_path);
+                drop(restart_lock);
                 drop(lock);
                 return Ok(());
             }
@@ -341,6 +346,7 @@ struct Ctx {
     sup: Arc<Supervisor>,
     program: Program,
     shown: Vec<String>,
+    state_dir: PathBuf,
 }
 
 fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
@@ -396,6 +402,8 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
     };
     match req {
         Request::Status => {
+            let (service_counters, service_counters_error) =
+                status::service_counters(&ctx.state_dir);
             let _ = admin::send(
                 &stream,
                 &Event::Status {
@@ -404,6 +412,8 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
                     build_id: ctx.sup.incumbent_build(),
                     listeners: ctx.shown.clone(),
                     retiring_pids: ctx.sup.retiring_pids(),
+                    service_counters,
+                    service_counters_error,
                 },
             );
         }

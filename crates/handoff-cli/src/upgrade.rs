@@ -1,7 +1,16 @@
 //! `handoff upgrade`: one handoff, phases printed as they happen.
 //!
-//! Exit status: 0 committed, 1 aborted (reason printed), 2 usage or
-//! connection error.
+//! Exit status: 0 committed, 1 aborted (reason printed), 2 nothing was
+//! attempted: usage or connection error, or the supervisor refused the
+//! request — notably "another handoff is in progress" when a second
+//! `handoff upgrade` (or a SIGHUP) arrives while one runs.
+//!
+//! Concurrent upgrades are serialised by the supervisor, not by this
+//! client: a service has exactly one supervisor (it holds the service's
+//! restart lock for its whole life, see `restart`), and that supervisor
+//! admits one handoff at a time and refuses the rest at once rather than
+//! queueing them — a deploy tool that raced another learns so immediately
+//! and can decide whether to retry. So this client takes no lock itself.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;

@@ -10,7 +10,13 @@
 //!
 //! Run it under the supervisor (`handoff run --listen http=tcp://127.0.0.1:8080
 //! -- handoff-demo`), or standalone with `--listen ADDR --state-dir DIR`.
+//!
+//! Its live counters (requests served, handoffs survived, per-process
+//! totals) are kept in a shared region in the state dir (see `live` and
+//! `handoff_demo::counters`), so they carry across every upgrade and
+//! `handoff status` can show them.
 
+mod live;
 mod server;
 mod store;
 
@@ -41,6 +47,7 @@ ENDPOINTS:
 ENVIRONMENT:
     HANDOFF_DEMO_BUILD_ID     build id reported by /version and to the supervisor
     HANDOFF_DEMO_DRAIN_IDLE_MS  idle time after which a draining connection is closed (100)
+    HANDOFF_DEMO_WARMUP_MS    extra warm-up before taking over (simulates loading caches; 0)
     HANDOFF_DEMO_FAULT        test fault: exit-before-ready | fail-health | hang-before-ready | fail-seal
     RUST_LOG                  log filter (default: warn)
 ";
@@ -84,6 +91,15 @@ struct Service {
     rt: tokio::runtime::Handle,
     state_dir: PathBuf,
     sealed: bool,
+    live: Option<Arc<live::Live>>,
+}
+
+impl Service {
+    fn flush_counters(&self) {
+        if let Some(l) = &self.live {
+            l.flush(&self.shared.served);
+        }
+    }
 }
 
 impl Drainable for Service {
@@ -126,7 +142,11 @@ impl Drainable for Service {
             return Err(format!("flushing {}: {e}", store.path().display()).into());
         }
         self.sealed = true;
-        Ok(None)
+        // Requests answered so far are in the shared region before the
+        // successor starts adding to it; the note tells it that it takes
+        // over in a handoff (it counts one survived).
+        self.flush_counters();
+        Ok(Some(live::SEAL_NOTE.to_vec()))
     }
 
     fn resume(&mut self) -> Result<(), ServiceError> {
@@ -143,6 +163,7 @@ impl Drainable for Service {
 
     fn retire(&mut self) {
         self.shared.set_mode(Mode::Retiring);
+        self.flush_counters();
     }
 }
 
@@ -214,6 +235,18 @@ fn run() -> Result<ExitCode, String> {
             .map_err(|e| format!("registering listeners: {e}"))?
     };
 
+    if let Some(ms) = std::env::var("HANDOFF_DEMO_WARMUP_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // Stands in for a real service's warm-up (loading caches, JIT…);
+        // the tests use it to make a handoff last long enough to overlap.
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    // The counters region is shared, with its own lock: no need to wait for
+    // the state lock to map it.
+    let counters = live::Live::open(&state_dir);
+
     // Read the store ahead of Begin (without the lock): after Begin only
     // the tail appended since needs reading, keeping the accept gap short.
     let preloaded = Store::preload(&state_dir)
@@ -230,6 +263,8 @@ fn run() -> Result<ExitCode, String> {
         }
         Err(e) => return Err(format!("waiting for Begin: {e}")),
     };
+    // A sealed predecessor handed over: this start is a handoff survived.
+    let via_handoff = begun.state().is_some();
     if fault() == "exit-before-ready" {
         eprintln!(
             "handoff-demo[{}]: injected fault: exit-before-ready",
@@ -273,8 +308,13 @@ fn run() -> Result<ExitCode, String> {
                 .map_err(|e| format!("store writer: {e}"))
         })
         .map_err(|e| format!("becoming ready: {e}"))?;
-    // Committed: only now accept. A successor that accepted earlier and was
-    // then aborted (killed) would reset the connections it had taken.
+    // Committed: only now count this process as a generation, and accept. A
+    // successor that accepted earlier and was then aborted (killed) would
+    // reset the connections it had taken.
+    let flusher = counters.as_ref().map(|l| {
+        l.begin_generation(via_handoff);
+        l.spawn_flusher(shared.clone())
+    });
     for l in listeners {
         rt.spawn(server::accept_loop(l, shared.clone()));
     }
@@ -286,6 +326,7 @@ fn run() -> Result<ExitCode, String> {
         rt: rt.handle().clone(),
         state_dir,
         sealed: false,
+        live: counters.clone(),
     };
     let retired = incumbent
         .serve(&mut service)
@@ -293,6 +334,12 @@ fn run() -> Result<ExitCode, String> {
     // Retired: finish connections (bounded), then exit.
     shared.set_mode(Mode::Retiring);
     let left = rt.block_on(server::wait_conns_zero(&shared, Duration::from_secs(30)));
+    // The last requests this process answered; the flusher stops first so
+    // the process never exits in the middle of a write to the region.
+    if let Some(f) = flusher {
+        f.stop();
+    }
+    service.flush_counters();
     match retired {
         Retired::Committed { .. } | Retired::SuccessorWon { .. } => {
             tracing::info!(target: "demo", ?retired, open = left, "exiting");

@@ -43,6 +43,9 @@ pub struct Shared {
     pub conns_changed: Notify,
     /// Requests currently touching the store; seal waits for zero.
     pub active: AtomicUsize,
+    /// Responses written by this process. Counted here (one relaxed add per
+    /// response) and added to the shared counters region in batches by
+    /// `live::Live::flush`, so no request takes the region's lock.
     pub served: AtomicU64,
     pub drain_idle: Duration,
 }
