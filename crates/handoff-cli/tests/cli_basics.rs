@@ -88,3 +88,52 @@ fn run_refuses_a_bad_listen_spec_before_starting_anything() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must start with tcp:// or unix:"), "{err}");
 }
+
+/// An incumbent that dies outside a handoff is restarted; one that cannot
+/// start again makes the supervisor give up after its crash-loop limit with
+/// a clear error, instead of spinning forever.
+#[test]
+fn crash_restart_then_crash_loop_limit() {
+    let _guard = begin_test("crash_loop", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    // Serves the first two times it starts, then fails at once.
+    let marker = dirs.root.path().join("starts");
+    let script = dirs.root.path().join("flaky.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho x >> '{m}'\n[ \"$(wc -l < '{m}')\" -le 2 ] || exit 7\nexec '{demo}' \"$@\"\n",
+            m = marker.display(),
+            demo = demo_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &script, &[]);
+    let kill9 = |pid: u32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+
+    // First crash: restarted, and the new process serves.
+    let first = sup.first_pid;
+    kill9(first);
+    wait_until(
+        Duration::from_secs(20),
+        "a restarted incumbent serving",
+        || matches!(sup.serving_pid(), Ok(p) if p != first),
+    );
+    // Second crash: every restart now fails; the supervisor gives up.
+    kill9(sup.serving_pid().unwrap());
+    let mut status = None;
+    wait_until(Duration::from_secs(60), "the supervisor to give up", || {
+        status = sup.try_exit();
+        status.is_some()
+    });
+    assert_eq!(status.unwrap().code(), Some(1));
+    let log = sup.stderr_log();
+    assert!(log.contains("keeps failing to start"), "{log}");
+    assert!(log.contains("restart 5/5 failed"), "{log}");
+}

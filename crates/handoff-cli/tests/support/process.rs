@@ -166,6 +166,11 @@ impl Supervisor {
         self.stdout_lines.try_iter().collect()
     }
 
+    /// The supervisor's exit status, once it has exited (reaped).
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Direct children of the supervisor (zombies included).
     pub fn children(&self) -> Vec<u32> {
         children_of(self.pid)
