@@ -137,3 +137,44 @@ fn crash_restart_then_crash_loop_limit() {
     assert!(log.contains("keeps failing to start"), "{log}");
     assert!(log.contains("restart 5/5 failed"), "{log}");
 }
+
+/// Hostile admin-socket clients — garbage, an absurd length, a half-open
+/// connection that never speaks, one that hangs up mid-frame — neither
+/// crash nor wedge the supervisor: a real upgrade right after commits.
+#[test]
+fn hostile_admin_clients_do_not_wedge_the_supervisor() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let _guard = begin_test("hostile_admin", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let admin = dirs.runtime.join("admin.sock");
+
+    let mut garbage = UnixStream::connect(&admin).unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut huge = UnixStream::connect(&admin).unwrap();
+    let mut header = Vec::from(*b"HOFF");
+    header.extend_from_slice(&1u16.to_le_bytes());
+    header.extend_from_slice(&0u16.to_le_bytes());
+    header.extend_from_slice(&u32::MAX.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    huge.write_all(&header).unwrap();
+    let _silent = UnixStream::connect(&admin).unwrap(); // half-open: never speaks
+    let mut cut = UnixStream::connect(&admin).unwrap();
+    cut.write_all(&header[..7]).unwrap();
+    drop(cut);
+
+    // The malformed ones get an answer (an error) and are closed.
+    for (name, mut s) in [("garbage", garbage), ("huge", huge)] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.contains("bad request"), "{name}: {text:?}");
+    }
+    // Meanwhile the supervisor still does its job.
+    let c = sup.upgrade(&[]).expect_committed();
+    sup.wait_settled(c.new_pid, Duration::from_secs(20));
+}
