@@ -283,6 +283,7 @@ fn run() -> Result<ExitCode, String> {
         store: RwLock::new(Arc::new(store)),
         build_id,
         conns: AtomicUsize::new(0),
+        accepting: AtomicUsize::new(0),
         conns_changed: Notify::new(),
         active: AtomicUsize::new(0),
         served: AtomicU64::new(0),

@@ -40,6 +40,9 @@ pub struct Shared {
     pub build_id: String,
     /// Open connections; drain completes when it reaches zero.
     pub conns: AtomicUsize,
+    /// Accept loops that may be inside `accept()` right now.
+    pub accepting: AtomicUsize,
+    /// Signalled when `conns` or `accepting` drops.
     pub conns_changed: Notify,
     /// Requests currently touching the store; seal waits for zero.
     pub active: AtomicUsize,
@@ -68,42 +71,55 @@ impl Shared {
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut mode = shared.mode.subscribe();
     loop {
-        if *mode.borrow_and_update() != Mode::Serving {
-            if mode.changed().await.is_err() {
-                return;
+        // Announce that this loop may accept *before* looking at the mode.
+        // A drain flips the mode and then waits for `accepting` to reach
+        // zero: either it sees us here, or we see its mode (both sides
+        // SeqCst / lock-ordered), so no connection can be accepted behind
+        // the drain's back once it has counted the open ones.
+        shared.accepting.fetch_add(1, Ordering::SeqCst);
+        let serving = *mode.borrow_and_update() == Mode::Serving;
+        if serving {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        // Counted before `accepting` drops below.
+                        shared.conns.fetch_add(1, Ordering::SeqCst);
+                        let s = shared.clone();
+                        tokio::spawn(async move {
+                            connection(stream, &s).await;
+                            s.conns.fetch_sub(1, Ordering::SeqCst);
+                            s.conns_changed.notify_waiters();
+                        });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin.
+                        tracing::warn!(target: "demo::accept", error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                _ = mode.changed() => {}
             }
-            continue;
         }
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    shared.conns.fetch_add(1, Ordering::SeqCst);
-                    let s = shared.clone();
-                    tokio::spawn(async move {
-                        connection(stream, &s).await;
-                        s.conns.fetch_sub(1, Ordering::SeqCst);
-                        s.conns_changed.notify_waiters();
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    tracing::warn!(target: "demo::accept", error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            _ = mode.changed() => {}
+        shared.accepting.fetch_sub(1, Ordering::SeqCst);
+        shared.conns_changed.notify_waiters();
+        if !serving && mode.changed().await.is_err() {
+            return;
         }
     }
 }
 
-/// Waits until no connection is open, or `budget` passes.
+/// Waits until no accept loop can still accept and no connection is open,
+/// or `budget` passes; returns the connections still open.
 pub async fn wait_conns_zero(shared: &Shared, budget: Duration) -> usize {
     let deadline = tokio::time::Instant::now() + budget;
     loop {
+        // Created before the check: notify_waiters reaches a Notified from
+        // the moment it exists, so no wake-up falls between check and wait.
         let notified = shared.conns_changed.notified();
+        let accepting = shared.accepting.load(Ordering::SeqCst);
         let n = shared.conns.load(Ordering::SeqCst);
-        if n == 0 {
+        if n == 0 && accepting == 0 {
             return 0;
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
