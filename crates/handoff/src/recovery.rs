@@ -144,22 +144,7 @@ fn try_reattach(
     versions: VersionRange,
 ) -> Result<Reattached, HandoffError> {
     let phase = "re-attaching";
-    let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let kernel = sys::peer_credentials(&stream)
-        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, e.into()))?;
-    let ours = nix::unistd::geteuid().as_raw();
-    if kernel.uid != ours && kernel.uid != 0 {
-        return Err(ProtocolError::WrongUid {
-            peer: Peer::Incumbent,
-            phase,
-            uid: kernel.uid,
-            ours,
-        }
-        .into());
-    }
+    let (stream, kernel) = crate::supervisor::connect_incumbent_socket(path, phase)?;
     let mut chan = Channel::new(stream);
     // Short: a bound-but-not-yet-serving successor never answers.
     let hello_wait = cfg.timeouts.hello.min(Duration::from_secs(1));

@@ -220,23 +220,8 @@ impl<'a, 'o> Run<'a, 'o> {
 
     fn connect_incumbent(&mut self) -> Result<(), HandoffError> {
         let path = &self.sup.cfg.control_path;
-        let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
-            path: path.clone(),
-            source,
-        })?;
         let phase = "connecting to the incumbent";
-        let kernel = sys::peer_credentials(&stream)
-            .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, FrameError::Io(e)))?;
-        let ours = nix::unistd::geteuid().as_raw();
-        if kernel.uid != ours && kernel.uid != 0 {
-            return Err(ProtocolError::WrongUid {
-                peer: Peer::Incumbent,
-                phase,
-                uid: kernel.uid,
-                ours,
-            }
-            .into());
-        }
+        let (stream, kernel) = connect_incumbent_socket(path, phase)?;
         let mut chan = Channel::new(stream);
         let hello = match chan.recv(Some(self.t.hello)) {
             Ok(Message::Hello(h)) => h,
@@ -598,4 +583,31 @@ pub(crate) fn check_hello(
         }
     }
     Ok(())
+}
+
+/// Connects to the incumbent's control socket and checks with the kernel
+/// (`SO_PEERCRED`) that whoever listens there runs as our uid or as root.
+/// Returns the stream and those credentials (their pid is checked against
+/// the Hello later).
+pub(crate) fn connect_incumbent_socket(
+    path: &std::path::Path,
+    phase: &'static str,
+) -> Result<(UnixStream, sys::PeerCred), HandoffError> {
+    let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let kernel = sys::peer_credentials(&stream)
+        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, FrameError::Io(e)))?;
+    let ours = nix::unistd::geteuid().as_raw();
+    if kernel.uid != ours && kernel.uid != 0 {
+        return Err(ProtocolError::WrongUid {
+            peer: Peer::Incumbent,
+            phase,
+            uid: kernel.uid,
+            ours,
+        }
+        .into());
+    }
+    Ok((stream, kernel))
 }

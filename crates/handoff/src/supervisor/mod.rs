@@ -28,8 +28,8 @@ use crate::spawn::Program;
 use crate::timeouts::Timeouts;
 
 mod handoff;
-pub(crate) use handoff::check_hello;
 use handoff::Run;
+pub(crate) use handoff::{check_hello, connect_incumbent_socket};
 
 /// How the supervisor is set up.
 #[derive(Debug, Clone)]
