@@ -4,6 +4,8 @@
 //! the protocol in one precise way each. Every case must end in a typed
 //! error naming what was wrong, with the successor killed and reaped.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,23 +20,6 @@ use handoff::protocol::{Hello, Message, Role};
 use handoff::{
     HandoffError, HandoffOptions, Listener, Program, Supervisor, SupervisorConfig, Timeouts,
 };
-
-fn peer_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("peer");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo test` (it builds examples)",
-        p.display()
-    );
-    p
-}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -77,7 +62,9 @@ fn setup() -> Setup {
 
 impl Setup {
     fn program(&self, mode: &str) -> Program {
-        Program::new(peer_path()).arg(mode).arg(&self.tag)
+        Program::new(common::example_bin("peer"))
+            .arg(mode)
+            .arg(&self.tag)
     }
 
     fn handoff(&self, mode: &str) -> Result<handoff::Report, HandoffError> {

@@ -1,6 +1,8 @@
 //! `resume_from_journal`: what a supervisor restarted after a crash does
 //! with the journal its predecessor left.
 
+mod common;
+
 use std::os::unix::net::UnixListener;
 use std::process::Command;
 use std::time::Duration;
@@ -136,14 +138,7 @@ fn recycled_pid_is_not_killed() {
 fn reattach_fetches_listeners_and_hands_off_again() {
     use handoff::{reattach, HandoffOptions, Listener, Program, Supervisor, SupervisorConfig};
     use std::net::TcpListener;
-    let peer = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("peer");
+    let peer = common::example_bin("peer");
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();

@@ -5,6 +5,8 @@
 //! The incumbent is a real process (`examples/peer.rs`, started standalone);
 //! this test plays the supervisor by hand and then "crashes" by hanging up.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -14,16 +16,6 @@ use std::time::{Duration, Instant};
 use handoff::channel::Channel;
 use handoff::protocol::{Message, Role};
 use handoff::StateLock;
-
-fn peer_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("peer")
-}
 
 struct Incumbent {
     child: Child,
@@ -53,7 +45,7 @@ fn start(recovery_ms: u64) -> Incumbent {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     let control = dir.path().join("control.sock");
-    let child = Command::new(peer_path())
+    let child = Command::new(common::example_bin("peer"))
         .arg("good")
         .env_remove("HANDOFF_ROLE")
         .env_remove("LISTEN_FDS")

@@ -3,6 +3,14 @@
 //! file the way corruption or a foreign process would.
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+mod common;
+
+/// The `shm_peer` example the multi-process tests run.
+pub fn peer_path() -> PathBuf {
+    common::example_bin("shm_peer")
+}
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
@@ -19,23 +27,6 @@ pub const SPEC: RegionSpec = RegionSpec {
     schema: 0x5045_4552,
 };
 pub const NAME: &str = "state";
-
-pub fn peer_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("shm_peer");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo test` or `cargo build --examples` (they build examples)",
-        p.display()
-    );
-    p
-}
 
 /// Polls `f` until it holds, failing the test after `within`.
 pub fn poll(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
