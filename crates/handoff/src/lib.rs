@@ -27,6 +27,8 @@
 //!   [`Drainable`] trait the service implements.
 //! * Primitives: [`StateLock`], [`Journal`], [`RestartLock`], and the
 //!   shared state [`Region`] (seqlock with a robust writer lock).
+//! * Service managers: [`sd_notify::Notifier`] (systemd's `NOTIFY_SOCKET`)
+//!   and [`listeners::take_from_env`] (socket activation).
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -45,6 +47,7 @@ mod procinfo;
 pub mod protocol;
 pub mod recovery;
 pub mod restart_lock;
+pub mod sd_notify;
 pub mod shm;
 pub mod spawn;
 pub mod successor;

@@ -43,6 +43,14 @@ impl Program {
 }
 
 /// Variables the supervisor owns: never inherited from its own environment.
+///
+/// The service-manager ones belong to the supervisor process alone: a
+/// service inheriting `NOTIFY_SOCKET` could send `READY=1`/`STOPPING=1`
+/// that systemd attributes to the supervisor (with `NotifyAccess=all`), and
+/// one inheriting `WATCHDOG_USEC` would pet, or fail to pet, a watchdog that
+/// is not its own (`sd_notify(unset_environment=1)` exists for this). A
+/// program that should talk to a notify socket gets it through
+/// [`Program::env`] or `extra_env`, which are not filtered.
 const OWNED_VARS: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -51,6 +59,9 @@ const OWNED_VARS: &[&str] = &[
     "HANDOFF_SOCK_FD",
     "HANDOFF_CONTROL_SOCK",
     "HANDOFF_STATE_DIR",
+    crate::sd_notify::NOTIFY_SOCKET,
+    crate::sd_notify::WATCHDOG_USEC,
+    crate::sd_notify::WATCHDOG_PID,
 ];
 
 /// Resolves a bare program name through `PATH` like a shell would; a path

@@ -5,6 +5,7 @@
 //! credentials, the shared region's mapping seen as atomic words — lives here behind small safe functions, each `unsafe` block
 //! with the `SAFETY:` argument that justifies it.
 
+pub mod clock;
 pub mod creds;
 pub mod exec;
 pub mod fdpass;
