@@ -192,7 +192,7 @@ impl Incumbent {
                 drain_grace_ms,
                 successor_pid,
             }) => {
-                tracing::info!(target: "handoff::incumbent", handoff_id, successor_pid, deadline_ms, drain_grace_ms, "draining");
+                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(handoff_id), successor_pid, deadline_ms, drain_grace_ms, "draining");
                 (
                     handoff_id,
                     Instant::now() + Duration::from_millis(deadline_ms),
@@ -235,7 +235,7 @@ impl Incumbent {
         let report = match drained {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(target: "handoff::incumbent", handoff_id = id, error = %e, "drain failed; resuming");
+                tracing::error!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "drain failed; resuming");
                 self.resume(service)?;
                 return Ok(Next::Continue); // dropping the channel aborts the handoff
             }
@@ -246,7 +246,7 @@ impl Incumbent {
             accept_closed: report.accept_closed,
         });
         if let Err(e) = sent {
-            tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "supervisor gone after drain; resuming");
+            tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "supervisor gone after drain; resuming");
             self.resume(service)?;
             return Ok(Next::Continue);
         }
@@ -261,13 +261,13 @@ impl Incumbent {
         ) {
             Ok(Message::SealRequest { .. }) => {}
             Ok(Message::ResumeAfterAbort { .. }) => {
-                tracing::info!(target: "handoff::incumbent", handoff_id = id, "handoff aborted while drained; resuming");
+                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "handoff aborted while drained; resuming");
                 self.resume(service)?;
                 return Ok(Next::Continue);
             }
             Ok(_) => unreachable!("phase table"),
             Err(e) => {
-                tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "lost the supervisor while drained; resuming");
+                tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "lost the supervisor while drained; resuming");
                 self.resume(service)?;
                 return Ok(Next::Continue);
             }
@@ -297,13 +297,13 @@ impl Incumbent {
                     handoff_id: id,
                     state,
                 }) {
-                    tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "supervisor gone after seal");
+                    tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "supervisor gone after seal");
                     return self.recover_after_seal(id, service);
                 }
                 crash::point("o-after-seal-complete");
             }
             Err(e) => {
-                tracing::error!(target: "handoff::incumbent", handoff_id = id, error = %e, "seal failed");
+                tracing::error!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "seal failed");
                 let _ = chan.send(&Message::SealFailed {
                     handoff_id: id,
                     error: e.to_string(),
@@ -334,14 +334,14 @@ impl Incumbent {
                 Ok(Next::Retire(Retired::Committed { handoff_id: id }))
             }
             Ok(Message::ResumeAfterAbort { .. }) => {
-                tracing::info!(target: "handoff::incumbent", handoff_id = id, "handoff aborted after seal; re-taking the state lock");
+                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "handoff aborted after seal; re-taking the state lock");
                 let lock = StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait)?;
                 self.relocked(lock, service)?;
                 Ok(Next::Continue)
             }
             Ok(_) => unreachable!("phase table"),
             Err(e) => {
-                tracing::warn!(target: "handoff::incumbent", handoff_id = id, error = %e, "lost the supervisor while sealed");
+                tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "lost the supervisor while sealed");
                 self.recover_after_seal(id, service)
             }
         }
@@ -357,12 +357,12 @@ impl Incumbent {
     ) -> Result<Next, ProcessError> {
         match StateLock::acquire_within(&self.cfg.state_dir, self.cfg.recovery_wait) {
             Ok(lock) => {
-                tracing::info!(target: "handoff::incumbent", handoff_id = id, "re-took the state lock; resuming");
+                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "re-took the state lock; resuming");
                 self.relocked(lock, service)?;
                 Ok(Next::Continue)
             }
             Err(crate::lock::LockError::Busy { .. }) => {
-                tracing::info!(target: "handoff::incumbent", handoff_id = id, "the successor holds the state lock; retiring");
+                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "the successor holds the state lock; retiring");
                 service.retire();
                 Ok(Next::Retire(Retired::SuccessorWon { handoff_id: id }))
             }

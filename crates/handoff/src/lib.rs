@@ -64,7 +64,7 @@ pub use listeners::Listener;
 pub use lock::StateLock;
 pub use phase::SupervisorPhase;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
-pub use protocol::{HandoffId, Message, Role, VersionRange};
+pub use protocol::{HandoffId, IdHex, Message, Role, VersionRange};
 pub use recovery::{probe_incumbent, reattach, resume_from_journal, Reattached, Recovery};
 pub use restart_lock::{RestartLock, RestartLockError};
 pub use shm::{Region, RegionSpec, ShmError, WriteGuard};

@@ -26,6 +26,17 @@ pub const HELLO_FRAME_VERSION: ProtoVersion = 1;
 /// Identifies one handoff; carried by every handoff-scoped message.
 pub type HandoffId = u64;
 
+/// A handoff id as operators see it everywhere — `handoff upgrade`, status,
+/// logs — so one grep correlates them: `0x` and 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdHex(pub HandoffId);
+
+impl std::fmt::Display for IdHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#018x}", self.0)
+    }
+}
+
 /// Who is speaking on a control channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {

@@ -68,7 +68,7 @@ pub fn resume_from_journal(
         }
     }
     journal.clear()?;
-    tracing::info!(target: "handoff::recovery", handoff_id = record.handoff_id, phase = record.phase.name(), ?incumbent_pid, ?killed_successor);
+    tracing::info!(target: "handoff::recovery", handoff_id = %crate::protocol::IdHex(record.handoff_id), phase = record.phase.name(), ?incumbent_pid, ?killed_successor);
     Ok(Some(Recovery {
         record,
         incumbent_pid,

@@ -227,7 +227,7 @@ impl Boot {
         crash::point("n-after-begin");
         let lock = StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait)?;
         crash::point("n-after-lock");
-        tracing::info!(target: "handoff::successor", handoff_id, "began: state lock taken");
+        tracing::info!(target: "handoff::successor", handoff_id = %crate::protocol::IdHex(handoff_id), "began: state lock taken");
         Ok(Begun {
             cfg: self.cfg,
             lock,
@@ -320,7 +320,7 @@ impl Begun {
             match recv(&mut chan, phase, Some(id), None) {
                 Ok(_) => break, // Commit
                 Err(ProtocolError::Unexpected { message, .. }) => {
-                    tracing::warn!(target: "handoff::successor", handoff_id = id, message, "ignoring message after Ready");
+                    tracing::warn!(target: "handoff::successor", handoff_id = %crate::protocol::IdHex(id), message, "ignoring message after Ready");
                     continue;
                 }
                 Err(e) if ready_was_unread(&e) => {
@@ -328,16 +328,16 @@ impl Begun {
                     // receive queue: it never learned we were ready, and
                     // the old incumbent is waiting to take the lock back.
                     // Step aside (exiting releases the lock).
-                    tracing::warn!(target: "handoff::successor", handoff_id = id, "supervisor died before reading Ready; giving way to the incumbent");
+                    tracing::warn!(target: "handoff::successor", handoff_id = %crate::protocol::IdHex(id), "supervisor died before reading Ready; giving way to the incumbent");
                     return Err(ProcessError::SupervisorGone);
                 }
                 Err(e) => {
-                    tracing::warn!(target: "handoff::successor", handoff_id = id, error = %e, "supervisor gone after Ready; serving as the incumbent");
+                    tracing::warn!(target: "handoff::successor", handoff_id = %crate::protocol::IdHex(id), error = %e, "supervisor gone after Ready; serving as the incumbent");
                     break;
                 }
             }
         }
-        tracing::info!(target: "handoff::successor", handoff_id = id, "committed: now the incumbent");
+        tracing::info!(target: "handoff::successor", handoff_id = %crate::protocol::IdHex(id), "committed: now the incumbent");
         Ok(Incumbent::new(self.cfg, self.lock, listener, self.kept))
     }
 }

@@ -113,7 +113,7 @@ impl<'a, 'o> Run<'a, 'o> {
         (self.observer)(done);
         tracing::info!(
             target: "handoff::phase",
-            handoff_id = self.id,
+            handoff_id = %crate::protocol::IdHex(self.id),
             phase = done.phase.name(),
             took_us = done.took.as_micros() as u64,
             next = next.name(),
@@ -154,7 +154,7 @@ impl<'a, 'o> Run<'a, 'o> {
                     // The incumbent crashed mid-handoff: nothing to resume,
                     // so carry on with the successor rather than leave the
                     // listeners unserved.
-                    tracing::warn!(target: "handoff::phase", handoff_id = self.id, error = %e,
+                    tracing::warn!(target: "handoff::phase", handoff_id = %crate::protocol::IdHex(self.id), error = %e,
                         "incumbent died during the handoff; continuing with the successor");
                     self.o = None;
                     self.prepared = false;
@@ -277,7 +277,7 @@ impl<'a, 'o> Run<'a, 'o> {
             chan: Channel::new(ours),
         });
         self.successor_recorded = self.sup.journal.write(&self.record);
-        tracing::info!(target: "handoff::spawn", handoff_id = self.id, pid, program = %program.path.display());
+        tracing::info!(target: "handoff::spawn", handoff_id = %crate::protocol::IdHex(self.id), pid, program = %program.path.display());
 
         let hello_budget = self.t.hello;
         let (msg, cred) = match self.n_chan().recv_with_credentials(hello_budget) {
@@ -480,9 +480,9 @@ impl<'a, 'o> Run<'a, 'o> {
         if let Err(e) = self.sup.journal.wait(cleared) {
             warnings.push(format!("clearing the journal failed: {e}"));
         }
-        tracing::info!(target: "handoff::commit", handoff_id = id, new_pid, ?old_pid, total_us = total.as_micros() as u64);
+        tracing::info!(target: "handoff::commit", handoff_id = %crate::protocol::IdHex(id), new_pid, ?old_pid, total_us = total.as_micros() as u64);
         for w in &warnings {
-            tracing::warn!(target: "handoff::commit", handoff_id = id, "{w}");
+            tracing::warn!(target: "handoff::commit", handoff_id = %crate::protocol::IdHex(id), "{w}");
         }
         Ok(Report {
             handoff_id: id,
@@ -497,7 +497,7 @@ impl<'a, 'o> Run<'a, 'o> {
 
     fn abort(mut self, cause: HandoffError) -> HandoffError {
         let phase = self.phase();
-        tracing::warn!(target: "handoff::abort", handoff_id = self.id, phase = phase.name(), cause = %cause);
+        tracing::warn!(target: "handoff::abort", handoff_id = %crate::protocol::IdHex(self.id), phase = phase.name(), cause = %cause);
         let _ = self.enter(SupervisorPhase::ResumingAfterAbort);
         let reason = cause.to_string();
         if let Some(n) = self.n.take() {
