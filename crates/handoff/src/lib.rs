@@ -41,6 +41,7 @@ pub mod incumbent;
 pub mod journal;
 pub mod listeners;
 pub mod lock;
+pub mod notify;
 pub mod phase;
 pub mod process;
 mod procinfo;

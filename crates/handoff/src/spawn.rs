@@ -109,10 +109,47 @@ pub fn spawn_service(
         .collect::<Vec<_>>()
         .join(":");
 
+    let ours: Vec<(&str, Vec<u8>)> = vec![
+        ("LISTEN_FDS", n.to_string().into_bytes()),
+        ("LISTEN_FDNAMES", names.into_bytes()),
+        ("HANDOFF_ROLE", b"successor".to_vec()),
+        ("HANDOFF_SOCK_FD", sock_fd.to_string().into_bytes()),
+    ];
+    let env = child_env(program, ours, extra_env);
+
+    let mut fds: Vec<(RawFd, RawFd)> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.fd.as_raw_fd(), LISTEN_FDS_START + i as RawFd))
+        .collect();
+    fds.push((control.as_raw_fd(), sock_fd));
+
+    let args: Vec<&OsStr> = program.args.iter().map(|a| a.as_os_str()).collect();
+    let prep = |source| SpawnError::Prepare {
+        path: path.clone(),
+        source,
+    };
+    let mut plan = ExecPlan::new(&path, &args, &env, true, fds).map_err(prep)?;
+    let pid = plan.spawn().map_err(|source| SpawnError::Exec {
+        path: path.clone(),
+        source,
+    })?;
+    Child::adopt(pid).map_err(prep)
+}
+
+/// The child's environment: ours, minus the variables the supervisor owns
+/// and those `program.env`/`extra_env` set (so each name appears once —
+/// `getenv` would return the first of two), plus `ours` and `extra_env`.
+fn child_env(
+    program: &Program,
+    ours: Vec<(&str, Vec<u8>)>,
+    extra_env: &[(&str, &OsStr)],
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
             !OWNED_VARS.contains(&k.as_ref())
+                && !extra_env.iter().any(|(ek, _)| *ek == k.as_ref())
                 && !program
                     .env
                     .iter()
@@ -123,26 +160,41 @@ pub fn spawn_service(
     for (k, v) in &program.env {
         env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
     }
-    let ours: Vec<(&str, Vec<u8>)> = vec![
-        ("LISTEN_FDS", n.to_string().into_bytes()),
-        ("LISTEN_FDNAMES", names.into_bytes()),
-        ("HANDOFF_ROLE", b"successor".to_vec()),
-        ("HANDOFF_SOCK_FD", sock_fd.to_string().into_bytes()),
-    ];
     for (k, v) in ours {
         env.push((k.as_bytes().to_vec(), v));
     }
     for (k, v) in extra_env {
         env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
     }
+    env
+}
 
-    let mut fds: Vec<(RawFd, RawFd)> = listeners
+/// Spawns `program` the way systemd socket-activates a service, for
+/// programs that do not link this library (notify mode): `listeners` at fds
+/// 3…, `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` = the child's own pid,
+/// plus `extra_env` (e.g. `NOTIFY_SOCKET`). No control channel and no
+/// `HANDOFF_*` variables; every other descriptor is closed in the child.
+pub fn spawn_activated(
+    program: &Program,
+    listeners: &[Listener],
+    extra_env: &[(&str, &OsStr)],
+) -> Result<Child, SpawnError> {
+    let path = resolve(&program.path)?;
+    let names = listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect::<Vec<_>>()
+        .join(":");
+    let ours: Vec<(&str, Vec<u8>)> = vec![
+        ("LISTEN_FDS", listeners.len().to_string().into_bytes()),
+        ("LISTEN_FDNAMES", names.into_bytes()),
+    ];
+    let env = child_env(program, ours, extra_env);
+    let fds: Vec<(RawFd, RawFd)> = listeners
         .iter()
         .enumerate()
         .map(|(i, l)| (l.fd.as_raw_fd(), LISTEN_FDS_START + i as RawFd))
         .collect();
-    fds.push((control.as_raw_fd(), sock_fd));
-
     let args: Vec<&OsStr> = program.args.iter().map(|a| a.as_os_str()).collect();
     let prep = |source| SpawnError::Prepare {
         path: path.clone(),

@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod creds;
+pub mod dgram;
 pub mod exec;
 pub mod fdpass;
 mod msg;

@@ -1,0 +1,447 @@
+//! The notify-mode supervisor: start, upgrade, restart and stop a program
+//! that speaks socket activation and `sd_notify`, not the handoff protocol.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::probe::ReadyProbe;
+use super::socket::{Announced, NotifySocket, Watched};
+use super::NotifyError;
+use crate::child::{Child, Exit};
+use crate::listeners::Listener;
+use crate::spawn::{spawn_activated, Program};
+
+/// What "ready" means for a new process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Wait for `READY=1` on the notify socket.
+    pub notify: bool,
+    /// Also (or instead) wait for this probe to pass. See [`ReadyProbe`]
+    /// for why a probe of the shared public address proves little.
+    pub probe: Option<ReadyProbe>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            notify: true,
+            probe: None,
+        }
+    }
+}
+
+impl Readiness {
+    fn describe(&self) -> String {
+        match (&self.probe, self.notify) {
+            (None, _) => "waiting for READY=1".into(),
+            (Some(p), true) => format!("waiting for READY=1 and the probe {p}"),
+            (Some(p), false) => format!("waiting for the probe {p}"),
+        }
+    }
+}
+
+/// How the notify-mode supervisor is set up.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// Where the per-child notify sockets are bound (`notify-N.sock`); the
+    /// supervisor's runtime dir, mode 0700.
+    pub socket_dir: PathBuf,
+    /// Budget from spawn to ready.
+    pub deadline: Duration,
+    /// How long the old process may take to exit after the stop signal
+    /// before it gets SIGKILL.
+    pub drain_grace: Duration,
+    pub stop_signal: Signal,
+    pub readiness: Readiness,
+}
+
+impl NotifyConfig {
+    pub fn new(socket_dir: impl Into<PathBuf>) -> NotifyConfig {
+        NotifyConfig {
+            socket_dir: socket_dir.into(),
+            deadline: Duration::from_secs(60),
+            drain_grace: Duration::from_secs(30),
+            stop_signal: Signal::SIGTERM,
+            readiness: Readiness::default(),
+        }
+    }
+}
+
+/// Per-upgrade overrides.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NotifyOptions {
+    pub deadline: Option<Duration>,
+    pub drain_grace: Option<Duration>,
+}
+
+/// The steps of a notify-mode upgrade (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyPhase {
+    Spawned,
+    Ready,
+    OldSignalled,
+    OldStopped,
+    /// The old process outlived the drain grace and was SIGKILLed.
+    OldKilled,
+}
+
+impl NotifyPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            NotifyPhase::Spawned => "spawned",
+            NotifyPhase::Ready => "ready",
+            NotifyPhase::OldSignalled => "old-signalled",
+            NotifyPhase::OldStopped => "old-stopped",
+            NotifyPhase::OldKilled => "old-killed",
+        }
+    }
+}
+
+impl std::fmt::Display for NotifyPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One step as it completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotifyPhaseDone {
+    pub phase: NotifyPhase,
+    pub took: Duration,
+}
+
+/// What a completed start or upgrade did.
+#[derive(Debug, Clone)]
+pub struct NotifyReport {
+    pub old_pid: Option<u32>,
+    pub new_pid: u32,
+    pub phases: Vec<NotifyPhaseDone>,
+    /// How the old process ended (`None` on a first start).
+    pub old_exit: Option<Exit>,
+    /// The old process ignored the stop signal for the whole drain grace.
+    pub escalated: bool,
+    pub total: Duration,
+    pub warnings: Vec<String>,
+}
+
+/// A running child with the notify socket read on its behalf.
+#[derive(Debug)]
+struct Running {
+    child: Child,
+    notify: Watched,
+}
+
+#[derive(Debug, Default)]
+struct Procs {
+    incumbent: Option<Running>,
+}
+
+/// Supervises a socket-activated, `sd_notify`-speaking program.
+///
+/// # Example
+///
+/// ```no_run
+/// use handoff::notify::{NotifyConfig, NotifyOptions, NotifySupervisor};
+/// use handoff::{Listener, Program};
+/// use std::net::TcpListener;
+///
+/// let tcp = TcpListener::bind("127.0.0.1:8080")?;
+/// let listeners = vec![Listener { name: "http".into(), fd: tcp.into() }];
+/// let sup = NotifySupervisor::new(NotifyConfig::new("/run/svc"), listeners);
+/// let program = Program::new("/usr/bin/my-socket-activated-server");
+/// sup.start(&program, &mut |p| println!("{} {:?}", p.phase, p.took))?;
+/// // later: spawn the new build, wait for READY=1, SIGTERM the old one
+/// let r = sup.perform_handoff(&program, NotifyOptions::default(), &mut |_| {})?;
+/// println!("now serving: pid {} (old one escalated: {})", r.new_pid, r.escalated);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct NotifySupervisor {
+    cfg: NotifyConfig,
+    listeners: Vec<Listener>,
+    busy: Mutex<()>,
+    procs: Mutex<Procs>,
+    seq: AtomicU64,
+}
+
+/// How long to wait for the kernel to finish off a SIGKILLed process.
+const REAP: Duration = Duration::from_secs(5);
+
+impl NotifySupervisor {
+    pub fn new(cfg: NotifyConfig, listeners: Vec<Listener>) -> NotifySupervisor {
+        NotifySupervisor {
+            cfg,
+            listeners,
+            busy: Mutex::new(()),
+            procs: Mutex::new(Procs::default()),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &NotifyConfig {
+        &self.cfg
+    }
+
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    fn procs(&self) -> MutexGuard<'_, Procs> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current process's handle (for waiting on it or signalling it).
+    pub fn incumbent(&self) -> Option<Child> {
+        self.procs().incumbent.as_ref().map(|r| r.child.clone())
+    }
+
+    /// Pid of the current process, if it runs.
+    pub fn incumbent_pid(&self) -> Option<u32> {
+        self.incumbent()
+            .filter(|c| c.try_exit().is_none())
+            .map(|c| c.pid())
+    }
+
+    /// What the current process announced (its `STATUS=` text…).
+    pub fn incumbent_announced(&self) -> Option<Announced> {
+        self.procs()
+            .incumbent
+            .as_ref()
+            .map(|r| r.notify.announced())
+    }
+
+    /// Path of the current process's notify socket.
+    pub fn incumbent_notify_socket(&self) -> Option<PathBuf> {
+        self.procs()
+            .incumbent
+            .as_ref()
+            .map(|r| r.notify.path().to_path_buf())
+    }
+
+    /// Starts the first process and waits until it is ready.
+    pub fn start(
+        &self,
+        program: &Program,
+        observer: &mut dyn FnMut(NotifyPhaseDone),
+    ) -> Result<NotifyReport, NotifyError> {
+        let _busy = self.busy.try_lock().map_err(|_| NotifyError::InProgress)?;
+        self.replace(program, NotifyOptions::default(), observer)
+    }
+
+    /// Starts a fresh process if `dead_pid` — the one the caller saw exit —
+    /// is still the recorded one (an upgrade may have replaced it already).
+    pub fn restart_if_dead(
+        &self,
+        program: &Program,
+        dead_pid: u32,
+        observer: &mut dyn FnMut(NotifyPhaseDone),
+    ) -> Result<Option<NotifyReport>, NotifyError> {
+        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        match self.incumbent() {
+            Some(c) if c.pid() == dead_pid && c.try_exit().is_some() => {}
+            _ => return Ok(None),
+        }
+        self.replace(program, NotifyOptions::default(), observer)
+            .map(Some)
+    }
+
+    /// Replaces the running process with a fresh one of `program`: spawn,
+    /// wait for ready, then stop the old one (stop signal, drain grace,
+    /// SIGKILL). Only one upgrade runs at a time.
+    pub fn perform_handoff(
+        &self,
+        program: &Program,
+        opts: NotifyOptions,
+        observer: &mut dyn FnMut(NotifyPhaseDone),
+    ) -> Result<NotifyReport, NotifyError> {
+        let _busy = self.busy.try_lock().map_err(|_| NotifyError::InProgress)?;
+        if self.incumbent_pid().is_none() {
+            return Err(NotifyError::NoIncumbent);
+        }
+        self.replace(program, opts, observer)
+    }
+
+    /// Stops the current process: the stop signal, `grace`, then SIGKILL.
+    /// Returns how it ended and whether it had to be killed.
+    pub fn stop(&self, grace: Duration) -> Option<(Exit, bool)> {
+        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.procs().incumbent.take()?;
+        let mut since = Instant::now();
+        self.stop_child(&old.child, grace, &mut |_, _| {}, &mut since)
+            .ok()
+    }
+
+    /// The upgrade itself; the caller holds `busy`.
+    fn replace(
+        &self,
+        program: &Program,
+        opts: NotifyOptions,
+        observer: &mut dyn FnMut(NotifyPhaseDone),
+    ) -> Result<NotifyReport, NotifyError> {
+        let t0 = Instant::now();
+        let mut phases = vec![];
+        let mut mark = |phase, since: &mut Instant| {
+            let p = NotifyPhaseDone {
+                phase,
+                took: since.elapsed(),
+            };
+            *since = Instant::now();
+            observer(p);
+            phases.push(p);
+        };
+        let mut since = t0;
+        let deadline = opts.deadline.unwrap_or(self.cfg.deadline);
+        let grace = opts.drain_grace.unwrap_or(self.cfg.drain_grace);
+
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let sock_path = self
+            .cfg
+            .socket_dir
+            .join(format!("notify-{}-{n}.sock", std::process::id()));
+        let sock = NotifySocket::bind(&sock_path)?;
+        let child = spawn_activated(
+            program,
+            &self.listeners,
+            &[("NOTIFY_SOCKET", sock.path().as_os_str())],
+        )?;
+        let pid = child.pid();
+        let notify = match sock.watch(pid) {
+            Ok(w) => w,
+            Err(e) => {
+                child.kill_and_reap(REAP);
+                return Err(e);
+            }
+        };
+        mark(NotifyPhase::Spawned, &mut since);
+        tracing::info!(target: "handoff::notify", pid, "spawned");
+
+        if let Err(e) = self.await_ready(&child, &notify, deadline) {
+            let exit = child.kill_and_reap(REAP);
+            tracing::warn!(target: "handoff::notify", pid, ?exit, error = %e, "new process not ready; killed");
+            return Err(e);
+        }
+        mark(NotifyPhase::Ready, &mut since);
+
+        // From here the new process is the incumbent whatever happens.
+        let old = self.procs().incumbent.replace(Running { child, notify });
+        let mut report = NotifyReport {
+            old_pid: None,
+            new_pid: pid,
+            phases: vec![],
+            old_exit: None,
+            escalated: false,
+            total: Duration::ZERO,
+            warnings: vec![],
+        };
+        if let Some(old) = old.filter(|o| o.child.try_exit().is_none()) {
+            report.old_pid = Some(old.child.pid());
+            match self.stop_child(&old.child, grace, &mut mark, &mut since) {
+                Ok((exit, killed)) => {
+                    report.old_exit = Some(exit);
+                    report.escalated = killed;
+                    if killed {
+                        report.warnings.push(format!(
+                            "the old process (pid {}) ignored {} for the whole drain grace ({} ms) and was killed with SIGKILL",
+                            old.child.pid(),
+                            self.cfg.stop_signal.as_str(),
+                            grace.as_millis()
+                        ));
+                    }
+                }
+                Err(e) => report.warnings.push(e.to_string()),
+            }
+        }
+        report.phases = phases;
+        report.total = t0.elapsed();
+        Ok(report)
+    }
+
+    /// Stop signal, drain grace, SIGKILL; reports each step to `mark`.
+    fn stop_child(
+        &self,
+        c: &Child,
+        grace: Duration,
+        mark: &mut impl FnMut(NotifyPhase, &mut Instant),
+        since: &mut Instant,
+    ) -> Result<(Exit, bool), NotifyError> {
+        let sig = self.cfg.stop_signal;
+        if let Err(source) = c.signal(sig) {
+            return Err(NotifyError::OldStopFailed {
+                pid: c.pid(),
+                signal: sig.as_str(),
+                source,
+            });
+        }
+        mark(NotifyPhase::OldSignalled, since);
+        if let Some(e) = c.wait_timeout(grace) {
+            mark(NotifyPhase::OldStopped, since);
+            return Ok((e, false));
+        }
+        tracing::warn!(target: "handoff::notify", pid = c.pid(), grace_ms = grace.as_millis() as u64,
+            "the old process outlived the drain grace; sending SIGKILL");
+        let e = c.kill_and_reap(REAP).unwrap_or(Exit::Unknown);
+        mark(NotifyPhase::OldKilled, since);
+        Ok((e, true))
+    }
+
+    fn await_ready(
+        &self,
+        child: &Child,
+        notify: &Watched,
+        limit: Duration,
+    ) -> Result<(), NotifyError> {
+        let start = Instant::now();
+        let r = &self.cfg.readiness;
+        let exited = || child.try_exit().is_some();
+        let not_ready = |a: &Announced| NotifyError::NotReady {
+            pid: child.pid(),
+            waited_ms: start.elapsed().as_millis() as u64,
+            waiting_for: r.describe(),
+            status: a.status.clone(),
+            errno: a.errno,
+        };
+        let check_end = |a: &Announced| -> Result<(), NotifyError> {
+            if let Some(exit) = child.try_exit() {
+                return Err(NotifyError::Exited {
+                    pid: child.pid(),
+                    exit,
+                    status: a.status.clone(),
+                    errno: a.errno,
+                });
+            }
+            if a.stopping && !a.ready {
+                return Err(NotifyError::StoppedBeforeReady {
+                    pid: child.pid(),
+                    status: a.status.clone(),
+                    errno: a.errno,
+                });
+            }
+            Ok(())
+        };
+        if r.notify {
+            let got = notify.wait(limit, |a| a.ready || a.stopping, exited);
+            let a = got.clone().unwrap_or_else(|| notify.announced());
+            check_end(&a)?;
+            if got.is_none() {
+                return Err(not_ready(&a));
+            }
+        }
+        if let Some(p) = &r.probe {
+            let left = limit.saturating_sub(start.elapsed());
+            if let Err(why) = p.wait(left, exited) {
+                let a = notify.announced();
+                check_end(&a)?;
+                let mut e = not_ready(&a);
+                if let NotifyError::NotReady { waiting_for, .. } = &mut e {
+                    waiting_for.push_str(&format!("; last probe failure: {why}"));
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
