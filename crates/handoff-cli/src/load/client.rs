@@ -49,7 +49,7 @@ impl fmt::Display for Failure {
 
 /// Maps an I/O error to a [`Failure`]; `got_any` says whether any response byte had
 /// arrived, which decides which kind of EOF an `UnexpectedEof` is.
-fn classify(e: &io::Error, got_any: bool) -> Failure {
+pub fn classify(e: &io::Error, got_any: bool) -> Failure {
     use io::ErrorKind::*;
     match e.kind() {
         ConnectionRefused => Failure::Refused,

@@ -1,0 +1,106 @@
+//! The tiny handler under `handoff`, the way a library user writes it (the same shape as
+//! `handoff-demo`): run by the `handoff run` supervisor, which owns the listeners, and
+//! upgraded with `handoff upgrade`.
+//!
+//! The service is stateless, so its drain is the quick kind DESIGN.md §2 allows: stop
+//! accepting, report the open connections, and keep finishing them answer-then-close while
+//! the successor already serves (nothing to seal). After Commit it waits for its last
+//! connections (bounded) and exits.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handoff::{Boot, BootOptions, DrainReport, Drainable, ServiceError};
+use handoff_bench::tiny::{self, Tiny};
+
+struct Svc {
+    tiny: Arc<Tiny>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Drainable for Svc {
+    fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
+        self.tiny.set_draining(true);
+        // Accept is closed once no accept loop is inside `accept` any more.
+        let closed = self.rt.block_on(
+            self.tiny
+                .wait_accept_closed(grace.min(Duration::from_secs(1))),
+        );
+        Ok(DrainReport {
+            open_conns_remaining: self.tiny.open_conns() as u64,
+            accept_closed: closed,
+        })
+    }
+
+    fn seal(&mut self, _: &mut dyn FnMut(u64, u64)) -> Result<Option<Vec<u8>>, ServiceError> {
+        Ok(None)
+    }
+
+    fn resume(&mut self) -> Result<(), ServiceError> {
+        self.tiny.set_draining(false);
+        Ok(())
+    }
+
+    fn retire(&mut self) {
+        self.tiny.set_draining(true);
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-svc-handoff[{}]: {e}", std::process::id());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut boot = Boot::from_env(BootOptions::new("bench-svc-handoff"))
+        .map_err(|e| format!("starting (run me under `handoff run`): {e}"))?;
+    let listeners: Vec<std::net::TcpListener> = boot
+        .take_listeners()
+        .into_iter()
+        .map(|l| l.into_tcp())
+        .collect();
+    if listeners.is_empty() {
+        return Err("no listeners were passed (run me under `handoff run --listen ...`)".into());
+    }
+    // Warm-up before Begin: the runtime and the listeners' registration with it.
+    let rt = handoff_bench::service_runtime().map_err(|e| format!("runtime: {e}"))?;
+    let listeners = {
+        let _guard = rt.enter();
+        listeners
+            .into_iter()
+            .map(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("registering listeners: {e}"))?
+    };
+    let begun = boot
+        .begin()
+        .map_err(|e| format!("waiting for Begin: {e}"))?;
+    let incumbent = begun
+        .ready(|| Ok(()))
+        .map_err(|e| format!("becoming ready: {e}"))?;
+    // Committed: accept only now (a successor aborted before Commit is killed).
+    let t = Tiny::new();
+    for l in listeners {
+        rt.spawn(tiny::accept_loop(l, t.clone()));
+    }
+    let mut svc = Svc {
+        tiny: t.clone(),
+        rt: rt.handle().clone(),
+    };
+    incumbent
+        .serve(&mut svc)
+        .map_err(|e| format!("control socket: {e}"))?;
+    t.set_draining(true);
+    rt.block_on(t.wait_conns_zero(Duration::from_secs(10)));
+    rt.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}

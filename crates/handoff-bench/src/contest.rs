@@ -1,0 +1,385 @@
+//! Starting, upgrading and stopping each contestant, each the way its own docs say.
+//!
+//! | contestant | started as | upgrade trigger | "done" when |
+//! |---|---|---|---|
+//! | control | `bench-svc-plain --listen …` | none | – |
+//! | handoff | `handoff run --listen … -- bench-svc-handoff` | `handoff upgrade` | the command returns (Commit) |
+//! | ecdysis | `bench-svc-ecdysis --listen … --pid-file …` | SIGHUP to the pid in the pid file | the pid file names the new process |
+//! | shellflip | `systemd-socket-activate -l … -- bench-svc-shellflip --socket …` | `bench-svc-shellflip --socket … restart` | the command returns (the child said it started) |
+//!
+//! The harness makes itself a child subreaper, so the old generations that ecdysis and
+//! shellflip leave behind (their parent exits) are reparented to it and reaped at the end,
+//! even though PID 1 here does not reap orphans.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use handoff_cli::load::{Conn, Failure};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+
+use crate::report::Upgrade;
+
+/// The contestants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    Control,
+    Handoff,
+    Ecdysis,
+    Shellflip,
+}
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Control => "control (no upgrades)",
+            Peer::Handoff => "handoff",
+            Peer::Ecdysis => "ecdysis",
+            Peer::Shellflip => "shellflip",
+        }
+    }
+}
+
+/// Where the binaries are: `handoff` and the `bench-svc-*` services, built together.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub dir: PathBuf,
+}
+
+impl Bins {
+    /// The directory of the running executable (the driver is built with the services).
+    pub fn beside_current_exe() -> Result<Bins> {
+        let exe = std::env::current_exe().context("locating the driver executable")?;
+        let dir = exe
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+        Ok(Bins {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self, name: &str) -> Result<PathBuf> {
+        let p = self.dir.join(name);
+        if !p.exists() {
+            bail!(
+                "{} not found: build everything first (`cargo build --release -p handoff-bench \
+                 -p handoff-cli --bins`, or run scripts/bench-peers)",
+                p.display()
+            );
+        }
+        Ok(p)
+    }
+}
+
+/// A started contestant.
+pub struct Running {
+    pub peer: Peer,
+    child: Child,
+    pub addrs: Vec<SocketAddr>,
+    dir: PathBuf,
+    bins: Bins,
+    /// Every service pid seen, for the final cleanup.
+    pub pids: Vec<u32>,
+}
+
+/// Picks `n` free loopback ports (bound, then released: a small race with other programs,
+/// acceptable for a benchmark).
+pub fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("picking free ports")?;
+    held.iter()
+        .map(|l| l.local_addr().context("local_addr"))
+        .collect()
+}
+
+impl Running {
+    /// Starts `peer` with `listeners` TCP listeners (only handoff and the control take more
+    /// than one) in the scratch directory `dir`, and waits until it serves.
+    pub fn start(peer: Peer, bins: &Bins, dir: &Path, listeners: usize) -> Result<Running> {
+        std::fs::create_dir_all(dir)?;
+        if listeners > 1 && matches!(peer, Peer::Ecdysis | Peer::Shellflip) {
+            bail!("{} is benchmarked with one listener only", peer.name());
+        }
+        let addrs = free_addrs(listeners)?;
+        let mut cmd = match peer {
+            Peer::Control => {
+                let mut c = Command::new(bins.path("bench-svc-plain")?);
+                for a in &addrs {
+                    c.arg("--listen").arg(a.to_string());
+                }
+                c
+            }
+            Peer::Handoff => {
+                let mut c = Command::new(bins.path("handoff")?);
+                c.arg("run")
+                    .arg("--runtime-dir")
+                    .arg(dir.join("run"))
+                    .arg("--state-dir")
+                    .arg(dir.join("state"));
+                for (i, a) in addrs.iter().enumerate() {
+                    c.arg("--listen").arg(format!("l{i}=tcp://{a}"));
+                }
+                c.arg("--").arg(bins.path("bench-svc-handoff")?);
+                c
+            }
+            Peer::Ecdysis => {
+                let mut c = Command::new(bins.path("bench-svc-ecdysis")?);
+                c.arg("--listen")
+                    .arg(addrs[0].to_string())
+                    .arg("--pid-file")
+                    .arg(dir.join("ecdysis.pid"));
+                c
+            }
+            Peer::Shellflip => {
+                let mut c = Command::new("systemd-socket-activate");
+                c.arg("-l")
+                    .arg(addrs[0].to_string())
+                    .arg("--")
+                    .arg(bins.path("bench-svc-shellflip")?)
+                    .arg("--socket")
+                    .arg(dir.join("shellflip.sock"));
+                c
+            }
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).context("stderr.log")?,
+            ))
+            .spawn()
+            .with_context(|| format!("starting {}: {cmd:?}", peer.name()))?;
+        let mut r = Running {
+            peer,
+            child,
+            addrs,
+            dir: dir.to_path_buf(),
+            bins: bins.clone(),
+            pids: Vec::new(),
+        };
+        // systemd-socket-activate starts the service on the first connection: this probe.
+        let pid = r.wait_serving(Duration::from_secs(15))?;
+        r.pids.push(pid);
+        Ok(r)
+    }
+
+    /// Polls (every 5 ms, at most `within`) until every listener answers; returns the pid
+    /// that answered.
+    fn wait_serving(&mut self, within: Duration) -> Result<u32> {
+        let end = Instant::now() + within;
+        let mut pid = 0;
+        for addr in self.addrs.clone() {
+            loop {
+                match probe_pid(addr) {
+                    Ok(p) => {
+                        pid = p;
+                        break;
+                    }
+                    Err(e) if Instant::now() > end => {
+                        bail!(
+                            "{} did not serve on {addr} within {within:?}: {e} (see {})",
+                            self.peer.name(),
+                            self.dir.join("stderr.log").display()
+                        )
+                    }
+                    Err(_) => {
+                        if let Ok(Some(status)) = self.child.try_wait() {
+                            bail!(
+                                "{} exited with {status} before serving (see {})",
+                                self.peer.name(),
+                                self.dir.join("stderr.log").display()
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        Ok(pid)
+    }
+
+    /// Triggers one upgrade and waits until the tool says it is done. Times are µs after
+    /// `epoch`. The returned thread watches the old process and yields when it was gone.
+    pub fn upgrade(&mut self, epoch: Instant) -> (Upgrade, Option<JoinHandle<Option<u64>>>) {
+        let us = move |t: Instant| t.saturating_duration_since(epoch).as_micros() as u64;
+        let old = match self.peer {
+            Peer::Ecdysis => read_pid(&self.dir.join("ecdysis.pid")).ok(),
+            _ => probe_pid(self.addrs[0]).ok(),
+        }
+        .unwrap_or(0);
+        let trigger = Instant::now();
+        let mut up = Upgrade {
+            trigger_us: us(trigger),
+            old_pid: old,
+            ..Upgrade::default()
+        };
+        if self.peer == Peer::Control {
+            return (up, None);
+        }
+        let watcher = (old != 0).then(|| {
+            std::thread::spawn(move || {
+                let end = Instant::now() + Duration::from_secs(15);
+                while Instant::now() < end {
+                    if !alive(old) {
+                        return Some(us(Instant::now()));
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                None
+            })
+        });
+        match self.trigger_and_wait(old) {
+            Ok(new) => {
+                up.done_us = Some(us(Instant::now()));
+                up.new_pid = Some(new);
+                self.pids.push(new);
+            }
+            Err(e) => up.error = Some(format!("{} upgrade: {e:#}", self.peer.name())),
+        }
+        (up, watcher)
+    }
+
+    /// Returns the new process's pid.
+    fn trigger_and_wait(&mut self, old: u32) -> Result<u32> {
+        match self.peer {
+            Peer::Control => Ok(old),
+            Peer::Handoff => {
+                let out = Command::new(self.bins.path("handoff")?)
+                    .arg("upgrade")
+                    .arg("--runtime-dir")
+                    .arg(self.dir.join("run"))
+                    .stdin(Stdio::null())
+                    .output()
+                    .context("running handoff upgrade")?;
+                if !out.status.success() {
+                    bail!(
+                        "handoff upgrade: {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                // Committed: the old process no longer accepts, so this is the new one.
+                probe_pid(self.addrs[0]).map_err(|e| anyhow!("probing after upgrade: {e}"))
+            }
+            Peer::Ecdysis => {
+                let pid_file = self.dir.join("ecdysis.pid");
+                kill(Pid::from_raw(old as i32), Signal::SIGHUP).context("SIGHUP")?;
+                let end = Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Ok(p) = read_pid(&pid_file) {
+                        if p != old {
+                            return Ok(p);
+                        }
+                    }
+                    if Instant::now() > end {
+                        bail!("the pid file still names {old} 10 s after SIGHUP");
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            Peer::Shellflip => {
+                let out = Command::new(self.bins.path("bench-svc-shellflip")?)
+                    .arg("--socket")
+                    .arg(self.dir.join("shellflip.sock"))
+                    .arg("restart")
+                    .stdin(Stdio::null())
+                    .output()
+                    .context("running bench-svc-shellflip restart")?;
+                if !out.status.success() {
+                    bail!(
+                        "restart: {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .context("restart printed no pid")
+            }
+        }
+    }
+
+    /// Stops every process of this contestant (SIGTERM, then SIGKILL after 5 s) and reaps
+    /// them all, including orphaned old generations reparented to us.
+    pub fn stop(mut self) {
+        let current: Vec<u32> = match self.peer {
+            Peer::Handoff | Peer::Control => vec![self.child.id()],
+            Peer::Ecdysis => read_pid(&self.dir.join("ecdysis.pid"))
+                .map(|p| vec![p])
+                .unwrap_or_default(),
+            Peer::Shellflip => probe_pid(self.addrs[0])
+                .map(|p| vec![p])
+                .unwrap_or_default(),
+        };
+        for p in &current {
+            let _ = kill(Pid::from_raw(*p as i32), Signal::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut all = self.pids.clone();
+        all.push(self.child.id());
+        loop {
+            reap_any();
+            if all.iter().all(|&p| !alive(p)) {
+                break;
+            }
+            if Instant::now() > end {
+                for &p in &all {
+                    let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+                }
+            }
+            if Instant::now() > end + Duration::from_secs(5) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = self.child.try_wait();
+        reap_any();
+    }
+}
+
+/// Reaps whatever children have exited (orphans reparented to us included).
+fn reap_any() {
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            // The state follows the parenthesized command name.
+            let state = s
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+fn read_pid(path: &Path) -> Result<u32> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("{} holds {s:?}", path.display()))
+}
+
+/// The pid of the process answering a fresh connection to `addr` (its `X-Pid`).
+pub fn probe_pid(addr: SocketAddr) -> Result<u32, Failure> {
+    let resp = Conn::connect(addr)?.request("GET", "/", None, true)?;
+    resp.header("x-pid")
+        .and_then(|p| p.parse().ok())
+        .filter(|_| resp.status == 200)
+        .ok_or_else(|| Failure::Other(format!("status {} without X-Pid", resp.status)))
+}

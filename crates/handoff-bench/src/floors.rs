@@ -1,0 +1,82 @@
+//! Floors measured in the same run as the contestants: what a restart cannot go below on
+//! this machine (spawning a process, a round trip between two processes), and what the
+//! load generator measures against a server with no restart machinery at all.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::loadgen::{self, LoadConfig, LoadRun};
+use crate::report::Dist;
+use crate::tiny::{self, Tiny};
+
+/// Spawning `bin --help` to completion (fork, exec, run, exit, wait), `n` times; ms.
+pub fn spawn(bin: &Path, n: usize) -> Result<Dist> {
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let status = Command::new(bin)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if !status.success() {
+            bail!("{} --help exited with {status}", bin.display());
+        }
+    }
+    Ok(Dist::of(ms))
+}
+
+/// A 64-byte round trip over a Unix socketpair between two threads, `n` times; ms.
+pub fn socketpair_round_trip(n: usize) -> Result<Dist> {
+    let (mut a, mut b) = UnixStream::pair().context("socketpair")?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = [0u8; 64];
+        for _ in 0..n {
+            b.read_exact(&mut buf)?;
+            b.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let mut ms = Vec::with_capacity(n);
+    let mut buf = [7u8; 64];
+    for _ in 0..n {
+        let t = Instant::now();
+        a.write_all(&buf)?;
+        a.read_exact(&mut buf)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    match echo.join() {
+        Ok(r) => r.context("echo thread")?,
+        Err(_) => bail!("the echo thread panicked"),
+    }
+    Ok(Dist::of(ms))
+}
+
+/// The load generator against the tiny handler served in this process (its own 2-thread
+/// runtime, like every service): the best the load can see on this machine.
+pub fn static_server(
+    load_rt: &tokio::runtime::Runtime,
+    mut cfg: LoadConfig,
+) -> Result<(LoadRun, Duration)> {
+    let server_rt = crate::service_runtime()?;
+    let listener = crate::bind_tcp("127.0.0.1:0".parse()?)?;
+    cfg.addrs = vec![listener.local_addr()?];
+    let t: Arc<Tiny> = Tiny::new();
+    {
+        let _guard = server_rt.enter();
+        let l = tokio::net::TcpListener::from_std(listener)?;
+        server_rt.spawn(tiny::accept_loop(l, t));
+    }
+    let duration = cfg.duration;
+    let run = load_rt.block_on(loadgen::run(cfg, Instant::now(), Default::default()));
+    server_rt.shutdown_timeout(Duration::from_millis(200));
+    Ok((run, duration))
+}

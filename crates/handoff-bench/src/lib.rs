@@ -1,0 +1,50 @@
+//! Side-by-side benchmark of zero-downtime upgrades: the same tiny HTTP handler
+//! ([`tiny`]) served under `handoff`, Cloudflare's `ecdysis` and `shellflip`, and a
+//! no-upgrade control, each driven by the same load ([`loadgen`]) while upgrades are
+//! triggered at a fixed interval ([`contest`]), against floors measured in the same run
+//! ([`floors`]); [`report`] turns it into the table of BENCHMARKS.md.
+//!
+//! Run it with `scripts/bench-peers` (release build, full size) or
+//! `handoff-bench-peers --help`.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use handoff_bench::loadgen::{self, LoadConfig, Progress};
+//! # async fn f() {
+//! let cfg = LoadConfig {
+//!     addrs: vec!["127.0.0.1:8080".parse().unwrap()],
+//!     keepalive: 8, fresh: 2, idle_holders: 0,
+//!     duration: Duration::from_secs(1), timeout: Duration::from_secs(5),
+//! };
+//! let run = loadgen::run(cfg, std::time::Instant::now(), Default::default()).await;
+//! println!("{} answered, {} failed", run.samples.len(), run.failures.len());
+//! # }
+//! ```
+
+pub mod contest;
+pub mod floors;
+pub mod loadgen;
+pub mod report;
+pub mod tiny;
+
+use std::net::{SocketAddr, TcpListener};
+
+/// The runtime every benchmark service uses: 2 worker threads, like the demo.
+pub fn service_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// Binds a non-blocking TCP listener with the backlog `handoff run` uses (4096), so the
+/// control and the floor queue connections exactly like the contestants.
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(addr)?;
+    nix::sys::socket::listen(
+        &l,
+        nix::sys::socket::Backlog::new(4096).unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+    )?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}

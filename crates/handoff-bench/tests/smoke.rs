@@ -1,0 +1,88 @@
+//! CI smoke test of the side-by-side benchmark: the whole harness in a tiny form (2 s per
+//! contestant, 3 upgrades each, no scale series). It checks that it runs and that the
+//! handoff contestant lost nothing; it asserts no timing figure (that is the full run's job).
+//!
+//! Needs the `handoff` binary next to the bench binaries: `cargo build --workspace --bins`
+//! first (a missing one fails with that instruction).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn harness_runs_and_handoff_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("out.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff-bench-peers"))
+        .args([
+            "--secs",
+            "2",
+            "--interval-ms",
+            "500",
+            "--keepalive",
+            "4",
+            "--fresh",
+            "2",
+            "--no-scale",
+            "--floor-secs",
+            "1",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--workdir")
+        .arg(dir.path().join("work"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting handoff-bench-peers");
+    // Bounded: the driver stops and reaps its contestants itself; we bound the driver.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("handoff-bench-peers did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.success(),
+        "handoff-bench-peers failed: {status}\n{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("| handoff |"),
+        "no handoff row in:\n{stdout}"
+    );
+
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON")).expect("JSON");
+    let rows = v["contestants"].as_array().expect("contestants");
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        ["control (no upgrades)", "handoff", "ecdysis", "shellflip"],
+        "{stderr}"
+    );
+    for r in rows {
+        assert!(
+            r["requests"].as_u64().unwrap_or(0) > 100,
+            "{} barely ran: {r}",
+            r["name"]
+        );
+    }
+    let h = rows
+        .iter()
+        .find(|r| r["name"] == "handoff")
+        .expect("handoff row");
+    assert_eq!(h["failed_total"], 0, "handoff lost requests: {h}\n{stderr}");
+    assert!(h["upgrades"].as_u64().unwrap_or(0) >= 2, "{h}");
+    assert_eq!(h["upgrades_failed"], 0, "{h}\n{stderr}");
+    // Every upgrade was seen end to end: a new process answered after each trigger.
+    assert_eq!(h["serve_ms"]["n"], h["upgrades"], "{h}");
+    assert!(v["floors"]["spawn_ms"]["n"].as_u64().unwrap_or(0) > 0);
+}
