@@ -11,6 +11,7 @@ mod demo;
 mod duration;
 mod restart;
 mod run;
+mod service;
 mod status;
 mod supervise;
 mod upgrade;
@@ -53,6 +54,8 @@ enum Command {
     Status(status::StatusArgs),
     #[command(about = demo::ABOUT, long_about = demo::LONG_ABOUT, after_long_help = demo::AFTER_HELP)]
     Demo(demo::DemoArgs),
+    #[command(about = service::ABOUT)]
+    Service(service::ServiceArgs),
 }
 
 /// Options both commands share.
@@ -74,5 +77,6 @@ fn main() -> ExitCode {
         Command::Upgrade(a) => upgrade::main(a),
         Command::Status(a) => status::main(a),
         Command::Demo(a) => demo::main(a),
+        Command::Service(a) => service::main(a),
     }
 }

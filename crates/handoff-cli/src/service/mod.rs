@@ -1,0 +1,395 @@
+//! `handoff service`: install, restart, inspect and remove `handoff run` as
+//! a systemd unit or a launchd job.
+//!
+//! The generated unit/plist lets the service manager supervise the
+//! *supervisor*: it starts `handoff run` at boot, restarts it if it crashes,
+//! and (systemd) maps `systemctl reload` to a zero-downtime `handoff
+//! upgrade`. Both are written so that a supervisor crash does not take the
+//! service down with it: the manager must not kill the supervisor's children
+//! when the supervisor exits, because the restarted supervisor re-attaches to
+//! the incumbent that is still serving (see `supervise::recover`).
+//!
+//! launchd's restart is racy if done naively (`bootout` returns before the
+//! job is gone, and a `bootstrap` in that window fails with "5: Input/output
+//! error"); `launchd.rs` explains how it is sequenced.
+//!
+//! Every manager call goes through [`runner::Runner`], the seam the tests use
+//! to substitute fake `systemctl`/`launchctl` programs.
+
+mod files;
+mod launchd;
+mod runner;
+mod systemd;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use runner::{PathRunner, Runner};
+
+pub const ABOUT: &str = "Install and manage `handoff run` as a systemd unit or launchd job";
+
+const AFTER_HELP: &str = "EXAMPLES:\n  \
+handoff service install kv -- --runtime-dir /run/kv --state-dir /var/lib/kv \\\n      \
+--listen http=tcp://0.0.0.0:8080 -- /usr/local/bin/handoff-demo\n  \
+handoff service restart kv --reload     # zero-downtime upgrade of the service (systemd)\n  \
+handoff service restart kv              # restart the supervisor too (applies a changed unit)\n  \
+handoff service status kv\n  \
+handoff service uninstall kv\n\n\
+The manager defaults to launchd on macOS and systemd elsewhere (--manager); the scope to \
+`system` when run as root and `user` otherwise (--scope).";
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = AFTER_HELP)]
+pub struct ServiceArgs {
+    #[command(subcommand)]
+    command: ServiceCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCommand {
+    /// Write the unit/plist for `handoff run ARGS…`, then enable and start it.
+    #[command(after_help = INSTALL_HELP)]
+    Install(InstallArgs),
+    /// Stop the service, disable it and remove its unit/plist.
+    Uninstall(UninstallArgs),
+    /// Restart the supervisor (and its service), or with --reload only upgrade the service.
+    #[command(after_help = RESTART_HELP)]
+    Restart(RestartArgs),
+    /// Show the service manager's view of the service (exit 3: installed but not running).
+    Status(StatusArgs),
+}
+
+const INSTALL_HELP: &str = "Everything after `--` is passed to `handoff run` as is, and is checked \
+as `handoff run` would check it before anything is written. --runtime-dir and --state-dir must be \
+absolute (a service starts in /). systemd gets Type=notify, ExecReload=`handoff upgrade`, \
+Restart=on-failure and KillMode=process; launchd gets KeepAlive, RunAtLoad and \
+AbandonProcessGroup. Re-running install with the same arguments changes nothing; with different \
+ones it rewrites the file (atomically) and tells you to restart.\n\n\
+EXAMPLES:\n  \
+handoff service install kv -- --runtime-dir /run/kv --state-dir /var/lib/kv \\\n      \
+--listen http=tcp://0.0.0.0:8080 -- /usr/local/bin/handoff-demo\n  \
+handoff service install --manager launchd --scope user com.example.kv -- \\\n      \
+--runtime-dir /tmp/kv --state-dir /Users/me/kv --listen http=tcp://127.0.0.1:8080 -- /usr/local/bin/kv";
+
+const RESTART_HELP: &str = "Which one do you want?\n  \
+--reload   systemd: `systemctl reload NAME`, which runs the unit's ExecReload, `handoff upgrade`: \
+the supervisor stays, the service is replaced by a fresh process with zero downtime, and the \
+command fails if the upgrade aborts. Use it to deploy a new build of the service.\n  \
+(default)  `systemctl restart NAME` / `launchctl kickstart -k`: the supervisor itself is stopped \
+and started again, and with it the service (a graceful stop, not zero-downtime). Use it after \
+changing the unit/plist or upgrading the handoff binary itself.\n\n\
+launchd: when the plist on disk is what was last loaded, `kickstart -k` restarts the job; \
+otherwise the job is booted out, waited for until `launchctl print` no longer finds it \
+(--wait-timeout), and bootstrapped again, retrying launchd's transient \
+\"5: Input/output error\" (--bootstrap-attempts).";
+
+/// Which service manager.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Manager {
+    Systemd,
+    Launchd,
+}
+
+impl Manager {
+    fn platform_default() -> Manager {
+        if cfg!(target_os = "macos") {
+            Manager::Launchd
+        } else {
+            Manager::Systemd
+        }
+    }
+}
+
+/// System-wide or per-user service.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// systemd `--user` / launchd `gui/<uid>` (a LaunchAgent).
+    User,
+    /// The system manager / launchd `system` domain (a LaunchDaemon).
+    System,
+}
+
+/// Which service, under which manager.
+#[derive(clap::Args, Debug, Clone)]
+struct Target {
+    /// The systemd unit name (without `.service`) or the launchd label.
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// The service manager [default: launchd on macOS, systemd elsewhere].
+    #[arg(long, value_enum)]
+    manager: Option<Manager>,
+    /// `user` or `system` [default: system when run as root, user otherwise].
+    #[arg(long, value_enum)]
+    scope: Option<Scope>,
+    /// Where the unit/plist lives, instead of the manager's standard
+    /// directory for the scope (/etc/systemd/system, ~/.config/systemd/user,
+    /// /Library/LaunchDaemons, ~/Library/LaunchAgents).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+/// Bounds on launchd's asynchronous unload (ignored for systemd).
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct LaunchdBounds {
+    /// launchd: how long to wait after `bootout` until `launchctl print` no
+    /// longer finds the job.
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION", default_value = "10s")]
+    wait_timeout: Duration,
+    /// launchd: how many times to try `bootstrap` while it fails with the
+    /// transient "5: Input/output error" (backoff 100 ms, doubling, at most 1 s).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    bootstrap_attempts: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct InstallArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    bounds: LaunchdBounds,
+    /// The `handoff` binary the unit runs [default: this one].
+    #[arg(long, value_name = "PATH")]
+    handoff_path: Option<PathBuf>,
+    /// launchd: directory for the job's stdout/stderr logs
+    /// [default: /var/log (system), ~/Library/Logs (user)].
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// The `handoff run` options, then `--` and the service's program and arguments.
+    #[arg(last = true, required = true, value_name = "RUN ARGS")]
+    run: Vec<OsString>,
+}
+
+#[derive(clap::Args, Debug)]
+struct UninstallArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    bounds: LaunchdBounds,
+}
+
+#[derive(clap::Args, Debug)]
+struct RestartArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    bounds: LaunchdBounds,
+    /// systemd: `systemctl reload`, i.e. a zero-downtime `handoff upgrade`
+    /// of the service, instead of restarting the supervisor.
+    #[arg(long)]
+    reload: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Everything a manager backend needs about the service it acts on.
+pub struct Ctx<'a> {
+    pub name: String,
+    pub scope: Scope,
+    /// The directory holding the unit/plist.
+    pub dir: PathBuf,
+    pub runner: &'a dyn Runner,
+}
+
+/// What `install` writes into the unit/plist.
+pub struct Spec {
+    /// Absolute path of the `handoff` binary.
+    pub handoff: PathBuf,
+    /// The arguments after `handoff run`.
+    pub run_args: Vec<String>,
+    /// The runtime dir they resolve to (for `handoff upgrade`).
+    pub runtime_dir: PathBuf,
+    /// The drain grace they resolve to (bounds a stop).
+    pub drain_grace: Duration,
+    /// The upgrade deadline they resolve to (bounds a reload).
+    pub deadline: Duration,
+}
+
+pub fn main(a: ServiceArgs) -> ExitCode {
+    let runner = PathRunner;
+    match dispatch(a, &runner) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("handoff service: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(a: ServiceArgs, runner: &dyn Runner) -> Result<ExitCode> {
+    match a.command {
+        ServiceCommand::Install(i) => {
+            let (mgr, ctx) = context(&i.target, runner)?;
+            let spec = spec(&i)?;
+            match mgr {
+                Manager::Systemd => systemd::install(&ctx, &spec)?,
+                Manager::Launchd => {
+                    let logs = match &i.log_dir {
+                        Some(d) => absolute(d, "--log-dir")?,
+                        None => launchd::default_log_dir(ctx.scope)?,
+                    };
+                    launchd::install(&ctx, &spec, &logs, i.bounds)?
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServiceCommand::Uninstall(u) => {
+            let (mgr, ctx) = context(&u.target, runner)?;
+            match mgr {
+                Manager::Systemd => systemd::uninstall(&ctx)?,
+                Manager::Launchd => launchd::uninstall(&ctx, u.bounds)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServiceCommand::Restart(r) => {
+            let (mgr, ctx) = context(&r.target, runner)?;
+            match mgr {
+                Manager::Systemd => systemd::restart(&ctx, r.reload)?,
+                Manager::Launchd if r.reload => bail!(
+                    "--reload: launchd has no reload action; upgrade the service directly with \
+                     `handoff upgrade --runtime-dir DIR` (the supervisor keeps running)"
+                ),
+                Manager::Launchd => launchd::restart(&ctx, r.bounds)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServiceCommand::Status(s) => {
+            let (mgr, ctx) = context(&s.target, runner)?;
+            let running = match mgr {
+                Manager::Systemd => systemd::status(&ctx)?,
+                Manager::Launchd => launchd::status(&ctx)?,
+            };
+            Ok(if running {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+    }
+}
+
+fn context<'a>(t: &Target, runner: &'a dyn Runner) -> Result<(Manager, Ctx<'a>)> {
+    let mgr = t.manager.unwrap_or_else(Manager::platform_default);
+    let name = t.name.strip_suffix(".service").unwrap_or(&t.name);
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        bail!(
+            "service name {:?}: use letters, digits, '.', '_' and '-' only \
+             (e.g. `kv` for systemd, `com.example.kv` for launchd)",
+            t.name
+        );
+    }
+    let scope = t.scope.unwrap_or(if nix::unistd::geteuid().is_root() {
+        Scope::System
+    } else {
+        Scope::User
+    });
+    let dir = match &t.dir {
+        Some(d) => absolute(d, "--dir")?,
+        None => match mgr {
+            Manager::Systemd => systemd::default_dir(scope)?,
+            Manager::Launchd => launchd::default_dir(scope)?,
+        },
+    };
+    Ok((
+        mgr,
+        Ctx {
+            name: name.to_string(),
+            scope,
+            dir,
+            runner,
+        },
+    ))
+}
+
+fn absolute(p: &Path, what: &str) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("{what} {}", p.display()))
+}
+
+/// `$HOME`, for the per-user default directories.
+pub fn home() -> Result<PathBuf> {
+    match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => Ok(PathBuf::from(h)),
+        _ => bail!("HOME is not set: pass the directory explicitly with --dir"),
+    }
+}
+
+/// For reading the `handoff run` arguments exactly as `handoff run` will.
+#[derive(Parser, Debug)]
+#[command(name = "handoff run")]
+struct RunOnly {
+    #[command(flatten)]
+    run: crate::run::RunArgs,
+}
+
+/// Checks the embedded `handoff run` arguments (and the config file they
+/// name) as `handoff run` will, and works out what the unit needs from them.
+/// The unit embeds the arguments as given, not the resolved settings, so a
+/// config file is still read at each start.
+fn spec(i: &InstallArgs) -> Result<Spec> {
+    let mut run_args = Vec::with_capacity(i.run.len());
+    for a in &i.run {
+        match a.to_str() {
+            Some(s) if !s.chars().any(|c| c.is_control()) => run_args.push(s.to_string()),
+            _ => bail!(
+                "run argument {a:?}: unit files and plists hold text; \
+                 use arguments that are valid UTF-8 without control characters"
+            ),
+        }
+    }
+    let argv = std::iter::once("handoff run".to_string()).chain(run_args.iter().cloned());
+    let parsed = match RunOnly::try_parse_from(argv) {
+        Ok(p) => p.run,
+        Err(e) => bail!(
+            "the `handoff run` arguments after `--` are not valid:\n{}",
+            e.render()
+        ),
+    };
+    if let Some(c) = &parsed.config {
+        if !c.is_absolute() {
+            bail!(
+                "--config {} must be an absolute path: a service starts in /, not here",
+                c.display()
+            );
+        }
+    }
+    let settings = crate::config::resolve(&parsed)
+        .map_err(|e| anyhow::anyhow!("the `handoff run` arguments after `--`: {e}"))?;
+    for (opt, dir) in [
+        ("--runtime-dir", &settings.runtime_dir),
+        ("--state-dir", &settings.state_dir),
+    ] {
+        if !dir.is_absolute() {
+            bail!(
+                "{opt} {} must be an absolute path: a service starts in /, not here",
+                dir.display()
+            );
+        }
+    }
+    let handoff = match &i.handoff_path {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => bail!("--handoff-path {} must be absolute", p.display()),
+        None => std::env::current_exe().context("finding the path of this handoff binary")?,
+    };
+    if handoff.to_str().is_none() {
+        bail!("the handoff binary's path {:?} is not valid UTF-8", handoff);
+    }
+    Ok(Spec {
+        handoff,
+        run_args,
+        runtime_dir: settings.runtime_dir,
+        drain_grace: settings.drain_grace,
+        deadline: settings.deadline,
+    })
+}
