@@ -12,100 +12,11 @@ mod fakes;
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use fakes::{failed, ok, Fake};
+use fakes::*;
 use support::*;
-
-const LABEL: &str = "com.example.kv";
-
-fn uid() -> u32 {
-    nix::unistd::getuid().as_raw()
-}
-
-fn run_args(port: &str) -> Vec<String> {
-    [
-        "--runtime-dir",
-        "/run/kv",
-        "--state-dir",
-        "/var/lib/kv",
-        "--listen",
-        &format!("http=tcp://127.0.0.1:{port}"),
-        "--",
-        "/usr/local/bin/handoff-demo",
-        "--flag with space",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-/// `install --manager launchd --scope user` of LABEL with the given port.
-fn launchd_install(f: &Fake, port: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut args = vec![
-        "install",
-        "--manager",
-        "launchd",
-        "--scope",
-        "user",
-        "--dir",
-        f.units_arg(),
-        "--log-dir",
-        "/tmp/kv-logs",
-    ];
-    args.extend_from_slice(extra);
-    args.extend([LABEL, "--"]);
-    let ra = run_args(port);
-    args.extend(ra.iter().map(String::as_str));
-    f.service(&args, env)
-}
-
-fn launchd_args<'a>(verb: &'a str, f: &'a Fake, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        verb,
-        "--manager",
-        "launchd",
-        "--scope",
-        "user",
-        "--dir",
-        f.units_arg(),
-    ];
-    v.extend_from_slice(extra);
-    v.push(LABEL);
-    v
-}
-
-fn plist_path(f: &Fake) -> PathBuf {
-    f.units.join(format!("{LABEL}.plist"))
-}
-
-/// Parses the plist with python3's plistlib: it must be a valid property
-/// list with the keys and arguments we promise.
-fn check_plist(p: &Path) {
-    let script = r#"
-import plistlib, sys
-d = plistlib.load(open(sys.argv[1], 'rb'))
-assert d['Label'] == 'com.example.kv', d
-assert d['ProgramArguments'][1:] == ['run', '--runtime-dir', '/run/kv', '--state-dir', '/var/lib/kv', '--listen', 'http=tcp://127.0.0.1:8080', '--', '/usr/local/bin/handoff-demo', '--flag with space'], d
-assert d['ProgramArguments'][0].startswith('/'), d
-assert d['RunAtLoad'] is True and d['AbandonProcessGroup'] is True, d
-assert d['KeepAlive'] == {'SuccessfulExit': False}, d
-assert d['StandardErrorPath'] == '/tmp/kv-logs/com.example.kv.err.log', d
-print('plist ok')
-"#;
-    let o = Command::new("python3")
-        .args(["-c", script])
-        .arg(p)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "plist check failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 #[test]
 fn launchd_install_then_restart_unchanged_is_one_kickstart() {
@@ -250,6 +161,65 @@ fn launchd_bootstrap_failing_for_good_is_a_clear_error_after_bounded_retries() {
     // Backoffs 100 + 200 + 400 ms between the four attempts.
     assert!(took >= Duration::from_millis(700), "took {took:?}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn launchd_bootstrap_failing_otherwise_is_reported_at_once() {
+    let _guard = begin_test("launchd_bootstrap_122", Duration::from_secs(60));
+    let f = Fake::new();
+    let err = failed(&launchd_install(
+        &f,
+        "8080",
+        &[],
+        &[("FAKE_BOOTSTRAP_STATUS", "122")],
+    ));
+    let bootstrap = format!(
+        "launchctl bootstrap gui/{} {}",
+        uid(),
+        plist_path(&f).display()
+    );
+    assert!(
+        err.contains(&format!("`{bootstrap}` failed (exit status 122)"))
+            && err.contains("Bootstrap failed: 122: Path had bad ownership/permissions")
+            && !err.contains("gave up"),
+        "{err}"
+    );
+    // Only status 5 is transient: no retry.
+    assert_eq!(
+        f.take_calls(),
+        [format!("launchctl print gui/{}/{LABEL}", uid()), bootstrap]
+    );
+}
+
+#[test]
+fn launchd_restart_of_an_unloaded_job_bootstraps_it() {
+    let _guard = begin_test("launchd_kick_unloaded", Duration::from_secs(60));
+    let f = Fake::new();
+    ok(&launchd_install(&f, "8080", &[], &[]));
+    // Unloaded behind our back (by hand, or a new login session).
+    fs::remove_file(f.state.join("loaded")).unwrap();
+    f.take_calls();
+    let out = ok(&f.service(&launchd_args("restart", &f, &[]), &[]));
+    assert!(out.contains("was not loaded"), "{out}");
+    let t = format!("gui/{}/{LABEL}", uid());
+    assert_eq!(
+        f.take_calls(),
+        [
+            format!("launchctl kickstart -k {t}"),
+            format!("launchctl print {t}"),
+            format!(
+                "launchctl bootstrap gui/{} {}",
+                uid(),
+                plist_path(&f).display()
+            ),
+        ]
+    );
+    // status notices a plist edited since it was loaded.
+    let plist = plist_path(&f);
+    let edited = fs::read_to_string(&plist).unwrap().replace("8080", "8082");
+    fs::write(&plist, edited).unwrap();
+    let out = ok(&f.service(&launchd_args("status", &f, &[]), &[]));
+    assert!(out.contains("changed since loaded"), "{out}");
 }
 
 #[test]

@@ -80,8 +80,9 @@ const RESTART_HELP: &str = "Which one do you want?\n  \
 --reload   systemd: `systemctl reload NAME`, which runs the unit's ExecReload, `handoff upgrade`: \
 the supervisor stays, the service is replaced by a fresh process with zero downtime, and the \
 command fails if the upgrade aborts. Use it to deploy a new build of the service.\n  \
-(default)  `systemctl restart NAME` / `launchctl kickstart -k`: the supervisor itself is stopped \
-and started again, and with it the service (a graceful stop, not zero-downtime). Use it after \
+(default)  the supervisor itself is restarted. systemd: `systemctl restart NAME`, a SIGTERM to \
+the supervisor, which drains and stops the service, then a fresh start (not zero-downtime). \
+launchd: `launchctl kickstart -k`, which kills the running job and starts it again. Use it after \
 changing the unit/plist or upgrading the handoff binary itself.\n\n\
 launchd: when the plist on disk is what was last loaded, `kickstart -k` restarts the job; \
 otherwise the job is booted out, waited for until `launchctl print` no longer finds it \

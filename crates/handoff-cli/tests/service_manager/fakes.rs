@@ -8,10 +8,14 @@
 //! - `FAKE_LINGER_MS=M`: the same, for M milliseconds of wall time.
 //! - `FAKE_BOOTSTRAP_EIO=K|always`: the first K bootstraps (or all) fail
 //!   with 5 even once `print` no longer finds the job.
+//! - `FAKE_BOOTSTRAP_STATUS=N`: every bootstrap fails with status N.
 //! - `FAKE_SYSTEMCTL_FAIL=VERB`: that systemctl verb fails with status 1.
+//!
+//! Also the tests' shared helpers: the launchd label and run arguments
+//! they install with, and a plist check through python3's plistlib.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::support::handoff_bin;
@@ -51,6 +55,7 @@ case "$1" in
   bootstrap)
     [ -f "$3" ] || { echo "Bootstrap failed: 2: No such file or directory" >&2; exit 2; }
     eio() { echo "Bootstrap failed: 5: Input/output error" >&2; echo "Try re-running the command as root for richer errors." >&2; exit 5; }
+    if [ -n "$FAKE_BOOTSTRAP_STATUS" ]; then echo "Bootstrap failed: $FAKE_BOOTSTRAP_STATUS: Path had bad ownership/permissions" >&2; exit "$FAKE_BOOTSTRAP_STATUS"; fi
     lingering && eio
     [ -f "$S/loaded" ] && eio
     if [ "$FAKE_BOOTSTRAP_EIO" = always ]; then eio; fi
@@ -137,6 +142,7 @@ impl Fake {
             .env_remove("FAKE_PRINT_LINGER")
             .env_remove("FAKE_LINGER_MS")
             .env_remove("FAKE_BOOTSTRAP_EIO")
+            .env_remove("FAKE_BOOTSTRAP_STATUS")
             .env_remove("FAKE_SYSTEMCTL_FAIL");
         for (k, v) in env {
             c.env(k, v);
@@ -174,4 +180,92 @@ pub fn failed(o: &Output) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "expected exit 1; stderr:\n{err}");
     err
+}
+
+pub const LABEL: &str = "com.example.kv";
+
+pub fn uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+pub fn run_args(port: &str) -> Vec<String> {
+    [
+        "--runtime-dir",
+        "/run/kv",
+        "--state-dir",
+        "/var/lib/kv",
+        "--listen",
+        &format!("http=tcp://127.0.0.1:{port}"),
+        "--",
+        "/usr/local/bin/handoff-demo",
+        "--flag with space",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `install --manager launchd --scope user` of LABEL with the given port.
+pub fn launchd_install(f: &Fake, port: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut args = vec![
+        "install",
+        "--manager",
+        "launchd",
+        "--scope",
+        "user",
+        "--dir",
+        f.units_arg(),
+        "--log-dir",
+        "/tmp/kv-logs",
+    ];
+    args.extend_from_slice(extra);
+    args.extend([LABEL, "--"]);
+    let ra = run_args(port);
+    args.extend(ra.iter().map(String::as_str));
+    f.service(&args, env)
+}
+
+pub fn launchd_args<'a>(verb: &'a str, f: &'a Fake, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        verb,
+        "--manager",
+        "launchd",
+        "--scope",
+        "user",
+        "--dir",
+        f.units_arg(),
+    ];
+    v.extend_from_slice(extra);
+    v.push(LABEL);
+    v
+}
+
+pub fn plist_path(f: &Fake) -> PathBuf {
+    f.units.join(format!("{LABEL}.plist"))
+}
+
+/// Parses the plist with python3's plistlib: it must be a valid property
+/// list with the keys and arguments we promise.
+pub fn check_plist(p: &Path) {
+    let script = r#"
+import plistlib, sys
+d = plistlib.load(open(sys.argv[1], 'rb'))
+assert d['Label'] == 'com.example.kv', d
+assert d['ProgramArguments'][1:] == ['run', '--runtime-dir', '/run/kv', '--state-dir', '/var/lib/kv', '--listen', 'http=tcp://127.0.0.1:8080', '--', '/usr/local/bin/handoff-demo', '--flag with space'], d
+assert d['ProgramArguments'][0].startswith('/'), d
+assert d['RunAtLoad'] is True and d['AbandonProcessGroup'] is True, d
+assert d['KeepAlive'] == {'SuccessfulExit': False}, d
+assert d['StandardErrorPath'] == '/tmp/kv-logs/com.example.kv.err.log', d
+print('plist ok')
+"#;
+    let o = Command::new("python3")
+        .args(["-c", script])
+        .arg(p)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "plist check failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
