@@ -167,6 +167,45 @@ impl Drainable for Service {
     }
 }
 
+/// How long a SIGTERM'd process waits for its open connections (the
+/// supervisor's grace, after which it sends SIGKILL, is usually shorter).
+const SIGTERM_DRAIN: Duration = Duration::from_secs(60);
+
+/// SIGTERM (`handoff stop`, `systemctl stop`) outside a handoff: stop
+/// accepting, let every open connection finish the request it is on (each
+/// closes at a request boundary, idle ones after `drain_idle`), record the
+/// counts, exit 0. Connections still in the backlog are the supervisor's to
+/// close: it owns the listeners.
+async fn exit_on_sigterm(
+    mut term: tokio::signal::unix::Signal,
+    shared: Arc<Shared>,
+    live: Option<Arc<live::Live>>,
+) {
+    if term.recv().await.is_none() {
+        return;
+    }
+    let pid = std::process::id();
+    let open = shared.conns.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("handoff-demo[{pid}]: SIGTERM: draining ({open} connections open)");
+    // Draining, not Retiring: the state is still ours, so requests that
+    // arrived are served in full (writes included), not refused with 503.
+    // Only from Serving: a process already draining, sealed or retiring
+    // for a handoff keeps that mode (a sealed one must not write again).
+    shared.mode.send_if_modified(|m| {
+        let serving = *m == Mode::Serving;
+        if serving {
+            *m = Mode::Draining;
+        }
+        serving
+    });
+    let left = server::wait_conns_zero(&shared, SIGTERM_DRAIN).await;
+    eprintln!("handoff-demo[{pid}]: SIGTERM: exiting ({left} connections still open)");
+    match live {
+        Some(l) => l.flush_and_exit(&shared.served, 0),
+        None => std::process::exit(0),
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -318,6 +357,17 @@ fn run() -> Result<ExitCode, String> {
     });
     for l in listeners {
         rt.spawn(server::accept_loop(l, shared.clone()));
+    }
+    // Registered here, synchronously, so a SIGTERM from now on is ours.
+    let term = {
+        let _guard = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    };
+    match term {
+        Ok(term) => {
+            rt.spawn(exit_on_sigterm(term, shared.clone(), counters.clone()));
+        }
+        Err(e) => tracing::warn!(target: "demo", error = %e, "SIGTERM will not drain"),
     }
 
     tracing::info!(target: "demo", ?role, pid = std::process::id(), "serving");
