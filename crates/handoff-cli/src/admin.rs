@@ -1,5 +1,5 @@
-//! The supervisor's admin socket: how `handoff upgrade` and `handoff
-//! status` (and later `stop`) talk to `handoff run`.
+//! The supervisor's admin socket: how `handoff upgrade`, `handoff status`
+//! and `handoff stop` talk to `handoff run`.
 //!
 //! One request frame from the client, then a stream of event frames from the
 //! supervisor ending with a final one. Frames are the library's (magic,
@@ -14,6 +14,9 @@ use std::time::Duration;
 use handoff::frame;
 use handoff_demo::counters::Counters;
 use serde::{Deserialize, Serialize};
+
+use crate::progress::{Activity, InFlight};
+use crate::stop::StopReport;
 
 /// File name of the admin socket inside the runtime dir.
 pub const ADMIN_SOCK: &str = "admin.sock";
@@ -31,10 +34,23 @@ pub enum Request {
         binary: Option<PathBuf>,
         deadline_ms: Option<u64>,
         drain_grace_ms: Option<u64>,
+        /// Wait this long for a handoff in flight to end instead of
+        /// refusing with "in progress".
+        #[serde(default)]
+        wait_ms: Option<u64>,
     },
     Status,
+    /// Stop the service and the supervisor; `grace_ms` defaults to the
+    /// supervisor's drain grace.
+    Stop {
+        #[serde(default)]
+        grace_ms: Option<u64>,
+    },
 }
 
+// One event per frame, built and sent at once: its size in memory is of
+// no consequence, boxing the status would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
@@ -69,7 +85,26 @@ pub enum Event {
         /// Why the region exists but could not be read.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         service_counters_error: Option<String>,
+        /// Uptimes, handoff counts, the last handoff, the one in flight.
+        #[serde(flatten)]
+        activity: Activity,
     },
+    /// `upgrade --wait`: another handoff holds the slot; ours runs after it.
+    Waiting {
+        /// What runs (absent when it is a crash restart).
+        in_flight: Option<InFlight>,
+        wait_ms: u64,
+    },
+    /// A stop was accepted: no new upgrades from now on.
+    Stopping {
+        supervisor_pid: u32,
+        incumbent_pid: Option<u32>,
+        grace_ms: f64,
+        /// The handoff the stop waits for first, if any.
+        in_flight: Option<InFlight>,
+    },
+    /// The service is stopped; the supervisor exits right after this.
+    Stopped(StopReport),
     /// The request itself failed (bad request, handoff already running…).
     Error {
         message: String,

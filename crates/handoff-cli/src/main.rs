@@ -9,10 +9,12 @@
 mod admin;
 mod demo;
 mod duration;
+mod progress;
 mod restart;
 mod run;
 mod service;
 mod status;
+mod stop;
 mod supervise;
 mod upgrade;
 
@@ -49,9 +51,14 @@ enum Command {
     /// Bind the listeners, start PROGRAM and serve upgrade requests (foreground).
     Run(run::RunArgs),
     /// Ask a running supervisor to replace the service with a fresh process.
+    #[command(after_help = upgrade::AFTER_HELP)]
     Upgrade(upgrade::UpgradeArgs),
-    /// Show what a running supervisor runs, and the service's live counters.
+    /// Show what a running supervisor runs, its handoffs, and the service's live counters.
+    #[command(after_help = status::JSON_FIELDS)]
     Status(status::StatusArgs),
+    /// Drain and stop the service, then the supervisor (exit 0 = drained in time).
+    #[command(after_help = stop::AFTER_HELP)]
+    Stop(stop::StopArgs),
     #[command(about = demo::ABOUT, long_about = demo::LONG_ABOUT, after_long_help = demo::AFTER_HELP)]
     Demo(demo::DemoArgs),
     #[command(about = service::ABOUT)]
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::main(a),
         Command::Upgrade(a) => upgrade::main(a),
         Command::Status(a) => status::main(a),
+        Command::Stop(a) => stop::main(a),
         Command::Demo(a) => demo::main(a),
         Command::Service(a) => service::main(a),
     }

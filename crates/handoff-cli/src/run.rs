@@ -12,7 +12,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use handoff::{
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::admin::{self, Event, Request};
+use crate::progress::{InFlight, Progress, Trigger, UpgradeFailure};
 use crate::RuntimeDir;
 use crate::{restart, status, supervise};
 
@@ -275,6 +276,9 @@ fn run(a: RunArgs) -> Result<()> {
         program,
         shown,
         state_dir: a.state_dir.clone(),
+        progress: Progress::default(),
+        stopper: crate::stop::Stopper::default(),
+        stopping: stopping.clone(),
     });
     {
         let ctx = ctx.clone();
@@ -289,9 +293,15 @@ fn run(a: RunArgs) -> Result<()> {
             Ok(Signal::SIGHUP) => {
                 let ctx = ctx.clone();
                 std::thread::spawn(move || {
-                    let r = ctx.sup.perform_handoff(
-                        &ctx.program,
-                        HandoffOptions::default(),
+                    let r = ctx.progress.upgrade(
+                        &ctx.sup,
+                        Trigger::Sighup,
+                        None,
+                        &mut |obs| {
+                            ctx.sup
+                                .perform_handoff(&ctx.program, HandoffOptions::default(), obs)
+                        },
+                        &mut |_| {},
                         &mut |_| {},
                     );
                     match r {
@@ -304,9 +314,18 @@ fn run(a: RunArgs) -> Result<()> {
                 });
             }
             Ok(sig) => {
+                // Also how a `handoff stop` ends: its admin thread has
+                // stopped the service and replied, then signalled us.
                 eprintln!("handoff run: {sig}: stopping");
-                stopping.store(true, Ordering::SeqCst);
-                stop(&sup);
+                let grace = ctx.sup.config().timeouts.drain_grace;
+                ctx.stopper.stop(
+                    &ctx.sup,
+                    &ctx.progress,
+                    &ctx.stopping,
+                    &ctx.program,
+                    grace,
+                    &mut |r| eprintln!("handoff run: {}", crate::stop::summary(r)),
+                );
                 let _ = fs::remove_file(&admin_path);
                 drop(restart_lock);
                 drop(lock);
@@ -347,6 +366,11 @@ struct Ctx {
     program: Program,
     shown: Vec<String>,
     state_dir: PathBuf,
+    /// Handoff history and the upgrade gate, for status and stop.
+    progress: Progress,
+    stopper: crate::stop::Stopper,
+    /// Tells the crash monitor to restart nothing.
+    stopping: Arc<AtomicBool>,
 }
 
 fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
@@ -414,13 +438,42 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
                     retiring_pids: ctx.sup.retiring_pids(),
                     service_counters,
                     service_counters_error,
+                    activity: ctx.progress.activity(&ctx.sup),
                 },
             );
+        }
+        Request::Stop { grace_ms } => {
+            let grace = grace_ms
+                .map(Duration::from_millis)
+                .unwrap_or(ctx.sup.config().timeouts.drain_grace);
+            let _ = admin::send(
+                &stream,
+                &Event::Stopping {
+                    supervisor_pid: std::process::id(),
+                    incumbent_pid: ctx.sup.incumbent_pid(),
+                    grace_ms: ms(grace),
+                    in_flight: ctx.progress.in_flight(&ctx.sup),
+                },
+            );
+            ctx.stopper.stop(
+                &ctx.sup,
+                &ctx.progress,
+                &ctx.stopping,
+                &ctx.program,
+                grace,
+                &mut |r| {
+                    let _ = admin::send(&stream, &Event::Stopped(r.clone()));
+                },
+            );
+            // The main thread owns the exit (socket and lock clean-up):
+            // wake it. It finds the stop done and exits 0.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
         }
         Request::Upgrade {
             binary,
             deadline_ms,
             drain_grace_ms,
+            wait_ms,
         } => {
             let mut program = ctx.program.clone();
             if let Some(b) = binary {
@@ -439,7 +492,24 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
                     },
                 );
             };
-            let ev = match ctx.sup.perform_handoff(&program, opts, &mut observer) {
+            let mut on_wait = |in_flight: Option<InFlight>| {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Waiting {
+                        in_flight,
+                        wait_ms: wait_ms.unwrap_or(0),
+                    },
+                );
+            };
+            let r = ctx.progress.upgrade(
+                &ctx.sup,
+                Trigger::Admin,
+                wait_ms.map(Duration::from_millis),
+                &mut |obs| ctx.sup.perform_handoff(&program, opts, obs),
+                &mut observer,
+                &mut on_wait,
+            );
+            let ev = match r {
                 Ok(r) => {
                     eprintln!(
                         "handoff run: upgrade {:#018x} committed: pid {} -> {} in {:.2} ms",
@@ -457,10 +527,16 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
                         warnings: r.warnings,
                     }
                 }
-                Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {
+                Err(
+                    e @ (UpgradeFailure::Stopping
+                    | UpgradeFailure::StillBusy(_)
+                    | UpgradeFailure::Handoff(
+                        HandoffError::InProgress | HandoffError::NoIncumbent,
+                    )),
+                ) => Event::Error {
                     message: e.to_string(),
                 },
-                Err(e) => {
+                Err(UpgradeFailure::Handoff(e)) => {
                     eprintln!("handoff run: upgrade failed: {e}");
                     let (id, phase) = match &e {
                         HandoffError::Aborted {

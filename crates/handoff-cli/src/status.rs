@@ -7,6 +7,10 @@
 //! service is busy, draining, or in the middle of a handoff.
 //!
 //! Exit status: 0 answered, 2 usage or connection error.
+//!
+//! The `--json` object is the supervisor's `status` event; its fields are
+//! listed in [`JSON_FIELDS`] (shown by `handoff status --help`) and only
+//! ever gain new ones.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -16,6 +20,7 @@ use std::time::Duration;
 use handoff_demo::counters::{self, Counters};
 
 use crate::admin::{self, Event, Request};
+use crate::progress::{Activity, PhaseTiming, Trigger};
 use crate::RuntimeDir;
 
 /// How long the supervisor waits for a service process that is mid-write
@@ -23,6 +28,35 @@ use crate::RuntimeDir;
 const READ_BUDGET: Duration = Duration::from_millis(200);
 /// How long the client waits for the supervisor's answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `handoff status --help`: what the JSON carries. Times are milliseconds;
+/// `*_at_ms` are since the Unix epoch.
+pub const JSON_FIELDS: &str = "\
+JSON (--json), one object; fields are only ever added:
+  event                 \"status\"
+  supervisor_pid, supervisor_uptime_ms
+  incumbent_pid, incumbent_uptime_ms, build_id      (null while none runs)
+  listeners             [\"NAME=tcp://ADDR\" | \"NAME=unix:PATH\"], bound addresses
+  retiring_pids         old incumbents still finishing their connections
+  stopping              true once `handoff stop`/SIGTERM was received
+  handoffs              {committed, aborted} since the supervisor started
+  last_handoff          null | {handoff_id, trigger (admin|sighup), outcome
+                        (committed|aborted), old_pid, new_pid, phases [{phase,
+                        took_ms}], total_ms, ended_at_ms, reason (aborted only)}
+  in_flight             null | {handoff_id, trigger, phase, in_phase_ms,
+                        elapsed_ms, phases [{phase, took_ms}] ended so far}
+  journal               null | {handoff_id, phase, incumbent_pid, successor_pid,
+                        started_at_ms}: the durable record of a handoff in flight
+  journal_error         present if the journal could not be read
+  service_counters      present if the service keeps a counters region
+
+EXIT STATUS:
+  0  answered
+  2  usage error, or the supervisor could not be reached
+
+EXAMPLES:
+  handoff status --runtime-dir /run/kv
+  handoff status --runtime-dir /run/kv --json | jq .last_handoff.phases";
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -97,17 +131,29 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
         retiring_pids,
         service_counters,
         service_counters_error,
+        activity: act,
     } = ev
     else {
         return String::new();
     };
     let mut o = String::new();
     let pid = |p: Option<u32>| p.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-    let _ = writeln!(o, "supervisor         pid {supervisor_pid}");
+    let up = |ms: Option<u64>| ms.map(|m| format!(", up {}", age(m))).unwrap_or_default();
     let _ = writeln!(
         o,
-        "incumbent          pid {} ({build_id})",
-        pid(*incumbent_pid)
+        "supervisor         pid {supervisor_pid}{}{}",
+        up(Some(act.supervisor_uptime_ms)),
+        if act.stopping {
+            ", STOPPING (no new upgrades)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        o,
+        "incumbent          pid {} ({build_id}){}",
+        pid(*incumbent_pid),
+        up(act.incumbent_uptime_ms)
     );
     for l in listeners {
         let _ = writeln!(o, "listening          {l}");
@@ -116,6 +162,7 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
         let r: Vec<String> = retiring_pids.iter().map(u32::to_string).collect();
         let _ = writeln!(o, "retiring           pid {}", r.join(", "));
     }
+    render_activity(&mut o, act, now_ms);
     if let Some(e) = service_counters_error {
         let _ = writeln!(o, "service counters   unreadable: {e}");
     }
@@ -154,6 +201,67 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
     o
 }
 
+/// Handoff counts, the last handoff, the one in flight, the journal.
+fn render_activity(o: &mut String, act: &Activity, now_ms: u64) {
+    use std::fmt::Write;
+    let trigger = |t: Trigger| match t {
+        Trigger::Admin => "handoff upgrade",
+        Trigger::Sighup => "SIGHUP",
+    };
+    let _ = writeln!(
+        o,
+        "handoffs           {} committed, {} aborted",
+        act.handoffs.committed, act.handoffs.aborted
+    );
+    let phases = |o: &mut String, phases: &[PhaseTiming]| {
+        for p in phases {
+            let _ = writeln!(o, "  {:<22} {:>10.2} ms", p.phase, p.took_ms);
+        }
+    };
+    if let Some(l) = &act.last_handoff {
+        let _ = writeln!(
+            o,
+            "last handoff       {} {} by {}, {:.2} ms, {} ago",
+            l.handoff_id.as_deref().unwrap_or("-"),
+            l.outcome,
+            trigger(l.trigger),
+            l.total_ms,
+            age(now_ms.saturating_sub(l.ended_at_ms))
+        );
+        if let Some(r) = &l.reason {
+            let _ = writeln!(o, "  reason: {r}");
+        }
+        phases(o, &l.phases);
+    }
+    if let Some(f) = &act.in_flight {
+        let _ = writeln!(
+            o,
+            "in flight          {} by {}: {} for {} ({} in all)",
+            f.handoff_id.as_deref().unwrap_or("-"),
+            trigger(f.trigger),
+            f.phase,
+            age(f.in_phase_ms),
+            age(f.elapsed_ms)
+        );
+        phases(o, &f.phases);
+    }
+    if let Some(j) = &act.journal {
+        let _ =
+            writeln!(
+            o,
+            "journal            {} phase {} (incumbent pid {}, successor pid {}), started {} ago",
+            j.handoff_id,
+            j.phase,
+            j.incumbent_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            j.successor_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            age(now_ms.saturating_sub(j.started_at_ms))
+        );
+    }
+    if let Some(e) = &act.journal_error {
+        let _ = writeln!(o, "journal            unreadable: {e}");
+    }
+}
+
 fn age(ms: u64) -> String {
     match ms {
         0..=999 => format!("{ms}ms"),
@@ -182,6 +290,7 @@ mod tests {
             retiring_pids: vec![],
             service_counters: Some(c),
             service_counters_error: None,
+            activity: Activity::default(),
         };
         let text = render(&ev, 3_000);
         assert!(text.contains("requests served    12"), "{text}");
@@ -203,6 +312,79 @@ mod tests {
         // Absent counters are absent from the JSON too.
         let json = serde_json::to_string(&ev).unwrap();
         assert!(!json.contains("service_counters"), "{json}");
+    }
+
+    #[test]
+    fn renders_handoffs_and_round_trips_the_json() {
+        use crate::progress::{Counts, InFlight, JournalView, LastHandoff};
+        let timing = |phase: &str, took_ms| PhaseTiming {
+            phase: phase.into(),
+            took_ms,
+        };
+        let ev = Event::Status {
+            supervisor_pid: 1,
+            incumbent_pid: Some(42),
+            build_id: "b".into(),
+            listeners: vec![],
+            retiring_pids: vec![],
+            service_counters: None,
+            service_counters_error: None,
+            activity: Activity {
+                supervisor_uptime_ms: 61_000,
+                incumbent_uptime_ms: Some(1_500),
+                stopping: false,
+                handoffs: Counts {
+                    committed: 3,
+                    aborted: 1,
+                },
+                last_handoff: Some(LastHandoff {
+                    handoff_id: Some("0x01".into()),
+                    trigger: Trigger::Sighup,
+                    outcome: "committed".into(),
+                    old_pid: Some(41),
+                    new_pid: Some(42),
+                    phases: vec![timing("negotiating", 1.5), timing("draining", 2.25)],
+                    total_ms: 3.75,
+                    ended_at_ms: 2_000,
+                    reason: None,
+                }),
+                in_flight: Some(InFlight {
+                    handoff_id: Some("0x02".into()),
+                    trigger: Trigger::Admin,
+                    phase: "awaiting-ready".into(),
+                    in_phase_ms: 1_200,
+                    elapsed_ms: 1_300,
+                    phases: vec![timing("negotiating", 1.0)],
+                }),
+                journal: Some(JournalView {
+                    handoff_id: "0x02".into(),
+                    phase: "awaiting-ready".into(),
+                    incumbent_pid: Some(42),
+                    successor_pid: Some(43),
+                    started_at_ms: 1_700,
+                }),
+                journal_error: None,
+            },
+        };
+        let text = render(&ev, 3_000);
+        for want in [
+            "supervisor         pid 1, up 1m",
+            "incumbent          pid 42 (b), up 1.5s",
+            "handoffs           3 committed, 1 aborted",
+            "last handoff       0x01 committed by SIGHUP, 3.75 ms, 1.0s ago",
+            "  draining                     2.25 ms",
+            "in flight          0x02 by handoff upgrade: awaiting-ready for 1.2s (1.3s in all)",
+            "journal            0x02 phase awaiting-ready (incumbent pid 42, successor pid 43)",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        // The JSON is flat (activity fields beside the others) and reads back.
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["handoffs"]["committed"], 3);
+        assert_eq!(json["in_flight"]["phase"], "awaiting-ready");
+        assert_eq!(json["last_handoff"]["trigger"], "sighup");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ev);
     }
 
     #[test]

@@ -3,14 +3,17 @@
 //! Exit status: 0 committed, 1 aborted (reason printed), 2 nothing was
 //! attempted: usage or connection error, or the supervisor refused the
 //! request — notably "another handoff is in progress" when a second
-//! `handoff upgrade` (or a SIGHUP) arrives while one runs.
+//! `handoff upgrade` (or a SIGHUP) arrives while one runs, or "stopping".
 //!
 //! Concurrent upgrades are serialised by the supervisor, not by this
 //! client: a service has exactly one supervisor (it holds the service's
 //! restart lock for its whole life, see `restart`), and that supervisor
-//! admits one handoff at a time and refuses the rest at once rather than
-//! queueing them — a deploy tool that raced another learns so immediately
-//! and can decide whether to retry. So this client takes no lock itself.
+//! admits one handoff at a time. By default it refuses the rest at once
+//! rather than queueing them — a deploy tool that raced another learns so
+//! immediately and can decide whether to retry. With `--wait DURATION` the
+//! supervisor holds the request until the handoff in flight ends (bounded),
+//! then runs it: the waiting happens where the slot is, so no client lock
+//! and no retry loop are needed.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -36,10 +39,26 @@ pub struct UpgradeArgs {
     /// Budget for the old process to drain its connections (e.g. 10s).
     #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
     pub drain_grace: Option<Duration>,
+    /// If another handoff is in flight, wait up to this long for it to end
+    /// and then upgrade, instead of failing with "in progress" (e.g. 30s).
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    pub wait: Option<Duration>,
     /// One JSON object per line instead of human output.
     #[arg(long)]
     pub json: bool,
 }
+
+pub const AFTER_HELP: &str = "\
+EXIT STATUS:
+  0  committed: the new process serves
+  1  aborted: the old process resumed serving (reason printed)
+  2  nothing attempted: usage error, supervisor unreachable, another handoff
+     in progress (without --wait, or still after it), or the supervisor is stopping
+
+EXAMPLES:
+  handoff upgrade --runtime-dir /run/kv
+  handoff upgrade --runtime-dir /run/kv --binary /opt/kv/v2/kv --deadline 30s
+  handoff upgrade --runtime-dir /run/kv --wait 2m --json   # queue behind a running upgrade";
 
 pub fn main(a: UpgradeArgs) -> ExitCode {
     let path = admin::admin_path(&a.rt.runtime_dir);
@@ -73,6 +92,7 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
         binary,
         deadline_ms: a.deadline.map(|d| d.as_millis() as u64),
         drain_grace_ms: a.drain_grace.map(|d| d.as_millis() as u64),
+        wait_ms: a.wait.map(|d| d.as_millis() as u64),
     };
     if let Err(e) = admin::send(&stream, &req) {
         return fail(
@@ -130,7 +150,30 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                 }
                 return ExitCode::from(2);
             }
-            Event::Status { .. } => return fail("unexpected status reply".into(), a.json),
+            Event::Waiting { in_flight, wait_ms } => {
+                if !a.json {
+                    let what = match in_flight {
+                        Some(f) => format!(
+                            "handoff {} ({}, {} for {:.1}s)",
+                            f.handoff_id.as_deref().unwrap_or("?"),
+                            match f.trigger {
+                                crate::progress::Trigger::Admin => "handoff upgrade",
+                                crate::progress::Trigger::Sighup => "SIGHUP",
+                            },
+                            f.phase,
+                            f.in_phase_ms as f64 / 1000.0
+                        ),
+                        None => "a crash restart".into(),
+                    };
+                    eprintln!(
+                        "waiting for {what} to finish (up to {:.1}s)",
+                        wait_ms as f64 / 1000.0
+                    );
+                }
+            }
+            other @ (Event::Status { .. } | Event::Stopping { .. } | Event::Stopped(_)) => {
+                return fail(format!("unexpected reply: {other:?}"), a.json)
+            }
         }
     }
 }

@@ -86,6 +86,7 @@ fn upgrade_once(runtime_dir: &Path) -> (Vec<(String, f64)>, Outcome) {
         binary: None,
         deadline_ms: Some(DEADLINE.as_millis() as u64),
         drain_grace_ms: Some(DRAIN_GRACE.as_millis() as u64),
+        wait_ms: None,
     };
     if let Err(e) = admin::send(&stream, &req) {
         return (phases, aborted(format!("sending the upgrade request: {e}")));
@@ -119,8 +120,12 @@ fn upgrade_once(runtime_dir: &Path) -> (Vec<(String, f64)>, Outcome) {
                 return (phases, Outcome::Aborted { phase, reason });
             }
             Event::Error { message } => return (phases, aborted(message)),
-            Event::Status { .. } => {
-                return (phases, aborted("unexpected status reply".into()));
+            // Not an answer to an upgrade without --wait.
+            other @ (Event::Status { .. }
+            | Event::Waiting { .. }
+            | Event::Stopping { .. }
+            | Event::Stopped(_)) => {
+                return (phases, aborted(format!("unexpected reply: {other:?}")));
             }
         }
     }

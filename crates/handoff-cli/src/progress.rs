@@ -1,0 +1,478 @@
+//! What the supervisor has been doing, for `handoff status`, and the one
+//! gate every upgrade passes through (admin request or SIGHUP alike).
+//!
+//! The library runs one handoff at a time and refuses a concurrent one with
+//! [`HandoffError::InProgress`]; it reports phases only as they *end*. This
+//! module wraps [`Supervisor::perform_handoff`] to keep what an operator
+//! asks about while and between upgrades: which phase is running now and
+//! since when, the last handoff's phases and outcome, the counts. It is also
+//! where `handoff stop` closes the door: the stopping flag and "a handoff is
+//! in flight" live under one mutex, so an upgrade either got in before the
+//! stop (and the stop waits for it) or is refused — never both nor neither.
+//!
+//! The journal stays the durable truth (it is what a restarted supervisor
+//! reads); the status shows it beside this in-memory view, which it may lag
+//! by one fsync.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use handoff::{HandoffError, PhaseDone, Report, Supervisor, SupervisorPhase};
+use serde::{Deserialize, Serialize};
+
+/// How often a waiting upgrade re-checks a slot held by someone this module
+/// does not see finish (a crash restart holds the library's slot too).
+const RECHECK: Duration = Duration::from_millis(50);
+
+/// One handoff attempt, given the observer to report phases to.
+pub type Perform<'a> = &'a mut dyn FnMut(&mut dyn FnMut(PhaseDone)) -> Result<Report, HandoffError>;
+
+/// What asked for the handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// `handoff upgrade` on the admin socket.
+    Admin,
+    /// SIGHUP to `handoff run`.
+    Sighup,
+}
+
+/// Handoffs since the supervisor started (crash restarts not included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub committed: u64,
+    pub aborted: u64,
+}
+
+/// One finished phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTiming {
+    pub phase: String,
+    pub took_ms: f64,
+}
+
+/// The most recent handoff that ran (committed or aborted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastHandoff {
+    /// `0x…`; absent only for a failure before the library assigned one.
+    pub handoff_id: Option<String>,
+    pub trigger: Trigger,
+    /// `committed` or `aborted`.
+    pub outcome: String,
+    pub old_pid: Option<u32>,
+    /// The new incumbent (committed only).
+    pub new_pid: Option<u32>,
+    /// In order, as they ended; an aborted one ends with `resuming-after-abort`.
+    pub phases: Vec<PhaseTiming>,
+    pub total_ms: f64,
+    /// When it ended, milliseconds since the Unix epoch.
+    pub ended_at_ms: u64,
+    /// Why it aborted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The handoff running right now, as this supervisor sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// From the journal (absent in the instant before its first write lands).
+    pub handoff_id: Option<String>,
+    pub trigger: Trigger,
+    /// The phase running now: the one after the last that ended.
+    pub phase: String,
+    /// How long it has been in `phase`.
+    pub in_phase_ms: u64,
+    /// Since the handoff was admitted.
+    pub elapsed_ms: u64,
+    /// The phases that already ended.
+    pub phases: Vec<PhaseTiming>,
+}
+
+/// The journal's record of a handoff in flight (`<state-dir>/handoff.journal`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalView {
+    pub handoff_id: String,
+    pub phase: String,
+    pub incumbent_pid: Option<u32>,
+    pub successor_pid: Option<u32>,
+    pub started_at_ms: u64,
+}
+
+/// The activity part of a status reply (see `admin::Event::Status`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    pub supervisor_uptime_ms: u64,
+    /// From the kernel's start time of the incumbent process.
+    pub incumbent_uptime_ms: Option<u64>,
+    /// `handoff stop` or SIGTERM received: no new upgrades.
+    pub stopping: bool,
+    pub handoffs: Counts,
+    pub last_handoff: Option<LastHandoff>,
+    pub in_flight: Option<InFlight>,
+    /// Present while the journal records a handoff (upgrade or crash restart).
+    pub journal: Option<JournalView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_error: Option<String>,
+}
+
+/// Why an upgrade did not run or did not commit.
+#[derive(Debug)]
+pub enum UpgradeFailure {
+    /// The supervisor is stopping; nothing was attempted.
+    Stopping,
+    /// `--wait` ran out while another handoff still held the slot.
+    StillBusy(Duration),
+    Handoff(HandoffError),
+}
+
+impl std::fmt::Display for UpgradeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpgradeFailure::Stopping => f.write_str(
+                "the supervisor is stopping (`handoff stop` or SIGTERM) and accepts no new upgrades",
+            ),
+            UpgradeFailure::StillBusy(w) => write!(
+                f,
+                "another handoff was still in progress after waiting {w:?}; retry, or wait longer with --wait"
+            ),
+            UpgradeFailure::Handoff(e) => e.fmt(f),
+        }
+    }
+}
+
+struct Running {
+    trigger: Trigger,
+    started: Instant,
+    phase: SupervisorPhase,
+    phase_since: Instant,
+    done: Vec<PhaseTiming>,
+}
+
+#[derive(Default)]
+struct State {
+    stopping: bool,
+    counts: Counts,
+    last: Option<LastHandoff>,
+    running: Option<Running>,
+}
+
+/// The supervisor's record of its handoffs; one per `handoff run`.
+pub struct Progress {
+    started: Instant,
+    state: Mutex<State>,
+    /// Notified when a handoff ends.
+    idle: Condvar,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            started: Instant::now(),
+            state: Mutex::default(),
+            idle: Condvar::new(),
+        }
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub fn hex_id(id: u64) -> String {
+    format!("{id:#018x}")
+}
+
+/// The phase that starts when `done` ends, in a handoff that goes on. (An
+/// abort is only known when `resuming-after-abort` itself ends, so for the
+/// few milliseconds of an abort this names the phase that would have come.)
+fn next_phase(done: SupervisorPhase) -> SupervisorPhase {
+    use SupervisorPhase as P;
+    match done {
+        P::Negotiating => P::Draining,
+        P::Draining => P::Sealing,
+        P::Sealing => P::AwaitingReady,
+        P::AwaitingReady | P::Committed => P::Committed,
+        P::ResumingAfterAbort => P::ResumingAfterAbort,
+    }
+}
+
+/// How long `pid` has been running, from the kernel's records: its start
+/// time in clock ticks since boot (`/proc/PID/stat` field 22) against the
+/// time since boot (`/proc/uptime`), both on the boot clock, so good to a
+/// tick (10 ms) for adopted processes as well as our own children. (The
+/// wall-clock start time via `btime` is only good to a second.)
+pub fn uptime_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|v| *v > 0)? as u64;
+    let up: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(((up * 1000.0) as u64).saturating_sub(ticks * 1000 / hz))
+}
+
+impl Progress {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one handoff, recording it: `perform` is
+    /// [`Supervisor::perform_handoff`] (possibly wrapped), called with the
+    /// observer to pass on. With `wait`, a handoff already in flight is
+    /// waited for (bounded by `wait`; `on_wait` is told once, with what
+    /// runs) and ours runs after it; without, it fails at once with
+    /// [`HandoffError::InProgress`].
+    pub fn upgrade(
+        &self,
+        sup: &Supervisor,
+        trigger: Trigger,
+        wait: Option<Duration>,
+        perform: Perform<'_>,
+        observer: &mut dyn FnMut(PhaseDone),
+        on_wait: &mut dyn FnMut(Option<InFlight>),
+    ) -> Result<Report, UpgradeFailure> {
+        let until = wait.map(|w| Instant::now() + w);
+        let mut told = false;
+        loop {
+            if self.admit(trigger)? {
+                let r = perform(&mut |p| {
+                    self.phase_ended(p);
+                    observer(p);
+                });
+                match r {
+                    // A crash restart holds the library's slot: we did not
+                    // see it start, so it is waited for by re-checking.
+                    Err(HandoffError::InProgress) => self.end(trigger, None),
+                    Err(HandoffError::NoIncumbent) => {
+                        self.end(trigger, None);
+                        return Err(UpgradeFailure::Handoff(HandoffError::NoIncumbent));
+                    }
+                    r => {
+                        self.end(trigger, Some(&r));
+                        return r.map_err(UpgradeFailure::Handoff);
+                    }
+                }
+            }
+            let (Some(until), Some(w)) = (until, wait) else {
+                return Err(UpgradeFailure::Handoff(HandoffError::InProgress));
+            };
+            let now = Instant::now();
+            if now >= until {
+                return Err(UpgradeFailure::StillBusy(w));
+            }
+            if !told {
+                told = true;
+                on_wait(self.in_flight(sup));
+            }
+            let st = self.lock();
+            if st.running.is_some() {
+                let _ = self.idle.wait_timeout(st, (until - now).min(RECHECK));
+            } else {
+                drop(st);
+                std::thread::sleep((until - now).min(RECHECK));
+            }
+        }
+    }
+
+    /// Takes the slot: `Ok(false)` if a handoff is in flight.
+    fn admit(&self, trigger: Trigger) -> Result<bool, UpgradeFailure> {
+        let mut st = self.lock();
+        if st.stopping {
+            return Err(UpgradeFailure::Stopping);
+        }
+        if st.running.is_some() {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        st.running = Some(Running {
+            trigger,
+            started: now,
+            phase: SupervisorPhase::Negotiating,
+            phase_since: now,
+            done: vec![],
+        });
+        Ok(true)
+    }
+
+    fn phase_ended(&self, p: PhaseDone) {
+        let mut st = self.lock();
+        if let Some(r) = st.running.as_mut() {
+            r.done.push(PhaseTiming {
+                phase: p.phase.name().to_string(),
+                took_ms: ms(p.took),
+            });
+            r.phase = next_phase(p.phase);
+            r.phase_since = Instant::now();
+        }
+    }
+
+    /// Frees the slot; `outcome` is `None` when nothing ran.
+    fn end(&self, trigger: Trigger, outcome: Option<&Result<Report, HandoffError>>) {
+        let mut st = self.lock();
+        let running = st.running.take();
+        if let (Some(outcome), Some(running)) = (outcome, running) {
+            let ended_at_ms = handoff::journal::now_ms();
+            let last = match outcome {
+                Ok(r) => {
+                    st.counts.committed += 1;
+                    LastHandoff {
+                        handoff_id: Some(hex_id(r.handoff_id)),
+                        trigger,
+                        outcome: "committed".into(),
+                        old_pid: r.old_pid,
+                        new_pid: Some(r.new_pid),
+                        phases: running.done,
+                        total_ms: ms(r.total),
+                        ended_at_ms,
+                        reason: None,
+                    }
+                }
+                Err(e) => {
+                    st.counts.aborted += 1;
+                    let id = match e {
+                        HandoffError::Aborted { handoff_id, .. } => Some(hex_id(*handoff_id)),
+                        _ => None,
+                    };
+                    LastHandoff {
+                        handoff_id: id,
+                        trigger,
+                        outcome: "aborted".into(),
+                        old_pid: None,
+                        new_pid: None,
+                        phases: running.done,
+                        total_ms: ms(running.started.elapsed()),
+                        ended_at_ms,
+                        reason: Some(e.to_string()),
+                    }
+                }
+            };
+            st.last = Some(last);
+        }
+        drop(st);
+        self.idle.notify_all();
+    }
+
+    /// Closes the door to new upgrades; returns whether it was already closed.
+    pub fn begin_stop(&self) -> bool {
+        std::mem::replace(&mut self.lock().stopping, true)
+    }
+
+    /// Waits for the handoff in flight, if any, to end. Bounded by that
+    /// handoff's own deadline, which the library enforces.
+    pub fn wait_idle(&self) {
+        let mut st = self.lock();
+        while st.running.is_some() {
+            st = self.idle.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The handoff in flight, if this supervisor runs one.
+    pub fn in_flight(&self, sup: &Supervisor) -> Option<InFlight> {
+        let journal = sup.journal().read().ok().flatten();
+        let st = self.lock();
+        let r = st.running.as_ref()?;
+        Some(InFlight {
+            handoff_id: journal.map(|j| hex_id(j.handoff_id)),
+            trigger: r.trigger,
+            phase: r.phase.name().to_string(),
+            in_phase_ms: r.phase_since.elapsed().as_millis() as u64,
+            elapsed_ms: r.started.elapsed().as_millis() as u64,
+            phases: r.done.clone(),
+        })
+    }
+
+    /// Everything `handoff status` shows about handoffs and uptimes.
+    pub fn activity(&self, sup: &Supervisor) -> Activity {
+        let (journal, journal_error) = match sup.journal().read() {
+            Ok(j) => (
+                j.map(|j| JournalView {
+                    handoff_id: hex_id(j.handoff_id),
+                    phase: j.phase.name().to_string(),
+                    incumbent_pid: j.incumbent_pid,
+                    successor_pid: j.successor_pid,
+                    started_at_ms: j.started_at,
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let in_flight = self.in_flight(sup).map(|mut f| {
+            f.handoff_id = journal.as_ref().map(|j| j.handoff_id.clone());
+            f
+        });
+        let incumbent_uptime_ms = sup.incumbent_pid().and_then(uptime_ms);
+        let st = self.lock();
+        Activity {
+            supervisor_uptime_ms: uptime_ms(std::process::id())
+                .unwrap_or_else(|| self.started.elapsed().as_millis() as u64),
+            incumbent_uptime_ms,
+            stopping: st.stopping,
+            handoffs: st.counts,
+            last_handoff: st.last.clone(),
+            in_flight,
+            journal,
+            journal_error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_follow_the_handoff_order() {
+        use SupervisorPhase as P;
+        let mut p = P::Negotiating;
+        let mut seen = vec![p];
+        while p != P::Committed {
+            p = next_phase(p);
+            seen.push(p);
+        }
+        assert_eq!(
+            seen,
+            [
+                P::Negotiating,
+                P::Draining,
+                P::Sealing,
+                P::AwaitingReady,
+                P::Committed
+            ]
+        );
+    }
+
+    #[test]
+    fn our_own_uptime_is_plausible() {
+        let ours = uptime_ms(std::process::id()).expect("procfs");
+        let init = uptime_ms(1).expect("procfs");
+        // Not days ago, and after pid 1 (to a tick).
+        assert!(ours < 3_600_000, "{ours}");
+        assert!(init + 10 >= ours, "init {init} < ours {ours}");
+        assert!(uptime_ms(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn stop_closes_the_gate_once() {
+        let p = Progress::default();
+        assert!(p.admit(Trigger::Admin).unwrap());
+        assert!(!p.admit(Trigger::Sighup).unwrap(), "one at a time");
+        assert!(!p.begin_stop());
+        assert!(p.begin_stop(), "second stop sees the first");
+        p.end(Trigger::Admin, None);
+        p.wait_idle();
+        assert!(matches!(
+            p.admit(Trigger::Admin),
+            Err(UpgradeFailure::Stopping)
+        ));
+        // Nothing ran: nothing counted.
+        assert_eq!(p.lock().counts, Counts::default());
+    }
+}

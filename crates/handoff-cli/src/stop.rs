@@ -1,0 +1,355 @@
+//! `handoff stop`, and the graceful stop that SIGTERM/SIGINT to `handoff
+//! run` performs too.
+//!
+//! The order matters:
+//! 1. close the door: no new upgrade is admitted from here on (see
+//!    [`Progress::begin_stop`]) and the crash monitor restarts nothing;
+//! 2. let a handoff in flight finish — stopping the incumbent under a
+//!    handoff would turn a clean upgrade into an abort, or leave the
+//!    successor it just committed running unsupervised;
+//! 3. SIGTERM the incumbent (and any retiring old incumbents): a service
+//!    drains on SIGTERM — the demo stops accepting, finishes every request
+//!    in flight, closes keep-alive connections at a request boundary, then
+//!    exits; connections still in the backlog are closed with the
+//!    listeners when the supervisor exits;
+//! 4. after the grace, SIGKILL whatever is left, and reap it;
+//! 5. report to every client that asked, then exit 0.
+
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use handoff::{Program, Supervisor};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::admin::{self, Event, Request};
+use crate::progress::{ms, Progress};
+use crate::RuntimeDir;
+
+/// How long a process gets to disappear after SIGKILL.
+const REAP: Duration = Duration::from_secs(5);
+/// Poll interval for retiring processes (known to us by pid only).
+const POLL: Duration = Duration::from_millis(20);
+
+pub const AFTER_HELP: &str = "\
+EXIT STATUS:
+  0  the service drained and exited within the grace; the supervisor exited
+  1  the supervisor exited, but a process had to be killed after the grace
+  2  nothing was stopped: usage error, or the supervisor could not be reached
+
+The supervisor first refuses new upgrades, lets a handoff in flight finish,
+then sends SIGTERM to the service (which finishes the requests it is serving)
+and SIGKILL after the grace. SIGTERM or SIGINT to `handoff run` does the same
+with the --drain-grace it was started with.
+
+EXAMPLES:
+  handoff stop --runtime-dir /run/kv                # grace: the supervisor's --drain-grace
+  handoff stop --runtime-dir /run/kv --grace 10s --json";
+
+#[derive(clap::Args, Debug)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub rt: RuntimeDir,
+    /// How long the service gets to drain after SIGTERM before SIGKILL
+    /// (default: the supervisor's --drain-grace).
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    pub grace: Option<Duration>,
+    /// One JSON object per line (the supervisor's events) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How one process ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessEnd {
+    pub pid: u32,
+    /// `incumbent` or `retiring`.
+    pub role: String,
+    /// `exited` (within the grace), `killed` (SIGKILL after it), or
+    /// `stuck` (still there after SIGKILL: in uninterruptible sleep).
+    pub how: String,
+    /// Its exit status, where known.
+    pub exit: Option<String>,
+    pub took_ms: f64,
+}
+
+/// What a stop did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopReport {
+    pub supervisor_pid: u32,
+    pub grace_ms: f64,
+    /// Time spent letting a handoff in flight finish.
+    pub waited_for_handoff_ms: f64,
+    pub processes: Vec<ProcessEnd>,
+    pub total_ms: f64,
+}
+
+impl StopReport {
+    pub fn killed_any(&self) -> bool {
+        self.processes.iter().any(|p| p.how != "exited")
+    }
+}
+
+/// One line for the supervisor's log.
+pub fn summary(r: &StopReport) -> String {
+    let procs: Vec<String> = r
+        .processes
+        .iter()
+        .map(|p| {
+            let exit = p
+                .exit
+                .as_deref()
+                .map(|e| format!(", {e}"))
+                .unwrap_or_default();
+            format!(
+                "{} pid {} {} after {:.0} ms{exit}",
+                p.role, p.pid, p.how, p.took_ms
+            )
+        })
+        .collect();
+    format!(
+        "stopped in {:.0} ms: {}",
+        r.total_ms,
+        if procs.is_empty() {
+            "nothing was running".to_string()
+        } else {
+            procs.join("; ")
+        }
+    )
+}
+
+/// Runs the stop once, however many ask (admin clients, signals).
+#[derive(Default)]
+pub struct Stopper {
+    done: Mutex<Option<StopReport>>,
+}
+
+impl Stopper {
+    /// Stops the service (first caller) or waits for the stop under way,
+    /// then calls `reply` with the report. `reply` runs under the stopper's
+    /// lock, so whoever exits the process after a stop — the signal path
+    /// calls this too — does so only after every reply has been written.
+    pub fn stop(
+        &self,
+        sup: &Supervisor,
+        progress: &Progress,
+        stopping: &AtomicBool,
+        program: &Program,
+        grace: Duration,
+        reply: &mut dyn FnMut(&StopReport),
+    ) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        let report = done.get_or_insert_with(|| shutdown(sup, progress, stopping, program, grace));
+        reply(report);
+    }
+}
+
+fn shutdown(
+    sup: &Supervisor,
+    progress: &Progress,
+    stopping: &AtomicBool,
+    program: &Program,
+    grace: Duration,
+) -> StopReport {
+    let t0 = Instant::now();
+    stopping.store(true, Ordering::SeqCst);
+    progress.begin_stop();
+    let mut processes = vec![];
+    let mut waited = Duration::ZERO;
+    // A crash restart could have started a new incumbent while we stopped
+    // the last one: go round until the incumbent we stopped is the last.
+    for _ in 0..3 {
+        let w = Instant::now();
+        progress.wait_idle();
+        // The library's handoff slot is also taken by a crash restart,
+        // which `progress` does not see: `restart_if_dead` for a pid that
+        // is not the incumbent takes the slot (waiting for whoever holds
+        // it), finds nothing to do and returns — a barrier.
+        let _ = sup.restart_if_dead(program, 0, &mut |_| {});
+        waited += w.elapsed();
+        let incumbent = sup.incumbent();
+        stop_all(sup, incumbent.as_ref(), grace, &mut processes);
+        if sup.incumbent().map(|c| c.pid()) == incumbent.map(|c| c.pid()) {
+            break;
+        }
+    }
+    StopReport {
+        supervisor_pid: std::process::id(),
+        grace_ms: ms(grace),
+        waited_for_handoff_ms: ms(waited),
+        processes,
+        total_ms: ms(t0.elapsed()),
+    }
+}
+
+fn stop_all(
+    sup: &Supervisor,
+    incumbent: Option<&handoff::Child>,
+    grace: Duration,
+    out: &mut Vec<ProcessEnd>,
+) {
+    let t = Instant::now();
+    let deadline = t + grace;
+    let retiring = sup.retiring_pids();
+    let alive = incumbent.filter(|c| c.try_exit().is_none());
+    if let Some(c) = alive {
+        let _ = c.signal(Signal::SIGTERM);
+    }
+    for &pid in &retiring {
+        signal_pid(pid, Signal::SIGTERM);
+    }
+    if let Some(c) = alive {
+        let (how, exit) = match c.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Some(e) => ("exited", Some(e)),
+            None => match c.kill_and_reap(REAP) {
+                Some(e) => ("killed", Some(e)),
+                None => ("stuck", None),
+            },
+        };
+        out.push(ProcessEnd {
+            pid: c.pid(),
+            role: "incumbent".into(),
+            how: how.into(),
+            exit: exit.map(|e| e.to_string()),
+            took_ms: ms(t.elapsed()),
+        });
+    }
+    // Retiring processes are known by pid only; `retiring_pids` drops each
+    // as the library's reaper sees it exit, so a pid still listed is still
+    // our unreaped child and safe to signal.
+    let gone = |pid| !sup.retiring_pids().contains(&pid);
+    for pid in retiring {
+        let mut how = "exited";
+        while !gone(pid) && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        if !gone(pid) {
+            signal_pid(pid, Signal::SIGKILL);
+            how = "killed";
+            let until = Instant::now() + REAP;
+            while !gone(pid) && Instant::now() < until {
+                std::thread::sleep(POLL);
+            }
+            if !gone(pid) {
+                how = "stuck";
+            }
+        }
+        out.push(ProcessEnd {
+            pid,
+            role: "retiring".into(),
+            how: how.into(),
+            exit: None,
+            took_ms: ms(t.elapsed()),
+        });
+    }
+}
+
+fn signal_pid(pid: u32, sig: Signal) {
+    if let Ok(p) = i32::try_from(pid) {
+        if p > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+        }
+    }
+}
+
+/// `handoff stop`.
+pub fn main(a: StopArgs) -> ExitCode {
+    let fail = |msg: String| {
+        if a.json {
+            println!("{}", serde_json::json!({"event": "error", "message": msg}));
+        } else {
+            eprintln!("handoff stop: {msg}");
+        }
+        ExitCode::from(2)
+    };
+    let path = admin::admin_path(&a.rt.runtime_dir);
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(format!(
+            "cannot reach the supervisor at {}: {e}\n  is `handoff run --runtime-dir {}` running?",
+            path.display(),
+            a.rt.runtime_dir.display()
+        ))
+        }
+    };
+    let req = Request::Stop {
+        grace_ms: a.grace.map(|d| d.as_millis() as u64),
+    };
+    if let Err(e) = admin::send(&stream, &req) {
+        return fail(format!("sending the request to {}: {e}", path.display()));
+    }
+    loop {
+        // The supervisor bounds the stop (handoff deadline + grace + reap);
+        // this only guards against a wedged one.
+        let ev: Event = match admin::recv(&stream, Some(Duration::from_secs(3600))) {
+            Ok(ev) => ev,
+            Err(e) => return fail(format!("reading from the supervisor: {e}")),
+        };
+        if a.json {
+            println!("{}", serde_json::to_string(&ev).unwrap_or_default());
+        }
+        match ev {
+            Event::Stopping {
+                supervisor_pid,
+                incumbent_pid,
+                grace_ms,
+                in_flight,
+            } if !a.json => {
+                if let Some(f) = in_flight {
+                    println!(
+                        "stopping supervisor pid {supervisor_pid}: waiting for handoff {} ({}) to finish",
+                        f.handoff_id.as_deref().unwrap_or("?"),
+                        f.phase
+                    );
+                }
+                let pid = incumbent_pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "stopping supervisor pid {supervisor_pid}: draining incumbent pid {pid} (grace {:.1}s)",
+                    grace_ms / 1000.0
+                );
+            }
+            Event::Stopping { .. } => {}
+            Event::Stopped(r) => {
+                if !a.json {
+                    for p in &r.processes {
+                        println!(
+                            "  {:<9} pid {:<8} {:<7} {:>9.1} ms  {}",
+                            p.role,
+                            p.pid,
+                            p.how,
+                            p.took_ms,
+                            p.exit.as_deref().unwrap_or("")
+                        );
+                    }
+                    println!(
+                        "stopped in {:.1} ms (waited {:.1} ms for a handoff)",
+                        r.total_ms, r.waited_for_handoff_ms
+                    );
+                }
+                // The supervisor exits right after this reply: wait for its
+                // end of the socket to close (bounded), so that when we
+                // return it no longer holds the service's locks.
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+                return if r.killed_any() {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            Event::Error { message } => {
+                if !a.json {
+                    eprintln!("handoff stop: {message}");
+                }
+                return ExitCode::from(2);
+            }
+            other => return fail(format!("unexpected reply: {other:?}")),
+        }
+    }
+}
