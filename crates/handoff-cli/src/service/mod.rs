@@ -378,6 +378,15 @@ fn spec(i: &InstallArgs) -> Result<Spec> {
             );
         }
     }
+    if let Some(prog) = settings.program.first() {
+        if !Path::new(prog).is_absolute() {
+            eprintln!(
+                "note: PROGRAM {prog:?} is not an absolute path: it will be looked up on the \
+                 service manager's PATH (systemd: /usr/local/bin:/usr/bin:…; launchd: \
+                 /usr/bin:/bin:/usr/sbin:/sbin), not on yours"
+            );
+        }
+    }
     let handoff = match &i.handoff_path {
         Some(p) if p.is_absolute() => p.clone(),
         Some(p) => bail!("--handoff-path {} must be absolute", p.display()),
