@@ -191,10 +191,12 @@ impl Running {
                     }
                     Err(_) => {
                         if let Ok(Some(status)) = self.child.try_wait() {
+                            let log = self.dir.join("stderr.log");
                             bail!(
-                                "{} exited with {status} before serving (see {})",
+                                "{} exited with {status} before serving: {} (log: {})",
                                 self.peer.name(),
-                                self.dir.join("stderr.log").display()
+                                last_errors(&log),
+                                log.display()
                             );
                         }
                         std::thread::sleep(Duration::from_millis(5));
@@ -366,6 +368,13 @@ pub fn alive(pid: u32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// The last lines of a log that are not INFO lines, joined: the error a process printed.
+fn last_errors(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.contains(" INFO ")).collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
 }
 
 fn read_pid(path: &Path) -> Result<u32> {

@@ -80,3 +80,24 @@ pub fn static_server(
     server_rt.shutdown_timeout(Duration::from_millis(200));
     Ok((run, duration))
 }
+
+/// What one durable journal record costs here: write a small file, fsync it, rename it over
+/// the previous one, fsync the directory; `n` times, ms. (handoff journals its phases this
+/// way; ecdysis and shellflip keep no journal.)
+pub fn fsync_rename(dir: &Path, n: usize) -> Result<Dist> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("fsync-floor.tmp");
+    let dst = dir.join("fsync-floor");
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("record {i}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &dst)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_file(&dst);
+    Ok(Dist::of(ms))
+}

@@ -27,6 +27,65 @@ pub struct Upgrade {
     pub error: Option<String>,
 }
 
+/// Raw results of one or more load segments of a contestant. Segments run at different
+/// times (contestants are interleaved in rounds so that they share the machine's background
+/// noise alike); [`Segments::push`] shifts each onto one timeline, far enough apart that no
+/// upgrade window spans two segments.
+#[derive(Debug, Default)]
+pub struct Segments {
+    pub run: LoadRun,
+    pub upgrades: Vec<Upgrade>,
+    pub duration: Duration,
+    next_us: u64,
+}
+
+impl Segments {
+    pub fn push(&mut self, mut run: LoadRun, mut upgrades: Vec<Upgrade>, duration: Duration) {
+        let off = self.next_us;
+        let shift = |t: &mut u64| *t += off;
+        run.samples.iter_mut().for_each(|s| shift(&mut s.start_us));
+        run.failures.iter_mut().for_each(|f| shift(&mut f.at_us));
+        for u in &mut upgrades {
+            shift(&mut u.trigger_us);
+            u.done_us.iter_mut().for_each(shift);
+            u.old_gone_us.iter_mut().for_each(shift);
+        }
+        let last = run
+            .samples
+            .iter()
+            .map(|s| s.start_us + s.latency_us)
+            .chain(run.failures.iter().map(|f| f.at_us))
+            .chain(upgrades.iter().filter_map(|u| u.old_gone_us.or(u.done_us)))
+            .max()
+            .unwrap_or(off);
+        // A gap of an hour of virtual time between segments.
+        self.next_us = last.max(off + duration.as_micros() as u64) + 3_600_000_000;
+        self.run.samples.extend(run.samples);
+        self.run.failures.extend(run.failures);
+        self.run.stale_retries += run.stale_retries;
+        for d in run.details {
+            if self.run.details.len() < 20 {
+                self.run.details.push(d);
+            }
+        }
+        self.upgrades.extend(upgrades);
+        self.duration += duration;
+    }
+
+    /// The row of the table.
+    pub fn summarize(&self, name: &str, window: Duration) -> Summary {
+        let triggers: Vec<u64> = self.upgrades.iter().map(|u| u.trigger_us).collect();
+        summarize(
+            name,
+            &self.run,
+            &self.upgrades,
+            &triggers,
+            window,
+            self.duration,
+        )
+    }
+}
+
 /// p50 / p99 / p99.9 in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Pcts {

@@ -8,8 +8,8 @@
 //! Drain ("answer-then-close", the discipline DESIGN.md §1 measures the peers with): once
 //! [`Tiny::set_draining`] is on, the accept loops stop accepting (listeners stay open, so new
 //! connections wait in the kernel backlog for the successor), every connection's next
-//! response carries `Connection: close`, and a connection idle for [`DRAIN_IDLE`] is closed
-//! with a FIN. A connection is never closed mid-request, and every close is lingering (shut
+//! response carries `Connection: close`, and a connection idle for [`DRAIN_IDLE`] after a
+//! response (or [`FIRST_REQUEST_GRACE`] before its first request) is closed with a FIN. A connection is never closed mid-request, and every close is lingering (shut
 //! our write side, then read until the client's EOF) so that a request crossing our FIN on
 //! the wire does not turn the close into a reset.
 
@@ -24,6 +24,12 @@ use tokio::sync::{watch, Notify};
 /// How long a draining connection may sit idle before we close it. A client that sent a
 /// request just before the drain began gets it answered; one that went quiet is let go.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(50);
+
+/// How long a draining connection that has not sent its first request yet may take to send
+/// it. A client that just connected is about to send one (under load, or while thousands
+/// reconnect at once, that can take longer than [`DRAIN_IDLE`]); closing it would be a
+/// certain failure, not a benign idle close.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 /// Longest request head we accept; the load generator's are ~60 bytes.
 const MAX_HEAD: usize = 16 * 1024;
@@ -143,6 +149,7 @@ pub async fn connection(mut stream: TcpStream, tiny: Arc<Tiny>) {
     let _ = stream.set_nodelay(true);
     let mut rx = tiny.draining.subscribe();
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut answered = false;
     loop {
         let head_end = loop {
             if let Some(i) = find_head_end(&buf) {
@@ -153,7 +160,12 @@ pub async fn connection(mut stream: TcpStream, tiny: Arc<Tiny>) {
             }
             let draining = *rx.borrow_and_update();
             let read = if draining && buf.is_empty() {
-                match tokio::time::timeout(DRAIN_IDLE, stream.read_buf(&mut buf)).await {
+                let idle = if answered {
+                    DRAIN_IDLE
+                } else {
+                    FIRST_REQUEST_GRACE
+                };
+                match tokio::time::timeout(idle, stream.read_buf(&mut buf)).await {
                     Ok(r) => r,
                     Err(_) => return linger_close(stream).await,
                 }
@@ -178,6 +190,7 @@ pub async fn connection(mut stream: TcpStream, tiny: Arc<Tiny>) {
         if stream.write_all(resp.as_bytes()).await.is_err() {
             return;
         }
+        answered = true;
         if close {
             return linger_close(stream).await;
         }

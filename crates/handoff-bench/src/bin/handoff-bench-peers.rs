@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use handoff_bench::contest::{Bins, Peer, Running};
 use handoff_bench::floors;
+use handoff_bench::loadgen::LoadRun;
 use handoff_bench::loadgen::{self, LoadConfig, Progress};
-use handoff_bench::report::{self, Dist, Summary, Upgrade};
+use handoff_bench::report::{self, Dist, Segments, Summary, Upgrade};
 use serde::Serialize;
 
 const AFTER_HELP: &str = "\
@@ -43,9 +44,14 @@ struct Args {
         default_value = "control,handoff,ecdysis,shellflip"
     )]
     peers: Vec<Peer>,
-    /// Load duration per contestant, seconds.
+    /// Load duration per contestant, seconds (split evenly over the rounds).
     #[arg(long, default_value_t = 60)]
     secs: u64,
+    /// Contestants run in this many interleaved rounds (control, handoff, ecdysis,
+    /// shellflip, control, …) so that background noise on a shared machine falls on all of
+    /// them alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: u64,
     /// Time between upgrade triggers, milliseconds.
     #[arg(long, default_value_t = 600)]
     interval_ms: u64,
@@ -70,6 +76,10 @@ struct Args {
     /// Upgrades per point of the scale series.
     #[arg(long, default_value_t = 10)]
     scale_upgrades: usize,
+    /// Time between upgrades in the scale series, milliseconds (longer: 10000 connections
+    /// reconnecting after each drain take a while on 2 cores).
+    #[arg(long, default_value_t = 2000)]
+    scale_interval_ms: u64,
     /// Write the results as JSON here too.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -82,6 +92,8 @@ struct Args {
 struct FloorsOut {
     spawn_ms: Dist,
     socketpair_rtt_ms: Dist,
+    /// Write + fsync a small file, rename it, fsync the directory (a journal record).
+    fsync_rename_ms: Dist,
     /// spawn median + 6 round trips (the exchanges of one handoff).
     spawn_plus_rtt_ms: f64,
     static_server: Summary,
@@ -92,6 +104,26 @@ struct ScalePoint {
     what: String,
     value: usize,
     summary: Summary,
+    /// The point could not run (e.g. the service would not start): why.
+    error: Option<String>,
+}
+
+impl ScalePoint {
+    fn new(what: &str, value: usize, r: Result<Summary>) -> ScalePoint {
+        let (summary, error) = match r {
+            Ok(s) => (s, None),
+            Err(e) => {
+                eprintln!("  failed: {e:#}");
+                (Summary::default(), Some(format!("{e:#}")))
+            }
+        };
+        ScalePoint {
+            what: what.to_owned(),
+            value,
+            summary,
+            error,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -130,6 +162,7 @@ fn main() -> Result<()> {
     eprintln!("floors…");
     let spawn = floors::spawn(&bins.path("bench-svc-plain")?, 50)?;
     let rtt = floors::socketpair_round_trip(2000)?;
+    let fsync = floors::fsync_rename(&scratch, 50)?;
     let (static_run, d) = floors::static_server(
         &load_rt,
         LoadConfig {
@@ -149,22 +182,37 @@ fn main() -> Result<()> {
         spawn_plus_rtt_ms: spawn.median + 6.0 * rtt.median,
         spawn_ms: spawn,
         socketpair_rtt_ms: rtt,
+        fsync_rename_ms: fsync,
         static_server,
     };
 
-    let mut rows = Vec::new();
-    for &peer in &args.peers {
-        eprintln!("{}…", peer.name());
-        let dir = scratch.join(format!("{peer:?}").to_lowercase());
-        let cfg = base.clone();
-        rows.push(contest(
-            &load_rt, &bins, peer, &dir, cfg, &args, 1, args.secs,
-        )?);
+    let rounds = args.rounds.max(1);
+    let seg_secs = (args.secs / rounds).max(1);
+    let mut segs: Vec<Segments> = args.peers.iter().map(|_| Segments::default()).collect();
+    for round in 0..rounds {
+        for (i, &peer) in args.peers.iter().enumerate() {
+            eprintln!("round {}/{rounds}: {}…", round + 1, peer.name());
+            let dir = scratch.join(format!("{peer:?}-{round}").to_lowercase());
+            let cfg = LoadConfig {
+                duration: Duration::from_secs(seg_secs),
+                ..base.clone()
+            };
+            let interval = Duration::from_millis(args.interval_ms);
+            let (run, ups) = contest(&load_rt, &bins, peer, &dir, cfg, interval, 1, seg_secs)?;
+            segs[i].push(run, ups, Duration::from_secs(seg_secs));
+        }
     }
+    let window = Duration::from_millis(args.window_ms);
+    let rows: Vec<Summary> = args
+        .peers
+        .iter()
+        .zip(&segs)
+        .map(|(p, seg)| seg.summarize(p.name(), window))
+        .collect();
 
     let mut scale = Vec::new();
     if !args.no_scale {
-        let secs = ((args.scale_upgrades as u64 + 1) * args.interval_ms).div_ceil(1000) + 1;
+        let secs = ((args.scale_upgrades as u64 + 1) * args.scale_interval_ms).div_ceil(1000) + 1;
         let mut conns = vec![10, 1000];
         if nofile >= 10_000 + 2_000 {
             conns.push(10_000);
@@ -181,14 +229,12 @@ fn main() -> Result<()> {
                 ..base.clone()
             };
             let dir = scratch.join(format!("scale-conns-{n}"));
-            let s = contest(&load_rt, &bins, Peer::Handoff, &dir, cfg, &args, 1, secs)?;
-            scale.push(ScalePoint {
-                what: "open keep-alive connections".into(),
-                value: n,
-                summary: s,
-            });
+            let s = scale_point(&load_rt, &bins, &dir, cfg, &args, 1, secs);
+            scale.push(ScalePoint::new("open keep-alive connections", n, s));
         }
-        for n in [1usize, 16, 256] {
+        // 63 listeners + the control socket is the most the spawn path passes today
+        // (crates/handoff/src/sys/exec.rs lifts at most 64 fds); 256 shows what happens above.
+        for n in [1usize, 16, 63, 256] {
             eprintln!("scale: {n} listeners…");
             let cfg = LoadConfig {
                 keepalive: 8,
@@ -197,12 +243,8 @@ fn main() -> Result<()> {
                 ..base.clone()
             };
             let dir = scratch.join(format!("scale-listeners-{n}"));
-            let s = contest(&load_rt, &bins, Peer::Handoff, &dir, cfg, &args, n, secs)?;
-            scale.push(ScalePoint {
-                what: "listeners".into(),
-                value: n,
-                summary: s,
-            });
+            let s = scale_point(&load_rt, &bins, &dir, cfg, &args, n, secs);
+            scale.push(ScalePoint::new("listeners", n, s));
         }
     }
 
@@ -222,7 +264,34 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Runs one contestant under load with upgrades every `interval_ms`.
+/// One point of the scale series: handoff alone, one segment.
+fn scale_point(
+    load_rt: &tokio::runtime::Runtime,
+    bins: &Bins,
+    dir: &std::path::Path,
+    cfg: LoadConfig,
+    args: &Args,
+    listeners: usize,
+    secs: u64,
+) -> Result<Summary> {
+    let interval = Duration::from_millis(args.scale_interval_ms);
+    let (run, ups) = contest(
+        load_rt,
+        bins,
+        Peer::Handoff,
+        dir,
+        cfg,
+        interval,
+        listeners,
+        secs,
+    )?;
+    let mut seg = Segments::default();
+    seg.push(run, ups, Duration::from_secs(secs));
+    Ok(seg.summarize("handoff", Duration::from_millis(args.window_ms)))
+}
+
+/// Runs one contestant under load with upgrades every `interval_ms`; returns what the load
+/// saw and the upgrades (times relative to the segment's start).
 #[allow(clippy::too_many_arguments)]
 fn contest(
     load_rt: &tokio::runtime::Runtime,
@@ -230,10 +299,10 @@ fn contest(
     peer: Peer,
     dir: &std::path::Path,
     mut cfg: LoadConfig,
-    args: &Args,
+    interval: Duration,
     listeners: usize,
     secs: u64,
-) -> Result<Summary> {
+) -> Result<(LoadRun, Vec<Upgrade>)> {
     let running = Running::start(peer, bins, dir, listeners)
         .with_context(|| format!("starting {}", peer.name()))?;
     let mut running = Guard(Some(running));
@@ -255,7 +324,6 @@ fn contest(
     if connected < holders {
         eprintln!("  only {connected} of {holders} idle connections open after 30 s");
     }
-    let interval = Duration::from_millis(args.interval_ms);
     let deadline = epoch + Duration::from_secs(secs);
     let mut upgrades: Vec<Upgrade> = Vec::new();
     let mut watchers = Vec::new();
@@ -283,23 +351,17 @@ fn contest(
     if let Some(r) = running.0.take() {
         r.stop();
     }
-    let triggers: Vec<u64> = upgrades.iter().map(|u| u.trigger_us).collect();
-    let s = report::summarize(
-        peer.name(),
-        &run,
-        &upgrades,
-        &triggers,
-        Duration::from_millis(args.window_ms),
-        Duration::from_secs(secs),
-    );
     eprintln!(
-        "  {} requests, {} failed, {} upgrades ({} failed)",
-        s.requests, s.failed_total, s.upgrades, s.upgrades_failed
+        "  {} answered, {} failed, {} upgrades ({} failed)",
+        run.samples.len(),
+        run.failures.len(),
+        upgrades.len(),
+        upgrades.iter().filter(|u| u.error.is_some()).count()
     );
-    for d in s.details.iter().take(5) {
+    for d in run.details.iter().take(5) {
         eprintln!("  - {d}");
     }
-    Ok(s)
+    Ok((run, upgrades))
 }
 
 /// Stops the contestant even when the run bails out early.
@@ -332,15 +394,16 @@ fn render(out: &Output, args: &Args) -> String {
     let f = &out.floors;
     let mut s = String::new();
     s.push_str(&format!(
-        "\nload: {} keep-alive + {} fresh-connection clients, {} s per contestant, an upgrade every {} ms, window {} ms after each trigger\n\n",
-        args.keepalive, args.fresh, args.secs, args.interval_ms, args.window_ms
+        "\nload: {} keep-alive + {} fresh-connection clients, {} s per contestant in {} interleaved round(s), an upgrade every {} ms, window {} ms after each trigger\n\n",
+        args.keepalive, args.fresh, args.secs, args.rounds, args.interval_ms, args.window_ms
     ));
     let mut rows = vec![f.static_server.clone()];
     rows.extend(out.contestants.iter().cloned());
     s.push_str(&report::table(&rows));
     s.push_str(&format!(
-        "\nfloors: spawn a trivial binary median {:.3} ms (p99 {:.3}); socketpair round trip median {:.4} ms (p99 {:.4}); spawn + 6 round trips = {:.3} ms\n",
-        f.spawn_ms.median, f.spawn_ms.p99, f.socketpair_rtt_ms.median, f.socketpair_rtt_ms.p99, f.spawn_plus_rtt_ms
+        "\nfloors: spawn a trivial binary median {:.3} ms (p99 {:.3}); socketpair round trip median {:.4} ms (p99 {:.4}); spawn + 6 round trips = {:.3} ms; small-file fsync + rename + dir fsync median {:.3} ms (p99 {:.3})\n",
+        f.spawn_ms.median, f.spawn_ms.p99, f.socketpair_rtt_ms.median, f.socketpair_rtt_ms.p99, f.spawn_plus_rtt_ms,
+        f.fsync_rename_ms.median, f.fsync_rename_ms.p99
     ));
     let handoff = out.contestants.iter().find(|r| r.name == "handoff");
     for r in &out.contestants {
@@ -367,6 +430,15 @@ fn render(out: &Output, args: &Args) -> String {
         s.push_str("\nscale series (handoff):\n\n");
         s.push_str("| point | requests | failed | steady p99 ms | window p99 ms | upgrades (failed) | trigger → new serving, median / p99 ms | handoff upgrade command, median / p99 ms | old gone, median / p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &out.scale {
+            if let Some(e) = &p.error {
+                s.push_str(&format!(
+                    "| {} {} | did not run: {} |\n",
+                    p.value,
+                    p.what,
+                    e.replace('\n', " ")
+                ));
+                continue;
+            }
             let r = &p.summary;
             s.push_str(&format!(
                 "| {} {} | {} | {} | {:.2} | {:.2} | {} ({}) | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |\n",
