@@ -9,6 +9,7 @@
 mod admin;
 mod demo;
 mod duration;
+mod notify_mode;
 mod progress;
 mod restart;
 mod run;
@@ -49,6 +50,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Bind the listeners, start PROGRAM and serve upgrade requests (foreground).
+    #[command(after_help = notify_mode::EXAMPLE)]
     Run(run::RunArgs),
     /// Ask a running supervisor to replace the service with a fresh process.
     #[command(after_help = upgrade::AFTER_HELP)]

@@ -45,6 +45,8 @@ pub struct RunArgs {
     /// Default budget for the old process to drain.
     #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION", default_value = "60s")]
     pub drain_grace: Duration,
+    #[command(flatten)]
+    pub notify: crate::notify_mode::NotifyArgs,
     /// The service and its arguments.
     #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
     pub program: Vec<OsString>,
@@ -147,6 +149,7 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    a.notify.check()?;
     // Block the signals we handle before any thread exists, so every thread
     // inherits the mask and only the signal thread (sigwait) sees them.
     let mut sigs = SigSet::empty();
@@ -205,6 +208,18 @@ fn run(a: RunArgs) -> Result<()> {
     let names: Vec<String> = specs.iter().map(|s| s.name().to_string()).collect();
     let mut program = Program::new(PathBuf::from(&a.program[0]));
     program.args = a.program[1..].to_vec();
+    if a.notify.mode == crate::notify_mode::Mode::Notify {
+        let listeners = specs.iter().map(bind).collect::<Result<Vec<_>>>()?;
+        let prepared = crate::notify_mode::Prepared {
+            runtime_dir: runtime,
+            listeners,
+            program,
+            deadline: a.deadline,
+            drain_grace: a.drain_grace,
+            sigs,
+        };
+        return crate::notify_mode::run(&a.notify, prepared, (lock, restart_lock));
+    }
 
     // A service left running by a supervisor that died: take it over,
     // listeners included, instead of binding anew (its sockets hold the

@@ -157,9 +157,11 @@ pub fn monitor(
             failures = 0;
         }
         eprintln!("handoff run: the incumbent (pid {dead}) died outside a handoff ({exit}); restarting in {delay:?}");
+        crate::systemd::crashed(dead, &exit, delay);
         std::thread::sleep(delay);
         match sup.restart_if_dead(&program, dead, &mut |_| {}) {
             Ok(Some(r)) => {
+                crate::systemd::restarted(r.new_pid, &r.new_build_id);
                 println!("restarted pid={}", r.new_pid);
                 born = Instant::now();
             }

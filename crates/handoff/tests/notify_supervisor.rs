@@ -67,8 +67,9 @@ fn serving_pid(addr: SocketAddr) -> u32 {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let pid = out.rsplit("pid=").next().unwrap().trim();
-    pid.parse().unwrap_or_else(|_| panic!("bad body: {out}"))
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("pid=")?.parse().ok())
+        .unwrap_or_else(|| panic!("bad body: {out}"))
 }
 
 fn gone(pid: u32) -> bool {

@@ -1,0 +1,287 @@
+//! The admin socket in notify mode: the same requests and events as in
+//! library mode (`crate::admin`), so `handoff upgrade`, `status` and `stop`
+//! work unchanged. Phases are notify mode's own: `spawned`, `ready`,
+//! `old-signalled`, then `old-stopped` or `old-killed`.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use handoff::notify::{NotifyError, NotifyOptions, NotifyPhaseDone, NotifyReport};
+use handoff::Program;
+use nix::sys::signal::Signal;
+
+use super::Ctx;
+use crate::admin::{self, Event, Request};
+use crate::progress::{Activity, LastHandoff, PhaseTiming, Trigger};
+use crate::stop::{ProcessEnd, StopReport};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub(super) fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
+    let ours = nix::unistd::geteuid().as_raw();
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("handoff run: admin accept: {e}");
+                continue;
+            }
+        };
+        match handoff::peer_credentials(&stream) {
+            Ok(c) if c.uid == ours || c.uid == 0 => {}
+            Ok(c) => {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Error {
+                        message: format!(
+                            "uid {} may not control this supervisor (owner uid {ours})",
+                            c.uid
+                        ),
+                    },
+                );
+                continue;
+            }
+            Err(_) => continue,
+        }
+        let ctx = ctx.clone();
+        let _ = std::thread::Builder::new()
+            .name("admin-conn".into())
+            .spawn(move || handle(stream, &ctx));
+    }
+}
+
+/// An identifier for the log and `handoff upgrade`'s output (notify mode
+/// has no journal, so no library handoff id).
+fn next_id(ctx: &Ctx) -> String {
+    format!("notify-{}", ctx.seq.fetch_add(1, Ordering::Relaxed) + 1)
+}
+
+/// Which phase a failure belongs to, for the `aborted` event.
+fn failed_phase(e: &NotifyError) -> Option<&'static str> {
+    match e {
+        NotifyError::Spawn(_) | NotifyError::Socket { .. } => Some("spawned"),
+        NotifyError::NotReady { .. }
+        | NotifyError::Exited { .. }
+        | NotifyError::StoppedBeforeReady { .. } => Some("ready"),
+        NotifyError::OldStopFailed { .. } => Some("old-signalled"),
+        NotifyError::InProgress | NotifyError::NoIncumbent => None,
+    }
+}
+
+/// One upgrade, recorded for `handoff status`.
+pub(super) fn upgrade(
+    ctx: &Ctx,
+    program: &Program,
+    opts: NotifyOptions,
+    observer: &mut dyn FnMut(NotifyPhaseDone),
+) -> Result<NotifyReport, NotifyError> {
+    if ctx.stopping.load(Ordering::SeqCst) {
+        return Err(NotifyError::InProgress);
+    }
+    let started = Instant::now();
+    let old = ctx.sup.incumbent_pid();
+    let mut phases = vec![];
+    let r = ctx.sup.perform_handoff(program, opts, &mut |p| {
+        phases.push(PhaseTiming {
+            phase: p.phase.name().into(),
+            took_ms: ms(p.took),
+        });
+        observer(p)
+    });
+    if matches!(r, Err(NotifyError::InProgress | NotifyError::NoIncumbent)) {
+        return r;
+    }
+    let mut h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
+    match &r {
+        Ok(_) => h.counts.committed += 1,
+        Err(_) => h.counts.aborted += 1,
+    }
+    h.last = Some(LastHandoff {
+        handoff_id: None,
+        trigger: Trigger::Admin,
+        outcome: if r.is_ok() { "committed" } else { "aborted" }.into(),
+        old_pid: old,
+        new_pid: r.as_ref().ok().map(|r| r.new_pid),
+        phases,
+        total_ms: ms(started.elapsed()),
+        ended_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        reason: r.as_ref().err().map(|e| e.to_string()),
+    });
+    r
+}
+
+fn handle(stream: UnixStream, ctx: &Ctx) {
+    // A client that connects and says nothing must not pin a thread forever.
+    let req: Request = match admin::recv(&stream, Some(Duration::from_secs(5))) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = admin::send(
+                &stream,
+                &Event::Error {
+                    message: format!("bad request: {e}"),
+                },
+            );
+            return;
+        }
+    };
+    match req {
+        Request::Status => {
+            let h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
+            let pid = ctx.sup.incumbent_pid();
+            let announced = ctx.sup.incumbent_announced().and_then(|a| a.status);
+            let _ = admin::send(
+                &stream,
+                &Event::Status {
+                    supervisor_pid: std::process::id(),
+                    incumbent_pid: pid,
+                    build_id: match announced {
+                        Some(s) => format!("notify mode, STATUS={s:?}"),
+                        None => "notify mode".into(),
+                    },
+                    listeners: ctx.shown.clone(),
+                    retiring_pids: vec![],
+                    service_counters: None,
+                    service_counters_error: None,
+                    activity: Activity {
+                        supervisor_uptime_ms: ctx.started.elapsed().as_millis() as u64,
+                        incumbent_uptime_ms: pid.and_then(crate::progress::uptime_ms),
+                        stopping: ctx.stopping.load(Ordering::SeqCst),
+                        handoffs: h.counts,
+                        last_handoff: h.last.clone(),
+                        ..Activity::default()
+                    },
+                },
+            );
+        }
+        Request::Stop { grace_ms } => {
+            let grace = grace_ms
+                .map(Duration::from_millis)
+                .unwrap_or(ctx.sup.config().drain_grace);
+            ctx.stopping.store(true, Ordering::SeqCst);
+            let pid = ctx.sup.incumbent_pid();
+            let _ = admin::send(
+                &stream,
+                &Event::Stopping {
+                    supervisor_pid: std::process::id(),
+                    incumbent_pid: pid,
+                    grace_ms: ms(grace),
+                    in_flight: None,
+                },
+            );
+            let t0 = Instant::now();
+            let ended = ctx.sup.stop(grace);
+            let processes = match (pid, ended) {
+                (Some(pid), Some((exit, killed))) => vec![ProcessEnd {
+                    pid,
+                    role: "incumbent".into(),
+                    how: if killed { "killed" } else { "exited" }.into(),
+                    exit: Some(exit.to_string()),
+                    took_ms: ms(t0.elapsed()),
+                }],
+                _ => vec![],
+            };
+            let _ = admin::send(
+                &stream,
+                &Event::Stopped(StopReport {
+                    supervisor_pid: std::process::id(),
+                    grace_ms: ms(grace),
+                    waited_for_handoff_ms: 0.0,
+                    processes,
+                    total_ms: ms(t0.elapsed()),
+                }),
+            );
+            // The main thread owns the exit (socket and lock clean-up).
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
+        }
+        Request::Upgrade {
+            binary,
+            deadline_ms,
+            drain_grace_ms,
+            wait_ms,
+        } => {
+            let mut program = ctx.program.clone();
+            if let Some(b) = binary {
+                program.path = b;
+            }
+            let opts = NotifyOptions {
+                deadline: deadline_ms.map(Duration::from_millis),
+                drain_grace: drain_grace_ms.map(Duration::from_millis),
+            };
+            let mut observer = |p: NotifyPhaseDone| {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Phase {
+                        phase: p.phase.name().to_string(),
+                        took_ms: ms(p.took),
+                    },
+                );
+            };
+            // `--wait`: queue behind an upgrade or restart in progress.
+            let wait_until = Instant::now() + Duration::from_millis(wait_ms.unwrap_or(0));
+            let mut told = false;
+            let r = loop {
+                match upgrade(ctx, &program, opts, &mut observer) {
+                    Err(NotifyError::InProgress)
+                        if Instant::now() < wait_until && !ctx.stopping.load(Ordering::SeqCst) =>
+                    {
+                        if !told {
+                            told = true;
+                            let _ = admin::send(
+                                &stream,
+                                &Event::Waiting {
+                                    in_flight: None,
+                                    wait_ms: wait_ms.unwrap_or(0),
+                                },
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    r => break r,
+                }
+            };
+            let id = next_id(ctx);
+            let ev = match r {
+                Ok(r) => {
+                    eprintln!(
+                        "handoff run: upgrade {id} done: pid {} -> {} in {:.2} ms",
+                        r.old_pid.unwrap_or(0),
+                        r.new_pid,
+                        ms(r.total)
+                    );
+                    Event::Committed {
+                        handoff_id: id,
+                        old_pid: r.old_pid,
+                        new_pid: r.new_pid,
+                        build_id: "notify mode".into(),
+                        total_ms: ms(r.total),
+                        warnings: r.warnings,
+                    }
+                }
+                Err(NotifyError::InProgress) if ctx.stopping.load(Ordering::SeqCst) => {
+                    Event::Error {
+                        message: "the supervisor is stopping (`handoff stop` or SIGTERM) and accepts no new upgrades".into(),
+                    }
+                }
+                Err(e @ (NotifyError::InProgress | NotifyError::NoIncumbent)) => Event::Error {
+                    message: e.to_string(),
+                },
+                Err(e) => {
+                    eprintln!("handoff run: upgrade {id} failed: {e}");
+                    Event::Aborted {
+                        handoff_id: Some(id),
+                        phase: failed_phase(&e).map(str::to_string),
+                        reason: e.to_string(),
+                    }
+                }
+            };
+            let _ = admin::send(&stream, &ev);
+        }
+    }
+}

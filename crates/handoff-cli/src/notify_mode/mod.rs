@@ -1,0 +1,307 @@
+//! `handoff run --mode notify`: supervising a program that does not link
+//! the handoff library but speaks systemd's conventions — socket activation
+//! (`LISTEN_FDS`, `LISTEN_PID`) and readiness (`sd_notify` `READY=1`).
+//!
+//! The library's [`handoff::notify::NotifySupervisor`] does the work; this
+//! module is the daemon around it: listeners, the admin socket (same
+//! protocol and the same `handoff upgrade` / `status` / `stop` as library
+//! mode), SIGHUP/SIGTERM, and restarting a process that dies outside an
+//! upgrade. It takes over from `run` right after the locks are held.
+
+mod admin;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use handoff::notify::{NotifyConfig, NotifyOptions, NotifySupervisor, Readiness, ReadyProbe};
+use handoff::{Listener, Program};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::progress::{Counts, LastHandoff};
+use crate::supervise::Backoff;
+
+/// How the service takes part in upgrades.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The service links the handoff library (drain, seal, state handoff).
+    #[default]
+    Library,
+    /// Any socket-activated program that sends `READY=1` (sd_notify).
+    Notify,
+}
+
+/// `handoff run` options for notify mode.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NotifyArgs {
+    /// `library`: the service links the handoff library. `notify`: any
+    /// program that takes its listeners from LISTEN_FDS and sends READY=1
+    /// to NOTIFY_SOCKET; an upgrade starts the new one, waits for it to be
+    /// ready, then stops the old one with --stop-signal.
+    #[arg(long, value_enum, default_value_t = Mode::Library)]
+    pub mode: Mode,
+    /// Notify mode: the signal that asks the old process to finish its
+    /// requests and exit (SIGKILL follows after --drain-grace).
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    pub stop_signal: Option<Signal>,
+    /// Notify mode: also require this check to pass before the new process
+    /// counts as ready: http://HOST:PORT/PATH (GET answers 2xx) or
+    /// tcp://HOST:PORT (connect succeeds). Use an address only the new
+    /// process serves: the shared listeners may be answered by the old one.
+    #[arg(long, value_name = "URL")]
+    pub ready_probe: Option<ReadyProbe>,
+    /// Notify mode with --ready-probe: do not wait for READY=1, only for the
+    /// probe (for programs that never send it).
+    #[arg(long, requires = "ready_probe")]
+    pub probe_only: bool,
+}
+
+/// `handoff run --help`: the notify-mode example.
+pub const EXAMPLE: &str = "\
+NOTIFY MODE (programs that do not link the handoff library):
+  # any socket-activated program that sends READY=1 (no library needed):
+  handoff run --mode notify --runtime-dir /run/web --state-dir /var/lib/web \\
+      --listen http=tcp://0.0.0.0:8080 --stop-signal SIGTERM --drain-grace 30s -- gunicorn app:app";
+
+/// `SIGTERM`, `TERM` or `15`.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    let up = s.trim().to_ascii_uppercase();
+    if let Ok(n) = up.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("{s:?} is not a signal number"));
+    }
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    match name.parse::<Signal>() {
+        Ok(Signal::SIGKILL | Signal::SIGSTOP) => Err(format!(
+            "{s}: the stop signal must be one the process can handle (SIGKILL follows the grace anyway)"
+        )),
+        Ok(sig) => Ok(sig),
+        Err(_) => Err(format!("{s:?} is not a signal name (e.g. SIGTERM, SIGINT, SIGQUIT)")),
+    }
+}
+
+impl NotifyArgs {
+    /// Refuses notify-only options in library mode.
+    pub fn check(&self) -> Result<()> {
+        if self.mode == Mode::Library && (self.stop_signal.is_some() || self.ready_probe.is_some())
+        {
+            bail!("--stop-signal and --ready-probe apply to --mode notify only");
+        }
+        Ok(())
+    }
+}
+
+/// What `run` has prepared before handing over.
+pub struct Prepared {
+    pub runtime_dir: PathBuf,
+    pub listeners: Vec<(Listener, String)>,
+    pub program: Program,
+    pub deadline: Duration,
+    pub drain_grace: Duration,
+    /// Blocked in every thread; waited for by the main thread.
+    pub sigs: SigSet,
+}
+
+/// State shared by the admin threads, the monitor and the main thread.
+pub(crate) struct Ctx {
+    pub sup: NotifySupervisor,
+    pub program: Program,
+    pub shown: Vec<String>,
+    pub started: Instant,
+    pub stopping: AtomicBool,
+    pub history: Mutex<History>,
+    pub seq: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+pub(crate) struct History {
+    pub counts: Counts,
+    pub last: Option<LastHandoff>,
+}
+
+/// Runs the notify-mode supervisor until SIGTERM/SIGINT or `handoff stop`.
+/// `held` (the supervisor and restart locks) is kept until return.
+pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
+    let mut cfg = NotifyConfig::new(&p.runtime_dir);
+    cfg.deadline = p.deadline;
+    cfg.drain_grace = p.drain_grace;
+    if let Some(s) = args.stop_signal {
+        cfg.stop_signal = s;
+    }
+    cfg.readiness = Readiness {
+        notify: !args.probe_only,
+        probe: args.ready_probe.clone(),
+    };
+    let shown: Vec<String> = p
+        .listeners
+        .iter()
+        .map(|(l, a)| format!("{}={a}", l.name))
+        .collect();
+    {
+        let mut o = std::io::stdout().lock();
+        for s in &shown {
+            writeln!(o, "listening {s}")?;
+        }
+        o.flush()?;
+    }
+    let listeners = p.listeners.into_iter().map(|(l, _)| l).collect();
+    let sup = NotifySupervisor::new(cfg, listeners);
+    let first = sup.start(&p.program, &mut |_| {}).map_err(|e| {
+        anyhow::anyhow!("starting {} in notify mode: {e}", p.program.path.display())
+    })?;
+    let ctx = Arc::new(Ctx {
+        sup,
+        program: p.program,
+        shown,
+        started: Instant::now(),
+        stopping: AtomicBool::new(false),
+        history: Mutex::new(History::default()),
+        seq: Default::default(),
+    });
+    {
+        let ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name("monitor".into())
+            .spawn(move || {
+                if let Err(e) = monitor(&ctx, Backoff::default()) {
+                    eprintln!("handoff run: {e:#}; stopping");
+                    ctx.stopping.store(true, Ordering::SeqCst);
+                    ctx.sup.stop(ctx.sup.config().drain_grace);
+                    std::process::exit(1);
+                }
+            })?;
+    }
+
+    let admin_path = crate::admin::admin_path(&p.runtime_dir);
+    let _ = fs::remove_file(&admin_path); // stale: we hold the supervisor lock
+    let admin_listener = UnixListener::bind(&admin_path)
+        .with_context(|| format!("binding {}", admin_path.display()))?;
+    fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
+    println!("ready pid={}", first.new_pid);
+    std::io::stdout().flush()?;
+    {
+        let ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || admin::serve(admin_listener, ctx))?;
+    }
+
+    loop {
+        match p.sigs.wait() {
+            Ok(Signal::SIGHUP) => {
+                let ctx = ctx.clone();
+                std::thread::spawn(move || {
+                    match admin::upgrade(&ctx, &ctx.program, NotifyOptions::default(), &mut |_| {})
+                    {
+                        Ok(r) => eprintln!(
+                            "handoff run: SIGHUP upgrade done: pid {} in {:?}",
+                            r.new_pid, r.total
+                        ),
+                        Err(e) => eprintln!("handoff run: SIGHUP upgrade failed: {e}"),
+                    }
+                });
+            }
+            Ok(sig) => {
+                // Also how a `handoff stop` ends: its admin thread stopped
+                // the service, replied, then signalled us.
+                eprintln!("handoff run: {sig}: stopping");
+                ctx.stopping.store(true, Ordering::SeqCst);
+                if let Some((exit, killed)) = ctx.sup.stop(ctx.sup.config().drain_grace) {
+                    eprintln!(
+                        "handoff run: the service {} ({exit})",
+                        if killed {
+                            "was killed after the grace"
+                        } else {
+                            "exited"
+                        }
+                    );
+                }
+                let _ = fs::remove_file(&admin_path);
+                drop(held);
+                return Ok(());
+            }
+            Err(e) => bail!("waiting for signals: {e}"),
+        }
+    }
+}
+
+/// Restarts the process when it dies outside an upgrade (connections wait
+/// in the listen backlog meanwhile); gives up after `policy.limit` failed
+/// restarts in a row.
+fn monitor(ctx: &Ctx, policy: Backoff) -> Result<()> {
+    let mut delay = policy.initial;
+    let mut failures = 0u32;
+    let mut born = Instant::now();
+    loop {
+        if ctx.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(c) = ctx.sup.incumbent() else {
+            // Only between a failed restart and the next attempt, or stopped.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let Some(exit) = c.wait_timeout(Duration::from_millis(250)) else {
+            continue;
+        };
+        if ctx.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let dead = c.pid();
+        if ctx.sup.incumbent().map(|x| x.pid()) != Some(dead) {
+            continue; // an upgrade replaced it
+        }
+        if born.elapsed() >= policy.healthy_after {
+            delay = policy.initial;
+            failures = 0;
+        }
+        eprintln!("handoff run: the service (pid {dead}) died outside an upgrade ({exit}); restarting in {delay:?}");
+        std::thread::sleep(delay);
+        if ctx.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match ctx.sup.restart_if_dead(&ctx.program, dead, &mut |_| {}) {
+            Ok(Some(r)) => {
+                println!("restarted pid={}", r.new_pid);
+                let _ = std::io::stdout().flush();
+                born = Instant::now();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                failures += 1;
+                eprintln!(
+                    "handoff run: restart {failures}/{} failed: {e}",
+                    policy.limit
+                );
+                if failures >= policy.limit {
+                    bail!("the service keeps failing to start ({failures} restarts in a row failed; last: {e})");
+                }
+            }
+        }
+        delay = (delay * 2).min(policy.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("SIGTERM"), Ok(Signal::SIGTERM));
+        assert_eq!(parse_signal("quit"), Ok(Signal::SIGQUIT));
+        assert_eq!(parse_signal("2"), Ok(Signal::SIGINT));
+        assert!(parse_signal("SIGKILL").is_err());
+        assert!(parse_signal("SIGNOPE").is_err());
+        assert!(parse_signal("999").is_err());
+    }
+}

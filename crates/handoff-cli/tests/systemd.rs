@@ -1,0 +1,746 @@
+//! `handoff run` under systemd, through the real binaries: the exact
+//! `sd_notify` datagrams on a real notify socket (path and abstract), the
+//! watchdog, what the service inherits, and socket activation intake with a
+//! listener the test binds and passes at fd 3 like a `.socket` unit would.
+
+mod support;
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::*;
+
+const BUILD: &str = "sd-test-1";
+
+/// `CLOCK_MONOTONIC` in µs, read independently of the code under test.
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a pointer to a live local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// The manager's end of a notify socket.
+struct NotifySocket {
+    sock: UnixDatagram,
+    /// The `NOTIFY_SOCKET` value that reaches it.
+    address: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl NotifySocket {
+    fn path() -> NotifySocket {
+        let dir = tempfile::Builder::new().prefix("hosd").tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        NotifySocket {
+            sock,
+            address: path.to_str().unwrap().to_string(),
+            _dir: Some(dir),
+        }
+    }
+
+    fn abstract_name() -> NotifySocket {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!(
+            "handoff-test-notify-{}-{}",
+            std::process::id(),
+            monotonic_usec()
+        );
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let sock = UnixDatagram::bind_addr(&addr).unwrap();
+        NotifySocket {
+            sock,
+            address: format!("@{name}"),
+            _dir: None,
+        }
+    }
+
+    /// The next datagram, waiting at most `within`.
+    fn next(&self, within: Duration, what: &str) -> String {
+        self.sock.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 8192];
+        match self.sock.recv(&mut buf) {
+            Ok(n) => String::from_utf8(buf[..n].to_vec()).expect("UTF-8 datagram"),
+            Err(e) => panic!("no notification within {within:?} while waiting for {what}: {e}"),
+        }
+    }
+
+    /// The next datagram that is not a watchdog ping.
+    fn next_state(&self, within: Duration, what: &str) -> String {
+        let end = Instant::now() + within;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let m = self.next(left.max(Duration::from_millis(1)), what);
+            if m != "WATCHDOG=1" {
+                return m;
+            }
+        }
+    }
+
+    /// Everything already queued, without waiting.
+    fn drain(&self) -> Vec<String> {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut out = vec![];
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.sock.set_nonblocking(false).unwrap();
+        out
+    }
+}
+
+fn env(notify: &NotifySocket, extra: &[(&str, &str)]) -> StartOpts {
+    let mut env = vec![
+        ("NOTIFY_SOCKET".to_string(), notify.address.clone()),
+        ("HANDOFF_DEMO_BUILD_ID".to_string(), BUILD.to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    StartOpts {
+        env,
+        ..StartOpts::default()
+    }
+}
+
+/// Splits `RELOADING=1\nMONOTONIC_USEC=T\nSTATUS=…` and checks T is inside
+/// the window the test measured around the request.
+fn expect_reloading(m: &str, before: u64, after: u64) -> String {
+    let lines: Vec<&str> = m.split('\n').collect();
+    assert_eq!(lines.len(), 3, "{m:?}");
+    assert_eq!(lines[0], "RELOADING=1", "{m:?}");
+    let t: u64 = lines[1]
+        .strip_prefix("MONOTONIC_USEC=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {m:?}"));
+    assert!(
+        before <= t && t <= after,
+        "MONOTONIC_USEC={t} outside the request's window [{before}, {after}]"
+    );
+    lines[2]
+        .strip_prefix("STATUS=")
+        .unwrap_or_else(|| panic!("no STATUS in {m:?}"))
+        .to_string()
+}
+
+/// `READY=1\nSTATUS=serving pid {pid} ({BUILD}){rest}`: returns `rest`.
+fn expect_ready_serving(m: &str, pid: u32) -> String {
+    let prefix = format!("READY=1\nSTATUS=serving pid {pid} ({BUILD})");
+    m.strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("expected {prefix:?}…, got {m:?}"))
+        .to_string()
+}
+
+const NOTE: Duration = Duration::from_secs(20);
+
+#[test]
+fn notify_datagrams_around_upgrades_and_stop() {
+    let _guard = begin_test("sd_notify_sequence", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let mut sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &demo_bin(),
+        &[],
+        &env(&notify, &[]),
+    );
+    // Start: READY=1 only once the incumbent serves and the admin socket is bound.
+    let m = notify.next_state(NOTE, "READY=1 at start");
+    assert_eq!(expect_ready_serving(&m, sup.first_pid), "", "{m:?}");
+
+    // An upgrade through the admin socket.
+    let before = monotonic_usec();
+    let c = sup.upgrade(&[]).expect_committed();
+    let after = monotonic_usec();
+    let m = notify.next_state(NOTE, "RELOADING=1 for the admin upgrade");
+    let status = expect_reloading(&m, before, after);
+    assert_eq!(status, format!("upgrading pid {} ({BUILD})", sup.first_pid));
+    let m = notify.next_state(NOTE, "READY=1 after the commit");
+    let rest = expect_ready_serving(&m, c.new_pid);
+    let committed = format!("; upgrade from pid {} committed in ", sup.first_pid);
+    assert!(
+        rest.starts_with(&committed) && rest.ends_with(" ms"),
+        "{rest:?}"
+    );
+
+    // An upgrade by SIGHUP.
+    let before = monotonic_usec();
+    kill(Pid::from_raw(sup.pid as i32), Signal::SIGHUP).unwrap();
+    let m = notify.next_state(NOTE, "RELOADING=1 for SIGHUP");
+    let after = monotonic_usec();
+    let status = expect_reloading(&m, before, after);
+    assert_eq!(status, format!("upgrading pid {} ({BUILD})", c.new_pid));
+    let m = notify.next_state(NOTE, "READY=1 after the SIGHUP upgrade");
+    let third = sup.serving_pid().expect("serving after SIGHUP");
+    assert_ne!(third, c.new_pid);
+    let rest = expect_ready_serving(&m, third);
+    assert!(
+        rest.starts_with(&format!("; upgrade from pid {} committed in ", c.new_pid)),
+        "{rest:?}"
+    );
+
+    // An aborted upgrade: reloading, then ready again with the old process.
+    let bad = dirs.fault_wrapper("fail-health");
+    let before = monotonic_usec();
+    sup.upgrade(&["--binary", bad.to_str().unwrap()])
+        .expect_aborted(&["health"]);
+    let after = monotonic_usec();
+    let m = notify.next_state(NOTE, "RELOADING=1 for the failing upgrade");
+    expect_reloading(&m, before, after);
+    let m = notify.next_state(NOTE, "READY=1 after the abort");
+    let rest = expect_ready_serving(&m, third);
+    assert!(rest.starts_with("; upgrade aborted: "), "{rest:?}");
+    assert!(rest.contains("health"), "{rest:?}");
+
+    // SIGTERM: STOPPING=1, then nothing more.
+    kill(Pid::from_raw(sup.pid as i32), Signal::SIGTERM).unwrap();
+    let m = notify.next_state(NOTE, "STOPPING=1");
+    assert_eq!(m, "STOPPING=1\nSTATUS=stopping (SIGTERM)");
+    wait_until(
+        Duration::from_secs(30),
+        "handoff run exits after SIGTERM",
+        || sup.try_exit().is_some(),
+    );
+    let rest: Vec<String> = notify
+        .drain()
+        .into_iter()
+        .filter(|m| m != "WATCHDOG=1")
+        .collect();
+    assert!(rest.is_empty(), "unexpected notifications: {rest:?}");
+}
+
+#[test]
+fn abstract_socket_and_nothing_leaks_into_the_service() {
+    let _guard = begin_test("sd_notify_abstract", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::abstract_name();
+    // A watchdog meant for another process (pid 1): ours must not ping it,
+    // and the service must not inherit it.
+    let sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &demo_bin(),
+        &[],
+        &env(
+            &notify,
+            &[("WATCHDOG_USEC", "100000"), ("WATCHDOG_PID", "1")],
+        ),
+    );
+    let m = notify.next(NOTE, "READY=1 on the abstract socket");
+    assert_eq!(expect_ready_serving(&m, sup.first_pid), "");
+    let e = std::fs::read(format!("/proc/{}/environ", sup.first_pid)).unwrap();
+    assert_clean_env(sup.first_pid, &e);
+    // A successor too (spawned from a running supervisor, not at start).
+    let c = sup.upgrade(&[]).expect_committed();
+    let e = std::fs::read(format!("/proc/{}/environ", c.new_pid)).unwrap();
+    assert_clean_env(c.new_pid, &e);
+    let m = notify.next(NOTE, "RELOADING=1");
+    assert!(m.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{m:?}");
+    let m = notify.next(NOTE, "READY=1");
+    expect_ready_serving(&m, c.new_pid);
+    // Were the watchdog (wrongly) ours, a ping would come every 50 ms: none
+    // may arrive over twenty intervals.
+    let mut pings = vec![];
+    poll_until(Duration::from_secs(1), || {
+        pings.extend(
+            notify
+                .drain()
+                .into_iter()
+                .filter(|m| m.contains("WATCHDOG")),
+        );
+        !pings.is_empty()
+    });
+    assert!(
+        pings.is_empty(),
+        "pinged a watchdog that is not ours: {pings:?}"
+    );
+}
+
+#[test]
+fn crash_restart_is_reported_in_status() {
+    let _guard = begin_test("sd_crash_and_stop", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let mut sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &demo_bin(),
+        &[],
+        &env(&notify, &[]),
+    );
+    let m = notify.next(NOTE, "READY=1");
+    assert_eq!(expect_ready_serving(&m, sup.first_pid), "");
+
+    // The incumbent dies outside a handoff: STATUS only (no READY/RELOADING:
+    // the supervisor is as ready as before, and restarts it).
+    kill(Pid::from_raw(sup.first_pid as i32), Signal::SIGKILL).unwrap();
+    let m = notify.next(NOTE, "STATUS=restarting");
+    let prefix = format!(
+        "STATUS=restarting: pid {} died outside a handoff (",
+        sup.first_pid
+    );
+    assert!(
+        m.starts_with(&prefix) && m.contains("); next start in "),
+        "{m:?}"
+    );
+    let m = notify.next(NOTE, "STATUS=serving after the restart");
+    let restarted = m
+        .strip_prefix("STATUS=serving pid ")
+        .and_then(|r| r.strip_suffix(&format!(" ({BUILD}), restarted after a crash")))
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("{m:?}"));
+    wait_until(Duration::from_secs(20), "the restarted pid serves", || {
+        sup.serving_pid() == Ok(restarted)
+    });
+
+    // And the crash did not end the reporting: SIGTERM still says STOPPING=1.
+    kill(Pid::from_raw(sup.pid as i32), Signal::SIGTERM).unwrap();
+    let m = notify.next(NOTE, "STOPPING=1");
+    assert_eq!(m, "STOPPING=1\nSTATUS=stopping (SIGTERM)");
+    wait_until(Duration::from_secs(30), "handoff run exits", || {
+        sup.try_exit().is_some()
+    });
+}
+
+#[test]
+fn handoff_stop_sends_stopping_once() {
+    let _guard = begin_test("sd_handoff_stop", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let mut sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &demo_bin(),
+        &[],
+        &env(&notify, &[]),
+    );
+    let m = notify.next(NOTE, "READY=1");
+    assert_eq!(expect_ready_serving(&m, sup.first_pid), "");
+    // `handoff stop`: one STOPPING=1, although the supervisor then also
+    // signals itself to exit.
+    let out = Command::new(handoff_bin())
+        .args(["stop", "--runtime-dir"])
+        .arg(&dirs.runtime)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "handoff stop: {out:?}");
+    let m = notify.next(NOTE, "STOPPING=1");
+    assert_eq!(m, "STOPPING=1\nSTATUS=stopping (handoff stop)");
+    wait_until(Duration::from_secs(30), "handoff run exits", || {
+        sup.try_exit().is_some()
+    });
+    let rest = notify.drain();
+    assert!(rest.is_empty(), "after STOPPING=1: {rest:?}");
+}
+
+fn assert_clean_env(pid: u32, environ: &[u8]) {
+    let vars: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    for leaked in ["NOTIFY_SOCKET=", "WATCHDOG_USEC=", "WATCHDOG_PID="] {
+        assert!(
+            !vars.iter().any(|v| v.starts_with(leaked)),
+            "the service (pid {pid}) inherited {leaked}…: {vars:?}"
+        );
+    }
+    assert!(
+        vars.contains(&format!("LISTEN_PID={pid}")),
+        "LISTEN_PID is not the service's own pid {pid}: {vars:?}"
+    );
+}
+
+#[test]
+fn watchdog_pings_at_half_the_interval() {
+    let _guard = begin_test("sd_watchdog", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let started = Instant::now();
+    let _sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &demo_bin(),
+        &[],
+        // 300 ms interval, no WATCHDOG_PID: it is ours. Pings every 150 ms.
+        &env(&notify, &[("WATCHDOG_USEC", "300000")]),
+    );
+    let m = notify.next(NOTE, "READY=1");
+    assert!(m.starts_with("READY=1\n"), "{m:?}");
+    let mut pings = 0;
+    while pings < 5 {
+        let m = notify.next(Duration::from_secs(10), "WATCHDOG=1");
+        assert_eq!(m, "WATCHDOG=1", "only pings after READY");
+        pings += 1;
+    }
+    // Not faster than every 150 ms: since before the supervisor started,
+    // at most elapsed/150ms + 1 pings can have been sent.
+    pings += notify.drain().iter().filter(|m| *m == "WATCHDOG=1").count();
+    let bound = started.elapsed().as_millis() / 150 + 1;
+    assert!(
+        pings as u128 <= bound,
+        "{pings} pings in {:?}: faster than half of 300 ms",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_foreign_listen_pid_is_ignored_and_the_listeners_are_bound() {
+    let _guard = begin_test("sd_foreign_listen_pid", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let opts = StartOpts {
+        env: vec![
+            ("LISTEN_FDS".into(), "1".into()),
+            ("LISTEN_FDNAMES".into(), "http".into()),
+            ("LISTEN_PID".into(), "1".into()),
+        ],
+        ..StartOpts::default()
+    };
+    let sup = Supervisor::start_with(&dirs.runtime, &dirs.state, &demo_bin(), &[], &opts);
+    assert_eq!(sup.serving_pid(), Ok(sup.first_pid));
+    // Said before `ready`, on stderr, which is read by another thread.
+    let said = poll_until(Duration::from_secs(10), || {
+        sup.stderr_log()
+            .contains("ignoring LISTEN_FDS=1: LISTEN_PID=1 is not this process")
+    });
+    assert!(said, "{}", sup.stderr_log());
+}
+
+/// `handoff run` started the way systemd starts a socket-activated
+/// service: the listener at fd 3, `LISTEN_FDS=1`, `LISTEN_FDNAMES`, and
+/// `LISTEN_PID` = its own pid (set by the shell that then execs it).
+struct Activated {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    /// The stderr reader: finished once every writer has closed the pipe.
+    stderr_reader: std::thread::JoinHandle<()>,
+}
+
+impl Activated {
+    fn start(
+        listener: &TcpListener,
+        fdname: &str,
+        args: &[&str],
+        notify: &NotifySocket,
+    ) -> Activated {
+        let src = listener.as_raw_fd();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "export LISTEN_PID=$$; exec \"$@\"", "sh"])
+            .arg(handoff_bin())
+            .arg("run")
+            .args(args)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", fdname)
+            .env("NOTIFY_SOCKET", &notify.address)
+            .env("HANDOFF_DEMO_BUILD_ID", BUILD)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: between fork and exec only dup2/fcntl/prctl, all
+        // async-signal-safe; nothing is allocated or locked.
+        unsafe {
+            cmd.pre_exec(move || {
+                if src == 3 {
+                    // dup2 onto itself would leave FD_CLOEXEC set.
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(src, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn sh → handoff run");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                eprintln!("[handoff run stdout] {l}");
+                let _ = tx.send(l);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (log, mut err) = (stderr.clone(), child.stderr.take().unwrap());
+        let stderr_reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let s = String::from_utf8_lossy(&buf[..n]);
+                eprint!("[handoff run] {s}");
+                log.lock().unwrap().push_str(&s);
+            }
+        });
+        Activated {
+            child,
+            lines,
+            stderr,
+            stderr_reader,
+        }
+    }
+
+    /// Stdout up to `ready pid=N`: (the `listening …` lines, N).
+    fn wait_ready(&mut self) -> (Vec<String>, u32) {
+        let mut listening = vec![];
+        loop {
+            let line = self.lines.recv_timeout(START_TIMEOUT).unwrap_or_else(|e| {
+                panic!("no `ready` from handoff run ({e}); stderr:\n{}", self.log())
+            });
+            if let Some(pid) = line.strip_prefix("ready pid=") {
+                return (listening, pid.trim().parse().unwrap());
+            }
+            if line.starts_with("listening ") {
+                listening.push(line);
+            }
+        }
+    }
+
+    /// Waits for it to exit (it must, within 20 s) and for its stderr to
+    /// be read to the end, and returns the exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let mut status = None;
+        wait_until(Duration::from_secs(20), "handoff run exits", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        wait_until(Duration::from_secs(20), "its stderr is closed", || {
+            self.stderr_reader.is_finished()
+        });
+        status.and_then(|s| s.code())
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Activated {
+    fn drop(&mut self) {
+        kill_tree(self.child.id());
+        let _ = self.child.wait();
+    }
+}
+
+/// The socket a process has at `fd`, as `socket:[INODE]`.
+fn socket_at(pid: u32, fd: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("unreadable: {e}"))
+}
+
+fn upgrade(runtime: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(handoff_bin())
+        .arg("upgrade")
+        .arg("--runtime-dir")
+        .arg(runtime)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_until(UPGRADE_TIMEOUT, "handoff upgrade finishes", || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (status.and_then(|s| s.code()), out)
+}
+
+#[test]
+fn socket_activation_serves_on_the_passed_listener_across_an_upgrade() {
+    let _guard = begin_test("sd_socket_activation", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let mine = socket_at(std::process::id(), listener.as_raw_fd());
+    let (rt, st, demo) = (
+        dirs.runtime.to_str().unwrap().to_string(),
+        dirs.state.to_str().unwrap().to_string(),
+        demo_bin().to_str().unwrap().to_string(),
+    );
+    // No --listen: the passed socket is the listener, under its fd name.
+    let mut run = Activated::start(
+        &listener,
+        "http",
+        &["--runtime-dir", &rt, "--state-dir", &st, "--", &demo],
+        &notify,
+    );
+    let (listening, first) = run.wait_ready();
+    assert_eq!(listening, [format!("listening http=tcp://{addr}")]);
+    let said = format!("http=tcp://{addr} comes from systemd (fd 3)");
+    let logged = poll_until(Duration::from_secs(10), || run.log().contains(&said));
+    assert!(logged, "{}", run.log());
+    let m = notify.next(NOTE, "READY=1");
+    assert_eq!(expect_ready_serving(&m, first), "");
+    assert_eq!(
+        serving_pid(addr),
+        Ok(first),
+        "the demo serves on our socket"
+    );
+    // The very socket the test bound, not a new one on the same port.
+    assert_eq!(socket_at(first, 3), mine);
+
+    let (code, out) = upgrade(&dirs.runtime);
+    assert_eq!(code, Some(0), "upgrade: {out}\n{}", run.log());
+    let second = serving_pid(addr).expect("serving after the upgrade");
+    assert_ne!(second, first);
+    assert_eq!(socket_at(second, 3), mine);
+    let env = std::fs::read(format!("/proc/{second}/environ")).unwrap();
+    assert_clean_env(second, &env);
+    assert!(notify
+        .next(NOTE, "RELOADING=1")
+        .starts_with("RELOADING=1\n"));
+    expect_ready_serving(&notify.next(NOTE, "READY=1"), second);
+
+    kill(Pid::from_raw(run.child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(run.wait_exit(), Some(0), "{}", run.log());
+}
+
+#[test]
+fn socket_activation_with_listen_names_and_clear_mismatch_errors() {
+    let _guard = begin_test("sd_socket_activation_names", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (rt, st, demo) = (
+        dirs.runtime.to_str().unwrap().to_string(),
+        dirs.state.to_str().unwrap().to_string(),
+        demo_bin().to_str().unwrap().to_string(),
+    );
+    let run_with = |fdname: &str, listen: &[String]| {
+        let mut args: Vec<&str> = vec!["--runtime-dir", &rt, "--state-dir", &st];
+        for l in listen {
+            args.extend(["--listen", l.as_str()]);
+        }
+        args.extend(["--", &demo]);
+        Activated::start(&listener, fdname, &args, &notify)
+    };
+
+    // --listen names the passed socket (same address): used, not bound;
+    // another --listen is bound as usual, after it in order.
+    let mut run = run_with(
+        "http",
+        &[
+            format!("http=tcp://{addr}"),
+            "extra=tcp://127.0.0.1:0".into(),
+        ],
+    );
+    let (listening, first) = run.wait_ready();
+    assert_eq!(listening.len(), 2, "{listening:?}");
+    assert_eq!(listening[0], format!("listening http=tcp://{addr}"));
+    assert!(
+        listening[1].starts_with("listening extra=tcp://127.0.0.1:"),
+        "{listening:?}"
+    );
+    assert_eq!(serving_pid(addr), Ok(first));
+    kill(Pid::from_raw(run.child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(run.wait_exit(), Some(0), "{}", run.log());
+    drop(run);
+    notify.drain();
+
+    // A --listen that disagrees with the passed socket's address.
+    let other = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut run = run_with("http", &[format!("http=tcp://{other}")]);
+    assert_eq!(run.wait_exit(), Some(1));
+    let log = run.log();
+    assert!(
+        log.contains(&format!("--listen http=tcp://{other} but the socket systemd passed under that name is tcp://{addr}")),
+        "{log}"
+    );
+    drop(run);
+
+    // A passed socket nobody names.
+    let mut run = run_with("metrics", &["http=tcp://127.0.0.1:0".into()]);
+    assert_eq!(run.wait_exit(), Some(1));
+    let log = run.log();
+    assert!(
+        log.contains("systemd passed a socket named \"metrics\"")
+            && log.contains("no --listen names"),
+        "{log}"
+    );
+    // Neither failed start told the manager it was ready.
+    let states: Vec<String> = notify.drain();
+    assert!(states.is_empty(), "{states:?}");
+}
+
+/// The example units in docs/systemd/ parse cleanly for systemd itself:
+/// `systemd-analyze verify` with the binaries pointed at the ones just
+/// built (it checks that ExecStart= and ExecReload= are executable).
+#[test]
+fn example_units_pass_systemd_analyze_verify() {
+    let Some(analyze) = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+    else {
+        eprintln!("systemd-analyze is not installed: the example units were not verified");
+        return;
+    };
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let (handoff, demo) = (handoff_bin(), demo_bin());
+    let mut units = vec![];
+    for name in ["handoff-demo.service", "handoff-demo.socket"] {
+        let text = std::fs::read_to_string(docs.join(name)).unwrap();
+        if name.ends_with(".service") {
+            assert!(text.contains("/usr/local/bin/handoff run"), "{name}");
+        }
+        let text = text
+            .replace("/usr/local/bin/handoff-demo", demo.to_str().unwrap())
+            .replace(
+                "/usr/local/bin/handoff ",
+                &format!("{} ", handoff.display()),
+            );
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        units.push(path);
+    }
+    let out = Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .args(&units)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // verify exits 0 even for a directive it ignores; it only says so.
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {:?}\n{stderr}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
