@@ -11,11 +11,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use handoff::frame;
+use handoff::{frame, HandoffError, Report};
 use handoff_demo::counters::Counters;
 use serde::{Deserialize, Serialize};
 
-use crate::progress::{Activity, InFlight};
+use crate::progress::{ms, Activity, InFlight};
 use crate::stop::StopReport;
 
 /// File name of the admin socket inside the runtime dir.
@@ -109,6 +109,51 @@ pub enum Event {
     Error {
         message: String,
     },
+}
+
+/// The final event for a handoff attempt, logged on the supervisor's
+/// stderr too (a committed or aborted one; "in progress" and "no
+/// incumbent" are refusals, answered as errors).
+pub fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
+    match r {
+        Ok(r) => {
+            eprintln!(
+                "handoff run: upgrade {:#018x} committed: pid {} -> {} in {:.2} ms",
+                r.handoff_id,
+                r.old_pid.unwrap_or(0),
+                r.new_pid,
+                ms(r.total)
+            );
+            Event::Committed {
+                handoff_id: format!("{:#018x}", r.handoff_id),
+                old_pid: r.old_pid,
+                new_pid: r.new_pid,
+                build_id: r.new_build_id.clone(),
+                total_ms: ms(r.total),
+                warnings: r.warnings.clone(),
+            }
+        }
+        Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {
+            message: e.to_string(),
+        },
+        Err(e) => {
+            eprintln!("handoff run: upgrade failed: {e}");
+            let (id, phase) = match e {
+                HandoffError::Aborted {
+                    handoff_id, phase, ..
+                } => (
+                    Some(format!("{handoff_id:#018x}")),
+                    Some(phase.name().to_string()),
+                ),
+                _ => (None, None),
+            };
+            Event::Aborted {
+                handoff_id: id,
+                phase,
+                reason: e.to_string(),
+            }
+        }
+    }
 }
 
 pub fn send<T: Serialize>(mut s: &UnixStream, msg: &T) -> std::io::Result<()> {

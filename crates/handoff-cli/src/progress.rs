@@ -27,6 +27,16 @@ const RECHECK: Duration = Duration::from_millis(50);
 /// One handoff attempt, given the observer to report phases to.
 pub type Perform<'a> = &'a mut dyn FnMut(&mut dyn FnMut(PhaseDone)) -> Result<Report, HandoffError>;
 
+/// Where [`Progress::upgrade`] reports to.
+pub struct Hooks<'a> {
+    /// Each phase as it ends.
+    pub phase: &'a mut dyn FnMut(PhaseDone),
+    /// Once, when the request starts waiting for a handoff in flight.
+    pub waiting: &'a mut dyn FnMut(Option<InFlight>),
+    /// The outcome of an attempt, while the slot is still held.
+    pub done: &'a mut dyn FnMut(&Result<Report, HandoffError>),
+}
+
 /// What asked for the handoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -225,20 +235,30 @@ impl Progress {
     }
 
     /// Runs one handoff, recording it: `perform` is
-    /// [`Supervisor::perform_handoff`] (possibly wrapped), called with the
-    /// observer to pass on. With `wait`, a handoff already in flight is
-    /// waited for (bounded by `wait`; `on_wait` is told once, with what
-    /// runs) and ours runs after it; without, it fails at once with
-    /// [`HandoffError::InProgress`].
+    /// [`Supervisor::perform_handoff`] (possibly wrapped), called with an
+    /// observer that passes phases on to `hooks.phase`. With `wait`, a
+    /// handoff already in flight is waited for (bounded by `wait`;
+    /// `hooks.waiting` is told once, with what runs) and ours runs after
+    /// it; without, it fails at once with [`HandoffError::InProgress`].
+    ///
+    /// `hooks.done` gets the outcome of a handoff that ran (or found no
+    /// incumbent) *before* the slot is released: a stop waiting for the
+    /// slot then cannot end the process before the requester has heard
+    /// whether its upgrade committed. Failures to get the slot (stopping,
+    /// in progress, still busy after `wait`) are only returned.
     pub fn upgrade(
         &self,
         sup: &Supervisor,
         trigger: Trigger,
         wait: Option<Duration>,
         perform: Perform<'_>,
-        observer: &mut dyn FnMut(PhaseDone),
-        on_wait: &mut dyn FnMut(Option<InFlight>),
+        hooks: Hooks<'_>,
     ) -> Result<Report, UpgradeFailure> {
+        let Hooks {
+            phase: observer,
+            waiting: on_wait,
+            done,
+        } = hooks;
         let until = wait.map(|w| Instant::now() + w);
         let mut told = false;
         loop {
@@ -252,10 +272,13 @@ impl Progress {
                     // see it start, so it is waited for by re-checking.
                     Err(HandoffError::InProgress) => self.end(trigger, None),
                     Err(HandoffError::NoIncumbent) => {
+                        let r = Err(HandoffError::NoIncumbent);
+                        done(&r);
                         self.end(trigger, None);
-                        return Err(UpgradeFailure::Handoff(HandoffError::NoIncumbent));
+                        return r.map_err(UpgradeFailure::Handoff);
                     }
                     r => {
+                        done(&r);
                         self.end(trigger, Some(&r));
                         return r.map_err(UpgradeFailure::Handoff);
                     }

@@ -23,7 +23,7 @@ use handoff::{
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::admin::{self, Event, Request};
-use crate::progress::{InFlight, Progress, Trigger, UpgradeFailure};
+use crate::progress::{Hooks, InFlight, Progress, Trigger, UpgradeFailure};
 use crate::RuntimeDir;
 use crate::{restart, status, supervise};
 
@@ -316,8 +316,11 @@ fn run(a: RunArgs) -> Result<()> {
                             ctx.sup
                                 .perform_handoff(&ctx.program, HandoffOptions::default(), obs)
                         },
-                        &mut |_| {},
-                        &mut |_| {},
+                        Hooks {
+                            phase: &mut |_| {},
+                            waiting: &mut |_| {},
+                            done: &mut |_| {},
+                        },
                     );
                     match r {
                         Ok(r) => eprintln!(
@@ -516,60 +519,35 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
                     },
                 );
             };
+            // Sent while the handoff slot is still held (see `Hooks::done`).
+            let mut done = |r: &Result<handoff::Report, HandoffError>| {
+                let _ = admin::send(&stream, &admin::outcome_event(r));
+            };
             let r = ctx.progress.upgrade(
                 &ctx.sup,
                 Trigger::Admin,
                 wait_ms.map(Duration::from_millis),
                 &mut |obs| ctx.sup.perform_handoff(&program, opts, obs),
-                &mut observer,
-                &mut on_wait,
-            );
-            let ev = match r {
-                Ok(r) => {
-                    eprintln!(
-                        "handoff run: upgrade {:#018x} committed: pid {} -> {} in {:.2} ms",
-                        r.handoff_id,
-                        r.old_pid.unwrap_or(0),
-                        r.new_pid,
-                        ms(r.total)
-                    );
-                    Event::Committed {
-                        handoff_id: format!("{:#018x}", r.handoff_id),
-                        old_pid: r.old_pid,
-                        new_pid: r.new_pid,
-                        build_id: r.new_build_id,
-                        total_ms: ms(r.total),
-                        warnings: r.warnings,
-                    }
-                }
-                Err(
-                    e @ (UpgradeFailure::Stopping
-                    | UpgradeFailure::StillBusy(_)
-                    | UpgradeFailure::Handoff(
-                        HandoffError::InProgress | HandoffError::NoIncumbent,
-                    )),
-                ) => Event::Error {
-                    message: e.to_string(),
+                Hooks {
+                    phase: &mut observer,
+                    waiting: &mut on_wait,
+                    done: &mut done,
                 },
-                Err(UpgradeFailure::Handoff(e)) => {
-                    eprintln!("handoff run: upgrade failed: {e}");
-                    let (id, phase) = match &e {
-                        HandoffError::Aborted {
-                            handoff_id, phase, ..
-                        } => (
-                            Some(format!("{handoff_id:#018x}")),
-                            Some(phase.name().to_string()),
-                        ),
-                        _ => (None, None),
-                    };
-                    Event::Aborted {
-                        handoff_id: id,
-                        phase,
-                        reason: e.to_string(),
-                    }
-                }
-            };
-            let _ = admin::send(&stream, &ev);
+            );
+            // Refused before any attempt, so `done` had nothing to say.
+            if let Err(
+                e @ (UpgradeFailure::Stopping
+                | UpgradeFailure::StillBusy(_)
+                | UpgradeFailure::Handoff(HandoffError::InProgress)),
+            ) = r
+            {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Error {
+                        message: e.to_string(),
+                    },
+                );
+            }
         }
     }
 }

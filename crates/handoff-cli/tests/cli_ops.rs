@@ -536,3 +536,52 @@ fn stop_escalates_to_sigkill_after_the_grace() {
         "pid {incumbent} still there"
     );
 }
+
+/// A stop that arrives during an upgrade lets it commit, then stops the
+/// process it committed to.
+#[test]
+fn stop_waits_for_the_handoff_in_flight() {
+    let _guard = begin_test("stop_in_flight", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let slow = dirs.env_wrapper("slow", &[("HANDOFF_DEMO_WARMUP_MS", "1500")]);
+    let mut cmd = Command::new(handoff_bin());
+    cmd.args(["upgrade", "--json", "--binary"])
+        .arg(&slow)
+        .arg("--runtime-dir")
+        .arg(&dirs.runtime);
+    let upgrade = spawn(cmd);
+    wait_status(&dirs.runtime, "the upgrade in flight", |s| {
+        !s["in_flight"].is_null()
+    });
+    let mut cmd = Command::new(handoff_bin());
+    cmd.args(["stop", "--json", "--runtime-dir"])
+        .arg(&dirs.runtime);
+    let stop = spawn(cmd);
+
+    let up = finish(upgrade, Duration::from_secs(60), "the upgrade");
+    assert_eq!(up.status.code(), Some(0), "{}", text(&up.stderr));
+    let new_pid = event(&json_lines(&up), "committed")["new_pid"].clone();
+    let out = finish(stop, Duration::from_secs(60), "handoff stop");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let events = json_lines(&out);
+    assert!(
+        !event(&events, "stopping")["in_flight"].is_null(),
+        "{events:?}"
+    );
+    let stopped = event(&events, "stopped");
+    assert!(
+        stopped["waited_for_handoff_ms"].as_f64() > Some(0.0),
+        "{stopped}"
+    );
+    let p = &stopped["processes"][0];
+    assert_eq!(p["pid"], new_pid, "{stopped}");
+    assert_eq!(p["role"], "incumbent");
+    assert_eq!(p["how"], "exited");
+    let mut status = None;
+    wait_until(Duration::from_secs(30), "the supervisor to exit", || {
+        status = sup.try_exit();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
