@@ -164,6 +164,7 @@ fn scenario(point: &str) {
         &StartOpts {
             env: s1_env,
             subreaper: true,
+            ..Default::default()
         },
     );
     let addr = s1.addr;
@@ -213,6 +214,7 @@ fn scenario(point: &str) {
             &StartOpts {
                 env: base_env.clone(),
                 subreaper: true,
+                ..Default::default()
             },
         )
     });
@@ -402,6 +404,7 @@ fn stress_random_crash_points() {
             &StartOpts {
                 env,
                 subreaper: true,
+                ..Default::default()
             },
         )
     };

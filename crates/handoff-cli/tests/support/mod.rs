@@ -176,6 +176,10 @@ pub fn demo_bin() -> PathBuf {
 pub struct StartOpts {
     pub env: Vec<(String, String)>,
     pub subreaper: bool,
+    /// Pass exactly the extra arguments after `run` (no --runtime-dir,
+    /// --state-dir, --listen or program): for a `--config` file that says
+    /// them all. The runtime dir given to `start_with` must still match.
+    pub only_extra_args: bool,
 }
 
 /// An example binary of this package (built by `cargo test --workspace`).

@@ -21,6 +21,9 @@ pub struct Supervisor {
     /// Pid of the first incumbent, from `ready pid=N`.
     pub first_pid: u32,
     pub runtime_dir: PathBuf,
+    /// Lines printed on stdout before `ready` other than `listening http=…`
+    /// (e.g. `metrics http://…`).
+    pub startup_lines: Vec<String>,
     /// Lines printed on stdout after `ready` (the reader keeps draining the pipe).
     stdout_lines: Receiver<String>,
     /// Everything printed on stderr so far, for failure messages.
@@ -64,16 +67,20 @@ impl Supervisor {
             Command::new(handoff_bin())
         };
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
-        cmd.arg("run")
-            .arg("--runtime-dir")
-            .arg(runtime_dir)
-            .arg("--state-dir")
-            .arg(state_dir)
-            .args(["--listen", "http=tcp://127.0.0.1:0"])
-            .args(extra_args)
-            .arg("--")
-            .arg(program)
-            .stdin(Stdio::null())
+        cmd.arg("run");
+        if opts.only_extra_args {
+            cmd.args(extra_args);
+        } else {
+            cmd.arg("--runtime-dir")
+                .arg(runtime_dir)
+                .arg("--state-dir")
+                .arg(state_dir)
+                .args(["--listen", "http=tcp://127.0.0.1:0"])
+                .args(extra_args)
+                .arg("--")
+                .arg(program);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
@@ -104,6 +111,7 @@ impl Supervisor {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             first_pid: 0,
             runtime_dir: runtime_dir.to_owned(),
+            startup_lines: vec![],
             stdout_lines,
             stderr_log,
         };
@@ -147,6 +155,7 @@ impl Supervisor {
                 sup.addr = addr.unwrap_or_else(|| {
                     panic!("`ready` before `listening http=…`; stdout: {seen:?}")
                 });
+                sup.startup_lines = seen;
                 return sup;
             }
             seen.push(line);
