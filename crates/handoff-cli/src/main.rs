@@ -7,8 +7,10 @@
 //! work under load.
 
 mod admin;
+mod config;
 mod demo;
 mod duration;
+mod metrics;
 mod notify_mode;
 mod progress;
 mod restart;
@@ -80,10 +82,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s)
 }
 
+/// The supervisor's structured log on stderr (the service manager's
+/// journal). `HANDOFF_LOG` takes an EnvFilter directive (`debug`,
+/// `handoff::phase=info,warn`, …); the default shows every handoff phase
+/// with its id and duration. Targets are listed in docs/observability.md.
+fn init_tracing() {
+    let default = || tracing_subscriber::EnvFilter::new("handoff=info,warn");
+    let filter = match std::env::var("HANDOFF_LOG") {
+        Ok(v) => tracing_subscriber::EnvFilter::try_new(&v).unwrap_or_else(|e| {
+            eprintln!("handoff: ignoring HANDOFF_LOG={v:?} ({e}); using the default filter");
+            default()
+        }),
+        Err(_) => default(),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(a) => run::main(a),
+        Command::Run(a) => {
+            init_tracing();
+            run::main(a)
+        }
         Command::Upgrade(a) => upgrade::main(a),
         Command::Status(a) => status::main(a),
         Command::Stop(a) => stop::main(a),

@@ -23,32 +23,45 @@ use handoff::{
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::admin::{self, Event, Request};
+use crate::metrics::{Metrics, Outcome};
 use crate::progress::{Hooks, InFlight, Progress, Trigger, UpgradeFailure};
-use crate::RuntimeDir;
 use crate::{restart, status, supervise};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    #[command(flatten)]
-    pub rt: RuntimeDir,
+    /// Read settings from a TOML file (keys spelt like these flags:
+    /// `runtime-dir`, `state-dir`, `listen`, `deadline`, `drain-grace`,
+    /// `metrics`, `program`); a flag given here overrides the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the admin and control sockets (created mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
     /// Directory for the service's state: the state lock and the journal.
     #[arg(long, value_name = "DIR")]
-    pub state_dir: PathBuf,
+    pub state_dir: Option<PathBuf>,
     /// A listener to bind and pass to the service, as NAME=tcp://HOST:PORT
     /// (port 0 picks a free port; the bound address is printed) or
     /// NAME=unix:PATH. Repeat for several; they are passed in this order.
     #[arg(long = "listen", value_name = "NAME=ADDR")]
     pub listen: Vec<String>,
-    /// Default overall budget of each upgrade, start to Ready.
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION", default_value = "5m")]
-    pub deadline: Duration,
-    /// Default budget for the old process to drain.
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION", default_value = "60s")]
-    pub drain_grace: Duration,
+    /// Default overall budget of each upgrade, start to Ready [default: 5m].
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    pub deadline: Option<Duration>,
+    /// Default budget for the old process to drain [default: 60s].
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    pub drain_grace: Option<Duration>,
+    /// Serve Prometheus metrics (handoffs by outcome, per-phase duration
+    /// histograms, crash restarts) at http://ADDR/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// Check the settings (file and flags merged), print them and exit.
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub notify: crate::notify_mode::NotifyArgs,
     /// The service and its arguments.
-    #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
+    #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
     pub program: Vec<OsString>,
 }
 
@@ -148,8 +161,13 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-fn run(a: RunArgs) -> Result<()> {
-    a.notify.check()?;
+fn run(args: RunArgs) -> Result<()> {
+    let a = crate::config::resolve(&args).map_err(anyhow::Error::msg)?;
+    args.notify.check()?;
+    if args.check_config {
+        println!("{}", crate::config::describe(&a));
+        return Ok(());
+    }
     // Block the signals we handle before any thread exists, so every thread
     // inherits the mask and only the signal thread (sigwait) sees them.
     let mut sigs = SigSet::empty();
@@ -162,7 +180,7 @@ fn run(a: RunArgs) -> Result<()> {
     crate::systemd::init()?;
     let activation = crate::systemd::activation::take()?;
 
-    let runtime = a.rt.runtime_dir.clone();
+    let runtime = a.runtime_dir.clone();
     make_dir(&runtime, 0o700)?;
     make_dir(&a.state_dir, 0o755)?;
 
@@ -213,7 +231,7 @@ fn run(a: RunArgs) -> Result<()> {
     let names: Vec<String> = sources.iter().map(|s| s.name().to_string()).collect();
     let mut program = Program::new(PathBuf::from(&a.program[0]));
     program.args = a.program[1..].to_vec();
-    if a.notify.mode == crate::notify_mode::Mode::Notify {
+    if args.notify.mode == crate::notify_mode::Mode::Notify {
         let listeners = sources
             .into_iter()
             .map(|s| s.open(bind))
@@ -226,7 +244,7 @@ fn run(a: RunArgs) -> Result<()> {
             drain_grace: a.drain_grace,
             sigs,
         };
-        return crate::notify_mode::run(&a.notify, prepared, (lock, restart_lock));
+        return crate::notify_mode::run(&args.notify, prepared, (lock, restart_lock));
     }
 
     // A service left running by a supervisor that died: take it over,
@@ -265,9 +283,18 @@ fn run(a: RunArgs) -> Result<()> {
             (sup, shown, report.new_pid)
         }
     };
+    let metrics = Metrics::new();
+    metrics.set_incumbent(Some(pid));
+    if let Some(addr) = a.metrics {
+        let bound = metrics
+            .serve(addr)
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        println!("metrics http://{bound}/metrics");
+    }
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let (sup, program, stopping) = (sup.clone(), program.clone(), stopping.clone());
+        let metrics = metrics.clone();
         std::thread::Builder::new()
             .name("monitor".into())
             .spawn(move || {
@@ -276,6 +303,10 @@ fn run(a: RunArgs) -> Result<()> {
                     program,
                     stopping,
                     supervise::Backoff::default(),
+                    |pid| {
+                        metrics.restart();
+                        metrics.set_incumbent(Some(pid));
+                    },
                 ) {
                     eprintln!("handoff run: {e:#}; stopping");
                     crate::systemd::stopping("the service keeps failing to start");
@@ -300,6 +331,7 @@ fn run(a: RunArgs) -> Result<()> {
         program,
         shown,
         state_dir: a.state_dir.clone(),
+        metrics: metrics.clone(),
         progress: Progress::default(),
         stopper: crate::stop::Stopper::default(),
         stopping: stopping.clone(),
@@ -328,11 +360,7 @@ fn run(a: RunArgs) -> Result<()> {
                         None,
                         &mut |obs| {
                             crate::systemd::around_upgrade(&ctx.sup, || {
-                                ctx.sup.perform_handoff(
-                                    &ctx.program,
-                                    HandoffOptions::default(),
-                                    obs,
-                                )
+                                upgrade_counted(&ctx, &ctx.program, HandoffOptions::default(), obs)
                             })
                         },
                         Hooks {
@@ -404,6 +432,7 @@ struct Ctx {
     program: Program,
     shown: Vec<String>,
     state_dir: PathBuf,
+    metrics: Metrics,
     /// Handoff history and the upgrade gate, for status and stop.
     progress: Progress,
     stopper: crate::stop::Stopper,
@@ -446,6 +475,28 @@ fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// One handoff with its phases and outcome counted in the metrics.
+fn upgrade_counted(
+    ctx: &Ctx,
+    program: &Program,
+    opts: HandoffOptions,
+    observer: &mut dyn FnMut(PhaseDone),
+) -> Result<handoff::Report, HandoffError> {
+    let started = std::time::Instant::now();
+    let r = ctx.sup.perform_handoff(program, opts, &mut |p: PhaseDone| {
+        ctx.metrics.phase(p.phase.name(), p.took);
+        observer(p)
+    });
+    let outcome = match &r {
+        Ok(_) => Outcome::Committed,
+        Err(HandoffError::InProgress | HandoffError::NoIncumbent) => Outcome::Refused,
+        Err(_) => Outcome::Aborted,
+    };
+    ctx.metrics.upgrade(outcome, started.elapsed());
+    ctx.metrics.set_incumbent(ctx.sup.incumbent_pid());
+    r
 }
 
 fn handle_admin(stream: UnixStream, ctx: &Ctx) {
@@ -550,7 +601,7 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
                 wait_ms.map(Duration::from_millis),
                 &mut |obs| {
                     crate::systemd::around_upgrade(&ctx.sup, || {
-                        ctx.sup.perform_handoff(&program, opts, obs)
+                        upgrade_counted(ctx, &program, opts, obs)
                     })
                 },
                 Hooks {
