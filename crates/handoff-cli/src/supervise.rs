@@ -130,6 +130,7 @@ pub fn monitor(
     program: Program,
     stopping: Arc<AtomicBool>,
     policy: Backoff,
+    on_restart: impl Fn(u32),
 ) -> Result<()> {
     let mut delay = policy.initial;
     let mut failures = 0u32;
@@ -163,6 +164,7 @@ pub fn monitor(
             Ok(Some(r)) => {
                 crate::systemd::restarted(r.new_pid, &r.new_build_id);
                 println!("restarted pid={}", r.new_pid);
+                on_restart(r.new_pid);
                 born = Instant::now();
             }
             Ok(None) => {}
