@@ -9,7 +9,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use handoff::notify::{NotifyConfig, NotifyError, NotifyOptions, NotifyPhase, NotifySupervisor};
+use handoff::notify::{
+    NotifyConfig, NotifyError, NotifyOptions, NotifyPhase, NotifySupervisor, Readiness,
+};
 use handoff::{Exit, Listener, Program};
 
 fn service() -> PathBuf {
@@ -26,6 +28,10 @@ struct Setup {
 }
 
 fn setup(grace: Duration) -> Setup {
+    setup_with(grace, |_, _| {})
+}
+
+fn setup_with(grace: Duration, tweak: impl FnOnce(&mut NotifyConfig, SocketAddr)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let behaviour = dir.path().join("behaviour");
     let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -33,6 +39,7 @@ fn setup(grace: Duration) -> Setup {
     let mut cfg = NotifyConfig::new(dir.path());
     cfg.deadline = Duration::from_secs(20);
     cfg.drain_grace = grace;
+    tweak(&mut cfg, addr);
     let sup = NotifySupervisor::new(
         cfg,
         vec![Listener {
@@ -116,7 +123,7 @@ fn never_ready_is_killed_and_the_old_one_keeps_serving() {
     std::fs::write(&s.behaviour, "no-ready").unwrap();
     let mut spawned = None;
     let opts = NotifyOptions {
-        deadline: Some(Duration::from_millis(1500)),
+        deadline: Some(Duration::from_secs(5)),
         drain_grace: None,
     };
     let e = s
@@ -173,4 +180,49 @@ fn a_process_that_exits_before_ready_is_reported() {
         "{e}"
     );
     assert!(s.sup.incumbent().is_none());
+}
+
+fn probe_only(probe: String) -> impl FnOnce(&mut NotifyConfig, SocketAddr) {
+    move |c, addr| {
+        c.deadline = Duration::from_secs(2);
+        c.readiness = Readiness {
+            notify: false,
+            probe: Some(
+                probe
+                    .replace("LISTENER", &addr.to_string())
+                    .parse()
+                    .unwrap(),
+            ),
+        }
+    }
+}
+
+#[test]
+fn a_probe_alone_can_decide_readiness() {
+    // The service never sends READY=1 but answers GET / on the listener; with
+    // no other process running, only the new one can have answered.
+    let s = setup_with(
+        Duration::from_secs(5),
+        probe_only("http://LISTENER/".into()),
+    );
+    std::fs::write(&s.behaviour, "no-ready").unwrap();
+    let first = s.sup.start(&s.program, &mut |_| {}).unwrap();
+    assert_eq!(serving_pid(s.addr), first.new_pid);
+}
+
+#[test]
+fn a_probe_that_never_passes_aborts_with_its_last_failure() {
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let s = setup_with(
+        Duration::from_secs(5),
+        probe_only(format!("tcp://{dead_addr}")),
+    );
+    let e = s.sup.start(&s.program, &mut |_| {}).unwrap_err();
+    let NotifyError::NotReady { pid, .. } = &e else {
+        panic!("expected NotReady, got {e}");
+    };
+    assert!(e.to_string().contains("last probe failure"), "{e}");
+    assert!(gone(*pid));
 }

@@ -18,7 +18,8 @@ use crate::spawn::{spawn_activated, Program};
 /// What "ready" means for a new process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
-    /// Wait for `READY=1` on the notify socket.
+    /// Wait for `READY=1` on the notify socket (always, when there is no
+    /// probe: then it is the only evidence).
     pub notify: bool,
     /// Also (or instead) wait for this probe to pass. See [`ReadyProbe`]
     /// for why a probe of the shared public address proves little.
@@ -422,7 +423,8 @@ impl NotifySupervisor {
             }
             Ok(())
         };
-        if r.notify {
+        // Without a probe, READY=1 is the only evidence there is.
+        if r.notify || r.probe.is_none() {
             let got = notify.wait(limit, |a| a.ready || a.stopping, exited);
             let a = got.clone().unwrap_or_else(|| notify.announced());
             check_end(&a)?;

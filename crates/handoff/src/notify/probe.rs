@@ -5,7 +5,9 @@
 //! against the service's own public address may be answered by the *old*
 //! process and prove nothing about the new one. Point the probe at an
 //! address only the new process serves (a per-instance health port), or use
-//! it in addition to `READY=1`, which is per-process by construction.
+//! it in addition to `READY=1`, which is per-process by construction. A
+//! `tcp://` probe of a listener the supervisor holds always succeeds: the
+//! kernel completes the handshake into the accept queue whoever accepts.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
