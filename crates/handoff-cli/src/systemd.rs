@@ -33,6 +33,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use handoff::notify::{NotifyError, NotifyReport, NotifySupervisor};
 use handoff::sd_notify::{self, Notifier, State};
 use handoff::{HandoffError, Report, Supervisor};
 
@@ -137,34 +138,119 @@ pub fn ready(pid: u32, build: &str) {
     send(&[State::Ready, State::status(serving(pid, build))]);
 }
 
-/// Marks one upgrade request as running until [`UpgradeGuard::finish`]
-/// (or drop): see the module docs for overlapping requests.
-pub fn upgrade(sup: &Supervisor) -> UpgradeGuard {
+/// Marks one upgrade request as running until [`UpgradeGuard::end`] (or
+/// drop): see the module docs for overlapping requests. `serving` is the
+/// incumbent's pid and build id, if there is one.
+pub fn upgrade(serving: Option<(u32, String)>) -> UpgradeGuard {
     if let Some(sd) = get() {
         let mut r = sd.reload.lock().unwrap_or_else(|p| p.into_inner());
         r.in_flight += 1;
         let mut states: Vec<State> = reloading().into_iter().collect();
-        let status = match sup.incumbent_pid() {
-            Some(pid) => format!("upgrading pid {pid} ({})", sup.incumbent_build()),
+        let status = match serving {
+            Some((pid, build)) if build.is_empty() => format!("upgrading pid {pid}"),
+            Some((pid, build)) => format!("upgrading pid {pid} ({build})"),
             None => "upgrading".to_string(),
         };
         states.push(State::status(status));
-        // Sent under the lock so a concurrent finish cannot slip a
-        // READY=1 between our count and our RELOADING=1.
+        // Sent under the lock so a concurrent end cannot slip a READY=1
+        // between our count and our RELOADING=1.
         send(&states);
     }
     UpgradeGuard { done: false }
 }
 
-/// Runs one upgrade request (`run`) between [`upgrade`] and
-/// [`UpgradeGuard::finish`].
+/// How an upgrade request ended, for the `STATUS=` that goes with the
+/// `READY=1` after it.
+#[derive(Debug)]
+pub enum Ended {
+    /// Turned away (another one in progress, no incumbent): it changed
+    /// nothing, and says nothing.
+    Refused,
+    Committed {
+        old_pid: Option<u32>,
+        new_pid: u32,
+        build: String,
+        total: Duration,
+    },
+    /// `serving`: what still serves (pid, build).
+    Aborted {
+        serving: Option<(u32, String)>,
+        reason: String,
+    },
+}
+
+impl Ended {
+    fn status(self) -> Option<String> {
+        match self {
+            Ended::Refused => None,
+            Ended::Committed {
+                old_pid,
+                new_pid,
+                build,
+                total,
+            } => Some(format!(
+                "{}; upgrade from pid {} committed in {:.1} ms",
+                serving(new_pid, &build),
+                old_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                total.as_secs_f64() * 1000.0
+            )),
+            Ended::Aborted { serving: s, reason } => Some(format!(
+                "{}; upgrade aborted: {reason}",
+                match s {
+                    Some((pid, build)) => serving(pid, &build),
+                    None => "no service process".to_string(),
+                }
+            )),
+        }
+    }
+}
+
+/// Runs one upgrade request of the library-mode supervisor (`run`)
+/// between [`upgrade`] and [`UpgradeGuard::end`].
 pub fn around_upgrade(
     sup: &Supervisor,
     run: impl FnOnce() -> Result<Report, HandoffError>,
 ) -> Result<Report, HandoffError> {
-    let guard = upgrade(sup);
+    let current = |sup: &Supervisor| sup.incumbent_pid().map(|p| (p, sup.incumbent_build()));
+    let guard = upgrade(current(sup));
     let r = run();
-    guard.finish(sup, &r);
+    guard.end(match &r {
+        Ok(r) => Ended::Committed {
+            old_pid: r.old_pid,
+            new_pid: r.new_pid,
+            build: r.new_build_id.clone(),
+            total: r.total,
+        },
+        Err(HandoffError::InProgress | HandoffError::NoIncumbent) => Ended::Refused,
+        Err(e) => Ended::Aborted {
+            serving: current(sup),
+            reason: e.to_string(),
+        },
+    });
+    r
+}
+
+/// [`around_upgrade`] for the notify-mode supervisor (no build ids there).
+pub fn around_notify_upgrade(
+    sup: &NotifySupervisor,
+    run: impl FnOnce() -> Result<NotifyReport, NotifyError>,
+) -> Result<NotifyReport, NotifyError> {
+    let current = |sup: &NotifySupervisor| sup.incumbent_pid().map(|p| (p, String::new()));
+    let guard = upgrade(current(sup));
+    let r = run();
+    guard.end(match &r {
+        Ok(r) => Ended::Committed {
+            old_pid: r.old_pid,
+            new_pid: r.new_pid,
+            build: String::new(),
+            total: r.total,
+        },
+        Err(NotifyError::InProgress | NotifyError::NoIncumbent) => Ended::Refused,
+        Err(e) => Ended::Aborted {
+            serving: current(sup),
+            reason: e.to_string(),
+        },
+    });
     r
 }
 
@@ -174,32 +260,13 @@ pub struct UpgradeGuard {
 }
 
 impl UpgradeGuard {
-    /// The request ended with `result`; the last overlapping one to end
-    /// sends `READY=1` with what now serves.
-    pub fn finish(mut self, sup: &Supervisor, result: &Result<Report, HandoffError>) {
-        let outcome = match result {
-            Ok(r) => Some(format!(
-                "{}; upgrade from pid {} committed in {:.1} ms",
-                serving(r.new_pid, &r.new_build_id),
-                r.old_pid
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "?".into()),
-                r.total.as_secs_f64() * 1000.0
-            )),
-            // Turned away: it changed nothing, and says nothing.
-            Err(HandoffError::InProgress | HandoffError::NoIncumbent) => None,
-            Err(e) => Some(format!(
-                "{}; upgrade aborted: {e}",
-                match sup.incumbent_pid() {
-                    Some(pid) => serving(pid, &sup.incumbent_build()),
-                    None => "no incumbent".to_string(),
-                }
-            )),
-        };
-        self.end(outcome);
+    /// The request ended; the last overlapping one to end sends `READY=1`
+    /// with what now serves.
+    pub fn end(mut self, ended: Ended) {
+        self.close(ended.status());
     }
 
-    fn end(&mut self, outcome: Option<String>) {
+    fn close(&mut self, outcome: Option<String>) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
@@ -220,7 +287,7 @@ impl Drop for UpgradeGuard {
     /// A request that unwound without finishing must not leave the
     /// manager believing we reload forever.
     fn drop(&mut self) {
-        self.end(None);
+        self.close(None);
     }
 }
 

@@ -85,12 +85,14 @@ pub(super) fn upgrade(
     let started = Instant::now();
     let old = ctx.sup.incumbent_pid();
     let mut phases = vec![];
-    let r = ctx.sup.perform_handoff(program, opts, &mut |p| {
-        phases.push(PhaseTiming {
-            phase: p.phase.name().into(),
-            took_ms: ms(p.took),
-        });
-        observer(p)
+    let r = crate::systemd::around_notify_upgrade(&ctx.sup, || {
+        ctx.sup.perform_handoff(program, opts, &mut |p| {
+            phases.push(PhaseTiming {
+                phase: p.phase.name().into(),
+                took_ms: ms(p.took),
+            });
+            observer(p)
+        })
     });
     if matches!(r, Err(NotifyError::InProgress | NotifyError::NoIncumbent)) {
         return r;
@@ -161,6 +163,7 @@ fn handle(stream: UnixStream, ctx: &Ctx) {
             );
         }
         Request::Stop { grace_ms } => {
+            crate::systemd::stopping("handoff stop");
             let grace = grace_ms
                 .map(Duration::from_millis)
                 .unwrap_or(ctx.sup.config().drain_grace);

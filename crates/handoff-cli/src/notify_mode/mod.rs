@@ -174,6 +174,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
             .spawn(move || {
                 if let Err(e) = monitor(&ctx, Backoff::default()) {
                     eprintln!("handoff run: {e:#}; stopping");
+                    crate::systemd::stopping("the service keeps failing to start");
                     ctx.stopping.store(true, Ordering::SeqCst);
                     ctx.sup.stop(ctx.sup.config().drain_grace);
                     std::process::exit(1);
@@ -194,6 +195,11 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
             .name("admin".into())
             .spawn(move || admin::serve(admin_listener, ctx))?;
     }
+    crate::systemd::ready(first.new_pid, "");
+    crate::systemd::start_watchdog(crate::systemd::admin_probe(
+        admin_path.clone(),
+        crate::systemd::probe_timeout(),
+    ))?;
 
     loop {
         match p.sigs.wait() {
@@ -214,6 +220,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
                 // Also how a `handoff stop` ends: its admin thread stopped
                 // the service, replied, then signalled us.
                 eprintln!("handoff run: {sig}: stopping");
+                crate::systemd::stopping(sig.as_ref());
                 ctx.stopping.store(true, Ordering::SeqCst);
                 if let Some((exit, killed)) = ctx.sup.stop(ctx.sup.config().drain_grace) {
                     eprintln!(
@@ -265,12 +272,14 @@ fn monitor(ctx: &Ctx, policy: Backoff) -> Result<()> {
             failures = 0;
         }
         eprintln!("handoff run: the service (pid {dead}) died outside an upgrade ({exit}); restarting in {delay:?}");
+        crate::systemd::crashed(dead, &exit, delay);
         std::thread::sleep(delay);
         if ctx.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
         match ctx.sup.restart_if_dead(&ctx.program, dead, &mut |_| {}) {
             Ok(Some(r)) => {
+                crate::systemd::restarted(r.new_pid, "");
                 println!("restarted pid={}", r.new_pid);
                 let _ = std::io::stdout().flush();
                 born = Instant::now();
