@@ -43,6 +43,10 @@ pub struct RunArgs {
     /// A listener to bind and pass to the service, as NAME=tcp://HOST:PORT
     /// (port 0 picks a free port; the bound address is printed) or
     /// NAME=unix:PATH. Repeat for several; they are passed in this order.
+    /// Started by a systemd .socket unit (LISTEN_FDS, LISTEN_PID = ours), a
+    /// NAME the unit passed (FileDescriptorName=) takes that socket instead
+    /// of binding, and with no --listen every passed socket is taken under
+    /// its name (docs/systemd/README.md).
     #[arg(long = "listen", value_name = "NAME=ADDR")]
     pub listen: Vec<String>,
     /// Default overall budget of each upgrade, start to Ready [default: 5m].
