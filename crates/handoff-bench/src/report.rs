@@ -36,6 +36,8 @@ pub struct Segments {
     pub run: LoadRun,
     pub upgrades: Vec<Upgrade>,
     pub duration: Duration,
+    /// handoff's own per-phase durations (ms), from `handoff run`'s log.
+    pub phases: BTreeMap<String, Vec<f64>>,
     next_us: u64,
 }
 
@@ -72,17 +74,30 @@ impl Segments {
         self.duration += duration;
     }
 
+    /// Adds per-phase durations of one segment.
+    pub fn add_phases(&mut self, phases: BTreeMap<String, Vec<f64>>) {
+        for (p, v) in phases {
+            self.phases.entry(p).or_default().extend(v);
+        }
+    }
+
     /// The row of the table.
     pub fn summarize(&self, name: &str, window: Duration) -> Summary {
         let triggers: Vec<u64> = self.upgrades.iter().map(|u| u.trigger_us).collect();
-        summarize(
+        let mut s = summarize(
             name,
             &self.run,
             &self.upgrades,
             &triggers,
             window,
             self.duration,
-        )
+        );
+        s.phases_ms = self
+            .phases
+            .iter()
+            .map(|(p, v)| (p.clone(), Dist::of(v.clone())))
+            .collect();
+        s
     }
 }
 
@@ -139,6 +154,8 @@ pub struct Summary {
     pub done_ms: Dist,
     /// Trigger → the old process has exited.
     pub gone_ms: Dist,
+    /// handoff only: its own phase durations, as `handoff run` logs them.
+    pub phases_ms: BTreeMap<String, Dist>,
     pub details: Vec<String>,
 }
 
@@ -208,6 +225,7 @@ pub fn summarize(
         serve_ms: Dist::of(serve),
         done_ms: Dist::of(done),
         gone_ms: Dist::of(gone),
+        phases_ms: BTreeMap::new(),
         details,
     }
 }

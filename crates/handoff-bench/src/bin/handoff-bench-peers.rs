@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use handoff_bench::contest::{Bins, Peer, Running};
+use handoff_bench::contest::{self, Bins, Peer, Running};
 use handoff_bench::floors;
 use handoff_bench::loadgen::LoadRun;
 use handoff_bench::loadgen::{self, LoadConfig, Progress};
@@ -200,6 +200,9 @@ fn main() -> Result<()> {
             let interval = Duration::from_millis(args.interval_ms);
             let (run, ups) = contest(&load_rt, &bins, peer, &dir, cfg, interval, 1, seg_secs)?;
             segs[i].push(run, ups, Duration::from_secs(seg_secs));
+            if peer == Peer::Handoff {
+                segs[i].add_phases(contest::handoff_phases(&dir));
+            }
         }
     }
     let window = Duration::from_millis(args.window_ms);
@@ -287,6 +290,7 @@ fn scale_point(
     )?;
     let mut seg = Segments::default();
     seg.push(run, ups, Duration::from_secs(secs));
+    seg.add_phases(contest::handoff_phases(dir));
     Ok(seg.summarize("handoff", Duration::from_millis(args.window_ms)))
 }
 
@@ -418,6 +422,17 @@ fn render(out: &Output, args: &Args) -> String {
             r.steady.p99 / f.static_server.steady.p99.max(1e-9),
             r.window.p99 / r.steady.p99.max(1e-9),
         ));
+        if !r.phases_ms.is_empty() {
+            let phases: Vec<String> = r
+                .phases_ms
+                .iter()
+                .map(|(p, d)| format!("{p} {:.2}", d.median))
+                .collect();
+            s.push_str(&format!(
+                " (its own phase log, medians ms: {})",
+                phases.join(", ")
+            ));
+        }
         if let Some(h) = handoff.filter(|h| h.name != r.name && h.serve_ms.n > 0) {
             s.push_str(&format!(
                 "; handoff's median is {:.2}× this one's",
