@@ -222,7 +222,8 @@ fn a_new_process_that_never_sends_ready_is_aborted_within_the_deadline() {
     std::fs::write(&behaviour, "no-ready").unwrap();
     let before = sup.children();
 
-    let out = sup.upgrade(&["--deadline", "2s"]);
+    // Generous enough for Python to start and say STATUS= on a loaded machine.
+    let out = sup.upgrade(&["--deadline", "5s"]);
     let a = out.expect_aborted(&["did not become ready within"]);
     assert_eq!(a.phase, "ready", "{out}");
     assert!(
@@ -230,7 +231,7 @@ fn a_new_process_that_never_sends_ready_is_aborted_within_the_deadline() {
         "the child's STATUS= is in the reason\n{out}"
     );
     assert!(
-        out.elapsed < Duration::from_secs(12),
+        out.elapsed >= Duration::from_secs(5) && out.elapsed < Duration::from_secs(20),
         "abort took {:?}\n{out}",
         out.elapsed
     );
