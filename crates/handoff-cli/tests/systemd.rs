@@ -493,3 +493,46 @@ fn notify_mode_notifies_systemd_too() {
     });
     assert!(notify.drain().is_empty());
 }
+
+/// Why the example unit says `KillMode=process`: a supervisor that dies
+/// leaves the service serving, and the next one re-attaches to it — and
+/// tells systemd READY=1 for that very process.
+#[test]
+fn a_restarted_supervisor_reports_the_service_it_re_attached_to() {
+    let _guard = begin_test("sd_reattach", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let mut opts = env(&notify, &[]);
+    opts.subreaper = true; // the orphaned service is reaped when it exits
+    let s1 = Supervisor::start_with(&dirs.runtime, &dirs.state, &demo_bin(), &[], &opts);
+    let first = s1.first_pid;
+    expect_ready_serving(&notify.next(NOTE, "READY=1"), first);
+
+    // SIGKILL the supervisor itself (under the subreaper root).
+    let handoff = children_of(s1.pid)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "handoff")
+        })
+        .expect("handoff run under the subreaper");
+    kill(Pid::from_raw(handoff as i32), Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(10), "the supervisor is gone", || {
+        !children_of(s1.pid).contains(&handoff)
+    });
+    assert_eq!(
+        s1.serving_pid(),
+        Ok(first),
+        "the service outlives its supervisor"
+    );
+
+    let s2 = Supervisor::start_with(&dirs.runtime, &dirs.state, &demo_bin(), &[], &opts);
+    assert_eq!(s2.first_pid, first, "re-attached, not restarted");
+    assert_eq!(s2.addr, s1.addr);
+    let m = notify.next_state(NOTE, "READY=1 from the new supervisor");
+    assert_eq!(expect_ready_serving(&m, first), "");
+    let c = s2.upgrade(&[]).expect_committed();
+    assert_eq!(c.old_pid, first);
+    let m = notify.next_state(NOTE, "RELOADING=1");
+    assert!(m.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{m:?}");
+    expect_ready_serving(&notify.next_state(NOTE, "READY=1"), c.new_pid);
+}

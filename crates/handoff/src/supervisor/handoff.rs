@@ -448,14 +448,12 @@ impl<'a, 'o> Run<'a, 'o> {
         if let Err(e) = n.chan.send(&Message::Commit { handoff_id: id }) {
             warnings.push(format!("the new incumbent did not get Commit ({e})"));
         }
-        if let Some(o) = &self.o {
-            if let Err(e) = o.send(&Message::Commit { handoff_id: id }) {
-                warnings.push(format!("the old incumbent did not get Commit ({e}); it will find the state lock taken and retire"));
-            }
-        }
-        crash::point_if(self.with_incumbent, "s-after-commit");
         let new_pid = n.child.pid();
         let old_pid = self.old.as_ref().map(Child::pid);
+        // Record the new incumbent before the old one hears Commit: the old
+        // one may exit at once, and whoever watches the incumbent (the
+        // crash-restart monitor) must then already see it retiring, not an
+        // incumbent that died outside a handoff.
         {
             let mut p = self.sup.procs();
             if let Some(old) = p.incumbent.replace(n.child) {
@@ -463,6 +461,12 @@ impl<'a, 'o> Run<'a, 'o> {
             }
             p.retiring.retain(|c| c.try_exit().is_none());
         }
+        if let Some(o) = &self.o {
+            if let Err(e) = o.send(&Message::Commit { handoff_id: id }) {
+                warnings.push(format!("the old incumbent did not get Commit ({e}); it will find the state lock taken and retire"));
+            }
+        }
+        crash::point_if(self.with_incumbent, "s-after-commit");
         // Dropping our end tells the old incumbent we are done with it.
         self.o = None;
         drop(n.chan);
