@@ -301,8 +301,10 @@ pub fn main(a: StopArgs) -> ExitCode {
             } if !a.json => {
                 if let Some(f) = in_flight {
                     println!(
-                        "stopping supervisor pid {supervisor_pid}: waiting for handoff {} ({}) to finish",
-                        f.handoff_id.as_deref().unwrap_or("?"),
+                        "stopping supervisor pid {supervisor_pid}: waiting for {} ({}) to finish",
+                        f.handoff_id
+                            .map(|id| format!("handoff {id}"))
+                            .unwrap_or_else(|| "a handoff".into()),
                         f.phase
                     );
                 }

@@ -153,9 +153,13 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
             Event::Waiting { in_flight, wait_ms } => {
                 if !a.json {
                     let what = match in_flight {
+                        // The id comes from the journal, which may not have
+                        // been written yet in the handoff's first instant.
                         Some(f) => format!(
-                            "handoff {} ({}, {} for {:.1}s)",
-                            f.handoff_id.as_deref().unwrap_or("?"),
+                            "{} ({}, {} for {:.1}s)",
+                            f.handoff_id
+                                .map(|id| format!("handoff {id}"))
+                                .unwrap_or_else(|| "a handoff".into()),
                             match f.trigger {
                                 crate::progress::Trigger::Admin => "handoff upgrade",
                                 crate::progress::Trigger::Sighup => "SIGHUP",

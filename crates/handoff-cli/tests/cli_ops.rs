@@ -448,7 +448,9 @@ fn concurrent_upgrades_with_wait_both_commit_in_turn() {
     // The second waited, said so, and then handed off from the first's process.
     let err = text(&second.stderr);
     assert!(
-        err.contains("waiting for handoff 0x") && err.contains("(up to 30.0s)"),
+        err.lines().any(|l| l.starts_with("waiting for ")
+            && l.contains("(handoff upgrade, ")
+            && l.ends_with("to finish (up to 30.0s)")),
         "{err}"
     );
     let a = event(&json_lines(&first), "committed").clone();

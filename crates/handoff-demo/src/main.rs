@@ -355,10 +355,8 @@ fn run() -> Result<ExitCode, String> {
         l.begin_generation(via_handoff);
         l.spawn_flusher(shared.clone())
     });
-    for l in listeners {
-        rt.spawn(server::accept_loop(l, shared.clone()));
-    }
-    // Registered here, synchronously, so a SIGTERM from now on is ours.
+    // Registered synchronously and before the first accept: once this
+    // process has answered anyone, a SIGTERM drains it instead of killing it.
     let term = {
         let _guard = rt.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -368,6 +366,9 @@ fn run() -> Result<ExitCode, String> {
             rt.spawn(exit_on_sigterm(term, shared.clone(), counters.clone()));
         }
         Err(e) => tracing::warn!(target: "demo", error = %e, "SIGTERM will not drain"),
+    }
+    for l in listeners {
+        rt.spawn(server::accept_loop(l, shared.clone()));
     }
 
     tracing::info!(target: "demo", ?role, pid = std::process::id(), "serving");
