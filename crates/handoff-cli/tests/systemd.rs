@@ -536,3 +536,46 @@ fn a_restarted_supervisor_reports_the_service_it_re_attached_to() {
     assert!(m.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{m:?}");
     expect_ready_serving(&notify.next_state(NOTE, "READY=1"), c.new_pid);
 }
+
+/// A NOTIFY_SOCKET that cannot be a notify address stops `handoff run` at
+/// once with the reason, rather than a unit that systemd kills later for
+/// never having said READY=1.
+#[test]
+fn a_malformed_notify_socket_is_refused_at_start() {
+    let _guard = begin_test("sd_bad_notify_socket", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let mut child = Command::new(handoff_bin())
+        .arg("run")
+        .arg("--runtime-dir")
+        .arg(&dirs.runtime)
+        .arg("--state-dir")
+        .arg(&dirs.state)
+        .args(["--listen", "http=tcp://127.0.0.1:0", "--"])
+        .arg(demo_bin())
+        .env("NOTIFY_SOCKET", "relative/notify.sock")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    let exited = poll_until(Duration::from_secs(20), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        kill_tree(child.id());
+        let _ = child.wait();
+        panic!("handoff run did not exit");
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(
+        err.contains("NOTIFY_SOCKET=\"relative/notify.sock\" is neither an absolute path nor an abstract socket name"),
+        "{err}"
+    );
+    // Refused before anything was started or bound.
+    assert!(!dirs.runtime.join("admin.sock").exists());
+    assert!(!dirs.runtime.join("control.sock").exists());
+}
