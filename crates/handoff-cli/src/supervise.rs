@@ -160,6 +160,11 @@ pub fn monitor(
         eprintln!("handoff run: the incumbent (pid {dead}) died outside a handoff ({exit}); restarting in {delay:?}");
         crate::systemd::crashed(dead, &exit, delay);
         std::thread::sleep(delay);
+        // A stop may have begun during the backoff: start nothing it would
+        // then have to stop again (see `stop::shutdown`).
+        if stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         match sup.restart_if_dead(&program, dead, &mut |_| {}) {
             Ok(Some(r)) => {
                 crate::systemd::restarted(r.new_pid, &r.new_build_id);
