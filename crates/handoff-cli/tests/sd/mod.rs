@@ -1,6 +1,7 @@
-//! Helpers of tests/systemd.rs: a manager-side notify socket, the datagram
-//! checks, and `handoff run` started the way a systemd `.socket` unit
-//! starts a service.
+//! Helpers of tests/systemd.rs and tests/systemd_tools.rs: a manager-side
+//! notify socket, the datagram checks, and `handoff run` started the way a
+//! systemd `.socket` unit starts a service.
+#![allow(dead_code)] // Each test binary uses a different subset.
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::TcpListener;
