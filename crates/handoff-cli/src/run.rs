@@ -373,6 +373,7 @@ fn run(args: RunArgs) -> Result<()> {
                             done: &mut |_| {},
                         },
                     );
+                    count_refusal(&ctx.metrics, &r);
                     match r {
                         Ok(r) => eprintln!(
                             "handoff run: SIGHUP upgrade committed: pid {} in {:?}",
@@ -481,7 +482,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// One handoff with its phases and outcome counted in the metrics.
+/// One handoff attempt with its phases and outcome counted in the metrics.
+///
+/// `InProgress` is not counted here: the progress gate retries it while a
+/// crash restart holds the slot, and only its final answer is a refusal
+/// (see [`count_refusal`]).
 fn upgrade_counted(
     ctx: &Ctx,
     program: &Program,
@@ -494,13 +499,28 @@ fn upgrade_counted(
         observer(p)
     });
     let outcome = match &r {
-        Ok(_) => Outcome::Committed,
-        Err(HandoffError::InProgress | HandoffError::NoIncumbent) => Outcome::Refused,
-        Err(_) => Outcome::Aborted,
+        Ok(_) => Some(Outcome::Committed),
+        Err(HandoffError::InProgress) => None,
+        Err(HandoffError::NoIncumbent) => Some(Outcome::Refused),
+        Err(_) => Some(Outcome::Aborted),
     };
-    ctx.metrics.upgrade(outcome, started.elapsed());
+    if let Some(o) = outcome {
+        ctx.metrics.upgrade(o, started.elapsed());
+    }
     ctx.metrics.set_incumbent(ctx.sup.incumbent_pid());
     r
+}
+
+/// Counts an upgrade the gate turned away before any attempt ran.
+fn count_refusal<T>(metrics: &Metrics, r: &Result<T, UpgradeFailure>) {
+    if let Err(
+        UpgradeFailure::Stopping
+        | UpgradeFailure::StillBusy(_)
+        | UpgradeFailure::Handoff(HandoffError::InProgress),
+    ) = r
+    {
+        metrics.upgrade(Outcome::Refused, Duration::ZERO);
+    }
 }
 
 fn handle_admin(stream: UnixStream, ctx: &Ctx) {
@@ -614,6 +634,7 @@ fn handle_admin(stream: UnixStream, ctx: &Ctx) {
                     done: &mut done,
                 },
             );
+            count_refusal(&ctx.metrics, &r);
             // Refused before any attempt, so `done` had nothing to say.
             if let Err(
                 e @ (UpgradeFailure::Stopping

@@ -89,6 +89,47 @@ fn config_file_alone_runs_the_service_and_metrics_count_what_happened() {
     sup.upgrade(&["--binary", bad.to_str().unwrap()])
         .expect_aborted(&["health"]);
 
+    // A refusal counts once: an upgrade asked for while another is held
+    // in flight (a successor that never gets ready, 3 s deadline).
+    let hang = dirs.fault_wrapper("hang-before-ready");
+    let handoff = |args: &[&str]| {
+        let mut c = Command::new(handoff_bin());
+        c.args(args).arg("--runtime-dir").arg(&dirs.runtime);
+        c
+    };
+    let mut held = handoff(&[
+        "upgrade",
+        "--deadline",
+        "3s",
+        "--binary",
+        hang.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_until(Duration::from_secs(20), "an upgrade in flight", || {
+        let out = handoff(&["status", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        !v["in_flight"].is_null()
+    });
+    let refused = handoff(&["upgrade"]).output().unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "refused while one is in flight"
+    );
+    let mut held_status = None;
+    wait_until(Duration::from_secs(30), "the held upgrade to abort", || {
+        held_status = held.try_wait().unwrap();
+        held_status.is_some()
+    });
+    assert_eq!(
+        held_status.and_then(|s| s.code()),
+        Some(1),
+        "deadline abort"
+    );
+
     let m = scrape(metrics);
     assert_eq!(
         sample(&m, "handoff_upgrades_total{outcome=\"committed\"}"),
@@ -96,6 +137,10 @@ fn config_file_alone_runs_the_service_and_metrics_count_what_happened() {
     );
     assert_eq!(
         sample(&m, "handoff_upgrades_total{outcome=\"aborted\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, "handoff_upgrades_total{outcome=\"refused\"}"),
         1.0
     );
     assert_eq!(
