@@ -259,7 +259,10 @@ impl Running {
                     .arg("--runtime-dir")
                     .arg(self.dir.join("run"))
                     .stdin(Stdio::null())
-                    .output()
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .and_then(|c| output_within(c, TOOL_BUDGET))
                     .context("running handoff upgrade")?;
                 if !out.status.success() {
                     bail!(
@@ -293,7 +296,10 @@ impl Running {
                     .arg(self.dir.join("shellflip.sock"))
                     .arg("restart")
                     .stdin(Stdio::null())
-                    .output()
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .and_then(|c| output_within(c, TOOL_BUDGET))
                     .context("running bench-svc-shellflip restart")?;
                 if !out.status.success() {
                     bail!(
@@ -345,6 +351,35 @@ impl Running {
         }
         let _ = self.child.try_wait();
         reap_any();
+    }
+}
+
+/// Longest a trigger command (`handoff upgrade`, `… restart`) may take before the harness
+/// kills it and counts the upgrade as failed: the benchmark never hangs on a tool.
+const TOOL_BUDGET: Duration = Duration::from_secs(30);
+
+/// Waits for `child` and collects its output, at most `budget`; kills it on timeout. The
+/// wait runs on a helper thread so the moment of exit is seen at once (no polling bias in
+/// the "tool done" times).
+fn output_within(child: Child, budget: Duration) -> std::io::Result<std::process::Output> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(budget) {
+        Ok(out) => {
+            let _ = waiter.join();
+            out
+        }
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = waiter.join();
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("still running after {budget:?}; killed"),
+            ))
+        }
     }
 }
 

@@ -328,31 +328,34 @@ impl Conn {
             .await
             .map_err(|e| classify(&e, false))?;
         self.buf.clear();
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
+        // httparse (hyper's parser) reads the head; only what the benchmark needs is kept.
+        let (head_end, status, len, pid, close) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let status = resp.code.unwrap_or(0);
+                    let (mut len, mut pid, mut close) = (0usize, 0u32, false);
+                    for h in resp.headers.iter() {
+                        let v = String::from_utf8_lossy(h.value);
+                        let v = v.trim();
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            len = v
+                                .parse()
+                                .map_err(|_| Failure::Other(format!("bad Content-Length {v:?}")))?;
+                        } else if h.name.eq_ignore_ascii_case("x-pid") {
+                            pid = v.parse().unwrap_or(0);
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            close = v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"));
+                        }
+                    }
+                    break (n, status, len, pid, close);
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => return Err(Failure::Other(format!("malformed response head: {e}"))),
             }
             self.read_more().await?;
         };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_ascii_lowercase();
-        let mut lines = head.lines();
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Failure::Other(format!("bad status line in {head:?}")))?;
-        let (mut len, mut pid, mut close) = (0usize, 0u32, false);
-        for l in lines {
-            if let Some((k, v)) = l.split_once(':') {
-                let v = v.trim();
-                match k.trim() {
-                    "content-length" => len = v.parse().unwrap_or(0),
-                    "x-pid" => pid = v.parse().unwrap_or(0),
-                    "connection" => close = v.split(',').any(|t| t.trim() == "close"),
-                    _ => {}
-                }
-            }
-        }
         while self.buf.len() < head_end + len {
             self.read_more().await?;
         }

@@ -5,6 +5,7 @@
 //! Needs the `handoff` binary next to the bench binaries: `cargo build --workspace --bins`
 //! first (a missing one fails with that instruction).
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,15 +33,20 @@ fn harness_runs_and_handoff_loses_nothing() {
         .arg(dir.path().join("work"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: on timeout the whole group goes, contestants included.
+        .process_group(0)
         .spawn()
         .expect("starting handoff-bench-peers");
     // Bounded: the driver stops and reaps its contestants itself; we bound the driver.
     let deadline = Instant::now() + Duration::from_secs(90);
+    // Output is read after exit; the driver prints a few KiB, well under a pipe's buffer.
     let status = loop {
         if let Some(s) = child.try_wait().expect("try_wait") {
             break s;
         }
         if Instant::now() > deadline {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
             panic!("handoff-bench-peers did not finish within 90 s");
