@@ -324,6 +324,54 @@ fn socket_activation_serves_on_the_passed_listener_across_an_upgrade() {
     assert_eq!(run.wait_exit(), Some(0), "{}", run.log());
 }
 
+/// `--mode notify` takes passed sockets the same way: the program that does
+/// not link the library gets systemd's socket at fd 3.
+#[test]
+fn socket_activation_in_notify_mode() {
+    let _guard = begin_test("sd_socket_activation_notify", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mine = socket_at(std::process::id(), listener.as_raw_fd());
+    let service = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/notify_service.py");
+    let (rt, st, svc) = (
+        dirs.runtime.to_str().unwrap().to_string(),
+        dirs.state.to_str().unwrap().to_string(),
+        service.to_str().unwrap().to_string(),
+    );
+    let mut run = Activated::start(
+        &listener,
+        "http",
+        &[
+            "--mode",
+            "notify",
+            "--runtime-dir",
+            &rt,
+            "--state-dir",
+            &st,
+            "--",
+            &svc,
+        ],
+        &notify,
+    );
+    let (listening, first) = run.wait_ready();
+    assert_eq!(listening, [format!("listening http=tcp://{addr}")]);
+    assert_eq!(
+        notify.next(NOTE, "READY=1"),
+        format!("READY=1\nSTATUS=serving pid {first}")
+    );
+    assert_eq!(serving_pid(addr), Ok(first));
+    assert_eq!(socket_at(first, 3), mine);
+    let (code, out) = upgrade(&dirs.runtime);
+    assert_eq!(code, Some(0), "upgrade: {out}\n{}", run.log());
+    let second = serving_pid(addr).expect("serving after the upgrade");
+    assert_ne!(second, first);
+    assert_eq!(socket_at(second, 3), mine);
+    kill(Pid::from_raw(run.child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(run.wait_exit(), Some(0), "{}", run.log());
+}
+
 #[test]
 fn socket_activation_with_listen_names_and_clear_mismatch_errors() {
     let _guard = begin_test("sd_socket_activation_names", Duration::from_secs(120));
