@@ -364,3 +364,81 @@ fn a_service_killed_outside_an_upgrade_is_restarted() {
     sup.wait_settled(new_pid, SETTLE);
     shut_down(sup);
 }
+
+fn status_json(runtime: &Path) -> serde_json::Value {
+    let st = Command::new(handoff_bin())
+        .args(["status", "--json", "--runtime-dir"])
+        .arg(runtime)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("handoff status");
+    assert!(st.status.success(), "handoff status failed");
+    serde_json::from_slice(&st.stdout).expect("status JSON")
+}
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_old_process_finishes_its_request_while_retiring_then_stop_drains() {
+    let _g = begin_test("notify_retiring_stop", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let (mut sup, _) = start(&dirs, &["--drain-grace", "20s"]);
+    let old = sup.first_pid;
+    let addr = sup.addr;
+    let slow = thread::spawn(move || Client::new(addr, false).get("/slow?ms=1500"));
+    // The old process has accepted it once it runs a thread for it.
+    wait_until(SETTLE, "the slow request is accepted", || {
+        threads_of(old) >= 2
+    });
+
+    let upgrade = Command::new(handoff_bin())
+        .args(["upgrade", "--json", "--runtime-dir"])
+        .arg(&dirs.runtime)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn handoff upgrade");
+    // While it finishes the slow request, status shows it retiring.
+    let mut seen = serde_json::Value::Null;
+    let retiring = poll_until(SETTLE, || {
+        seen = status_json(&dirs.runtime);
+        seen["retiring_pids"] == serde_json::json!([old])
+    });
+    let out = upgrade.wait_with_output().expect("handoff upgrade");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        retiring,
+        "never saw pid {old} retiring; last status {seen}\n{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("\"old-stopped\""), "{stdout}");
+    let r = slow.join().expect("slow client").expect("slow request");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_str().trim(), format!("pid={old} slow"));
+    assert!(gone(old));
+
+    let new = status_json(&dirs.runtime)["incumbent_pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let stop = Command::new(handoff_bin())
+        .args(["stop", "--json", "--runtime-dir"])
+        .arg(&dirs.runtime)
+        .output()
+        .expect("handoff stop");
+    let stop_out = String::from_utf8_lossy(&stop.stdout);
+    assert_eq!(stop.status.code(), Some(0), "{stop_out}");
+    assert!(stop_out.contains("\"exited\""), "{stop_out}");
+    assert!(
+        poll_until(SETTLE, || sup.try_exit().is_some()),
+        "supervisor still running after handoff stop\n{}",
+        sup.stderr_log()
+    );
+    assert!(gone(new));
+}

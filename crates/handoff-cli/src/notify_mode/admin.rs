@@ -75,6 +75,7 @@ fn failed_phase(e: &NotifyError) -> Option<&'static str> {
 /// One upgrade, recorded for `handoff status`.
 pub(super) fn upgrade(
     ctx: &Ctx,
+    trigger: Trigger,
     program: &Program,
     opts: NotifyOptions,
     observer: &mut dyn FnMut(NotifyPhaseDone),
@@ -104,7 +105,7 @@ pub(super) fn upgrade(
     }
     h.last = Some(LastHandoff {
         handoff_id: None,
-        trigger: Trigger::Admin,
+        trigger,
         outcome: if r.is_ok() { "committed" } else { "aborted" }.into(),
         old_pid: old,
         new_pid: r.as_ref().ok().map(|r| r.new_pid),
@@ -148,7 +149,7 @@ fn handle(stream: UnixStream, ctx: &Ctx) {
                         None => "notify mode".into(),
                     },
                     listeners: ctx.shown.clone(),
-                    retiring_pids: vec![],
+                    retiring_pids: ctx.sup.retiring_pids(),
                     service_counters: None,
                     service_counters_error: None,
                     activity: Activity {
@@ -230,7 +231,7 @@ fn handle(stream: UnixStream, ctx: &Ctx) {
             let wait_until = Instant::now() + Duration::from_millis(wait_ms.unwrap_or(0));
             let mut told = false;
             let r = loop {
-                match upgrade(ctx, &program, opts, &mut observer) {
+                match upgrade(ctx, Trigger::Admin, &program, opts, &mut observer) {
                     Err(NotifyError::InProgress)
                         if Instant::now() < wait_until && !ctx.stopping.load(Ordering::SeqCst) =>
                     {

@@ -206,8 +206,13 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
             Ok(Signal::SIGHUP) => {
                 let ctx = ctx.clone();
                 std::thread::spawn(move || {
-                    match admin::upgrade(&ctx, &ctx.program, NotifyOptions::default(), &mut |_| {})
-                    {
+                    match admin::upgrade(
+                        &ctx,
+                        crate::progress::Trigger::Sighup,
+                        &ctx.program,
+                        NotifyOptions::default(),
+                        &mut |_| {},
+                    ) {
                         Ok(r) => eprintln!(
                             "handoff run: SIGHUP upgrade done: pid {} in {:?}",
                             r.new_pid, r.total

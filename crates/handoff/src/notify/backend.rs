@@ -139,6 +139,8 @@ struct Running {
 #[derive(Debug, Default)]
 struct Procs {
     incumbent: Option<Running>,
+    /// Old processes told to stop, until they have exited.
+    retiring: Vec<Child>,
 }
 
 /// Supervises a socket-activated, `sd_notify`-speaking program.
@@ -205,6 +207,13 @@ impl NotifySupervisor {
         self.incumbent()
             .filter(|c| c.try_exit().is_none())
             .map(|c| c.pid())
+    }
+
+    /// Old processes told to stop that have not exited yet.
+    pub fn retiring_pids(&self) -> Vec<u32> {
+        let mut p = self.procs();
+        p.retiring.retain(|c| c.try_exit().is_none());
+        p.retiring.iter().map(Child::pid).collect()
     }
 
     /// What the current process announced (its `STATUS=` text…).
@@ -340,6 +349,7 @@ impl NotifySupervisor {
         };
         if let Some(old) = old.filter(|o| o.child.try_exit().is_none()) {
             report.old_pid = Some(old.child.pid());
+            self.procs().retiring.push(old.child.clone());
             match self.stop_child(&old.child, grace, &mut mark, &mut since) {
                 Ok((exit, killed)) => {
                     report.old_exit = Some(exit);
