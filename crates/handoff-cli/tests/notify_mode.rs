@@ -442,3 +442,94 @@ fn the_old_process_finishes_its_request_while_retiring_then_stop_drains() {
     );
     assert!(gone(new));
 }
+
+/// Runs `handoff run ARGS` to its exit (bounded); returns (code, stderr).
+fn run_to_exit(args: &[&str], env: &[(&str, &Path)]) -> (Option<i32>, String) {
+    let mut child = Command::new(handoff_bin())
+        .arg("run")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn handoff run");
+    let mut status = None;
+    let ended = poll_until(SETTLE, || {
+        status = child.try_wait().expect("wait for handoff run");
+        status.is_some()
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("handoff run output");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(ended, "handoff run {args:?} did not exit\n{stderr}");
+    (out.status.code(), stderr)
+}
+
+#[test]
+fn ready_probe_and_stop_signal_flags() {
+    let _g = begin_test("notify_probe_flags", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let behaviour = dirs.root.path().join("behaviour");
+    std::fs::write(&behaviour, "no-ready").unwrap();
+    let runtime = dirs.runtime.to_str().unwrap();
+    let state = dirs.state.to_str().unwrap();
+    let service = service();
+    let common = [
+        "--runtime-dir",
+        runtime,
+        "--state-dir",
+        state,
+        "--listen",
+        "http=tcp://127.0.0.1:0",
+        "--deadline",
+        "2s",
+    ];
+
+    // A probe that never passes: the first start fails, saying why.
+    let mut args = vec![
+        "--mode",
+        "notify",
+        "--probe-only",
+        "--ready-probe",
+        "tcp://127.0.0.1:1",
+    ];
+    args.extend_from_slice(&common);
+    args.extend(["--", service.to_str().unwrap()]);
+    let (code, stderr) = run_to_exit(&args, &[("NOTIFY_TEST_BEHAVIOUR_FILE", &behaviour)]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not become ready") && stderr.contains("127.0.0.1:1"),
+        "{stderr}"
+    );
+
+    // Notify-only flags without --mode notify are refused.
+    let mut args = vec!["--stop-signal", "SIGINT"];
+    args.extend_from_slice(&common);
+    args.extend(["--", service.to_str().unwrap()]);
+    let (code, stderr) = run_to_exit(&args, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--mode notify"), "{stderr}");
+
+    // A probe that passes stands in for READY=1 (this program never sends it).
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let probe_url = format!("tcp://{}", probe.local_addr().unwrap());
+    let (sup, _) = start(
+        &dirs,
+        &[
+            "--probe-only",
+            "--ready-probe",
+            &probe_url,
+            "--stop-signal",
+            "SIGINT",
+        ],
+    );
+    let c = sup.upgrade(&[]).expect_committed();
+    assert_eq!(c.old_pid, sup.first_pid);
+    // SIGINT is not handled by the Python service: it dies of it at once.
+    assert!(gone(sup.first_pid));
+    sup.wait_settled(c.new_pid, SETTLE);
+    shut_down(sup);
+}
