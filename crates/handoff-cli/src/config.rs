@@ -20,6 +20,8 @@
 //! drain-grace = "30s"
 //! metrics     = "127.0.0.1:9464"
 //! program     = ["/usr/local/bin/kv", "--data", "/var/lib/kv"]
+//! # For a program that does not link the library (see `--mode notify`):
+//! # mode = "notify"; stop-signal = "SIGQUIT"; ready-probe = "http://127.0.0.1:8081/healthz"
 //! ```
 
 use std::ffi::OsString;
@@ -29,6 +31,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::notify_mode::{parse_signal, Mode, NotifyArgs};
 use crate::run::RunArgs;
 
 /// What the file may say. Every key is optional: the file and the flags
@@ -42,6 +45,11 @@ pub struct FileConfig {
     pub deadline: Option<DurationValue>,
     pub drain_grace: Option<DurationValue>,
     pub metrics: Option<String>,
+    /// `library` or `notify` (see `--mode`).
+    pub mode: Option<String>,
+    pub stop_signal: Option<String>,
+    pub ready_probe: Option<String>,
+    pub probe_only: Option<bool>,
     pub program: Option<Vec<String>>,
 }
 
@@ -72,6 +80,8 @@ pub struct Settings {
     pub deadline: Duration,
     pub drain_grace: Duration,
     pub metrics: Option<SocketAddr>,
+    /// Notify mode and its options, resolved (`mode` always set).
+    pub notify: NotifyArgs,
     pub program: Vec<OsString>,
 }
 
@@ -150,6 +160,32 @@ pub fn merge(a: &RunArgs, file: FileConfig, base: &Path) -> Result<Settings, Str
         })?),
         None => None,
     };
+    let mode = match (a.notify.mode, file.mode.as_deref()) {
+        (Some(m), _) => m,
+        (None, Some("library")) => Mode::Library,
+        (None, Some("notify")) => Mode::Notify,
+        (None, Some(other)) => {
+            return Err(format!(
+                "mode = {other:?}: expected \"library\" or \"notify\""
+            ))
+        }
+        (None, None) => Mode::Library,
+    };
+    let notify = NotifyArgs {
+        mode: Some(mode),
+        stop_signal: match (a.notify.stop_signal, file.stop_signal.as_deref()) {
+            (Some(s), _) => Some(s),
+            (None, Some(s)) => Some(parse_signal(s).map_err(|e| format!("stop-signal: {e}"))?),
+            (None, None) => None,
+        },
+        ready_probe: match (&a.notify.ready_probe, file.ready_probe.as_deref()) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(p)) => Some(p.parse().map_err(|e| format!("ready-probe: {e}"))?),
+            (None, None) => None,
+        },
+        probe_only: a.notify.probe_only || file.probe_only.unwrap_or(false),
+    };
+    notify.check()?;
     let program = if !a.program.is_empty() {
         a.program.clone()
     } else {
@@ -179,6 +215,7 @@ pub fn merge(a: &RunArgs, file: FileConfig, base: &Path) -> Result<Settings, Str
         deadline,
         drain_grace,
         metrics,
+        notify,
         program,
     })
 }
@@ -202,6 +239,18 @@ pub fn describe(s: &Settings) -> String {
     );
     if let Some(m) = s.metrics {
         out += &format!("metrics = {}\n", q(&m.to_string()));
+    }
+    if s.notify.mode() == Mode::Notify {
+        out += "mode = \"notify\"\n";
+    }
+    if let Some(sig) = s.notify.stop_signal {
+        out += &format!("stop-signal = {}\n", q(sig.as_str()));
+    }
+    if let Some(p) = &s.notify.ready_probe {
+        out += &format!("ready-probe = {}\n", q(&p.to_string()));
+    }
+    if s.notify.probe_only {
+        out += "probe-only = true\n";
     }
     let program: Vec<String> = s.program.iter().map(|p| q(&p.to_string_lossy())).collect();
     out += &format!("program = [{}]", program.join(", "));
@@ -291,6 +340,64 @@ mod tests {
         s.program.push(OsString::from("we\"ird\\arg\n"));
         let again = merge(&args(&[]), parse(&describe(&s)).unwrap(), Path::new("/x")).unwrap();
         assert_eq!(again, s);
+    }
+
+    #[test]
+    fn notify_mode_keys_resolve_and_are_checked() {
+        let base = "runtime-dir = \"/r\"\nstate-dir = \"/s\"\nlisten = [\"h=tcp://x:1\"]\nprogram = [\"p\"]\n";
+        let f = |extra: &str| parse(&format!("{base}{extra}")).unwrap();
+        let s = merge(
+            &args(&[]),
+            f("mode = \"notify\"\nstop-signal = \"quit\"\nready-probe = \"tcp://127.0.0.1:9\"\nprobe-only = true\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(s.notify.mode(), Mode::Notify);
+        assert_eq!(
+            s.notify.stop_signal,
+            Some(nix::sys::signal::Signal::SIGQUIT)
+        );
+        assert_eq!(
+            s.notify.ready_probe.as_ref().map(|p| p.to_string()),
+            Some("tcp://127.0.0.1:9".into())
+        );
+        assert!(s.notify.probe_only);
+        // Round trip through --check-config's output.
+        let again = merge(&args(&[]), parse(&describe(&s)).unwrap(), Path::new(".")).unwrap();
+        assert_eq!(again.notify, s.notify);
+        // The flag wins over the file.
+        let s = merge(
+            &args(&["--mode", "library"]),
+            f("mode = \"notify\"\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(s.notify.mode(), Mode::Library);
+        let e = merge(&args(&[]), f("mode = \"systemd\"\n"), Path::new(".")).unwrap_err();
+        assert!(e.contains("library") && e.contains("notify"), "{e}");
+        let e = merge(&args(&[]), f("stop-signal = \"SIGTERM\"\n"), Path::new(".")).unwrap_err();
+        assert!(e.contains("notify only"), "{e}");
+        let e = merge(
+            &args(&[]),
+            f("mode = \"notify\"\nstop-signal = \"KILL\"\n"),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("stop-signal:"), "{e}");
+        let e = merge(
+            &args(&[]),
+            f("mode = \"notify\"\nprobe-only = true\n"),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.contains("needs --ready-probe"), "{e}");
+        let e = merge(
+            &args(&[]),
+            f("mode = \"notify\"\nready-probe = \"ftp://x:1\"\n"),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("ready-probe:"), "{e}");
     }
 
     #[test]

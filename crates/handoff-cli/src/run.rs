@@ -31,7 +31,8 @@ use crate::{restart, status, supervise};
 pub struct RunArgs {
     /// Read settings from a TOML file (keys spelt like these flags:
     /// `runtime-dir`, `state-dir`, `listen`, `deadline`, `drain-grace`,
-    /// `metrics`, `program`); a flag given here overrides the file.
+    /// `metrics`, `mode`, `stop-signal`, `ready-probe`, `probe-only`,
+    /// `program`); a flag given here overrides the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Directory for the admin and control sockets (created mode 0700).
@@ -167,7 +168,6 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
 
 fn run(args: RunArgs) -> Result<()> {
     let a = crate::config::resolve(&args).map_err(anyhow::Error::msg)?;
-    args.notify.check()?;
     if args.check_config {
         println!("{}", crate::config::describe(&a));
         return Ok(());
@@ -235,7 +235,7 @@ fn run(args: RunArgs) -> Result<()> {
     let names: Vec<String> = sources.iter().map(|s| s.name().to_string()).collect();
     let mut program = Program::new(PathBuf::from(&a.program[0]));
     program.args = a.program[1..].to_vec();
-    if args.notify.mode == crate::notify_mode::Mode::Notify {
+    if a.notify.mode() == crate::notify_mode::Mode::Notify {
         let listeners = sources
             .into_iter()
             .map(|s| s.open(bind))
@@ -246,9 +246,10 @@ fn run(args: RunArgs) -> Result<()> {
             program,
             deadline: a.deadline,
             drain_grace: a.drain_grace,
+            metrics: a.metrics,
             sigs,
         };
-        return crate::notify_mode::run(&args.notify, prepared, (lock, restart_lock));
+        return crate::notify_mode::run(&a.notify, prepared, (lock, restart_lock));
     }
 
     // A service left running by a supervisor that died: take it over,

@@ -248,3 +248,61 @@ fn a_bad_config_fails_before_anything_starts_and_says_where() {
         "{err}"
     );
 }
+
+/// Notify mode from the config file alone (mode, stop signal), with the
+/// metrics endpoint counting its upgrades and phases too.
+#[test]
+fn notify_mode_from_the_config_file_with_metrics() {
+    let _guard = begin_test("config_notify_metrics", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let service = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/notify_service.py");
+    let cfg = write_config(
+        dirs.root.path(),
+        &format!(
+            "runtime-dir = \"run\"\nstate-dir = \"state\"\n\
+             listen = [\"http=tcp://127.0.0.1:0\"]\nmode = \"notify\"\n\
+             stop-signal = \"SIGTERM\"\ndrain-grace = \"10s\"\n\
+             metrics = \"127.0.0.1:0\"\nprogram = [{:?}]\n",
+            service.to_str().unwrap()
+        ),
+    );
+    let sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &service,
+        &["--config", cfg.to_str().unwrap()],
+        &StartOpts {
+            only_extra_args: true,
+            ..Default::default()
+        },
+    );
+    let metrics: SocketAddr = sup
+        .startup_lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("metrics http://")?
+                .strip_suffix("/metrics")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no `metrics http://…` line in {:?}", sup.startup_lines));
+    let out = sup.upgrade(&[]);
+    let c = out.expect_committed();
+    let phases: Vec<String> = out.phases().into_iter().map(|(p, _)| p).collect();
+    let m = scrape(metrics);
+    assert_eq!(
+        sample(&m, "handoff_upgrades_total{outcome=\"committed\"}"),
+        1.0
+    );
+    for phase in ["spawned", "ready", "old-signalled"] {
+        let n = sample(
+            &m,
+            &format!("handoff_phase_duration_seconds_count{{phase=\"{phase}\"}}"),
+        );
+        assert_eq!(n, 1.0, "phase {phase}\n{m}");
+    }
+    assert_eq!(sample(&m, "handoff_incumbent_pid"), f64::from(c.new_pid));
+    // The old process was stopped by the configured signal, not killed.
+    assert!(phases.iter().any(|p| p == "old-stopped"), "{phases:?}");
+}

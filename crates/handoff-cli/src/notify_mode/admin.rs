@@ -3,6 +3,7 @@
 //! work unchanged. Phases are notify mode's own: `spawned`, `ready`,
 //! `old-signalled`, then `old-stopped` or `old-killed`.
 
+use crate::metrics::Outcome;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -72,6 +73,13 @@ fn failed_phase(e: &NotifyError) -> Option<&'static str> {
     }
 }
 
+/// Counts an upgrade finally turned away (another in flight, stopping).
+pub(super) fn count_refusal<T>(ctx: &Ctx, r: &Result<T, NotifyError>) {
+    if let Err(NotifyError::InProgress) = r {
+        ctx.metrics.upgrade(Outcome::Refused, Duration::ZERO);
+    }
+}
+
 /// One upgrade, recorded for `handoff status`.
 pub(super) fn upgrade(
     ctx: &Ctx,
@@ -88,6 +96,7 @@ pub(super) fn upgrade(
     let mut phases = vec![];
     let r = crate::systemd::around_notify_upgrade(&ctx.sup, || {
         ctx.sup.perform_handoff(program, opts, &mut |p| {
+            ctx.metrics.phase(p.phase.name(), p.took);
             phases.push(PhaseTiming {
                 phase: p.phase.name().into(),
                 took_ms: ms(p.took),
@@ -95,6 +104,14 @@ pub(super) fn upgrade(
             observer(p)
         })
     });
+    // InProgress is counted by the caller, which may wait and retry.
+    match &r {
+        Ok(_) => ctx.metrics.upgrade(Outcome::Committed, started.elapsed()),
+        Err(NotifyError::InProgress) => {}
+        Err(NotifyError::NoIncumbent) => ctx.metrics.upgrade(Outcome::Refused, Duration::ZERO),
+        Err(_) => ctx.metrics.upgrade(Outcome::Aborted, started.elapsed()),
+    }
+    ctx.metrics.set_incumbent(ctx.sup.incumbent_pid());
     if matches!(r, Err(NotifyError::InProgress | NotifyError::NoIncumbent)) {
         return r;
     }
@@ -250,6 +267,7 @@ fn handle(stream: UnixStream, ctx: &Ctx) {
                     r => break r,
                 }
             };
+            count_refusal(ctx, &r);
             let id = next_id(ctx);
             let ev = match r {
                 Ok(r) => {

@@ -38,14 +38,14 @@ pub enum Mode {
 }
 
 /// `handoff run` options for notify mode.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct NotifyArgs {
     /// `library`: the service links the handoff library. `notify`: any
     /// program that takes its listeners from LISTEN_FDS and sends READY=1
     /// to NOTIFY_SOCKET; an upgrade starts the new one, waits for it to be
-    /// ready, then stops the old one with --stop-signal.
-    #[arg(long, value_enum, default_value_t = Mode::Library)]
-    pub mode: Mode,
+    /// ready, then stops the old one with --stop-signal. [default: library]
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
     /// Notify mode: the signal that asks the old process to finish its
     /// requests and exit (SIGKILL follows after --drain-grace).
     #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
@@ -91,10 +91,22 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
 
 impl NotifyArgs {
     /// Refuses notify-only options in library mode.
-    pub fn check(&self) -> Result<()> {
-        if self.mode == Mode::Library && (self.stop_signal.is_some() || self.ready_probe.is_some())
+    /// The mode, library when neither the flags nor the config say.
+    pub fn mode(&self) -> Mode {
+        self.mode.unwrap_or_default()
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.mode() == Mode::Library
+            && (self.stop_signal.is_some() || self.ready_probe.is_some())
         {
-            bail!("--stop-signal and --ready-probe apply to --mode notify only");
+            return Err(
+                "--stop-signal and --ready-probe (stop-signal, ready-probe) apply to --mode notify only"
+                    .into(),
+            );
+        }
+        if self.probe_only && self.ready_probe.is_none() {
+            return Err("--probe-only (probe-only) needs --ready-probe (ready-probe)".into());
         }
         Ok(())
     }
@@ -107,6 +119,8 @@ pub struct Prepared {
     pub program: Program,
     pub deadline: Duration,
     pub drain_grace: Duration,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Blocked in every thread; waited for by the main thread.
     pub sigs: SigSet,
 }
@@ -120,6 +134,7 @@ pub(crate) struct Ctx {
     pub stopping: AtomicBool,
     pub history: Mutex<History>,
     pub seq: std::sync::atomic::AtomicU64,
+    pub metrics: crate::metrics::Metrics,
 }
 
 #[derive(Default)]
@@ -158,7 +173,16 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
     let first = sup.start(&p.program, &mut |_| {}).map_err(|e| {
         anyhow::anyhow!("starting {} in notify mode: {e}", p.program.path.display())
     })?;
+    let metrics = crate::metrics::Metrics::new();
+    metrics.set_incumbent(Some(first.new_pid));
+    if let Some(addr) = p.metrics {
+        let bound = metrics
+            .serve(addr)
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        println!("metrics http://{bound}/metrics");
+    }
     let ctx = Arc::new(Ctx {
+        metrics,
         sup,
         program: p.program,
         shown,
@@ -206,13 +230,15 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
             Ok(Signal::SIGHUP) => {
                 let ctx = ctx.clone();
                 std::thread::spawn(move || {
-                    match admin::upgrade(
+                    let r = admin::upgrade(
                         &ctx,
                         crate::progress::Trigger::Sighup,
                         &ctx.program,
                         NotifyOptions::default(),
                         &mut |_| {},
-                    ) {
+                    );
+                    admin::count_refusal(&ctx, &r);
+                    match r {
                         Ok(r) => eprintln!(
                             "handoff run: SIGHUP upgrade done: pid {} in {:?}",
                             r.new_pid, r.total
@@ -285,6 +311,8 @@ fn monitor(ctx: &Ctx, policy: Backoff) -> Result<()> {
         match ctx.sup.restart_if_dead(&ctx.program, dead, &mut |_| {}) {
             Ok(Some(r)) => {
                 crate::systemd::restarted(r.new_pid, "");
+                ctx.metrics.restart();
+                ctx.metrics.set_incumbent(Some(r.new_pid));
                 println!("restarted pid={}", r.new_pid);
                 let _ = std::io::stdout().flush();
                 born = Instant::now();
