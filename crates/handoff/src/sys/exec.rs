@@ -32,6 +32,10 @@ pub struct ExecPlan {
     pid_slot: Option<usize>,
     /// `(source, target)`: after the shuffle, `source` is visible at `target`.
     fds: Vec<(RawFd, RawFd)>,
+    /// Scratch space for the child's lifted copies, one per entry of
+    /// `fds`: sized here because the child may not allocate. (A fixed-size
+    /// array once silently passed only the first 64 listeners.)
+    lifted: Vec<RawFd>,
     /// Every fd at or above this is closed in the child.
     close_from: RawFd,
     #[cfg(not(target_os = "linux"))]
@@ -105,6 +109,7 @@ impl ExecPlan {
         envp.push(std::ptr::null());
 
         let top = fds.iter().map(|&(_, t)| t).max().unwrap_or(2);
+        let lifted = vec![-1; fds.len()];
         Ok(ExecPlan {
             path,
             _argv_storage: argv_storage,
@@ -113,6 +118,7 @@ impl ExecPlan {
             envp,
             pid_slot,
             fds,
+            lifted,
             close_from: top.max(2) + 1,
             #[cfg(not(target_os = "linux"))]
             max_fd: max_fd(),
@@ -130,6 +136,8 @@ impl ExecPlan {
             None => std::ptr::null_mut(),
         };
         let err_fd = wr.as_raw_fd();
+        // The child writes its lifted fds here, in its own copy of memory.
+        let lifted_ptr: *mut RawFd = self.lifted.as_mut_ptr();
         // SAFETY: fork() itself is safe to call; what matters is that the
         // child branch below performs only async-signal-safe operations
         // (fcntl, dup2, close, close_range, sigprocmask, signal, setpgid,
@@ -143,7 +151,7 @@ impl ExecPlan {
             // SAFETY: we are the child of a fork; see `child` for the
             // argument. `slot_ptr` points into our private copy of the
             // environment block (fork gives the child its own address space).
-            unsafe { child(self, slot_ptr, err_fd) }
+            unsafe { child(self, slot_ptr, lifted_ptr, err_fd) }
         }
         drop(wr);
         let mut pipe = std::fs::File::from(rd);
@@ -176,8 +184,9 @@ impl ExecPlan {
 ///
 /// # Safety
 /// Must only be called in the child right after `fork`, with `slot` either
-/// null or pointing at `PID_SLOT` writable bytes inside `plan.env_storage`.
-unsafe fn child(plan: &ExecPlan, slot: *mut u8, err_fd: RawFd) -> ! {
+/// null or pointing at `PID_SLOT` writable bytes inside `plan.env_storage`,
+/// and `lifted` pointing at `plan.fds.len()` writable `RawFd`s.
+unsafe fn child(plan: &ExecPlan, slot: *mut u8, lifted: *mut RawFd, err_fd: RawFd) -> ! {
     // SAFETY (whole body): every call is async-signal-safe per POSIX
     // (or a raw syscall), operates on fds/memory owned by this process, and
     // no Rust allocation or lock is touched.
@@ -202,18 +211,18 @@ unsafe fn child(plan: &ExecPlan, slot: *mut u8, err_fd: RawFd) -> ! {
         // Two-step shuffle: first lift every source above all targets, then
         // dup2 into place. A source whose number equals another entry's
         // target can then never be overwritten before it is copied.
-        let mut lifted = [-1 as RawFd; 64];
-        let n = plan.fds.len().min(lifted.len());
-        for (i, &(src, _)) in plan.fds.iter().take(n).enumerate() {
+        // `lifted` has one slot per entry (sized before fork), so every fd
+        // of the plan is passed, however many.
+        for (i, &(src, _)) in plan.fds.iter().enumerate() {
             let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, plan.close_from);
             if fd < 0 {
                 fail(err);
             }
-            lifted[i] = fd;
+            *lifted.add(i) = fd;
         }
-        for (i, &(_, target)) in plan.fds.iter().take(n).enumerate() {
+        for (i, &(_, target)) in plan.fds.iter().enumerate() {
             // dup2 clears FD_CLOEXEC on the target: it survives exec.
-            if libc::dup2(lifted[i], target) < 0 {
+            if libc::dup2(*lifted.add(i), target) < 0 {
                 fail(err);
             }
         }
