@@ -142,7 +142,7 @@ pub fn merge(a: &RunArgs, file: FileConfig, base: &Path) -> Result<Settings, Str
         return Err(missing("--listen", "listen"));
     }
     for l in &listen {
-        crate::run::parse_listen(l)?;
+        crate::listen::parse_listen(l)?;
     }
     let deadline = match (a.deadline, &file.deadline) {
         (Some(d), _) => d,

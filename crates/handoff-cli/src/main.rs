@@ -10,6 +10,7 @@ mod admin;
 mod config;
 mod demo;
 mod duration;
+mod listen;
 mod metrics;
 mod notify_mode;
 mod progress;

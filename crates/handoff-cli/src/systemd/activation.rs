@@ -31,7 +31,7 @@ use handoff::listeners::{self, ListenFdsError};
 use handoff::Listener;
 use nix::sys::socket::{getsockopt, sockopt};
 
-use crate::run::ListenSpec;
+use crate::listen::ListenSpec;
 use crate::supervise;
 
 const VARS: [&str; 3] = ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"];
@@ -273,7 +273,7 @@ mod tests {
     }
 
     fn spec(s: &str) -> ListenSpec {
-        crate::run::parse_listen(s).unwrap()
+        crate::listen::parse_listen(s).unwrap()
     }
 
     fn act(ls: Vec<Listener>) -> Option<Activation> {
