@@ -4,6 +4,7 @@
 //! |---|---|---|---|
 //! | control | `bench-svc-plain --listen …` | none | – |
 //! | handoff | `handoff run --listen … -- bench-svc-handoff` | `handoff upgrade` | the command returns (Commit) |
+//! | handoff (SIGHUP) | the same | SIGHUP to the `handoff run` pid (systemd's `ExecReload=kill -HUP $MAINPID`) | `handoff run` prints `SIGHUP upgrade committed` |
 //! | ecdysis | `bench-svc-ecdysis --listen … --pid-file …` | SIGHUP to the pid in the pid file | the pid file names the new process |
 //! | shellflip | `systemd-socket-activate -l … -- bench-svc-shellflip --socket …` | `bench-svc-shellflip --socket … restart` | the command returns (the child said it started) |
 //!
@@ -12,9 +13,11 @@
 //! even though PID 1 here does not reap orphans.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +34,10 @@ use crate::report::Upgrade;
 pub enum Peer {
     Control,
     Handoff,
+    /// The same service and supervisor as `Handoff`, upgraded by SIGHUP to `handoff run`
+    /// (the path `ExecReload=kill -HUP $MAINPID` takes): triggered the way ecdysis is, with
+    /// no CLI process on the trigger path.
+    HandoffSighup,
     Ecdysis,
     Shellflip,
 }
@@ -40,6 +47,7 @@ impl Peer {
         match self {
             Peer::Control => "control (no upgrades)",
             Peer::Handoff => "handoff",
+            Peer::HandoffSighup => "handoff (SIGHUP)",
             Peer::Ecdysis => "ecdysis",
             Peer::Shellflip => "shellflip",
         }
@@ -86,6 +94,53 @@ pub struct Running {
     bins: Bins,
     /// Every service pid seen, for the final cleanup.
     pub pids: Vec<u32>,
+    /// handoff variants: the outcome of each SIGHUP upgrade as `handoff run` reports it
+    /// on stderr (new pid, or the failure line), from the thread that copies its stderr.
+    commits: Option<Receiver<Result<u32, String>>>,
+    /// That thread: it ends when the last holder of the stderr pipe exits.
+    tee: Option<JoinHandle<()>>,
+}
+
+impl Peer {
+    /// Whether this contestant is `handoff run` (either trigger).
+    pub fn is_handoff(self) -> bool {
+        matches!(self, Peer::Handoff | Peer::HandoffSighup)
+    }
+}
+
+/// What `handoff run` prints once a SIGHUP upgrade has committed (and its journal record
+/// is written): `handoff run: SIGHUP upgrade committed: pid N in …`.
+const SIGHUP_COMMITTED: &str = "SIGHUP upgrade committed: pid ";
+const SIGHUP_FAILED: &str = "SIGHUP upgrade failed: ";
+
+/// Copies `handoff run`'s stderr into `log` line by line (the phase log read after the
+/// run) and reports each SIGHUP upgrade's outcome on `tx` the moment its line arrives.
+/// A blocking read on a pipe wakes as soon as the line is written, so "tool done" carries
+/// no polling delay, and the supervisor does the same work as when writing to a file:
+/// one `write` per line. Both handoff variants use it, so they differ only in the trigger.
+fn tee_stderr(
+    from: std::process::ChildStderr,
+    mut log: std::fs::File,
+    tx: Sender<Result<u32, String>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(from);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match lines.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let _ = log.write_all(line.as_bytes());
+            if let Some(rest) = line.split_once(SIGHUP_COMMITTED).map(|(_, r)| r) {
+                let pid = rest.split_whitespace().next().and_then(|p| p.parse().ok());
+                let _ = tx.send(pid.ok_or_else(|| format!("unparsable: {}", line.trim())));
+            } else if let Some((_, why)) = line.split_once(SIGHUP_FAILED) {
+                let _ = tx.send(Err(why.trim().to_owned()));
+            }
+        }
+    })
 }
 
 /// Picks `n` free loopback ports (bound, then released: a small race with other programs,
@@ -117,7 +172,7 @@ impl Running {
                 }
                 c
             }
-            Peer::Handoff => {
+            Peer::Handoff | Peer::HandoffSighup => {
                 let mut c = Command::new(bins.path("handoff")?);
                 c.arg("run")
                     .arg("--runtime-dir")
@@ -149,14 +204,24 @@ impl Running {
                 c
             }
         };
-        let child = cmd
+        let log = std::fs::File::create(dir.join("stderr.log")).context("stderr.log")?;
+        let stderr = if peer.is_handoff() {
+            Stdio::piped()
+        } else {
+            Stdio::from(log.try_clone().context("stderr.log")?)
+        };
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join("stderr.log")).context("stderr.log")?,
-            ))
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {}: {cmd:?}", peer.name()))?;
+        let (mut commits, mut tee) = (None, None);
+        if let Some(from) = child.stderr.take() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            tee = Some(tee_stderr(from, log, tx));
+            commits = Some(rx);
+        }
         let mut r = Running {
             peer,
             child,
@@ -164,6 +229,8 @@ impl Running {
             dir: dir.to_path_buf(),
             bins: bins.clone(),
             pids: Vec::new(),
+            commits,
+            tee,
         };
         // systemd-socket-activate starts the service on the first connection: this probe.
         let pid = r.wait_serving(Duration::from_secs(15))?;
@@ -274,6 +341,21 @@ impl Running {
                 // Committed: the old process no longer accepts, so this is the new one.
                 probe_pid(self.addrs[0]).map_err(|e| anyhow!("probing after upgrade: {e}"))
             }
+            Peer::HandoffSighup => {
+                let commits = self
+                    .commits
+                    .as_ref()
+                    .context("no stderr reader for handoff run")?;
+                // Outcomes of earlier upgrades that arrived late were already counted.
+                while commits.try_recv().is_ok() {}
+                kill(Pid::from_raw(self.child.id() as i32), Signal::SIGHUP)
+                    .context("SIGHUP to handoff run")?;
+                match commits.recv_timeout(TOOL_BUDGET) {
+                    Ok(Ok(pid)) => Ok(pid),
+                    Ok(Err(why)) => bail!("handoff run: SIGHUP upgrade failed: {why}"),
+                    Err(_) => bail!("handoff run reported no outcome {TOOL_BUDGET:?} after SIGHUP"),
+                }
+            }
             Peer::Ecdysis => {
                 let pid_file = self.dir.join("ecdysis.pid");
                 kill(Pid::from_raw(old as i32), Signal::SIGHUP).context("SIGHUP")?;
@@ -320,7 +402,7 @@ impl Running {
     /// them all, including orphaned old generations reparented to us.
     pub fn stop(mut self) {
         let current: Vec<u32> = match self.peer {
-            Peer::Handoff | Peer::Control => vec![self.child.id()],
+            Peer::Handoff | Peer::HandoffSighup | Peer::Control => vec![self.child.id()],
             Peer::Ecdysis => read_pid(&self.dir.join("ecdysis.pid"))
                 .map(|p| vec![p])
                 .unwrap_or_default(),
@@ -351,6 +433,17 @@ impl Running {
         }
         let _ = self.child.try_wait();
         reap_any();
+        // Every writer of the stderr pipe is gone, so the copier reaches EOF and the log is
+        // complete when the phases are read; bounded all the same.
+        if let Some(tee) = self.tee.take() {
+            let end = Instant::now() + Duration::from_secs(2);
+            while !tee.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if tee.is_finished() {
+                let _ = tee.join();
+            }
+        }
     }
 }
 

@@ -71,7 +71,13 @@ fn harness_runs_and_handoff_loses_nothing() {
     let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
     assert_eq!(
         names,
-        ["control (no upgrades)", "handoff", "ecdysis", "shellflip"],
+        [
+            "control (no upgrades)",
+            "handoff",
+            "handoff (SIGHUP)",
+            "ecdysis",
+            "shellflip"
+        ],
         "{stderr}"
     );
     for r in rows {
@@ -81,14 +87,24 @@ fn harness_runs_and_handoff_loses_nothing() {
             r["name"]
         );
     }
-    let h = rows
-        .iter()
-        .find(|r| r["name"] == "handoff")
-        .expect("handoff row");
-    assert_eq!(h["failed_total"], 0, "handoff lost requests: {h}\n{stderr}");
-    assert!(h["upgrades"].as_u64().unwrap_or(0) >= 2, "{h}");
-    assert_eq!(h["upgrades_failed"], 0, "{h}\n{stderr}");
-    // Every upgrade was seen end to end: a new process answered after each trigger.
-    assert_eq!(h["serve_ms"]["n"], h["upgrades"], "{h}");
+    // Both triggers (`handoff upgrade`, SIGHUP to `handoff run`): nothing lost, every
+    // upgrade committed and seen end to end (a new process answered after each trigger),
+    // and the tool-done time known for each (the command returned / the commit line).
+    for name in ["handoff", "handoff (SIGHUP)"] {
+        let h = rows
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} row"));
+        assert_eq!(h["failed_total"], 0, "{name} lost requests: {h}\n{stderr}");
+        assert!(h["upgrades"].as_u64().unwrap_or(0) >= 2, "{h}");
+        assert_eq!(h["upgrades_failed"], 0, "{h}\n{stderr}");
+        assert_eq!(h["serve_ms"]["n"], h["upgrades"], "{h}");
+        assert_eq!(h["done_ms"]["n"], h["upgrades"], "{h}");
+        // Its phase log was read (the copied stderr is complete).
+        assert!(
+            h["phases_ms"]["total"]["n"].as_u64().unwrap_or(0) >= 2,
+            "{h}"
+        );
+    }
     assert!(v["floors"]["spawn_ms"]["n"].as_u64().unwrap_or(0) > 0);
 }

@@ -41,7 +41,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "control,handoff,ecdysis,shellflip"
+        default_value = "control,handoff,handoff-sighup,ecdysis,shellflip"
     )]
     peers: Vec<Peer>,
     /// Load duration per contestant, seconds (split evenly over the rounds).
@@ -200,7 +200,7 @@ fn main() -> Result<()> {
             let interval = Duration::from_millis(args.interval_ms);
             let (run, ups) = contest(&load_rt, &bins, peer, &dir, cfg, interval, 1, seg_secs)?;
             segs[i].push(run, ups, Duration::from_secs(seg_secs));
-            if peer == Peer::Handoff {
+            if peer.is_handoff() {
                 segs[i].add_phases(contest::handoff_phases(&dir));
             }
         }
@@ -409,7 +409,11 @@ fn render(out: &Output, args: &Args) -> String {
         f.spawn_ms.median, f.spawn_ms.p99, f.socketpair_rtt_ms.median, f.socketpair_rtt_ms.p99, f.spawn_plus_rtt_ms,
         f.fsync_rename_ms.median, f.fsync_rename_ms.p99
     ));
-    let handoff = out.contestants.iter().find(|r| r.name == "handoff");
+    let handoffs: Vec<&Summary> = [Peer::Handoff, Peer::HandoffSighup]
+        .iter()
+        .filter_map(|p| out.contestants.iter().find(|r| r.name == p.name()))
+        .filter(|h| h.serve_ms.n > 0)
+        .collect();
     for r in &out.contestants {
         if r.serve_ms.n == 0 {
             continue;
@@ -433,9 +437,10 @@ fn render(out: &Output, args: &Args) -> String {
                 phases.join(", ")
             ));
         }
-        if let Some(h) = handoff.filter(|h| h.name != r.name && h.serve_ms.n > 0) {
+        for h in handoffs.iter().filter(|h| h.name != r.name) {
             s.push_str(&format!(
-                "; handoff's median is {:.2}× this one's",
+                "; {}'s median is {:.2}× this one's",
+                h.name,
                 h.serve_ms.median / r.serve_ms.median.max(1e-9)
             ));
         }
