@@ -7,8 +7,9 @@
 //! client can cost us at most a 16-byte read before being refused.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use handoff::{frame, HandoffError, Report};
@@ -153,6 +154,63 @@ pub fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
                 reason: e.to_string(),
             }
         }
+    }
+}
+
+/// Serves the admin socket until it fails: every connection is checked
+/// with `SO_PEERCRED` (our own uid or root only; the socket's 0600 mode is
+/// the first fence, this the second), gets its own thread, and must send
+/// its request within 5 s — a client that connects and says nothing, or
+/// sends garbage, costs one short-lived thread and is told why. `handle`
+/// then owns the conversation.
+pub fn serve<H>(listener: UnixListener, handle: H)
+where
+    H: Fn(UnixStream, Request) + Send + Sync + 'static,
+{
+    let handle = Arc::new(handle);
+    let ours = nix::unistd::geteuid().as_raw();
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("handoff run: admin accept: {e}");
+                continue;
+            }
+        };
+        match handoff::peer_credentials(&stream) {
+            Ok(c) if c.uid == ours || c.uid == 0 => {}
+            Ok(c) => {
+                let _ = send(
+                    &stream,
+                    &Event::Error {
+                        message: format!(
+                            "uid {} may not control this supervisor (owner uid {ours})",
+                            c.uid
+                        ),
+                    },
+                );
+                continue;
+            }
+            Err(_) => continue,
+        }
+        let handle = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("admin-conn".into())
+            .spawn(move || {
+                let req: Request = match recv(&stream, Some(Duration::from_secs(5))) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = send(
+                            &stream,
+                            &Event::Error {
+                                message: format!("bad request: {e}"),
+                            },
+                        );
+                        return;
+                    }
+                };
+                handle(stream, req)
+            });
     }
 }
 

@@ -372,36 +372,7 @@ struct Ctx {
 }
 
 fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
-    let ours = nix::unistd::geteuid().as_raw();
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("handoff run: admin accept: {e}");
-                continue;
-            }
-        };
-        match handoff::peer_credentials(&stream) {
-            Ok(c) if c.uid == ours || c.uid == 0 => {}
-            Ok(c) => {
-                let _ = admin::send(
-                    &stream,
-                    &Event::Error {
-                        message: format!(
-                            "uid {} may not control this supervisor (owner uid {ours})",
-                            c.uid
-                        ),
-                    },
-                );
-                continue;
-            }
-            Err(_) => continue,
-        }
-        let ctx = ctx.clone();
-        let _ = std::thread::Builder::new()
-            .name("admin-conn".into())
-            .spawn(move || handle_admin(stream, &ctx));
-    }
+    admin::serve(listener, move |stream, req| handle_admin(stream, req, &ctx));
 }
 
 fn ms(d: Duration) -> f64 {
@@ -449,20 +420,7 @@ fn count_refusal<T>(metrics: &Metrics, r: &Result<T, UpgradeFailure>) {
     }
 }
 
-fn handle_admin(stream: UnixStream, ctx: &Ctx) {
-    // A client that connects and says nothing must not pin a thread forever.
-    let req: Request = match admin::recv(&stream, Some(Duration::from_secs(5))) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = admin::send(
-                &stream,
-                &Event::Error {
-                    message: format!("bad request: {e}"),
-                },
-            );
-            return;
-        }
-    };
+fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
     match req {
         Request::Status => {
             let (service_counters, service_counters_error) =

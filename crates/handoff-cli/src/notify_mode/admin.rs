@@ -23,36 +23,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub(super) fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
-    let ours = nix::unistd::geteuid().as_raw();
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("handoff run: admin accept: {e}");
-                continue;
-            }
-        };
-        match handoff::peer_credentials(&stream) {
-            Ok(c) if c.uid == ours || c.uid == 0 => {}
-            Ok(c) => {
-                let _ = admin::send(
-                    &stream,
-                    &Event::Error {
-                        message: format!(
-                            "uid {} may not control this supervisor (owner uid {ours})",
-                            c.uid
-                        ),
-                    },
-                );
-                continue;
-            }
-            Err(_) => continue,
-        }
-        let ctx = ctx.clone();
-        let _ = std::thread::Builder::new()
-            .name("admin-conn".into())
-            .spawn(move || handle(stream, &ctx));
-    }
+    admin::serve(listener, move |stream, req| handle(stream, req, &ctx));
 }
 
 /// An identifier for the log and `handoff upgrade`'s output (notify mode
@@ -137,20 +108,7 @@ pub(super) fn upgrade(
     r
 }
 
-fn handle(stream: UnixStream, ctx: &Ctx) {
-    // A client that connects and says nothing must not pin a thread forever.
-    let req: Request = match admin::recv(&stream, Some(Duration::from_secs(5))) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = admin::send(
-                &stream,
-                &Event::Error {
-                    message: format!("bad request: {e}"),
-                },
-            );
-            return;
-        }
-    };
+fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
     match req {
         Request::Status => {
             let h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
