@@ -223,24 +223,24 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let stopping = Arc::new(AtomicBool::new(false));
     {
-        let (sup, program, stopping) = (sup.clone(), program.clone(), stopping.clone());
+        let watched = supervise::LibraryMode {
+            sup: sup.clone(),
+            program: program.clone(),
+        };
+        let stopping = stopping.clone();
         let metrics = metrics.clone();
         std::thread::Builder::new()
             .name("monitor".into())
             .spawn(move || {
-                if let Err(e) = supervise::monitor(
-                    sup.clone(),
-                    program,
-                    stopping,
-                    supervise::Backoff::default(),
-                    |pid| {
+                if let Err(e) =
+                    supervise::monitor(&watched, &stopping, supervise::Backoff::default(), |pid| {
                         metrics.restart();
                         metrics.set_incumbent(Some(pid));
-                    },
-                ) {
+                    })
+                {
                     eprintln!("handoff run: {e:#}; stopping");
                     crate::systemd::stopping("the service keeps failing to start");
-                    stop(&sup);
+                    stop(&watched.sup);
                     std::process::exit(1);
                 }
             })?;

@@ -122,13 +122,43 @@ impl Default for Backoff {
     }
 }
 
-/// Watches the incumbent; when it dies outside a handoff, starts a new one
-/// with the same listeners (connections wait in the backlog meanwhile).
-/// Returns an error when restarts keep failing (crash loop).
+/// What the crash monitor needs from a supervisor, library or notify mode.
+pub trait Supervised {
+    /// The serving process, if one runs.
+    fn incumbent(&self) -> Option<handoff::Child>;
+    /// Starts a fresh process if `dead` is still the recorded incumbent (an
+    /// upgrade may have replaced it meanwhile); the new pid and build id.
+    fn restart_if_dead(&self, dead: u32) -> std::result::Result<Option<(u32, String)>, String>;
+}
+
+/// Library mode: a restart is a handoff with no old process.
+pub struct LibraryMode {
+    pub sup: Arc<Supervisor>,
+    pub program: Program,
+}
+
+impl Supervised for LibraryMode {
+    fn incumbent(&self) -> Option<handoff::Child> {
+        self.sup.incumbent()
+    }
+
+    fn restart_if_dead(&self, dead: u32) -> std::result::Result<Option<(u32, String)>, String> {
+        self.sup
+            .restart_if_dead(&self.program, dead, &mut |_| {})
+            .map(|r| r.map(|r| (r.new_pid, r.new_build_id)))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Restarts an incumbent that dies outside a handoff: exponential backoff
+/// from `policy.initial` to `policy.max` (reset once a process has lived
+/// `policy.healthy_after`), and an error once `policy.limit` restarts in a
+/// row have failed — the caller then stops everything and exits, so a
+/// service manager sees the crash loop instead of a supervisor spinning.
+/// Connections meanwhile wait in the listeners' backlog (we keep them).
 pub fn monitor(
-    sup: Arc<Supervisor>,
-    program: Program,
-    stopping: Arc<AtomicBool>,
+    s: &impl Supervised,
+    stopping: &AtomicBool,
     policy: Backoff,
     on_restart: impl Fn(u32),
 ) -> Result<()> {
@@ -139,7 +169,8 @@ pub fn monitor(
         if stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Some(c) = sup.incumbent() else {
+        let Some(c) = s.incumbent() else {
+            // Only between a failed restart and the next attempt.
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
@@ -150,14 +181,14 @@ pub fn monitor(
             return Ok(());
         }
         let dead = c.pid();
-        if sup.incumbent().map(|x| x.pid()) != Some(dead) {
-            continue; // a handoff replaced it
+        if s.incumbent().map(|x| x.pid()) != Some(dead) {
+            continue; // an upgrade replaced it
         }
         if born.elapsed() >= policy.healthy_after {
             delay = policy.initial;
             failures = 0;
         }
-        eprintln!("handoff run: the incumbent (pid {dead}) died outside a handoff ({exit}); restarting in {delay:?}");
+        eprintln!("handoff run: the incumbent (pid {dead}) died outside an upgrade ({exit}); restarting in {delay:?}");
         crate::systemd::crashed(dead, &exit, delay);
         std::thread::sleep(delay);
         // A stop may have begun during the backoff: start nothing it would
@@ -165,11 +196,11 @@ pub fn monitor(
         if stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        match sup.restart_if_dead(&program, dead, &mut |_| {}) {
-            Ok(Some(r)) => {
-                crate::systemd::restarted(r.new_pid, &r.new_build_id);
-                println!("restarted pid={}", r.new_pid);
-                on_restart(r.new_pid);
+        match s.restart_if_dead(dead) {
+            Ok(Some((pid, build))) => {
+                crate::systemd::restarted(pid, &build);
+                println!("restarted pid={pid}");
+                on_restart(pid);
                 born = Instant::now();
             }
             Ok(None) => {}

@@ -196,7 +196,13 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
         std::thread::Builder::new()
             .name("monitor".into())
             .spawn(move || {
-                if let Err(e) = monitor(&ctx, Backoff::default()) {
+                let on_restart = |pid| {
+                    ctx.metrics.restart();
+                    ctx.metrics.set_incumbent(Some(pid));
+                };
+                if let Err(e) =
+                    crate::supervise::monitor(&*ctx, &ctx.stopping, Backoff::default(), on_restart)
+                {
                     eprintln!("handoff run: {e:#}; stopping");
                     crate::systemd::stopping("the service keeps failing to start");
                     ctx.stopping.store(true, Ordering::SeqCst);
@@ -272,64 +278,18 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
     }
 }
 
-/// Restarts the process when it dies outside an upgrade (connections wait
-/// in the listen backlog meanwhile); gives up after `policy.limit` failed
-/// restarts in a row.
-fn monitor(ctx: &Ctx, policy: Backoff) -> Result<()> {
-    let mut delay = policy.initial;
-    let mut failures = 0u32;
-    let mut born = Instant::now();
-    loop {
-        if ctx.stopping.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let Some(c) = ctx.sup.incumbent() else {
-            // Only between a failed restart and the next attempt, or stopped.
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        let Some(exit) = c.wait_timeout(Duration::from_millis(250)) else {
-            continue;
-        };
-        if ctx.stopping.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let dead = c.pid();
-        if ctx.sup.incumbent().map(|x| x.pid()) != Some(dead) {
-            continue; // an upgrade replaced it
-        }
-        if born.elapsed() >= policy.healthy_after {
-            delay = policy.initial;
-            failures = 0;
-        }
-        eprintln!("handoff run: the service (pid {dead}) died outside an upgrade ({exit}); restarting in {delay:?}");
-        crate::systemd::crashed(dead, &exit, delay);
-        std::thread::sleep(delay);
-        if ctx.stopping.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        match ctx.sup.restart_if_dead(&ctx.program, dead, &mut |_| {}) {
-            Ok(Some(r)) => {
-                crate::systemd::restarted(r.new_pid, "");
-                ctx.metrics.restart();
-                ctx.metrics.set_incumbent(Some(r.new_pid));
-                println!("restarted pid={}", r.new_pid);
-                let _ = std::io::stdout().flush();
-                born = Instant::now();
-            }
-            Ok(None) => {}
-            Err(e) => {
-                failures += 1;
-                eprintln!(
-                    "handoff run: restart {failures}/{} failed: {e}",
-                    policy.limit
-                );
-                if failures >= policy.limit {
-                    bail!("the service keeps failing to start ({failures} restarts in a row failed; last: {e})");
-                }
-            }
-        }
-        delay = (delay * 2).min(policy.max);
+/// Notify mode under the shared crash monitor: a restart spawns the
+/// program and waits for its readiness like an upgrade with no old process.
+impl crate::supervise::Supervised for Ctx {
+    fn incumbent(&self) -> Option<handoff::Child> {
+        self.sup.incumbent()
+    }
+
+    fn restart_if_dead(&self, dead: u32) -> std::result::Result<Option<(u32, String)>, String> {
+        self.sup
+            .restart_if_dead(&self.program, dead, &mut |_| {})
+            .map(|r| r.map(|r| (r.new_pid, String::new())))
+            .map_err(|e| e.to_string())
     }
 }
 
