@@ -214,6 +214,19 @@ where
     }
 }
 
+/// Connects to the supervisor's admin socket in `runtime_dir`; the error
+/// says where we looked and what is probably wrong.
+pub fn connect(runtime_dir: &Path) -> Result<UnixStream, String> {
+    let path = admin_path(runtime_dir);
+    UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "cannot reach the supervisor at {}: {e}\n  is `handoff run --runtime-dir {}` running?",
+            path.display(),
+            runtime_dir.display()
+        )
+    })
+}
+
 pub fn send<T: Serialize>(mut s: &UnixStream, msg: &T) -> std::io::Result<()> {
     let json = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     let bytes = frame::encode(1, &json).map_err(std::io::Error::other)?;

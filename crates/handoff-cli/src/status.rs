@@ -12,7 +12,6 @@
 //! listed in [`JSON_FIELDS`] (shown by `handoff status --help`) and only
 //! ever gain new ones.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -86,15 +85,9 @@ pub fn main(a: StatusArgs) -> ExitCode {
         ExitCode::from(2)
     };
     let path = admin::admin_path(&a.rt.runtime_dir);
-    let stream = match UnixStream::connect(&path) {
+    let stream = match admin::connect(&a.rt.runtime_dir) {
         Ok(s) => s,
-        Err(e) => {
-            return fail(format!(
-            "cannot reach the supervisor at {}: {e}\n  is `handoff run --runtime-dir {}` running?",
-            path.display(),
-            a.rt.runtime_dir.display()
-        ))
-        }
+        Err(msg) => return fail(msg),
     };
     if let Err(e) = admin::send(&stream, &Request::Status) {
         return fail(format!("sending the request to {}: {e}", path.display()));

@@ -15,7 +15,6 @@
 //! 4. after the grace, SIGKILL whatever is left, and reap it;
 //! 5. report to every client that asked, then exit 0.
 
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -266,15 +265,9 @@ pub fn main(a: StopArgs) -> ExitCode {
         ExitCode::from(2)
     };
     let path = admin::admin_path(&a.rt.runtime_dir);
-    let stream = match UnixStream::connect(&path) {
+    let stream = match admin::connect(&a.rt.runtime_dir) {
         Ok(s) => s,
-        Err(e) => {
-            return fail(format!(
-            "cannot reach the supervisor at {}: {e}\n  is `handoff run --runtime-dir {}` running?",
-            path.display(),
-            a.rt.runtime_dir.display()
-        ))
-        }
+        Err(msg) => return fail(msg),
     };
     let req = Request::Stop {
         grace_ms: a.grace.map(|d| d.as_millis() as u64),

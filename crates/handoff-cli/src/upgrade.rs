@@ -16,7 +16,6 @@
 //! and no retry loop are needed.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -75,18 +74,9 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return fail(format!("--binary: {e}"), a.json),
     };
-    let stream = match UnixStream::connect(&path) {
+    let stream = match admin::connect(&a.rt.runtime_dir) {
         Ok(s) => s,
-        Err(e) => {
-            return fail(
-                format!(
-                    "cannot reach the supervisor at {}: {e}\n  is `handoff run --runtime-dir {}` running?",
-                    path.display(),
-                    a.rt.runtime_dir.display()
-                ),
-                a.json,
-            )
-        }
+        Err(msg) => return fail(msg, a.json),
     };
     let req = Request::Upgrade {
         binary,
