@@ -54,7 +54,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Bind the listeners, start PROGRAM and serve upgrade requests (foreground).
-    #[command(after_help = notify_mode::EXAMPLE)]
+    #[command(after_help = run::AFTER_HELP)]
     Run(run::RunArgs),
     /// Ask a running supervisor to replace the service with a fresh process.
     #[command(after_help = upgrade::AFTER_HELP)]

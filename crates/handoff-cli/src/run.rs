@@ -25,6 +25,27 @@ use crate::metrics::{Metrics, Outcome};
 use crate::progress::{Hooks, InFlight, Progress, Trigger, UpgradeFailure};
 use crate::{restart, status, supervise};
 
+/// `handoff run --help`: examples for each way of running.
+pub const AFTER_HELP: &str = "\
+EXAMPLES:
+  # a service linking the handoff library, two listeners, metrics:
+  handoff run --runtime-dir /run/kv --state-dir /var/lib/kv \\
+      --listen http=tcp://0.0.0.0:8080 --listen admin=unix:/run/kv/http.sock \\
+      --metrics 127.0.0.1:9464 -- /usr/local/bin/kv --data /var/lib/kv
+
+  # the same from a file (flags still override it); check what it resolves to first:
+  handoff run --config /etc/kv/handoff.toml --check-config
+  handoff run --config /etc/kv/handoff.toml
+
+  # any socket-activated program that sends READY=1 (no library needed):
+  handoff run --mode notify --runtime-dir /run/web --state-dir /var/lib/web \\
+      --listen http=tcp://0.0.0.0:8080 --stop-signal SIGTERM --drain-grace 30s -- gunicorn app:app
+
+SIGNALS: SIGHUP upgrades (like `handoff upgrade`); SIGTERM/SIGINT drain and stop (like `handoff stop`).
+LOGS: structured events on stderr, filtered by HANDOFF_LOG (e.g. HANDOFF_LOG=debug); targets in docs/observability.md.
+UNDER SYSTEMD: Type=notify (READY/RELOADING/STOPPING/STATUS, watchdog), socket units; see docs/systemd/.
+EXIT: 0 after a clean stop; 1 if it could not start or the service kept crashing (crash-loop limit).";
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Read settings from a TOML file (keys spelt like these flags:

@@ -62,13 +62,6 @@ pub struct NotifyArgs {
     pub probe_only: bool,
 }
 
-/// `handoff run --help`: the notify-mode example.
-pub const EXAMPLE: &str = "\
-NOTIFY MODE (programs that do not link the handoff library):
-  # any socket-activated program that sends READY=1 (no library needed):
-  handoff run --mode notify --runtime-dir /run/web --state-dir /var/lib/web \\
-      --listen http=tcp://0.0.0.0:8080 --stop-signal SIGTERM --drain-grace 30s -- gunicorn app:app";
-
 /// `SIGTERM`, `TERM` or `15`.
 pub fn parse_signal(s: &str) -> Result<Signal, String> {
     let up = s.trim().to_ascii_uppercase();
