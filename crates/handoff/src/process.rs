@@ -6,7 +6,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::channel::Sender;
@@ -112,9 +111,25 @@ pub fn bind_control(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// A thread that sends Heartbeat every `interval` until stopped.
+///
+/// `stop` does not join the thread. It sits on every handoff's critical path
+/// (drain, seal, the successor's health check), and on saturated cores a
+/// join waits for the woken thread to be scheduled just to exit — a wakeup
+/// the handoff does not need. What callers need is only that no Heartbeat is
+/// written after `stop` returns, so their next message (Drained,
+/// SealComplete, Ready) is the next frame on the wire: `stop` marks the
+/// heartbeat stopped under the mutex and waits only while a send is in
+/// progress (`sending`); the thread checks `stopped` under the same mutex
+/// before every send, then exits on its own.
 pub(crate) struct Heartbeat {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    handle: Option<JoinHandle<()>>,
+    stop: Arc<(Mutex<HeartbeatState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct HeartbeatState {
+    stopped: bool,
+    /// A Heartbeat is being written right now (outside the lock).
+    sending: bool,
 }
 
 impl Heartbeat {
@@ -123,55 +138,66 @@ impl Heartbeat {
         id: HandoffId,
         interval: Duration,
     ) -> Heartbeat {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let handle = match sender {
+        let stop = Arc::new((Mutex::new(HeartbeatState::default()), Condvar::new()));
+        match sender {
             Ok(sender) => {
                 let s = stop.clone();
-                std::thread::Builder::new()
+                let spawned = std::thread::Builder::new()
                     .name("handoff-heartbeat".into())
                     .spawn(move || {
                         let (m, cv) = &*s;
+                        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
                         loop {
-                            let stopped = m.lock().unwrap_or_else(|p| p.into_inner());
                             // Checked before waiting: `stop` may have run
                             // before this thread first took the lock.
-                            if *stopped {
+                            if st.stopped {
                                 return;
                             }
-                            let (stopped, _) = cv
-                                .wait_timeout(stopped, interval)
-                                .unwrap_or_else(|p| p.into_inner());
-                            if *stopped {
+                            st = cv
+                                .wait_timeout(st, interval)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0;
+                            if st.stopped {
                                 return;
                             }
                             // Send without holding the lock, so `stop` never
-                            // waits behind a slow write.
-                            drop(stopped);
-                            if sender.send(&Message::Heartbeat { handoff_id: id }).is_err() {
+                            // waits behind a slow write unless one is under
+                            // way; `sending` makes it wait for that one.
+                            st.sending = true;
+                            drop(st);
+                            let sent = sender.send(&Message::Heartbeat { handoff_id: id });
+                            st = m.lock().unwrap_or_else(|p| p.into_inner());
+                            st.sending = false;
+                            cv.notify_all();
+                            if sent.is_err() {
                                 return;
                             }
                         }
-                    })
-                    .ok()
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(target: "handoff::heartbeat", error = %e, "cannot start the heartbeat thread");
+                }
             }
             Err(e) => {
                 tracing::warn!(target: "handoff::heartbeat", error = %e, "cannot heartbeat");
-                None
             }
-        };
-        Heartbeat { stop, handle }
+        }
+        Heartbeat { stop }
     }
 
     pub(crate) fn stop(mut self) {
         self.halt();
     }
 
+    /// Returns once no Heartbeat can be written any more (see the type's
+    /// doc); the thread exits by itself when next scheduled.
     fn halt(&mut self) {
         let (m, cv) = &*self.stop;
-        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+        st.stopped = true;
         cv.notify_all();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        while st.sending {
+            st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -201,6 +227,42 @@ mod tests {
                 "stop took {:?}",
                 t.elapsed()
             );
+        }
+    }
+
+    /// The guarantee `stop` keeps without joining: once it returns, the
+    /// caller's next frame is the next on the wire. The thread heartbeats as
+    /// fast as it can, so stop often lands mid-send; after the marker, only
+    /// EOF may follow (which comes once the detached thread has exited and
+    /// dropped its copy of the socket).
+    #[test]
+    fn no_heartbeat_after_stop_returns() {
+        for round in 0..500 {
+            let (a, b) = UnixStream::pair().unwrap();
+            let chan = Channel::new(a);
+            let hb = Heartbeat::start(chan.sender(), 3, Duration::ZERO);
+            let mut rx = Channel::new(b);
+            assert_eq!(
+                rx.recv(Some(Duration::from_secs(5))).unwrap(),
+                Message::Heartbeat { handoff_id: 3 }
+            );
+            hb.stop();
+            chan.sender()
+                .unwrap()
+                .send(&Message::Commit { handoff_id: 9 })
+                .unwrap();
+            drop(chan);
+            loop {
+                match rx.recv(Some(Duration::from_secs(5))) {
+                    Ok(Message::Heartbeat { .. }) => continue,
+                    Ok(Message::Commit { handoff_id: 9 }) => break,
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+            match rx.recv(Some(Duration::from_secs(5))) {
+                Err(crate::frame::FrameError::Closed) => {}
+                other => panic!("round {round}: a frame after the marker: {other:?}"),
+            }
         }
     }
 
