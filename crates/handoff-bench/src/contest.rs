@@ -284,6 +284,9 @@ impl Running {
             _ => probe_pid(self.addrs[0]).ok(),
         }
         .unwrap_or(0);
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            trace_trigger(&self.dir, old);
+        }
         let trigger = Instant::now();
         let mut up = Upgrade {
             trigger_us: us(trigger),
@@ -474,6 +477,21 @@ fn output_within(child: Child, budget: Duration) -> std::io::Result<std::process
             ))
         }
     }
+}
+
+/// BENCH_TRACE=1: appends the trigger's wall-clock µs to `dir/triggers.log`, to line up
+/// with the services' `bench-trace` lines and the supervisor's log timestamps.
+fn trace_trigger(dir: &Path, old: u32) {
+    let us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    let line = format!("trigger old={old} at={us}\n");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("triggers.log"))
+        .and_then(|mut f| f.write_all(line.as_bytes()));
 }
 
 /// Reaps whatever children have exited (orphans reparented to us included).

@@ -57,7 +57,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Wall-clock µs, comparable with the supervisor's log timestamps.
+fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
+}
+
 fn run() -> Result<(), String> {
+    // BENCH_TRACE=1: one line per start with the wall-clock µs of each start-up step, to
+    // see where an upgrade's time goes (the harness reads it beside the phase log).
+    let trace = std::env::var_os("BENCH_TRACE").is_some();
+    let t_main = now_us();
     let mut boot = Boot::from_env(BootOptions::new("bench-svc-handoff"))
         .map_err(|e| format!("starting (run me under `handoff run`): {e}"))?;
     let listeners: Vec<std::net::TcpListener> = boot
@@ -68,6 +80,7 @@ fn run() -> Result<(), String> {
     if listeners.is_empty() {
         return Err("no listeners were passed (run me under `handoff run --listen ...`)".into());
     }
+    let t_booted = now_us();
     // Warm-up before Begin: the runtime and the listeners' registration with it.
     let rt = handoff_bench::service_runtime().map_err(|e| format!("runtime: {e}"))?;
     let listeners = {
@@ -81,16 +94,27 @@ fn run() -> Result<(), String> {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| format!("registering listeners: {e}"))?
     };
+    let t_warm = now_us();
     let begun = boot
         .begin()
         .map_err(|e| format!("waiting for Begin: {e}"))?;
+    let t_begun = now_us();
     let incumbent = begun
         .ready(|| Ok(()))
         .map_err(|e| format!("becoming ready: {e}"))?;
+    let t_committed = now_us();
     // Committed: accept only now (a successor aborted before Commit is killed).
     let t = Tiny::new();
     for l in listeners {
         rt.spawn(tiny::accept_loop(l, t.clone()));
+    }
+    if trace {
+        eprintln!(
+            "bench-trace pid={} main={t_main} booted={t_booted} warm={t_warm} begun={t_begun} \
+             committed={t_committed} accepting={}",
+            std::process::id(),
+            now_us()
+        );
     }
     let mut svc = Svc {
         tiny: t.clone(),

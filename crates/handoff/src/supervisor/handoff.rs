@@ -142,6 +142,8 @@ impl<'a, 'o> Run<'a, 'o> {
     fn drive(&mut self, program: &Program) -> Result<(), HandoffError> {
         if self.with_incumbent {
             self.connect_incumbent()?;
+            // Where negotiating's time goes (HANDOFF_LOG=handoff::phase=debug).
+            tracing::debug!(target: "handoff::phase", handoff_id = %crate::protocol::IdHex(self.id), "incumbent greeted");
         }
         self.spawn_successor(program)?;
 
