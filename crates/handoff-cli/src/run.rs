@@ -182,13 +182,10 @@ fn run(args: RunArgs) -> Result<()> {
     let mut program = Program::new(PathBuf::from(&a.program[0]));
     program.args = a.program[1..].to_vec();
     if a.notify.mode() == crate::notify_mode::Mode::Notify {
-        let listeners = sources
-            .into_iter()
-            .map(|s| s.open(bind))
-            .collect::<Result<Vec<_>>>()?;
         let prepared = crate::notify_mode::Prepared {
             runtime_dir: runtime,
-            listeners,
+            state_dir: a.state_dir.clone(),
+            sources,
             program,
             deadline: a.deadline,
             drain_grace: a.drain_grace,

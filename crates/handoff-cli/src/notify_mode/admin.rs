@@ -40,7 +40,7 @@ fn failed_phase(e: &NotifyError) -> Option<&'static str> {
         | NotifyError::Exited { .. }
         | NotifyError::StoppedBeforeReady { .. } => Some("ready"),
         NotifyError::OldStopFailed { .. } => Some("old-signalled"),
-        NotifyError::InProgress | NotifyError::NoIncumbent => None,
+        NotifyError::InProgress | NotifyError::NoIncumbent | NotifyError::Adopt { .. } => None,
     }
 }
 

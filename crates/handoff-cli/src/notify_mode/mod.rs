@@ -9,6 +9,7 @@
 //! upgrade. It takes over from `run` right after the locks are held.
 
 mod admin;
+mod recover;
 
 use std::fs;
 use std::io::Write;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use handoff::notify::{NotifyConfig, NotifyOptions, NotifySupervisor, Readiness, ReadyProbe};
-use handoff::{Listener, Program};
+use handoff::Program;
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::progress::{Counts, LastHandoff};
@@ -108,7 +109,11 @@ impl NotifyArgs {
 /// What `run` has prepared before handing over.
 pub struct Prepared {
     pub runtime_dir: PathBuf,
-    pub listeners: Vec<(Listener, String)>,
+    /// Where the crash-recovery record lives (see `recover`).
+    pub state_dir: PathBuf,
+    /// The listeners to bind or take from systemd — or, when a process a
+    /// crashed supervisor left still serves, to take back from it.
+    pub sources: Vec<crate::systemd::activation::Source>,
     pub program: Program,
     pub deadline: Duration,
     pub drain_grace: Duration,
@@ -149,7 +154,9 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
         notify: !args.probe_only,
         probe: args.ready_probe.clone(),
     };
-    let shown: Vec<String> = p
+    cfg.record_dir = Some(p.state_dir.clone());
+    let opened = recover::open(&p.state_dir, p.sources)?;
+    let shown: Vec<String> = opened
         .listeners
         .iter()
         .map(|(l, a)| format!("{}={a}", l.name))
@@ -161,13 +168,24 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
         }
         o.flush()?;
     }
-    let listeners = p.listeners.into_iter().map(|(l, _)| l).collect();
+    let listeners = opened.listeners.into_iter().map(|(l, _)| l).collect();
     let sup = NotifySupervisor::new(cfg, listeners);
-    let first = sup.start(&p.program, &mut |_| {}).map_err(|e| {
-        anyhow::anyhow!("starting {} in notify mode: {e}", p.program.path.display())
-    })?;
+    let first_pid = match &opened.orphan {
+        Some(orphan) => {
+            let pid = sup.adopt(orphan)?;
+            eprintln!("handoff run: re-attached to the running service (pid {pid}) left by a previous supervisor");
+            pid
+        }
+        None => {
+            sup.start(&p.program, &mut |_| {})
+                .map_err(|e| {
+                    anyhow::anyhow!("starting {} in notify mode: {e}", p.program.path.display())
+                })?
+                .new_pid
+        }
+    };
     let metrics = crate::metrics::Metrics::new();
-    metrics.set_incumbent(Some(first.new_pid));
+    metrics.set_incumbent(Some(first_pid));
     if let Some(addr) = p.metrics {
         let bound = metrics
             .serve(addr)
@@ -210,7 +228,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
     let admin_listener = UnixListener::bind(&admin_path)
         .with_context(|| format!("binding {}", admin_path.display()))?;
     fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
-    println!("ready pid={}", first.new_pid);
+    println!("ready pid={first_pid}");
     std::io::stdout().flush()?;
     {
         let ctx = ctx.clone();
@@ -218,7 +236,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
             .name("admin".into())
             .spawn(move || admin::serve(admin_listener, ctx))?;
     }
-    crate::systemd::ready(first.new_pid, "");
+    crate::systemd::ready(first_pid, "");
     crate::systemd::start_watchdog(crate::systemd::admin_probe(
         admin_path.clone(),
         crate::systemd::probe_timeout(),

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::probe::ReadyProbe;
+use super::record::{describe_fd, NotifyRecord, Orphan, ProcId, RecordStore, RecordedListener};
 use super::socket::{Announced, NotifySocket, Watched};
 use super::NotifyError;
 use crate::child::{Child, Exit};
 use crate::listeners::Listener;
 use crate::spawn::{spawn_activated, Program};
+use std::os::fd::AsFd;
 
 /// What "ready" means for a new process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +60,10 @@ pub struct NotifyConfig {
     pub drain_grace: Duration,
     pub stop_signal: Signal,
     pub readiness: Readiness,
+    /// Where to keep the crash-recovery record (the service's state dir;
+    /// see [`RecordStore`]). `None`: no record, so a supervisor restarted
+    /// after a crash cannot take the running process back.
+    pub record_dir: Option<PathBuf>,
 }
 
 impl NotifyConfig {
@@ -68,6 +74,7 @@ impl NotifyConfig {
             drain_grace: Duration::from_secs(30),
             stop_signal: Signal::SIGTERM,
             readiness: Readiness::default(),
+            record_dir: None,
         }
     }
 }
@@ -169,6 +176,7 @@ pub struct NotifySupervisor {
     busy: Mutex<()>,
     procs: Mutex<Procs>,
     seq: AtomicU64,
+    store: Option<RecordStore>,
 }
 
 /// How long to wait for the kernel to finish off a SIGKILLed process.
@@ -177,6 +185,7 @@ const REAP: Duration = Duration::from_secs(5);
 impl NotifySupervisor {
     pub fn new(cfg: NotifyConfig, listeners: Vec<Listener>) -> NotifySupervisor {
         NotifySupervisor {
+            store: cfg.record_dir.as_ref().map(RecordStore::new),
             cfg,
             listeners,
             busy: Mutex::new(()),
@@ -242,6 +251,70 @@ impl NotifySupervisor {
         self.replace(program, NotifyOptions::default(), observer)
     }
 
+    /// Takes over a process a previous supervisor left serving (found by
+    /// [`RecordStore::find_orphan`]; `listeners` must be its own, fetched
+    /// from it or from systemd) as the incumbent: upgrades, stop and the
+    /// crash monitor then work on it. It is not our child, so its liveness
+    /// is polled ([`Child::adopt_foreign`]) and its exit status is unknown.
+    /// Its notify socket is bound again at the recorded path, so what it
+    /// announces from now on (`STATUS=`…) is heard.
+    pub fn adopt(&self, orphan: &Orphan) -> Result<u32, NotifyError> {
+        let _busy = self.busy.try_lock().map_err(|_| NotifyError::InProgress)?;
+        let pid = orphan.pid();
+        let child =
+            Child::adopt_foreign(pid).map_err(|source| NotifyError::Adopt { pid, source })?;
+        let path = match orphan.notify_socket() {
+            Some(p) if p.parent() == Some(self.cfg.socket_dir.as_path()) => p.to_path_buf(),
+            _ => self.next_socket_path(),
+        };
+        let notify = NotifySocket::bind(&path)?.watch(pid)?;
+        self.procs().incumbent = Some(Running { child, notify });
+        self.save(None);
+        Ok(pid)
+    }
+
+    fn next_socket_path(&self) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.cfg
+            .socket_dir
+            .join(format!("notify-{}-{n}.sock", std::process::id()))
+    }
+
+    /// Records the incumbent (and `pending`, a process spawned but not yet
+    /// ready). A failure is logged, not fatal: it only costs the recovery
+    /// after a crash, never the service.
+    fn save(&self, pending: Option<u32>) {
+        let Some(store) = &self.store else { return };
+        let (incumbent, notify_socket) = match &self.procs().incumbent {
+            Some(r) => (
+                ProcId::of(r.child.pid()),
+                Some(r.notify.path().to_path_buf()),
+            ),
+            None => (None, None),
+        };
+        let rec = NotifyRecord {
+            incumbent,
+            notify_socket,
+            pending: pending.and_then(ProcId::of),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| RecordedListener {
+                    name: l.name.clone(),
+                    addr: describe_fd(l.fd.as_fd()).unwrap_or_else(|| "?".into()),
+                })
+                .collect(),
+        };
+        let r = if rec.incumbent.is_none() && rec.pending.is_none() {
+            store.clear()
+        } else {
+            store.write(&rec)
+        };
+        if let Err(e) = r {
+            tracing::warn!(target: "handoff::notify", error = %e, "the crash-recovery record was not written");
+        }
+    }
+
     /// Starts a fresh process if `dead_pid` — the one the caller saw exit —
     /// is still the recorded one (an upgrade may have replaced it already).
     pub fn restart_if_dead(
@@ -280,6 +353,7 @@ impl NotifySupervisor {
     pub fn stop(&self, grace: Duration) -> Option<(Exit, bool)> {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.procs().incumbent.take()?;
+        self.save(None);
         let mut since = Instant::now();
         self.stop_child(&old.child, grace, &mut |_, _| {}, &mut since)
             .ok()
@@ -307,11 +381,7 @@ impl NotifySupervisor {
         let deadline = opts.deadline.unwrap_or(self.cfg.deadline);
         let grace = opts.drain_grace.unwrap_or(self.cfg.drain_grace);
 
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let sock_path = self
-            .cfg
-            .socket_dir
-            .join(format!("notify-{}-{n}.sock", std::process::id()));
+        let sock_path = self.next_socket_path();
         let sock = NotifySocket::bind(&sock_path)?;
         let child = spawn_activated(
             program,
@@ -319,10 +389,14 @@ impl NotifySupervisor {
             &[("NOTIFY_SOCKET", sock.path().as_os_str())],
         )?;
         let pid = child.pid();
+        // Before waiting: a crash from here on must not leave it running
+        // unrecorded next to the incumbent.
+        self.save(Some(pid));
         let notify = match sock.watch(pid) {
             Ok(w) => w,
             Err(e) => {
                 child.kill_and_reap(REAP);
+                self.save(None);
                 return Err(e);
             }
         };
@@ -332,12 +406,14 @@ impl NotifySupervisor {
         if let Err(e) = self.await_ready(&child, &notify, deadline) {
             let exit = child.kill_and_reap(REAP);
             tracing::warn!(target: "handoff::notify", pid, ?exit, error = %e, "new process not ready; killed");
+            self.save(None);
             return Err(e);
         }
         mark(NotifyPhase::Ready, &mut since);
 
         // From here the new process is the incumbent whatever happens.
         let old = self.procs().incumbent.replace(Running { child, notify });
+        self.save(None);
         let mut report = NotifyReport {
             old_pid: None,
             new_pid: pid,

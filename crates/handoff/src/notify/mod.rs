@@ -25,6 +25,7 @@
 mod backend;
 mod message;
 mod probe;
+mod record;
 mod socket;
 
 use std::path::PathBuf;
@@ -35,6 +36,10 @@ pub use backend::{
 };
 pub use message::{NotifyMessage, MAX_DATAGRAM};
 pub use probe::ReadyProbe;
+pub use record::{
+    describe_fd, NotifyRecord, Orphan, ProcId, RecordError, RecordStore, RecordedListener,
+    RECORD_FILE,
+};
 pub use socket::{Announced, NotifySocket, Watched};
 
 use crate::child::Exit;
@@ -77,6 +82,8 @@ pub enum NotifyError {
         status: Option<String>,
         errno: Option<i32>,
     },
+    #[error("adopting pid {pid}, left serving by a previous supervisor: {source}")]
+    Adopt { pid: u32, source: std::io::Error },
     #[error("old-signalled: sending {signal} to the old process (pid {pid}): {source}")]
     OldStopFailed {
         pid: u32,

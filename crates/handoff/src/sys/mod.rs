@@ -11,6 +11,7 @@ pub mod dgram;
 pub mod exec;
 pub mod fdpass;
 mod msg;
+pub mod pidfd;
 pub mod shm;
 pub mod wait;
 

@@ -1,0 +1,297 @@
+//! Notify mode after a supervisor crash, through the real binaries: the
+//! supervisor is SIGKILLed, the service it ran (tests/fixtures/notify_service.py,
+//! which knows nothing of handoff) keeps serving, and a new `handoff run
+//! --mode notify` with the same arguments takes that very process back — its
+//! listening socket copied out of it with pidfd_getfd — instead of failing to
+//! bind the port the orphan holds.
+//!
+//! - SIGKILL under continuous load, re-attach, upgrade: the same pid is
+//!   adopted (status says so), the upgrade commits and stops it, and no
+//!   request fails at any point.
+//! - A stale record (its pid dead, or alive but another process: wrong
+//!   start time) is ignored and the service starts normally.
+//!
+//! Runs the supervisors under examples/subreaper, so the orphan is reaped
+//! when it finally exits (pid 1 here does not reap). Needs `python3` and the
+//! built binaries (`cargo build --workspace --all-features --bins --examples`).
+#![cfg(target_os = "linux")]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::{
+    begin_test, children_of, handoff_bin, poll_until, wait_until, Client, StartOpts, Supervisor,
+    TestDirs,
+};
+
+const SETTLE: Duration = Duration::from_secs(20);
+const RECORD: &str = "notify-incumbent.json";
+
+fn service() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/notify_service.py")
+}
+
+/// `subreaper handoff run --mode notify --listen http=tcp://127.0.0.1:0 … --
+/// notify_service.py`: the same arguments every time.
+fn start(dirs: &TestDirs) -> Supervisor {
+    Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &service(),
+        &["--mode", "notify", "--drain-grace", "10s"],
+        &StartOpts {
+            subreaper: true,
+            ..StartOpts::default()
+        },
+    )
+}
+
+/// The `handoff` process under a subreaper root.
+fn handoff_under(root: u32) -> u32 {
+    children_of(root)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "handoff")
+        })
+        .unwrap_or_else(|| panic!("no handoff process under {root}"))
+}
+
+/// SIGTERM to `handoff run` (under its subreaper) and wait for the whole tree
+/// to exit: the supervisor stops the service, the subreaper reaps the rest.
+fn shut_down(mut sup: Supervisor) {
+    let _ = kill(
+        Pid::from_raw(handoff_under(sup.pid) as i32),
+        Signal::SIGTERM,
+    );
+    let exited = poll_until(SETTLE, || sup.try_exit().is_some());
+    assert!(
+        exited,
+        "supervisor did not exit on SIGTERM\n{}",
+        sup.stderr_log()
+    );
+}
+
+fn gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn status_json(runtime: &Path) -> serde_json::Value {
+    let st = Command::new(handoff_bin())
+        .args(["status", "--json", "--runtime-dir"])
+        .arg(runtime)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("handoff status");
+    assert!(st.status.success(), "handoff status failed");
+    serde_json::from_slice(&st.stdout).expect("status JSON")
+}
+
+/// Clients connecting continuously (a fresh connection per request, and
+/// keep-alive ones), counting every outcome: a refused connection is a
+/// failure like any other.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(vec![]));
+        let threads = [false, false, true]
+            .into_iter()
+            .map(|keepalive| {
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                thread::spawn(move || {
+                    let mut c = Client::new(addr, keepalive);
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.get("/") {
+                            Ok(r) if r.status == 200 && r.body_str().starts_with("pid=") => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => failures.lock().unwrap().push(format!(
+                                "status {} {:?}",
+                                r.status,
+                                r.body_str()
+                            )),
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have succeeded than now.
+    fn wait_more(&self, n: u64, what: &str) {
+        let base = self.ok();
+        wait_until(SETTLE, what, || self.ok() >= base + n);
+    }
+
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("load thread");
+        }
+        let f = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), f)
+    }
+}
+
+#[test]
+fn a_restarted_supervisor_takes_back_the_orphaned_service_without_a_refused_connection() {
+    let _g = begin_test("notify_reattach", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let s1 = start(&dirs);
+    let first = s1.first_pid;
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dirs.state.join(RECORD)).expect("record written"))
+            .expect("record is JSON");
+    assert_eq!(rec["incumbent"]["pid"], first, "{rec}");
+    assert_eq!(
+        rec["listeners"][0]["addr"],
+        format!("tcp://{}", s1.addr),
+        "{rec}"
+    );
+
+    let load = Load::start(s1.addr);
+    load.wait_more(50, "requests before the crash");
+
+    // SIGKILL the supervisor itself: the service goes on, unsupervised.
+    let h1 = handoff_under(s1.pid);
+    kill(Pid::from_raw(h1 as i32), Signal::SIGKILL).unwrap();
+    wait_until(SETTLE, "the supervisor is gone", || {
+        !children_of(s1.pid).contains(&h1)
+    });
+    load.wait_more(50, "requests while unsupervised");
+    assert_eq!(s1.serving_pid(), Ok(first), "the orphan serves");
+
+    // Same arguments: re-attaches to the same process on the same socket.
+    let s2 = start(&dirs);
+    assert_eq!(s2.first_pid, first, "re-attached, not restarted");
+    assert_eq!(s2.addr, s1.addr);
+    assert!(
+        s2.stderr_log()
+            .contains(&format!("re-attached to the running service (pid {first})")),
+        "{}",
+        s2.stderr_log()
+    );
+    let st = status_json(&dirs.runtime);
+    assert_eq!(st["incumbent_pid"], first, "{st}");
+    load.wait_more(50, "requests after the re-attach");
+
+    // An upgrade replaces the adopted process and stops it.
+    let c = s2.upgrade(&[]).expect_committed();
+    assert_eq!(c.old_pid, first);
+    assert_ne!(c.new_pid, first);
+    wait_until(
+        SETTLE,
+        "the adopted process has exited and been reaped",
+        || gone(first),
+    );
+    load.wait_more(50, "requests after the upgrade");
+    assert_eq!(s2.serving_pid(), Ok(c.new_pid));
+    let st = status_json(&dirs.runtime);
+    assert_eq!(st["incumbent_pid"], c.new_pid, "{st}");
+
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}\nfirst supervisor:\n{}\nsecond:\n{}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)],
+        s1.stderr_log(),
+        s2.stderr_log()
+    );
+    let new = c.new_pid;
+    shut_down(s2);
+    assert!(gone(new), "the service outlived a clean stop");
+    assert!(
+        !dirs.state.join(RECORD).exists(),
+        "a clean stop clears the record"
+    );
+    drop(s1); // its subreaper reaped the orphan; nothing of it is left
+    eprintln!("crash, re-attach, upgrade: {ok} requests, 0 failed");
+}
+
+/// A record naming `pid` with `start_ticks`, on a port nobody listens on.
+fn fake_record(state: &Path, pid: u32, start_ticks: u64) {
+    let rec = serde_json::json!({
+        "incumbent": { "pid": pid, "start_ticks": start_ticks },
+        "notify_socket": null,
+        "pending": null,
+        "listeners": [{ "name": "http", "addr": "tcp://127.0.0.1:1" }],
+    });
+    std::fs::create_dir_all(state).unwrap();
+    std::fs::write(state.join(RECORD), rec.to_string()).unwrap();
+}
+
+/// Start ticks of a running process (`/proc/<pid>/stat` field 22).
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// Starts with a stale record and checks a fresh service was started.
+fn starts_afresh_despite(dirs: &TestDirs, stale_pid: u32) {
+    let s = start(dirs);
+    assert_ne!(s.first_pid, stale_pid);
+    assert_eq!(s.serving_pid(), Ok(s.first_pid));
+    assert!(
+        !s.stderr_log().contains("re-attached"),
+        "{}",
+        s.stderr_log()
+    );
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dirs.state.join(RECORD)).unwrap()).unwrap();
+    assert_eq!(rec["incumbent"]["pid"], s.first_pid, "{rec}");
+    let pid = s.first_pid;
+    shut_down(s);
+    assert!(gone(pid));
+}
+
+#[test]
+fn a_record_whose_process_is_dead_is_ignored() {
+    let _g = begin_test("notify_stale_dead", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let mut dead = Command::new("true").spawn().unwrap();
+    let pid = dead.id();
+    let ticks = start_ticks(pid);
+    dead.wait().unwrap();
+    fake_record(&dirs.state, pid, ticks);
+    starts_afresh_despite(&dirs, pid);
+}
+
+#[test]
+fn a_record_whose_pid_now_belongs_to_another_process_is_ignored() {
+    let _g = begin_test("notify_stale_reused", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    // This test process is alive, but not the one recorded: its start time
+    // differs. A pid-only check would try to take its fds.
+    let me = std::process::id();
+    fake_record(&dirs.state, me, start_ticks(me) + 1);
+    starts_afresh_despite(&dirs, me);
+}
