@@ -191,12 +191,11 @@ fn a_restarted_supervisor_takes_back_the_orphaned_service_without_a_refused_conn
     let s2 = start(&dirs);
     assert_eq!(s2.first_pid, first, "re-attached, not restarted");
     assert_eq!(s2.addr, s1.addr);
-    assert!(
-        s2.stderr_log()
-            .contains(&format!("re-attached to the running service (pid {first})")),
-        "{}",
-        s2.stderr_log()
-    );
+    // Said before `ready`, but stderr is read by another thread: poll.
+    let said = format!("re-attached to the running service (pid {first})");
+    wait_until(SETTLE, "the re-attach is logged", || {
+        s2.stderr_log().contains(&said)
+    });
     let st = status_json(&dirs.runtime);
     assert_eq!(st["incumbent_pid"], first, "{st}");
     load.wait_more(50, "requests after the re-attach");
