@@ -294,3 +294,92 @@ fn a_record_whose_pid_now_belongs_to_another_process_is_ignored() {
     fake_record(&dirs.state, me, start_ticks(me) + 1);
     starts_afresh_despite(&dirs, me);
 }
+
+/// A recorded process that is alive and the same one, but whose listener
+/// cannot be taken (here: it has no fd 3 at all): `handoff run` refuses
+/// with the pid, the reason and what to do, binds nothing, starts nothing.
+#[test]
+fn a_live_process_whose_sockets_cannot_be_taken_is_named_with_what_to_do() {
+    let _g = begin_test("notify_unfetchable", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let mut sleeper = Command::new("sleep")
+        .arg("60")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    fake_record(&dirs.state, pid, start_ticks(pid));
+    let out = Command::new(handoff_bin())
+        .arg("run")
+        .arg("--runtime-dir")
+        .arg(&dirs.runtime)
+        .arg("--state-dir")
+        .arg(&dirs.state)
+        .args([
+            "--mode",
+            "notify",
+            "--listen",
+            "http=tcp://127.0.0.1:0",
+            "--",
+        ])
+        .arg(service())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("handoff run");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for want in [
+        format!("pid {pid} (left by a supervisor that exited) still serves"),
+        "listener \"http\" (fd 3)".to_string(),
+        "it has closed that descriptor".to_string(),
+        format!("Stop pid {pid} (kill {pid})"),
+        "FileDescriptorStoreMax=".to_string(),
+    ] {
+        assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    }
+    assert!(!dirs.runtime.join("admin.sock").exists());
+}
+
+/// A process spawned for an upgrade that never became ready before the
+/// crash is killed on recovery (it would otherwise run next to the new
+/// service); the record's dead incumbent is ignored.
+#[test]
+fn a_pending_process_from_an_interrupted_upgrade_is_killed() {
+    let _g = begin_test("notify_pending_killed", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let mut pending = Command::new("sleep")
+        .arg("60")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ppid = pending.id();
+    let rec = serde_json::json!({
+        "incumbent": null,
+        "notify_socket": null,
+        "pending": { "pid": ppid, "start_ticks": start_ticks(ppid) },
+        "listeners": [{ "name": "http", "addr": "tcp://127.0.0.1:1" }],
+    });
+    std::fs::create_dir_all(&dirs.state).unwrap();
+    std::fs::write(dirs.state.join(RECORD), rec.to_string()).unwrap();
+    let s = start(&dirs);
+    let mut status = None;
+    let reaped = poll_until(SETTLE, || {
+        status = pending.try_wait().unwrap();
+        status.is_some()
+    });
+    if !reaped {
+        let _ = pending.kill();
+        let _ = pending.wait();
+    }
+    assert!(reaped, "the pending process was not killed");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status.unwrap()),
+        Some(Signal::SIGKILL as i32)
+    );
+    assert_eq!(s.serving_pid(), Ok(s.first_pid));
+    shut_down(s);
+}
