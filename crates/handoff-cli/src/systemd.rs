@@ -132,6 +132,24 @@ fn serving(pid: u32, build: &str) -> String {
     }
 }
 
+/// Hands each listener to systemd's fd store (`FDSTORE=1`, `FDNAME=` its
+/// name, the socket attached), once at start. With `FileDescriptorStoreMax=`
+/// in the unit, a supervisor restarted after a crash gets them back through
+/// `LISTEN_FDS` under the same names, so it needs neither to bind nor to
+/// copy them out of the service it re-attaches to. Without it systemd
+/// logs and drops them: harmless.
+pub fn store_listeners(listeners: &[handoff::Listener]) {
+    let Some(sd) = get() else { return };
+    for l in listeners {
+        if let Err(e) = sd
+            .notifier
+            .store_fds(&l.name, &[std::os::fd::AsFd::as_fd(&l.fd)])
+        {
+            eprintln!("handoff run: keeping {} in systemd's fd store: {e}", l.name);
+        }
+    }
+}
+
 /// The first incumbent serves (started or re-attached) and the admin
 /// socket is bound: `READY=1`.
 pub fn ready(pid: u32, build: &str) {

@@ -383,3 +383,229 @@ fn a_pending_process_from_an_interrupted_upgrade_is_killed() {
     assert_eq!(s.serving_pid(), Ok(s.first_pid));
     shut_down(s);
 }
+
+/// A test-owned `NOTIFY_SOCKET`, standing in for systemd: keeps what the
+/// supervisor sends, descriptors included.
+struct Manager {
+    sock: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl Manager {
+    fn bind(dir: &Path) -> Manager {
+        let path = dir.join("sd-notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Manager { sock, path }
+    }
+
+    /// The next datagram starting with `prefix` (others are skipped), with
+    /// its descriptors, within [`SETTLE`].
+    fn next(&self, prefix: &str) -> (String, Vec<std::os::fd::OwnedFd>) {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+        let end = std::time::Instant::now() + SETTLE;
+        let mut seen = vec![];
+        while std::time::Instant::now() < end {
+            let mut buf = [0u8; 4096];
+            let mut space = nix::cmsg_space!([RawFd; 8]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let (len, fds) = match recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => {
+                    let mut fds = vec![];
+                    for c in m.cmsgs().unwrap() {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            // SAFETY: the kernel installed these descriptors
+                            // in our table for this message; nothing else
+                            // owns them.
+                            fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                        }
+                    }
+                    (m.bytes, fds)
+                }
+                Err(nix::Error::EAGAIN | nix::Error::EINTR) => continue,
+                Err(e) => panic!("receiving on the notify socket: {e}"),
+            };
+            let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+            if text.starts_with(prefix) {
+                return (text, fds);
+            }
+            seen.push(text);
+        }
+        panic!("no {prefix:?} datagram within {SETTLE:?}; got {seen:?}");
+    }
+}
+
+/// The listeners go to systemd's fd store once, one `FDSTORE=1` datagram
+/// per name with the socket attached; a supervisor restarted after a crash
+/// and handed them back through `LISTEN_FDS` (as systemd does) re-attaches
+/// with systemd's copy, and nothing is refused throughout.
+#[test]
+fn listeners_go_to_the_fd_store_and_come_back_through_listen_fds() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let _g = begin_test("notify_fdstore", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let manager = Manager::bind(dirs.root.path());
+    let s1 = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &service(),
+        &["--mode", "notify"],
+        &StartOpts {
+            subreaper: true,
+            env: vec![("NOTIFY_SOCKET".into(), manager.path.display().to_string())],
+            ..StartOpts::default()
+        },
+    );
+    let first = s1.first_pid;
+    let (msg, fds) = manager.next("FDSTORE=1");
+    assert_eq!(msg, "FDSTORE=1\nFDNAME=http");
+    assert_eq!(fds.len(), 1, "one socket per FDNAME");
+    let stored = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+    assert_eq!(stored.local_addr().unwrap(), s1.addr);
+
+    let load = Load::start(s1.addr);
+    load.wait_more(50, "requests before the crash");
+    let h1 = handoff_under(s1.pid);
+    kill(Pid::from_raw(h1 as i32), Signal::SIGKILL).unwrap();
+    wait_until(SETTLE, "the supervisor is gone", || {
+        !children_of(s1.pid).contains(&h1)
+    });
+
+    // What systemd does for a restarted unit with FileDescriptorStoreMax=:
+    // the stored socket at fd 3, LISTEN_FDS=1, LISTEN_FDNAMES=http, and
+    // LISTEN_PID = the pid that execs (the shell execs handoff in place).
+    let stored = std::os::fd::OwnedFd::from(stored);
+    let raw = stored.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(handoff_bin())
+        .args(["run", "--mode", "notify", "--runtime-dir"])
+        .arg(&dirs.runtime)
+        .arg("--state-dir")
+        .arg(&dirs.state)
+        .args(["--listen", "http=tcp://127.0.0.1:0", "--"])
+        .arg(service())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "http")
+        .env("NOTIFY_SOCKET", &manager.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only dup2(2) and prctl(2), both
+    // async-signal-safe; nothing is allocated and no lock is taken.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw != 3 && nix::libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 leaves fd 3 without FD_CLOEXEC; raw == 3 would keep it.
+            if nix::libc::fcntl(3, nix::libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd.spawn().expect("spawn handoff run");
+    drop(stored); // the child has its own copy at fd 3
+    struct Reap(Option<std::process::Child>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                support::kill_tree(c.id());
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut s2 = Reap(Some(child));
+    let c2 = s2.0.as_mut().unwrap();
+    let s2_pid = c2.id();
+    let stdout = c2.stdout.take().unwrap();
+    let mut stderr = c2.stderr.take().unwrap();
+    let err_log = Arc::new(Mutex::new(String::new()));
+    {
+        let log = err_log.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = loop {
+        match rx.recv_timeout(SETTLE) {
+            Ok(l) if l.starts_with("ready pid=") => break l,
+            Ok(_) => continue,
+            Err(e) => panic!(
+                "no `ready` from the restarted supervisor ({e}):\n{}",
+                err_log.lock().unwrap()
+            ),
+        }
+    };
+    assert_eq!(
+        ready,
+        format!("ready pid={first}"),
+        "re-attached, not restarted"
+    );
+    let said = format!(
+        "http=tcp://{} taken from systemd (pid {first} serves it)",
+        s1.addr
+    );
+    wait_until(
+        SETTLE,
+        "the restarted supervisor says where the socket came from",
+        || err_log.lock().unwrap().contains(&said),
+    );
+    load.wait_more(50, "requests after the re-attach");
+
+    let up = Command::new(handoff_bin())
+        .args(["upgrade", "--runtime-dir"])
+        .arg(&dirs.runtime)
+        .output()
+        .expect("handoff upgrade");
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    wait_until(SETTLE, "the adopted process is stopped", || gone(first));
+    load.wait_more(50, "requests after the upgrade");
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(5)]
+    );
+
+    kill(Pid::from_raw(s2_pid as i32), Signal::SIGTERM).unwrap();
+    let c2 = s2.0.as_mut().unwrap();
+    let exited = poll_until(SETTLE, || matches!(c2.try_wait(), Ok(Some(_))));
+    assert!(exited, "the restarted supervisor did not exit on SIGTERM");
+    s2.0 = None;
+    drop(s1);
+    eprintln!("fd store round trip: {ok} requests, 0 failed");
+}

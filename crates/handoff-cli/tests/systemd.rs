@@ -357,6 +357,8 @@ fn socket_activation_in_notify_mode() {
     );
     let (listening, first) = run.wait_ready();
     assert_eq!(listening, [format!("listening http=tcp://{addr}")]);
+    // Notify mode keeps its listeners in the fd store (tests/notify_recovery.rs).
+    assert_eq!(notify.next(NOTE, "FDSTORE=1"), "FDSTORE=1\nFDNAME=http");
     assert_eq!(
         notify.next(NOTE, "READY=1"),
         format!("READY=1\nSTATUS=serving pid {first}")
@@ -464,6 +466,7 @@ fn notify_mode_notifies_systemd_too() {
         &["--mode", "notify"],
         &opts,
     );
+    assert_eq!(notify.next(NOTE, "FDSTORE=1"), "FDSTORE=1\nFDNAME=http");
     let m = notify.next(NOTE, "READY=1");
     assert_eq!(m, format!("READY=1\nSTATUS=serving pid {}", sup.first_pid));
     let e = std::fs::read(format!("/proc/{}/environ", sup.first_pid)).unwrap();

@@ -325,6 +325,47 @@ impl Notifier {
     }
 }
 
+impl Notifier {
+    /// `FDSTORE=1` `FDNAME=name` with `fds` attached (`SCM_RIGHTS`): the
+    /// manager keeps them (with `FileDescriptorStoreMax=` > 0) and passes
+    /// them back through `LISTEN_FDS`/`LISTEN_FDNAMES` when the service is
+    /// started again — how a restarted supervisor gets its listening sockets
+    /// without binding, even if nothing else still holds them. A no-op
+    /// when disabled. `name` follows systemd's rules (≤ 255 printable ASCII
+    /// characters, no `:`), or the manager would drop the message.
+    pub fn store_fds(
+        &self,
+        name: &str,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), NotifyError> {
+        let Some(t) = &self.target else {
+            return Ok(());
+        };
+        if name.is_empty()
+            || name.len() > 255
+            || name.contains(':')
+            || !name.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(NotifyError::BadValue {
+                key: "FDNAME",
+                value: name.to_string(),
+            });
+        }
+        let msg = format!("FDSTORE=1\nFDNAME={name}");
+        let err = |source| NotifyError::Send {
+            addr: t.shown.clone(),
+            what: describe(&msg),
+            source,
+        };
+        // `sendmsg` with descriptors needs a destination: a socket of its
+        // own, connected, so the shared one stays unconnected.
+        let sock = UnixDatagram::unbound().map_err(err)?;
+        sock.connect_addr(&t.addr).map_err(err)?;
+        sock.set_write_timeout(Some(SEND_TIMEOUT)).map_err(err)?;
+        crate::sys::fdpass::send_with_fds(&sock, msg.as_bytes(), fds).map_err(err)
+    }
+}
+
 /// The first assignment of a message, for error texts (a `STATUS=` can be
 /// long; the key is what identifies the message).
 fn describe(msg: &str) -> String {
@@ -427,6 +468,23 @@ mod tests {
         let mut buf = [0u8; MAX_MESSAGE + 1];
         let n = s.recv(&mut buf).unwrap();
         String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn store_fds_sends_the_descriptors_with_their_name() {
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let manager = UnixDatagram::bind(&path).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let n = Notifier::from_address(path.to_str().unwrap()).unwrap();
+        n.store_fds("http", &[l.as_fd()]).unwrap();
+        let mut buf = [0u8; 64];
+        let (len, fds) = crate::sys::fdpass::recv_with_fds(&manager, &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"FDSTORE=1\nFDNAME=http");
+        let got = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+        assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
+        assert!(n.store_fds("a:b", &[l.as_fd()]).is_err());
     }
 
     #[test]

@@ -170,6 +170,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
     }
     let listeners = opened.listeners.into_iter().map(|(l, _)| l).collect();
     let sup = NotifySupervisor::new(cfg, listeners);
+    crate::systemd::store_listeners(sup.listeners());
     let first_pid = match &opened.orphan {
         Some(orphan) => {
             let pid = sup.adopt(orphan)?;

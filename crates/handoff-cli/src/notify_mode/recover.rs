@@ -40,12 +40,17 @@ pub(super) fn open(state_dir: &Path, sources: Vec<Source>) -> Result<Opened> {
     orphan.check_names(&names)?;
     let mut listeners = Vec::with_capacity(sources.len());
     for (i, source) in sources.into_iter().enumerate() {
-        let l = match source {
+        let (l, from) = match source {
             // systemd's copy (its fd store or socket unit) is the same socket.
-            Source::Passed(l) => l,
-            Source::Bind(_) => orphan.fetch_listener(i)?,
+            Source::Passed(l) => (l, "systemd"),
+            Source::Bind(_) => (orphan.fetch_listener(i)?, "the running service"),
         };
         let shown = describe_fd(l.fd.as_fd()).unwrap_or_else(|| "?".into());
+        eprintln!(
+            "handoff run: {}={shown} taken from {from} (pid {} serves it)",
+            l.name,
+            orphan.pid()
+        );
         listeners.push((l, shown));
     }
     Ok(Opened {
