@@ -235,6 +235,36 @@ fn a_restarted_supervisor_takes_back_the_orphaned_service_without_a_refused_conn
     eprintln!("crash, re-attach, upgrade: {ok} requests, 0 failed");
 }
 
+/// The crash monitor watches an adopted process too: when it dies, a fresh
+/// one is started on the same socket.
+#[test]
+fn an_adopted_process_that_dies_is_restarted() {
+    let _g = begin_test("notify_adopted_dies", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let s1 = start(&dirs);
+    let first = s1.first_pid;
+    let h1 = handoff_under(s1.pid);
+    kill(Pid::from_raw(h1 as i32), Signal::SIGKILL).unwrap();
+    wait_until(SETTLE, "the supervisor is gone", || {
+        !children_of(s1.pid).contains(&h1)
+    });
+    let s2 = start(&dirs);
+    assert_eq!(s2.first_pid, first, "re-attached");
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let mut st = serde_json::Value::Null;
+    wait_until(SETTLE, "a new process replaces the adopted one", || {
+        st = status_json(&dirs.runtime);
+        st["incumbent_pid"]
+            .as_u64()
+            .is_some_and(|p| p != first as u64)
+    });
+    let new = st["incumbent_pid"].as_u64().unwrap() as u32;
+    assert_eq!(s2.serving_pid(), Ok(new), "{st}");
+    shut_down(s2);
+    assert!(gone(new));
+    drop(s1);
+}
+
 /// A record naming `pid` with `start_ticks`, on a port nobody listens on.
 fn fake_record(state: &Path, pid: u32, start_ticks: u64) {
     let rec = serde_json::json!({

@@ -353,10 +353,15 @@ impl NotifySupervisor {
     pub fn stop(&self, grace: Duration) -> Option<(Exit, bool)> {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.procs().incumbent.take()?;
-        self.save(None);
         let mut since = Instant::now();
-        self.stop_child(&old.child, grace, &mut |_, _| {}, &mut since)
-            .ok()
+        let r = self
+            .stop_child(&old.child, grace, &mut |_, _| {}, &mut since)
+            .ok();
+        // Only once it is gone: a crash during the drain leaves it recorded,
+        // so a restarted supervisor adopts it rather than failing to bind
+        // the ports it still holds.
+        self.save(None);
+        r
     }
 
     /// The upgrade itself; the caller holds `busy`.
