@@ -63,7 +63,11 @@ impl Child {
     /// previous supervisor. Its exit status cannot be collected; liveness is
     /// polled, guarded against pid reuse by the process start time.
     pub fn adopt_foreign(pid: u32) -> io::Result<Child> {
-        let started = crate::procinfo::start_time_ms(pid);
+        // Start ticks, not `start_time_ms`: the latter adds `btime`, which
+        // some kernels report with a second of jitter, and one jittery read
+        // would make a live process look recycled (and get it restarted
+        // next to itself).
+        let started = crate::procinfo::stat(pid).map(|s| s.start_ticks);
         if !foreign_alive(pid, started) {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -144,17 +148,15 @@ impl Child {
 }
 
 /// Alive, not a zombie, and (where the platform tells) the same process
-/// that had `started` as its start time.
+/// that had `started` as its start time (in clock ticks since boot).
 fn foreign_alive(pid: u32, started: Option<u64>) -> bool {
     if !crate::procinfo::exists(pid) {
         return false;
     }
-    if crate::procinfo::is_zombie(pid) {
-        return false;
-    }
-    match (started, crate::procinfo::start_time_ms(pid)) {
-        (Some(a), Some(b)) => a == b,
+    match (started, crate::procinfo::stat(pid)) {
+        (_, Some(st)) if st.is_dead() => false,
+        (Some(a), Some(st)) => a == st.start_ticks,
         (Some(_), None) => false,
-        (None, _) => true,
+        (None, _) => !crate::procinfo::is_zombie(pid),
     }
 }
