@@ -353,3 +353,65 @@ fn explain(e: Option<io::Error>, call: &str) -> String {
         _ => format!("{call}: {e}"),
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn rec(incumbent: Option<ProcId>) -> NotifyRecord {
+        NotifyRecord {
+            incumbent,
+            notify_socket: None,
+            pending: None,
+            listeners: vec![RecordedListener {
+                name: "http".into(),
+                addr: "tcp://127.0.0.1:1".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn written_atomically_read_back_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::new(dir.path());
+        assert!(store.read().unwrap().is_none());
+        let r = rec(ProcId::of(std::process::id()));
+        store.write(&r).unwrap();
+        assert_eq!(store.read().unwrap(), Some(r));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [RECORD_FILE], "no temp file left behind");
+        store.clear().unwrap();
+        store.clear().unwrap();
+        assert!(store.read().unwrap().is_none());
+        std::fs::write(store.path(), "{").unwrap();
+        assert!(matches!(store.read(), Err(RecordError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_recycled_pid_is_stale_and_the_live_process_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::new(dir.path());
+        let me = ProcId::of(std::process::id()).unwrap();
+        let other = ProcId {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        };
+        store.write(&rec(Some(other))).unwrap();
+        assert!(store.find_orphan().unwrap().is_none());
+        assert!(store.read().unwrap().is_none(), "a stale record is removed");
+
+        store.write(&rec(Some(me))).unwrap();
+        let o = store.find_orphan().unwrap().expect("we are alive");
+        assert_eq!(o.pid(), me.pid);
+        assert!(o.check_names(&["http".into()]).is_ok());
+        let e = o.check_names(&["web".into()]).unwrap_err().to_string();
+        assert!(e.contains("restart with the same --listen list"), "{e}");
+        // Whatever our fd 3 is, it is not a socket listening on port 1.
+        let e = o.fetch_listener(0).unwrap_err().to_string();
+        assert!(e.contains(&format!("Stop pid {}", me.pid)), "{e}");
+        assert!(o.fetch_listener(1).is_err());
+    }
+}
