@@ -19,6 +19,13 @@
 //! the old process winds down wait in the accept queue for the new one; the
 //! old process must finish what it already accepted before exiting.
 //!
+//! A supervisor that crashes leaves the program serving. With
+//! [`NotifyConfig::record_dir`] set, the supervisor keeps a [`NotifyRecord`]
+//! (pid + kernel start time, listener addresses) so that the next one finds
+//! that process ([`RecordStore::find_orphan`]), copies its listening sockets
+//! back out of it (`pidfd_getfd`, [`Orphan::fetch_listener`]) and adopts it
+//! ([`NotifySupervisor::adopt`]) instead of binding ports it still holds.
+//!
 //! This mode cannot carry state between builds (there is no handoff
 //! protocol to seal it), and it is Linux-only (per-datagram credentials).
 
