@@ -22,6 +22,13 @@ Examples:
   # A quick look at two contestants, 5 s each, an upgrade every 500 ms:
   handoff-bench-peers --peers handoff,ecdysis --secs 5 --interval-ms 500 --no-scale
 
+  # handoff under both triggers against ecdysis, keeping the logs, with timing probes:
+  # the services print their start-up steps (BENCH_TRACE) and the supervisor when it
+  # greeted the incumbent (HANDOFF_LOG), to line up with DIR/*/stderr.log's phase log:
+  BENCH_TRACE=1 HANDOFF_LOG=handoff=info,handoff::phase=debug,warn \\
+      handoff-bench-peers --peers handoff,handoff-sighup,ecdysis --secs 24 --rounds 2 \\
+      --no-scale --workdir DIR
+
   # What the CI smoke test runs:
   handoff-bench-peers --secs 2 --interval-ms 600 --keepalive 4 --fresh 2 --no-scale \\
       --floor-secs 1 --json out.json
