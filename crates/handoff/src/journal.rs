@@ -69,23 +69,7 @@ impl Journal {
             path: self.path.clone(),
             source,
         };
-        let tmp = self
-            .dir
-            .join(format!(".{JOURNAL_FILE}.{}.tmp", std::process::id()));
-        let mut bytes = serde_json::to_vec_pretty(record).map_err(|e| err(io::Error::other(e)))?;
-        bytes.push(b'\n');
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(err)?;
-            f.write_all(&bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        sync_dir(&self.dir).map_err(err)
+        write_json_atomic(&self.dir, &self.path, record).map_err(err)
     }
 
     /// Reads the journal; `None` when no handoff is in flight.
@@ -263,6 +247,35 @@ impl Drop for JournalWriter {
             let _ = t.join();
         }
     }
+}
+
+/// Replaces `path` (inside `dir`) with `value` as JSON, durably and
+/// atomically: a temp file in the same directory, fsync, rename, fsync of
+/// the directory. A crash leaves the old content or the new, never a mix;
+/// the journal and the notify-mode record both depend on that.
+pub(crate) fn write_json_atomic<T: serde::Serialize>(
+    dir: &Path,
+    path: &Path,
+    value: &T,
+) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(dir)
 }
 
 /// fsync on a directory makes a rename or unlink inside it durable.

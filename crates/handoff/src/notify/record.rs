@@ -19,8 +19,8 @@
 //! the orphan's fds 3…3+n-1 (where it was given them, `LISTEN_FDS` style),
 //! checking each is a listening socket with the recorded address.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -144,23 +144,7 @@ impl RecordStore {
             path: self.path.clone(),
             source,
         };
-        let tmp = self
-            .dir
-            .join(format!(".{RECORD_FILE}.{}.tmp", std::process::id()));
-        let mut bytes = serde_json::to_vec_pretty(record).map_err(|e| err(io::Error::other(e)))?;
-        bytes.push(b'\n');
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(err)?;
-            f.write_all(&bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        crate::journal::sync_dir(&self.dir).map_err(err)
+        crate::journal::write_json_atomic(&self.dir, &self.path, record).map_err(err)
     }
 
     /// The record, `None` when there is none.
