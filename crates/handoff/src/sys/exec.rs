@@ -392,7 +392,10 @@ fn start_vfork(args: &ChildArgs) -> io::Result<libc::pid_t> {
     //   ours may hold the allocator's); it writes only `slot`, `lifted` and
     //   errno (this thread's TLS: the child shares our thread pointer;
     //   harmless, we read errno only when clone itself failed, in which
-    //   case no child ran).
+    //   case no child ran). glibc's cancellation-point wrappers (`write` on
+    //   the failure path, `close` in the pre-5.9 fallback) also set and
+    //   restore this thread's cancel-type flag; they would act only on a
+    //   pending `pthread_cancel` of this thread, which Rust never issues.
     // - Every signal is blocked (the caller holds `SignalsBlocked`) and the
     //   child resets every handler to SIG_DFL before it unblocks them, so
     //   none of our handlers ever runs in the child.
