@@ -12,9 +12,9 @@
 /// Every crash point, with the survivor the crash matrix expects and what
 /// brings the service back to exactly one healthy incumbent.
 pub const POINTS: &[CrashPoint] = &[
-    CrashPoint::new("s-after-incumbent-hello", Survivor::Old, "nothing was asked of the incumbent yet: it keeps serving (no successor exists)"),
-    CrashPoint::new("s-after-incumbent-helloack", Survivor::Old, "incumbent sees EOF before PrepareHandoff and keeps serving"),
     CrashPoint::new("s-after-spawn", Survivor::Old, "the successor finds the supervisor gone when it says Hello and exits; the incumbent was never asked to drain"),
+    CrashPoint::new("s-after-incumbent-hello", Survivor::Old, "nothing was asked of the incumbent yet: it keeps serving; the successor (spawned just before) finds the supervisor gone and exits"),
+    CrashPoint::new("s-after-incumbent-helloack", Survivor::Old, "incumbent sees EOF before PrepareHandoff and keeps serving; the successor finds the supervisor gone and exits"),
     CrashPoint::new("s-after-successor-hello", Survivor::Old, "successor sees EOF and exits; incumbent untouched"),
     CrashPoint::new("s-after-successor-helloack", Survivor::Old, "successor sees EOF waiting for Begin and exits"),
     CrashPoint::new("s-after-prepare", Survivor::Old, "incumbent finishes draining, finds the supervisor gone, resumes; successor exits on EOF"),

@@ -10,8 +10,9 @@
 //! backlog even while no process accepts: nothing is ever refused.
 //!
 //! ```text
-//! S -> O  connect(control socket); O: Hello; S: HelloAck (version chosen)
-//! S       socketpair(); spawn N with listeners + control fd; N: Hello; S: HelloAck
+//! S       socketpair(); spawn N with listeners + control fd
+//! S -> O  connect(control socket); O: Hello; S: HelloAck (version chosen) (N starts meanwhile)
+//! N -> S  Hello (its warm-up done); S: HelloAck
 //! S -> O  PrepareHandoff{id, successor_pid, deadline_ms, drain_grace_ms}
 //! O -> S  Heartbeat* Drained{open_conns_remaining, accept_closed}
 //! S -> O  SealRequest        O -> S  SealProgress* SealComplete | SealFailed

@@ -140,12 +140,18 @@ impl<'a, 'o> Run<'a, 'o> {
 
     /// Everything up to and including Ready.
     fn drive(&mut self, program: &Program) -> Result<(), HandoffError> {
+        // Spawn first, greet the incumbent second: the successor's exec,
+        // dynamic loading and warm-up (most of a handoff's time) then run on
+        // the other core while we greet the incumbent, instead of after it.
+        // Nothing is asked of the incumbent before the successor's Hello, so
+        // a failed greeting costs only the successor, which `abort` reaps.
+        self.spawn_successor(program)?;
         if self.with_incumbent {
             self.connect_incumbent()?;
             // Where negotiating's time goes (HANDOFF_LOG=handoff::phase=debug).
             tracing::debug!(target: "handoff::phase", handoff_id = %crate::protocol::IdHex(self.id), "incumbent greeted");
         }
-        self.spawn_successor(program)?;
+        self.greet_successor()?;
 
         let mut state = None;
         if self.o.is_some() {
@@ -280,7 +286,13 @@ impl<'a, 'o> Run<'a, 'o> {
         });
         self.successor_recorded = self.sup.journal.write(&self.record);
         tracing::info!(target: "handoff::spawn", handoff_id = %crate::protocol::IdHex(self.id), pid, program = %program.path.display());
+        Ok(())
+    }
 
+    /// Reads the successor's Hello (sent once its warm-up is done) and
+    /// answers it.
+    fn greet_successor(&mut self) -> Result<(), HandoffError> {
+        let pid = self.n.as_ref().map(|n| n.child.pid());
         let hello_budget = self.t.hello;
         let (msg, cred) = match self.n_chan().recv_with_credentials(hello_budget) {
             Ok(v) => v,
@@ -314,7 +326,7 @@ impl<'a, 'o> Run<'a, 'o> {
             }
             None => None,
         };
-        check_hello(&hello, Role::Successor, kernel_pid, Some(pid), "hello")?;
+        check_hello(&hello, Role::Successor, kernel_pid, pid, "hello")?;
         let v = negotiate(self.sup.cfg.versions, hello.range(), Role::Successor)
             .map_err(|e| ProtocolError::NoCommonVersion(e, "hello"))?;
         let chan = self.n_chan();

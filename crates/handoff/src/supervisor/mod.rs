@@ -2,8 +2,9 @@
 //! handoff and journals it (DESIGN §2, §5, §6).
 //!
 //! ```text
-//! S -> O  connect(control socket); O: Hello; S: HelloAck
-//! S       socketpair(); spawn N with listeners + control fd; N: Hello; S: HelloAck
+//! S       socketpair(); spawn N with listeners + control fd
+//! S -> O  connect(control socket); O: Hello; S: HelloAck (N starts meanwhile)
+//! N -> S  Hello (its warm-up done); S: HelloAck
 //! S -> O  PrepareHandoff            O -> S  Heartbeat* Drained
 //! S -> O  SealRequest               O -> S  SealProgress* SealComplete | SealFailed
 //! S -> N  Begin                     N -> S  Heartbeat* Ready
