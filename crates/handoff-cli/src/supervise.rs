@@ -29,9 +29,13 @@ pub struct Recovered {
 /// and, if so, takes its listeners back. `names` are the `--listen` names
 /// in order; they must match what the running service was given.
 pub fn recover(cfg: &SupervisorConfig, names: &[String]) -> Result<Option<Recovered>> {
-    let journal =
-        handoff::resume_from_journal(&cfg.state_dir, &cfg.control_path, Duration::from_secs(2))
-            .context("recovering from the journal")?;
+    let journal = handoff::resume_from_journal(
+        &cfg.state_dir,
+        &cfg.control_path,
+        Duration::from_secs(2),
+        cfg.timeouts.abort_grace,
+    )
+    .context("recovering from the journal")?;
     if let Some(rec) = &journal {
         eprintln!(
             "handoff run: an upgrade was interrupted (handoff {:#018x}, phase {}); incumbent now: {}, orphaned successor killed: {}",

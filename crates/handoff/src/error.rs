@@ -71,6 +71,24 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// The peer this error is about, where it names one.
+    pub fn peer(&self) -> Option<Peer> {
+        match self {
+            ProtocolError::Frame { peer, .. }
+            | ProtocolError::WrongHandoffId { peer, .. }
+            | ProtocolError::Unexpected { peer, .. }
+            | ProtocolError::PidMismatch { peer, .. }
+            | ProtocolError::WrongUid { peer, .. }
+            | ProtocolError::NoCredentials { peer, .. }
+            | ProtocolError::Timeout { peer, .. } => Some(*peer),
+            ProtocolError::WrongRole { expected, .. } => Some(match expected {
+                Role::Incumbent => Peer::Incumbent,
+                _ => Peer::Successor,
+            }),
+            ProtocolError::NoCommonVersion(..) => None,
+        }
+    }
+
     pub(crate) fn frame(peer: Peer, phase: &'static str, source: FrameError) -> ProtocolError {
         match source {
             FrameError::TimedOut { waited_ms } => ProtocolError::Timeout {
@@ -151,13 +169,27 @@ pub enum HandoffError {
 
 fn resumed_note(resumed: bool) -> &'static str {
     if resumed {
-        "; the successor was killed and the incumbent keeps serving"
+        "; the successor was stopped and the incumbent keeps serving"
     } else {
-        "; the successor was killed"
+        "; the successor was stopped"
     }
 }
 
 impl HandoffError {
+    /// Whether this failure says the successor itself stopped answering or
+    /// misbehaved (so an abort kills it at once) rather than a failure
+    /// elsewhere — the incumbent, the journal, a failed health check the
+    /// successor reported — after which it is asked to stop and given
+    /// [`crate::Timeouts::abort_grace`] to finish what it accepted.
+    pub fn blames_successor(&self) -> bool {
+        match self {
+            HandoffError::SuccessorExited { .. } => true,
+            HandoffError::Protocol(p) => p.peer() == Some(crate::phase::Peer::Successor),
+            HandoffError::Aborted { cause, .. } => cause.blames_successor(),
+            _ => false,
+        }
+    }
+
     /// The root cause, looking through `Aborted`.
     pub fn cause(&self) -> &HandoffError {
         match self {

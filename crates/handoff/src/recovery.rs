@@ -40,11 +40,17 @@ pub struct Recovery {
 /// socket (a successor that sent Ready, or an incumbent re-binding after
 /// losing its supervisor, may be about to bind it).
 ///
+/// `orphan_grace` bounds how long the orphaned successor gets to exit by
+/// itself before it is killed: it saw its supervisor hang up and is exiting,
+/// perhaps finishing connections it accepted early (a stateless service may
+/// accept before Begin); killing it at once would reset those.
+///
 /// Returns `Ok(None)` when no handoff was in flight.
 pub fn resume_from_journal(
     state_dir: &Path,
     control_path: &Path,
     settle: Duration,
+    orphan_grace: Duration,
 ) -> Result<Option<Recovery>, HandoffError> {
     let journal = Journal::new(state_dir);
     let Some(record) = journal.read()? else {
@@ -60,11 +66,17 @@ pub fn resume_from_journal(
     };
     let mut killed_successor = None;
     if let Some(n) = record.successor_pid {
-        if Some(n) != incumbent_pid
-            && process_started_after(n, record.started_at)
-            && sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok()
-        {
-            killed_successor = Some(n);
+        if Some(n) != incumbent_pid {
+            // Not our child (we are a new supervisor): poll for its exit.
+            let until = Instant::now() + orphan_grace;
+            while process_started_after(n, record.started_at) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if process_started_after(n, record.started_at)
+                && sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok()
+            {
+                killed_successor = Some(n);
+            }
         }
     }
     journal.clear()?;

@@ -263,11 +263,22 @@ impl Begun {
     /// Takes over the control socket path, runs `health` (heartbeating
     /// meanwhile), says Ready, and waits for Commit.
     ///
-    /// Start accepting connections only after this returns: until Commit the
-    /// supervisor may still abort, and an aborted successor is killed —
-    /// resetting every connection it had accepted. Connections arriving in
-    /// the meantime wait in the listen backlog, which the supervisor sizes
-    /// generously.
+    /// A service with state starts accepting connections only after this
+    /// returns: until Commit the supervisor may still abort, and the old
+    /// incumbent then resumes and owns the state again. Connections arriving
+    /// in the meantime wait in the listen backlog, which the supervisor
+    /// sizes generously.
+    ///
+    /// A *stateless* service (its requests need nothing the incumbent seals)
+    /// may instead accept as soon as it has its listeners, before
+    /// [`Boot::begin`]: the incumbent is still accepting from the same
+    /// kernel queue, so new connections never wait for the handoff's
+    /// exchanges, as with ecdysis or tableflip. Such a service must treat an
+    /// error from `begin` or `ready` (an abort, or the supervisor hanging
+    /// up) as "stop accepting, finish the connections you have, exit": an
+    /// answering successor gets [`crate::Timeouts::abort_grace`] to do so
+    /// before it is killed (`crates/handoff-bench/src/bin/bench-svc-handoff.rs`
+    /// is such a service).
     ///
     /// A failed health check is reported to the supervisor (which aborts
     /// and kills this process) and returned as an error.

@@ -31,6 +31,13 @@ pub struct Timeouts {
     /// How often an incumbent (or a successor in its health check)
     /// heartbeats while busy.
     pub heartbeat: Duration,
+    /// How long an aborted successor that is still answering gets to exit
+    /// by itself before it is killed. A successor that accepts connections
+    /// before Begin (a stateless service, see [`crate::Begun::ready`])
+    /// finishes them in this time instead of having them reset; one that
+    /// accepted nothing exits at once on Abort. A successor that stopped
+    /// answering (timed out, hung up) is killed without waiting.
+    pub abort_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -43,6 +50,7 @@ impl Default for Timeouts {
             wire_slack: Duration::from_secs(1),
             read_floor: Duration::from_millis(100),
             heartbeat: Duration::from_secs(2),
+            abort_grace: Duration::from_secs(5),
         }
     }
 }

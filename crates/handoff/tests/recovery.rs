@@ -32,7 +32,13 @@ fn sleeper() -> Child {
 #[test]
 fn nothing_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let r = resume_from_journal(dir.path(), &dir.path().join("c.sock"), Duration::ZERO).unwrap();
+    let r = resume_from_journal(
+        dir.path(),
+        &dir.path().join("c.sock"),
+        Duration::ZERO,
+        Duration::ZERO,
+    )
+    .unwrap();
     assert_eq!(r, None);
 }
 
@@ -47,6 +53,7 @@ fn orphaned_successor_is_killed_and_journal_cleared() {
         dir.path(),
         &dir.path().join("c.sock"),
         Duration::from_millis(50),
+        Duration::ZERO,
     )
     .unwrap()
     .unwrap();
@@ -84,7 +91,7 @@ fn successor_that_became_incumbent_is_kept() {
     Journal::new(dir.path())
         .write(&record(Some(std::process::id()), now_ms()))
         .unwrap();
-    let r = resume_from_journal(dir.path(), &control, Duration::from_secs(5))
+    let r = resume_from_journal(dir.path(), &control, Duration::from_secs(5), Duration::ZERO)
         .unwrap()
         .unwrap();
     assert_eq!(r.incumbent_pid, Some(std::process::id()));
@@ -102,9 +109,15 @@ fn bound_but_silent_successor_is_killed() {
     Journal::new(dir.path())
         .write(&record(Some(orphan.pid()), now_ms() - 500))
         .unwrap();
-    let r = resume_from_journal(dir.path(), &control, Duration::from_millis(100))
-        .unwrap()
-        .unwrap();
+    let r = resume_from_journal(
+        dir.path(),
+        &control,
+        Duration::from_millis(100),
+        // Still running after the grace: killed.
+        Duration::from_millis(100),
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(r.incumbent_pid, None);
     assert_eq!(r.killed_successor, Some(orphan.pid()));
     assert!(orphan.wait_timeout(Duration::from_secs(10)).is_some());
@@ -124,6 +137,7 @@ fn recycled_pid_is_not_killed() {
         dir.path(),
         &dir.path().join("c.sock"),
         Duration::from_millis(50),
+        Duration::ZERO,
     )
     .unwrap()
     .unwrap();
@@ -182,4 +196,38 @@ fn reattach_fetches_listeners_and_hands_off_again() {
     assert!(incumbent.wait_timeout(Duration::from_secs(10)).is_some());
     let newest = second.incumbent().unwrap();
     assert!(newest.kill_and_reap(Duration::from_secs(10)).is_some());
+}
+
+/// An orphaned successor that exits by itself within the grace (it saw its
+/// supervisor hang up and is finishing what it accepted) is left to finish,
+/// not killed mid-request.
+#[test]
+fn orphan_exiting_within_the_grace_is_not_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Stands for a successor finishing its last requests: it exits on its
+    // own, cleanly, a little after the restarted supervisor looks.
+    let c = Command::new("sleep").arg("0.3").spawn().unwrap();
+    let pid = c.id();
+    std::mem::forget(c);
+    let orphan = Child::adopt(pid).unwrap();
+    Journal::new(dir.path())
+        .write(&record(Some(orphan.pid()), now_ms() - 500))
+        .unwrap();
+    let r = resume_from_journal(
+        dir.path(),
+        &dir.path().join("c.sock"),
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.killed_successor, None);
+    let exit = orphan.wait_timeout(Duration::from_secs(10));
+    assert!(exit.is_some(), "it has exited");
+    assert_ne!(
+        exit,
+        Some(handoff::Exit::Signal(libc::SIGKILL)),
+        "it finished by itself"
+    );
+    assert_eq!(Journal::new(dir.path()).read().unwrap(), None);
 }

@@ -518,27 +518,39 @@ impl<'a, 'o> Run<'a, 'o> {
         tracing::warn!(target: "handoff::abort", handoff_id = %crate::protocol::IdHex(self.id), phase = phase.name(), cause = %cause);
         let _ = self.enter(SupervisorPhase::ResumingAfterAbort);
         let reason = cause.to_string();
-        if let Some(n) = self.n.take() {
+        let n = self.n.take();
+        if let Some(n) = &n {
             let _ = n.chan.send(&Message::Abort {
                 handoff_id: self.id,
                 reason: reason.clone(),
             });
-            if n.child.kill_and_reap(Duration::from_secs(10)).is_none() {
-                tracing::error!(target: "handoff::abort", pid = n.child.pid(), "successor did not die within 10 s of SIGKILL");
-            }
         }
-        let mut resumed = false;
-        if let Some(o) = self.o.take() {
-            if self.prepared {
-                resumed = o
-                    .send(&Message::ResumeAfterAbort {
-                        handoff_id: self.id,
-                    })
-                    .is_ok();
-            } else {
-                resumed = true; // never asked to drain: it simply goes on
+        let resumed = match n {
+            // The successor stopped answering or misbehaved: kill it first,
+            // so that nothing it might still do (bind the control path,
+            // hold the state lock) can race the incumbent's resumption.
+            Some(n) if cause.blames_successor() => {
+                kill_successor(&n.child);
+                self.resume_incumbent()
             }
-        }
+            // It is answering: it got Abort and exits by itself, after
+            // finishing any connections it accepted early (a stateless
+            // service may accept before Begin). The incumbent resumes
+            // meanwhile, so that wait does not lengthen the accept gap; a
+            // successor holding the state lock releases it on Abort, which
+            // the incumbent's lock wait covers. After Abort it neither binds
+            // nor locks anything (both happen only on Begin, before Ready).
+            Some(n) => {
+                let resumed = self.resume_incumbent();
+                let grace = self.t.abort_grace;
+                if n.child.wait_timeout(grace).is_none() {
+                    tracing::warn!(target: "handoff::abort", pid = n.child.pid(), grace_ms = grace.as_millis() as u64, "successor still running after the abort grace; killing it");
+                    kill_successor(&n.child);
+                }
+                resumed
+            }
+            None => self.resume_incumbent(),
+        };
         let took = self.phase_started.elapsed();
         (self.observer)(PhaseDone {
             phase: SupervisorPhase::ResumingAfterAbort,
@@ -554,6 +566,30 @@ impl<'a, 'o> Run<'a, 'o> {
             cause: Box::new(cause),
             incumbent_resumed: resumed,
         }
+    }
+
+    /// Tells the incumbent (if it was asked to drain) to resume; whether it
+    /// is serving on.
+    fn resume_incumbent(&mut self) -> bool {
+        let mut resumed = false;
+        if let Some(o) = self.o.take() {
+            if self.prepared {
+                resumed = o
+                    .send(&Message::ResumeAfterAbort {
+                        handoff_id: self.id,
+                    })
+                    .is_ok();
+            } else {
+                resumed = true; // never asked to drain: it simply goes on
+            }
+        }
+        resumed
+    }
+}
+
+fn kill_successor(child: &Child) {
+    if child.kill_and_reap(Duration::from_secs(10)).is_none() {
+        tracing::error!(target: "handoff::abort", pid = child.pid(), "successor did not die within 10 s of SIGKILL");
     }
 }
 
