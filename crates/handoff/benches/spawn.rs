@@ -29,8 +29,10 @@ use std::time::{Duration, Instant};
 use handoff::spawn::{spawn_activated, Program};
 
 // The spawn path itself, compiled into the bench: `sys` is private to the
-// library and `Start::Fork` is not what `spawn` picks on Linux.
-#[allow(dead_code, unsafe_code)]
+// library and `Start::Fork` is not what `spawn` picks on Linux. (In test
+// mode, e.g. clippy --all-targets, its test module comes along without its
+// #[test] functions, leaving helpers and imports unused.)
+#[allow(dead_code, unused_imports, unsafe_code)]
 #[path = "../src/sys/exec.rs"]
 mod exec;
 

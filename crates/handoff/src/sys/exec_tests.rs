@@ -23,7 +23,7 @@ fn decimal_slot() {
 #[cfg(target_os = "linux")]
 mod linux {
     use super::*;
-    use std::os::fd::OwnedFd;
+    use std::os::fd::{AsFd, OwnedFd};
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -292,5 +292,112 @@ mod linux {
             drop((a_rd, b_rd, x, y));
             assert_eq!(String::from_utf8_lossy(&out), want, "{start:?}: x<->y swap");
         }
+    }
+
+    static TEST_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    static RAN_IN_CHILD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Counts runs in any process but this one: with CLONE_VM, a run in
+    /// the vfork child increments the counter we read.
+    extern "C" fn on_winch(_: libc::c_int) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // SAFETY: getpid is async-signal-safe.
+        if unsafe { libc::getpid() } as u32 != TEST_PID.load(SeqCst) {
+            RAN_IN_CHILD.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// `(comm, ppid)` of `pid`, from `/proc/pid/stat`.
+    fn comm_ppid(pid: u32) -> Option<(String, u32)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let ppid = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+        Some((stat[open + 1..close].to_string(), ppid))
+    }
+
+    /// A signal that reaches the vfork child before its exec never runs
+    /// one of our handlers there. The child is made to linger before exec
+    /// (a 3000-entry fd shuffle, some ms) while a helper thread, watching
+    /// the kernel's last-pid counter, signals it (through a pidfd, checked
+    /// to be our child, still not exec'd, before and after the signal).
+    /// A child that kept our handler would run it on our memory and bump
+    /// the counter; SIGWINCH's default is to ignore, so the child goes on.
+    #[test]
+    fn no_parent_handler_runs_in_the_vfork_child() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::Arc;
+        let me = std::process::id();
+        TEST_PID.store(me, SeqCst);
+        // SAFETY: installs a counting handler for SIGWINCH process-wide;
+        // nothing else in this test binary uses it; restored below.
+        let old = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_winch as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            assert_eq!(libc::sigaction(libc::SIGWINCH, &sa, &mut old), 0);
+            old
+        };
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        let fds = (0..3000).map(|i| (null.as_raw_fd(), 3 + i)).collect();
+        let mut p = plan("/usr/bin/true", &[], fds, true);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let helper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut caught = vec![];
+                let mut last = 0;
+                while !stop.load(SeqCst) {
+                    let Some(pid) = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok())
+                    else {
+                        break;
+                    };
+                    if pid == last {
+                        continue;
+                    }
+                    let pre_exec =
+                        |pid| matches!(comm_ppid(pid), Some((c, pp)) if pp == me && c != "true");
+                    let Ok(pidfd) = crate::sys::pidfd::open(pid) else {
+                        continue;
+                    };
+                    last = pid;
+                    if pre_exec(pid) {
+                        let sent = crate::sys::pidfd::send_signal(
+                            pidfd.as_fd(),
+                            nix::sys::signal::Signal::SIGWINCH,
+                        );
+                        if sent.is_ok() && pre_exec(pid) {
+                            caught.push(pid);
+                        }
+                    }
+                }
+                caught
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut ours = vec![];
+        while ours.len() < 20 && std::time::Instant::now() < deadline {
+            let pid = p.spawn_with(Start::Vfork).expect("spawn");
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            ours.push(pid);
+        }
+        stop.store(true, SeqCst);
+        let caught = helper.join().expect("helper thread");
+        // SAFETY: puts back the disposition saved above.
+        unsafe { libc::sigaction(libc::SIGWINCH, &old, std::ptr::null_mut()) };
+        let hits = caught.iter().filter(|c| ours.contains(c)).count();
+        assert_eq!(
+            RAN_IN_CHILD.load(SeqCst),
+            0,
+            "our handler ran in a vfork child"
+        );
+        assert!(
+            hits > 0,
+            "never signalled a child before its exec ({} spawns)",
+            ours.len()
+        );
     }
 }
