@@ -19,7 +19,9 @@
 //! `execve`.
 //!
 //! An exec failure is reported through a close-on-exec pipe: EOF means the
-//! exec happened, four bytes are the child's `errno`.
+//! exec happened, four bytes are the child's `errno`. (With the vfork-style
+//! start a slot in the plan would do, as the parent resumes only after
+//! `execve` or `_exit`; the pipe serves both starts with one mechanism.)
 
 use std::ffi::{c_void, CString, OsStr};
 use std::io::{self, Read};
