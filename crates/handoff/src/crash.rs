@@ -76,11 +76,14 @@ pub fn point(name: &'static str) {
             POINTS.iter().any(|p| p.name == name),
             "unlisted crash point {name}"
         );
-        // Straight to stderr (unbuffered) so test logs say why we died.
-        eprintln!(
-            "handoff[{}]: crash point {name}: SIGKILL",
+        // Straight to stderr (unbuffered) so test logs say why we died, in
+        // one write: other processes share the stream, and `eprintln!` may
+        // split a line into several writes that theirs can land between.
+        let line = format!(
+            "handoff[{}]: crash point {name}: SIGKILL\n",
             std::process::id()
         );
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         // SIGKILL cannot be caught; if raise somehow failed, still never
         // run another line of protocol.

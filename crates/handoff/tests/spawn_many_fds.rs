@@ -32,12 +32,22 @@ fn three_hundred_listeners_all_arrive_in_order() {
     program.args = vec!["30".into()];
     let child = spawn_activated(&program, &listeners, &[]).expect("spawn");
     let pid = child.pid();
-    // spawn returns after execve succeeded: the fd table is final.
-    let passed: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("child fds")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd: &usize| fd >= 3)
-        .collect();
+    // spawn returns after execve succeeded, but the program's dynamic loader
+    // then briefly opens files of its own (the next free fd, 303): poll until
+    // only what we passed is left, within a deadline.
+    let fds_above_stderr = || -> Vec<usize> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("child fds")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd: &usize| fd >= 3)
+            .collect()
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut passed = fds_above_stderr();
+    while passed.len() != N && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+        passed = fds_above_stderr();
+    }
     let mut mismatched = vec![];
     for (i, l) in listeners.iter().enumerate() {
         let want = link(format!("/proc/self/fd/{}", l.fd.as_raw_fd()));
