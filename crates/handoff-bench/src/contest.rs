@@ -38,6 +38,9 @@ pub enum Peer {
     /// (the path `ExecReload=kill -HUP $MAINPID` takes): triggered the way ecdysis is, with
     /// no CLI process on the trigger path.
     HandoffSighup,
+    /// `HandoffSighup` with the successor accepting only after Commit (`bench-svc-handoff
+    /// --accept-after-commit`): the order a service with state must keep.
+    HandoffSighupAfterCommit,
     Ecdysis,
     Shellflip,
 }
@@ -48,6 +51,7 @@ impl Peer {
             Peer::Control => "control (no upgrades)",
             Peer::Handoff => "handoff",
             Peer::HandoffSighup => "handoff (SIGHUP)",
+            Peer::HandoffSighupAfterCommit => "handoff (SIGHUP, accept after Commit)",
             Peer::Ecdysis => "ecdysis",
             Peer::Shellflip => "shellflip",
         }
@@ -104,7 +108,10 @@ pub struct Running {
 impl Peer {
     /// Whether this contestant is `handoff run` (either trigger).
     pub fn is_handoff(self) -> bool {
-        matches!(self, Peer::Handoff | Peer::HandoffSighup)
+        matches!(
+            self,
+            Peer::Handoff | Peer::HandoffSighup | Peer::HandoffSighupAfterCommit
+        )
     }
 }
 
@@ -172,7 +179,7 @@ impl Running {
                 }
                 c
             }
-            Peer::Handoff | Peer::HandoffSighup => {
+            Peer::Handoff | Peer::HandoffSighup | Peer::HandoffSighupAfterCommit => {
                 let mut c = Command::new(bins.path("handoff")?);
                 c.arg("run")
                     .arg("--runtime-dir")
@@ -183,6 +190,9 @@ impl Running {
                     c.arg("--listen").arg(format!("l{i}=tcp://{a}"));
                 }
                 c.arg("--").arg(bins.path("bench-svc-handoff")?);
+                if peer == Peer::HandoffSighupAfterCommit {
+                    c.arg("--accept-after-commit");
+                }
                 c
             }
             Peer::Ecdysis => {
@@ -344,7 +354,7 @@ impl Running {
                 // Committed: the old process no longer accepts, so this is the new one.
                 probe_pid(self.addrs[0]).map_err(|e| anyhow!("probing after upgrade: {e}"))
             }
-            Peer::HandoffSighup => {
+            Peer::HandoffSighup | Peer::HandoffSighupAfterCommit => {
                 let commits = self
                     .commits
                     .as_ref()
@@ -405,7 +415,10 @@ impl Running {
     /// them all, including orphaned old generations reparented to us.
     pub fn stop(mut self) {
         let current: Vec<u32> = match self.peer {
-            Peer::Handoff | Peer::HandoffSighup | Peer::Control => vec![self.child.id()],
+            Peer::Handoff
+            | Peer::HandoffSighup
+            | Peer::HandoffSighupAfterCommit
+            | Peer::Control => vec![self.child.id()],
             Peer::Ecdysis => read_pid(&self.dir.join("ecdysis.pid"))
                 .map(|p| vec![p])
                 .unwrap_or_default(),

@@ -13,7 +13,7 @@
 //! our write side, then read until the client's EOF) so that a request crossing our FIN on
 //! the wire does not turn the close into a reset.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +42,19 @@ pub struct Tiny {
     accepting: AtomicUsize,
     changed: Notify,
     pid: u32,
+    /// BENCH_TRACE: print the wall-clock µs of this process's first accepted connection
+    /// (once), to line up with the start-up steps the services print.
+    trace_first_accept: AtomicBool,
+    /// BENCH_TRACE: likewise for its first response written.
+    trace_first_response: AtomicBool,
+}
+
+/// Wall-clock µs (BENCH_TRACE lines), comparable across processes.
+fn wall_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
 }
 
 impl Tiny {
@@ -54,6 +67,8 @@ impl Tiny {
             accepting: AtomicUsize::new(0),
             changed: Notify::new(),
             pid: std::process::id(),
+            trace_first_accept: AtomicBool::new(std::env::var_os("BENCH_TRACE").is_some()),
+            trace_first_response: AtomicBool::new(std::env::var_os("BENCH_TRACE").is_some()),
         })
     }
 
@@ -133,6 +148,9 @@ pub async fn accept_loop(listener: TcpListener, tiny: Arc<Tiny>) {
         };
         match accepted {
             Some(Ok((stream, _))) => {
+                if tiny.trace_first_accept.swap(false, Ordering::Relaxed) {
+                    eprintln!("bench-trace pid={} first_accept={}", tiny.pid, wall_us());
+                }
                 tokio::spawn(connection(stream, tiny.clone()));
             }
             // EMFILE and friends: back off briefly instead of spinning.
@@ -189,6 +207,9 @@ pub async fn connection(mut stream: TcpStream, tiny: Arc<Tiny>) {
         );
         if stream.write_all(resp.as_bytes()).await.is_err() {
             return;
+        }
+        if tiny.trace_first_response.swap(false, Ordering::Relaxed) {
+            eprintln!("bench-trace pid={} first_response={}", tiny.pid, wall_us());
         }
         answered = true;
         if close {

@@ -75,6 +75,7 @@ fn harness_runs_and_handoff_loses_nothing() {
             "control (no upgrades)",
             "handoff",
             "handoff (SIGHUP)",
+            "handoff (SIGHUP, accept after Commit)",
             "ecdysis",
             "shellflip"
         ],
@@ -90,7 +91,11 @@ fn harness_runs_and_handoff_loses_nothing() {
     // Both triggers (`handoff upgrade`, SIGHUP to `handoff run`): nothing lost, every
     // upgrade committed and seen end to end (a new process answered after each trigger),
     // and the tool-done time known for each (the command returned / the commit line).
-    for name in ["handoff", "handoff (SIGHUP)"] {
+    for name in [
+        "handoff",
+        "handoff (SIGHUP)",
+        "handoff (SIGHUP, accept after Commit)",
+    ] {
         let h = rows
             .iter()
             .find(|r| r["name"] == name)
@@ -107,4 +112,12 @@ fn harness_runs_and_handoff_loses_nothing() {
         );
     }
     assert!(v["floors"]["spawn_ms"]["n"].as_u64().unwrap_or(0) > 0);
+    // The floors sampled under load too (the like-for-like bound for handoff times).
+    assert!(v["floors"]["loaded_spawn_ms"]["n"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        v["floors"]["loaded_socketpair_rtt_ms"]["n"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
 }

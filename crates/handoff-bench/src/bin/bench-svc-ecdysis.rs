@@ -17,7 +17,20 @@ use handoff_bench::tiny::{self, Tiny};
 const HELP: &str = "bench-svc-ecdysis --listen HOST:PORT --pid-file PATH: serve the tiny \
 handler under ecdysis; SIGHUP upgrades (re-executes this binary), SIGTERM stops";
 
+/// Wall-clock µs, comparable with the harness's trigger times (BENCH_TRACE).
+fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
+}
+
 fn main() -> Result<()> {
+    // BENCH_TRACE=1: when this process reached main and accepted its first connection, to
+    // line up with the harness's trigger times (the same probes as bench-svc-handoff's).
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        eprintln!("bench-trace pid={} main={}", std::process::id(), now_us());
+    }
     let mut addr: Option<SocketAddr> = None;
     let mut pid_file: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
@@ -59,9 +72,17 @@ async fn serve(addr: SocketAddr, pid_file: PathBuf) -> Result<()> {
         .with_context(|| format!("ecdysis listening on {addr}"))?;
     let t = Tiny::new();
     let t2 = t.clone();
+    let mut trace = std::env::var_os("BENCH_TRACE").is_some();
     let server = tokio::spawn(async move {
         while let Some(conn) = stream.next().await {
             if let Ok(conn) = conn {
+                if std::mem::take(&mut trace) {
+                    eprintln!(
+                        "bench-trace pid={} first_accept={}",
+                        std::process::id(),
+                        now_us()
+                    );
+                }
                 tokio::spawn(tiny::connection(conn, t2.clone()));
             }
         }

@@ -6,6 +6,13 @@
 //! accepting, report the open connections, and keep finishing them answer-then-close while
 //! the successor already serves (nothing to seal). After Commit it waits for its last
 //! connections (bounded) and exits.
+//!
+//! Being stateless, a new process also accepts as soon as its listeners are registered,
+//! before Begin (see `handoff::Begun::ready`): the old one is still accepting from the same
+//! kernel queue, so no connection waits for the handoff's exchanges. If the handoff is
+//! aborted or the supervisor hangs up before Commit, it stops accepting, finishes what it
+//! accepted and exits. `--accept-after-commit` keeps the order a service with state must
+//! use (accept only once committed), for comparison.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,6 +41,17 @@ impl Drainable for Svc {
     }
 
     fn seal(&mut self, _: &mut dyn FnMut(u64, u64)) -> Result<Option<Vec<u8>>, ServiceError> {
+        // Test hook (tests/early_accept.rs): BENCH_SEAL_GATE=PATH holds the seal until PATH
+        // exists, then refuses it, so a test can abort a handoff at a moment of its choosing
+        // while the successor already serves.
+        if let Some(gate) = std::env::var_os("BENCH_SEAL_GATE") {
+            let gate = std::path::PathBuf::from(gate);
+            let end = std::time::Instant::now() + Duration::from_secs(30);
+            while !gate.exists() && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return Err(format!("seal refused by BENCH_SEAL_GATE ({})", gate.display()).into());
+        }
         Ok(None)
     }
 
@@ -69,6 +87,17 @@ fn run() -> Result<(), String> {
     // BENCH_TRACE=1: one line per start with the wall-clock µs of each start-up step, to
     // see where an upgrade's time goes (the harness reads it beside the phase log).
     let trace = std::env::var_os("BENCH_TRACE").is_some();
+    let mut after_commit = false;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--accept-after-commit" => after_commit = true,
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?} (usage: bench-svc-handoff [--accept-after-commit], run under `handoff run`)"
+                ))
+            }
+        }
+    }
     let t_main = now_us();
     let mut boot = Boot::from_env(BootOptions::new("bench-svc-handoff"))
         .map_err(|e| format!("starting (run me under `handoff run`): {e}"))?;
@@ -95,19 +124,32 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("registering listeners: {e}"))?
     };
     let t_warm = now_us();
+    let t = Tiny::new();
+    let mut listeners = Some(listeners);
+    let accept = |listeners: &mut Option<Vec<tokio::net::TcpListener>>| {
+        for l in listeners.take().into_iter().flatten() {
+            rt.spawn(tiny::accept_loop(l, t.clone()));
+        }
+    };
+    if !after_commit {
+        accept(&mut listeners);
+    }
+    // Aborted, or the supervisor hung up, before Commit: the incumbent serves on. Stop
+    // accepting and finish what was accepted early (the supervisor allows `abort_grace`).
+    let give_up = |e: String| {
+        t.set_draining(true);
+        rt.block_on(t.wait_conns_zero(Duration::from_secs(4)));
+        e
+    };
     let begun = boot
         .begin()
-        .map_err(|e| format!("waiting for Begin: {e}"))?;
+        .map_err(|e| give_up(format!("waiting for Begin: {e}")))?;
     let t_begun = now_us();
     let incumbent = begun
         .ready(|| Ok(()))
-        .map_err(|e| format!("becoming ready: {e}"))?;
+        .map_err(|e| give_up(format!("becoming ready: {e}")))?;
     let t_committed = now_us();
-    // Committed: accept only now (a successor aborted before Commit is killed).
-    let t = Tiny::new();
-    for l in listeners {
-        rt.spawn(tiny::accept_loop(l, t.clone()));
-    }
+    accept(&mut listeners);
     if trace {
         eprintln!(
             "bench-trace pid={} main={t_main} booted={t_booted} warm={t_warm} begun={t_begun} \

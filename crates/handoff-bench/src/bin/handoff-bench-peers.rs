@@ -48,7 +48,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "control,handoff,handoff-sighup,ecdysis,shellflip"
+        default_value = "control,handoff,handoff-sighup,handoff-sighup-after-commit,ecdysis,shellflip"
     )]
     peers: Vec<Peer>,
     /// Load duration per contestant, seconds (split evenly over the rounds).
@@ -104,6 +104,12 @@ struct FloorsOut {
     /// spawn median + 6 round trips (the exchanges of one handoff).
     spawn_plus_rtt_ms: f64,
     static_server: Summary,
+    /// The same two floors sampled while the load runs (against the static server): the
+    /// like-for-like bound for handoff times measured under that load.
+    loaded_spawn_ms: Dist,
+    loaded_socketpair_rtt_ms: Dist,
+    loaded_spawn_plus_rtt_ms: f64,
+    loaded_server: Summary,
 }
 
 #[derive(Serialize)]
@@ -185,12 +191,34 @@ fn main() -> Result<()> {
         Duration::ZERO,
         d,
     );
+    eprintln!("floors under load…");
+    let loaded = floors::under_load(
+        &bins.path("bench-svc-plain")?,
+        &load_rt,
+        LoadConfig {
+            duration: Duration::from_secs(args.floor_secs),
+            ..base.clone()
+        },
+        Duration::from_millis(20),
+    )?;
+    let loaded_server = report::summarize(
+        "floor: static in-process server, floors sampled meanwhile",
+        &loaded.run,
+        &[],
+        &[],
+        Duration::ZERO,
+        loaded.duration,
+    );
     let floors_out = FloorsOut {
         spawn_plus_rtt_ms: spawn.median + 6.0 * rtt.median,
         spawn_ms: spawn,
         socketpair_rtt_ms: rtt,
         fsync_rename_ms: fsync,
         static_server,
+        loaded_spawn_plus_rtt_ms: loaded.spawn.median + 6.0 * loaded.rtt.median,
+        loaded_spawn_ms: loaded.spawn,
+        loaded_socketpair_rtt_ms: loaded.rtt,
+        loaded_server,
     };
 
     let rounds = args.rounds.max(1);
@@ -372,6 +400,9 @@ fn contest(
     for d in run.details.iter().take(5) {
         eprintln!("  - {d}");
     }
+    for e in upgrades.iter().filter_map(|u| u.error.as_ref()).take(5) {
+        eprintln!("  - upgrade: {e}");
+    }
     Ok((run, upgrades))
 }
 
@@ -416,20 +447,30 @@ fn render(out: &Output, args: &Args) -> String {
         f.spawn_ms.median, f.spawn_ms.p99, f.socketpair_rtt_ms.median, f.socketpair_rtt_ms.p99, f.spawn_plus_rtt_ms,
         f.fsync_rename_ms.median, f.fsync_rename_ms.p99
     ));
-    let handoffs: Vec<&Summary> = [Peer::Handoff, Peer::HandoffSighup]
-        .iter()
-        .filter_map(|p| out.contestants.iter().find(|r| r.name == p.name()))
-        .filter(|h| h.serve_ms.n > 0)
-        .collect();
+    s.push_str(&format!(
+        "floors under the same load (sampled every 20 ms while the load generator drove the static server, {} requests): spawn a trivial binary median {:.3} ms (p99 {:.3}, n={}); socketpair round trip median {:.4} ms (p99 {:.4}); spawn + 6 round trips = {:.3} ms\n",
+        f.loaded_server.requests, f.loaded_spawn_ms.median, f.loaded_spawn_ms.p99, f.loaded_spawn_ms.n,
+        f.loaded_socketpair_rtt_ms.median, f.loaded_socketpair_rtt_ms.p99, f.loaded_spawn_plus_rtt_ms
+    ));
+    let handoffs: Vec<&Summary> = [
+        Peer::Handoff,
+        Peer::HandoffSighup,
+        Peer::HandoffSighupAfterCommit,
+    ]
+    .iter()
+    .filter_map(|p| out.contestants.iter().find(|r| r.name == p.name()))
+    .filter(|h| h.serve_ms.n > 0)
+    .collect();
     for r in &out.contestants {
         if r.serve_ms.n == 0 {
             continue;
         }
         s.push_str(&format!(
-            "{}: trigger → new serving median {:.2} ms = {:.2}× the spawn+rtt floor; steady p99 {:.2}× the static-server p99; window p99 ÷ steady p99 = {:.2}",
+            "{}: trigger → new serving median {:.2} ms = {:.2}× the idle spawn+rtt floor, {:.2}× the floor under load; steady p99 {:.2}× the static-server p99; window p99 ÷ steady p99 = {:.2}",
             r.name,
             r.serve_ms.median,
             r.serve_ms.median / f.spawn_plus_rtt_ms.max(1e-9),
+            r.serve_ms.median / f.loaded_spawn_plus_rtt_ms.max(1e-9),
             r.steady.p99 / f.static_server.steady.p99.max(1e-9),
             r.window.p99 / r.steady.p99.max(1e-9),
         ));
