@@ -18,6 +18,7 @@
 //! listen      = ["http=tcp://0.0.0.0:8080", "admin=unix:/run/kv/admin-http.sock"]
 //! deadline    = "2m"
 //! drain-grace = "30s"
+//! abort-grace = "5s"
 //! metrics     = "127.0.0.1:9464"
 //! program     = ["/usr/local/bin/kv", "--data", "/var/lib/kv"]
 //! # For a program that does not link the library (see `--mode notify`):
@@ -44,6 +45,7 @@ pub struct FileConfig {
     pub listen: Option<Vec<String>>,
     pub deadline: Option<DurationValue>,
     pub drain_grace: Option<DurationValue>,
+    pub abort_grace: Option<DurationValue>,
     pub metrics: Option<String>,
     /// `library` or `notify` (see `--mode`).
     pub mode: Option<String>,
@@ -79,6 +81,7 @@ pub struct Settings {
     pub listen: Vec<String>,
     pub deadline: Duration,
     pub drain_grace: Duration,
+    pub abort_grace: Duration,
     pub metrics: Option<SocketAddr>,
     /// Notify mode and its options, resolved (`mode` always set).
     pub notify: NotifyArgs,
@@ -87,6 +90,7 @@ pub struct Settings {
 
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(60);
+pub const DEFAULT_ABORT_GRACE: Duration = Duration::from_secs(5);
 
 /// Reads and parses a config file; the error names the file and, for
 /// syntax or type errors, the line and column (toml's own message).
@@ -154,6 +158,11 @@ pub fn merge(a: &RunArgs, file: FileConfig, base: &Path) -> Result<Settings, Str
         (None, Some(v)) => v.resolve("drain-grace")?,
         (None, None) => DEFAULT_DRAIN_GRACE,
     };
+    let abort_grace = match (a.abort_grace, &file.abort_grace) {
+        (Some(d), _) => d,
+        (None, Some(v)) => v.resolve("abort-grace")?,
+        (None, None) => DEFAULT_ABORT_GRACE,
+    };
     let metrics = match a.metrics.clone().or(file.metrics) {
         Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| {
             format!("metrics address {s:?}: {e} (expected HOST:PORT, e.g. 127.0.0.1:9464)")
@@ -214,6 +223,7 @@ pub fn merge(a: &RunArgs, file: FileConfig, base: &Path) -> Result<Settings, Str
         listen,
         deadline,
         drain_grace,
+        abort_grace,
         metrics,
         notify,
         program,
@@ -236,6 +246,10 @@ pub fn describe(s: &Settings) -> String {
     out += &format!(
         "drain-grace = {}\n",
         q(&format!("{}ms", s.drain_grace.as_millis()))
+    );
+    out += &format!(
+        "abort-grace = {}\n",
+        q(&format!("{}ms", s.abort_grace.as_millis()))
     );
     if let Some(m) = s.metrics {
         out += &format!("metrics = {}\n", q(&m.to_string()));
@@ -296,6 +310,7 @@ mod tests {
         listen = ["http=tcp://127.0.0.1:0"]
         deadline = "2m"
         drain-grace = 30
+        abort-grace = "2s"
         metrics = "127.0.0.1:9464"
         program = ["bin/kv", "--fast"]
     "#;
@@ -307,6 +322,7 @@ mod tests {
         assert_eq!(s.state_dir, PathBuf::from("/var/lib/kv"));
         assert_eq!(s.deadline, Duration::from_secs(120));
         assert_eq!(s.drain_grace, Duration::from_secs(30));
+        assert_eq!(s.abort_grace, Duration::from_secs(2));
         assert_eq!(s.metrics, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(
             s.program,
@@ -415,6 +431,7 @@ mod tests {
         let s = merge(&a, FileConfig::default(), Path::new(".")).unwrap();
         assert_eq!(s.deadline, DEFAULT_DEADLINE);
         assert_eq!(s.drain_grace, DEFAULT_DRAIN_GRACE);
+        assert_eq!(s.abort_grace, DEFAULT_ABORT_GRACE);
         assert_eq!(s.metrics, None);
     }
 

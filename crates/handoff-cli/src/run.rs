@@ -50,7 +50,7 @@ EXIT: 0 after a clean stop; 1 if it could not start or the service kept crashing
 pub struct RunArgs {
     /// Read settings from a TOML file (keys spelt like these flags:
     /// `runtime-dir`, `state-dir`, `listen`, `deadline`, `drain-grace`,
-    /// `metrics`, `mode`, `stop-signal`, `ready-probe`, `probe-only`,
+    /// `abort-grace`, `metrics`, `mode`, `stop-signal`, `ready-probe`, `probe-only`,
     /// `program`); a flag given here overrides the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -75,6 +75,12 @@ pub struct RunArgs {
     /// Default budget for the old process to drain [default: 60s].
     #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
     pub drain_grace: Option<Duration>,
+    /// How long a new process whose upgrade failed gets to finish what it
+    /// accepted and exit before SIGKILL (a stateless service may accept
+    /// before the handoff commits). Library mode: after Abort, unless it
+    /// hung (then at once). Notify mode: after --stop-signal [default: 5s].
+    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    pub abort_grace: Option<Duration>,
     /// Serve Prometheus metrics (handoffs by outcome, per-phase duration
     /// histograms, crash restarts) at http://ADDR/metrics.
     #[arg(long, value_name = "HOST:PORT")]
@@ -165,6 +171,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut cfg = SupervisorConfig::new(&a.state_dir, &control);
     cfg.timeouts.deadline = a.deadline;
     cfg.timeouts.drain_grace = a.drain_grace;
+    cfg.timeouts.abort_grace = a.abort_grace;
     if let Some(ms) = std::env::var("HANDOFF_LIVENESS_MS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -189,6 +196,7 @@ fn run(args: RunArgs) -> Result<()> {
             program,
             deadline: a.deadline,
             drain_grace: a.drain_grace,
+            abort_grace: a.abort_grace,
             metrics: a.metrics,
             sigs,
         };

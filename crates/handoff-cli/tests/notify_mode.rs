@@ -533,3 +533,75 @@ fn ready_probe_and_stop_signal_flags() {
     sup.wait_settled(c.new_pid, SETTLE);
     shut_down(sup);
 }
+
+/// A socket-activated program accepts as soon as it starts, before it is ready: when its
+/// upgrade is aborted it gets the stop signal and `--abort-grace` to finish the requests it
+/// accepted, instead of a SIGKILL that resets them.
+#[test]
+fn an_aborted_new_process_finishes_its_requests_before_it_is_stopped() {
+    let _g = begin_test("notify_abort_grace", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let (sup, behaviour) = start(&dirs, &["--abort-grace", "20s"]);
+    std::fs::write(&behaviour, "no-ready").unwrap();
+
+    let upgrade = Command::new(handoff_bin())
+        .args(["upgrade", "--json", "--deadline", "3s", "--runtime-dir"])
+        .arg(&dirs.runtime)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("handoff upgrade");
+    // The new process serves (both accept from the same queue): find a keep-alive
+    // connection of its own.
+    let mut conn = None;
+    wait_until(
+        Duration::from_secs(20),
+        "a connection to the new process",
+        || {
+            let Ok(mut c) = support::Conn::connect(sup.addr) else {
+                return false;
+            };
+            match c.get("/pid") {
+                Ok(r)
+                    if !String::from_utf8_lossy(&r.body)
+                        .contains(&format!("pid={} ", sup.first_pid)) =>
+                {
+                    conn = Some((c, String::from_utf8_lossy(&r.body).to_string()));
+                    true
+                }
+                _ => false,
+            }
+        },
+    );
+    let (mut c, said) = conn.expect("found");
+    let new_pid: u32 = said
+        .trim_start_matches("pid=")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    // In flight across the abort (at the 3 s deadline): 5 s of work.
+    let r = c.get("/slow?ms=5000").unwrap_or_else(|e| {
+        panic!(
+            "the aborted new process cut its request: {e:?}\n{}",
+            sup.stderr_log()
+        )
+    });
+    assert_eq!(r.status, 200);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains(&format!("pid={new_pid} slow")),
+        "answered by the new process"
+    );
+    let out = upgrade.wait_with_output().expect("upgrade output");
+    assert_eq!(out.status.code(), Some(1), "aborted: {out:?}");
+    let log = sup.stderr_log();
+    assert!(
+        !log.contains("outlived the abort grace"),
+        "it exited by itself after the stop signal:\n{log}"
+    );
+    assert!(gone(new_pid) || poll_until(Duration::from_secs(10), || gone(new_pid)));
+    assert_eq!(sup.serving_pid(), Ok(sup.first_pid));
+    sup.wait_settled(sup.first_pid, SETTLE);
+    std::fs::remove_file(&behaviour).unwrap();
+    shut_down(sup);
+}

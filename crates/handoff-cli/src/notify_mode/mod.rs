@@ -117,6 +117,7 @@ pub struct Prepared {
     pub program: Program,
     pub deadline: Duration,
     pub drain_grace: Duration,
+    pub abort_grace: Duration,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
     /// Blocked in every thread; waited for by the main thread.
@@ -147,6 +148,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
     let mut cfg = NotifyConfig::new(&p.runtime_dir);
     cfg.deadline = p.deadline;
     cfg.drain_grace = p.drain_grace;
+    cfg.abort_grace = p.abort_grace;
     if let Some(s) = args.stop_signal {
         cfg.stop_signal = s;
     }

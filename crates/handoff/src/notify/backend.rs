@@ -59,6 +59,12 @@ pub struct NotifyConfig {
     /// before it gets SIGKILL.
     pub drain_grace: Duration,
     pub stop_signal: Signal,
+    /// How long a new process that did not become ready gets after the
+    /// stop signal before SIGKILL. Socket-activated programs accept as soon
+    /// as they start, so one that failed its readiness may hold
+    /// connections; the stop signal lets it finish them instead of having
+    /// them reset.
+    pub abort_grace: Duration,
     pub readiness: Readiness,
     /// Where to keep the crash-recovery record (the service's state dir;
     /// see [`RecordStore`]). `None`: no record, so a supervisor restarted
@@ -73,6 +79,7 @@ impl NotifyConfig {
             deadline: Duration::from_secs(60),
             drain_grace: Duration::from_secs(30),
             stop_signal: Signal::SIGTERM,
+            abort_grace: Duration::from_secs(5),
             readiness: Readiness::default(),
             record_dir: None,
         }
@@ -409,8 +416,8 @@ impl NotifySupervisor {
         tracing::info!(target: "handoff::notify", pid, "spawned");
 
         if let Err(e) = self.await_ready(&child, &notify, deadline) {
-            let exit = child.kill_and_reap(REAP);
-            tracing::warn!(target: "handoff::notify", pid, ?exit, error = %e, "new process not ready; killed");
+            let exit = self.stop_unready(&child);
+            tracing::warn!(target: "handoff::notify", pid, ?exit, error = %e, "new process not ready; stopped");
             self.save(None);
             return Err(e);
         }
@@ -450,6 +457,23 @@ impl NotifySupervisor {
         report.phases = phases;
         report.total = t0.elapsed();
         Ok(report)
+    }
+
+    /// Stops a new process that never became ready: the stop signal, then
+    /// SIGKILL if it is still there after the abort grace (at once if it
+    /// already exited).
+    fn stop_unready(&self, c: &Child) -> Option<Exit> {
+        if let Some(e) = c.try_exit() {
+            return Some(e);
+        }
+        if c.signal(self.cfg.stop_signal).is_ok() {
+            if let Some(e) = c.wait_timeout(self.cfg.abort_grace) {
+                return Some(e);
+            }
+            tracing::warn!(target: "handoff::notify", pid = c.pid(), grace_ms = self.cfg.abort_grace.as_millis() as u64,
+                "the new process outlived the abort grace; sending SIGKILL");
+        }
+        c.kill_and_reap(REAP)
     }
 
     /// Stop signal, drain grace, SIGKILL; reports each step to `mark`.
