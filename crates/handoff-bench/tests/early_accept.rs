@@ -93,11 +93,25 @@ struct Run {
     child: Child,
 }
 
+impl Run {
+    /// SIGTERM to `handoff run`: it stops its service processes and reaps them before it
+    /// exits (they are in process groups of their own, so a group kill would orphan them).
+    /// Returns whether it exited within the bound.
+    fn stop(&mut self) -> bool {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        poll_until(Duration::from_secs(20), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        })
+    }
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
-        // Its own process group: the supervisor and both service generations go.
-        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
+        if !self.stop() {
+            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -233,5 +247,14 @@ fn aborted_successor_finishes_what_it_accepted_early() {
         "the successor had to be killed:\n{text}"
     );
     assert_eq!(get_pid(addr), Some(old), "the incumbent serves on");
-    drop(run);
+    let mut run = run;
+    assert!(run.stop(), "handoff run did not stop on SIGTERM");
+    assert!(
+        poll_until(Duration::from_secs(10), || kill(
+            Pid::from_raw(old as i32),
+            None
+        )
+        .is_err()),
+        "handoff run left its incumbent {old} behind"
+    );
 }
