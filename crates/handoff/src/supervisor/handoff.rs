@@ -5,6 +5,7 @@ use std::ffi::OsStr;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use super::peer::{check_hello, connect_incumbent_socket};
 use super::{HandoffOptions, PhaseDone, Report, Supervisor};
 use crate::channel::Channel;
 use crate::child::Child;
@@ -13,7 +14,7 @@ use crate::error::{HandoffError, ProtocolError};
 use crate::frame::FrameError;
 use crate::journal::{now_ms, JournalRecord};
 use crate::phase::{Peer, SupervisorPhase};
-use crate::protocol::{negotiate, HandoffId, Hello, Message, Role};
+use crate::protocol::{negotiate, HandoffId, Message, Role};
 use crate::spawn::{spawn_service, Program};
 use crate::sys;
 use crate::timeouts::{PhaseClock, Timeouts};
@@ -591,77 +592,4 @@ fn kill_successor(child: &Child) {
     if child.kill_and_reap(Duration::from_secs(10)).is_none() {
         tracing::error!(target: "handoff::abort", pid = child.pid(), "successor did not die within 10 s of SIGKILL");
     }
-}
-
-/// Checks a Hello against what the kernel vouches for: the right role, the
-/// announced pid equal to the kernel's (`kernel_pid`, from `SO_PEERCRED` or
-/// `SCM_CREDENTIALS`), and — when we know whom we expect — that process.
-pub(crate) fn check_hello(
-    hello: &Hello,
-    role: Role,
-    kernel_pid: Option<u32>,
-    expected_pid: Option<u32>,
-    phase: &'static str,
-) -> Result<(), ProtocolError> {
-    let peer = if role == Role::Incumbent {
-        Peer::Incumbent
-    } else {
-        Peer::Successor
-    };
-    if hello.role != role {
-        return Err(ProtocolError::WrongRole {
-            phase,
-            expected: role,
-            found: hello.role,
-        });
-    }
-    if let Some(k) = kernel_pid {
-        if k != hello.pid {
-            return Err(ProtocolError::PidMismatch {
-                peer,
-                phase,
-                announced: hello.pid,
-                kernel: k,
-            });
-        }
-    }
-    if let Some(e) = expected_pid {
-        let k = kernel_pid.unwrap_or(hello.pid);
-        if k != e {
-            return Err(ProtocolError::PidMismatch {
-                peer,
-                phase,
-                announced: e,
-                kernel: k,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Connects to the incumbent's control socket and checks with the kernel
-/// (`SO_PEERCRED`) that whoever listens there runs as our uid or as root.
-/// Returns the stream and those credentials (their pid is checked against
-/// the Hello later).
-pub(crate) fn connect_incumbent_socket(
-    path: &std::path::Path,
-    phase: &'static str,
-) -> Result<(UnixStream, sys::PeerCred), HandoffError> {
-    let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let kernel = sys::peer_credentials(&stream)
-        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, FrameError::Io(e)))?;
-    let ours = nix::unistd::geteuid().as_raw();
-    if kernel.uid != ours && kernel.uid != 0 {
-        return Err(ProtocolError::WrongUid {
-            peer: Peer::Incumbent,
-            phase,
-            uid: kernel.uid,
-            ours,
-        }
-        .into());
-    }
-    Ok((stream, kernel))
 }

@@ -30,7 +30,8 @@ use crate::timeouts::Timeouts;
 
 mod handoff;
 use handoff::Run;
-pub(crate) use handoff::{check_hello, connect_incumbent_socket};
+mod peer;
+pub(crate) use peer::{check_hello, connect_incumbent_socket};
 
 /// How the supervisor is set up.
 #[derive(Debug, Clone)]

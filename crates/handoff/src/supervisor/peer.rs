@@ -1,0 +1,85 @@
+//! Who is on the other end: the checks that rest on what the kernel vouches
+//! for (`SO_PEERCRED` on the control socket, `SCM_CREDENTIALS` on the
+//! successor's socketpair), not only on the pid a peer announces (DESIGN §4).
+//! Shared by a handoff and by a restarted supervisor re-attaching.
+
+use std::os::unix::net::UnixStream;
+
+use crate::error::{HandoffError, ProtocolError};
+use crate::frame::FrameError;
+use crate::phase::Peer;
+use crate::protocol::{Hello, Role};
+use crate::sys;
+
+/// Checks a Hello against what the kernel vouches for: the right role, the
+/// announced pid equal to the kernel's (`kernel_pid`, from `SO_PEERCRED` or
+/// `SCM_CREDENTIALS`), and — when we know whom we expect — that process.
+pub(crate) fn check_hello(
+    hello: &Hello,
+    role: Role,
+    kernel_pid: Option<u32>,
+    expected_pid: Option<u32>,
+    phase: &'static str,
+) -> Result<(), ProtocolError> {
+    let peer = if role == Role::Incumbent {
+        Peer::Incumbent
+    } else {
+        Peer::Successor
+    };
+    if hello.role != role {
+        return Err(ProtocolError::WrongRole {
+            phase,
+            expected: role,
+            found: hello.role,
+        });
+    }
+    if let Some(k) = kernel_pid {
+        if k != hello.pid {
+            return Err(ProtocolError::PidMismatch {
+                peer,
+                phase,
+                announced: hello.pid,
+                kernel: k,
+            });
+        }
+    }
+    if let Some(e) = expected_pid {
+        let k = kernel_pid.unwrap_or(hello.pid);
+        if k != e {
+            return Err(ProtocolError::PidMismatch {
+                peer,
+                phase,
+                announced: e,
+                kernel: k,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Connects to the incumbent's control socket and checks with the kernel
+/// (`SO_PEERCRED`) that whoever listens there runs as our uid or as root.
+/// Returns the stream and those credentials (their pid is checked against
+/// the Hello later).
+pub(crate) fn connect_incumbent_socket(
+    path: &std::path::Path,
+    phase: &'static str,
+) -> Result<(UnixStream, sys::PeerCred), HandoffError> {
+    let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let kernel = sys::peer_credentials(&stream)
+        .map_err(|e| ProtocolError::frame(Peer::Incumbent, phase, FrameError::Io(e)))?;
+    let ours = nix::unistd::geteuid().as_raw();
+    if kernel.uid != ours && kernel.uid != 0 {
+        return Err(ProtocolError::WrongUid {
+            peer: Peer::Incumbent,
+            phase,
+            uid: kernel.uid,
+            ours,
+        }
+        .into());
+    }
+    Ok((stream, kernel))
+}
