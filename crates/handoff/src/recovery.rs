@@ -67,16 +67,7 @@ pub fn resume_from_journal(
     let mut killed_successor = None;
     if let Some(n) = record.successor_pid {
         if Some(n) != incumbent_pid {
-            // Not our child (we are a new supervisor): poll for its exit.
-            let until = Instant::now() + orphan_grace;
-            while process_started_after(n, record.started_at) && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if process_started_after(n, record.started_at)
-                && sys::wait::signal(n, nix::sys::signal::Signal::SIGKILL).is_ok()
-            {
-                killed_successor = Some(n);
-            }
+            killed_successor = stop_orphan(n, record.started_at, orphan_grace);
         }
     }
     journal.clear()?;
@@ -102,6 +93,41 @@ pub fn probe_incumbent(control_path: &Path) -> Option<u32> {
         }
         _ => None,
     }
+}
+
+/// Gives the orphaned successor `pid` up to `grace` to exit by itself, then
+/// kills it; returns its pid if it had to be killed.
+///
+/// Through a pidfd where there is one: opened, then the start time checked
+/// again, it pins exactly the process the journal names, so neither the
+/// wait nor the SIGKILL can reach a process that recycled the pid. Without
+/// one (not Linux, or a kernel before 5.3) it polls `/proc`, as the orphan
+/// is not our child to wait for.
+fn stop_orphan(pid: u32, started_at_ms: u64, grace: Duration) -> Option<u32> {
+    use nix::sys::signal::Signal::SIGKILL;
+    use std::os::fd::AsFd;
+    if !process_started_after(pid, started_at_ms) {
+        return None;
+    }
+    if let Ok(fd) = sys::pidfd::open(pid) {
+        if !process_started_after(pid, started_at_ms) {
+            return None;
+        }
+        if let Ok(exited) = sys::pidfd::wait_exit(fd.as_fd(), grace) {
+            if exited {
+                return None;
+            }
+            return sys::pidfd::send_signal(fd.as_fd(), SIGKILL)
+                .is_ok()
+                .then_some(pid);
+        }
+    }
+    let until = Instant::now() + grace;
+    while process_started_after(pid, started_at_ms) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (process_started_after(pid, started_at_ms) && sys::wait::signal(pid, SIGKILL).is_ok())
+        .then_some(pid)
 }
 
 /// Pid-reuse guard: is `pid` alive and did it start no earlier than the

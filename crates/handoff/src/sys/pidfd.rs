@@ -73,6 +73,32 @@ pub fn send_signal(pidfd: BorrowedFd<'_>, sig: nix::sys::signal::Signal) -> io::
     Ok(())
 }
 
+/// Waits up to `within` for the process behind `pidfd` to exit: a pidfd
+/// polls readable once its process has terminated (Linux ≥ 5.3), so this
+/// needs no polling of `/proc` and cannot be fooled by a recycled pid.
+/// Returns whether it exited.
+#[cfg(target_os = "linux")]
+pub fn wait_exit(pidfd: BorrowedFd<'_>, within: std::time::Duration) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) if !left.is_zero() => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn wait_exit(_pidfd: BorrowedFd<'_>, _within: std::time::Duration) -> io::Result<bool> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
 #[cfg(not(target_os = "linux"))]
 pub fn open(_pid: u32) -> io::Result<OwnedFd> {
     Err(io::Error::from_raw_os_error(libc::ENOSYS))
@@ -100,5 +126,17 @@ mod tests {
         let copy = std::net::TcpListener::from(copy);
         assert_eq!(copy.local_addr().unwrap(), l.local_addr().unwrap());
         assert!(super::open(0).is_err());
+    }
+
+    #[test]
+    fn wait_exit_sees_a_child_end() {
+        let mut c = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let pidfd = super::open(c.id()).unwrap();
+        assert!(!super::wait_exit(pidfd.as_fd(), std::time::Duration::ZERO).unwrap());
+        assert!(super::wait_exit(pidfd.as_fd(), std::time::Duration::from_secs(10)).unwrap());
+        c.wait().unwrap();
     }
 }
