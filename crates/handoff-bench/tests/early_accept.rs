@@ -13,24 +13,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
-/// Polls `f` every 5 ms until it holds or `within` passes.
-fn poll_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return f();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+mod common;
+use common::poll_until;
 
 fn handoff_bin() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_bench-svc-handoff"))

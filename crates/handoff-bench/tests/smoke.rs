@@ -7,7 +7,9 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 #[test]
 fn harness_runs_and_handoff_loses_nothing() {
@@ -38,21 +40,19 @@ fn harness_runs_and_handoff_loses_nothing() {
         .spawn()
         .expect("starting handoff-bench-peers");
     // Bounded: the driver stops and reaps its contestants itself; we bound the driver.
-    let deadline = Instant::now() + Duration::from_secs(90);
     // Output is read after exit; the driver prints a few KiB, well under a pipe's buffer.
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("handoff-bench-peers did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut status = None;
+    if !common::poll_until(Duration::from_secs(90), || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    }) {
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("handoff-bench-peers did not finish within 90 s");
+    }
+    let status = status.expect("exited");
     let out = child.wait_with_output().expect("output");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use handoff::channel::Channel;
 use handoff::protocol::{Message, Role};
@@ -31,14 +31,7 @@ impl Drop for Incumbent {
     }
 }
 
-fn poll(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        // Poll interval of a deadline-bounded wait.
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
-}
+use common::poll;
 
 fn start(recovery_ms: u64) -> Incumbent {
     let dir = tempfile::tempdir().unwrap();

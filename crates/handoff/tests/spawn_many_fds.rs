@@ -5,6 +5,8 @@
 //! the very socket the parent passed as listener N - 3.
 #![cfg(target_os = "linux")]
 
+mod common;
+
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -42,12 +44,11 @@ fn three_hundred_listeners_all_arrive_in_order() {
             .filter(|&fd: &usize| fd >= 3)
             .collect()
     };
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    let mut passed = fds_above_stderr();
-    while passed.len() != N && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(5));
+    let mut passed = vec![];
+    common::poll_until(Duration::from_secs(10), || {
         passed = fds_above_stderr();
-    }
+        passed.len() == N
+    });
     let mut mismatched = vec![];
     for (i, l) in listeners.iter().enumerate() {
         let want = link(format!("/proc/self/fd/{}", l.fd.as_raw_fd()));

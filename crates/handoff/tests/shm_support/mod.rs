@@ -28,15 +28,8 @@ pub const SPEC: RegionSpec = RegionSpec {
 };
 pub const NAME: &str = "state";
 
-/// Polls `f` until it holds, failing the test after `within`.
-pub fn poll(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        // Poll interval of a deadline-bounded wait.
-        std::thread::park_timeout(Duration::from_millis(2));
-    }
-}
+#[allow(unused_imports)] // not every test binary that includes this polls
+pub use common::poll;
 
 /// A running `shm_peer`, killed and reaped on drop.
 pub struct Peer {
