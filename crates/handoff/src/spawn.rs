@@ -100,29 +100,42 @@ pub fn spawn_service(
     control: &UnixStream,
     extra_env: &[(&str, &OsStr)],
 ) -> Result<Child, SpawnError> {
+    spawn(program, listeners, Some(control), extra_env)
+}
+
+/// systemd's socket-activation layout (`listeners` at fds 3…, `LISTEN_FDS`,
+/// `LISTEN_FDNAMES`, `LISTEN_PID` = the child's own pid), plus, for a
+/// library successor, its control channel at the next fd with
+/// `HANDOFF_ROLE`/`HANDOFF_SOCK_FD`.
+fn spawn(
+    program: &Program,
+    listeners: &[Listener],
+    control: Option<&UnixStream>,
+    extra_env: &[(&str, &OsStr)],
+) -> Result<Child, SpawnError> {
     let path = resolve(&program.path)?;
     let n = listeners.len();
-    let sock_fd = LISTEN_FDS_START + n as RawFd;
     let names = listeners
         .iter()
         .map(|l| l.name.as_str())
         .collect::<Vec<_>>()
         .join(":");
-
-    let ours: Vec<(&str, Vec<u8>)> = vec![
+    let mut ours: Vec<(&str, Vec<u8>)> = vec![
         ("LISTEN_FDS", n.to_string().into_bytes()),
         ("LISTEN_FDNAMES", names.into_bytes()),
-        ("HANDOFF_ROLE", b"successor".to_vec()),
-        ("HANDOFF_SOCK_FD", sock_fd.to_string().into_bytes()),
     ];
-    let env = child_env(program, ours, extra_env);
-
     let mut fds: Vec<(RawFd, RawFd)> = listeners
         .iter()
         .enumerate()
         .map(|(i, l)| (l.fd.as_raw_fd(), LISTEN_FDS_START + i as RawFd))
         .collect();
-    fds.push((control.as_raw_fd(), sock_fd));
+    if let Some(control) = control {
+        let sock_fd = LISTEN_FDS_START + n as RawFd;
+        ours.push(("HANDOFF_ROLE", b"successor".to_vec()));
+        ours.push(("HANDOFF_SOCK_FD", sock_fd.to_string().into_bytes()));
+        fds.push((control.as_raw_fd(), sock_fd));
+    }
+    let env = child_env(program, ours, extra_env);
 
     let args: Vec<&OsStr> = program.args.iter().map(|a| a.as_os_str()).collect();
     let prep = |source| SpawnError::Prepare {
@@ -179,31 +192,5 @@ pub fn spawn_activated(
     listeners: &[Listener],
     extra_env: &[(&str, &OsStr)],
 ) -> Result<Child, SpawnError> {
-    let path = resolve(&program.path)?;
-    let names = listeners
-        .iter()
-        .map(|l| l.name.as_str())
-        .collect::<Vec<_>>()
-        .join(":");
-    let ours: Vec<(&str, Vec<u8>)> = vec![
-        ("LISTEN_FDS", listeners.len().to_string().into_bytes()),
-        ("LISTEN_FDNAMES", names.into_bytes()),
-    ];
-    let env = child_env(program, ours, extra_env);
-    let fds: Vec<(RawFd, RawFd)> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.fd.as_raw_fd(), LISTEN_FDS_START + i as RawFd))
-        .collect();
-    let args: Vec<&OsStr> = program.args.iter().map(|a| a.as_os_str()).collect();
-    let prep = |source| SpawnError::Prepare {
-        path: path.clone(),
-        source,
-    };
-    let mut plan = ExecPlan::new(&path, &args, &env, true, fds).map_err(prep)?;
-    let pid = plan.spawn().map_err(|source| SpawnError::Exec {
-        path: path.clone(),
-        source,
-    })?;
-    Child::adopt(pid).map_err(prep)
+    spawn(program, listeners, None, extra_env)
 }
