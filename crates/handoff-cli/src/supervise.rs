@@ -38,11 +38,14 @@ pub fn recover(cfg: &SupervisorConfig, names: &[String]) -> Result<Option<Recove
     .context("recovering from the journal")?;
     if let Some(rec) = &journal {
         eprintln!(
-            "handoff run: an upgrade was interrupted (handoff {:#018x}, phase {}); incumbent now: {}, orphaned successor killed: {}",
+            "handoff run: an upgrade was interrupted (handoff {:#018x}, phase {}); incumbent now: {}; orphaned successor: {}",
             rec.record.handoff_id,
             rec.record.phase,
             rec.incumbent_pid.map(|p| p.to_string()).unwrap_or_else(|| "none yet".into()),
-            rec.killed_successor.map(|p| p.to_string()).unwrap_or_else(|| "none".into()),
+            match rec.killed_successor {
+                Some(p) => format!("pid {p} still running after the abort grace, killed"),
+                None => "none left running".into(),
+            },
         );
     }
     let lock_held = StateLock::is_held(&cfg.state_dir).context("probing the state lock")?;
