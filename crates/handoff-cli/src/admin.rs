@@ -40,6 +40,15 @@ pub enum Request {
         #[serde(default)]
         wait_ms: Option<u64>,
     },
+    /// Start the successor for the next upgrade now and hold it
+    /// (`handoff upgrade --prepare`); the next upgrade of the same binary
+    /// uses it.
+    Prepare {
+        binary: Option<PathBuf>,
+    },
+    /// Stop the successor held for the next upgrade
+    /// (`handoff upgrade --discard-prepared`).
+    Discard,
     Status,
     /// Stop the service and the supervisor; `grace_ms` defaults to the
     /// supervisor's drain grace.
@@ -66,6 +75,22 @@ pub enum Event {
         build_id: String,
         total_ms: f64,
         warnings: Vec<String>,
+        /// The handoff used a successor prepared ahead, held this long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prepared_for_ms: Option<f64>,
+    },
+    /// `handoff upgrade --prepare`: the successor started, said Hello and
+    /// is held for the next upgrade.
+    Prepared {
+        handoff_id: String,
+        pid: u32,
+        build_id: String,
+        took_ms: f64,
+    },
+    /// `handoff upgrade --discard-prepared`: the held successor (if any)
+    /// was told to stop.
+    Discarded {
+        pid: Option<u32>,
     },
     Aborted {
         handoff_id: Option<String>,
@@ -132,6 +157,7 @@ pub fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
                 build_id: r.new_build_id.clone(),
                 total_ms: ms(r.total),
                 warnings: r.warnings.clone(),
+                prepared_for_ms: r.prepared_for.map(ms),
             }
         }
         Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {

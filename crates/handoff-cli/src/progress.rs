@@ -123,6 +123,19 @@ pub struct Activity {
     pub journal: Option<JournalView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_error: Option<String>,
+    /// A successor started ahead by `handoff upgrade --prepare`, held for
+    /// the next upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PreparedView>,
+}
+
+/// A successor held for the next upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreparedView {
+    pub pid: u32,
+    pub build_id: String,
+    pub binary: String,
+    pub held_ms: u64,
 }
 
 /// Why an upgrade did not run or did not commit.
@@ -443,6 +456,12 @@ impl Progress {
             in_flight,
             journal,
             journal_error,
+            prepared: sup.prepared().map(|p| PreparedView {
+                pid: p.pid,
+                build_id: p.build_id,
+                binary: p.program.path.display().to_string(),
+                held_ms: p.held_for.as_millis() as u64,
+            }),
         }
     }
 }

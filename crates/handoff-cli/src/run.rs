@@ -315,8 +315,9 @@ fn run(args: RunArgs) -> Result<()> {
                         Trigger::Sighup,
                         None,
                         &mut |obs| {
+                            let program = ctx.upgrade_program(None);
                             crate::systemd::around_upgrade(&ctx.sup, || {
-                                upgrade_counted(&ctx, &ctx.program, HandoffOptions::default(), obs)
+                                upgrade_counted(&ctx, &program, HandoffOptions::default(), obs)
                             })
                         },
                         Hooks {
@@ -370,6 +371,7 @@ fn print_listening(shown: &[String]) -> Result<()> {
 }
 
 fn stop(sup: &Supervisor) {
+    let _ = sup.discard_prepared();
     let mut kids: Vec<handoff::Child> = vec![];
     if let Some(c) = sup.incumbent() {
         kids.push(c);
@@ -395,6 +397,25 @@ struct Ctx {
     stopper: crate::stop::Stopper,
     /// Tells the crash monitor to restart nothing.
     stopping: Arc<AtomicBool>,
+}
+
+impl Ctx {
+    /// What an upgrade spawns: `binary` with the service's arguments; with
+    /// no binary named, the one a successor was prepared for if there is
+    /// one (so `upgrade --prepare --binary X` then SIGHUP cuts over to X),
+    /// else the program `handoff run` was given.
+    fn upgrade_program(&self, binary: Option<PathBuf>) -> Program {
+        let mut program = self.program.clone();
+        match binary {
+            Some(b) => program.path = b,
+            None => {
+                if let Some(p) = self.sup.prepared() {
+                    program = p.program;
+                }
+            }
+        }
+        program
+    }
 }
 
 fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
@@ -493,16 +514,41 @@ fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
             // wake it. It finds the stop done and exits 0.
             let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
         }
+        Request::Prepare { binary } => {
+            let program = ctx.upgrade_program(binary);
+            let message = if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                Some("the supervisor is stopping (`handoff stop` or SIGTERM) and accepts no new upgrades".to_string())
+            } else {
+                None
+            };
+            let ev = match message {
+                Some(message) => Event::Error { message },
+                None => prepare_event(ctx.sup.prepare(&program, &mut |p: PhaseDone| {
+                    let _ = admin::send(
+                        &stream,
+                        &Event::Phase {
+                            phase: p.phase.name().to_string(),
+                            took_ms: ms(p.took),
+                        },
+                    );
+                })),
+            };
+            let _ = admin::send(&stream, &ev);
+        }
+        Request::Discard => {
+            let pid = ctx.sup.discard_prepared();
+            if let Some(pid) = pid {
+                eprintln!("handoff run: discarded the prepared successor (pid {pid})");
+            }
+            let _ = admin::send(&stream, &Event::Discarded { pid });
+        }
         Request::Upgrade {
             binary,
             deadline_ms,
             drain_grace_ms,
             wait_ms,
         } => {
-            let mut program = ctx.program.clone();
-            if let Some(b) = binary {
-                program.path = b;
-            }
+            let program = ctx.upgrade_program(binary);
             let opts = HandoffOptions {
                 deadline: deadline_ms.map(Duration::from_millis),
                 drain_grace: drain_grace_ms.map(Duration::from_millis),
@@ -558,6 +604,37 @@ fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                         message: e.to_string(),
                     },
                 );
+            }
+        }
+    }
+}
+
+/// The reply to `handoff upgrade --prepare`, also logged.
+fn prepare_event(r: Result<handoff::Prepared, HandoffError>) -> Event {
+    match r {
+        Ok(p) => {
+            eprintln!(
+                "handoff run: prepared pid {} ({}) in {:.2} ms; held for the next upgrade",
+                p.pid,
+                p.build_id,
+                ms(p.took)
+            );
+            Event::Prepared {
+                handoff_id: format!("{:#018x}", p.handoff_id),
+                pid: p.pid,
+                build_id: p.build_id,
+                took_ms: ms(p.took),
+            }
+        }
+        Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {
+            message: e.to_string(),
+        },
+        Err(e) => {
+            eprintln!("handoff run: prepare failed: {e}");
+            Event::Aborted {
+                handoff_id: None,
+                phase: Some("negotiating".into()),
+                reason: e.to_string(),
             }
         }
     }

@@ -155,6 +155,16 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
         let r: Vec<String> = retiring_pids.iter().map(u32::to_string).collect();
         let _ = writeln!(o, "retiring           pid {}", r.join(", "));
     }
+    if let Some(p) = &act.prepared {
+        let _ = writeln!(
+            o,
+            "prepared           pid {} ({}, {}), held {}: the next upgrade of this binary uses it",
+            p.pid,
+            p.build_id,
+            p.binary,
+            age(p.held_ms)
+        );
+    }
     render_activity(&mut o, act, now_ms);
     if let Some(e) = service_counters_error {
         let _ = writeln!(o, "service counters   unreadable: {e}");
@@ -357,6 +367,12 @@ mod tests {
                     started_at_ms: 1_700,
                 }),
                 journal_error: None,
+                prepared: Some(crate::progress::PreparedView {
+                    pid: 44,
+                    build_id: "b2".into(),
+                    binary: "/opt/kv/v2/kv".into(),
+                    held_ms: 2_500,
+                }),
             },
         };
         let text = render(&ev, 3_000);
@@ -368,6 +384,7 @@ mod tests {
             "  draining                     2.25 ms",
             "in flight          0x02 by handoff upgrade: awaiting-ready for 1.2s (1.3s in all)",
             "journal            0x02 phase awaiting-ready (incumbent pid 42, successor pid 43)",
+            "prepared           pid 44 (b2, /opt/kv/v2/kv), held 2.5s: the next upgrade of this binary uses it",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

@@ -168,6 +168,9 @@ fn shutdown(
         // is not the incumbent takes the slot (waiting for whoever holds
         // it), finds nothing to do and returns — a barrier.
         let _ = sup.restart_if_dead(program, 0, &mut |_| {});
+        // A successor held for an upgrade that will not come: told to stop
+        // and tracked as retiring, so `stop_all` waits for it too.
+        let _ = sup.discard_prepared();
         waited += w.elapsed();
         let incumbent = sup.incumbent();
         stop_all(sup, incumbent.as_ref(), grace, &mut processes);

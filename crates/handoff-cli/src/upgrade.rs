@@ -14,6 +14,11 @@
 //! supervisor holds the request until the handoff in flight ends (bounded),
 //! then runs it: the waiting happens where the slot is, so no client lock
 //! and no retry loop are needed.
+//!
+//! `--prepare` splits an upgrade in two: the new build is started and
+//! warmed up now, while the incumbent serves on untouched, and the next
+//! upgrade (this command again, or SIGHUP) only hands over. A build that
+//! fails to start fails the prepare, never an upgrade.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,6 +47,17 @@ pub struct UpgradeArgs {
     /// and then upgrade, instead of failing with "in progress" (e.g. 30s).
     #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
     pub wait: Option<Duration>,
+    /// Start the new process now, let it warm up and say Hello, and hold
+    /// it: nothing is asked of the running process. The next upgrade (of the
+    /// same binary, or with no --binary; `handoff upgrade` or SIGHUP) hands
+    /// over to it without waiting for its start-up. `handoff status` shows
+    /// it; preparing again replaces it.
+    #[arg(long, conflicts_with_all = ["discard_prepared", "deadline", "drain_grace", "wait"])]
+    pub prepare: bool,
+    /// Stop the process held by --prepare (it gets the abort grace to
+    /// finish anything it accepted).
+    #[arg(long, conflicts_with_all = ["binary", "deadline", "drain_grace", "wait"])]
+    pub discard_prepared: bool,
     /// One JSON object per line instead of human output.
     #[arg(long)]
     pub json: bool,
@@ -49,15 +65,21 @@ pub struct UpgradeArgs {
 
 pub const AFTER_HELP: &str = "\
 EXIT STATUS:
-  0  committed: the new process serves
-  1  aborted: the old process resumed serving (reason printed)
+  0  committed: the new process serves (--prepare: it is started and held;
+     --discard-prepared: done, or there was none)
+  1  aborted: the old process resumed serving (reason printed); --prepare:
+     the new process failed to start and was stopped
   2  nothing attempted: usage error, supervisor unreachable, another handoff
      in progress (without --wait, or still after it), or the supervisor is stopping
 
 EXAMPLES:
   handoff upgrade --runtime-dir /run/kv
   handoff upgrade --runtime-dir /run/kv --binary /opt/kv/v2/kv --deadline 30s
-  handoff upgrade --runtime-dir /run/kv --wait 2m --json   # queue behind a running upgrade";
+  handoff upgrade --runtime-dir /run/kv --wait 2m --json   # queue behind a running upgrade
+
+  # stage the new build while the old one serves, cut over later in milliseconds:
+  handoff upgrade --runtime-dir /run/kv --prepare --binary /opt/kv/v2/kv
+  handoff upgrade --runtime-dir /run/kv        # or: kill -HUP <handoff run pid>";
 
 pub fn main(a: UpgradeArgs) -> ExitCode {
     let path = admin::admin_path(&a.rt.runtime_dir);
@@ -78,11 +100,17 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
         Ok(s) => s,
         Err(msg) => return fail(msg, a.json),
     };
-    let req = Request::Upgrade {
-        binary,
-        deadline_ms: a.deadline.map(|d| d.as_millis() as u64),
-        drain_grace_ms: a.drain_grace.map(|d| d.as_millis() as u64),
-        wait_ms: a.wait.map(|d| d.as_millis() as u64),
+    let req = if a.prepare {
+        Request::Prepare { binary }
+    } else if a.discard_prepared {
+        Request::Discard
+    } else {
+        Request::Upgrade {
+            binary,
+            deadline_ms: a.deadline.map(|d| d.as_millis() as u64),
+            drain_grace_ms: a.drain_grace.map(|d| d.as_millis() as u64),
+            wait_ms: a.wait.map(|d| d.as_millis() as u64),
+        }
     };
     if let Err(e) = admin::send(&stream, &req) {
         return fail(
@@ -117,13 +145,42 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                 build_id,
                 total_ms,
                 warnings,
+                prepared_for_ms,
                 ..
             } => {
                 if !a.json {
                     let old = old_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-                    println!("committed: pid {old} -> {new_pid} ({build_id}) in {total_ms:.2} ms");
+                    let held = prepared_for_ms
+                        .map(|h| match h {
+                            h if h < 1000.0 => format!(" (prepared {h:.0} ms before)"),
+                            h => format!(" (prepared {:.1} s before)", h / 1000.0),
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "committed: pid {old} -> {new_pid} ({build_id}) in {total_ms:.2} ms{held}"
+                    );
                     for w in warnings {
                         eprintln!("warning: {w}");
+                    }
+                }
+                return ExitCode::SUCCESS;
+            }
+            Event::Prepared {
+                pid,
+                build_id,
+                took_ms,
+                ..
+            } => {
+                if !a.json {
+                    println!("prepared: pid {pid} ({build_id}) started in {took_ms:.2} ms; held for the next upgrade");
+                }
+                return ExitCode::SUCCESS;
+            }
+            Event::Discarded { pid } => {
+                if !a.json {
+                    match pid {
+                        Some(p) => println!("discarded: pid {p} told to stop"),
+                        None => println!("nothing prepared"),
                     }
                 }
                 return ExitCode::SUCCESS;
@@ -131,7 +188,11 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
             Event::Aborted { reason, .. } => {
                 // On stderr in both modes: JSON consumers get it on stdout
                 // too, a person watching a deploy log sees it either way.
-                eprintln!("aborted: {reason}");
+                if a.prepare {
+                    eprintln!("prepare failed (the running process was not touched): {reason}");
+                } else {
+                    eprintln!("aborted: {reason}");
+                }
                 return ExitCode::from(1);
             }
             Event::Error { message } => {

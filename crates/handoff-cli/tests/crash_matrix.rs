@@ -132,6 +132,17 @@ fn idle_fds_settle(pid: u32, expected: usize, what: &str) {
 }
 
 fn scenario(point: &str) {
+    run_scenario(point, false)
+}
+
+/// The same, with the successor prepared ahead (`handoff upgrade
+/// --prepare`) and the upgrade then handing over to it: the crash lands in
+/// a handoff that started from a held successor.
+fn prepared_scenario(point: &str) {
+    run_scenario(point, true)
+}
+
+fn run_scenario(point: &str, prepared: bool) {
     let _guard = begin_test(point, Duration::from_secs(150));
     let spec = POINTS
         .iter()
@@ -179,7 +190,22 @@ fn scenario(point: &str) {
     } else {
         demo_bin()
     };
-    let out = s1.upgrade(&["--binary", binary.to_str().unwrap()]);
+    // The one point that fires outside an upgrade: while a successor
+    // prepared ahead is held.
+    let mut args = vec!["--binary", binary.to_str().unwrap()];
+    if point == "s-holding-prepared" {
+        args.insert(0, "--prepare");
+    }
+    let held = prepared.then(|| {
+        let mut prep = vec!["--prepare"];
+        prep.extend_from_slice(&args);
+        let out = s1.upgrade(&prep);
+        assert_eq!(out.code, Some(0), "{point}: prepare failed\n{out}");
+        out.events_of("prepared")[0]["pid"]
+            .as_u64()
+            .expect("prepared pid") as u32
+    });
+    let out = s1.upgrade(&args);
     let committed_new = match (role, spec.survivor) {
         // The supervisor died mid-upgrade: its client loses the connection.
         ("s-", _) => {
@@ -196,6 +222,12 @@ fn scenario(point: &str) {
         }
         _ => Some(out.expect_committed().new_pid),
     };
+    if let (Some(held), Some(new)) = (held, committed_new) {
+        assert_eq!(
+            new, held,
+            "{point}: the upgrade did not use the prepared successor"
+        );
+    }
 
     // The point really fired (its process announces it on the way down).
     let fired = format!("crash point {point}: SIGKILL");
@@ -331,6 +363,7 @@ matrix! {
     s_after_spawn => "s-after-spawn",
     s_after_successor_hello => "s-after-successor-hello",
     s_after_successor_helloack => "s-after-successor-helloack",
+    s_holding_prepared => "s-holding-prepared",
     s_after_prepare => "s-after-prepare",
     s_after_drained => "s-after-drained",
     s_after_seal_request => "s-after-seal-request",
@@ -348,6 +381,32 @@ matrix! {
     n_after_lock => "n-after-lock",
     n_before_ready => "n-before-ready",
     n_after_ready => "n-after-ready",
+}
+
+macro_rules! prepared_matrix {
+    ($($test:ident => $point:literal,)*) => {
+        $( #[test] fn $test() { prepared_scenario($point); } )*
+    };
+}
+
+// Every point the upgrade itself passes once the successor is held (the
+// spawn and greeting points fire in the prepare, covered above).
+prepared_matrix! {
+    prepared_s_after_incumbent_hello => "s-after-incumbent-hello",
+    prepared_s_after_incumbent_helloack => "s-after-incumbent-helloack",
+    prepared_s_after_prepare => "s-after-prepare",
+    prepared_s_after_drained => "s-after-drained",
+    prepared_s_after_seal_request => "s-after-seal-request",
+    prepared_s_after_sealed => "s-after-sealed",
+    prepared_s_after_begin => "s-after-begin",
+    prepared_s_after_ready => "s-after-ready",
+    prepared_s_after_commit => "s-after-commit",
+    prepared_o_in_drain => "o-in-drain",
+    prepared_o_in_seal => "o-in-seal",
+    prepared_n_after_begin => "n-after-begin",
+    prepared_n_after_lock => "n-after-lock",
+    prepared_n_before_ready => "n-before-ready",
+    prepared_n_after_ready => "n-after-ready",
 }
 
 /// Many consecutive upgrades, each with a random crash point armed, on one
@@ -456,7 +515,20 @@ fn stress_random_crash_points() {
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 sups.push(start(Some(p.name)));
-                let out = sups.last().unwrap().upgrade(&["--binary", demo]);
+                let sup = sups.last().unwrap();
+                // Half the time through a prepared successor: the point then
+                // fires in the prepare (spawn, greeting, holding) or in the
+                // upgrade that hands over to the held process.
+                let out = if p.name == "s-holding-prepared" || next() % 2 == 0 {
+                    let prep = sup.upgrade(&["--prepare", "--binary", demo]);
+                    match prep.code {
+                        Some(2) => prep,
+                        Some(0) => sup.upgrade(&["--binary", demo]),
+                        _ => panic!("stress {it} {}: prepare failed\n{prep}", p.name),
+                    }
+                } else {
+                    sup.upgrade(&["--binary", demo])
+                };
                 assert_eq!(out.code, Some(2), "stress {it} {}: {out}", p.name);
                 let fired = format!("crash point {}: SIGKILL", p.name);
                 assert!(

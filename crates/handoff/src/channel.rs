@@ -56,6 +56,16 @@ impl Channel {
         }
     }
 
+    /// Whether the peer has sent anything or hung up, without blocking or
+    /// consuming it: for a peer that must be silent (a prepared successor
+    /// waiting for Begin), either means something is wrong.
+    pub fn has_input(&self) -> bool {
+        match self.stream.peek_nonblocking() {
+            Ok(_) => true, // bytes, or 0 = EOF
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
+    }
+
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }

@@ -17,6 +17,7 @@ pub const POINTS: &[CrashPoint] = &[
     CrashPoint::new("s-after-incumbent-helloack", Survivor::Old, "incumbent sees EOF before PrepareHandoff and keeps serving; the successor finds the supervisor gone and exits"),
     CrashPoint::new("s-after-successor-hello", Survivor::Old, "successor sees EOF and exits; incumbent untouched"),
     CrashPoint::new("s-after-successor-helloack", Survivor::Old, "successor sees EOF waiting for Begin and exits"),
+    CrashPoint::new("s-holding-prepared", Survivor::Old, "the supervisor died holding a successor prepared ahead: it sees EOF waiting for Begin and exits (the restarted supervisor's recovery stops it otherwise); the incumbent was never told anything"),
     CrashPoint::new("s-after-prepare", Survivor::Old, "incumbent finishes draining, finds the supervisor gone, resumes; successor exits on EOF"),
     CrashPoint::new("s-after-drained", Survivor::Old, "incumbent (drained) sees EOF and resumes; successor exits on EOF"),
     CrashPoint::new("s-after-seal-request", Survivor::Old, "incumbent seals, then finds the supervisor gone and re-takes the free state lock"),

@@ -72,7 +72,7 @@ pub use restart_lock::{RestartLock, RestartLockError};
 pub use shm::{Region, RegionSpec, ShmError, WriteGuard};
 pub use spawn::Program;
 pub use successor::{Begun, Boot, BootOptions, StartRole};
-pub use supervisor::{HandoffOptions, PhaseDone, Report, Supervisor, SupervisorConfig};
+pub use supervisor::{HandoffOptions, PhaseDone, Prepared, Report, Supervisor, SupervisorConfig};
 pub use timeouts::Timeouts;
 
 /// Peer credentials (for the admin socket of a supervisor binary).

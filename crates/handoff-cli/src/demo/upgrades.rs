@@ -122,6 +122,8 @@ fn upgrade_once(runtime_dir: &Path) -> (Vec<(String, f64)>, Outcome) {
             Event::Error { message } => return (phases, aborted(message)),
             // Not an answer to an upgrade without --wait.
             other @ (Event::Status { .. }
+            | Event::Prepared { .. }
+            | Event::Discarded { .. }
             | Event::Waiting { .. }
             | Event::Stopping { .. }
             | Event::Stopped(_)) => {

@@ -110,6 +110,14 @@ pub(super) fn upgrade(
 
 fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
     match req {
+        Request::Prepare { .. } | Request::Discard => {
+            let _ = admin::send(
+                &stream,
+                &Event::Error {
+                    message: "notify mode cannot prepare a successor ahead: a socket-activated program starts serving as soon as it starts, so there is nothing to hold; prepared upgrades need a service that links the handoff library (--mode library)".into(),
+                },
+            );
+        }
         Request::Status => {
             let h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
             let pid = ctx.sup.incumbent_pid();
@@ -242,6 +250,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                         build_id: "notify mode".into(),
                         total_ms: ms(r.total),
                         warnings: r.warnings,
+                        prepared_for_ms: None,
                     }
                 }
                 Err(NotifyError::InProgress) if ctx.stopping.load(Ordering::SeqCst) => {

@@ -28,9 +28,23 @@ fn new_handoff_id() -> HandoffId {
     h.finish()
 }
 
-struct Successor {
-    child: Child,
-    chan: Channel,
+pub(super) struct Successor {
+    pub(super) child: Child,
+    pub(super) chan: Channel,
+}
+
+/// A successor spawned and greeted ahead of its handoff (see
+/// [`Supervisor::prepare`]): warm, waiting for Begin, the incumbent not yet
+/// told anything. Its journal record (phase negotiating, its pid) stays
+/// written while it is held, so a restarted supervisor stops it.
+pub(super) struct Held {
+    pub(super) n: Successor,
+    pub(super) program: Program,
+    pub(super) record: JournalRecord,
+    pub(super) build_id: String,
+    /// Spawn to HelloAck.
+    pub(super) took: Duration,
+    pub(super) since: Instant,
 }
 
 /// One handoff in flight.
@@ -52,6 +66,16 @@ pub(super) struct Run<'a, 'o> {
     /// Journal write that recorded the successor's pid; must be durable
     /// before Begin.
     successor_recorded: u64,
+    /// The successor said Hello and got HelloAck (at once, when it was
+    /// prepared ahead).
+    greeted: bool,
+    /// How long the successor had been held, when it was prepared ahead.
+    held_for: Option<Duration>,
+    /// Reported with the outcome (e.g. a prepared successor that was found
+    /// dead and replaced).
+    warnings: Vec<String>,
+    /// The build id the successor announced in its Hello.
+    hello_build: String,
 }
 
 impl<'a, 'o> Run<'a, 'o> {
@@ -96,7 +120,64 @@ impl<'a, 'o> Run<'a, 'o> {
             n: None,
             prepared: false,
             successor_recorded: 0,
+            greeted: false,
+            held_for: None,
+            warnings: vec![],
+            hello_build: String::new(),
         }
+    }
+
+    /// Carries on with a successor prepared ahead: the handoff takes its id
+    /// and its record (whose start time predates the successor's, which is
+    /// what lets recovery tell it from a process that reused its pid), and
+    /// starts from greeting the incumbent.
+    pub(super) fn with_held(mut self, held: Held, warnings: Vec<String>) -> Self {
+        self.id = held.record.handoff_id;
+        self.record = JournalRecord {
+            incumbent_pid: self.old.as_ref().map(Child::pid),
+            phase: SupervisorPhase::Negotiating,
+            ..held.record
+        };
+        self.n = Some(held.n);
+        self.greeted = true;
+        self.held_for = Some(held.since.elapsed());
+        self.warnings = warnings;
+        self
+    }
+
+    pub(super) fn with_warnings(mut self, warnings: Vec<String>) -> Self {
+        self.warnings = warnings;
+        self
+    }
+
+    /// Spawns and greets a successor, then stops: the rest of its handoff
+    /// runs later, from [`Run::with_held`]. A failure stops the successor;
+    /// the incumbent was never involved.
+    pub(super) fn prepare(mut self, program: &Program) -> Result<Held, HandoffError> {
+        self.sup.journal.reset_error();
+        self.sup.journal.write(&self.record);
+        let r = self
+            .spawn_successor(program)
+            .and_then(|()| self.greet_successor())
+            .and_then(|()| Ok(self.sup.journal.wait(self.successor_recorded)?));
+        if let Err(e) = r {
+            return Err(self.abort(e));
+        }
+        let took = self.phase_started.elapsed();
+        (self.observer)(PhaseDone {
+            phase: SupervisorPhase::Negotiating,
+            took,
+        });
+        let n = self.n.take().expect("spawned above");
+        tracing::info!(target: "handoff::prepare", handoff_id = %crate::protocol::IdHex(self.id), pid = n.child.pid(), took_us = took.as_micros() as u64, "successor prepared; held until the next upgrade");
+        Ok(Held {
+            n,
+            program: program.clone(),
+            record: self.record.clone(),
+            build_id: std::mem::take(&mut self.hello_build),
+            took,
+            since: Instant::now(),
+        })
     }
 
     fn phase(&self) -> SupervisorPhase {
@@ -132,7 +213,11 @@ impl<'a, 'o> Run<'a, 'o> {
 
     pub(super) fn execute(mut self, program: &Program) -> Result<Report, HandoffError> {
         self.sup.journal.reset_error();
-        self.sup.journal.write(&self.record);
+        let seq = self.sup.journal.write(&self.record);
+        if self.n.is_some() {
+            // A prepared successor: this record names it too.
+            self.successor_recorded = seq;
+        }
         match self.drive(program) {
             Ok(()) => self.commit(),
             Err(e) => Err(self.abort(e)),
@@ -146,13 +231,17 @@ impl<'a, 'o> Run<'a, 'o> {
         // the other core while we greet the incumbent, instead of after it.
         // Nothing is asked of the incumbent before the successor's Hello, so
         // a failed greeting costs only the successor, which `abort` reaps.
-        self.spawn_successor(program)?;
+        if self.n.is_none() {
+            self.spawn_successor(program)?;
+        }
         if self.with_incumbent {
             self.connect_incumbent()?;
             // Where negotiating's time goes (HANDOFF_LOG=handoff::phase=debug).
             tracing::debug!(target: "handoff::phase", handoff_id = %crate::protocol::IdHex(self.id), "incumbent greeted");
         }
-        self.greet_successor()?;
+        if !self.greeted {
+            self.greet_successor()?;
+        }
 
         let mut state = None;
         if self.o.is_some() {
@@ -335,6 +424,8 @@ impl<'a, 'o> Run<'a, 'o> {
             .map_err(|e| ProtocolError::frame(Peer::Successor, "hello", e))?;
         chan.set_version(v);
         crash::point_if(self.with_incumbent, "s-after-successor-helloack");
+        self.greeted = true;
+        self.hello_build = hello.build_id.clone();
         Ok(())
     }
 
@@ -482,6 +573,7 @@ impl<'a, 'o> Run<'a, 'o> {
             }
         }
         crash::point_if(self.with_incumbent, "s-after-commit");
+        warnings.splice(0..0, std::mem::take(&mut self.warnings));
         // Dropping our end tells the old incumbent we are done with it.
         self.o = None;
         drop(n.chan);
@@ -510,6 +602,7 @@ impl<'a, 'o> Run<'a, 'o> {
             new_build_id: self.sup.procs().incumbent_build.clone(),
             phases: self.phases,
             total,
+            prepared_for: self.held_for,
             warnings,
         })
     }
@@ -588,7 +681,7 @@ impl<'a, 'o> Run<'a, 'o> {
     }
 }
 
-fn kill_successor(child: &Child) {
+pub(super) fn kill_successor(child: &Child) {
     if child.kill_and_reap(Duration::from_secs(10)).is_none() {
         tracing::error!(target: "handoff::abort", pid = child.pid(), "successor did not die within 10 s of SIGKILL");
     }

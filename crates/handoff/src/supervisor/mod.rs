@@ -14,6 +14,11 @@
 //! Any failure before Ready kills and reaps the successor and tells the
 //! incumbent to resume. After Ready the successor is the incumbent whatever
 //! happens next.
+//!
+//! The first two steps for the successor (spawn, Hello/HelloAck) can also
+//! run ahead of the upgrade, with [`Supervisor::prepare`]: the new build
+//! starts and warms up while nothing is asked of the incumbent, and the
+//! upgrade itself then costs only the steps from greeting the incumbent on.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
@@ -29,7 +34,7 @@ use crate::spawn::Program;
 use crate::timeouts::Timeouts;
 
 mod handoff;
-use handoff::Run;
+use handoff::{kill_successor, Held, Run};
 mod peer;
 pub(crate) use peer::{check_hello, connect_incumbent_socket};
 
@@ -78,6 +83,9 @@ pub struct Report {
     pub new_build_id: String,
     pub phases: Vec<PhaseDone>,
     pub total: Duration,
+    /// When the handoff used a successor prepared ahead
+    /// ([`Supervisor::prepare`]): how long it had been held.
+    pub prepared_for: Option<Duration>,
     /// Problems after Ready that did not change the outcome (e.g. the old
     /// process vanished before it got Commit).
     pub warnings: Vec<String>,
@@ -93,6 +101,20 @@ struct Processes {
     incumbent_build: String,
     /// Old incumbents finishing their connections; reaped as they exit.
     retiring: Vec<Child>,
+}
+
+/// A successor started ahead of its upgrade by [`Supervisor::prepare`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub handoff_id: HandoffId,
+    pub pid: u32,
+    /// What it announced in its Hello.
+    pub build_id: String,
+    pub program: Program,
+    /// Spawn to HelloAck: the start-up the upgrade will not wait for.
+    pub took: Duration,
+    /// How long it has been held so far.
+    pub held_for: Duration,
 }
 
 /// Drives handoffs for one service.
@@ -120,6 +142,9 @@ pub struct Supervisor {
     journal: JournalWriter,
     busy: Mutex<()>,
     procs: Mutex<Processes>,
+    /// A successor prepared ahead, waiting for its upgrade. Taken only with
+    /// `busy` held, so a handoff never races a prepare or a discard.
+    held: Mutex<Option<Held>>,
 }
 
 impl Supervisor {
@@ -132,6 +157,7 @@ impl Supervisor {
             journal,
             busy: Mutex::new(()),
             procs: Mutex::new(Processes::default()),
+            held: Mutex::new(None),
         })
     }
 
@@ -196,7 +222,9 @@ impl Supervisor {
         observer: &mut dyn FnMut(PhaseDone),
     ) -> Result<Report, HandoffError> {
         let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
-        Run::new(self, HandoffOptions::default(), observer, false).execute(program)
+        let r = Run::new(self, HandoffOptions::default(), observer, false).execute(program);
+        self.rejournal_held();
+        r
     }
 
     /// Starts a fresh incumbent if `dead_pid` — the incumbent the caller
@@ -220,12 +248,19 @@ impl Supervisor {
                 _ => return Ok(None),
             }
         }
-        Run::new(self, HandoffOptions::default(), observer, false)
+        let r = Run::new(self, HandoffOptions::default(), observer, false)
             .execute(program)
-            .map(Some)
+            .map(Some);
+        self.rejournal_held();
+        r
     }
 
     /// Replaces the incumbent with a fresh process of `program`.
+    ///
+    /// If a successor of the same `program` was prepared ahead
+    /// ([`Supervisor::prepare`]) and is still alive and quiet, the handoff
+    /// uses it and starts at greeting the incumbent; otherwise that one is
+    /// stopped (said in [`Report::warnings`]) and a fresh one spawned.
     ///
     /// Only one handoff runs at a time; a concurrent call gets
     /// [`HandoffError::InProgress`] at once.
@@ -239,7 +274,155 @@ impl Supervisor {
         if self.incumbent_pid().is_none() {
             return Err(HandoffError::NoIncumbent);
         }
-        Run::new(self, opts, observer, true).execute(program)
+        let mut warnings = vec![];
+        let run = Run::new(self, opts, observer, true);
+        match self.take_held_for(program, &mut warnings) {
+            Some(held) => run.with_held(held, warnings).execute(program),
+            None => run.with_warnings(warnings).execute(program),
+        }
+    }
+
+    /// Starts the successor for the next upgrade now — spawn, exec, its
+    /// warm-up, Hello — and holds it, waiting for Begin, until
+    /// [`Supervisor::perform_handoff`] asks for the same `program`. The
+    /// incumbent is not told anything: a build that fails to start costs
+    /// nothing but its own process, and the upgrade later does not wait for
+    /// the start-up.
+    ///
+    /// A successor already held is replaced (asked to stop, with
+    /// [`Timeouts::abort_grace`] to finish what it accepted). If the
+    /// supervisor dies while holding one, the successor sees its control
+    /// channel close and exits, and a restarted supervisor's recovery stops
+    /// it if it does not (it is in the journal).
+    ///
+    /// A prepared successor of a service that accepts before Begin serves
+    /// alongside the incumbent while it is held.
+    pub fn prepare(
+        &self,
+        program: &Program,
+        observer: &mut dyn FnMut(PhaseDone),
+    ) -> Result<Prepared, HandoffError> {
+        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
+        if self.incumbent_pid().is_none() {
+            return Err(HandoffError::NoIncumbent);
+        }
+        if let Some(old) = self.held_slot().take() {
+            tracing::info!(target: "handoff::prepare", pid = old.n.child.pid(), "replacing the successor prepared before");
+            self.retire_held(old, "replaced by a newer prepared successor");
+        }
+        let held = Run::new(self, HandoffOptions::default(), observer, true).prepare(program)?;
+        let info = describe(&held);
+        *self.held_slot() = Some(held);
+        crate::crash::point("s-holding-prepared");
+        Ok(info)
+    }
+
+    /// The successor held for the next upgrade, if any.
+    pub fn prepared(&self) -> Option<Prepared> {
+        self.held_slot().as_ref().map(describe)
+    }
+
+    /// Stops the successor held for the next upgrade (Abort, then
+    /// [`Timeouts::abort_grace`] before SIGKILL, in the background); its
+    /// pid, if there was one. Waits for a handoff in flight first.
+    pub fn discard_prepared(&self) -> Option<u32> {
+        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.held_slot().take()?;
+        let pid = held.n.child.pid();
+        self.retire_held(held, "discarded");
+        let cleared = self.journal.clear();
+        if let Err(e) = self.journal.wait(cleared) {
+            tracing::error!(target: "handoff::prepare", error = %e, "clearing the journal failed");
+        }
+        Some(pid)
+    }
+
+    fn held_slot(&self) -> MutexGuard<'_, Option<Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The held successor, if it can serve this handoff: same program,
+    /// still running, and nothing on its channel (a held successor has
+    /// nothing to say before Begin; bytes or EOF mean it is broken or
+    /// gone). One that cannot is stopped, with a warning for the report.
+    fn take_held_for(&self, program: &Program, warnings: &mut Vec<String>) -> Option<Held> {
+        let held = self.held_slot().take()?;
+        let pid = held.n.child.pid();
+        let unusable = if held.program != *program {
+            Some(format!(
+                "the successor prepared for {} (pid {pid}) was stopped: this upgrade asks for {}",
+                held.program.path.display(),
+                program.path.display()
+            ))
+        } else if let Some(exit) = held.n.child.try_exit() {
+            Some(format!(
+                "the prepared successor (pid {pid}) had exited ({exit}); started a fresh one"
+            ))
+        } else if held.n.chan.has_input() {
+            Some(format!(
+                "the prepared successor (pid {pid}) closed or wrote to its control channel while held; stopped it and started a fresh one"
+            ))
+        } else {
+            None
+        };
+        match unusable {
+            None => Some(held),
+            Some(w) => {
+                tracing::warn!(target: "handoff::prepare", pid, "{w}");
+                self.retire_held(held, "unusable for this upgrade");
+                warnings.push(w);
+                None
+            }
+        }
+    }
+
+    /// Tells a held successor to stop and gives it the abort grace in the
+    /// background; it is tracked as retiring meanwhile (so a stop finds it).
+    fn retire_held(&self, held: Held, reason: &str) {
+        let _ = held.n.chan.send(&crate::protocol::Message::Abort {
+            handoff_id: held.record.handoff_id,
+            reason: reason.to_string(),
+        });
+        let child = held.n.child;
+        drop(held.n.chan);
+        self.procs().retiring.push(child.clone());
+        let grace = self.cfg.timeouts.abort_grace;
+        let spawned = std::thread::Builder::new()
+            .name("retire-prepared".into())
+            .spawn({
+                let child = child.clone();
+                move || {
+                    if child.wait_timeout(grace).is_none() {
+                        tracing::warn!(target: "handoff::prepare", pid = child.pid(), "prepared successor still running after the abort grace; killing it");
+                        kill_successor(&child);
+                    }
+                }
+            });
+        if spawned.is_err() {
+            kill_successor(&child);
+        }
+    }
+
+    /// A run that did not use the held successor replaced and then cleared
+    /// the journal: write the held successor's record back.
+    fn rejournal_held(&self) {
+        if let Some(h) = self.held_slot().as_ref() {
+            let seq = self.journal.write(&h.record);
+            if let Err(e) = self.journal.wait(seq) {
+                tracing::error!(target: "handoff::prepare", error = %e, "re-recording the prepared successor failed");
+            }
+        }
+    }
+}
+
+fn describe(h: &Held) -> Prepared {
+    Prepared {
+        handoff_id: h.record.handoff_id,
+        pid: h.n.child.pid(),
+        build_id: h.build_id.clone(),
+        program: h.program.clone(),
+        took: h.took,
+        held_for: h.since.elapsed(),
     }
 }
 
