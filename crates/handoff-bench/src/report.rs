@@ -17,6 +17,11 @@ use crate::loadgen::{Kind, LoadRun};
 #[derive(Debug, Clone, Default)]
 pub struct Upgrade {
     pub trigger_us: u64,
+    /// Prepared upgrades: when `handoff upgrade --prepare` started (before the trigger);
+    /// the upgrade window opens here instead of at the trigger.
+    pub prepare_us: Option<u64>,
+    /// How long that prepare took.
+    pub prepare_ms: Option<f64>,
     /// The tool said it was done (handoff/shellflip: the command returned; ecdysis: the
     /// pid file names the new process).
     pub done_us: Option<u64>,
@@ -49,6 +54,7 @@ impl Segments {
         run.failures.iter_mut().for_each(|f| shift(&mut f.at_us));
         for u in &mut upgrades {
             shift(&mut u.trigger_us);
+            u.prepare_us.iter_mut().for_each(shift);
             u.done_us.iter_mut().for_each(shift);
             u.old_gone_us.iter_mut().for_each(shift);
         }
@@ -83,15 +89,7 @@ impl Segments {
 
     /// The row of the table.
     pub fn summarize(&self, name: &str, window: Duration) -> Summary {
-        let triggers: Vec<u64> = self.upgrades.iter().map(|u| u.trigger_us).collect();
-        let mut s = summarize(
-            name,
-            &self.run,
-            &self.upgrades,
-            &triggers,
-            window,
-            self.duration,
-        );
+        let mut s = summarize(name, &self.run, &self.upgrades, window, self.duration);
         s.phases_ms = self
             .phases
             .iter()
@@ -154,24 +152,37 @@ pub struct Summary {
     pub done_ms: Dist,
     /// Trigger → the old process has exited.
     pub gone_ms: Dist,
+    /// Prepared upgrades: the prepare's own time, before the trigger.
+    pub prepare_ms: Dist,
     /// handoff only: its own phase durations, as `handoff run` logs them.
     pub phases_ms: BTreeMap<String, Dist>,
     pub details: Vec<String>,
 }
 
-/// Summarizes a run.
+/// Summarizes a run. A request is in an upgrade window when it started between an
+/// upgrade's prepare (or its trigger, when it had none) and `window` after its trigger.
 pub fn summarize(
     name: &str,
     run: &LoadRun,
     upgrades: &[Upgrade],
-    triggers_us: &[u64],
     window: Duration,
     duration: Duration,
 ) -> Summary {
     let window_us = window.as_micros() as u64;
+    let mut windows: Vec<(u64, u64)> = upgrades
+        .iter()
+        .map(|u| {
+            (
+                u.prepare_us.unwrap_or(u.trigger_us),
+                u.trigger_us + window_us,
+            )
+        })
+        .collect();
+    windows.sort_unstable();
     let in_window = |t: u64| {
-        let i = triggers_us.partition_point(|&x| x <= t);
-        i > 0 && t - triggers_us[i - 1] <= window_us
+        let i = windows.partition_point(|&(start, _)| start <= t);
+        // Windows never nest (upgrades are far apart), but an earlier one may be longer.
+        windows[..i].iter().rev().take(2).any(|&(_, end)| t <= end)
     };
     let mut steady = hist();
     let mut win = hist();
@@ -225,6 +236,7 @@ pub fn summarize(
         serve_ms: Dist::of(serve),
         done_ms: Dist::of(done),
         gone_ms: Dist::of(gone),
+        prepare_ms: Dist::of(upgrades.iter().filter_map(|u| u.prepare_ms).collect()),
         phases_ms: BTreeMap::new(),
         details,
     }
@@ -337,8 +349,7 @@ mod tests {
         let s = summarize(
             "t",
             &run,
-            &[up],
-            &[1_000],
+            std::slice::from_ref(&up),
             Duration::from_millis(1),
             Duration::from_secs(1),
         );
@@ -347,5 +358,26 @@ mod tests {
         assert_eq!(s.serve_ms.n, 1);
         assert!((s.serve_ms.median - 0.5).abs() < 1e-9);
         assert!((s.done_ms.median - 0.4).abs() < 1e-9);
+        assert_eq!(s.prepare_ms.n, 0);
+
+        // Prepared ahead: the window opens at the prepare, so the request at 100 µs,
+        // during the prepare, is a window request; trigger → serving is unchanged.
+        let prepared = Upgrade {
+            prepare_us: Some(50),
+            prepare_ms: Some(0.9),
+            ..up
+        };
+        let s = summarize(
+            "t",
+            &run,
+            &[prepared],
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+        );
+        assert_eq!(s.window.n, 3);
+        assert_eq!(s.steady.n, 1);
+        assert!((s.serve_ms.median - 0.5).abs() < 1e-9);
+        assert_eq!(s.prepare_ms.n, 1);
+        assert!((s.prepare_ms.median - 0.9).abs() < 1e-9);
     }
 }

@@ -76,6 +76,7 @@ fn harness_runs_and_handoff_loses_nothing() {
             "handoff",
             "handoff (SIGHUP)",
             "handoff (SIGHUP, accept after Commit)",
+            "handoff (prepared, SIGHUP, accept after Commit)",
             "ecdysis",
             "shellflip"
         ],
@@ -95,6 +96,7 @@ fn harness_runs_and_handoff_loses_nothing() {
         "handoff",
         "handoff (SIGHUP)",
         "handoff (SIGHUP, accept after Commit)",
+        "handoff (prepared, SIGHUP, accept after Commit)",
     ] {
         let h = rows
             .iter()
@@ -111,6 +113,12 @@ fn harness_runs_and_handoff_loses_nothing() {
             "{h}"
         );
     }
+    // The prepared row ran its prepare before every trigger.
+    let p = rows
+        .iter()
+        .find(|r| r["name"] == "handoff (prepared, SIGHUP, accept after Commit)")
+        .expect("prepared row");
+    assert_eq!(p["prepare_ms"]["n"], p["upgrades"], "{p}");
     assert!(v["floors"]["spawn_ms"]["n"].as_u64().unwrap_or(0) > 0);
     // The floors sampled under load too (the like-for-like bound for handoff times).
     assert!(v["floors"]["loaded_spawn_ms"]["n"].as_u64().unwrap_or(0) > 0);

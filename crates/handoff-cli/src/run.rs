@@ -536,7 +536,7 @@ fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
             let _ = admin::send(&stream, &ev);
         }
         Request::Discard => {
-            let pid = ctx.sup.discard_prepared();
+            let pid = ctx.sup.discard_prepared().map(|c| c.pid());
             if let Some(pid) = pid {
                 eprintln!("handoff run: discarded the prepared successor (pid {pid})");
             }

@@ -65,7 +65,7 @@ pub struct StopArgs {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProcessEnd {
     pub pid: u32,
-    /// `incumbent` or `retiring`.
+    /// `incumbent`, `retiring`, or `prepared` (held for an upgrade).
     pub role: String,
     /// `exited` (within the grace), `killed` (SIGKILL after it), or
     /// `stuck` (still there after SIGKILL: in uninterruptible sleep).
@@ -168,10 +168,13 @@ fn shutdown(
         // is not the incumbent takes the slot (waiting for whoever holds
         // it), finds nothing to do and returns — a barrier.
         let _ = sup.restart_if_dead(program, 0, &mut |_| {});
-        // A successor held for an upgrade that will not come: told to stop
-        // and tracked as retiring, so `stop_all` waits for it too.
-        let _ = sup.discard_prepared();
         waited += w.elapsed();
+        // A successor held for an upgrade that will not come: told to stop
+        // (Abort), and given the grace like the others.
+        if let Some(c) = sup.discard_prepared() {
+            let t = Instant::now();
+            processes.push(end_of(&c, "prepared", t, t + grace));
+        }
         let incumbent = sup.incumbent();
         stop_all(sup, incumbent.as_ref(), grace, &mut processes);
         if sup.incumbent().map(|c| c.pid()) == incumbent.map(|c| c.pid()) {
@@ -204,20 +207,7 @@ fn stop_all(
         signal_pid(pid, Signal::SIGTERM);
     }
     if let Some(c) = alive {
-        let (how, exit) = match c.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Some(e) => ("exited", Some(e)),
-            None => match c.kill_and_reap(REAP) {
-                Some(e) => ("killed", Some(e)),
-                None => ("stuck", None),
-            },
-        };
-        out.push(ProcessEnd {
-            pid: c.pid(),
-            role: "incumbent".into(),
-            how: how.into(),
-            exit: exit.map(|e| e.to_string()),
-            took_ms: ms(t.elapsed()),
-        });
+        out.push(end_of(c, "incumbent", t, deadline));
     }
     // Retiring processes are known by pid only; `retiring_pids` drops each
     // as the library's reaper sees it exit, so a pid still listed is still
@@ -246,6 +236,24 @@ fn stop_all(
             exit: None,
             took_ms: ms(t.elapsed()),
         });
+    }
+}
+
+/// Waits for a child already told to stop until `deadline`, then kills it.
+fn end_of(c: &handoff::Child, role: &str, t: Instant, deadline: Instant) -> ProcessEnd {
+    let (how, exit) = match c.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Some(e) => ("exited", Some(e)),
+        None => match c.kill_and_reap(REAP) {
+            Some(e) => ("killed", Some(e)),
+            None => ("stuck", None),
+        },
+    };
+    ProcessEnd {
+        pid: c.pid(),
+        role: role.into(),
+        how: how.into(),
+        exit: exit.map(|e| e.to_string()),
+        took_ms: ms(t.elapsed()),
     }
 }
 

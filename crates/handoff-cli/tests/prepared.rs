@@ -239,7 +239,7 @@ fn held_process_is_replaced_discarded_and_stopped_cleanly() {
     let gone = poll_until(SETTLE, || sup.children().is_empty());
     assert!(gone, "left running after stop: {:?}", sup.children());
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&spare.to_string()),
+        String::from_utf8_lossy(&out.stdout).contains(&format!("prepared  pid {spare}")),
         "the stop report does not mention the held pid {spare}: {}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -48,7 +48,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "control,handoff,handoff-sighup,handoff-sighup-after-commit,ecdysis,shellflip"
+        default_value = "control,handoff,handoff-sighup,handoff-sighup-after-commit,handoff-prepared,ecdysis,shellflip"
     )]
     peers: Vec<Peer>,
     /// Load duration per contestant, seconds (split evenly over the rounds).
@@ -187,7 +187,6 @@ fn main() -> Result<()> {
         "floor: static in-process server",
         &static_run,
         &[],
-        &[],
         Duration::ZERO,
         d,
     );
@@ -204,7 +203,6 @@ fn main() -> Result<()> {
     let loaded_server = report::summarize(
         "floor: static in-process server, floors sampled meanwhile",
         &loaded.run,
-        &[],
         &[],
         Duration::ZERO,
         loaded.duration,
@@ -456,6 +454,7 @@ fn render(out: &Output, args: &Args) -> String {
         Peer::Handoff,
         Peer::HandoffSighup,
         Peer::HandoffSighupAfterCommit,
+        Peer::HandoffPrepared,
     ]
     .iter()
     .filter_map(|p| out.contestants.iter().find(|r| r.name == p.name()))
@@ -474,6 +473,12 @@ fn render(out: &Output, args: &Args) -> String {
             r.steady.p99 / f.static_server.steady.p99.max(1e-9),
             r.window.p99 / r.steady.p99.max(1e-9),
         ));
+        if r.prepare_ms.n > 0 {
+            s.push_str(&format!(
+                " (the `handoff upgrade --prepare` before each trigger took median {:.2} ms, p99 {:.2}: off this path, inside the window)",
+                r.prepare_ms.median, r.prepare_ms.p99
+            ));
+        }
         if !r.phases_ms.is_empty() {
             let phases: Vec<String> = r
                 .phases_ms

@@ -323,18 +323,19 @@ impl Supervisor {
     }
 
     /// Stops the successor held for the next upgrade (Abort, then
-    /// [`Timeouts::abort_grace`] before SIGKILL, in the background); its
-    /// pid, if there was one. Waits for a handoff in flight first.
-    pub fn discard_prepared(&self) -> Option<u32> {
+    /// [`Timeouts::abort_grace`] before SIGKILL, in the background) and
+    /// returns its handle, to wait for it if the caller cares. Waits for a
+    /// handoff in flight first.
+    pub fn discard_prepared(&self) -> Option<Child> {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let held = self.held_slot().take()?;
-        let pid = held.n.child.pid();
+        let child = held.n.child.clone();
         self.retire_held(held, "discarded");
         let cleared = self.journal.clear();
         if let Err(e) = self.journal.wait(cleared) {
             tracing::error!(target: "handoff::prepare", error = %e, "clearing the journal failed");
         }
-        Some(pid)
+        Some(child)
     }
 
     fn held_slot(&self) -> MutexGuard<'_, Option<Held>> {
@@ -355,13 +356,16 @@ impl Supervisor {
                 program.path.display()
             ))
         } else if let Some(exit) = held.n.child.try_exit() {
-            Some(format!(
-                "the prepared successor (pid {pid}) had exited ({exit}); started a fresh one"
-            ))
+            Some(dead(pid, exit))
         } else if held.n.chan.has_input() {
-            Some(format!(
-                "the prepared successor (pid {pid}) closed or wrote to its control channel while held; stopped it and started a fresh one"
-            ))
+            // Its channel closes as it dies, a moment before its reaper
+            // notices: name the exit if that is what it was.
+            Some(match held.n.child.wait_timeout(Duration::from_millis(200)) {
+                Some(exit) => dead(pid, exit),
+                None => format!(
+                    "the prepared successor (pid {pid}) closed or wrote to its control channel while held; stopped it and started a fresh one"
+                ),
+            })
         } else {
             None
         };
@@ -413,6 +417,10 @@ impl Supervisor {
             }
         }
     }
+}
+
+fn dead(pid: u32, exit: crate::child::Exit) -> String {
+    format!("the prepared successor (pid {pid}) had exited ({exit}); started a fresh one")
 }
 
 fn describe(h: &Held) -> Prepared {

@@ -5,6 +5,7 @@
 //! | control | `bench-svc-plain --listen …` | none | – |
 //! | handoff | `handoff run --listen … -- bench-svc-handoff` | `handoff upgrade` | the command returns (Commit) |
 //! | handoff (SIGHUP) | the same | SIGHUP to the `handoff run` pid (systemd's `ExecReload=kill -HUP $MAINPID`) | `handoff run` prints `SIGHUP upgrade committed` |
+//! | handoff (prepared, …) | the same, successor accepting after Commit | `handoff upgrade --prepare` (run to completion, *before* the trigger), then SIGHUP | as SIGHUP |
 //! | ecdysis | `bench-svc-ecdysis --listen … --pid-file …` | SIGHUP to the pid in the pid file | the pid file names the new process |
 //! | shellflip | `systemd-socket-activate -l … -- bench-svc-shellflip --socket …` | `bench-svc-shellflip --socket … restart` | the command returns (the child said it started) |
 //!
@@ -12,7 +13,6 @@
 //! shellflip leave behind (their parent exits) are reparented to it and reaped at the end,
 //! even though PID 1 here does not reap orphans.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,12 +22,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use handoff_cli::load::{Conn, Failure};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
 use crate::report::Upgrade;
+
+mod phases;
+mod procs;
+pub use phases::handoff_phases;
+pub use procs::{alive, probe_pid};
+use procs::{last_errors, output_within, read_pid, reap_any, trace_trigger};
 
 /// The contestants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -41,6 +45,11 @@ pub enum Peer {
     /// `HandoffSighup` with the successor accepting only after Commit (`bench-svc-handoff
     /// --accept-after-commit`): the order a service with state must keep.
     HandoffSighupAfterCommit,
+    /// `HandoffSighupAfterCommit` with the successor prepared ahead: `handoff upgrade
+    /// --prepare` runs to completion just before each trigger, so the new build's start-up
+    /// is off the trigger → serving path. Its cost stays in the figures: the upgrade window
+    /// opens when the prepare starts, and the prepare's own time is reported beside.
+    HandoffPrepared,
     Ecdysis,
     Shellflip,
 }
@@ -52,6 +61,7 @@ impl Peer {
             Peer::Handoff => "handoff",
             Peer::HandoffSighup => "handoff (SIGHUP)",
             Peer::HandoffSighupAfterCommit => "handoff (SIGHUP, accept after Commit)",
+            Peer::HandoffPrepared => "handoff (prepared, SIGHUP, accept after Commit)",
             Peer::Ecdysis => "ecdysis",
             Peer::Shellflip => "shellflip",
         }
@@ -110,7 +120,10 @@ impl Peer {
     pub fn is_handoff(self) -> bool {
         matches!(
             self,
-            Peer::Handoff | Peer::HandoffSighup | Peer::HandoffSighupAfterCommit
+            Peer::Handoff
+                | Peer::HandoffSighup
+                | Peer::HandoffSighupAfterCommit
+                | Peer::HandoffPrepared
         )
     }
 }
@@ -179,7 +192,10 @@ impl Running {
                 }
                 c
             }
-            Peer::Handoff | Peer::HandoffSighup | Peer::HandoffSighupAfterCommit => {
+            Peer::Handoff
+            | Peer::HandoffSighup
+            | Peer::HandoffSighupAfterCommit
+            | Peer::HandoffPrepared => {
                 let mut c = Command::new(bins.path("handoff")?);
                 c.arg("run")
                     .arg("--runtime-dir")
@@ -190,7 +206,7 @@ impl Running {
                     c.arg("--listen").arg(format!("l{i}=tcp://{a}"));
                 }
                 c.arg("--").arg(bins.path("bench-svc-handoff")?);
-                if peer == Peer::HandoffSighupAfterCommit {
+                if matches!(peer, Peer::HandoffSighupAfterCommit | Peer::HandoffPrepared) {
                     c.arg("--accept-after-commit");
                 }
                 c
@@ -294,12 +310,29 @@ impl Running {
             _ => probe_pid(self.addrs[0]).ok(),
         }
         .unwrap_or(0);
+        let mut prepared = None;
+        if self.peer == Peer::HandoffPrepared {
+            let t = Instant::now();
+            if let Err(e) = self.prepare() {
+                let up = Upgrade {
+                    trigger_us: us(t),
+                    prepare_us: Some(us(t)),
+                    old_pid: old,
+                    error: Some(format!("{} prepare: {e:#}", self.peer.name())),
+                    ..Upgrade::default()
+                };
+                return (up, None);
+            }
+            prepared = Some((us(t), t.elapsed().as_secs_f64() * 1000.0));
+        }
         if std::env::var_os("BENCH_TRACE").is_some() {
             trace_trigger(&self.dir, old);
         }
         let trigger = Instant::now();
         let mut up = Upgrade {
             trigger_us: us(trigger),
+            prepare_us: prepared.map(|p| p.0),
+            prepare_ms: prepared.map(|p| p.1),
             old_pid: old,
             ..Upgrade::default()
         };
@@ -354,7 +387,7 @@ impl Running {
                 // Committed: the old process no longer accepts, so this is the new one.
                 probe_pid(self.addrs[0]).map_err(|e| anyhow!("probing after upgrade: {e}"))
             }
-            Peer::HandoffSighup | Peer::HandoffSighupAfterCommit => {
+            Peer::HandoffSighup | Peer::HandoffSighupAfterCommit | Peer::HandoffPrepared => {
                 let commits = self
                     .commits
                     .as_ref()
@@ -411,6 +444,29 @@ impl Running {
         }
     }
 
+    /// `handoff upgrade --prepare`, to completion: the successor is started and held.
+    fn prepare(&self) -> Result<()> {
+        let out = Command::new(self.bins.path("handoff")?)
+            .arg("upgrade")
+            .arg("--prepare")
+            .arg("--runtime-dir")
+            .arg(self.dir.join("run"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|c| output_within(c, TOOL_BUDGET))
+            .context("running handoff upgrade --prepare")?;
+        if !out.status.success() {
+            bail!(
+                "handoff upgrade --prepare: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Stops every process of this contestant (SIGTERM, then SIGKILL after 5 s) and reaps
     /// them all, including orphaned old generations reparented to us.
     pub fn stop(mut self) {
@@ -418,6 +474,7 @@ impl Running {
             Peer::Handoff
             | Peer::HandoffSighup
             | Peer::HandoffSighupAfterCommit
+            | Peer::HandoffPrepared
             | Peer::Control => vec![self.child.id()],
             Peer::Ecdysis => read_pid(&self.dir.join("ecdysis.pid"))
                 .map(|p| vec![p])
@@ -466,156 +523,3 @@ impl Running {
 /// Longest a trigger command (`handoff upgrade`, `… restart`) may take before the harness
 /// kills it and counts the upgrade as failed: the benchmark never hangs on a tool.
 const TOOL_BUDGET: Duration = Duration::from_secs(30);
-
-/// Waits for `child` and collects its output, at most `budget`; kills it on timeout. The
-/// wait runs on a helper thread so the moment of exit is seen at once (no polling bias in
-/// the "tool done" times).
-fn output_within(child: Child, budget: Duration) -> std::io::Result<std::process::Output> {
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(budget) {
-        Ok(out) => {
-            let _ = waiter.join();
-            out
-        }
-        Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = waiter.join();
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("still running after {budget:?}; killed"),
-            ))
-        }
-    }
-}
-
-/// BENCH_TRACE=1: appends the trigger's wall-clock µs to `dir/triggers.log`, to line up
-/// with the services' `bench-trace` lines and the supervisor's log timestamps.
-fn trace_trigger(dir: &Path, old: u32) {
-    let us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or(0);
-    let line = format!("trigger old={old} at={us}\n");
-    let _ = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("triggers.log"))
-        .and_then(|mut f| f.write_all(line.as_bytes()));
-}
-
-/// Reaps whatever children have exited (orphans reparented to us included).
-fn reap_any() {
-    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if status == nix::sys::wait::WaitStatus::StillAlive {
-            break;
-        }
-    }
-}
-
-/// Whether `pid` is a live (not zombie) process.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            // The state follows the parenthesized command name.
-            let state = s
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
-}
-
-/// Per-phase durations (ms) of the handoffs `handoff run` logged in `dir/stderr.log`
-/// (`phase="…" took_us=…` and `total_us=…`), upgrades only: the first start (no drain) is
-/// left out.
-pub fn handoff_phases(dir: &Path) -> BTreeMap<String, Vec<f64>> {
-    let text = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
-    let mut by_id: BTreeMap<&str, Vec<(String, f64)>> = BTreeMap::new();
-    for line in text.lines() {
-        let Some(id) = field(line, "handoff_id=") else {
-            continue;
-        };
-        if let (Some(phase), Some(us)) = (field(line, "phase="), field(line, "took_us=")) {
-            if let Ok(us) = us.parse::<f64>() {
-                by_id
-                    .entry(id)
-                    .or_default()
-                    .push((phase.trim_matches('"').to_owned(), us / 1e3));
-            }
-        } else if let Some(us) = field(line, "total_us=").and_then(|v| v.parse::<f64>().ok()) {
-            by_id
-                .entry(id)
-                .or_default()
-                .push(("total".into(), us / 1e3));
-        }
-    }
-    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for phases in by_id.into_values() {
-        if phases.iter().any(|(p, _)| p == "draining") {
-            for (p, ms) in phases {
-                out.entry(p).or_default().push(ms);
-            }
-        }
-    }
-    out
-}
-
-/// The value of `key` in a `key=value` log line (up to the next space).
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(key)? + key.len();
-    line[start..].split_whitespace().next()
-}
-
-/// The last lines of a log that are not INFO lines, joined: the error a process printed.
-fn last_errors(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.contains(" INFO ")).collect();
-    lines[lines.len().saturating_sub(3)..].join(" / ")
-}
-
-fn read_pid(path: &Path) -> Result<u32> {
-    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    s.trim()
-        .parse()
-        .with_context(|| format!("{} holds {s:?}", path.display()))
-}
-
-/// The pid of the process answering a fresh connection to `addr` (its `X-Pid`).
-pub fn probe_pid(addr: SocketAddr) -> Result<u32, Failure> {
-    let resp = Conn::connect(addr)?.request("GET", "/", None, true)?;
-    resp.header("x-pid")
-        .and_then(|p| p.parse().ok())
-        .filter(|_| resp.status == 200)
-        .ok_or_else(|| Failure::Other(format!("status {} without X-Pid", resp.status)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn phases_of_upgrades_only() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            dir.path().join("stderr.log"),
-            "\
-T INFO handoff::phase: handoff_id=0x1 phase=\"negotiating\" took_us=4000 next=\"awaiting-ready\"
-T INFO handoff::commit: handoff_id=0x1 new_pid=5 old_pid=None total_us=5000
-T INFO handoff::phase: handoff_id=0x2 phase=\"negotiating\" took_us=1500 next=\"draining\"
-T INFO handoff::phase: handoff_id=0x2 phase=\"draining\" took_us=250 next=\"sealing\"
-T INFO handoff::commit: handoff_id=0x2 new_pid=6 old_pid=Some(5) total_us=3000
-",
-        )
-        .expect("write");
-        let p = handoff_phases(dir.path());
-        assert_eq!(p["negotiating"], vec![1.5]);
-        assert_eq!(p["draining"], vec![0.25]);
-        assert_eq!(p["total"], vec![3.0]);
-        assert_eq!(p.len(), 3);
-    }
-}
