@@ -6,6 +6,23 @@
 //! asks it what runs (and the service's live counters), `demo` shows them at
 //! work under load.
 
+/// Every `eprintln!` in this binary, as one `write(2)` per line.
+///
+/// std's `eprintln!` writes the formatted pieces one by one to unbuffered
+/// stderr, and the supervisor's stderr is usually the very pipe or file its
+/// service processes write to as well (they inherit it): their lines then
+/// land *inside* ours ("…committed: pid <a service's line> 1234"), which
+/// breaks anyone parsing the log. A single write of a line shorter than
+/// `PIPE_BUF` (4096 bytes) is never interleaved with another process's.
+/// Defined before the modules so that it shadows std's in all of them.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 mod admin;
 mod config;
 mod demo;

@@ -213,11 +213,10 @@ impl<'a, 'o> Run<'a, 'o> {
 
     pub(super) fn execute(mut self, program: &Program) -> Result<Report, HandoffError> {
         self.sup.journal.reset_error();
-        let seq = self.sup.journal.write(&self.record);
-        if self.n.is_some() {
-            // A prepared successor: this record names it too.
-            self.successor_recorded = seq;
-        }
+        // With a prepared successor this rewrite only refreshes the incumbent's
+        // pid: the record naming the successor (which is all recovery needs)
+        // was made durable by the prepare, so Begin does not wait for it.
+        self.sup.journal.write(&self.record);
         match self.drive(program) {
             Ok(()) => self.commit(),
             Err(e) => Err(self.abort(e)),
