@@ -297,7 +297,7 @@ fn spawn_stdout_reader(stdout: impl Read + Send + 'static) -> Receiver<String> {
 /// Copies the supervisor's stderr into `log` (bounded) and echoes it to the test's stderr,
 /// which the test harness shows only for failing tests.
 fn spawn_stderr_reader(stderr: impl Read + Send + 'static, log: &Arc<Mutex<String>>) {
-    const MAX_LOG: usize = 256 * 1024;
+    const MAX_LOG: usize = 4 * 1024 * 1024;
     let log = Arc::clone(log);
     thread::Builder::new()
         .name("handoff-run-stderr".into())

@@ -296,7 +296,24 @@ impl Supervisor {
     /// it if it does not (it is in the journal).
     ///
     /// A prepared successor of a service that accepts before Begin serves
-    /// alongside the incumbent while it is held.
+    /// alongside the incumbent while it is held. One that hangs while held
+    /// is not noticed until its upgrade, which then times out waiting for
+    /// Ready and aborts (the incumbent resumes): there is no keepalive
+    /// before Begin.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use handoff::{Supervisor, Program, HandoffOptions};
+    /// # fn f(sup: &Supervisor) -> Result<(), handoff::HandoffError> {
+    /// let next = Program::new("/opt/svc/v2/svc");
+    /// let held = sup.prepare(&next, &mut |_| {})?; // v2 starts; v1 serves on
+    /// println!("v2 is pid {}, started in {:?}", held.pid, held.took);
+    /// // ... later: the cut-over waits for no process start.
+    /// let report = sup.perform_handoff(&next, HandoffOptions::default(), &mut |_| {})?;
+    /// assert_eq!(report.new_pid, held.pid);
+    /// # Ok(()) }
+    /// ```
     pub fn prepare(
         &self,
         program: &Program,
