@@ -148,6 +148,7 @@ mod tests {
     fn every_point_is_placed() {
         let src = [
             include_str!("supervisor/handoff.rs"),
+            include_str!("supervisor/mod.rs"),
             include_str!("incumbent.rs"),
             include_str!("successor.rs"),
         ]
