@@ -147,8 +147,10 @@ mod tests {
     #[test]
     fn every_point_is_placed() {
         let src = [
-            include_str!("supervisor/handoff.rs"),
-            include_str!("supervisor/mod.rs"),
+            include_str!("supervisor/handoff/mod.rs"),
+            include_str!("supervisor/handoff/held.rs"),
+            include_str!("supervisor/handoff/ending.rs"),
+            include_str!("supervisor/prepared.rs"),
             include_str!("incumbent.rs"),
             include_str!("successor.rs"),
         ]

@@ -1,0 +1,271 @@
+//! What `handoff run` does with each admin request (`upgrade`, `upgrade
+//! --prepare`, `--discard-prepared`, `status`, `stop`) and the metrics it keeps
+//! of upgrades, whichever way they were triggered.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handoff::{HandoffError, HandoffOptions, PhaseDone, Program, Supervisor};
+use nix::sys::signal::Signal;
+
+use crate::admin::{self, Event, Request};
+use crate::metrics::{Metrics, Outcome};
+use crate::progress::{Hooks, InFlight, Progress, Trigger, UpgradeFailure};
+use crate::status;
+
+pub(super) struct Ctx {
+    pub(super) sup: Arc<Supervisor>,
+    pub(super) program: Program,
+    pub(super) shown: Vec<String>,
+    pub(super) state_dir: PathBuf,
+    pub(super) metrics: Metrics,
+    /// Handoff history and the upgrade gate, for status and stop.
+    pub(super) progress: Progress,
+    pub(super) stopper: crate::stop::Stopper,
+    /// Tells the crash monitor to restart nothing.
+    pub(super) stopping: Arc<AtomicBool>,
+}
+
+impl Ctx {
+    /// What an upgrade spawns: `binary` with the service's arguments; with
+    /// no binary named, the one a successor was prepared for if there is
+    /// one (so `upgrade --prepare --binary X` then SIGHUP cuts over to X),
+    /// else the program `handoff run` was given.
+    pub(super) fn upgrade_program(&self, binary: Option<PathBuf>) -> Program {
+        let mut program = self.program.clone();
+        match binary {
+            Some(b) => program.path = b,
+            None => {
+                if let Some(p) = self.sup.prepared() {
+                    program = p.program;
+                }
+            }
+        }
+        program
+    }
+}
+
+pub(super) fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
+    admin::serve(listener, move |stream, req| handle_admin(stream, req, &ctx));
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One handoff attempt with its phases and outcome counted in the metrics.
+///
+/// `InProgress` is not counted here: the progress gate retries it while a
+/// crash restart holds the slot, and only its final answer is a refusal
+/// (see [`count_refusal`]).
+pub(super) fn upgrade_counted(
+    ctx: &Ctx,
+    program: &Program,
+    opts: HandoffOptions,
+    observer: &mut dyn FnMut(PhaseDone),
+) -> Result<handoff::Report, HandoffError> {
+    let started = std::time::Instant::now();
+    let r = ctx.sup.perform_handoff(program, opts, &mut |p: PhaseDone| {
+        ctx.metrics.phase(p.phase.name(), p.took);
+        observer(p)
+    });
+    let outcome = match &r {
+        Ok(_) => Some(Outcome::Committed),
+        Err(HandoffError::InProgress) => None,
+        Err(HandoffError::NoIncumbent) => Some(Outcome::Refused),
+        Err(_) => Some(Outcome::Aborted),
+    };
+    if let Some(o) = outcome {
+        ctx.metrics.upgrade(o, started.elapsed());
+    }
+    ctx.metrics.set_incumbent(ctx.sup.incumbent_pid());
+    r
+}
+
+/// Counts an upgrade the gate turned away before any attempt ran.
+pub(super) fn count_refusal<T>(metrics: &Metrics, r: &Result<T, UpgradeFailure>) {
+    if let Err(
+        UpgradeFailure::Stopping
+        | UpgradeFailure::StillBusy(_)
+        | UpgradeFailure::Handoff(HandoffError::InProgress),
+    ) = r
+    {
+        metrics.upgrade(Outcome::Refused, Duration::ZERO);
+    }
+}
+
+fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
+    match req {
+        Request::Status => {
+            let (service_counters, service_counters_error) =
+                status::service_counters(&ctx.state_dir);
+            let _ = admin::send(
+                &stream,
+                &Event::Status {
+                    supervisor_pid: std::process::id(),
+                    incumbent_pid: ctx.sup.incumbent_pid(),
+                    build_id: ctx.sup.incumbent_build(),
+                    listeners: ctx.shown.clone(),
+                    retiring_pids: ctx.sup.retiring_pids(),
+                    service_counters,
+                    service_counters_error,
+                    activity: ctx.progress.activity(&ctx.sup),
+                },
+            );
+        }
+        Request::Stop { grace_ms } => {
+            crate::systemd::stopping("handoff stop");
+            let grace = grace_ms
+                .map(Duration::from_millis)
+                .unwrap_or(ctx.sup.config().timeouts.drain_grace);
+            let _ = admin::send(
+                &stream,
+                &Event::Stopping {
+                    supervisor_pid: std::process::id(),
+                    incumbent_pid: ctx.sup.incumbent_pid(),
+                    grace_ms: ms(grace),
+                    in_flight: ctx.progress.in_flight(&ctx.sup),
+                },
+            );
+            ctx.stopper.stop(
+                &ctx.sup,
+                &ctx.progress,
+                &ctx.stopping,
+                &ctx.program,
+                grace,
+                &mut |r| {
+                    let _ = admin::send(&stream, &Event::Stopped(r.clone()));
+                },
+            );
+            // The main thread owns the exit (socket and lock clean-up):
+            // wake it. It finds the stop done and exits 0.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
+        }
+        Request::Prepare { binary } => {
+            let program = ctx.upgrade_program(binary);
+            let message = if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                Some("the supervisor is stopping (`handoff stop` or SIGTERM) and accepts no new upgrades".to_string())
+            } else {
+                None
+            };
+            let ev = match message {
+                Some(message) => Event::Error { message },
+                None => prepare_event(ctx.sup.prepare(&program, &mut |p: PhaseDone| {
+                    let _ = admin::send(
+                        &stream,
+                        &Event::Phase {
+                            phase: p.phase.name().to_string(),
+                            took_ms: ms(p.took),
+                        },
+                    );
+                })),
+            };
+            let _ = admin::send(&stream, &ev);
+        }
+        Request::Discard => {
+            let pid = ctx.sup.discard_prepared().map(|c| c.pid());
+            if let Some(pid) = pid {
+                eprintln!("handoff run: discarded the prepared successor (pid {pid})");
+            }
+            let _ = admin::send(&stream, &Event::Discarded { pid });
+        }
+        Request::Upgrade {
+            binary,
+            deadline_ms,
+            drain_grace_ms,
+            wait_ms,
+        } => {
+            let program = ctx.upgrade_program(binary);
+            let opts = HandoffOptions {
+                deadline: deadline_ms.map(Duration::from_millis),
+                drain_grace: drain_grace_ms.map(Duration::from_millis),
+            };
+            let mut observer = |p: PhaseDone| {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Phase {
+                        phase: p.phase.name().to_string(),
+                        took_ms: ms(p.took),
+                    },
+                );
+            };
+            let mut on_wait = |in_flight: Option<InFlight>| {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Waiting {
+                        in_flight,
+                        wait_ms: wait_ms.unwrap_or(0),
+                    },
+                );
+            };
+            // Sent while the handoff slot is still held (see `Hooks::done`).
+            let mut done = |r: &Result<handoff::Report, HandoffError>| {
+                let _ = admin::send(&stream, &admin::outcome_event(r));
+            };
+            let r = ctx.progress.upgrade(
+                &ctx.sup,
+                Trigger::Admin,
+                wait_ms.map(Duration::from_millis),
+                &mut |obs| {
+                    crate::systemd::around_upgrade(&ctx.sup, || {
+                        upgrade_counted(ctx, &program, opts, obs)
+                    })
+                },
+                Hooks {
+                    phase: &mut observer,
+                    waiting: &mut on_wait,
+                    done: &mut done,
+                },
+            );
+            count_refusal(&ctx.metrics, &r);
+            // Refused before any attempt, so `done` had nothing to say.
+            if let Err(
+                e @ (UpgradeFailure::Stopping
+                | UpgradeFailure::StillBusy(_)
+                | UpgradeFailure::Handoff(HandoffError::InProgress)),
+            ) = r
+            {
+                let _ = admin::send(
+                    &stream,
+                    &Event::Error {
+                        message: e.to_string(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// The reply to `handoff upgrade --prepare`, also logged.
+fn prepare_event(r: Result<handoff::Prepared, HandoffError>) -> Event {
+    match r {
+        Ok(p) => {
+            eprintln!(
+                "handoff run: prepared pid {} ({}) in {:.2} ms; held for the next upgrade",
+                p.pid,
+                p.build_id,
+                ms(p.took)
+            );
+            Event::Prepared {
+                handoff_id: format!("{:#018x}", p.handoff_id),
+                pid: p.pid,
+                build_id: p.build_id,
+                took_ms: ms(p.took),
+            }
+        }
+        Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {
+            message: e.to_string(),
+        },
+        Err(e) => {
+            eprintln!("handoff run: prepare failed: {e}");
+            Event::Aborted {
+                handoff_id: None,
+                phase: Some("negotiating".into()),
+                reason: e.to_string(),
+            }
+        }
+    }
+}
