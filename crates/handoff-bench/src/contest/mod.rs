@@ -367,23 +367,7 @@ impl Running {
         match self.peer {
             Peer::Control => Ok(old),
             Peer::Handoff => {
-                let out = Command::new(self.bins.path("handoff")?)
-                    .arg("upgrade")
-                    .arg("--runtime-dir")
-                    .arg(self.dir.join("run"))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .and_then(|c| output_within(c, TOOL_BUDGET))
-                    .context("running handoff upgrade")?;
-                if !out.status.success() {
-                    bail!(
-                        "handoff upgrade: {}: {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
+                self.handoff_upgrade(&[])?;
                 // Committed: the old process no longer accepts, so this is the new one.
                 probe_pid(self.addrs[0]).map_err(|e| anyhow!("probing after upgrade: {e}"))
             }
@@ -446,9 +430,16 @@ impl Running {
 
     /// `handoff upgrade --prepare`, to completion: the successor is started and held.
     fn prepare(&self) -> Result<()> {
+        self.handoff_upgrade(&["--prepare"])
+    }
+
+    /// Runs `handoff upgrade EXTRA… --runtime-dir …` to completion (bounded by
+    /// [`TOOL_BUDGET`]); an error carries its exit status and stderr.
+    fn handoff_upgrade(&self, extra: &[&str]) -> Result<()> {
+        let what = format!("handoff upgrade {}", extra.join(" "));
         let out = Command::new(self.bins.path("handoff")?)
             .arg("upgrade")
-            .arg("--prepare")
+            .args(extra)
             .arg("--runtime-dir")
             .arg(self.dir.join("run"))
             .stdin(Stdio::null())
@@ -456,10 +447,11 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .and_then(|c| output_within(c, TOOL_BUDGET))
-            .context("running handoff upgrade --prepare")?;
+            .with_context(|| format!("running {what}"))?;
         if !out.status.success() {
             bail!(
-                "handoff upgrade --prepare: {}: {}",
+                "{}: {}: {}",
+                what.trim_end(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );

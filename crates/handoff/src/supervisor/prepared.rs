@@ -19,8 +19,8 @@ impl Supervisor {
     /// the start-up.
     ///
     /// A successor already held is replaced (asked to stop, with
-    /// [`Timeouts::abort_grace`] to finish what it accepted). If the
-    /// supervisor dies while holding one, the successor sees its control
+    /// [`Timeouts::abort_grace`](crate::Timeouts::abort_grace) to finish
+    /// what it accepted). If the supervisor dies while holding one, the successor sees its control
     /// channel close and exits, and a restarted supervisor's recovery stops
     /// it if it does not (it is in the journal).
     ///
@@ -69,8 +69,8 @@ impl Supervisor {
     }
 
     /// Stops the successor held for the next upgrade (Abort, then
-    /// [`Timeouts::abort_grace`] before SIGKILL, in the background) and
-    /// returns its handle, to wait for it if the caller cares. Waits for a
+    /// [`Timeouts::abort_grace`](crate::Timeouts::abort_grace) before
+    /// SIGKILL, in the background) and returns its handle, to wait for it if the caller cares. Waits for a
     /// handoff in flight first.
     pub fn discard_prepared(&self) -> Option<Child> {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
