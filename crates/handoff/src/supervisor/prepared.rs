@@ -20,9 +20,9 @@ impl Supervisor {
     ///
     /// A successor already held is replaced (asked to stop, with
     /// [`Timeouts::abort_grace`](crate::Timeouts::abort_grace) to finish
-    /// what it accepted). If the supervisor dies while holding one, the successor sees its control
-    /// channel close and exits, and a restarted supervisor's recovery stops
-    /// it if it does not (it is in the journal).
+    /// what it accepted). If the supervisor dies while holding one, the
+    /// successor sees its control channel close and exits, and a restarted
+    /// supervisor's recovery stops it if it does not (it is in the journal).
     ///
     /// A prepared successor of a service that accepts before Begin serves
     /// alongside the incumbent while it is held. One that hangs while held

@@ -13,8 +13,9 @@ use crate::supervisor::PhaseDone;
 
 /// A successor spawned and greeted ahead of its handoff (see
 /// [`Supervisor::prepare`](crate::Supervisor::prepare)): warm, waiting for
-/// Begin, the incumbent not yet told anything. Its journal record (phase negotiating, its pid) stays
-/// written while it is held, so a restarted supervisor stops it.
+/// Begin, the incumbent not yet told anything. Its journal record (phase
+/// negotiating, its pid) stays written while it is held, so a restarted
+/// supervisor stops it.
 pub(in crate::supervisor) struct Held {
     pub(in crate::supervisor) n: Successor,
     pub(in crate::supervisor) program: Program,
