@@ -70,8 +70,8 @@ impl Supervisor {
 
     /// Stops the successor held for the next upgrade (Abort, then
     /// [`Timeouts::abort_grace`](crate::Timeouts::abort_grace) before
-    /// SIGKILL, in the background) and returns its handle, to wait for it if the caller cares. Waits for a
-    /// handoff in flight first.
+    /// SIGKILL, in the background) and returns its handle, to wait for it
+    /// if the caller cares. Waits for a handoff in flight first.
     pub fn discard_prepared(&self) -> Option<Child> {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let held = self.held_slot().take()?;
