@@ -9,7 +9,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -17,66 +17,12 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use support::*;
 
-/// Runs a `handoff` subcommand to completion, bounded.
-fn handoff(args: &[&str], rt: &Path, within: Duration) -> Output {
-    let mut cmd = Command::new(handoff_bin());
-    cmd.args(&args[..1])
-        .arg("--runtime-dir")
-        .arg(rt)
-        .args(&args[1..]);
-    finish(spawn(cmd), within, &format!("handoff {args:?}"))
-}
-
-fn spawn(mut cmd: Command) -> std::process::Child {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn handoff")
-}
-
-/// Waits (bounded) for a child started by [`spawn`] and collects its output.
-fn finish(mut child: std::process::Child, within: Duration, what: &str) -> Output {
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let o = std::thread::spawn(move || {
-        let mut v = vec![];
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let e = std::thread::spawn(move || {
-        let mut v = vec![];
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let mut status = None;
-    if !poll_until(within, || {
-        status = child.try_wait().expect("try_wait");
-        status.is_some()
-    }) {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{what} did not finish within {within:?}");
-    }
-    Output {
-        status: status.expect("exited"),
-        stdout: o.join().expect("stdout reader"),
-        stderr: e.join().expect("stderr reader"),
-    }
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn status_json(rt: &Path) -> Value {
-    let out = handoff(&["status", "--json"], rt, Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status --json is one JSON object")
-}
-
 fn status_text(rt: &Path) -> String {
-    let out = handoff(&["status"], rt, Duration::from_secs(20));
+    let out = run_handoff(&["status"], rt, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     text(&out.stdout)
 }
@@ -189,7 +135,7 @@ fn status_between_and_during_upgrades() {
         .arg(&hang)
         .arg("--runtime-dir")
         .arg(rt);
-    let held = spawn(cmd);
+    let held = spawn_piped(cmd);
     let s = wait_status(rt, "the handoff in awaiting-ready", |s| {
         s["in_flight"]["phase"] == "awaiting-ready" && s["journal"]["phase"] == "awaiting-ready"
     });
@@ -217,7 +163,7 @@ fn status_between_and_during_upgrades() {
         "{human}"
     );
     // A second upgrade without --wait is refused at once, touching nothing.
-    let out = handoff(&["upgrade"], rt, Duration::from_secs(20));
+    let out = run_handoff(&["upgrade"], rt, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("in progress"),
@@ -227,7 +173,7 @@ fn status_between_and_during_upgrades() {
 
     // End it: the successor dies, the handoff aborts, the old one resumes.
     signal(successor, Signal::SIGKILL);
-    let out = finish(held, Duration::from_secs(60), "the held upgrade");
+    let out = finish_within(held, Duration::from_secs(60), "the held upgrade");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     let s = status_json(rt);
     assert_eq!(s["handoffs"]["committed"], 1, "{s:#}");
@@ -316,7 +262,7 @@ fn stop_with_requests_in_flight(by: StopBy) {
             let mut cmd = Command::new(handoff_bin());
             cmd.args(["stop", "--json", "--grace", "30s", "--runtime-dir"])
                 .arg(&dirs.runtime);
-            Some(spawn(cmd))
+            Some(spawn_piped(cmd))
         }
         StopBy::Sigterm => {
             signal(sup.pid, Signal::SIGTERM);
@@ -343,7 +289,7 @@ fn stop_with_requests_in_flight(by: StopBy) {
     }
 
     if let Some(stop) = stop {
-        let out = finish(stop, Duration::from_secs(60), "handoff stop");
+        let out = finish_within(stop, Duration::from_secs(60), "handoff stop");
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         let events = json_lines(&out);
         assert_eq!(event(&events, "stopping")["incumbent_pid"], incumbent);
@@ -434,15 +380,15 @@ fn concurrent_upgrades_with_wait_both_commit_in_turn() {
         if json {
             cmd.arg("--json");
         }
-        spawn(cmd)
+        spawn_piped(cmd)
     };
     let first = upgrade(true);
     wait_status(&dirs.runtime, "the first upgrade in flight", |s| {
         !s["in_flight"].is_null()
     });
     let second = upgrade(false);
-    let first = finish(first, Duration::from_secs(60), "first upgrade");
-    let second = finish(second, Duration::from_secs(60), "second upgrade");
+    let first = finish_within(first, Duration::from_secs(60), "first upgrade");
+    let second = finish_within(second, Duration::from_secs(60), "second upgrade");
     assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
     assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
     // The second waited, said so, and then handed off from the first's process.
@@ -507,18 +453,18 @@ fn stop_escalates_to_sigkill_after_the_grace() {
     let mut cmd = Command::new(handoff_bin());
     cmd.args(["stop", "--grace", "5s", "--runtime-dir"])
         .arg(&dirs.runtime);
-    let stop = spawn(cmd);
+    let stop = spawn_piped(cmd);
     let s = wait_status(&dirs.runtime, "stopping", |s| s["stopping"] == true);
     assert_eq!(s["incumbent_pid"], incumbent);
     assert!(status_text(&dirs.runtime).contains("STOPPING (no new upgrades)"));
-    let out = handoff(&["upgrade"], &dirs.runtime, Duration::from_secs(20));
+    let out = run_handoff(&["upgrade"], &dirs.runtime, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("the supervisor is stopping"),
         "{}",
         text(&out.stderr)
     );
-    let out = finish(stop, Duration::from_secs(60), "handoff stop");
+    let out = finish_within(stop, Duration::from_secs(60), "handoff stop");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let o = text(&out.stdout);
     assert!(
@@ -552,19 +498,19 @@ fn stop_waits_for_the_handoff_in_flight() {
         .arg(&slow)
         .arg("--runtime-dir")
         .arg(&dirs.runtime);
-    let upgrade = spawn(cmd);
+    let upgrade = spawn_piped(cmd);
     wait_status(&dirs.runtime, "the upgrade in flight", |s| {
         !s["in_flight"].is_null()
     });
     let mut cmd = Command::new(handoff_bin());
     cmd.args(["stop", "--json", "--runtime-dir"])
         .arg(&dirs.runtime);
-    let stop = spawn(cmd);
+    let stop = spawn_piped(cmd);
 
-    let up = finish(upgrade, Duration::from_secs(60), "the upgrade");
+    let up = finish_within(upgrade, Duration::from_secs(60), "the upgrade");
     assert_eq!(up.status.code(), Some(0), "{}", text(&up.stderr));
     let new_pid = event(&json_lines(&up), "committed")["new_pid"].clone();
-    let out = finish(stop, Duration::from_secs(60), "handoff stop");
+    let out = finish_within(stop, Duration::from_secs(60), "handoff stop");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let events = json_lines(&out);
     assert!(

@@ -8,8 +8,6 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -18,22 +16,6 @@ use serde_json::Value;
 use support::*;
 
 const SETTLE: Duration = Duration::from_secs(20);
-
-fn status_json(rt: &Path) -> Value {
-    let out = Command::new(handoff_bin())
-        .args(["status", "--json", "--runtime-dir"])
-        .arg(rt)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run handoff status");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is one JSON object")
-}
 
 fn pid_of(v: &Value, what: &str) -> u32 {
     v.as_u64()
@@ -224,12 +206,7 @@ fn held_process_is_replaced_discarded_and_stopped_cleanly() {
 
     // Stop with one held: both processes end, the supervisor exits 0.
     let spare = prepare(&sup, held, &[]);
-    let out = Command::new(handoff_bin())
-        .args(["stop", "--runtime-dir"])
-        .arg(&sup.runtime_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run handoff stop");
+    let out = run_handoff(&["stop"], &sup.runtime_dir, SETTLE);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -3,6 +3,9 @@
 #![allow(unused_imports)]
 
 use super::*;
+use std::process::Output;
+
+use serde_json::Value;
 // ---------------------------------------------------------------------------------------
 // The supervisor process
 // ---------------------------------------------------------------------------------------
@@ -470,4 +473,69 @@ impl fmt::Display for UpgradeOutcome {
             self.supervisor_stderr.trim_end()
         )
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Other `handoff` subcommands
+// ---------------------------------------------------------------------------------------
+
+/// Runs a `handoff` subcommand to completion, bounded.
+pub fn run_handoff(args: &[&str], rt: &Path, within: Duration) -> Output {
+    let mut cmd = Command::new(handoff_bin());
+    cmd.args(&args[..1])
+        .arg("--runtime-dir")
+        .arg(rt)
+        .args(&args[1..]);
+    finish_within(spawn_piped(cmd), within, &format!("handoff {args:?}"))
+}
+
+/// Starts `cmd` with stdin closed and stdout/stderr piped, for [`finish_within`].
+pub fn spawn_piped(mut cmd: Command) -> std::process::Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn handoff")
+}
+
+/// Waits (bounded) for a child started by [`spawn_piped`] and collects its output.
+pub fn finish_within(mut child: std::process::Child, within: Duration, what: &str) -> Output {
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let o = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let mut status = None;
+    if !poll_until(within, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    }) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not finish within {within:?}");
+    }
+    Output {
+        status: status.expect("exited"),
+        stdout: o.join().expect("stdout reader"),
+        stderr: e.join().expect("stderr reader"),
+    }
+}
+
+/// `handoff status --json`, bounded; asserts it exits 0.
+pub fn status_json(rt: &Path) -> Value {
+    let out = run_handoff(&["status", "--json"], rt, Duration::from_secs(20));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is one JSON object")
 }
