@@ -133,6 +133,9 @@ impl Default for Backoff {
 pub trait Supervised {
     /// The serving process, if one runs.
     fn incumbent(&self) -> Option<handoff::Child>;
+    /// Waits up to `timeout` until no handoff is in progress, without
+    /// taking the handoff slot; whether none is.
+    fn wait_idle(&self, timeout: Duration) -> bool;
     /// Starts a fresh process if `dead` is still the recorded incumbent (an
     /// upgrade may have replaced it meanwhile); the new pid and build id.
     fn restart_if_dead(&self, dead: u32) -> std::result::Result<Option<(u32, String)>, String>;
@@ -149,6 +152,10 @@ impl Supervised for LibraryMode {
         self.sup.incumbent()
     }
 
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        self.sup.wait_idle(timeout)
+    }
+
     fn restart_if_dead(&self, dead: u32) -> std::result::Result<Option<(u32, String)>, String> {
         self.sup
             .restart_if_dead(&self.program, dead, &mut |_| {})
@@ -163,6 +170,16 @@ impl Supervised for LibraryMode {
 /// row have failed — the caller then stops everything and exits, so a
 /// service manager sees the crash loop instead of a supervisor spinning.
 /// Connections meanwhile wait in the listeners' backlog (we keep them).
+///
+/// An incumbent that dies while a handoff is in progress (its drain
+/// panicked, say) is the handoff's business: it carries on with the
+/// successor, or aborts. So the monitor first waits for the handoff to end
+/// and only then looks: replaced means nothing happened here — no log line,
+/// no service-manager status, no back-off step; still the recorded
+/// incumbent (the handoff aborted) means a crash like any other. Waiting
+/// after seeing the death is race-free: a handoff that starts later cannot
+/// replace a dead incumbent (it refuses with "no incumbent"), so any that
+/// could was already in progress, and the wait covers it.
 pub fn monitor(
     s: &impl Supervised,
     stopping: &AtomicBool,
@@ -188,14 +205,27 @@ pub fn monitor(
             return Ok(());
         }
         let dead = c.pid();
+        let during = !s.wait_idle(Duration::ZERO);
+        while !s.wait_idle(Duration::from_millis(250)) {
+            if stopping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
         if s.incumbent().map(|x| x.pid()) != Some(dead) {
-            continue; // an upgrade replaced it
+            continue; // a handoff replaced it
         }
         if born.elapsed() >= policy.healthy_after {
             delay = policy.initial;
             failures = 0;
         }
-        eprintln!("handoff run: the incumbent (pid {dead}) died outside an upgrade ({exit}); restarting in {delay:?}");
+        let when = if during {
+            "during a handoff that did not replace it"
+        } else {
+            "outside an upgrade"
+        };
+        eprintln!(
+            "handoff run: the incumbent (pid {dead}) died {when} ({exit}); restarting in {delay:?}"
+        );
         crate::systemd::crashed(dead, &exit, delay);
         std::thread::sleep(delay);
         // A stop may have begun during the backoff: start nothing it would

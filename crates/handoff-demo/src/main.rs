@@ -49,6 +49,7 @@ ENVIRONMENT:
     HANDOFF_DEMO_DRAIN_IDLE_MS  idle time after which a draining connection is closed (100)
     HANDOFF_DEMO_WARMUP_MS    extra warm-up before taking over (simulates loading caches; 0)
     HANDOFF_DEMO_FAULT        test fault: exit-before-ready | fail-health | hang-before-ready | fail-seal
+                              | panic-in-drain
     RUST_LOG                  log filter (default: warn)
 ";
 
@@ -104,6 +105,12 @@ impl Service {
 
 impl Drainable for Service {
     fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
+        // A bug in a service's drain takes the process down mid-handoff
+        // (exit status 101): the supervisor must carry on with the
+        // successor, not also count it as a crash outside an upgrade.
+        if fault() == "panic-in-drain" {
+            panic!("injected fault: panic-in-drain");
+        }
         self.shared.set_mode(Mode::Draining);
         let left = self
             .rt

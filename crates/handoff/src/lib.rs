@@ -33,6 +33,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
+mod busy;
 pub mod channel;
 pub mod child;
 pub mod crash;

@@ -299,6 +299,10 @@ impl crate::supervise::Supervised for Ctx {
         self.sup.incumbent()
     }
 
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        self.sup.wait_idle(timeout)
+    }
+
     fn restart_if_dead(&self, dead: u32) -> std::result::Result<Option<(u32, String)>, String> {
         self.sup
             .restart_if_dead(&self.program, dead, &mut |_| {})

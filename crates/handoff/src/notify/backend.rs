@@ -12,6 +12,7 @@ use super::probe::ReadyProbe;
 use super::record::{describe_fd, NotifyRecord, Orphan, ProcId, RecordStore, RecordedListener};
 use super::socket::{Announced, NotifySocket, Watched};
 use super::NotifyError;
+use crate::busy::Busy;
 use crate::child::{Child, Exit};
 use crate::listeners::Listener;
 use crate::spawn::{spawn_activated, Program};
@@ -180,7 +181,8 @@ struct Procs {
 pub struct NotifySupervisor {
     cfg: NotifyConfig,
     listeners: Vec<Listener>,
-    busy: Mutex<()>,
+    /// Taken for each start, upgrade, crash restart, adoption and stop.
+    busy: Busy,
     procs: Mutex<Procs>,
     seq: AtomicU64,
     store: Option<RecordStore>,
@@ -195,7 +197,7 @@ impl NotifySupervisor {
             store: cfg.record_dir.as_ref().map(RecordStore::new),
             cfg,
             listeners,
-            busy: Mutex::new(()),
+            busy: Busy::default(),
             procs: Mutex::new(Procs::default()),
             seq: AtomicU64::new(0),
         }
@@ -248,13 +250,24 @@ impl NotifySupervisor {
             .map(|r| r.notify.path().to_path_buf())
     }
 
+    /// Waits up to `timeout` until no start, upgrade, crash restart or stop
+    /// is in progress; whether none is. Takes nothing. A process seen dead
+    /// during an upgrade is the upgrade's business: it makes the new one
+    /// the incumbent regardless, or (not ready) leaves the dead one
+    /// recorded; only once this returns `true` does
+    /// [`NotifySupervisor::incumbent`] say which. An upgrade that starts
+    /// after the death refuses it ([`NotifyError::NoIncumbent`]).
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        self.busy.wait_free(timeout)
+    }
+
     /// Starts the first process and waits until it is ready.
     pub fn start(
         &self,
         program: &Program,
         observer: &mut dyn FnMut(NotifyPhaseDone),
     ) -> Result<NotifyReport, NotifyError> {
-        let _busy = self.busy.try_lock().map_err(|_| NotifyError::InProgress)?;
+        let _busy = self.busy.try_enter().ok_or(NotifyError::InProgress)?;
         self.replace(program, NotifyOptions::default(), observer)
     }
 
@@ -266,7 +279,7 @@ impl NotifySupervisor {
     /// Its notify socket is bound again at the recorded path, so what it
     /// announces from now on (`STATUS=`…) is heard.
     pub fn adopt(&self, orphan: &Orphan) -> Result<u32, NotifyError> {
-        let _busy = self.busy.try_lock().map_err(|_| NotifyError::InProgress)?;
+        let _busy = self.busy.try_enter().ok_or(NotifyError::InProgress)?;
         let pid = orphan.pid();
         let child =
             Child::adopt_foreign(pid).map_err(|source| NotifyError::Adopt { pid, source })?;
@@ -330,7 +343,7 @@ impl NotifySupervisor {
         dead_pid: u32,
         observer: &mut dyn FnMut(NotifyPhaseDone),
     ) -> Result<Option<NotifyReport>, NotifyError> {
-        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let _busy = self.busy.enter();
         match self.incumbent() {
             Some(c) if c.pid() == dead_pid && c.try_exit().is_some() => {}
             _ => return Ok(None),
@@ -348,7 +361,7 @@ impl NotifySupervisor {
         opts: NotifyOptions,
         observer: &mut dyn FnMut(NotifyPhaseDone),
     ) -> Result<NotifyReport, NotifyError> {
-        let _busy = self.busy.try_lock().map_err(|_| NotifyError::InProgress)?;
+        let _busy = self.busy.try_enter().ok_or(NotifyError::InProgress)?;
         if self.incumbent_pid().is_none() {
             return Err(NotifyError::NoIncumbent);
         }
@@ -358,7 +371,7 @@ impl NotifySupervisor {
     /// Stops the current process: the stop signal, `grace`, then SIGKILL.
     /// Returns how it ended and whether it had to be killed.
     pub fn stop(&self, grace: Duration) -> Option<(Exit, bool)> {
-        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let _busy = self.busy.enter();
         let old = self.procs().incumbent.take()?;
         let mut since = Instant::now();
         let r = self

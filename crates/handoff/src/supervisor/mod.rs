@@ -24,6 +24,8 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::busy::Busy;
+
 use crate::child::Child;
 use crate::error::HandoffError;
 use crate::journal::{Journal, JournalWriter};
@@ -141,7 +143,9 @@ pub struct Supervisor {
     cfg: SupervisorConfig,
     listeners: Vec<Listener>,
     journal: JournalWriter,
-    busy: Mutex<()>,
+    /// Taken for the whole of each handoff (start, upgrade, crash restart,
+    /// prepare, discard): one at a time.
+    busy: Busy,
     procs: Mutex<Processes>,
     /// A successor prepared ahead, waiting for its upgrade. Taken only with
     /// `busy` held, so a handoff never races a prepare or a discard.
@@ -156,7 +160,7 @@ impl Supervisor {
             cfg,
             listeners,
             journal,
-            busy: Mutex::new(()),
+            busy: Busy::default(),
             procs: Mutex::new(Processes::default()),
             held: Mutex::new(None),
         })
@@ -216,13 +220,28 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Waits up to `timeout` until no handoff (upgrade, start, crash
+    /// restart, prepare) is in progress; whether none is. Takes nothing, so
+    /// it never makes a concurrent upgrade fail as "in progress".
+    ///
+    /// For whoever watches the incumbent: one seen dead *during* a handoff
+    /// is the handoff's business — it goes on with the successor and
+    /// replaces the dead process, or aborts and leaves it recorded. Only
+    /// once this returns `true` does [`Supervisor::incumbent`] say which.
+    /// (A handoff that starts after the death cannot replace it: an upgrade
+    /// or prepare refuses a dead incumbent with
+    /// [`HandoffError::NoIncumbent`].)
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        self.busy.wait_free(timeout)
+    }
+
     /// Starts the first incumbent: a handoff from nobody.
     pub fn start(
         &self,
         program: &Program,
         observer: &mut dyn FnMut(PhaseDone),
     ) -> Result<Report, HandoffError> {
-        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
+        let _busy = self.busy.try_enter().ok_or(HandoffError::InProgress)?;
         let r = Run::new(self, HandoffOptions::default(), observer, false).execute(program);
         self.rejournal_held();
         r
@@ -241,7 +260,7 @@ impl Supervisor {
         dead_pid: u32,
         observer: &mut dyn FnMut(PhaseDone),
     ) -> Result<Option<Report>, HandoffError> {
-        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let _busy = self.busy.enter();
         {
             let p = self.procs();
             match &p.incumbent {
@@ -271,7 +290,7 @@ impl Supervisor {
         opts: HandoffOptions,
         observer: &mut dyn FnMut(PhaseDone),
     ) -> Result<Report, HandoffError> {
-        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
+        let _busy = self.busy.try_enter().ok_or(HandoffError::InProgress)?;
         if self.incumbent_pid().is_none() {
             return Err(HandoffError::NoIncumbent);
         }

@@ -48,7 +48,7 @@ impl Supervisor {
         program: &Program,
         observer: &mut dyn FnMut(PhaseDone),
     ) -> Result<Prepared, HandoffError> {
-        let _busy = self.busy.try_lock().map_err(|_| HandoffError::InProgress)?;
+        let _busy = self.busy.try_enter().ok_or(HandoffError::InProgress)?;
         if self.incumbent_pid().is_none() {
             return Err(HandoffError::NoIncumbent);
         }
@@ -73,7 +73,7 @@ impl Supervisor {
     /// SIGKILL, in the background) and returns its handle, to wait for it
     /// if the caller cares. Waits for a handoff in flight first.
     pub fn discard_prepared(&self) -> Option<Child> {
-        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let _busy = self.busy.enter();
         let held = self.held_slot().take()?;
         let child = held.n.child.clone();
         self.retire_held(held, "discarded");
