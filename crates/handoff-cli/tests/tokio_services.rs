@@ -1,0 +1,264 @@
+//! Real tokio services — `examples/axum` and `examples/hyper`, built on
+//! `handoff-tokio` — upgraded under load by the real `handoff` binary:
+//! keep-alive, fresh-connection, slow-request and h2c clients that never
+//! retry see no failed request across 20 upgrades, an aborted upgrade, and a
+//! `handoff stop` with slow requests in flight.
+
+mod http_load;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use http_load::{Kind, Load, Stats};
+use support::*;
+
+const UPGRADES: usize = 20;
+
+/// An example service binary, a sibling of `handoff` in the target dir.
+fn example(name: &str) -> PathBuf {
+    let p = handoff_bin().with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with `cargo test --workspace` (or `cargo build -p {name}`)",
+        p.display()
+    );
+    p
+}
+
+fn assert_no_failures(stats: &Stats, sup: &Supervisor) {
+    let failures = stats.failures();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests (of {} answered); first: {:#?}\nsupervisor stderr:\n{}",
+        failures.len(),
+        stats.ok.load(std::sync::atomic::Ordering::SeqCst),
+        &failures[..failures.len().min(20)],
+        sup.stderr_log()
+    );
+}
+
+/// Upgrades `UPGRADES` times; after each, waits until the new build has
+/// answered the load — a slow request too, when there are slow clients — so
+/// every upgrade happens under traffic, with slow requests in flight.
+fn upgrade_under_load(sup: &Supervisor, load: &Load, slow: bool) -> Vec<u32> {
+    let mut pids = vec![sup.first_pid];
+    for i in 0..UPGRADES {
+        let c = sup.upgrade(&[]).expect_committed();
+        assert_eq!(c.old_pid, *pids.last().unwrap(), "upgrade {i}");
+        pids.push(c.new_pid);
+        wait_until(
+            Duration::from_secs(20),
+            &format!(
+                "upgrade {i}: the new build (pid {}) answers the load",
+                c.new_pid
+            ),
+            || {
+                load.stats.answered_by(c.new_pid) >= 20
+                    && (!slow || load.stats.slow_answered_by(c.new_pid) >= 1)
+            },
+        );
+    }
+    pids
+}
+
+#[test]
+fn axum_example_upgrades_20_times_under_keep_alive_load_with_no_failed_request() {
+    let _guard = begin_test("axum_example_upgrades", Duration::from_secs(240));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-axum"), &[]);
+    let load = Load::start(
+        sup.addr,
+        &[(Kind::KeepAlive, 16), (Kind::Fresh, 4), (Kind::Slow, 4)],
+    );
+    wait_until(Duration::from_secs(20), "the first build answers", || {
+        load.stats.answered_by(sup.first_pid) >= 50
+    });
+    let pids = upgrade_under_load(&sup, &load, true);
+    let stats = load.finish();
+    assert_no_failures(&stats, &sup);
+    // Slow requests crossed upgrades: builds that were retired answered
+    // theirs (a slow request is answered by the build that accepted it).
+    let slow = stats.slow_by_pid.lock().unwrap().clone();
+    let retired_slow = pids[..UPGRADES]
+        .iter()
+        .filter(|p| slow.contains_key(p))
+        .count();
+    assert!(
+        retired_slow == UPGRADES,
+        "slow requests were answered by only {retired_slow} of the {UPGRADES} retired builds: {slow:?}"
+    );
+    eprintln!(
+        "axum: {} requests ({} slow) across {UPGRADES} upgrades, 0 failed",
+        stats.ok.load(std::sync::atomic::Ordering::SeqCst),
+        stats.slow_ok.load(std::sync::atomic::Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn hyper_example_serves_h1_and_h2c_through_20_upgrades_and_an_abort() {
+    let _guard = begin_test("hyper_example_upgrades", Duration::from_secs(240));
+    let dirs = TestDirs::new();
+    let unhealthy = dirs.root.path().join("unhealthy");
+    let sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &example("example-hyper"),
+        &[],
+        &StartOpts {
+            env: vec![(
+                "HELLO_UNHEALTHY".into(),
+                unhealthy.to_string_lossy().into_owned(),
+            )],
+            ..StartOpts::default()
+        },
+    );
+    let load = Load::start(
+        sup.addr,
+        &[
+            (Kind::H2, 2),
+            (Kind::KeepAlive, 8),
+            (Kind::Fresh, 2),
+            (Kind::Slow, 2),
+        ],
+    );
+    wait_until(Duration::from_secs(20), "the first build answers", || {
+        load.stats.answered_by(sup.first_pid) >= 50
+    });
+    let pids = upgrade_under_load(&sup, &load, false);
+    let last = *pids.last().unwrap();
+
+    // A build whose health check fails: the upgrade aborts, the old build
+    // serves on, and the new one (which accepted early, being stateless)
+    // finishes what it took.
+    std::fs::write(&unhealthy, b"").unwrap();
+    let out = sup.upgrade(&[]);
+    out.expect_aborted(&["unhealthy"]);
+    let before = load.stats.answered_by(last);
+    wait_until(
+        Duration::from_secs(20),
+        "the old build serves on after the abort",
+        || load.stats.answered_by(last) >= before + 50,
+    );
+    std::fs::remove_file(&unhealthy).unwrap();
+    let c = sup.upgrade(&[]).expect_committed();
+    assert_eq!(
+        c.old_pid, last,
+        "the aborted upgrade left the old build in place"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the build after the abort answers",
+        || load.stats.answered_by(c.new_pid) >= 20,
+    );
+
+    let stats = load.finish();
+    assert_no_failures(&stats, &sup);
+    assert!(
+        stats.h2_ok.load(std::sync::atomic::Ordering::SeqCst) > 100,
+        "too few h2c streams answered to prove anything"
+    );
+    eprintln!(
+        "hyper: {} requests ({} h2c streams; {} h2c requests never sent, retried) across {} upgrades and an abort, 0 failed",
+        stats.ok.load(std::sync::atomic::Ordering::SeqCst),
+        stats.h2_ok.load(std::sync::atomic::Ordering::SeqCst),
+        stats.h2_unsent.load(std::sync::atomic::Ordering::SeqCst),
+        UPGRADES + 1
+    );
+}
+
+/// Sends `GET path` on `s` and reads one response (Content-Length bodies).
+fn get(s: &mut TcpStream, path: &str) -> std::io::Result<(String, String)> {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    read_response(s)
+}
+
+fn read_response(s: &mut TcpStream) -> std::io::Result<(String, String)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed after {:?}", String::from_utf8_lossy(&buf)),
+            ));
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok((head, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[test]
+fn handoff_stop_finishes_slow_requests_in_flight_then_exits_0() {
+    let _guard = begin_test("stop_with_slow_requests", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-axum"), &[]);
+    let addr: SocketAddr = sup.addr;
+    // Connections the service has certainly accepted (each answered once),
+    // then a slow request written on each: in flight when the stop begins.
+    let mut conns: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let (head, _) = get(&mut s, "/").unwrap();
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            s
+        })
+        .collect();
+    for s in &mut conns {
+        write!(s, "GET /slow HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    }
+    let readers: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let r = read_response(&mut s);
+                (r, Instant::now())
+            })
+        })
+        .collect();
+    let out = run_handoff(&["stop"], &dirs.runtime, Duration::from_secs(60));
+    let stopped = Instant::now();
+    let stop_log = format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for r in readers {
+        let (res, at) = r.join().unwrap();
+        let (head, body) = res.unwrap_or_else(|e| {
+            panic!(
+                "a slow request in flight at the stop failed: {e}\n{stop_log}\nsupervisor:\n{}",
+                sup.stderr_log()
+            )
+        });
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("connection: close"),
+            "the drain closes the connection after the answer: {head}"
+        );
+        assert!(body.starts_with("slow from pid"), "{body}");
+        assert!(
+            at <= stopped,
+            "handoff stop returned before a slow request was answered"
+        );
+    }
+    assert_eq!(out.status.code(), Some(0), "handoff stop: {stop_log}");
+    wait_until(Duration::from_secs(20), "the supervisor exits", || {
+        sup.try_exit().is_some()
+    });
+}

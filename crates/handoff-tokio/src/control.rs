@@ -1,0 +1,179 @@
+//! The protocol thread: drives the blocking `handoff` protocol (Boot →
+//! Begun → Incumbent) for an async service and turns each step into a
+//! [`Phase`] the accept loops and connections follow.
+//!
+//! The core library's protocol side is synchronous on purpose (it must work
+//! from any runtime, or none). Running it on a thread of its own keeps every
+//! blocking read off the runtime's workers; the service's async hooks run on
+//! the runtime through [`Handle::block_on`], which is legal here because this
+//! thread is not a runtime thread.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handoff::{Boot, DrainReport, Drainable, ServiceError};
+use tokio::runtime::Handle;
+
+use crate::error::BoxError;
+use crate::phase::{Phase, Retirement, Shared};
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub(crate) type Hook<T> = Box<dyn FnMut() -> BoxFuture<Result<T, BoxError>> + Send>;
+pub(crate) type BeginHook =
+    Box<dyn FnOnce(Option<Vec<u8>>) -> BoxFuture<Result<(), BoxError>> + Send>;
+
+/// The service's own async code, each optional.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    pub(crate) on_begin: Option<BeginHook>,
+    pub(crate) health: Option<Hook<()>>,
+    pub(crate) seal: Option<Hook<Option<Vec<u8>>>>,
+    pub(crate) resume: Option<Hook<()>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("on_begin", &self.on_begin.is_some())
+            .field("health", &self.health.is_some())
+            .field("seal", &self.seal.is_some())
+            .field("resume", &self.resume.is_some())
+            .finish()
+    }
+}
+
+/// How the protocol ended this process's turn, for `serve` to return.
+pub(crate) type Outcome = Result<Retirement, (&'static str, String)>;
+
+/// Moves the phase to `Retired(Failed)` if the protocol thread unwinds (a
+/// hook panicked), so the accept loops and `serve` end instead of waiting
+/// for a phase that will never come.
+struct PanicGuard(Arc<Shared>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.set_phase(Phase::Retired(Retirement::Failed));
+        }
+    }
+}
+
+/// Runs the whole protocol for this process; returns when it retires.
+pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle) -> Outcome {
+    let _guard = PanicGuard(shared.clone());
+    let fail = |phase: &'static str, e: &dyn std::fmt::Display| {
+        let message = e.to_string();
+        tracing::error!(target: "handoff_tokio", phase, error = %message, "handoff failed");
+        (phase, message)
+    };
+    let begun = match boot.begin() {
+        Ok(b) => b,
+        Err(e) => {
+            // Aborted or the supervisor hung up before Begin: the incumbent
+            // serves on; finish what we accepted early and go.
+            shared.set_phase(Phase::Retired(Retirement::Aborted));
+            return Err(fail("waiting for Begin", &e));
+        }
+    };
+    // We hold the state lock: the service may open its state now. A failure
+    // fails the health check, so the supervisor aborts cleanly.
+    let state = begun.state().map(<[u8]>::to_vec);
+    let opened = match hooks.on_begin.take() {
+        Some(f) => rt.block_on(f(state)).map_err(|e| format!("on_begin: {e}")),
+        None => Ok(()),
+    };
+    let health = hooks.health.as_mut();
+    let incumbent = begun.ready(|| {
+        opened?;
+        match health {
+            Some(h) => rt.block_on(h()).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    });
+    let incumbent = match incumbent {
+        Ok(i) => i,
+        Err(e) => {
+            shared.set_phase(Phase::Retired(Retirement::Aborted));
+            return Err(fail("becoming ready", &e));
+        }
+    };
+    shared.set_phase(Phase::Serving);
+    let mut bridge = Bridge {
+        shared: shared.clone(),
+        hooks,
+        rt,
+    };
+    match incumbent.serve(&mut bridge) {
+        Ok(handoff::Retired::Committed { .. }) => {
+            shared.set_phase(Phase::Retired(Retirement::Committed));
+            Ok(Retirement::Committed)
+        }
+        Ok(handoff::Retired::SuccessorWon { .. }) => {
+            shared.set_phase(Phase::Retired(Retirement::SuccessorWon));
+            Ok(Retirement::SuccessorWon)
+        }
+        Err(e) => {
+            shared.set_phase(Phase::Retired(Retirement::Failed));
+            Err(fail("serving as the incumbent", &e))
+        }
+    }
+}
+
+/// The [`Drainable`] the core library calls on the incumbent's control
+/// thread.
+struct Bridge {
+    shared: Arc<Shared>,
+    hooks: Hooks,
+    rt: Handle,
+}
+
+/// How long the drain waits for accept loops to leave `accept`: they leave
+/// on the next wake-up of the runtime, so this only bounds a stuck one.
+const ACCEPT_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+impl Drainable for Bridge {
+    fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
+        self.shared.set_drain_grace(grace);
+        self.shared.set_phase(Phase::Draining);
+        let accept_closed = self
+            .shared
+            .wait_blocking(grace.min(ACCEPT_CLOSE_WAIT), |accepting, _| accepting == 0);
+        if !self.shared.stateless {
+            // Requests may write state: every connection must be closed
+            // (each at a request boundary) before we seal.
+            self.shared.wait_blocking(grace, |_, conns| conns == 0);
+        }
+        // A stateless process reports at once: the successor serves
+        // already, and our connections finish meanwhile.
+        Ok(DrainReport {
+            open_conns_remaining: self.shared.open_connections() as u64,
+            accept_closed,
+        })
+    }
+
+    fn seal(
+        &mut self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<Vec<u8>>, ServiceError> {
+        let sealed = match self.hooks.seal.as_mut() {
+            Some(f) => self.rt.block_on(f())?,
+            None => None,
+        };
+        progress(1, 1);
+        Ok(sealed)
+    }
+
+    fn resume(&mut self) -> Result<(), ServiceError> {
+        if let Some(f) = self.hooks.resume.as_mut() {
+            self.rt.block_on(f())?;
+        }
+        self.shared.set_phase(Phase::Serving);
+        Ok(())
+    }
+
+    fn retire(&mut self) {
+        self.shared.set_phase(Phase::Retired(Retirement::Committed));
+    }
+}

@@ -1,0 +1,311 @@
+//! The handle a service holds: built once in `main`, it hands out the
+//! listeners by name, starts the protocol, and says when to stop.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use handoff::{Boot, BootOptions, Listener};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::control::{self, Hooks, Outcome};
+use crate::error::{BoxError, Error};
+use crate::phase::{Graces, Phase, Retirement, Shared};
+
+/// Sets up a [`Handoff`]: what the service is called, and — only if it has
+/// state — how it seals and resumes.
+///
+/// Every hook is `async` and optional. A service without hooks is
+/// *stateless*: it accepts as soon as it starts (alongside the old build,
+/// from the same kernel queue), so an upgrade never makes a new connection
+/// wait.
+#[must_use = "call .start() to get the handle"]
+pub struct Builder {
+    build_id: String,
+    stateful: bool,
+    hooks: Hooks,
+    idle_grace: Duration,
+    first_request_grace: Duration,
+    drain_grace: Duration,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("build_id", &self.build_id)
+            .field("stateful", &self.stateful)
+            .field("hooks", &self.hooks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Marks the service as having state that requests write: it accepts
+    /// only after the handoff commits (until then the old build may resume
+    /// and own the state again), and its drain waits for every connection
+    /// to close before the seal.
+    pub fn stateful(mut self) -> Self {
+        self.stateful = true;
+        self
+    }
+
+    /// Runs once the state lock is held (a new build, before it says Ready),
+    /// with the bytes the old build's seal returned: open the state here. An
+    /// error aborts the handoff; the old build serves on.
+    pub fn on_begin<F, Fut>(mut self, f: F) -> Self
+    where
+        F: FnOnce(Option<Vec<u8>>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.on_begin = Some(Box::new(move |s| Box::pin(f(s))));
+        self
+    }
+
+    /// The new build's health check, run before it says Ready. An error
+    /// aborts the handoff and is shown by `handoff upgrade`.
+    pub fn health<F, Fut>(mut self, mut f: F) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.health = Some(Box::new(move || Box::pin(f())));
+        self
+    }
+
+    /// Makes the state durable once the drain is done; the bytes returned
+    /// (at most ~1 MiB) reach the next build's [`on_begin`](Self::on_begin).
+    /// After it returns the state lock is released.
+    pub fn seal<F, Fut>(mut self, mut f: F) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<Vec<u8>>, BoxError>> + Send + 'static,
+    {
+        self.hooks.seal = Some(Box::new(move || Box::pin(f())));
+        self
+    }
+
+    /// Runs when a handoff was aborted after the seal and the state lock is
+    /// ours again: reload what the seal closed. Serving resumes after it.
+    pub fn resume<F, Fut>(mut self, mut f: F) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.resume = Some(Box::new(move || Box::pin(f())));
+        self
+    }
+
+    /// How long a keep-alive HTTP/1.1 connection may stay idle, once the
+    /// drain began, before it is closed (default 250 ms). A client that
+    /// sends its next request within it gets an answer with `Connection:
+    /// close` instead of a closed socket.
+    pub fn idle_grace(mut self, d: Duration) -> Self {
+        self.idle_grace = d;
+        self
+    }
+
+    /// How long everything may take to finish after this process stops
+    /// accepting for good, when no handoff said otherwise (default 30 s;
+    /// during a handoff the supervisor's `--drain-grace` applies).
+    pub fn drain_grace(mut self, d: Duration) -> Self {
+        self.drain_grace = d;
+        self
+    }
+
+    /// Reads what the supervisor passed (`LISTEN_FDS`, the control channel,
+    /// the state dir) and installs the SIGTERM handler (`handoff stop`:
+    /// finish every request, then [`Handoff::serve`] returns).
+    ///
+    /// Call it from inside the tokio runtime, once warm-up (config, caches)
+    /// is done: the supervisor learns this build is ready to take over when
+    /// the first `serve` (or [`Handoff::shutdown_signal`]) starts.
+    pub fn start(self) -> Result<Handoff, Error> {
+        let rt = Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let mut boot = Boot::from_env(BootOptions::new(self.build_id)).map_err(Error::Boot)?;
+        let listeners = boot.take_listeners();
+        let shared = Arc::new(Shared::new(
+            !self.stateful,
+            Graces {
+                idle: self.idle_grace,
+                first_request: self.first_request_grace,
+            },
+            self.drain_grace,
+        ));
+        let (outcome_tx, outcome) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            shared: shared.clone(),
+            listeners: Mutex::new(listeners),
+            pending: Mutex::new(Some((boot, self.hooks, outcome_tx))),
+            started: Once::new(),
+            outcome,
+            rt: rt.clone(),
+        });
+        install_sigterm(&rt, shared)?;
+        Ok(Handoff { inner })
+    }
+}
+
+/// Turns SIGTERM into retirement: stop accepting, finish every request.
+/// Installed by `start` so no service has to write its own handler, and so
+/// `handoff stop` never cuts a request in flight.
+fn install_sigterm(rt: &Handle, shared: Arc<Shared>) -> Result<(), Error> {
+    let _enter = rt.enter();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Listener {
+            name: "SIGTERM handler".into(),
+            source,
+        })?;
+    rt.spawn(async move {
+        if term.recv().await.is_some() {
+            tracing::info!(target: "handoff_tokio", "SIGTERM: finishing requests in flight, then exiting");
+            shared.set_phase(Phase::Retired(Retirement::Stopped));
+        }
+    });
+    Ok(())
+}
+
+type Pending = (Boot, Hooks, watch::Sender<Option<Outcome>>);
+
+pub(crate) struct Inner {
+    pub(crate) shared: Arc<Shared>,
+    listeners: Mutex<Vec<Listener>>,
+    /// Taken by the first `serve` / `shutdown_signal`, which starts the
+    /// protocol thread.
+    pending: Mutex<Option<Pending>>,
+    started: Once,
+    outcome: watch::Receiver<Option<Outcome>>,
+    rt: Handle,
+}
+
+/// A service's side of handoff: its listeners, its phase, its drain.
+///
+/// Cheap to clone; every clone is the same process's handle.
+#[derive(Clone)]
+pub struct Handoff {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff")
+            .field("phase", &self.inner.shared.phase())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handoff {
+    /// Starts describing the service; `build_id` names this build in
+    /// `handoff status` and the upgrade report (e.g. `"my-app 1.4.2"`).
+    pub fn builder(build_id: impl Into<String>) -> Builder {
+        Builder {
+            build_id: build_id.into(),
+            stateful: false,
+            hooks: Hooks::default(),
+            idle_grace: Duration::from_millis(250),
+            first_request_grace: Duration::from_secs(2),
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// The TCP listener passed as `--listen NAME=tcp://…`, registered with
+    /// tokio. Each name can be taken once.
+    pub fn tcp_listener(&self, name: &str) -> Result<tokio::net::TcpListener, Error> {
+        let l = self.take(name)?;
+        let std = l.into_tcp();
+        std.set_nonblocking(true)
+            .and_then(|()| {
+                let _enter = self.inner.rt.enter();
+                tokio::net::TcpListener::from_std(std)
+            })
+            .map_err(|source| Error::Listener {
+                name: name.into(),
+                source,
+            })
+    }
+
+    fn take(&self, name: &str) -> Result<Listener, Error> {
+        let mut ls = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match ls.iter().position(|l| l.name == name) {
+            Some(i) => Ok(ls.remove(i)),
+            None => Err(Error::NoListener {
+                name: name.into(),
+                left: if ls.is_empty() {
+                    "none".into()
+                } else {
+                    ls.iter()
+                        .map(|l| l.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            }),
+        }
+    }
+
+    /// Starts the protocol thread once: from here on the supervisor may
+    /// hand over to this process.
+    pub(crate) fn start_protocol(&self) {
+        let inner = &self.inner;
+        inner.started.call_once(|| {
+            let pending = inner.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let Some((boot, hooks, tx)) = pending else {
+                return;
+            };
+            let shared = inner.shared.clone();
+            let rt = inner.rt.clone();
+            let spawned = std::thread::Builder::new()
+                .name("handoff-control".into())
+                .spawn(move || {
+                    let outcome = control::run(boot, shared.clone(), hooks, rt);
+                    tx.send_replace(Some(outcome));
+                });
+            if let Err(e) = spawned {
+                tracing::error!(target: "handoff_tokio", error = %e, "cannot start the handoff control thread");
+                inner.shared.set_phase(Phase::Retired(Retirement::Failed));
+            }
+        });
+    }
+
+    /// Resolves when this process must stop accepting for good: the handoff
+    /// committed to the next build, SIGTERM arrived, or (a new build) its
+    /// handoff was aborted. Plug it into servers [`serve`](Self::serve)
+    /// does not cover, e.g. tonic's `serve_with_incoming_shutdown` (HTTP/2:
+    /// GOAWAY lets clients retry safely). `axum::serve(..)
+    /// .with_graceful_shutdown(..)` works too, but hyper then closes idle
+    /// HTTP/1.1 keep-alive connections at once, racing each client's next
+    /// request; `serve` does not.
+    pub fn shutdown_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.start_protocol();
+        let mut rx = self.inner.shared.subscribe();
+        async move {
+            let _ = rx.wait_for(|p| matches!(p, Phase::Retired(_))).await;
+        }
+    }
+
+    /// Why this process retired, once it has: `Ok` for a clean end
+    /// (committed, stopped), `Err` for an aborted or failed handoff.
+    pub(crate) async fn outcome(&self) -> Result<(), Error> {
+        let retired = match self.inner.shared.phase() {
+            Phase::Retired(r) => r,
+            _ => return Ok(()),
+        };
+        if retired == Retirement::Stopped {
+            return Ok(());
+        }
+        let mut rx = self.inner.outcome.clone();
+        let got = rx.wait_for(Option::is_some).await.map(|o| o.clone());
+        match got {
+            Ok(Some(Err((phase, message)))) => Err(Error::Handoff { phase, message }),
+            Ok(_) => Ok(()),
+            // The control thread ended without an outcome: a hook panicked.
+            Err(_) => Err(Error::Handoff {
+                phase: "control thread",
+                message: "a seal, resume, begin or health hook panicked".into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! One HTTP connection's life, and how it ends when the process drains.
+//!
+//! hyper's own graceful shutdown closes an idle HTTP/1.1 keep-alive
+//! connection at once. The client cannot know: its next request, already
+//! on the wire or about to be, meets a closed socket, and a client that does
+//! not retry reports a failure. So a draining connection here is closed
+//! only when its client is done with it:
+//!
+//! * a request in flight, or one that arrives while draining, is answered
+//!   with `Connection: close` (hyper then closes after that response);
+//! * an HTTP/1.1 connection idle for the idle grace — measured from its last
+//!   response or the drain's start, whichever is later — is closed (a
+//!   connection that has not sent its first request gets the first-request
+//!   grace: its client just connected and is about to);
+//! * HTTP/2 gets GOAWAY at once: clients retry the streams it did not
+//!   process, by the spec;
+//! * an upgraded connection (WebSocket) leaves hyper; it stays counted, and
+//!   the process waits for it within the drain grace.
+//!
+//! All of this is reversible while the handoff may still abort: a
+//! connection not yet told to close keeps serving when the phase goes back
+//! to serving. Past the wind-down's hard deadline whatever is left is
+//! dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Context;
+use std::time::Instant;
+
+use http::header::{HeaderValue, CONNECTION};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+
+use crate::error::BoxError;
+use crate::phase::Shared;
+
+/// What the drain needs to know about one connection.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    accepted: Instant,
+    inflight: AtomicUsize,
+    requests: AtomicU64,
+    h2: AtomicBool,
+    last_done: Mutex<Option<Instant>>,
+}
+
+impl ConnState {
+    pub(crate) fn new() -> Arc<ConnState> {
+        Arc::new(ConnState {
+            accepted: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            last_done: Mutex::new(None),
+        })
+    }
+
+    /// When, winding down since `since`, this connection may be closed;
+    /// `None` while a request is in flight (its response closes it).
+    pub(crate) fn close_due(&self, since: Instant, shared: &Shared) -> Option<Instant> {
+        if self.inflight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        if self.h2.load(Ordering::SeqCst) {
+            return Some(since);
+        }
+        let g = shared.graces;
+        if self.requests.load(Ordering::SeqCst) == 0 {
+            return Some((self.accepted + g.first_request).max(since + g.idle));
+        }
+        let last = self
+            .last_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(self.accepted);
+        Some(last.max(since) + g.idle)
+    }
+}
+
+/// Ends a request's accounting however its future ends (answered, failed,
+/// or dropped because the client went away).
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The user's tower service, counted per connection, with `Connection:
+/// close` on HTTP/1.x responses once winding down.
+#[derive(Clone)]
+pub(crate) struct Tracked<S> {
+    pub(crate) inner: S,
+    pub(crate) conn: Arc<ConnState>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let h1 = req.version() < Version::HTTP_2;
+        if !h1 {
+            self.conn.h2.store(true, Ordering::SeqCst);
+        }
+        self.conn.inflight.fetch_add(1, Ordering::SeqCst);
+        self.conn.requests.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self.conn.clone());
+        let shared = self.shared.clone();
+        let mut svc = self.inner.clone();
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::poll_fn(|cx: &mut Context<'_>| svc.poll_ready(cx)).await?;
+            let mut res = svc.call(req).await?;
+            if h1 && shared.phase().winding_down() {
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(res)
+        })
+    }
+}
+
+/// Drives `conn` to its end, closing it the way the module doc says when
+/// the process winds down. `graceful` is hyper's `graceful_shutdown` on it
+/// (HTTP/1: close once idle; HTTP/2: GOAWAY).
+pub(crate) async fn drive<C: Future>(
+    mut conn: Pin<&mut C>,
+    graceful: impl Fn(Pin<&mut C>),
+    state: Arc<ConnState>,
+    shared: Arc<Shared>,
+) {
+    let mut rx = shared.subscribe();
+    loop {
+        // Serving: wait for the connection to end or a wind-down to begin.
+        loop {
+            if rx.borrow_and_update().winding_down() {
+                break;
+            }
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                r = rx.changed() => if r.is_err() { break },
+            }
+        }
+        let since = Instant::now();
+        let hard = shared.hard_deadline();
+        // Winding down: close when the client is done with the connection.
+        let closing = loop {
+            if !rx.borrow_and_update().winding_down() {
+                break false; // the handoff aborted: serve on
+            }
+            let now = Instant::now();
+            if now >= hard {
+                return; // out of time: drop it
+            }
+            let due = state.close_due(since, &shared);
+            if due.is_some_and(|t| t <= now) {
+                graceful(conn.as_mut());
+                break true;
+            }
+            let wake = due.unwrap_or(now + shared.graces.idle).min(hard);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = rx.changed() => {}
+            }
+        };
+        if closing {
+            // hyper finishes the exchange in progress, if any, then closes.
+            let _ = tokio::time::timeout_at(hard.into(), conn.as_mut()).await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Where this process is in its life, shared by the protocol thread, the
+//! accept loops and every connection.
+//!
+//! The protocol thread (see `control.rs`) moves the phase; accept loops and
+//! connections only read it. Two counts — loops inside `accept` and open
+//! connections — let the drain tell the supervisor the truth
+//! (`DrainReport`), and are waited on from both worlds: a `Condvar` for the
+//! blocking protocol thread, a `Notify` for async code.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+/// Why this process stopped serving for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retirement {
+    /// The supervisor committed a handoff to the next build.
+    Committed,
+    /// The supervisor vanished after the seal and the successor holds the
+    /// state lock: it won.
+    SuccessorWon,
+    /// This process was a successor whose handoff was aborted (or whose
+    /// supervisor hung up) before Commit: the old build serves on.
+    Aborted,
+    /// SIGTERM (`handoff stop`, a service manager's stop).
+    Stopped,
+    /// The protocol failed in a way this process cannot serve through
+    /// (its control socket broke, a hook panicked).
+    Failed,
+}
+
+/// The phase every accept loop and connection watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Started, not committed yet. A stateless process accepts already
+    /// (early accept); one with state waits for Commit.
+    Starting,
+    /// The incumbent: accept and serve.
+    Serving,
+    /// A handoff is draining us: accept nothing, close each connection at a
+    /// request boundary. Reversible (the handoff may abort).
+    Draining,
+    /// Done: accept nothing ever again, finish connections, end.
+    Retired(Retirement),
+}
+
+impl Phase {
+    /// Connections should be wound down (answer-then-close).
+    pub(crate) fn winding_down(self) -> bool {
+        matches!(self, Phase::Draining | Phase::Retired(_))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Accept loops that may be inside `accept` right now.
+    accepting: usize,
+    /// Connections accepted and not yet fully closed (lingering included).
+    conns: usize,
+}
+
+/// Budgets for winding connections down (see `http/conn.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Graces {
+    /// A keep-alive connection idle this long after its last response (or
+    /// after the drain began, if later) is closed; one that sends a request
+    /// first gets it answered with `Connection: close`.
+    pub(crate) idle: Duration,
+    /// How long a connection accepted but without a request yet may take to
+    /// send its first one: its client is about to.
+    pub(crate) first_request: Duration,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    phase: watch::Sender<Phase>,
+    counts: Mutex<Counts>,
+    cv: Condvar,
+    changed: Notify,
+    /// Accept before Commit, and drain without waiting for connections.
+    pub(crate) stateless: bool,
+    pub(crate) graces: Graces,
+    /// The whole wind-down's budget, from when it began: the supervisor's
+    /// drain grace once a handoff told us, else the builder's.
+    wind_down: Mutex<(Option<Instant>, Duration)>,
+}
+
+impl Shared {
+    pub(crate) fn new(stateless: bool, graces: Graces, drain_grace: Duration) -> Shared {
+        let (phase, _) = watch::channel(Phase::Starting);
+        Shared {
+            phase,
+            counts: Mutex::new(Counts::default()),
+            cv: Condvar::new(),
+            changed: Notify::new(),
+            stateless,
+            graces,
+            wind_down: Mutex::new((None, drain_grace)),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Moves to `next`, unless already retired: retirement is final (a
+    /// handoff that starts after a SIGTERM must not bring accepting back).
+    /// Returns whether the phase changed.
+    pub(crate) fn set_phase(&self, next: Phase) -> bool {
+        let changed = self.phase.send_if_modified(|p| {
+            if matches!(p, Phase::Retired(_)) || *p == next {
+                return false;
+            }
+            *p = next;
+            true
+        });
+        if changed {
+            let mut w = lock(&self.wind_down);
+            if next.winding_down() {
+                w.0.get_or_insert_with(Instant::now);
+            } else {
+                w.0 = None;
+            }
+            drop(w);
+            tracing::debug!(target: "handoff_tokio", phase = ?next, "phase");
+        }
+        changed
+    }
+
+    /// Sets the wind-down budget the supervisor asked for (PrepareHandoff's
+    /// drain grace).
+    pub(crate) fn set_drain_grace(&self, grace: Duration) {
+        lock(&self.wind_down).1 = grace;
+    }
+
+    /// When connections still open must be dropped: the wind-down's start
+    /// plus its budget (far in the future while not winding down).
+    pub(crate) fn hard_deadline(&self) -> Instant {
+        let (since, grace) = *lock(&self.wind_down);
+        since.unwrap_or_else(Instant::now) + grace
+    }
+
+    pub(crate) fn may_accept(&self, p: Phase) -> bool {
+        match p {
+            Phase::Serving => true,
+            Phase::Starting => self.stateless,
+            Phase::Draining | Phase::Retired(_) => false,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Counts)) {
+        f(&mut lock(&self.counts));
+        self.cv.notify_all();
+        self.changed.notify_waiters();
+    }
+
+    /// Marks an accept loop as possibly inside `accept` until the guard
+    /// drops. Take it *before* reading the phase: the drain sets the phase
+    /// first and then waits for this count, so a loop either sees the drain
+    /// or is counted by it.
+    pub(crate) fn accepting(self: &std::sync::Arc<Self>) -> Counted {
+        self.update(|c| c.accepting += 1);
+        Counted {
+            shared: self.clone(),
+            which: Which::Accepting,
+        }
+    }
+
+    /// Counts a connection until the guard drops.
+    pub(crate) fn connection(self: &std::sync::Arc<Self>) -> Counted {
+        self.update(|c| c.conns += 1);
+        Counted {
+            shared: self.clone(),
+            which: Which::Conn,
+        }
+    }
+
+    pub(crate) fn open_connections(&self) -> usize {
+        lock(&self.counts).conns
+    }
+
+    /// Blocks the (non-async) caller until `done` holds or `within` passes;
+    /// whether it held.
+    pub(crate) fn wait_blocking(
+        &self,
+        within: Duration,
+        done: impl Fn(usize, usize) -> bool,
+    ) -> bool {
+        let end = Instant::now() + within;
+        let mut c = lock(&self.counts);
+        loop {
+            if done(c.accepting, c.conns) {
+                return true;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits (async) until no connection is open, or `deadline`.
+    pub(crate) async fn connections_closed(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open_connections() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                return self.open_connections() == 0;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Accepting,
+    Conn,
+}
+
+/// Decrements its count when dropped.
+#[derive(Debug)]
+pub(crate) struct Counted {
+    shared: std::sync::Arc<Shared>,
+    which: Which,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let which = self.which;
+        self.shared.update(|c| match which {
+            Which::Accepting => c.accepting = c.accepting.saturating_sub(1),
+            Which::Conn => c.conns = c.conns.saturating_sub(1),
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn shared(stateless: bool) -> Arc<Shared> {
+        Arc::new(Shared::new(
+            stateless,
+            Graces {
+                idle: Duration::from_millis(10),
+                first_request: Duration::from_millis(10),
+            },
+            Duration::from_secs(1),
+        ))
+    }
+
+    #[test]
+    fn retirement_is_final() {
+        let s = shared(true);
+        assert!(s.set_phase(Phase::Serving));
+        assert!(s.set_phase(Phase::Retired(Retirement::Stopped)));
+        assert!(!s.set_phase(Phase::Draining));
+        assert!(!s.set_phase(Phase::Serving));
+        assert_eq!(s.phase(), Phase::Retired(Retirement::Stopped));
+    }
+
+    #[test]
+    fn only_a_stateless_process_accepts_before_commit() {
+        assert!(shared(true).may_accept(Phase::Starting));
+        assert!(!shared(false).may_accept(Phase::Starting));
+        for s in [shared(true), shared(false)] {
+            assert!(s.may_accept(Phase::Serving));
+            assert!(!s.may_accept(Phase::Draining));
+            assert!(!s.may_accept(Phase::Retired(Retirement::Committed)));
+        }
+    }
+
+    #[test]
+    fn counts_follow_guards_and_wake_a_blocked_waiter() {
+        let s = shared(true);
+        let a = s.accepting();
+        let c = s.connection();
+        assert_eq!(s.open_connections(), 1);
+        assert!(!s.wait_blocking(Duration::from_millis(1), |acc, _| acc == 0));
+        let t = std::thread::spawn({
+            let s = s.clone();
+            move || s.wait_blocking(Duration::from_secs(10), |acc, conns| acc == 0 && conns == 0)
+        });
+        drop(a);
+        drop(c);
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn the_wind_down_clock_starts_at_the_first_winding_phase() {
+        let s = shared(true);
+        s.set_drain_grace(Duration::from_secs(3600));
+        s.set_phase(Phase::Serving);
+        s.set_phase(Phase::Draining);
+        let d = s.hard_deadline();
+        s.set_phase(Phase::Retired(Retirement::Committed));
+        assert_eq!(
+            s.hard_deadline(),
+            d,
+            "retiring after a drain keeps its clock"
+        );
+        assert!(d > Instant::now() + Duration::from_secs(3500));
+    }
+}
