@@ -262,3 +262,37 @@ fn handoff_stop_finishes_slow_requests_in_flight_then_exits_0() {
         sup.try_exit().is_some()
     });
 }
+
+/// The same axum binary, unchanged, under `handoff run --mode notify`
+/// (socket activation + `READY=1`, as under systemd): handoff-tokio sees no
+/// control channel, serves at once, says READY=1 and drains on SIGTERM.
+#[test]
+fn axum_example_in_notify_mode_upgrades_under_load_with_no_failed_request() {
+    let _guard = begin_test("axum_example_notify_mode", Duration::from_secs(240));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(
+        &dirs.runtime,
+        &dirs.state,
+        &example("example-axum"),
+        &["--mode", "notify"],
+    );
+    let load = Load::start(
+        sup.addr,
+        &[(Kind::KeepAlive, 16), (Kind::Fresh, 4), (Kind::Slow, 4)],
+    );
+    wait_until(Duration::from_secs(20), "the first build answers", || {
+        load.stats.answered_by(sup.first_pid) >= 50
+    });
+    let pids = upgrade_under_load(&sup, &load, true);
+    let stats = load.finish();
+    assert_no_failures(&stats, &sup);
+    let slow = stats.slow_by_pid.lock().unwrap().clone();
+    let retired_slow = pids[..UPGRADES]
+        .iter()
+        .filter(|p| slow.contains_key(p))
+        .count();
+    assert_eq!(
+        retired_slow, UPGRADES,
+        "every retired build answered the slow requests it had: {slow:?}"
+    );
+}

@@ -45,6 +45,22 @@ impl Builder {
     /// only after the handoff commits (until then the old build may resume
     /// and own the state again), and its drain waits for every connection
     /// to close before the seal.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), handoff_tokio::Error> {
+    /// let handoff = handoff_tokio::Handoff::builder("kv 2.0")
+    ///     .stateful()
+    ///     .on_begin(|sealed: Option<Vec<u8>>| async move {
+    ///         // The state lock is ours: open the store (`sealed` is what
+    ///         // the old build's seal returned).
+    ///         Ok(())
+    ///     })
+    ///     .health(|| async { Ok(()) }) // Err aborts the upgrade
+    ///     .seal(|| async { Ok(None) }) // flush; Some(bytes) reach on_begin
+    ///     .resume(|| async { Ok(()) }) // aborted after the seal: reopen
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
     pub fn stateful(mut self) -> Self {
         self.stateful = true;
         self
@@ -122,8 +138,22 @@ impl Builder {
     /// the first `serve` (or [`Handoff::shutdown_signal`]) starts.
     pub fn start(self) -> Result<Handoff, Error> {
         let rt = Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let mut boot = Boot::from_env(BootOptions::new(self.build_id)).map_err(Error::Boot)?;
-        let listeners = boot.take_listeners();
+        let (mode, listeners) = if socket_activated() {
+            // `handoff run --mode notify`, or systemd itself: listeners by
+            // LISTEN_FDS, readiness by NOTIFY_SOCKET, stop by SIGTERM.
+            let listeners = handoff::listeners::take_from_env()
+                .map_err(|e| Error::Boot(handoff::ProcessError::ListenFds(e)))?;
+            let notifier = handoff::sd_notify::Notifier::from_env()
+                .map_err(|e| Error::Boot(handoff::ProcessError::Env(e.to_string())))?;
+            if self.stateful {
+                tracing::warn!(target: "handoff_tokio", "socket-activated (notify mode): there is no state handoff; the old and new builds serve side by side until the old one is stopped");
+            }
+            (Mode::Activated(notifier), listeners)
+        } else {
+            let mut boot = Boot::from_env(BootOptions::new(self.build_id)).map_err(Error::Boot)?;
+            let listeners = boot.take_listeners();
+            (Mode::Protocol(boot, self.hooks), listeners)
+        };
         let shared = Arc::new(Shared::new(
             !self.stateful,
             Graces {
@@ -133,23 +163,49 @@ impl Builder {
             self.drain_grace,
         ));
         let (outcome_tx, outcome) = watch::channel(None);
+        let notifier = match &mode {
+            // A second handle for STOPPING=1 (each is one unbound socket).
+            Mode::Activated(_) => handoff::sd_notify::Notifier::from_env().ok(),
+            Mode::Protocol(..) => None,
+        };
         let inner = Arc::new(Inner {
             shared: shared.clone(),
             listeners: Mutex::new(listeners),
-            pending: Mutex::new(Some((boot, self.hooks, outcome_tx))),
+            pending: Mutex::new(Some((mode, outcome_tx))),
             started: Once::new(),
             outcome,
             rt: rt.clone(),
         });
-        install_sigterm(&rt, shared)?;
+        install_sigterm(&rt, shared, notifier)?;
         Ok(Handoff { inner })
     }
+}
+
+/// Whether this process was started by socket activation alone: listeners
+/// passed, but no handoff control channel (`handoff run --mode notify`, or
+/// systemd with a `.socket` unit).
+fn socket_activated() -> bool {
+    std::env::var_os("HANDOFF_ROLE").is_none()
+        && std::env::var_os("HANDOFF_CONTROL_SOCK").is_none()
+        && std::env::var_os("LISTEN_FDS").is_some()
+}
+
+/// How this process was started.
+enum Mode {
+    /// By a `handoff run` supervisor in library mode: the full protocol.
+    Protocol(Boot, Hooks),
+    /// By socket activation: serve at once, say READY=1, stop on SIGTERM.
+    Activated(handoff::sd_notify::Notifier),
 }
 
 /// Turns SIGTERM into retirement: stop accepting, finish every request.
 /// Installed by `start` so no service has to write its own handler, and so
 /// `handoff stop` never cuts a request in flight.
-fn install_sigterm(rt: &Handle, shared: Arc<Shared>) -> Result<(), Error> {
+fn install_sigterm(
+    rt: &Handle,
+    shared: Arc<Shared>,
+    notifier: Option<handoff::sd_notify::Notifier>,
+) -> Result<(), Error> {
     let _enter = rt.enter();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Listener {
@@ -159,13 +215,16 @@ fn install_sigterm(rt: &Handle, shared: Arc<Shared>) -> Result<(), Error> {
     rt.spawn(async move {
         if term.recv().await.is_some() {
             tracing::info!(target: "handoff_tokio", "SIGTERM: finishing requests in flight, then exiting");
+            if let Some(n) = notifier {
+                let _ = n.stopping();
+            }
             shared.set_phase(Phase::Retired(Retirement::Stopped));
         }
     });
     Ok(())
 }
 
-type Pending = (Boot, Hooks, watch::Sender<Option<Outcome>>);
+type Pending = (Mode, watch::Sender<Option<Outcome>>);
 
 pub(crate) struct Inner {
     pub(crate) shared: Arc<Shared>,
@@ -252,8 +311,20 @@ impl Handoff {
         let inner = &self.inner;
         inner.started.call_once(|| {
             let pending = inner.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let Some((boot, hooks, tx)) = pending else {
+            let Some((mode, tx)) = pending else {
                 return;
+            };
+            let (boot, hooks) = match mode {
+                Mode::Protocol(boot, hooks) => (boot, hooks),
+                Mode::Activated(notifier) => {
+                    inner.shared.set_phase(Phase::Serving);
+                    if let Err(e) = notifier.ready() {
+                        tracing::warn!(target: "handoff_tokio", error = %e, "cannot say READY=1");
+                    }
+                    // Nothing more will come: SIGTERM is the only way out.
+                    tx.send_replace(Some(Ok(Retirement::Stopped)));
+                    return;
+                }
             };
             let shared = inner.shared.clone();
             let rt = inner.rt.clone();
