@@ -14,13 +14,20 @@
 //!    listeners when the supervisor exits;
 //! 4. after the grace, SIGKILL whatever is left, and reap it;
 //! 5. report to every client that asked, then exit 0.
+//!
+//! The report says "exited" (drained) only for a process that exited by
+//! itself, with status 0, within the grace. One that died of a signal —
+//! SIGTERM's default action when the service has no handler for it, which
+//! ends it at once with its requests in flight — or was SIGKILLed after the
+//! grace, or exited with an error, is reported as such, and `handoff stop`
+//! exits 1: an operator must never read "drained" for cut requests.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use handoff::{Program, Supervisor};
+use handoff::{Exit, Program, Supervisor};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
@@ -30,13 +37,15 @@ use crate::RuntimeDir;
 
 /// How long a process gets to disappear after SIGKILL.
 const REAP: Duration = Duration::from_secs(5);
-/// Poll interval for retiring processes (known to us by pid only).
-const POLL: Duration = Duration::from_millis(20);
 
 pub const AFTER_HELP: &str = "\
 EXIT STATUS:
-  0  the service drained and exited within the grace; the supervisor exited
-  1  the supervisor exited, but a process had to be killed after the grace
+  0  the service drained: every process exited by itself, with status 0,
+     within the grace; the supervisor exited
+  1  the supervisor exited, but a process did not drain: it died of a signal
+     (SIGTERM with no handler for it ends a process at once, cutting the
+     requests in flight), was killed after the grace, or exited with an
+     error status; the report names it and says which
   2  nothing was stopped: usage error, or the supervisor could not be reached
 
 The supervisor first refuses new upgrades, lets a handoff in flight finish,
@@ -67,12 +76,108 @@ pub struct ProcessEnd {
     pub pid: u32,
     /// `incumbent`, `retiring`, or `prepared` (held for an upgrade).
     pub role: String,
-    /// `exited` (within the grace), `killed` (SIGKILL after it), or
-    /// `stuck` (still there after SIGKILL: in uninterruptible sleep).
+    /// `exited`: drained — by itself, within the grace, with status 0 (a
+    /// prepared successor, told to abort, with any status; a process
+    /// adopted from a previous supervisor, whose status cannot be known,
+    /// once it is gone within the grace). `failed`: by
+    /// itself within the grace with another status. `signalled`: died of a
+    /// signal within the grace (the stop signal's default action when it
+    /// has no handler, or a crash). `killed`: SIGKILL after the grace.
+    /// `stuck`: still there after SIGKILL (uninterruptible sleep).
     pub how: String,
     /// Its exit status, where known.
     pub exit: Option<String>,
+    /// Why it did not drain, in words; absent when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
     pub took_ms: f64,
+}
+
+impl ProcessEnd {
+    /// Judges how a process that was told to stop ended. `exit`: its status
+    /// (`None`: still there after SIGKILL); `killed`: it outlived the grace
+    /// and got SIGKILL; `signal`: what it was told to stop with.
+    pub fn judge(
+        pid: u32,
+        role: &str,
+        exit: Option<Exit>,
+        killed: bool,
+        signal: Signal,
+        took: Duration,
+    ) -> ProcessEnd {
+        let (how, why) = match exit {
+            None => (
+                "stuck",
+                Some(format!(
+                    "still there {REAP:?} after SIGKILL (uninterruptible sleep?)"
+                )),
+            ),
+            Some(_) if killed => (
+                "killed",
+                Some(
+                    "still running after the grace: killed with SIGKILL, cutting the requests it still had in flight"
+                        .to_string(),
+                ),
+            ),
+            Some(Exit::Signal(s)) if s == signal as i32 => (
+                "signalled",
+                Some(format!(
+                    "killed by {sig}: it has no {sig} handler (the default action ends it at once), so the requests it had in flight were cut",
+                    sig = signal.as_str()
+                )),
+            ),
+            Some(e @ Exit::Signal(_)) => (
+                "signalled",
+                Some(format!(
+                    "{e} while stopping: the requests it had in flight were lost"
+                )),
+            ),
+            // Told to abort, it exits as it sees fit: it never served
+            // through the handoff it was held for.
+            Some(Exit::Code(_)) if role == "prepared" => ("exited", None),
+            Some(Exit::Code(0)) => ("exited", None),
+            Some(Exit::Code(c)) => (
+                "failed",
+                Some(format!(
+                    "exited with status {c} while stopping: not a clean drain"
+                )),
+            ),
+            // Adopted from a previous supervisor: it is gone by itself within
+            // the grace; its status cannot be known (not our child).
+            Some(Exit::Unknown) => ("exited", None),
+        };
+        ProcessEnd {
+            pid,
+            role: role.into(),
+            how: how.into(),
+            exit: exit.map(|e| e.to_string()),
+            why,
+            took_ms: ms(took),
+        }
+    }
+
+    /// Exited by itself within the grace (see [`ProcessEnd::how`]).
+    pub fn drained(&self) -> bool {
+        self.how == "exited"
+    }
+
+    /// One line for a log: role, pid, how, the exit status and why.
+    pub fn line(&self) -> String {
+        let exit = self
+            .exit
+            .as_deref()
+            .map(|e| format!(", {e}"))
+            .unwrap_or_default();
+        let why = self
+            .why
+            .as_deref()
+            .map(|w| format!(" — did not drain: {w}"))
+            .unwrap_or_default();
+        format!(
+            "{} pid {} {} after {:.0} ms{exit}{why}",
+            self.role, self.pid, self.how, self.took_ms
+        )
+    }
 }
 
 /// What a stop did.
@@ -87,28 +192,15 @@ pub struct StopReport {
 }
 
 impl StopReport {
-    pub fn killed_any(&self) -> bool {
-        self.processes.iter().any(|p| p.how != "exited")
+    /// Every process it stopped drained (see [`ProcessEnd::drained`]).
+    pub fn drained(&self) -> bool {
+        self.processes.iter().all(ProcessEnd::drained)
     }
 }
 
 /// One line for the supervisor's log.
 pub fn summary(r: &StopReport) -> String {
-    let procs: Vec<String> = r
-        .processes
-        .iter()
-        .map(|p| {
-            let exit = p
-                .exit
-                .as_deref()
-                .map(|e| format!(", {e}"))
-                .unwrap_or_default();
-            format!(
-                "{} pid {} {} after {:.0} ms{exit}",
-                p.role, p.pid, p.how, p.took_ms
-            )
-        })
-        .collect();
+    let procs: Vec<String> = r.processes.iter().map(ProcessEnd::line).collect();
     format!(
         "stopped in {:.0} ms: {}",
         r.total_ms,
@@ -198,71 +290,28 @@ fn stop_all(
 ) {
     let t = Instant::now();
     let deadline = t + grace;
-    let retiring = sup.retiring_pids();
+    let retiring = sup.retiring();
     let alive = incumbent.filter(|c| c.try_exit().is_none());
-    if let Some(c) = alive {
+    // All at once, then wait: they drain in parallel within one grace.
+    for c in alive.into_iter().chain(&retiring) {
         let _ = c.signal(Signal::SIGTERM);
-    }
-    for &pid in &retiring {
-        signal_pid(pid, Signal::SIGTERM);
     }
     if let Some(c) = alive {
         out.push(end_of(c, "incumbent", t, deadline));
     }
-    // Retiring processes are known by pid only; `retiring_pids` drops each
-    // as the library's reaper sees it exit, so a pid still listed is still
-    // our unreaped child and safe to signal.
-    let gone = |pid| !sup.retiring_pids().contains(&pid);
-    for pid in retiring {
-        let mut how = "exited";
-        while !gone(pid) && Instant::now() < deadline {
-            std::thread::sleep(POLL);
-        }
-        if !gone(pid) {
-            signal_pid(pid, Signal::SIGKILL);
-            how = "killed";
-            let until = Instant::now() + REAP;
-            while !gone(pid) && Instant::now() < until {
-                std::thread::sleep(POLL);
-            }
-            if !gone(pid) {
-                how = "stuck";
-            }
-        }
-        out.push(ProcessEnd {
-            pid,
-            role: "retiring".into(),
-            how: how.into(),
-            exit: None,
-            took_ms: ms(t.elapsed()),
-        });
+    for c in &retiring {
+        out.push(end_of(c, "retiring", t, deadline));
     }
 }
 
-/// Waits for a child already told to stop until `deadline`, then kills it.
+/// Waits for a child already told to stop until `deadline`, then kills it;
+/// judges how it ended.
 fn end_of(c: &handoff::Child, role: &str, t: Instant, deadline: Instant) -> ProcessEnd {
-    let (how, exit) = match c.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Some(e) => ("exited", Some(e)),
-        None => match c.kill_and_reap(REAP) {
-            Some(e) => ("killed", Some(e)),
-            None => ("stuck", None),
-        },
+    let (exit, killed) = match c.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Some(e) => (Some(e), false),
+        None => (c.kill_and_reap(REAP), true),
     };
-    ProcessEnd {
-        pid: c.pid(),
-        role: role.into(),
-        how: how.into(),
-        exit: exit.map(|e| e.to_string()),
-        took_ms: ms(t.elapsed()),
-    }
-}
-
-fn signal_pid(pid: u32, sig: Signal) {
-    if let Ok(p) = i32::try_from(pid) {
-        if p > 0 {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
-        }
-    }
+    ProcessEnd::judge(c.pid(), role, exit, killed, Signal::SIGTERM, t.elapsed())
 }
 
 /// `handoff stop`.
@@ -325,7 +374,7 @@ pub fn main(a: StopArgs) -> ExitCode {
                 if !a.json {
                     for p in &r.processes {
                         println!(
-                            "  {:<9} pid {:<8} {:<7} {:>9.1} ms  {}",
+                            "  {:<9} pid {:<8} {:<9} {:>9.1} ms  {}",
                             p.role,
                             p.pid,
                             p.how,
@@ -337,16 +386,24 @@ pub fn main(a: StopArgs) -> ExitCode {
                         "stopped in {:.1} ms (waited {:.1} ms for a handoff)",
                         r.total_ms, r.waited_for_handoff_ms
                     );
+                    for p in r.processes.iter().filter(|p| !p.drained()) {
+                        eprintln!(
+                            "handoff stop: {} pid {} did not drain: {}",
+                            p.role,
+                            p.pid,
+                            p.why.as_deref().unwrap_or(&p.how)
+                        );
+                    }
                 }
                 // The supervisor exits right after this reply: wait for its
                 // end of the socket to close (bounded), so that when we
                 // return it no longer holds the service's locks.
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let _ = std::io::copy(&mut &stream, &mut std::io::sink());
-                return if r.killed_any() {
-                    ExitCode::from(1)
-                } else {
+                return if r.drained() {
                     ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
                 };
             }
             Event::Error { message } => {

@@ -49,7 +49,7 @@ ENVIRONMENT:
     HANDOFF_DEMO_DRAIN_IDLE_MS  idle time after which a draining connection is closed (100)
     HANDOFF_DEMO_WARMUP_MS    extra warm-up before taking over (simulates loading caches; 0)
     HANDOFF_DEMO_FAULT        test fault: exit-before-ready | fail-health | hang-before-ready | fail-seal
-                              | panic-in-drain
+                              | panic-in-drain | no-sigterm-handler
     RUST_LOG                  log filter (default: warn)
 ";
 
@@ -364,15 +364,19 @@ fn run() -> Result<ExitCode, String> {
     });
     // Registered synchronously and before the first accept: once this
     // process has answered anyone, a SIGTERM drains it instead of killing it.
-    let term = {
-        let _guard = rt.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    };
-    match term {
-        Ok(term) => {
-            rt.spawn(exit_on_sigterm(term, shared.clone(), counters.clone()));
+    // The fault leaves SIGTERM's default action (a service that never set
+    // up a handler): `handoff stop` must then say it cut requests.
+    if fault() != "no-sigterm-handler" {
+        let term = {
+            let _guard = rt.enter();
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        };
+        match term {
+            Ok(term) => {
+                rt.spawn(exit_on_sigterm(term, shared.clone(), counters.clone()));
+            }
+            Err(e) => tracing::warn!(target: "demo", error = %e, "SIGTERM will not drain"),
         }
-        Err(e) => tracing::warn!(target: "demo", error = %e, "SIGTERM will not drain"),
     }
     for l in listeners {
         rt.spawn(server::accept_loop(l, shared.clone()));

@@ -164,15 +164,16 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
             );
             let t0 = Instant::now();
             let ended = ctx.sup.stop(grace);
-            let processes = match (pid, ended) {
-                (Some(pid), Some((exit, killed))) => vec![ProcessEnd {
-                    pid,
-                    role: "incumbent".into(),
-                    how: if killed { "killed" } else { "exited" }.into(),
-                    exit: Some(exit.to_string()),
-                    took_ms: ms(t0.elapsed()),
-                }],
-                _ => vec![],
+            let processes = match ended {
+                Some(s) => vec![ProcessEnd::judge(
+                    s.pid,
+                    "incumbent",
+                    Some(s.exit),
+                    s.killed,
+                    ctx.sup.config().stop_signal,
+                    t0.elapsed(),
+                )],
+                None => vec![],
             };
             let _ = admin::send(
                 &stream,

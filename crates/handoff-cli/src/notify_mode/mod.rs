@@ -273,15 +273,17 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
                 eprintln!("handoff run: {sig}: stopping");
                 crate::systemd::stopping(sig.as_ref());
                 ctx.stopping.store(true, Ordering::SeqCst);
-                if let Some((exit, killed)) = ctx.sup.stop(ctx.sup.config().drain_grace) {
-                    eprintln!(
-                        "handoff run: the service {} ({exit})",
-                        if killed {
-                            "was killed after the grace"
-                        } else {
-                            "exited"
-                        }
+                let t0 = Instant::now();
+                if let Some(s) = ctx.sup.stop(ctx.sup.config().drain_grace) {
+                    let end = crate::stop::ProcessEnd::judge(
+                        s.pid,
+                        "incumbent",
+                        Some(s.exit),
+                        s.killed,
+                        ctx.sup.config().stop_signal,
+                        t0.elapsed(),
                     );
+                    eprintln!("handoff run: stopped {}", end.line());
                 }
                 let _ = fs::remove_file(&admin_path);
                 drop(held);

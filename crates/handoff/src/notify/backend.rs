@@ -144,6 +144,15 @@ pub struct NotifyReport {
     pub warnings: Vec<String>,
 }
 
+/// How [`NotifySupervisor::stop`] ended the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotifyStopped {
+    pub pid: u32,
+    pub exit: Exit,
+    /// It outlived the grace and got SIGKILL.
+    pub killed: bool,
+}
+
 /// A running child with the notify socket read on its behalf.
 #[derive(Debug)]
 struct Running {
@@ -369,14 +378,21 @@ impl NotifySupervisor {
     }
 
     /// Stops the current process: the stop signal, `grace`, then SIGKILL.
-    /// Returns how it ended and whether it had to be killed.
-    pub fn stop(&self, grace: Duration) -> Option<(Exit, bool)> {
+    /// Waits for an upgrade in flight first, so the process it stops may
+    /// not be the one that was current when it was called: the result
+    /// names it.
+    pub fn stop(&self, grace: Duration) -> Option<NotifyStopped> {
         let _busy = self.busy.enter();
         let old = self.procs().incumbent.take()?;
         let mut since = Instant::now();
         let r = self
             .stop_child(&old.child, grace, &mut |_, _| {}, &mut since)
-            .ok();
+            .ok()
+            .map(|(exit, killed)| NotifyStopped {
+                pid: old.child.pid(),
+                exit,
+                killed,
+            });
         // Only once it is gone: a crash during the drain leaves it recorded,
         // so a restarted supervisor adopts it rather than failing to bind
         // the ports it still holds.

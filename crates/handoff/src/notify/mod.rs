@@ -38,8 +38,8 @@ mod socket;
 use std::path::PathBuf;
 
 pub use backend::{
-    NotifyConfig, NotifyOptions, NotifyPhase, NotifyPhaseDone, NotifyReport, NotifySupervisor,
-    Readiness,
+    NotifyConfig, NotifyOptions, NotifyPhase, NotifyPhaseDone, NotifyReport, NotifyStopped,
+    NotifySupervisor, Readiness,
 };
 pub use message::{NotifyMessage, MAX_DATAGRAM};
 pub use probe::ReadyProbe;

@@ -202,9 +202,16 @@ impl Supervisor {
 
     /// Old incumbents still finishing their connections.
     pub fn retiring_pids(&self) -> Vec<u32> {
+        self.retiring().iter().map(Child::pid).collect()
+    }
+
+    /// Handles on the old incumbents still finishing their connections:
+    /// for stopping them race-free against pid reuse
+    /// ([`Child::signal`]) and learning how each ended.
+    pub fn retiring(&self) -> Vec<Child> {
         let mut p = self.procs();
         p.retiring.retain(|c| c.try_exit().is_none());
-        p.retiring.iter().map(Child::pid).collect()
+        p.retiring.clone()
     }
 
     /// Takes on an incumbent that this supervisor did not spawn — one left
