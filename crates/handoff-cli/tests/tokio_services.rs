@@ -296,3 +296,78 @@ fn axum_example_in_notify_mode_upgrades_under_load_with_no_failed_request() {
         "every retired build answered the slow requests it had: {slow:?}"
     );
 }
+
+/// A service with state (`examples/kv`: an fsync'd log, stateful hooks):
+/// writers and readers through 20 upgrades and an abort after the seal;
+/// 0 failed requests, and every acknowledged write reads back.
+#[test]
+fn kv_example_with_state_loses_no_acknowledged_write_across_upgrades() {
+    let _guard = begin_test("kv_example_upgrades", Duration::from_secs(240));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-kv"), &[]);
+    let load = Load::start(sup.addr, &[(Kind::Writer, 8)]);
+    wait_until(Duration::from_secs(20), "writes are acknowledged", || {
+        load.stats.ok.load(std::sync::atomic::Ordering::SeqCst) >= 50
+    });
+    let mut last = sup.first_pid;
+    for i in 0..UPGRADES {
+        let c = sup.upgrade(&[]).expect_committed();
+        assert_eq!(c.old_pid, last, "upgrade {i}");
+        last = c.new_pid;
+        let before = load.stats.ok.load(std::sync::atomic::Ordering::SeqCst);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("upgrade {i}: writes go on"),
+            || load.stats.ok.load(std::sync::atomic::Ordering::SeqCst) >= before + 20,
+        );
+    }
+    // A new build that dies right after taking the state lock (a crash
+    // point, compiled in by `--all-features`): the upgrade aborts after the
+    // old build sealed, and the old build re-takes the lock, reopens its log
+    // (`resume`) and accepts again.
+    let crashing = dirs.root.path().join("kv-crash-after-lock.sh");
+    std::fs::write(
+        &crashing,
+        format!(
+            "#!/bin/sh\nHANDOFF_CRASH_AT=n-after-lock exec {} \"$@\"\n",
+            example("example-kv").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &crashing,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = sup.upgrade(&["--binary", crashing.to_str().unwrap()]);
+    out.expect_aborted(&["exit", "died", "signal", "killed"]);
+    let before = load.stats.ok.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(20),
+        "the old build writes again after the abort",
+        || load.stats.ok.load(std::sync::atomic::Ordering::SeqCst) >= before + 20,
+    );
+    assert_eq!(
+        sup.upgrade(&[]).expect_committed().old_pid,
+        last,
+        "the aborted upgrade left the old build in place"
+    );
+
+    let stats = load.finish();
+    assert_no_failures(&stats, &sup);
+    let acked = stats.acked.lock().unwrap().clone();
+    assert_eq!(
+        acked.len(),
+        8,
+        "every writer had writes acknowledged: {acked:?}"
+    );
+    for (key, value) in &acked {
+        let got = http_load::get_once(sup.addr, &format!("/kv/{key}"))
+            .unwrap_or_else(|e| panic!("GET /kv/{key}: {e}"));
+        assert_eq!(
+            got,
+            (200, value.to_string().into_bytes()),
+            "{key}: the last acknowledged write ({value}) reads back"
+        );
+    }
+}

@@ -21,8 +21,20 @@ use crate::phase::{Phase, Retirement, Shared};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type Hook<T> = Box<dyn FnMut() -> BoxFuture<Result<T, BoxError>> + Send>;
-pub(crate) type BeginHook =
-    Box<dyn FnOnce(Option<Vec<u8>>) -> BoxFuture<Result<(), BoxError>> + Send>;
+pub(crate) type BeginHook = Box<dyn FnOnce(Begin) -> BoxFuture<Result<(), BoxError>> + Send>;
+
+/// What a new build learns when its handoff begins: it holds the state
+/// lock now.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Begin {
+    /// The state directory (`handoff run --state-dir`), whose lock this
+    /// process now holds.
+    pub state_dir: std::path::PathBuf,
+    /// What the old build's seal returned, if anything (`None` on a first
+    /// start).
+    pub sealed: Option<Vec<u8>>,
+}
 
 /// The service's own async code, each optional.
 #[derive(Default)]
@@ -68,6 +80,7 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
         tracing::error!(target: "handoff_tokio", phase, error = %message, "handoff failed");
         (phase, message)
     };
+    let state_dir = boot.config().state_dir.clone();
     let begun = match boot.begin() {
         Ok(b) => b,
         Err(e) => {
@@ -79,9 +92,12 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
     };
     // We hold the state lock: the service may open its state now. A failure
     // fails the health check, so the supervisor aborts cleanly.
-    let state = begun.state().map(<[u8]>::to_vec);
+    let begin = Begin {
+        state_dir,
+        sealed: begun.state().map(<[u8]>::to_vec),
+    };
     let opened = match hooks.on_begin.take() {
-        Some(f) => rt.block_on(f(state)).map_err(|e| format!("on_begin: {e}")),
+        Some(f) => rt.block_on(f(begin)).map_err(|e| format!("on_begin: {e}")),
         None => Ok(()),
     };
     let health = hooks.health.as_mut();

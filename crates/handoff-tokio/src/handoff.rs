@@ -2,6 +2,7 @@
 //! listeners by name, starts the protocol, and says when to stop.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use handoff::{Boot, BootOptions, Listener};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::control::{self, Hooks, Outcome};
+use crate::control::{self, Begin, Hooks, Outcome};
 use crate::error::{BoxError, Error};
 use crate::phase::{Graces, Phase, Retirement, Shared};
 
@@ -50,9 +51,9 @@ impl Builder {
     /// # async fn f() -> Result<(), handoff_tokio::Error> {
     /// let handoff = handoff_tokio::Handoff::builder("kv 2.0")
     ///     .stateful()
-    ///     .on_begin(|sealed: Option<Vec<u8>>| async move {
-    ///         // The state lock is ours: open the store (`sealed` is what
-    ///         // the old build's seal returned).
+    ///     .on_begin(|begin: handoff_tokio::Begin| async move {
+    ///         // The state lock is ours: open the store in begin.state_dir
+    ///         // (begin.sealed is what the old build's seal returned).
     ///         Ok(())
     ///     })
     ///     .health(|| async { Ok(()) }) // Err aborts the upgrade
@@ -66,12 +67,13 @@ impl Builder {
         self
     }
 
-    /// Runs once the state lock is held (a new build, before it says Ready),
-    /// with the bytes the old build's seal returned: open the state here. An
-    /// error aborts the handoff; the old build serves on.
+    /// Runs once the state lock is held (a new build, before it says Ready;
+    /// a first start too), with the state dir and the bytes the old build's
+    /// seal returned: open the state here. An error aborts the handoff; the
+    /// old build serves on.
     pub fn on_begin<F, Fut>(mut self, f: F) -> Self
     where
-        F: FnOnce(Option<Vec<u8>>) -> Fut + Send + 'static,
+        F: FnOnce(Begin) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         self.hooks.on_begin = Some(Box::new(move |s| Box::pin(f(s))));
@@ -152,7 +154,11 @@ impl Builder {
         } else {
             let mut boot = Boot::from_env(BootOptions::new(self.build_id)).map_err(Error::Boot)?;
             let listeners = boot.take_listeners();
-            (Mode::Protocol(boot, self.hooks), listeners)
+            (Mode::Protocol(Box::new(boot), self.hooks), listeners)
+        };
+        let state_dir = match &mode {
+            Mode::Protocol(boot, _) => Some(boot.config().state_dir.clone()),
+            Mode::Activated(_) => None,
         };
         let shared = Arc::new(Shared::new(
             !self.stateful,
@@ -171,6 +177,7 @@ impl Builder {
         let inner = Arc::new(Inner {
             shared: shared.clone(),
             listeners: Mutex::new(listeners),
+            state_dir,
             pending: Mutex::new(Some((mode, outcome_tx))),
             started: Once::new(),
             outcome,
@@ -193,7 +200,7 @@ fn socket_activated() -> bool {
 /// How this process was started.
 enum Mode {
     /// By a `handoff run` supervisor in library mode: the full protocol.
-    Protocol(Boot, Hooks),
+    Protocol(Box<Boot>, Hooks),
     /// By socket activation: serve at once, say READY=1, stop on SIGTERM.
     Activated(handoff::sd_notify::Notifier),
 }
@@ -229,6 +236,7 @@ type Pending = (Mode, watch::Sender<Option<Outcome>>);
 pub(crate) struct Inner {
     pub(crate) shared: Arc<Shared>,
     listeners: Mutex<Vec<Listener>>,
+    state_dir: Option<PathBuf>,
     /// Taken by the first `serve` / `shutdown_signal`, which starts the
     /// protocol thread.
     pending: Mutex<Option<Pending>>,
@@ -283,6 +291,14 @@ impl Handoff {
             })
     }
 
+    /// The state directory the supervisor gave (`handoff run --state-dir`):
+    /// where a service with state keeps it. The state lock in it is held
+    /// from [`Builder::on_begin`] until the seal. `None` when started by
+    /// socket activation alone, which has no state handoff.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.inner.state_dir.as_deref()
+    }
+
     fn take(&self, name: &str) -> Result<Listener, Error> {
         let mut ls = self
             .inner
@@ -331,7 +347,7 @@ impl Handoff {
             let spawned = std::thread::Builder::new()
                 .name("handoff-control".into())
                 .spawn(move || {
-                    let outcome = control::run(boot, shared.clone(), hooks, rt);
+                    let outcome = control::run(*boot, shared.clone(), hooks, rt);
                     tx.send_replace(Some(outcome));
                 });
             if let Err(e) = spawned {

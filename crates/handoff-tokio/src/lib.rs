@@ -58,6 +58,6 @@ mod handoff;
 mod http;
 mod phase;
 
+pub use crate::control::Begin;
 pub use crate::error::{BoxError, Error};
 pub use crate::handoff::{Builder, Handoff};
-pub use crate::phase::Retirement;

@@ -14,7 +14,7 @@ use tokio::sync::{watch, Notify};
 
 /// Why this process stopped serving for good.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retirement {
+pub(crate) enum Retirement {
     /// The supervisor committed a handoff to the next build.
     Committed,
     /// The supervisor vanished after the seal and the successor holds the

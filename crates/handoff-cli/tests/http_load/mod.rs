@@ -44,6 +44,8 @@ pub struct Stats {
     pub by_pid: Mutex<BTreeMap<u32, u64>>,
     /// Slow answers per pid.
     pub slow_by_pid: Mutex<BTreeMap<u32, u64>>,
+    /// Writes acknowledged: key -> last value answered 200.
+    pub acked: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Stats {
@@ -80,6 +82,10 @@ pub enum Kind {
     Slow,
     /// GET / as HTTP/2 streams over one h2c connection (prior knowledge).
     H2,
+    /// PUT /kv/w{N} with 1, 2, 3 … on one keep-alive connection (the
+    /// key-value example); [`Stats::acked`] keeps the last value answered
+    /// 200 per key.
+    Writer,
 }
 
 /// Clients running on their own runtime until [`Load::finish`].
@@ -106,6 +112,7 @@ impl Load {
                 tasks.push(rt.spawn(async move {
                     match kind {
                         Kind::H2 => h2_client(addr, i, stop, stats).await,
+                        Kind::Writer => writer(addr, i, stop, stats).await,
                         _ => h1_client(addr, kind, stop, stats).await,
                     }
                 }));
@@ -231,6 +238,116 @@ async fn h1_client(addr: SocketAddr, kind: Kind, stop: Arc<AtomicBool>, stats: A
             }
         }
     }
+}
+
+/// Writes `w{id}` = 1, 2, 3 … and records each acknowledged value. A write
+/// that fails is a failure, and the next one goes on with the next value:
+/// nothing is ever sent twice.
+async fn writer(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<Stats>) {
+    let key = format!("w{id}");
+    let mut seq = 0u64;
+    'conn: while !stop.load(Ordering::SeqCst) {
+        let stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                stats.fail(format!("writer connect: {e}"));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    stats.fail(format!("writer handshake: {e}"));
+                    continue;
+                }
+            };
+        tokio::spawn(conn);
+        while !stop.load(Ordering::SeqCst) {
+            if sender.ready().await.is_err() {
+                continue 'conn;
+            }
+            seq += 1;
+            let req = Request::put(format!("/kv/{key}"))
+                .header("host", "test")
+                .body(http_body_util::Full::new(Bytes::from(seq.to_string())))
+                .expect("request");
+            let res = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let res = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                let status = res.status();
+                let close = res
+                    .headers()
+                    .get("connection")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                let body = res
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("body: {e:?}"))?
+                    .to_bytes();
+                Ok::<_, String>((status, close, body))
+            })
+            .await;
+            match res {
+                Ok(Ok((status, close, _))) if status == 200 => {
+                    stats.ok.fetch_add(1, Ordering::SeqCst);
+                    stats.acked.lock().unwrap().insert(key.clone(), seq);
+                    if close {
+                        continue 'conn;
+                    }
+                }
+                Ok(Ok((status, _, body))) => {
+                    stats.fail(format!("PUT {key}={seq}: status {status}: {body:?}"));
+                    continue 'conn;
+                }
+                Ok(Err(e)) => {
+                    stats.fail(format!("PUT {key}={seq}: {e}"));
+                    continue 'conn;
+                }
+                Err(_) => {
+                    stats.fail(format!(
+                        "PUT {key}={seq}: no answer within {REQUEST_TIMEOUT:?}"
+                    ));
+                    continue 'conn;
+                }
+            }
+        }
+    }
+}
+
+/// `GET path` on a fresh connection: status and body.
+pub fn get_once(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "test")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let res = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let status = res.status().as_u16();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body.to_vec()))
+    })
 }
 
 /// Whether `e` is h2's report of a stream the server's graceful GOAWAY did
