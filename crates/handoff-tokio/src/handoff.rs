@@ -291,6 +291,26 @@ impl Handoff {
             })
     }
 
+    /// A handle with no supervisor behind it, whose phase the unit tests move
+    /// by hand (`shared.set_phase`): the HTTP drain tested in isolation.
+    #[cfg(test)]
+    pub(crate) fn for_tests(stateless: bool, graces: Graces) -> Handoff {
+        let shared = Arc::new(Shared::new(stateless, graces, Duration::from_secs(10)));
+        let (tx, outcome) = watch::channel(None);
+        tx.send_replace(Some(Ok(Retirement::Committed)));
+        Handoff {
+            inner: Arc::new(Inner {
+                shared,
+                listeners: Mutex::new(vec![]),
+                state_dir: None,
+                pending: Mutex::new(None),
+                started: Once::new(),
+                outcome,
+                rt: Handle::current(),
+            }),
+        }
+    }
+
     /// The state directory the supervisor gave (`handoff run --state-dir`):
     /// where a service with state keeps it. The state lock in it is held
     /// from [`Builder::on_begin`] until the seal. `None` when started by

@@ -4,6 +4,8 @@
 
 mod conn;
 mod linger;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

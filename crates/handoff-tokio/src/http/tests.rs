@@ -1,0 +1,201 @@
+//! The HTTP drain in isolation: a real hyper server on 127.0.0.1 behind
+//! [`Handoff::serve`], its phase moved by hand, and raw TCP clients that see
+//! exactly what the wire carries (`Connection: close`, FIN vs RST).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::handoff::Handoff;
+use crate::phase::{Graces, Phase, Retirement, Shared};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+struct Server {
+    handoff: Handoff,
+    addr: std::net::SocketAddr,
+    serving: tokio::task::JoinHandle<Result<(), crate::Error>>,
+}
+
+impl Server {
+    async fn start(idle: Duration) -> Server {
+        let handoff = Handoff::for_tests(
+            true,
+            Graces {
+                idle,
+                first_request: Duration::from_secs(2),
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", get(|| async { "ok" })).route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "slow"
+            }),
+        );
+        let h = handoff.clone();
+        let serving = tokio::spawn(async move { h.serve(listener, app).await });
+        Server {
+            handoff,
+            addr,
+            serving,
+        }
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handoff.inner.shared
+    }
+}
+
+/// Writes `GET path` and reads one response: (head, body).
+async fn exchange(s: &mut TcpStream, path: &str) -> std::io::Result<(String, String)> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await?;
+    read_response(s).await
+}
+
+async fn read_response(s: &mut TcpStream) -> std::io::Result<(String, String)> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if tokio::time::timeout(BOUND, s.read(&mut b)).await?? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    Ok((head, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Reads until EOF (bounded): `Ok` for a clean FIN, `Err` for a reset.
+async fn expect_eof(s: &mut TcpStream) -> std::io::Result<()> {
+    let mut b = [0u8; 64];
+    loop {
+        match tokio::time::timeout(BOUND, s.read(&mut b)).await? {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_client_gets_its_next_request_answered_then_closed() {
+    let srv = Server::start(Duration::from_secs(5)).await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    let (head, _) = exchange(&mut c, "/").await.unwrap();
+    assert!(!head.contains("connection: close"), "{head}");
+    srv.shared().set_phase(Phase::Draining);
+    // Within the idle grace: answered, not met by a closed socket.
+    let (head, body) = exchange(&mut c, "/").await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "ok");
+    expect_eof(&mut c)
+        .await
+        .expect("a FIN after the answer, not a reset");
+}
+
+#[tokio::test]
+async fn a_request_in_flight_when_the_drain_starts_is_answered_with_connection_close() {
+    let srv = Server::start(Duration::from_secs(5)).await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut c, "/").await.unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // Written before the drain begins: whether the server is already
+    // running it or reads it during the grace, it is answered, with
+    // `Connection: close`, and only then is the connection closed.
+    srv.shared().set_phase(Phase::Draining);
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "slow");
+    expect_eof(&mut c).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_with_a_fin_once_the_grace_is_over() {
+    let srv = Server::start(Duration::from_millis(50)).await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut c, "/").await.unwrap();
+    srv.shared().set_phase(Phase::Draining);
+    expect_eof(&mut c).await.expect("closed cleanly");
+    // It stayed counted until closed; now nothing is open.
+    let closed = srv
+        .shared()
+        .connections_closed(std::time::Instant::now() + BOUND)
+        .await;
+    assert!(
+        closed,
+        "{} connections still open",
+        srv.shared().open_connections()
+    );
+}
+
+#[tokio::test]
+async fn an_aborted_drain_leaves_connections_serving_and_accepting_resumes() {
+    let srv = Server::start(Duration::from_secs(5)).await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut c, "/").await.unwrap();
+    srv.shared().set_phase(Phase::Draining);
+    // Not accepting while draining: a new connection waits in the backlog
+    // and its request is answered once the handoff aborts.
+    let mut late = TcpStream::connect(srv.addr).await.unwrap();
+    late.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let too_early =
+        tokio::time::timeout(Duration::from_millis(200), late.read(&mut [0u8; 1])).await;
+    assert!(
+        too_early.is_err(),
+        "a draining process accepted: {too_early:?}"
+    );
+    srv.shared().set_phase(Phase::Serving);
+    let (head, _) = read_response(&mut late).await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    for _ in 0..2 {
+        let (head, _) = exchange(&mut c, "/").await.unwrap();
+        assert!(
+            !head.contains("connection: close"),
+            "kept alive after the abort: {head}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn serve_returns_once_retired_and_every_connection_is_done() {
+    let srv = Server::start(Duration::from_millis(50)).await;
+    let mut idle = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut idle, "/").await.unwrap();
+    let mut busy = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut busy, "/").await.unwrap();
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    srv.shared()
+        .set_phase(Phase::Retired(Retirement::Committed));
+    let (head, body) = read_response(&mut busy).await.unwrap();
+    assert!(
+        head.contains("connection: close") && body == "slow",
+        "{head}{body}"
+    );
+    expect_eof(&mut idle).await.unwrap();
+    let r = tokio::time::timeout(BOUND, srv.serving)
+        .await
+        .expect("serve returned");
+    assert!(r.unwrap().is_ok());
+}
