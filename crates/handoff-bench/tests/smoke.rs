@@ -77,6 +77,7 @@ fn harness_runs_and_handoff_loses_nothing() {
             "handoff (SIGHUP)",
             "handoff (SIGHUP, accept after Commit)",
             "handoff (prepared, SIGHUP, accept after Commit)",
+            "handoff (examples/axum, handoff-tokio)",
             "ecdysis",
             "shellflip"
         ],
@@ -97,6 +98,7 @@ fn harness_runs_and_handoff_loses_nothing() {
         "handoff (SIGHUP)",
         "handoff (SIGHUP, accept after Commit)",
         "handoff (prepared, SIGHUP, accept after Commit)",
+        "handoff (examples/axum, handoff-tokio)",
     ] {
         let h = rows
             .iter()

@@ -20,15 +20,22 @@ use axum::{routing::get, Router};
 #[tokio::main]
 async fn main() -> Result<(), handoff_tokio::Error> {
     let app = Router::new()
-        .route(
-            "/",
-            get(|| async { format!("hello from pid {}\n", std::process::id()) }),
-        )
+        .route("/", get(hello))
         .route("/slow", get(slow));
 
     let handoff = handoff_tokio::Handoff::builder("example-axum 0.1.0").start()?;
     let listener = handoff.tcp_listener("http")?;
     handoff.serve(listener, app).await
+}
+
+/// Says which build answered: the body for people, `X-Pid` for tools
+/// (the side-by-side benchmark tells generations apart by it).
+async fn hello() -> ([(&'static str, String); 1], String) {
+    let pid = std::process::id();
+    (
+        [("x-pid", pid.to_string())],
+        format!("hello from pid {pid}\n"),
+    )
 }
 
 /// A request that takes a while: an upgrade in the middle of it still

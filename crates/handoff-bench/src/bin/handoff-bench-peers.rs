@@ -48,7 +48,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "control,handoff,handoff-sighup,handoff-sighup-after-commit,handoff-prepared,ecdysis,shellflip"
+        default_value = "control,handoff,handoff-sighup,handoff-sighup-after-commit,handoff-prepared,handoff-axum,ecdysis,shellflip"
     )]
     peers: Vec<Peer>,
     /// Load duration per contestant, seconds (split evenly over the rounds).

@@ -5,6 +5,7 @@
 //! | control | `bench-svc-plain --listen …` | none | – |
 //! | handoff | `handoff run --listen … -- bench-svc-handoff` | `handoff upgrade` | the command returns (Commit) |
 //! | handoff (SIGHUP) | the same | SIGHUP to the `handoff run` pid (systemd's `ExecReload=kill -HUP $MAINPID`) | `handoff run` prints `SIGHUP upgrade committed` |
+//! | handoff (examples/axum) | `handoff run --listen http=… -- example-axum` | `handoff upgrade` | the command returns (Commit) |
 //! | handoff (prepared, …) | the same, successor accepting after Commit | `handoff upgrade --prepare` (run to completion, *before* the trigger), then SIGHUP | as SIGHUP |
 //! | ecdysis | `bench-svc-ecdysis --listen … --pid-file …` | SIGHUP to the pid in the pid file | the pid file names the new process |
 //! | shellflip | `systemd-socket-activate -l … -- bench-svc-shellflip --socket …` | `bench-svc-shellflip --socket … restart` | the command returns (the child said it started) |
@@ -50,6 +51,10 @@ pub enum Peer {
     /// is off the trigger → serving path. Its cost stays in the figures: the upgrade window
     /// opens when the prepare starts, and the prepare's own time is reported beside.
     HandoffPrepared,
+    /// `examples/axum` — an ordinary axum service on `handoff-tokio`, the way a user
+    /// writes it — under `handoff run`, upgraded by `handoff upgrade`: hyper's HTTP stack
+    /// and the adapter's drain instead of the tiny handler's.
+    HandoffAxum,
     Ecdysis,
     Shellflip,
 }
@@ -62,6 +67,7 @@ impl Peer {
             Peer::HandoffSighup => "handoff (SIGHUP)",
             Peer::HandoffSighupAfterCommit => "handoff (SIGHUP, accept after Commit)",
             Peer::HandoffPrepared => "handoff (prepared, SIGHUP, accept after Commit)",
+            Peer::HandoffAxum => "handoff (examples/axum, handoff-tokio)",
             Peer::Ecdysis => "ecdysis",
             Peer::Shellflip => "shellflip",
         }
@@ -124,6 +130,7 @@ impl Peer {
                 | Peer::HandoffSighup
                 | Peer::HandoffSighupAfterCommit
                 | Peer::HandoffPrepared
+                | Peer::HandoffAxum
         )
     }
 }
@@ -180,7 +187,7 @@ impl Running {
     /// than one) in the scratch directory `dir`, and waits until it serves.
     pub fn start(peer: Peer, bins: &Bins, dir: &Path, listeners: usize) -> Result<Running> {
         std::fs::create_dir_all(dir)?;
-        if listeners > 1 && matches!(peer, Peer::Ecdysis | Peer::Shellflip) {
+        if listeners > 1 && matches!(peer, Peer::Ecdysis | Peer::Shellflip | Peer::HandoffAxum) {
             bail!("{} is benchmarked with one listener only", peer.name());
         }
         let addrs = free_addrs(listeners)?;
@@ -195,7 +202,8 @@ impl Running {
             Peer::Handoff
             | Peer::HandoffSighup
             | Peer::HandoffSighupAfterCommit
-            | Peer::HandoffPrepared => {
+            | Peer::HandoffPrepared
+            | Peer::HandoffAxum => {
                 let mut c = Command::new(bins.path("handoff")?);
                 c.arg("run")
                     .arg("--runtime-dir")
@@ -203,9 +211,18 @@ impl Running {
                     .arg("--state-dir")
                     .arg(dir.join("state"));
                 for (i, a) in addrs.iter().enumerate() {
-                    c.arg("--listen").arg(format!("l{i}=tcp://{a}"));
+                    // The axum example takes its one listener by the name users give it.
+                    let name = match peer {
+                        Peer::HandoffAxum => "http".to_string(),
+                        _ => format!("l{i}"),
+                    };
+                    c.arg("--listen").arg(format!("{name}=tcp://{a}"));
                 }
-                c.arg("--").arg(bins.path("bench-svc-handoff")?);
+                c.arg("--").arg(bins.path(if peer == Peer::HandoffAxum {
+                    "example-axum"
+                } else {
+                    "bench-svc-handoff"
+                })?);
                 if matches!(peer, Peer::HandoffSighupAfterCommit | Peer::HandoffPrepared) {
                     c.arg("--accept-after-commit");
                 }
@@ -366,7 +383,7 @@ impl Running {
     fn trigger_and_wait(&mut self, old: u32) -> Result<u32> {
         match self.peer {
             Peer::Control => Ok(old),
-            Peer::Handoff => {
+            Peer::Handoff | Peer::HandoffAxum => {
                 self.handoff_upgrade(&[])?;
                 // Committed: the old process no longer accepts, so this is the new one.
                 probe_pid(self.addrs[0]).map_err(|e| anyhow!("probing after upgrade: {e}"))
@@ -467,6 +484,7 @@ impl Running {
             | Peer::HandoffSighup
             | Peer::HandoffSighupAfterCommit
             | Peer::HandoffPrepared
+            | Peer::HandoffAxum
             | Peer::Control => vec![self.child.id()],
             Peer::Ecdysis => read_pid(&self.dir.join("ecdysis.pid"))
                 .map(|p| vec![p])
