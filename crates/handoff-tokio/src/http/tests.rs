@@ -199,3 +199,81 @@ async fn serve_returns_once_retired_and_every_connection_is_done() {
         .expect("serve returned");
     assert!(r.unwrap().is_ok());
 }
+
+/// An upgraded connection (what WebSocket rides on) leaves hyper, but not
+/// the drain: it stays counted, `serve` waits for it within the grace, and
+/// it keeps working meanwhile.
+#[tokio::test]
+async fn an_upgraded_connection_gets_the_drain_grace() {
+    use axum::body::Body;
+    use axum::http::{Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+
+    let handoff = Handoff::for_tests(
+        true,
+        Graces {
+            idle: Duration::from_millis(50),
+            first_request: Duration::from_secs(2),
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // `/echo` switches to a line echo protocol (a stand-in for WebSocket).
+    let app = Router::new().route(
+        "/echo",
+        get(|mut req: Request<Body>| async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(up) = on.await else { return };
+                let mut io = TokioIo::new(up);
+                let mut b = [0u8; 64];
+                while let Ok(n) = io.read(&mut b).await {
+                    if n == 0 || io.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(Body::empty())
+                .unwrap()
+        }),
+    );
+    let h = handoff.clone();
+    let mut serving = tokio::spawn(async move { h.serve(listener, app).await });
+
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut c).await.unwrap();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+
+    handoff
+        .inner
+        .shared
+        .set_phase(Phase::Retired(Retirement::Committed));
+    // Well past the idle grace: still up, still echoing, serve still waiting.
+    for word in [&b"one"[..], b"two", b"three"] {
+        c.write_all(word).await.unwrap();
+        let mut got = vec![0u8; word.len()];
+        tokio::time::timeout(BOUND, c.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, word);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut serving)
+            .await
+            .is_err(),
+        "serve returned with an upgraded connection open"
+    );
+    drop(c); // the client ends it; serve then returns
+    let r = tokio::time::timeout(BOUND, serving)
+        .await
+        .expect("serve returned");
+    assert!(r.unwrap().is_ok());
+}
