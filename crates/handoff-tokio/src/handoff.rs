@@ -148,7 +148,7 @@ impl Builder {
             let notifier = handoff::sd_notify::Notifier::from_env()
                 .map_err(|e| Error::Boot(handoff::ProcessError::Env(e.to_string())))?;
             if self.stateful {
-                tracing::warn!(target: "handoff_tokio", "socket-activated (notify mode): there is no state handoff; the old and new builds serve side by side until the old one is stopped");
+                crate::say::warn(format_args!("started by socket activation (notify mode) but marked stateful: there is no state handoff here, and the old and new builds serve side by side until the old one is stopped"));
             }
             (Mode::Activated(notifier), listeners)
         } else {
@@ -221,7 +221,9 @@ fn install_sigterm(
         })?;
     rt.spawn(async move {
         if term.recv().await.is_some() {
-            tracing::info!(target: "handoff_tokio", "SIGTERM: finishing requests in flight, then exiting");
+            crate::say::warn(format_args!(
+                "SIGTERM: finishing the requests in flight, then exiting"
+            ));
             if let Some(n) = notifier {
                 let _ = n.stopping();
             }
@@ -346,7 +348,11 @@ impl Handoff {
     pub(crate) fn start_protocol(&self) {
         let inner = &self.inner;
         inner.started.call_once(|| {
-            let pending = inner.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let pending = inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
             let Some((mode, tx)) = pending else {
                 return;
             };
@@ -355,7 +361,7 @@ impl Handoff {
                 Mode::Activated(notifier) => {
                     inner.shared.set_phase(Phase::Serving);
                     if let Err(e) = notifier.ready() {
-                        tracing::warn!(target: "handoff_tokio", error = %e, "cannot say READY=1");
+                        crate::say::warn(format_args!("cannot say READY=1: {e}"));
                     }
                     // Nothing more will come: SIGTERM is the only way out.
                     tx.send_replace(Some(Ok(Retirement::Stopped)));
@@ -371,7 +377,9 @@ impl Handoff {
                     tx.send_replace(Some(outcome));
                 });
             if let Err(e) = spawned {
-                tracing::error!(target: "handoff_tokio", error = %e, "cannot start the handoff control thread");
+                crate::say::warn(format_args!(
+                    "cannot start the handoff control thread: {e}; not serving"
+                ));
                 inner.shared.set_phase(Phase::Retired(Retirement::Failed));
             }
         });

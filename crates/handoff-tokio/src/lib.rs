@@ -57,6 +57,7 @@ mod handoff;
 #[cfg(feature = "http")]
 mod http;
 mod phase;
+mod say;
 
 pub use crate::control::Begin;
 pub use crate::error::{BoxError, Error};

@@ -79,6 +79,7 @@ where
     B::Error: Into<BoxError>,
 {
     let mut rx = shared.subscribe();
+    let mut failures = crate::say::Throttle::new(Duration::from_secs(1));
     loop {
         // Counted before the phase is read: see `Shared::accepting`.
         let counted = shared.accepting();
@@ -104,7 +105,14 @@ where
                     tokio::spawn(serve_connection(stream, conn, service.clone(), shared.clone()));
                 }
                 Err(e) => {
-                    tracing::warn!(target: "handoff_tokio", error = %e, "accept failed; retrying");
+                    if let Some(held) = failures.pass() {
+                        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        crate::say::warn(format_args!(
+                            "accept on {addr} failed: {e}{}; retrying every {ACCEPT_RETRY:?} (connections wait in the backlog){}",
+                            if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) { " (out of file descriptors: raise `ulimit -n` / LimitNOFILE=)" } else { "" },
+                            if held > 0 { format!("; {held} more since the last line") } else { String::new() }
+                        ));
+                    }
                     drop(counted);
                     tokio::time::sleep(ACCEPT_RETRY).await;
                 }
