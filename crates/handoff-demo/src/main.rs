@@ -50,6 +50,8 @@ ENVIRONMENT:
     HANDOFF_DEMO_WARMUP_MS    extra warm-up before taking over (simulates loading caches; 0)
     HANDOFF_DEMO_FAULT        test fault: exit-before-ready | fail-health | hang-before-ready | fail-seal
                               | panic-in-drain | no-sigterm-handler
+    HANDOFF_DEMO_PROTO_MAX    test knob: speak the control protocol only up to this version
+                              (1: a build from before `handoff stop` drained through it)
     RUST_LOG                  log filter (default: warn)
 ";
 
@@ -84,6 +86,22 @@ fn parse_args() -> Result<Args, String> {
 
 fn fault() -> String {
     std::env::var("HANDOFF_DEMO_FAULT").unwrap_or_default()
+}
+
+/// `HANDOFF_DEMO_PROTO_MAX`: lets the tests run the demo as a build that
+/// speaks an older protocol (version 1 has no Shutdown, so `handoff stop`
+/// must fall back to SIGTERM). Only lowers the top of our range.
+fn proto_max() -> Result<Option<u16>, String> {
+    let Ok(v) = std::env::var("HANDOFF_DEMO_PROTO_MAX") else {
+        return Ok(None);
+    };
+    let ours = handoff::VersionRange::OURS;
+    match v.parse::<u16>() {
+        Ok(max) if (ours.min..=ours.max).contains(&max) => Ok(Some(max)),
+        _ => Err(format!(
+            "HANDOFF_DEMO_PROTO_MAX={v:?}: expected a version in {ours}"
+        )),
+    }
 }
 
 /// The library's view of the service.
@@ -235,6 +253,9 @@ fn run() -> Result<ExitCode, String> {
     let build_id = std::env::var("HANDOFF_DEMO_BUILD_ID")
         .unwrap_or_else(|_| format!("handoff-demo/{}", env!("CARGO_PKG_VERSION")));
     let mut opts = BootOptions::new(build_id.clone());
+    if let Some(max) = proto_max()? {
+        opts.versions.max = max;
+    }
     opts.state_dir = args.state_dir.clone();
     opts.control_path = args
         .control
@@ -406,6 +427,14 @@ fn run() -> Result<ExitCode, String> {
     match retired {
         Retired::Committed { .. } | Retired::SuccessorWon { .. } => {
             tracing::info!(target: "demo", ?retired, open = left, "exiting");
+        }
+        // `handoff stop` through the control protocol: the drain ran (no
+        // SIGTERM handler needed), the supervisor waits for this exit.
+        Retired::Stopped { .. } => {
+            eprintln!(
+                "handoff-demo[{}]: stopped through the control protocol: exiting ({left} connections still open)",
+                std::process::id()
+            );
         }
     }
     rt.shutdown_timeout(Duration::from_millis(100));

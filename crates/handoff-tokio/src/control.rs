@@ -130,6 +130,12 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
             shared.set_phase(Phase::Retired(Retirement::SuccessorWon));
             Ok(Retirement::SuccessorWon)
         }
+        // `handoff stop` through the control protocol: drained like for a
+        // handoff, and no successor. Same end as SIGTERM.
+        Ok(handoff::Retired::Stopped { .. }) => {
+            shared.set_phase(Phase::Retired(Retirement::Stopped));
+            Ok(Retirement::Stopped)
+        }
         Err(e) => {
             shared.set_phase(Phase::Retired(Retirement::Failed));
             Err(fail("serving as the incumbent", &e))
@@ -189,7 +195,10 @@ impl Drainable for Bridge {
         Ok(())
     }
 
-    fn retire(&mut self) {
-        self.shared.set_phase(Phase::Retired(Retirement::Committed));
-    }
+    /// The core calls this for a commit, a stop and a successor that won
+    /// alike, just before `serve` returns which it was; retirement is final
+    /// (`Shared::set_phase`), so the match on that result in `run` sets it,
+    /// not this. Meanwhile the phase stays `Draining`: nothing accepts, and
+    /// connections wind down as they would once retired.
+    fn retire(&mut self) {}
 }

@@ -5,6 +5,11 @@
 //! `peer MODE [TAG]` — TAG is ignored; tests use it to find their processes.
 //! Modes: good, wrong-role, wrong-pid, garbage, silent, no-common-version,
 //! ready-wrong-id, unhealthy.
+//!
+//! In `good` mode: `PEER_RECOVERY_MS` (see `BootOptions::recovery_wait`),
+//! `PEER_PROTO_MAX` (speak only up to this protocol version, as an older
+//! build does), `PEER_DRAIN_MS` (a drain that takes this long),
+//! `PEER_DRAIN_FAILS=1` (a drain that fails).
 
 use std::io::Write;
 use std::time::Duration;
@@ -13,10 +18,17 @@ use handoff::channel::Channel;
 use handoff::protocol::{Hello, Message, Role, PROTO_MAX, PROTO_MIN};
 use handoff::{Boot, BootOptions, DrainReport, Drainable, ServiceError};
 
-struct Idle;
+struct Idle {
+    drain_for: Duration,
+    drain_fails: bool,
+}
 
 impl Drainable for Idle {
     fn drain(&mut self, _: Duration) -> Result<DrainReport, ServiceError> {
+        std::thread::sleep(self.drain_for);
+        if self.drain_fails {
+            return Err("peer's drain fails".into());
+        }
         Ok(DrainReport {
             open_conns_remaining: 0,
             accept_closed: true,
@@ -59,6 +71,21 @@ fn main() {
             {
                 opts.recovery_wait = Duration::from_millis(ms);
             }
+            if let Some(max) = std::env::var("PEER_PROTO_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                opts.versions.max = max;
+            }
+            let mut idle = Idle {
+                drain_for: Duration::from_millis(
+                    std::env::var("PEER_DRAIN_MS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                ),
+                drain_fails: std::env::var("PEER_DRAIN_FAILS").is_ok_and(|v| v == "1"),
+            };
             let r = Boot::from_env(opts)
                 .and_then(|b| b.begin())
                 .and_then(|b| {
@@ -70,7 +97,7 @@ fn main() {
                         }
                     })
                 })
-                .and_then(|inc| inc.serve(&mut Idle));
+                .and_then(|inc| inc.serve(&mut idle));
             match r {
                 Ok(retired) => println!("retired: {retired:?}"),
                 Err(e) => {

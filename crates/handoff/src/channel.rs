@@ -87,6 +87,7 @@ impl Channel {
     }
 
     fn encode(&self, msg: &Message) -> Result<Vec<u8>, FrameError> {
+        in_version(msg, self.version)?;
         frame::encode(self.frame_version(msg), &msg.encode())
     }
 
@@ -155,6 +156,7 @@ impl Channel {
                 expected,
             });
         }
+        in_version(&msg, self.version)?;
         Ok(msg)
     }
 
@@ -224,6 +226,22 @@ impl Channel {
     }
 }
 
+/// Whether `msg` exists in protocol `version` (the channel's negotiated
+/// one). Checked on both ends of every channel, so a message a newer build
+/// added never reaches, nor is taken from, a peer that negotiated less: the
+/// version gate is enforced here once, not at each place that sends one.
+fn in_version(msg: &Message, version: ProtoVersion) -> Result<(), FrameError> {
+    let since = msg.since();
+    if since > version {
+        return Err(FrameError::NotInVersion {
+            message: msg.name(),
+            since,
+            version,
+        });
+    }
+    Ok(())
+}
+
 /// Sending half of a [`Channel`], for a heartbeat thread.
 #[derive(Debug)]
 pub struct Sender {
@@ -234,6 +252,7 @@ pub struct Sender {
 
 impl Sender {
     pub fn send(&self, msg: &Message) -> Result<(), FrameError> {
+        in_version(msg, self.version)?;
         let bytes = frame::encode(self.version, &msg.encode())?;
         let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         (&self.stream).write_all(&bytes)?;
@@ -270,6 +289,63 @@ mod tests {
                 expected: 2
             })
         ));
+    }
+
+    /// A channel negotiated at version 1 (an older peer) neither sends nor
+    /// accepts a message that version 2 added; at version 2 it carries it.
+    #[test]
+    fn messages_newer_than_the_channel_are_refused_both_ways() {
+        let shutdown = Message::Shutdown {
+            stop_id: 4,
+            drain_grace_ms: 1000,
+        };
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = Channel::new(a);
+        let mut rx = Channel::new(b);
+        tx.set_version(1);
+        rx.set_version(1);
+        assert!(matches!(
+            tx.send(&shutdown),
+            Err(FrameError::NotInVersion {
+                message: "Shutdown",
+                since: 2,
+                version: 1
+            })
+        ));
+        assert!(matches!(
+            tx.sender().unwrap().send(&shutdown),
+            Err(FrameError::NotInVersion { .. })
+        ));
+        // Nothing was written: the next frame is the next message.
+        tx.send(&Message::Commit { handoff_id: 1 }).unwrap();
+        assert_eq!(
+            rx.recv(Some(Duration::from_secs(1))).unwrap(),
+            Message::Commit { handoff_id: 1 }
+        );
+        // A version-2 peer writing it on a channel this end negotiated at 1
+        // (a broken or hostile peer): refused on receipt as well.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = Channel::new(a);
+        let mut rx = Channel::new(b);
+        tx.set_version(2);
+        rx.set_version(1);
+        let raw = frame::encode(1, &shutdown.encode()).unwrap();
+        tx.stream().write_all(&raw).unwrap();
+        assert!(matches!(
+            rx.recv(Some(Duration::from_secs(1))),
+            Err(FrameError::NotInVersion {
+                message: "Shutdown",
+                ..
+            })
+        ));
+        // At version 2 both ways work.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = Channel::new(a);
+        let mut rx = Channel::new(b);
+        tx.set_version(2);
+        rx.set_version(2);
+        tx.send(&shutdown).unwrap();
+        assert_eq!(rx.recv(Some(Duration::from_secs(1))).unwrap(), shutdown);
     }
 
     #[test]

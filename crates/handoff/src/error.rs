@@ -199,6 +199,36 @@ impl HandoffError {
     }
 }
 
+/// Why the incumbent could not be stopped through the control protocol
+/// ([`Supervisor::request_stop`](crate::Supervisor::request_stop)). Each
+/// leaves the caller to stop it another way — a signal — and to say why.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    #[error("pid {pid} is not the running incumbent")]
+    NotIncumbent { pid: u32 },
+    #[error("connecting to the incumbent's control socket {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the incumbent (pid {pid}) speaks protocol versions {theirs}: a build from before stopping through the control protocol (version {needed})")]
+    Unsupported {
+        pid: u32,
+        theirs: crate::protocol::VersionRange,
+        needed: crate::protocol::ProtoVersion,
+    },
+}
+
+impl From<crate::supervisor::ConnectError> for StopError {
+    fn from(e: crate::supervisor::ConnectError) -> Self {
+        match e {
+            crate::supervisor::ConnectError::Connect { path, source } => {
+                StopError::Connect { path, source }
+            }
+            crate::supervisor::ConnectError::Protocol(p) => StopError::Protocol(p),
+        }
+    }
+}
+
 /// Errors on the process side (incumbent or successor).
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {

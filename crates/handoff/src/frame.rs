@@ -49,6 +49,15 @@ pub enum FrameError {
     Truncated { needed: usize, got: usize },
     #[error("unknown message tag {tag}")]
     UnknownMessage { tag: u8 },
+    /// A message newer than the channel's negotiated version, sent or
+    /// received: the peer's build may not know it (see
+    /// [`Message::since`](crate::protocol::Message::since)).
+    #[error("{message} needs protocol version {since}, but this channel negotiated {version}")]
+    NotInVersion {
+        message: &'static str,
+        since: u16,
+        version: u16,
+    },
     #[error("malformed {message} payload: {reason}")]
     Malformed {
         message: &'static str,

@@ -2,6 +2,10 @@
 //! the control socket, and answers the supervisor's handoff requests by
 //! calling into the service's [`Drainable`] implementation.
 //!
+//! Outside a handoff it also answers a stop (`handoff stop`, protocol
+//! version 2): drain, say so, retire — so a service needs no SIGTERM handler
+//! to finish its requests when it is stopped.
+//!
 //! It also recovers by itself when the supervisor disappears (DESIGN §6):
 //! EOF while drained → resume; EOF while sealed → try to re-take the state
 //! lock (resume if it gets it; if the successor holds it, the successor has
@@ -28,6 +32,11 @@ pub enum Retired {
     /// The supervisor vanished after we sealed, and the successor holds the
     /// state lock: it became the incumbent.
     SuccessorWon { handoff_id: HandoffId },
+    /// The supervisor stopped the service (`handoff stop`, or SIGTERM to
+    /// `handoff run`) with no successor: the drain is done and reported;
+    /// finish what is still open and exit. The state lock is still held —
+    /// the kernel releases it when the process exits.
+    Stopped { stop_id: HandoffId },
 }
 
 /// The serving side: state lock held, control socket bound.
@@ -199,6 +208,17 @@ impl Incumbent {
                     Duration::from_millis(drain_grace_ms),
                 )
             }
+            Ok(Message::Shutdown {
+                stop_id,
+                drain_grace_ms,
+            }) => {
+                return self.shut_down(
+                    chan,
+                    stop_id,
+                    Duration::from_millis(drain_grace_ms),
+                    service,
+                );
+            }
             Ok(Message::FetchListeners {}) => {
                 // A supervisor restarted after a crash wants the listeners
                 // back: hand over our copies (the kernel dups them into it).
@@ -345,6 +365,49 @@ impl Incumbent {
                 self.recover_after_seal(id, service)
             }
         }
+    }
+
+    /// Stops serving for good, as the supervisor asked: drain within
+    /// `grace` (heartbeating, as in a handoff, so a long drain is not taken
+    /// for a dead process), report it, retire.
+    ///
+    /// A failed drain changes nothing: the service resumes, and the
+    /// connection closes without ShutdownDrained — the supervisor then
+    /// falls back to a signal, and says so. Once the drain succeeded, the
+    /// stop is final even if the reply cannot be delivered: the supervisor
+    /// asked for it, and a process left half-drained and unsupervised would
+    /// serve nobody well.
+    fn shut_down<D: Drainable>(
+        &mut self,
+        chan: Channel,
+        id: HandoffId,
+        grace: Duration,
+        service: &mut D,
+    ) -> Result<Next, ProcessError> {
+        let hex = crate::protocol::IdHex(id);
+        tracing::info!(target: "handoff::incumbent", stop_id = %hex, drain_grace_ms = grace.as_millis() as u64, "stopping: draining");
+        let hb = Heartbeat::start(chan.sender(), id, self.cfg.timeouts.heartbeat);
+        let drained = service.drain(grace);
+        hb.stop();
+        let report = match drained {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(target: "handoff::incumbent", stop_id = %hex, error = %e, "drain failed while stopping; resuming (the supervisor falls back to a signal)");
+                self.resume(service)?;
+                return Ok(Next::Continue);
+            }
+        };
+        let sent = chan.send(&Message::ShutdownDrained {
+            stop_id: id,
+            open_conns_remaining: report.open_conns_remaining,
+            accept_closed: report.accept_closed,
+        });
+        if let Err(e) = sent {
+            let e = ProtocolError::frame(Peer::Supervisor, IncumbentPhase::Idle.name(), e);
+            tracing::warn!(target: "handoff::incumbent", stop_id = %hex, error = %e, "supervisor gone after the stop's drain; retiring anyway");
+        }
+        service.retire();
+        Ok(Next::Retire(Retired::Stopped { stop_id: id }))
     }
 
     /// The supervisor vanished after we released the lock. Whoever holds the

@@ -20,6 +20,15 @@
 //! S -> O  Commit             (O exits after its connections finish)
 //! ```
 //!
+//! `handoff stop` (protocol version 2; older incumbents get a signal):
+//!
+//! ```text
+//! S -> O  connect; O: Hello; S: HelloAck
+//! S -> O  Shutdown{stop_id, drain_grace_ms}
+//! O -> S  Heartbeat* ShutdownDrained{open_conns_remaining, accept_closed}
+//!         (O retires: finishes its connections and exits by itself)
+//! ```
+//!
 //! Any failure before Ready: S kills and reaps N and sends O
 //! `ResumeAfterAbort`. After Ready, N is the incumbent whatever happens.
 //!
@@ -60,7 +69,7 @@ mod sys;
 pub mod timeouts;
 
 pub use child::{Child, Exit};
-pub use error::{HandoffError, ProcessError, ProtocolError, SpawnError};
+pub use error::{HandoffError, ProcessError, ProtocolError, SpawnError, StopError};
 pub use incumbent::{Incumbent, Retired};
 pub use journal::{Journal, JournalRecord};
 pub use listeners::Listener;
@@ -73,7 +82,9 @@ pub use restart_lock::{RestartLock, RestartLockError};
 pub use shm::{Region, RegionSpec, ShmError, WriteGuard};
 pub use spawn::Program;
 pub use successor::{Begun, Boot, BootOptions, StartRole};
-pub use supervisor::{HandoffOptions, PhaseDone, Prepared, Report, Supervisor, SupervisorConfig};
+pub use supervisor::{
+    HandoffOptions, PhaseDone, Prepared, Report, StopRequest, Supervisor, SupervisorConfig,
+};
 pub use timeouts::Timeouts;
 
 /// Peer credentials (for the admin socket of a supervisor binary).

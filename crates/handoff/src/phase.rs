@@ -1,8 +1,9 @@
 //! Which message is legal in which phase, for each of the three roles, in one
 //! place (the rustls discipline): every read in the crate goes through
 //! [`SupervisorPhase::allows`], [`IncumbentPhase::allows`] or
-//! [`SuccessorPhase::allows`], so a message arriving out of turn is rejected
-//! the same way everywhere.
+//! [`SuccessorPhase::allows`] (or, for the supervisor's two conversations
+//! outside a handoff, [`reattach_allows`] and [`stop_allows`]), so a message
+//! arriving out of turn is rejected the same way everywhere.
 
 use serde::{Deserialize, Serialize};
 
@@ -126,12 +127,24 @@ pub fn reattach_allows(msg: &Message) -> bool {
     matches!(msg, Message::Listeners { .. })
 }
 
+/// What a supervisor stopping the incumbent ([`Message::Shutdown`] sent)
+/// accepts until the outcome: the incumbent's heartbeats while it drains,
+/// then ShutdownDrained. Not a [`SupervisorPhase`]: a stop is no handoff and
+/// is never journaled.
+pub fn stop_allows(msg: &Message) -> bool {
+    matches!(
+        msg,
+        Message::Heartbeat { .. } | Message::ShutdownDrained { .. }
+    )
+}
+
 /// The incumbent's side of one control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IncumbentPhase {
     /// Hello sent, waiting for HelloAck.
     Greeting,
-    /// Negotiated; waiting for PrepareHandoff.
+    /// Negotiated; waiting for PrepareHandoff (a handoff), FetchListeners
+    /// (a re-attaching supervisor) or Shutdown (`handoff stop`).
     Idle,
     /// Drained sent; waiting for the seal request (or an abort).
     Drained,
@@ -158,7 +171,10 @@ impl IncumbentPhase {
         matches!(
             (self, msg),
             (P::Greeting, M::HelloAck { .. })
-                | (P::Idle, M::PrepareHandoff { .. } | M::FetchListeners {})
+                | (
+                    P::Idle,
+                    M::PrepareHandoff { .. } | M::FetchListeners {} | M::Shutdown { .. }
+                )
                 | (
                     P::Drained,
                     M::SealRequest { .. } | M::ResumeAfterAbort { .. }
@@ -237,6 +253,79 @@ mod tests {
         };
         assert!(SuccessorPhase::AwaitBegin.allows(&abort));
         assert!(!SuccessorPhase::AwaitCommit.allows(&abort));
+    }
+
+    /// Shutdown is a request from an idle incumbent's supervisor only:
+    /// never in the middle of a handoff (the supervisor waits for it to
+    /// end), never to a successor; its reply is legal only in a stop.
+    #[test]
+    fn shutdown_only_to_an_idle_incumbent() {
+        let shutdown = Message::Shutdown {
+            stop_id: 1,
+            drain_grace_ms: 10,
+        };
+        assert!(IncumbentPhase::Idle.allows(&shutdown));
+        for p in [
+            IncumbentPhase::Greeting,
+            IncumbentPhase::Drained,
+            IncumbentPhase::SealFailed,
+            IncumbentPhase::Sealed,
+        ] {
+            assert!(!p.allows(&shutdown), "{}", p.name());
+        }
+        for p in [
+            SuccessorPhase::Greeting,
+            SuccessorPhase::AwaitBegin,
+            SuccessorPhase::AwaitCommit,
+        ] {
+            assert!(!p.allows(&shutdown), "{}", p.name());
+        }
+        let done = Message::ShutdownDrained {
+            stop_id: 1,
+            open_conns_remaining: 0,
+            accept_closed: true,
+        };
+        assert!(stop_allows(&done));
+        assert!(stop_allows(&Message::Heartbeat { handoff_id: 1 }));
+        assert!(!stop_allows(&shutdown));
+        assert!(!stop_allows(&Message::Drained {
+            handoff_id: 1,
+            open_conns_remaining: 0,
+            accept_closed: true,
+        }));
+        for p in [
+            SupervisorPhase::Negotiating,
+            SupervisorPhase::Draining,
+            SupervisorPhase::Sealing,
+            SupervisorPhase::AwaitingReady,
+            SupervisorPhase::Committed,
+            SupervisorPhase::ResumingAfterAbort,
+        ] {
+            for peer in [Peer::Incumbent, Peer::Successor] {
+                assert!(!p.allows(peer, &done), "{p} {peer}");
+                assert!(!p.allows(peer, &shutdown), "{p} {peer}");
+            }
+        }
+        assert!(!reattach_allows(&done));
+    }
+
+    /// The gate checks the stop's id like a handoff's.
+    #[test]
+    fn a_stop_reply_for_another_stop_is_refused() {
+        let done = Message::ShutdownDrained {
+            stop_id: 2,
+            open_conns_remaining: 0,
+            accept_closed: true,
+        };
+        let legal = stop_allows(&done);
+        assert!(matches!(
+            admit(Peer::Incumbent, "stopping", legal, Some(1), done),
+            Err(ProtocolError::WrongHandoffId {
+                expected: 1,
+                found: 2,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -28,12 +28,17 @@ pub struct DrainReport {
 ///
 /// The library calls these from its control thread, one at a time, in the
 /// order the protocol allows: `drain` → `seal` → (`retire` | `resume`), or
-/// `drain` → `resume`.
+/// `drain` → `resume`; and for `handoff stop`, `drain` → `retire` (no seal:
+/// nobody takes over, and the state lock is released when the process
+/// exits). The stop needs no signal handler: the supervisor asks over the
+/// control socket, so a service that implements this trait is drained the
+/// same way for an upgrade and for a stop.
 pub trait Drainable {
     /// Stop accepting and wind connections down at request boundaries,
     /// returning within `grace`. The listeners stay open (the supervisor
     /// owns them): connections that arrive now wait in the kernel backlog for
-    /// the successor.
+    /// the successor (after a stop there is none: the supervisor closes
+    /// them with the listeners when it exits).
     fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError>;
 
     /// Make all state durable and stop writing it. After `Ok` the library
@@ -47,8 +52,11 @@ pub trait Drainable {
     /// is ours again. Reload state if it could have changed, and accept again.
     fn resume(&mut self) -> Result<(), ServiceError>;
 
-    /// The successor is the incumbent now. Finish what is in flight; the
-    /// process should exit once its connections are done.
+    /// This process serves no more: the successor is the incumbent now, or
+    /// the supervisor stopped the service (see [`crate::Retired`], which
+    /// [`crate::Incumbent::serve`] returns right after, for which). Finish
+    /// what is in flight; the process should exit once its connections are
+    /// done — after a stop, the supervisor kills it at the end of the grace.
     fn retire(&mut self) {}
 }
 

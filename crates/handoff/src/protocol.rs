@@ -9,6 +9,14 @@
 //! `Hello` and `HelloAck` are frozen: they are always sent in version-1 frames
 //! with the same body layout, so any two builds can at least agree on whether
 //! they share a version.
+//!
+//! Versions:
+//! * 1 — the handoff (PrepareHandoff … Commit) and FetchListeners.
+//! * 2 — adds [`Message::Shutdown`] / [`Message::ShutdownDrained`]: `handoff
+//!   stop` drains the incumbent through the control socket instead of
+//!   signalling it. A message is legal only on a channel whose negotiated
+//!   version has it ([`Message::since`]); the channel refuses the rest both
+//!   ways, so a peer of an older build never sees one.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +27,11 @@ pub type ProtoVersion = u16;
 /// Lowest protocol version this build can speak.
 pub const PROTO_MIN: ProtoVersion = 1;
 /// Highest protocol version this build can speak.
-pub const PROTO_MAX: ProtoVersion = 1;
+pub const PROTO_MAX: ProtoVersion = 2;
+/// First version with [`Message::Shutdown`] and [`Message::ShutdownDrained`]:
+/// a supervisor that negotiated less with an incumbent must stop it another
+/// way (a signal).
+pub const SHUTDOWN_SINCE: ProtoVersion = 2;
 /// Version of the frames carrying `Hello`/`HelloAck`, fixed forever.
 pub const HELLO_FRAME_VERSION: ProtoVersion = 1;
 
@@ -188,6 +200,30 @@ pub enum Message {
     Listeners {
         names: Vec<String>,
     },
+    /// Supervisor → idle incumbent (version ≥ [`SHUTDOWN_SINCE`]): stop
+    /// serving for good, with no successor (`handoff stop`). The incumbent
+    /// drains within `drain_grace_ms`, heartbeating with `stop_id` meanwhile,
+    /// answers [`Message::ShutdownDrained`], retires and exits once its
+    /// connections are done. There is no seal: it keeps the state lock until
+    /// it exits.
+    Shutdown {
+        /// Scopes the exchange like a handoff id: the incumbent's
+        /// Heartbeats and its reply carry it.
+        stop_id: HandoffId,
+        drain_grace_ms: u64,
+    },
+    /// Incumbent → supervisor: the drain asked by [`Message::Shutdown`] is
+    /// done (as far as it got within the grace), and the process is retiring.
+    ///
+    /// Deliberately not [`Message::Drained`]: Drained means "paused, state
+    /// lock held, ready to seal or resume" and is legal only while a
+    /// handoff drains; this one means "leaving for good". One meaning per
+    /// message keeps the phase table literal.
+    ShutdownDrained {
+        stop_id: HandoffId,
+        open_conns_remaining: u64,
+        accept_closed: bool,
+    },
 }
 
 macro_rules! bodies {
@@ -262,6 +298,8 @@ bodies! {
     13 Heartbeat { handoff_id: HandoffId }
     14 FetchListeners { }
     15 Listeners { names: Vec<String> }
+    16 Shutdown { stop_id: HandoffId, drain_grace_ms: u64 }
+    17 ShutdownDrained { stop_id: HandoffId, open_conns_remaining: u64, accept_closed: bool }
 }
 
 /// Decodes a body and insists that it used every byte: trailing garbage is a
@@ -284,7 +322,19 @@ fn strict<T: serde::de::DeserializeOwned>(
 }
 
 impl Message {
-    /// The handoff this message belongs to, if it is handoff-scoped.
+    /// The first protocol version that has this message. A channel
+    /// negotiated below it neither sends nor accepts it
+    /// ([`FrameError::NotInVersion`]).
+    pub fn since(&self) -> ProtoVersion {
+        match self {
+            Message::Shutdown { .. } | Message::ShutdownDrained { .. } => SHUTDOWN_SINCE,
+            _ => 1,
+        }
+    }
+
+    /// The exchange this message belongs to, if it is scoped to one: a
+    /// handoff, or a stop ([`Message::Shutdown`]'s `stop_id`, which the
+    /// incumbent's Heartbeats carry too).
     pub fn handoff_id(&self) -> Option<HandoffId> {
         match self {
             Message::Hello(_)
@@ -303,6 +353,9 @@ impl Message {
             | Message::Abort { handoff_id, .. }
             | Message::ResumeAfterAbort { handoff_id }
             | Message::Heartbeat { handoff_id } => Some(*handoff_id),
+            Message::Shutdown { stop_id, .. } | Message::ShutdownDrained { stop_id, .. } => {
+                Some(*stop_id)
+            }
         }
     }
 
@@ -375,6 +428,15 @@ mod tests {
             Message::Listeners {
                 names: vec!["http".into(), "admin".into()],
             },
+            Message::Shutdown {
+                stop_id: 11,
+                drain_grace_ms: 30_000,
+            },
+            Message::ShutdownDrained {
+                stop_id: 11,
+                open_conns_remaining: 1,
+                accept_closed: true,
+            },
         ]
     }
 
@@ -384,6 +446,62 @@ mod tests {
             let bytes = m.encode();
             assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.name());
         }
+    }
+
+    /// The tags are the wire format: a message keeps its tag forever, so a
+    /// build that renumbered one would misread every older peer.
+    #[test]
+    fn shutdown_messages_have_their_tags_and_version() {
+        let s = Message::Shutdown {
+            stop_id: 0x0102,
+            drain_grace_ms: 5,
+        };
+        assert_eq!(s.encode(), vec![16, 0x82, 0x02, 5]);
+        let d = Message::ShutdownDrained {
+            stop_id: 3,
+            open_conns_remaining: 0,
+            accept_closed: true,
+        };
+        assert_eq!(d.encode(), vec![17, 3, 0, 1]);
+        assert_eq!(s.since(), SHUTDOWN_SINCE);
+        assert_eq!(d.since(), SHUTDOWN_SINCE);
+        assert_eq!(s.handoff_id(), Some(0x0102));
+        assert_eq!(d.handoff_id(), Some(3));
+        assert!(!s.is_keepalive() && !d.is_keepalive());
+        // Everything else is version 1: older peers speak all of it.
+        for m in all() {
+            if !matches!(
+                m,
+                Message::Shutdown { .. } | Message::ShutdownDrained { .. }
+            ) {
+                assert_eq!(m.since(), 1, "{}", m.name());
+            }
+        }
+        const { assert!(SHUTDOWN_SINCE <= PROTO_MAX && SHUTDOWN_SINCE > PROTO_MIN) };
+    }
+
+    #[test]
+    fn shutdown_bodies_are_checked() {
+        let mut b = Message::Shutdown {
+            stop_id: 1,
+            drain_grace_ms: 1,
+        }
+        .encode();
+        b.push(0);
+        assert!(matches!(
+            Message::decode(&b),
+            Err(FrameError::Malformed {
+                message: "Shutdown",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Message::decode(&[17, 1, 0]),
+            Err(FrameError::Malformed {
+                message: "ShutdownDrained",
+                ..
+            })
+        ));
     }
 
     #[test]

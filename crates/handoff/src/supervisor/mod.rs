@@ -39,7 +39,9 @@ mod handoff;
 use handoff::{Held, Run};
 mod peer;
 mod prepared;
-pub(crate) use peer::{check_hello, connect_incumbent_socket};
+mod stop;
+pub(crate) use peer::{check_hello, connect_incumbent_socket, ConnectError};
+pub use stop::StopRequest;
 
 /// How the supervisor is set up.
 #[derive(Debug, Clone)]

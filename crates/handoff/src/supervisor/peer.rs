@@ -57,6 +57,34 @@ pub(crate) fn check_hello(
     Ok(())
 }
 
+/// Why [`connect_incumbent_socket`] failed; each caller turns it into its
+/// own error type (a handoff's, a stop's).
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    /// Nobody listens there, or the socket cannot be reached.
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Someone listens there, but not a process we may talk to.
+    Protocol(ProtocolError),
+}
+
+impl From<ProtocolError> for ConnectError {
+    fn from(e: ProtocolError) -> Self {
+        ConnectError::Protocol(e)
+    }
+}
+
+impl From<ConnectError> for HandoffError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Connect { path, source } => HandoffError::Connect { path, source },
+            ConnectError::Protocol(p) => HandoffError::Protocol(p),
+        }
+    }
+}
+
 /// Connects to the incumbent's control socket and checks with the kernel
 /// (`SO_PEERCRED`) that whoever listens there runs as our uid or as root.
 /// Returns the stream and those credentials (their pid is checked against
@@ -64,8 +92,8 @@ pub(crate) fn check_hello(
 pub(crate) fn connect_incumbent_socket(
     path: &std::path::Path,
     phase: &'static str,
-) -> Result<(UnixStream, sys::PeerCred), HandoffError> {
-    let stream = UnixStream::connect(path).map_err(|source| HandoffError::Connect {
+) -> Result<(UnixStream, sys::PeerCred), ConnectError> {
+    let stream = UnixStream::connect(path).map_err(|source| ConnectError::Connect {
         path: path.to_path_buf(),
         source,
     })?;

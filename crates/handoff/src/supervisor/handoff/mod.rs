@@ -19,8 +19,9 @@ use crate::spawn::{spawn_service, Program};
 use crate::sys;
 use crate::timeouts::{PhaseClock, Timeouts};
 
-/// Fresh handoff id: random enough to never repeat across restarts.
-fn new_handoff_id() -> HandoffId {
+/// Fresh handoff id: random enough to never repeat across restarts. (A
+/// stop's id too: it scopes that exchange the same way.)
+pub(super) fn new_handoff_id() -> HandoffId {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(now_ms());
