@@ -269,10 +269,12 @@ fn stop_with_requests_in_flight(by: StopBy) {
             None
         }
     };
-    // The incumbent got SIGTERM and drains: it waits for our requests.
+    // The incumbent was asked through the control protocol and drains: it
+    // waits for our requests.
     wait_until(Duration::from_secs(20), "the incumbent to drain", || {
-        sup.stderr_log()
-            .contains(&format!("handoff-demo[{incumbent}]: SIGTERM: draining"))
+        sup.stderr_log().contains(&format!(
+            "stopping the incumbent (pid {incumbent}) through the control protocol"
+        ))
     });
     assert!(
         sup.try_exit().is_none(),
@@ -298,6 +300,7 @@ fn stop_with_requests_in_flight(by: StopBy) {
         assert_eq!(p["role"], "incumbent");
         assert_eq!(p["how"], "exited");
         assert_eq!(p["exit"], "exit status 0");
+        assert_eq!(p["asked"], "control-protocol");
     }
     let mut status = None;
     wait_until(Duration::from_secs(30), "the supervisor to exit", || {

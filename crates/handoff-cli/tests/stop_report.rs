@@ -1,8 +1,16 @@
-//! `handoff stop` never says "drained" for a process that died of a signal
-//! (issue 13): a service with no SIGTERM handler dies of SIGTERM's default
-//! action at once, cutting its requests in flight, so the stop names it,
-//! says so, and exits 1. (A service that drains on SIGTERM and exits 0
-//! makes the stop exit 0: `cli_ops.rs`, `notify_mode.rs`.)
+//! `handoff stop` and services without a SIGTERM handler (issue 13).
+//!
+//! In library mode the stop goes through the control protocol (Shutdown,
+//! version 2), so such a service drains like for a handoff — its request in
+//! flight is answered — and exits 0 by itself: the stop exits 0 and says how
+//! it asked. Where the protocol cannot be used (an incumbent of an older
+//! build, speaking version 1 only) the stop falls back to SIGTERM, says so,
+//! and never says "drained" for a process that died of the signal: such a
+//! service dies of SIGTERM's default action at once, cutting its requests
+//! in flight, so the stop names it, says so, and exits 1. Notify mode has no
+//! control socket: the signal, with the same honest verdict. (A service that
+//! drains on SIGTERM and exits 0 makes the stop exit 0: `cli_ops.rs`,
+//! `notify_mode.rs`.)
 #![cfg(target_os = "linux")]
 
 mod support;
@@ -39,6 +47,42 @@ fn in_flight(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Sends the rest of the PUT begun by [`in_flight`] and reads its response:
+/// the status line and headers (lowercased), once the body has arrived.
+fn finish(s: &mut TcpStream) -> String {
+    s.write_all(b"body!").expect("write the rest of the body");
+    let mut got = vec![];
+    let mut chunk = [0u8; 1024];
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).expect("read the response");
+        assert!(n > 0, "EOF before the response: {got:?}");
+        got.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().expect("content-length"))
+        .unwrap_or(0);
+    while got.len() < head_end + len {
+        let n = s.read(&mut chunk).expect("read the body");
+        assert!(n > 0, "EOF in the body");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    head
+}
+
+fn stopped_event(stdout: &str) -> Value {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["event"] == "stopped")
+        .unwrap_or_else(|| panic!("no stopped event: {stdout}"))
+}
+
 /// Asserts the request on `s` got no response: the connection ended.
 fn assert_cut(mut s: TcpStream) {
     let mut rest = vec![];
@@ -48,11 +92,128 @@ fn assert_cut(mut s: TcpStream) {
     }
 }
 
+/// Library mode: the demo without a SIGTERM handler, a PUT half sent when
+/// the stop asks it through the control protocol. The drain waits for it,
+/// answers it, then the process exits 0 by itself: the stop exits 0 and
+/// says the incumbent was stopped through the control protocol.
 #[test]
-fn stop_of_a_service_without_a_sigterm_handler_says_it_cut_requests() {
-    let _guard = begin_test("stop_no_handler", Duration::from_secs(120));
+fn stop_drains_a_service_without_a_sigterm_handler_through_the_control_protocol() {
+    let _guard = begin_test("stop_protocol_no_handler", Duration::from_secs(120));
     let dirs = TestDirs::new();
     let bare = dirs.fault_wrapper("no-sigterm-handler");
+    let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &bare, &[]);
+    let pid = sup.first_pid;
+    let mut pending = in_flight(sup.addr);
+
+    let mut cmd = Command::new(handoff_bin());
+    cmd.args(["stop", "--json", "--grace", "30s", "--runtime-dir"])
+        .arg(&dirs.runtime);
+    let stop = spawn_piped(cmd);
+    // Shutdown is on its way to the incumbent: our request is in flight.
+    let asked = format!("stopping the incumbent (pid {pid}) through the control protocol");
+    wait_until(
+        SETTLE,
+        "the supervisor to ask the incumbent to stop",
+        || sup.stderr_log().contains(&asked),
+    );
+    // It drains: still there, waiting for the rest of our request.
+    assert!(
+        proc_stat(pid).is_some(),
+        "pid {pid} gone before our request was answered"
+    );
+    let head = finish(&mut pending);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = vec![];
+    let n = pending.read_to_end(&mut rest).expect("then EOF");
+    assert_eq!(n, 0, "nothing after the last response");
+    // Closed as a client would (the demo lingers until it sees our close).
+    drop(pending);
+
+    let out = finish_within(stop, SETTLE, "handoff stop");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let stopped = stopped_event(&stdout);
+    let p = &stopped["processes"][0];
+    assert_eq!(p["pid"], pid, "{stopped}");
+    assert_eq!(p["role"], "incumbent", "{stopped}");
+    assert_eq!(p["how"], "exited", "{stopped}");
+    assert_eq!(p["exit"], "exit status 0", "{stopped}");
+    assert_eq!(p["asked"], "control-protocol", "{stopped}");
+    assert!(p.get("fallback").is_none(), "{stopped}");
+    assert!(p.get("why").is_none(), "{stopped}");
+
+    let mut status = None;
+    wait_until(SETTLE, "the supervisor to exit", || {
+        status = sup.try_exit();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let verdict = format!("incumbent pid {pid} exited after");
+    wait_until(Duration::from_secs(10), "the stop summary", || {
+        sup.stderr_log().contains(&verdict)
+    });
+    let log = sup.stderr_log();
+    assert!(
+        log.contains(&format!(
+            "handoff-demo[{pid}]: stopped through the control protocol"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("SIGTERM: draining"), "{log}");
+    assert!(proc_stat(pid).is_none(), "pid {pid} still there");
+}
+
+/// A service whose drain panics while it stops dies with status 101: asked
+/// through the control protocol and judged as it ended — "failed", exit 1,
+/// and no SIGTERM sent after the fact (it was gone).
+#[test]
+fn a_service_dying_in_its_stop_drain_is_reported_failed() {
+    let _guard = begin_test("stop_protocol_panic", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let panicky = dirs.fault_wrapper("panic-in-drain");
+    let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &panicky, &[]);
+    let pid = sup.first_pid;
+    let mut cmd = Command::new(handoff_bin());
+    cmd.args(["stop", "--json", "--grace", "30s", "--runtime-dir"])
+        .arg(&dirs.runtime);
+    let out = finish_within(spawn_piped(cmd), SETTLE, "handoff stop");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let stopped = stopped_event(&stdout);
+    let p = &stopped["processes"][0];
+    assert_eq!(p["pid"], pid, "{stopped}");
+    assert_eq!(p["how"], "failed", "{stopped}");
+    assert_eq!(p["exit"], "exit status 101", "{stopped}");
+    assert_eq!(p["asked"], "control-protocol", "{stopped}");
+    assert!(p.get("fallback").is_none(), "{stopped}");
+    wait_until(SETTLE, "the supervisor to exit", || {
+        sup.try_exit().is_some()
+    });
+    assert!(
+        !sup.stderr_log().contains("sending SIGTERM"),
+        "{}",
+        sup.stderr_log()
+    );
+}
+
+/// The fallback, honest as ever: an incumbent of an older build (protocol
+/// version 1 only) cannot be asked through the control protocol, so it gets
+/// SIGTERM — and with no handler for it, dies at once with its request in
+/// flight. The stop says it fell back and why, names the signal death, and
+/// exits 1.
+#[test]
+fn stop_of_an_older_build_falls_back_to_sigterm_and_says_it_cut_requests() {
+    let _guard = begin_test("stop_fallback_no_handler", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let bare = dirs.env_wrapper(
+        "v1-no-handler",
+        &[
+            ("HANDOFF_DEMO_FAULT", "no-sigterm-handler"),
+            ("HANDOFF_DEMO_PROTO_MAX", "1"),
+        ],
+    );
     let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &bare, &[]);
     let pid = sup.first_pid;
     let pending = in_flight(sup.addr);
@@ -66,8 +227,15 @@ fn stop_of_a_service_without_a_sigterm_handler_says_it_cut_requests() {
     assert!(
         stdout.lines().any(|l| l.contains(&format!("pid {pid} "))
             && l.contains("signalled")
-            && l.contains("killed by signal 15 (SIGTERM)")),
+            && l.contains("killed by signal 15 (SIGTERM)")
+            && l.contains("sent SIGTERM")),
         "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "handoff stop: incumbent pid {pid}: not stopped through the control protocol: the incumbent (pid {pid}) speaks protocol versions 1..=1"
+        )) && stderr.contains("sent SIGTERM instead"),
+        "{stderr}"
     );
     assert!(
         stderr.contains(&format!(
@@ -89,11 +257,13 @@ fn stop_of_a_service_without_a_sigterm_handler_says_it_cut_requests() {
     wait_until(Duration::from_secs(10), "the stop summary", || {
         sup.stderr_log().contains(&verdict)
     });
+    let log = sup.stderr_log();
+    assert!(log.contains("did not drain: killed by SIGTERM"), "{log}");
     assert!(
-        sup.stderr_log()
-            .contains("did not drain: killed by SIGTERM"),
-        "{}",
-        sup.stderr_log()
+        log.contains(&format!(
+            "cannot stop the incumbent (pid {pid}) through the control protocol"
+        )) && log.contains("sending SIGTERM"),
+        "{log}"
     );
 }
 
@@ -129,12 +299,12 @@ fn notify_mode_stop_of_a_program_without_a_handler_exits_1() {
     let out = finish_within(spawn_piped(cmd), SETTLE, "handoff stop");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    let stopped: Value = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|e| e["event"] == "stopped")
-        .unwrap_or_else(|| panic!("no stopped event: {stdout}"));
+    let stopped = stopped_event(&stdout);
     let p = &stopped["processes"][0];
+    // No control socket in notify mode: the signal is the way, not a
+    // fallback.
+    assert_eq!(p["asked"], "SIGTERM", "{stopped}");
+    assert!(p.get("fallback").is_none(), "{stopped}");
     assert_eq!(p["pid"], pid, "{stopped}");
     assert_eq!(p["how"], "signalled", "{stopped}");
     assert_eq!(p["exit"], "killed by signal 15 (SIGTERM)", "{stopped}");

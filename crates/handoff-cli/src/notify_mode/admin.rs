@@ -170,7 +170,12 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                     "incumbent",
                     Some(s.exit),
                     s.killed,
-                    ctx.sup.config().stop_signal,
+                    &crate::stop::Asked::Signal {
+                        signal: ctx.sup.config().stop_signal,
+                        // No control socket in notify mode: the signal is the
+                        // way, not a fallback.
+                        fallback: None,
+                    },
                     t0.elapsed(),
                 )],
                 None => vec![],

@@ -280,7 +280,12 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
                         "incumbent",
                         Some(s.exit),
                         s.killed,
-                        ctx.sup.config().stop_signal,
+                        &crate::stop::Asked::Signal {
+                            signal: ctx.sup.config().stop_signal,
+                            // No control socket in notify mode: the signal is the
+                            // way, not a fallback.
+                            fallback: None,
+                        },
                         t0.elapsed(),
                     );
                     eprintln!("handoff run: stopped {}", end.line());

@@ -7,36 +7,45 @@
 //! 2. let a handoff in flight finish — stopping the incumbent under a
 //!    handoff would turn a clean upgrade into an abort, or leave the
 //!    successor it just committed running unsupervised;
-//! 3. SIGTERM the incumbent (and any retiring old incumbents): a service
-//!    drains on SIGTERM — the demo stops accepting, finishes every request
-//!    in flight, closes keep-alive connections at a request boundary, then
-//!    exits; connections still in the backlog are closed with the
-//!    listeners when the supervisor exits;
+//! 3. ask the incumbent to stop through its control socket (Shutdown,
+//!    protocol version 2): it drains exactly as for a handoff — stops
+//!    accepting, finishes every request in flight, closes keep-alive
+//!    connections at a request boundary — says so, and exits by itself.
+//!    No service has to install a SIGTERM handler for this. Where that
+//!    cannot be done (an incumbent of an older build, an unreachable
+//!    control socket, a drain that failed) it gets SIGTERM instead, and the
+//!    report says so and why. Old incumbents still retiring after their
+//!    handoff get nothing: they are finishing their connections already,
+//!    and a signal would only cut the requests of one with no handler.
+//!    Connections still in the backlog are closed with the listeners when
+//!    the supervisor exits;
 //! 4. after the grace, SIGKILL whatever is left, and reap it;
 //! 5. report to every client that asked, then exit 0.
 //!
-//! The report says "exited" (drained) only for a process that exited by
-//! itself, with status 0, within the grace. One that died of a signal —
-//! SIGTERM's default action when the service has no handler for it, which
-//! ends it at once with its requests in flight — or was SIGKILLed after the
-//! grace, or exited with an error, is reported as such, and `handoff stop`
-//! exits 1: an operator must never read "drained" for cut requests.
+//! The report says how each process was asked ([`Asked`]) and "exited"
+//! (drained) only for a process that exited by itself, with status 0,
+//! within the grace. One that died of a signal — SIGTERM's default action
+//! when the service has no handler for it, which ends it at once with its
+//! requests in flight — or was SIGKILLed after the grace, or exited with an
+//! error, is reported as such, and `handoff stop` exits 1: an operator must
+//! never read "drained" for cut requests.
+
+mod report;
+
+pub use report::{summary, Asked, ProcessEnd, StopReport};
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use handoff::{Exit, Program, Supervisor};
+use handoff::{Child, Program, Supervisor};
 use nix::sys::signal::Signal;
-use serde::{Deserialize, Serialize};
 
 use crate::admin::{self, Event, Request};
 use crate::progress::{ms, Progress};
 use crate::RuntimeDir;
-
-/// How long a process gets to disappear after SIGKILL.
-const REAP: Duration = Duration::from_secs(5);
+use report::REAP;
 
 pub const AFTER_HELP: &str = "\
 EXIT STATUS:
@@ -49,8 +58,12 @@ EXIT STATUS:
   2  nothing was stopped: usage error, or the supervisor could not be reached
 
 The supervisor first refuses new upgrades, lets a handoff in flight finish,
-then sends SIGTERM to the service (which finishes the requests it is serving)
-and SIGKILL after the grace. SIGTERM or SIGINT to `handoff run` does the same
+then asks the service to stop through its control socket: it drains as for
+an upgrade (finishes the requests it is serving) and exits by itself, no
+SIGTERM handler needed. A service that cannot be asked that way (an older
+build, notify mode) gets SIGTERM instead; the report says which way each
+process was asked (`asked` in --json) and why it fell back (`fallback`).
+SIGKILL after the grace. SIGTERM or SIGINT to `handoff run` does the same
 with the --drain-grace it was started with.
 
 EXAMPLES:
@@ -61,155 +74,13 @@ EXAMPLES:
 pub struct StopArgs {
     #[command(flatten)]
     pub rt: RuntimeDir,
-    /// How long the service gets to drain after SIGTERM before SIGKILL
+    /// How long the service gets to drain and exit before SIGKILL
     /// (default: the supervisor's --drain-grace).
     #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
     pub grace: Option<Duration>,
     /// One JSON object per line (the supervisor's events) instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// How one process ended.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProcessEnd {
-    pub pid: u32,
-    /// `incumbent`, `retiring`, or `prepared` (held for an upgrade).
-    pub role: String,
-    /// `exited`: drained — by itself, within the grace, with status 0 (a
-    /// prepared successor, told to abort, with any status; a process
-    /// adopted from a previous supervisor, whose status cannot be known,
-    /// once it is gone within the grace). `failed`: by
-    /// itself within the grace with another status. `signalled`: died of a
-    /// signal within the grace (the stop signal's default action when it
-    /// has no handler, or a crash). `killed`: SIGKILL after the grace.
-    /// `stuck`: still there after SIGKILL (uninterruptible sleep).
-    pub how: String,
-    /// Its exit status, where known.
-    pub exit: Option<String>,
-    /// Why it did not drain, in words; absent when it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub why: Option<String>,
-    pub took_ms: f64,
-}
-
-impl ProcessEnd {
-    /// Judges how a process that was told to stop ended. `exit`: its status
-    /// (`None`: still there after SIGKILL); `killed`: it outlived the grace
-    /// and got SIGKILL; `signal`: what it was told to stop with.
-    pub fn judge(
-        pid: u32,
-        role: &str,
-        exit: Option<Exit>,
-        killed: bool,
-        signal: Signal,
-        took: Duration,
-    ) -> ProcessEnd {
-        let (how, why) = match exit {
-            None => (
-                "stuck",
-                Some(format!(
-                    "still there {REAP:?} after SIGKILL (uninterruptible sleep?)"
-                )),
-            ),
-            Some(_) if killed => (
-                "killed",
-                Some(
-                    "still running after the grace: killed with SIGKILL, cutting the requests it still had in flight"
-                        .to_string(),
-                ),
-            ),
-            Some(Exit::Signal(s)) if s == signal as i32 => (
-                "signalled",
-                Some(format!(
-                    "killed by {sig}: it has no {sig} handler (the default action ends it at once), so the requests it had in flight were cut",
-                    sig = signal.as_str()
-                )),
-            ),
-            Some(e @ Exit::Signal(_)) => (
-                "signalled",
-                Some(format!(
-                    "{e} while stopping: the requests it had in flight were lost"
-                )),
-            ),
-            // Told to abort, it exits as it sees fit: it never served
-            // through the handoff it was held for.
-            Some(Exit::Code(_)) if role == "prepared" => ("exited", None),
-            Some(Exit::Code(0)) => ("exited", None),
-            Some(Exit::Code(c)) => (
-                "failed",
-                Some(format!(
-                    "exited with status {c} while stopping: not a clean drain"
-                )),
-            ),
-            // Adopted from a previous supervisor: it is gone by itself within
-            // the grace; its status cannot be known (not our child).
-            Some(Exit::Unknown) => ("exited", None),
-        };
-        ProcessEnd {
-            pid,
-            role: role.into(),
-            how: how.into(),
-            exit: exit.map(|e| e.to_string()),
-            why,
-            took_ms: ms(took),
-        }
-    }
-
-    /// Exited by itself within the grace (see [`ProcessEnd::how`]).
-    pub fn drained(&self) -> bool {
-        self.how == "exited"
-    }
-
-    /// One line for a log: role, pid, how, the exit status and why.
-    pub fn line(&self) -> String {
-        let exit = self
-            .exit
-            .as_deref()
-            .map(|e| format!(", {e}"))
-            .unwrap_or_default();
-        let why = self
-            .why
-            .as_deref()
-            .map(|w| format!(" — did not drain: {w}"))
-            .unwrap_or_default();
-        format!(
-            "{} pid {} {} after {:.0} ms{exit}{why}",
-            self.role, self.pid, self.how, self.took_ms
-        )
-    }
-}
-
-/// What a stop did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StopReport {
-    pub supervisor_pid: u32,
-    pub grace_ms: f64,
-    /// Time spent letting a handoff in flight finish.
-    pub waited_for_handoff_ms: f64,
-    pub processes: Vec<ProcessEnd>,
-    pub total_ms: f64,
-}
-
-impl StopReport {
-    /// Every process it stopped drained (see [`ProcessEnd::drained`]).
-    pub fn drained(&self) -> bool {
-        self.processes.iter().all(ProcessEnd::drained)
-    }
-}
-
-/// One line for the supervisor's log.
-pub fn summary(r: &StopReport) -> String {
-    let procs: Vec<String> = r.processes.iter().map(ProcessEnd::line).collect();
-    format!(
-        "stopped in {:.0} ms: {}",
-        r.total_ms,
-        if procs.is_empty() {
-            "nothing was running".to_string()
-        } else {
-            procs.join("; ")
-        }
-    )
 }
 
 /// Runs the stop once, however many ask (admin clients, signals).
@@ -265,7 +136,7 @@ fn shutdown(
         // (Abort), and given the grace like the others.
         if let Some(c) = sup.discard_prepared() {
             let t = Instant::now();
-            processes.push(end_of(&c, "prepared", t, t + grace));
+            processes.push(end_of(&c, "prepared", &Asked::Abort, t, t + grace));
         }
         let incumbent = sup.incumbent();
         stop_all(sup, incumbent.as_ref(), grace, &mut processes);
@@ -284,34 +155,78 @@ fn shutdown(
 
 fn stop_all(
     sup: &Supervisor,
-    incumbent: Option<&handoff::Child>,
+    incumbent: Option<&Child>,
     grace: Duration,
     out: &mut Vec<ProcessEnd>,
 ) {
     let t = Instant::now();
     let deadline = t + grace;
     let retiring = sup.retiring();
-    let alive = incumbent.filter(|c| c.try_exit().is_none());
-    // All at once, then wait: they drain in parallel within one grace.
-    for c in alive.into_iter().chain(&retiring) {
-        let _ = c.signal(Signal::SIGTERM);
+    if let Some(c) = incumbent.filter(|c| c.try_exit().is_none()) {
+        let asked = ask_incumbent(sup, c, deadline);
+        out.push(end_of(c, "incumbent", &asked, t, deadline));
     }
-    if let Some(c) = alive {
-        out.push(end_of(c, "incumbent", t, deadline));
-    }
+    // They drain in parallel within the one grace: the retiring ones have
+    // been finishing their connections since their handoff committed.
     for c in &retiring {
-        out.push(end_of(c, "retiring", t, deadline));
+        out.push(end_of(c, "retiring", &Asked::Commit, t, deadline));
+    }
+}
+
+/// How long an incumbent that hung up on its stop gets to be seen gone
+/// before it is taken for alive (its drain failed and it resumed). Its
+/// exit closes the socket and makes it a zombie in one go; this only
+/// covers the reaper noticing.
+const GONE: Duration = Duration::from_millis(250);
+
+/// Asks the incumbent to stop, through the control protocol when it can,
+/// else with SIGTERM; returns how it asked. With the protocol, returns once
+/// the incumbent has reported its drain (it then exits by itself), or at
+/// `deadline`.
+fn ask_incumbent(sup: &Supervisor, c: &Child, deadline: Instant) -> Asked {
+    let pid = c.pid();
+    let grace = deadline.saturating_duration_since(Instant::now());
+    let why = match sup.request_stop(pid, grace) {
+        Ok(req) => {
+            eprintln!(
+                "handoff run: stopping the incumbent (pid {pid}) through the control protocol (version {}): it drains within {:.1}s",
+                req.version(),
+                grace.as_secs_f64()
+            );
+            match req.wait_drained(deadline) {
+                Ok(d) if d.open_conns_remaining > 0 => {
+                    eprintln!(
+                        "handoff run: the incumbent (pid {pid}) drained with {} connections still open; it finishes them and exits",
+                        d.open_conns_remaining
+                    );
+                    return Asked::ControlProtocol;
+                }
+                Ok(_) => return Asked::ControlProtocol,
+                // Out of grace: it is killed now, and judged for it.
+                Err(_) if Instant::now() >= deadline => return Asked::ControlProtocol,
+                // It died while draining: judged as it ended.
+                Err(_) if c.wait_timeout(GONE).is_some() => return Asked::ControlProtocol,
+                Err(e) => format!("the incumbent ended the stop without reporting its drain ({e})"),
+            }
+        }
+        Err(e) => e.to_string(),
+    };
+    eprintln!("handoff run: cannot stop the incumbent (pid {pid}) through the control protocol: {why}; sending SIGTERM");
+    let _ = c.signal(Signal::SIGTERM);
+    Asked::Signal {
+        signal: Signal::SIGTERM,
+        fallback: Some(why),
     }
 }
 
 /// Waits for a child already told to stop until `deadline`, then kills it;
 /// judges how it ended.
-fn end_of(c: &handoff::Child, role: &str, t: Instant, deadline: Instant) -> ProcessEnd {
+fn end_of(c: &Child, role: &str, asked: &Asked, t: Instant, deadline: Instant) -> ProcessEnd {
     let (exit, killed) = match c.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
         Some(e) => (Some(e), false),
         None => (c.kill_and_reap(REAP), true),
     };
-    ProcessEnd::judge(c.pid(), role, exit, killed, Signal::SIGTERM, t.elapsed())
+    ProcessEnd::judge(c.pid(), role, exit, killed, asked, t.elapsed())
 }
 
 /// `handoff stop`.
@@ -373,8 +288,12 @@ pub fn main(a: StopArgs) -> ExitCode {
             Event::Stopped(r) => {
                 if !a.json {
                     for p in &r.processes {
+                        let asked = match p.asked_words() {
+                            a if a.is_empty() => a,
+                            a => format!("  ({a})"),
+                        };
                         println!(
-                            "  {:<9} pid {:<8} {:<9} {:>9.1} ms  {}",
+                            "  {:<9} pid {:<8} {:<9} {:>9.1} ms  {}{asked}",
                             p.role,
                             p.pid,
                             p.how,
@@ -386,6 +305,14 @@ pub fn main(a: StopArgs) -> ExitCode {
                         "stopped in {:.1} ms (waited {:.1} ms for a handoff)",
                         r.total_ms, r.waited_for_handoff_ms
                     );
+                    for p in &r.processes {
+                        if let Some(why) = &p.fallback {
+                            eprintln!(
+                                "handoff stop: {} pid {}: not stopped through the control protocol: {why}; sent {} instead",
+                                p.role, p.pid, p.asked
+                            );
+                        }
+                    }
                     for p in r.processes.iter().filter(|p| !p.drained()) {
                         eprintln!(
                             "handoff stop: {} pid {} did not drain: {}",
