@@ -77,7 +77,7 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
     let _guard = PanicGuard(shared.clone());
     let fail = |phase: &'static str, e: &dyn std::fmt::Display| {
         let message = e.to_string();
-        tracing::error!(target: "handoff_tokio", phase, error = %message, "handoff failed");
+        crate::say::warn(format_args!("handoff failed while {phase}: {message}"));
         (phase, message)
     };
     let state_dir = boot.config().state_dir.clone();
