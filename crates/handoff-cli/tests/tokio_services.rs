@@ -371,3 +371,53 @@ fn kv_example_with_state_loses_no_acknowledged_write_across_upgrades() {
         );
     }
 }
+
+/// A request still in flight when the drain grace of a service with state
+/// runs out (its client sent half the body and stalled) is cut before the
+/// seal: it can never write state that was handed on, and it does not hold
+/// the upgrade beyond `--drain-grace`.
+#[test]
+fn kv_example_cuts_a_stalled_connection_before_the_seal() {
+    let _guard = begin_test("kv_example_stalled_client", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-kv"), &[]);
+    let mut stalled = TcpStream::connect(sup.addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Accepted by the incumbent for sure: one exchange first.
+    write!(
+        stalled,
+        "PUT /kv/first HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n1"
+    )
+    .unwrap();
+    let (head, _) = read_response(&mut stalled).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // A request whose body stops half way: the handler is running,
+    // waiting for the rest.
+    write!(
+        stalled,
+        "PUT /kv/late HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nab"
+    )
+    .unwrap();
+
+    let out = sup.upgrade(&["--drain-grace", "500ms"]);
+    out.expect_committed();
+    // Finishing the request now must not store anything through the old
+    // build: its connection was cut before the seal.
+    let _ = write!(stalled, "cd");
+    match read_response(&mut stalled) {
+        Err(_) => {}
+        Ok((head, body)) => panic!("the stalled request was answered after the seal: {head}{body}"),
+    }
+    assert_eq!(
+        http_load::get_once(sup.addr, "/kv/late").unwrap().0,
+        404,
+        "nothing was written by the cut connection"
+    );
+    assert_eq!(
+        http_load::get_once(sup.addr, "/kv/first").unwrap(),
+        (200, b"1".to_vec()),
+        "what was acknowledged before survived"
+    );
+}

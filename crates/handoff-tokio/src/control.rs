@@ -155,6 +155,10 @@ struct Bridge {
 /// on the next wake-up of the runtime, so this only bounds a stuck one.
 const ACCEPT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a seal waits for cut connections to be dropped (they are
+/// dropped on the runtime's next turn).
+const CUT_WAIT: Duration = Duration::from_secs(1);
+
 impl Drainable for Bridge {
     fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
         self.shared.set_drain_grace(grace);
@@ -179,6 +183,22 @@ impl Drainable for Bridge {
         &mut self,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Option<Vec<u8>>, ServiceError> {
+        if !self.shared.stateless && self.shared.open_connections() > 0 {
+            // Connections that outlived the drain grace: once sealed, the
+            // state is the next build's, so none of them may run another
+            // request here. Cut them, and wait until they are gone.
+            let open = self.shared.open_connections();
+            self.shared.cut();
+            let gone = self.shared.wait_blocking(CUT_WAIT, |_, conns| conns == 0);
+            crate::say::warn(format_args!(
+                "{open} connections still open after the drain grace were closed before the seal{}",
+                if gone {
+                    ""
+                } else {
+                    " (some are still closing: sealing anyway)"
+                }
+            ));
+        }
         let sealed = match self.hooks.seal.as_mut() {
             Some(f) => self.rt.block_on(f())?,
             None => None,

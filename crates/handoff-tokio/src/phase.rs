@@ -84,6 +84,10 @@ pub(crate) struct Shared {
     /// The whole wind-down's budget, from when it began: the supervisor's
     /// drain grace once a handoff told us, else the builder's.
     wind_down: Mutex<(Option<Instant>, Duration)>,
+    /// Set before a stateful seal: every connection still open (past the
+    /// drain grace) is dropped at once, so no request can write state the
+    /// seal has handed on.
+    cut: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -97,6 +101,7 @@ impl Shared {
             stateless,
             graces,
             wind_down: Mutex::new((None, drain_grace)),
+            cut: watch::channel(false).0,
         }
     }
 
@@ -125,11 +130,26 @@ impl Shared {
                 w.0.get_or_insert_with(Instant::now);
             } else {
                 w.0 = None;
+                self.cut.send_replace(false);
             }
             drop(w);
             tracing::debug!(target: "handoff_tokio", phase = ?next, "phase");
         }
         changed
+    }
+
+    /// Drops every connection still open now (see the field's doc).
+    pub(crate) fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Whether connections are being cut; lingering is skipped then.
+    pub(crate) fn cutting(&self) -> bool {
+        *self.cut.borrow()
+    }
+
+    pub(crate) fn subscribe_cut(&self) -> watch::Receiver<bool> {
+        self.cut.subscribe()
     }
 
     /// Sets the wind-down budget the supervisor asked for (PrepareHandoff's
@@ -239,6 +259,12 @@ enum Which {
 pub(crate) struct Counted {
     shared: std::sync::Arc<Shared>,
     which: Which,
+}
+
+impl Counted {
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 impl Drop for Counted {

@@ -143,6 +143,11 @@ pub(crate) async fn drive<C: Future>(
     shared: Arc<Shared>,
 ) {
     let mut rx = shared.subscribe();
+    let mut cut = shared.subscribe_cut();
+    let cut = async move {
+        let _ = cut.wait_for(|c| *c).await;
+    };
+    tokio::pin!(cut);
     loop {
         // Serving: wait for the connection to end or a wind-down to begin.
         loop {
@@ -175,11 +180,15 @@ pub(crate) async fn drive<C: Future>(
                 _ = conn.as_mut() => return,
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 _ = rx.changed() => {}
+                _ = &mut cut => return,
             }
         };
         if closing {
             // hyper finishes the exchange in progress, if any, then closes.
-            let _ = tokio::time::timeout_at(hard.into(), conn.as_mut()).await;
+            tokio::select! {
+                _ = tokio::time::timeout_at(hard.into(), conn.as_mut()) => {}
+                _ = &mut cut => {}
+            }
             return;
         }
     }

@@ -51,6 +51,9 @@ impl Drop for Lingering {
         let (Some(stream), counted) = (self.stream.take(), self.counted.take()) else {
             return;
         };
+        if counted.as_ref().is_some_and(|c| c.shared().cutting()) {
+            return; // cut before a seal: closed now, not in a second
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 linger(stream).await;

@@ -277,3 +277,32 @@ async fn an_upgraded_connection_gets_the_drain_grace() {
         .expect("serve returned");
     assert!(r.unwrap().is_ok());
 }
+
+/// What a stateful seal does to connections that outlived the drain
+/// grace: they are dropped at once, so none runs a request after the
+/// state was handed on.
+#[tokio::test]
+async fn a_cut_drops_every_connection_at_once() {
+    let srv = Server::start(Duration::from_secs(30)).await;
+    let mut idle = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut idle, "/").await.unwrap();
+    srv.shared().set_phase(Phase::Draining);
+    srv.shared().cut();
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(BOUND, idle.read(&mut b))
+        .await
+        .expect("closed within the bound");
+    assert!(matches!(r, Ok(0) | Err(_)), "still open: {r:?}");
+    let gone = srv
+        .shared()
+        .connections_closed(std::time::Instant::now() + BOUND)
+        .await;
+    assert!(gone, "{} still counted", srv.shared().open_connections());
+    // An aborted handoff serves again, and new connections are not cut.
+    srv.shared().set_phase(Phase::Serving);
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    for _ in 0..2 {
+        let (head, _) = exchange(&mut c, "/").await.unwrap();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    }
+}
