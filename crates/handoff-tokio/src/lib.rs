@@ -1,7 +1,7 @@
 //! # handoff-tokio
 //!
 //! Makes a tokio service — axum, hyper, tonic, any tower service —
-//! upgradeable by [handoff](handoff) with no failed request and a few lines
+//! upgradeable by `handoff` with no failed request and a few lines
 //! of glue. Run it under `handoff run`, replace the binary, `handoff
 //! upgrade`: the new build takes the listening sockets, the old one finishes
 //! every request it accepted, and no client sees a refused, reset or

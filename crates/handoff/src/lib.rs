@@ -34,7 +34,10 @@
 //!
 //! * Supervisor side: [`Supervisor`], [`resume_from_journal`].
 //! * Service side: [`Boot`] → [`Begun`] → [`Incumbent`], and the
-//!   [`Drainable`] trait the service implements.
+//!   [`Drainable`] trait the service implements. This is the synchronous,
+//!   runtime-free layer; a tokio / hyper / axum / tonic service uses the
+//!   `handoff-tokio` crate instead, which drives it (three lines of glue, an
+//!   HTTP drain that fails no request, async seal and resume).
 //! * Primitives: [`StateLock`], [`Journal`], [`RestartLock`], and the
 //!   shared state [`Region`] (seqlock with a robust writer lock).
 //! * Service managers: [`sd_notify::Notifier`] (systemd's `NOTIFY_SOCKET`)
