@@ -64,11 +64,14 @@ fn upgrade_under_load(sup: &Supervisor, load: &Load, slow: bool) -> Vec<u32> {
     pids
 }
 
-#[test]
-fn axum_example_upgrades_20_times_under_keep_alive_load_with_no_failed_request() {
-    let _guard = begin_test("axum_example_upgrades", Duration::from_secs(240));
+/// The axum example under `handoff run EXTRA…`: keep-alive, fresh and slow
+/// clients through [`UPGRADES`] upgrades; no failed request, and every
+/// retired build answered the slow requests it had in flight (a slow
+/// request is answered by the build that accepted it).
+fn axum_example_under_load(name: &str, extra: &[&str]) {
+    let _guard = begin_test(name, Duration::from_secs(240));
     let dirs = TestDirs::new();
-    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-axum"), &[]);
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-axum"), extra);
     let load = Load::start(
         sup.addr,
         &[(Kind::KeepAlive, 16), (Kind::Fresh, 4), (Kind::Slow, 4)],
@@ -79,22 +82,25 @@ fn axum_example_upgrades_20_times_under_keep_alive_load_with_no_failed_request()
     let pids = upgrade_under_load(&sup, &load, true);
     let stats = load.finish();
     assert_no_failures(&stats, &sup);
-    // Slow requests crossed upgrades: builds that were retired answered
-    // theirs (a slow request is answered by the build that accepted it).
     let slow = stats.slow_by_pid.lock().unwrap().clone();
     let retired_slow = pids[..UPGRADES]
         .iter()
         .filter(|p| slow.contains_key(p))
         .count();
-    assert!(
-        retired_slow == UPGRADES,
-        "slow requests were answered by only {retired_slow} of the {UPGRADES} retired builds: {slow:?}"
+    assert_eq!(
+        retired_slow, UPGRADES,
+        "every retired build answered the slow requests it had: {slow:?}"
     );
     eprintln!(
-        "axum: {} requests ({} slow) across {UPGRADES} upgrades, 0 failed",
+        "axum {extra:?}: {} requests ({} slow) across {UPGRADES} upgrades, 0 failed",
         stats.ok.load(std::sync::atomic::Ordering::SeqCst),
         stats.slow_ok.load(std::sync::atomic::Ordering::SeqCst)
     );
+}
+
+#[test]
+fn axum_example_upgrades_20_times_under_keep_alive_load_with_no_failed_request() {
+    axum_example_under_load("axum_example_upgrades", &[]);
 }
 
 #[test]
@@ -268,33 +274,7 @@ fn handoff_stop_finishes_slow_requests_in_flight_then_exits_0() {
 /// control channel, serves at once, says READY=1 and drains on SIGTERM.
 #[test]
 fn axum_example_in_notify_mode_upgrades_under_load_with_no_failed_request() {
-    let _guard = begin_test("axum_example_notify_mode", Duration::from_secs(240));
-    let dirs = TestDirs::new();
-    let sup = Supervisor::start(
-        &dirs.runtime,
-        &dirs.state,
-        &example("example-axum"),
-        &["--mode", "notify"],
-    );
-    let load = Load::start(
-        sup.addr,
-        &[(Kind::KeepAlive, 16), (Kind::Fresh, 4), (Kind::Slow, 4)],
-    );
-    wait_until(Duration::from_secs(20), "the first build answers", || {
-        load.stats.answered_by(sup.first_pid) >= 50
-    });
-    let pids = upgrade_under_load(&sup, &load, true);
-    let stats = load.finish();
-    assert_no_failures(&stats, &sup);
-    let slow = stats.slow_by_pid.lock().unwrap().clone();
-    let retired_slow = pids[..UPGRADES]
-        .iter()
-        .filter(|p| slow.contains_key(p))
-        .count();
-    assert_eq!(
-        retired_slow, UPGRADES,
-        "every retired build answered the slow requests it had: {slow:?}"
-    );
+    axum_example_under_load("axum_example_notify_mode", &["--mode", "notify"]);
 }
 
 /// A service with state (`examples/kv`: an fsync'd log, stateful hooks):
@@ -340,6 +320,13 @@ fn kv_example_with_state_loses_no_acknowledged_write_across_upgrades() {
     )
     .unwrap();
     let out = sup.upgrade(&["--binary", crashing.to_str().unwrap()]);
+    assert_ne!(
+        out.code,
+        Some(0),
+        "the crash point did not fire: target/debug/example-kv was built without its \
+         `crash-points` feature; build it with `cargo build -p example-kv --all-features` \
+         (`cargo test --workspace --all-features` does)\n{out}"
+    );
     out.expect_aborted(&["exit", "died", "signal", "killed"]);
     let before = load.stats.ok.load(std::sync::atomic::Ordering::SeqCst);
     wait_until(

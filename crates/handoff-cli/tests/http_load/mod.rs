@@ -150,30 +150,77 @@ fn pid_of(body: &[u8]) -> Option<u32> {
         .ok()
 }
 
+/// A request's body (empty for GETs).
+type Body = http_body_util::Full<Bytes>;
+
+/// What came back: status, whether it said `Connection: close`, the body.
+type Answer = (hyper::StatusCode, bool, Bytes);
+
+/// A new HTTP/1.1 connection, or `None` after recording why there is none.
+async fn connect_h1(
+    addr: SocketAddr,
+    what: &str,
+    stats: &Stats,
+) -> Option<hyper::client::conn::http1::SendRequest<Body>> {
+    let stream = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.fail(format!("{what} connect: {e}"));
+            return None;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        Ok((sender, conn)) => {
+            tokio::spawn(conn);
+            Some(sender)
+        }
+        Err(e) => {
+            stats.fail(format!("{what} handshake: {e}"));
+            None
+        }
+    }
+}
+
+/// Sends `req` once and reads the whole answer, within [`REQUEST_TIMEOUT`].
+async fn exchange(
+    sender: &mut hyper::client::conn::http1::SendRequest<Body>,
+    req: Request<Body>,
+) -> Result<Answer, String> {
+    let answer = async {
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let status = res.status();
+        let close = res
+            .headers()
+            .get("connection")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        Ok((status, close, body))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, answer)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")))
+}
+
 async fn h1_client(addr: SocketAddr, kind: Kind, stop: Arc<AtomicBool>, stats: Arc<Stats>) {
     let path = if matches!(kind, Kind::Slow) {
         "/slow"
     } else {
         "/"
     };
+    let what = format!("{kind:?}");
     'conn: while !stop.load(Ordering::SeqCst) {
-        let stream = match TcpStream::connect(addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                stats.fail(format!("{kind:?} connect: {e}"));
-                continue;
-            }
+        let Some(mut sender) = connect_h1(addr, &what, &stats).await else {
+            continue;
         };
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    stats.fail(format!("{kind:?} handshake: {e}"));
-                    continue;
-                }
-            };
-        tokio::spawn(conn);
         loop {
             if stop.load(Ordering::SeqCst) {
                 break 'conn;
@@ -187,28 +234,10 @@ async fn h1_client(addr: SocketAddr, kind: Kind, stop: Arc<AtomicBool>, stats: A
             if matches!(kind, Kind::Fresh) {
                 req = req.header("connection", "close");
             }
-            let req = req.body(Empty::<Bytes>::new()).expect("request");
-            let res = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let res = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
-                let status = res.status();
-                let close = res
-                    .headers()
-                    .get("connection")
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                let body = res
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| format!("body: {e:?}"))?
-                    .to_bytes();
-                Ok::<_, String>((status, close, body))
-            })
-            .await;
+            let req = req.body(Body::default()).expect("request");
+            let res = exchange(&mut sender, req).await;
             match res {
-                Ok(Ok((status, close, body))) if status == 200 => {
+                Ok((status, close, body)) if status == 200 => {
                     let Some(pid) = pid_of(&body) else {
                         stats.fail(format!("{kind:?}: body names no pid: {body:?}"));
                         continue 'conn;
@@ -223,16 +252,12 @@ async fn h1_client(addr: SocketAddr, kind: Kind, stop: Arc<AtomicBool>, stats: A
                         continue 'conn;
                     }
                 }
-                Ok(Ok((status, _, body))) => {
+                Ok((status, _, body)) => {
                     stats.fail(format!("{kind:?}: status {status}: {body:?}"));
                     continue 'conn;
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     stats.fail(format!("{kind:?}: {e}"));
-                    continue 'conn;
-                }
-                Err(_) => {
-                    stats.fail(format!("{kind:?}: no answer within {REQUEST_TIMEOUT:?}"));
                     continue 'conn;
                 }
             }
@@ -247,23 +272,9 @@ async fn writer(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<S
     let key = format!("w{id}");
     let mut seq = 0u64;
     'conn: while !stop.load(Ordering::SeqCst) {
-        let stream = match TcpStream::connect(addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                stats.fail(format!("writer connect: {e}"));
-                continue;
-            }
+        let Some(mut sender) = connect_h1(addr, "writer", &stats).await else {
+            continue;
         };
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    stats.fail(format!("writer handshake: {e}"));
-                    continue;
-                }
-            };
-        tokio::spawn(conn);
         while !stop.load(Ordering::SeqCst) {
             if sender.ready().await.is_err() {
                 continue 'conn;
@@ -271,47 +282,22 @@ async fn writer(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<S
             seq += 1;
             let req = Request::put(format!("/kv/{key}"))
                 .header("host", "test")
-                .body(http_body_util::Full::new(Bytes::from(seq.to_string())))
+                .body(Body::new(Bytes::from(seq.to_string())))
                 .expect("request");
-            let res = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let res = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
-                let status = res.status();
-                let close = res
-                    .headers()
-                    .get("connection")
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                let body = res
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| format!("body: {e:?}"))?
-                    .to_bytes();
-                Ok::<_, String>((status, close, body))
-            })
-            .await;
-            match res {
-                Ok(Ok((status, close, _))) if status == 200 => {
+            match exchange(&mut sender, req).await {
+                Ok((status, close, _)) if status == 200 => {
                     stats.ok.fetch_add(1, Ordering::SeqCst);
                     stats.acked.lock().unwrap().insert(key.clone(), seq);
                     if close {
                         continue 'conn;
                     }
                 }
-                Ok(Ok((status, _, body))) => {
+                Ok((status, _, body)) => {
                     stats.fail(format!("PUT {key}={seq}: status {status}: {body:?}"));
                     continue 'conn;
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     stats.fail(format!("PUT {key}={seq}: {e}"));
-                    continue 'conn;
-                }
-                Err(_) => {
-                    stats.fail(format!(
-                        "PUT {key}={seq}: no answer within {REQUEST_TIMEOUT:?}"
-                    ));
                     continue 'conn;
                 }
             }
@@ -326,27 +312,16 @@ pub fn get_once(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> 
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
+        let stats = Stats::default();
+        let Some(mut sender) = connect_h1(addr, "GET", &stats).await else {
+            return Err(stats.failures().join("; "));
+        };
         let req = Request::get(path)
             .header("host", "test")
-            .body(Empty::<Bytes>::new())
+            .body(Body::default())
             .map_err(|e| e.to_string())?;
-        let res = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let status = res.status().as_u16();
-        let body = res
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, body.to_vec()))
+        let (status, _, body) = exchange(&mut sender, req).await?;
+        Ok((status.as_u16(), body.to_vec()))
     })
 }
 
