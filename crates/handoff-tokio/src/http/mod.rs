@@ -22,6 +22,33 @@ use crate::phase::{Phase, Shared};
 use conn::{ConnState, Tracked};
 use linger::Lingering;
 
+/// The bounds [`Handoff::serve`] puts on a service, named once for the
+/// private helpers (implemented for every type that meets them).
+trait Svc<B>:
+    tower_service::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> Svc<B> for S
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+}
+
+/// The bounds on a response body, likewise.
+trait ResBody: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> ResBody for B where B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
 /// A failed `accept` (out of fds, out of memory) is retried after this
 /// pause rather than in a hot loop; the connection waits in the backlog.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
@@ -69,15 +96,11 @@ impl Handoff {
     }
 }
 
-async fn accept_loop<S, B>(listener: &TcpListener, service: &S, shared: &Arc<Shared>)
-where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+async fn accept_loop<S: Svc<B>, B: ResBody>(
+    listener: &TcpListener,
+    service: &S,
+    shared: &Arc<Shared>,
+) {
     let mut rx = shared.subscribe();
     let mut failures = crate::say::Throttle::new(Duration::from_secs(1));
     loop {
@@ -121,19 +144,12 @@ where
     }
 }
 
-async fn serve_connection<S, B>(
+async fn serve_connection<S: Svc<B>, B: ResBody>(
     stream: tokio::net::TcpStream,
     counted: crate::phase::Counted,
     service: S,
     shared: Arc<Shared>,
-) where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+) {
     let state = ConnState::new();
     let io = TokioIo::new(Lingering::new(stream, counted));
     let svc = Tracked {
