@@ -306,3 +306,33 @@ async fn a_cut_drops_every_connection_at_once() {
         assert!(head.starts_with("http/1.1 200"), "{head}");
     }
 }
+
+/// `shutdown_signal` (for servers `serve` does not cover) fires only when
+/// this process is done for good, not while a handoff that may still abort
+/// drains it.
+#[tokio::test]
+async fn the_shutdown_signal_fires_on_retirement_only() {
+    let handoff = Handoff::for_tests(
+        true,
+        Graces {
+            idle: Duration::from_millis(50),
+            first_request: Duration::from_secs(2),
+        },
+    );
+    let mut signal = tokio::spawn(handoff.shutdown_signal());
+    let shared = handoff.inner.shared.clone();
+    shared.set_phase(Phase::Serving);
+    shared.set_phase(Phase::Draining);
+    shared.set_phase(Phase::Serving); // the handoff aborted
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut signal)
+            .await
+            .is_err(),
+        "fired before retirement"
+    );
+    shared.set_phase(Phase::Retired(Retirement::Committed));
+    tokio::time::timeout(BOUND, signal)
+        .await
+        .expect("fired on retirement")
+        .unwrap();
+}
