@@ -130,40 +130,74 @@ impl Drop for Counted<'_> {
 
 /// Accepts on `listener` while not draining, pausing (not closing) while draining so an
 /// aborted handoff can resume. Runs until the runtime shuts down.
+///
+/// Two orderings make "accept is closed" true when [`Tiny::wait_accept_closed`] says so.
+/// The loop counts itself as accepting *before* it reads the draining flag, and the drain
+/// sets the flag before it waits for that count, so a loop either sees the drain or is
+/// waited for (reading the flag first left a window: a thread descheduled between the read
+/// and the count could accept after the drain had reported accept closed — and, in the
+/// accept-after-Commit order, where the backlog is never empty during a handoff, after the
+/// old process had counted its connections to zero and begun to exit, dropping that
+/// connection unanswered). And a connection is counted open when accepted, not when its
+/// task first runs, so no wait for the count to reach zero can miss one.
 pub async fn accept_loop(listener: TcpListener, tiny: Arc<Tiny>) {
     let mut rx = tiny.draining.subscribe();
     loop {
+        let accepting = Counted::new(&tiny, &tiny.accepting);
         if *rx.borrow_and_update() {
+            drop(accepting);
             if rx.changed().await.is_err() {
                 return;
             }
             continue;
         }
-        let accepted = {
-            let _accepting = Counted::new(&tiny, &tiny.accepting);
-            tokio::select! {
-                r = listener.accept() => Some(r),
-                _ = rx.changed() => None,
-            }
+        let accepted = tokio::select! {
+            biased;
+            _ = rx.changed() => None,
+            r = listener.accept() => Some(r),
         };
         match accepted {
             Some(Ok((stream, _))) => {
+                let open = Open::new(tiny.clone());
+                drop(accepting);
                 if tiny.trace_first_accept.swap(false, Ordering::Relaxed) {
                     eprintln!("bench-trace pid={} first_accept={}", tiny.pid, wall_us());
                 }
-                tokio::spawn(connection(stream, tiny.clone()));
+                tokio::spawn(connection(stream, open));
             }
             // EMFILE and friends: back off briefly instead of spinning.
-            Some(Err(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Some(Err(_)) => {
+                drop(accepting);
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
             None => {}
         }
     }
 }
 
+/// One open connection, counted from its accept until dropped.
+pub struct Open(Arc<Tiny>);
+
+impl Open {
+    /// Counts a connection of `tiny` as open.
+    pub fn new(tiny: Arc<Tiny>) -> Open {
+        tiny.conns.fetch_add(1, Ordering::SeqCst);
+        Open(tiny)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.conns.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
 /// Serves one connection: keep-alive until the client closes, it asks for `Connection:
 /// close`, or a drain ends it at a request boundary.
-pub async fn connection(mut stream: TcpStream, tiny: Arc<Tiny>) {
-    let _open = Counted::new(&tiny, &tiny.conns);
+pub async fn connection(mut stream: TcpStream, open: Open) {
+    let tiny = open.0.clone();
+    let _open = open;
     let _ = stream.set_nodelay(true);
     let mut rx = tiny.draining.subscribe();
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
@@ -257,5 +291,45 @@ mod tests {
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n"), None);
         assert!(wants_close(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
         assert!(!wants_close(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    }
+
+    /// Once the drain is told accept is closed, nothing more is accepted — the
+    /// connection waits in the backlog — and a resume accepts and answers it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_accepted_after_accept_closed_is_reported() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = Tiny::new();
+        tokio::spawn(accept_loop(listener, t.clone()));
+        for _ in 0..200 {
+            t.set_draining(true);
+            assert!(t.wait_accept_closed(Duration::from_secs(5)).await);
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .unwrap();
+            let mut b = [0u8; 1];
+            let early = tokio::time::timeout(Duration::from_millis(5), c.read(&mut b)).await;
+            assert!(
+                early.is_err(),
+                "answered while accept was closed: {early:?}"
+            );
+            assert_eq!(t.open_conns(), 0, "accepted while accept was closed");
+            t.set_draining(false);
+            let mut head = Vec::new();
+            while !head.ends_with(b"ok\n") {
+                let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+                    .await
+                    .expect("answered after the resume")
+                    .unwrap();
+                assert_eq!(
+                    n,
+                    1,
+                    "closed before the answer: {:?}",
+                    String::from_utf8_lossy(&head)
+                );
+                head.push(b[0]);
+            }
+        }
     }
 }

@@ -83,7 +83,7 @@ async fn serve(addr: SocketAddr, pid_file: PathBuf) -> Result<()> {
                         now_us()
                     );
                 }
-                tokio::spawn(tiny::connection(conn, t2.clone()));
+                tokio::spawn(tiny::connection(conn, tiny::Open::new(t2.clone())));
             }
         }
     });

@@ -82,9 +82,9 @@ async fn serve(conf: RestartConfig, listener: std::net::TcpListener) -> Result<(
             res = listener.accept() => {
                 if let Ok((sock, _)) = res {
                     let handle = coordinator.handle();
-                    let t = t.clone();
+                    let open = tiny::Open::new(t.clone());
                     tokio::spawn(async move {
-                        tiny::connection(sock, t).await;
+                        tiny::connection(sock, open).await;
                         drop(handle);
                     });
                 }
