@@ -33,6 +33,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The SIGTERM handler could not be installed.
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
     /// The handoff protocol ended this process's turn with an error: a
     /// successor that was aborted, or a control socket that broke. The
     /// connections it had were finished first.

@@ -215,10 +215,7 @@ fn install_sigterm(
 ) -> Result<(), Error> {
     let _enter = rt.enter();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| Error::Listener {
-            name: "SIGTERM handler".into(),
-            source,
-        })?;
+        .map_err(Error::Signal)?;
     rt.spawn(async move {
         if term.recv().await.is_some() {
             crate::say::warn(format_args!(
@@ -282,6 +279,17 @@ impl Handoff {
     pub fn tcp_listener(&self, name: &str) -> Result<tokio::net::TcpListener, Error> {
         let l = self.take(name)?;
         let std = l.into_tcp();
+        // A Unix socket passed as `--listen NAME=unix:…` has no TCP
+        // address: say so now rather than fail on every accept.
+        if let Err(e) = std.local_addr() {
+            return Err(Error::Listener {
+                name: name.into(),
+                source: std::io::Error::new(
+                    e.kind(),
+                    format!("not a TCP listening socket ({e}); give it as `--listen {name}=tcp://HOST:PORT`"),
+                ),
+            });
+        }
         std.set_nonblocking(true)
             .and_then(|()| {
                 let _enter = self.inner.rt.enter();
