@@ -301,6 +301,33 @@ impl Handoff {
             })
     }
 
+    /// The Unix listening socket passed as `--listen NAME=unix:PATH`,
+    /// registered with tokio. Each name can be taken once.
+    pub fn unix_listener(&self, name: &str) -> Result<tokio::net::UnixListener, Error> {
+        let l = self.take(name)?;
+        let std = l.into_unix();
+        if let Err(e) = std.local_addr() {
+            return Err(Error::Listener {
+                name: name.into(),
+                source: std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "not a Unix listening socket ({e}); give it as `--listen {name}=unix:PATH`"
+                    ),
+                ),
+            });
+        }
+        std.set_nonblocking(true)
+            .and_then(|()| {
+                let _enter = self.inner.rt.enter();
+                tokio::net::UnixListener::from_std(std)
+            })
+            .map_err(|source| Error::Listener {
+                name: name.into(),
+                source,
+            })
+    }
+
     /// A handle with no supervisor behind it, whose phase the unit tests move
     /// by hand (`shared.set_phase`): the HTTP drain tested in isolation.
     #[cfg(test)]

@@ -28,8 +28,9 @@
 //!
 //! What it does for you:
 //!
-//! * **Listeners by name**: [`Handoff::tcp_listener`] returns the tokio
-//!   listener the supervisor passed as `--listen NAME=…`.
+//! * **Listeners by name**: [`Handoff::tcp_listener`] (or
+//!   [`Handoff::unix_listener`], for a service behind a reverse proxy)
+//!   returns the tokio listener the supervisor passed as `--listen NAME=…`.
 //! * **A drain that keeps keep-alive clients whole** ([`Handoff::serve`]):
 //!   requests in flight are answered; the next response on each HTTP/1.1
 //!   connection says `Connection: close`; idle connections close only after
@@ -62,3 +63,5 @@ mod say;
 pub use crate::control::Begin;
 pub use crate::error::{BoxError, Error};
 pub use crate::handoff::{Builder, Handoff};
+#[cfg(feature = "http")]
+pub use crate::http::Listen;

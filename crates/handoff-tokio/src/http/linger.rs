@@ -14,28 +14,31 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::phase::Counted;
 
 /// Longest we wait for the client's EOF after our FIN.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
-pub(crate) struct Lingering {
+/// What a lingering stream must be.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for I {}
+
+pub(crate) struct Lingering<I: Stream> {
     /// `None` only inside `drop`.
-    stream: Option<TcpStream>,
+    stream: Option<I>,
     counted: Option<Counted>,
 }
 
-impl Lingering {
-    pub(crate) fn new(stream: TcpStream, counted: Counted) -> Lingering {
+impl<I: Stream> Lingering<I> {
+    pub(crate) fn new(stream: I, counted: Counted) -> Lingering<I> {
         Lingering {
             stream: Some(stream),
             counted: Some(counted),
         }
     }
 
-    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+    fn stream(&mut self) -> io::Result<Pin<&mut I>> {
         match self.stream.as_mut() {
             Some(s) => Ok(Pin::new(s)),
             None => Err(io::Error::new(
@@ -46,7 +49,7 @@ impl Lingering {
     }
 }
 
-impl Drop for Lingering {
+impl<I: Stream> Drop for Lingering<I> {
     fn drop(&mut self) {
         let (Some(stream), counted) = (self.stream.take(), self.counted.take()) else {
             return;
@@ -63,7 +66,7 @@ impl Drop for Lingering {
     }
 }
 
-async fn linger(mut stream: TcpStream) {
+async fn linger<I: Stream>(mut stream: I) {
     if stream.shutdown().await.is_err() {
         return;
     }
@@ -76,7 +79,7 @@ async fn linger(mut stream: TcpStream) {
     }
 }
 
-impl AsyncRead for Lingering {
+impl<I: Stream> AsyncRead for Lingering<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -89,7 +92,7 @@ impl AsyncRead for Lingering {
     }
 }
 
-impl AsyncWrite for Lingering {
+impl<I: Stream> AsyncWrite for Lingering<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -113,7 +116,7 @@ impl AsyncWrite for Lingering {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -4,6 +4,7 @@
 
 mod conn;
 mod linger;
+mod listen;
 #[cfg(test)]
 mod tests;
 
@@ -14,13 +15,13 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 
 use crate::error::{BoxError, Error};
 use crate::handoff::Handoff;
 use crate::phase::{Phase, Shared};
 use conn::{ConnState, Tracked};
 use linger::Lingering;
+pub use listen::Listen;
 
 /// The bounds [`Handoff::serve`] puts on a service, named once for the
 /// private helpers (implemented for every type that meets them).
@@ -75,8 +76,9 @@ impl Handoff {
     /// handoff.serve(listener, app).await
     /// # }
     /// ```
-    pub async fn serve<S, B>(&self, listener: TcpListener, service: S) -> Result<(), Error>
+    pub async fn serve<L, S, B>(&self, listener: L, service: S) -> Result<(), Error>
     where
+        L: Listen,
         S: tower_service::Service<Request<Incoming>, Response = Response<B>>
             + Clone
             + Send
@@ -96,8 +98,8 @@ impl Handoff {
     }
 }
 
-async fn accept_loop<S: Svc<B>, B: ResBody>(
-    listener: &TcpListener,
+async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
+    listener: &L,
     service: &S,
     shared: &Arc<Shared>,
 ) {
@@ -120,16 +122,15 @@ async fn accept_loop<S: Svc<B>, B: ResBody>(
         tokio::select! {
             biased;
             r = rx.changed() => if r.is_err() { return },
-            a = listener.accept() => match a {
-                Ok((stream, _)) => {
+            a = listener.accept_io() => match a {
+                Ok(stream) => {
                     let conn = shared.connection();
                     drop(counted);
-                    let _ = stream.set_nodelay(true);
                     tokio::spawn(serve_connection(stream, conn, service.clone(), shared.clone()));
                 }
                 Err(e) => {
                     if let Some(held) = failures.pass() {
-                        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        let addr = listener.describe();
                         crate::say::warn(format_args!(
                             "accept on {addr} failed: {e}{}; retrying every {ACCEPT_RETRY:?} (connections wait in the backlog){}",
                             if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) { " (out of file descriptors: raise `ulimit -n` / LimitNOFILE=)" } else { "" },
@@ -144,12 +145,14 @@ async fn accept_loop<S: Svc<B>, B: ResBody>(
     }
 }
 
-async fn serve_connection<S: Svc<B>, B: ResBody>(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<I, S: Svc<B>, B: ResBody>(
+    stream: I,
     counted: crate::phase::Counted,
     service: S,
     shared: Arc<Shared>,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let state = ConnState::new();
     let io = TokioIo::new(Lingering::new(stream, counted));
     let svc = Tracked {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::handoff::Handoff;
@@ -54,13 +54,16 @@ impl Server {
 }
 
 /// Writes `GET path` and reads one response: (head, body).
-async fn exchange(s: &mut TcpStream, path: &str) -> std::io::Result<(String, String)> {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    path: &str,
+) -> std::io::Result<(String, String)> {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
         .await?;
     read_response(s).await
 }
 
-async fn read_response(s: &mut TcpStream) -> std::io::Result<(String, String)> {
+async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(String, String)> {
     let mut buf = Vec::new();
     let mut b = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -81,7 +84,7 @@ async fn read_response(s: &mut TcpStream) -> std::io::Result<(String, String)> {
 }
 
 /// Reads until EOF (bounded): `Ok` for a clean FIN, `Err` for a reset.
-async fn expect_eof(s: &mut TcpStream) -> std::io::Result<()> {
+async fn expect_eof<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<()> {
     let mut b = [0u8; 64];
     loop {
         match tokio::time::timeout(BOUND, s.read(&mut b)).await? {
@@ -335,4 +338,40 @@ async fn the_shutdown_signal_fires_on_retirement_only() {
         .await
         .expect("fired on retirement")
         .unwrap();
+}
+
+/// The same drain over a Unix listening socket (a service behind a reverse
+/// proxy): answered with `Connection: close`, then a clean EOF.
+#[tokio::test]
+async fn a_unix_listener_drains_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("http.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let handoff = Handoff::for_tests(
+        true,
+        Graces {
+            idle: Duration::from_secs(5),
+            first_request: Duration::from_secs(2),
+        },
+    );
+    let h = handoff.clone();
+    let app = Router::new().route("/", get(|| async { "ok" }));
+    let serving = tokio::spawn(async move { h.serve(listener, app).await });
+    let mut c = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let (head, body) = exchange(&mut c, "/").await.unwrap();
+    assert!(
+        head.starts_with("http/1.1 200") && body == "ok",
+        "{head}{body}"
+    );
+    handoff
+        .inner
+        .shared
+        .set_phase(Phase::Retired(Retirement::Committed));
+    let (head, _) = exchange(&mut c, "/").await.unwrap();
+    assert!(head.contains("connection: close"), "{head}");
+    expect_eof(&mut c).await.unwrap();
+    let r = tokio::time::timeout(BOUND, serving)
+        .await
+        .expect("serve returned");
+    assert!(r.unwrap().is_ok());
 }
