@@ -95,11 +95,10 @@ impl Store {
     /// holding the state lock.
     pub fn open(dir: &Path) -> io::Result<Store> {
         let path = dir.join(LOG_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
+        let mut file = open_private(
+            OpenOptions::new().read(true).append(true).create(true),
+            &path,
+        )?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)?;
         let (map, valid) = replay(&buf);
@@ -123,7 +122,7 @@ impl Store {
     /// caught half-written is simply left for [`Preloaded::finish`].
     pub fn preload(dir: &Path) -> io::Result<Preloaded> {
         let path = dir.join(LOG_FILE);
-        let (map, offset, identity) = match File::open(&path) {
+        let (map, offset, identity) = match open_private(OpenOptions::new().read(true), &path) {
             Ok(mut f) => {
                 let mut buf = Vec::new();
                 f.read_to_end(&mut buf)?;
@@ -243,11 +242,10 @@ impl Preloaded {
     /// [`Store::open`] if the file was replaced or shrank meanwhile.
     pub fn finish(self) -> io::Result<Store> {
         let path = self.dir.join(LOG_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
+        let mut file = open_private(
+            OpenOptions::new().read(true).append(true).create(true),
+            &path,
+        )?;
         let meta = file.metadata()?;
         let same = match self.identity {
             Some(id) => id == identity(&meta) && meta.len() >= self.offset,
@@ -365,7 +363,14 @@ fn write_loop(
 fn compact(dir: &Path, path: &Path, map: &HashMap<String, Arc<[u8]>>) -> io::Result<File> {
     let tmp = dir.join(format!(".{LOG_FILE}.compact"));
     {
-        let mut f = File::create(&tmp)?;
+        // Only the lock holder compacts, so an existing temp file is one a
+        // crash left: remove it (a planted link goes, not its target) and
+        // create a new one.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = open_private(OpenOptions::new().write(true).create_new(true), &tmp)?;
         let mut w = io::BufWriter::new(&mut f);
         for (k, v) in map {
             w.write_all(&encode(k, v))?;
@@ -376,7 +381,14 @@ fn compact(dir: &Path, path: &Path, map: &HashMap<String, Arc<[u8]>>) -> io::Res
     }
     std::fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()?;
-    OpenOptions::new().read(true).append(true).open(path)
+    open_private(OpenOptions::new().read(true).append(true), path)
+}
+
+/// Opens the log (or the compaction's temp file) as `opts` says, created
+/// 0600 and never through a symlink, refusing another user's file: anyone
+/// who can read `kv.log` reads every value (see `handoff::private_fs`).
+fn open_private(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    handoff::private_fs::open_file(opts, path).map_err(io::Error::from)
 }
 
 #[cfg(test)]

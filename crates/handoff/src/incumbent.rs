@@ -355,7 +355,7 @@ impl Incumbent {
             }
             Ok(Message::ResumeAfterAbort { .. }) => {
                 tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "handoff aborted after seal; re-taking the state lock");
-                let lock = StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait)?;
+                let lock = self.retake_lock(id);
                 self.relocked(lock, service)?;
                 Ok(Next::Continue)
             }
@@ -430,6 +430,50 @@ impl Incumbent {
                 Ok(Next::Retire(Retired::SuccessorWon { handoff_id: id }))
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Re-takes the state lock after an aborted handoff, however long that
+    /// takes.
+    ///
+    /// We released it at seal, so until we hold it again someone else may
+    /// change the state: serving (resuming) without it could lose writes.
+    /// Exiting would be worse than waiting: the supervisor's crash restarts
+    /// would each fail on the same held lock, so the service would stay
+    /// down for as long as the holder keeps it, and then stay down. Waiting
+    /// sealed keeps every connection queued in the listeners' backlog (the
+    /// supervisor holds the listeners) and resumes the moment the lock is
+    /// free. It is said at error level at once and every 30 s while it
+    /// lasts, naming the lock and its recorded holder: someone must act.
+    fn retake_lock(&self, id: HandoffId) -> StateLock {
+        const SAY_EVERY: Duration = Duration::from_secs(30);
+        let hex = crate::protocol::IdHex(id);
+        let started = Instant::now();
+        let mut said: Option<Instant> = None;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait) {
+                Ok(lock) => {
+                    if said.is_some() {
+                        tracing::warn!(target: "handoff::incumbent", handoff_id = %hex, waited_ms = started.elapsed().as_millis() as u64, "re-took the state lock at last; resuming");
+                    }
+                    return lock;
+                }
+                Err(e) => {
+                    if said.is_none_or(|t| t.elapsed() >= SAY_EVERY) {
+                        said = Some(Instant::now());
+                        tracing::error!(target: "handoff::incumbent", handoff_id = %hex, error = %e, waited_ms = started.elapsed().as_millis() as u64,
+                            "cannot re-take the state lock after an aborted handoff: NOT serving until it is free (serving without it could lose writes); still retrying. Find the holder with `fuser {}`",
+                            self.cfg.state_dir.join(crate::lock::LOCK_FILE).display());
+                    }
+                    // A busy lock was already waited for; any other
+                    // failure returns at once, so pause before the next.
+                    if !matches!(e, crate::lock::LockError::Busy { .. }) {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
         }
     }
 

@@ -265,16 +265,31 @@ pub(crate) fn write_json_atomic<T: serde::Serialize>(
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
+    // A new file (O_EXCL, O_NOFOLLOW, 0600): the name is predictable, so
+    // an existing one is never written through. One left by a process that
+    // had our pid and crashed is removed (unlinking a planted symlink
+    // removes the link, not its target) and the create tried once more.
+    let create = || {
+        crate::private_fs::open_file(OpenOptions::new().write(true).create_new(true), &tmp)
+            .map_err(io::Error::from)
+    };
+    let mut f = match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp)?;
+            create()?
+        }
+        other => other?,
+    };
+    let written = f
+        .write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    drop(f);
+    if let Err(e) = written {
+        // A full disk must not leave the temp file behind to fill it more.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path)?;
     sync_dir(dir)
 }
 
@@ -318,6 +333,32 @@ mod tests {
         j.clear().unwrap();
         // No temp files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn temp_file_is_new_private_and_never_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        // A link planted at the predictable temp name: removed, not
+        // written through.
+        let target = dir.path().join("target");
+        let tmp = dir
+            .path()
+            .join(format!(".{JOURNAL_FILE}.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        let r = JournalRecord {
+            handoff_id: 1,
+            phase: SupervisorPhase::Negotiating,
+            incumbent_pid: None,
+            successor_pid: None,
+            started_at: 0,
+        };
+        j.write(&r).unwrap();
+        assert!(!target.exists());
+        assert!(fs::symlink_metadata(&tmp).is_err(), "temp file left behind");
+        let mode = fs::metadata(j.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

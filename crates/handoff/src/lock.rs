@@ -30,6 +30,10 @@ pub enum LockError {
     },
     #[error("locking {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
+    /// The lock file is a symlink or another user's (see
+    /// [`crate::private_fs`]): whoever can open it can take the lock.
+    #[error("state lock: {0}")]
+    Unsafe(#[from] crate::private_fs::PrivateError),
 }
 
 /// A held state lock. Dropping it releases the lock.
@@ -41,18 +45,27 @@ pub struct StateLock {
 
 impl StateLock {
     /// Takes the lock if it is free right now.
+    ///
+    /// The file is created 0600 and never opened through a symlink
+    /// ([`crate::private_fs`]): `flock` needs only a read-only descriptor,
+    /// so a file another user can open is a lock another user can take.
     pub fn try_acquire(state_dir: &Path) -> Result<Option<StateLock>, LockError> {
         let path = state_dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| LockError::Open {
+        let file = crate::private_fs::open_file(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            &path,
+        )
+        .map_err(|e| match e {
+            crate::private_fs::PrivateError::Io { source, .. } => LockError::Open {
                 path: path.clone(),
                 source,
-            })?;
+            },
+            other => LockError::Unsafe(other),
+        })?;
         match file.try_lock() {
             Ok(()) => {
                 let mut lock = StateLock { file, path };

@@ -97,6 +97,10 @@ pub enum RestartLockError {
     Open { path: PathBuf, source: io::Error },
     #[error("locking restart lock {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
+    /// The lock file is a symlink or another user's (see
+    /// [`crate::private_fs`]): whoever can open it can take the lock.
+    #[error("restart lock: {0}")]
+    Unsafe(#[from] crate::private_fs::PrivateError),
     /// Another live process holds the lock; it was not broken.
     #[error("restart lock {path} is held by {}; gave up after {waited_ms} ms (a live holder's lock is never broken)", describe(.holder))]
     Busy {
@@ -236,17 +240,26 @@ impl Drop for RestartLock {
     }
 }
 
+/// Opens (creating 0600, never through a symlink) the lock file: `flock`
+/// needs only a read-only descriptor, so a file another user could open
+/// would be a lock another user could hold to keep `handoff run` from
+/// starting.
 fn open(path: &Path) -> Result<File, RestartLockError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| RestartLockError::Open {
+    crate::private_fs::open_file(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+        path,
+    )
+    .map_err(|e| match e {
+        crate::private_fs::PrivateError::Io { source, .. } => RestartLockError::Open {
             path: path.to_path_buf(),
             source,
-        })
+        },
+        other => RestartLockError::Unsafe(other),
+    })
 }
 
 fn write_record(file: &File, holder: &Holder) -> io::Result<()> {

@@ -7,7 +7,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,10 +57,13 @@ pub struct RunArgs {
     /// `program`); a flag given here overrides the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Directory for the admin and control sockets (created mode 0700).
+    /// Directory for the admin and control sockets (created mode 0700; an
+    /// existing one must be ours and not writable by others).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
-    /// Directory for the service's state: the state lock and the journal.
+    /// Directory for the service's state: the state lock and the journal
+    /// (created mode 0700; an existing one must be ours and not writable
+    /// by others).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// A listener to bind and pass to the service, as NAME=tcp://HOST:PORT
@@ -108,17 +111,12 @@ pub fn main(a: RunArgs) -> ExitCode {
     }
 }
 
-fn make_dir(path: &Path, mode: u32) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    if mode == 0o700 {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting {} to mode 0700", path.display()))?;
-    }
-    Ok(())
+/// Creates the runtime or state dir mode 0700, or checks an existing one:
+/// a symlink, another user's directory or one others may write is refused
+/// with the fix, since whoever can write it can replace the sockets and
+/// lock files in it (see `handoff::private_fs`).
+fn make_dir(path: &Path, flag: &str) -> Result<()> {
+    handoff::private_fs::ensure_dir(path).with_context(|| format!("{flag} {}", path.display()))
 }
 
 fn run(args: RunArgs) -> Result<()> {
@@ -140,17 +138,17 @@ fn run(args: RunArgs) -> Result<()> {
     let activation = crate::systemd::activation::take()?;
 
     let runtime = a.runtime_dir.clone();
-    make_dir(&runtime, 0o700)?;
-    make_dir(&a.state_dir, 0o755)?;
+    make_dir(&runtime, "--runtime-dir")?;
+    make_dir(&a.state_dir, "--state-dir")?;
 
-    // One supervisor per runtime dir, enforced by a kernel-released lock.
+    // One supervisor per runtime dir, enforced by a kernel-released lock
+    // (0600, never through a symlink: see `make_dir`).
     let lock_path = runtime.join("supervisor.lock");
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let lock = handoff::private_fs::open_file(
+        File::options().create(true).truncate(false).write(true),
+        &lock_path,
+    )
+    .with_context(|| format!("opening {}", lock_path.display()))?;
     // A supervisor that was just killed may still be closing its files
     // (the kernel releases the lock as the last of them closes): give it a
     // moment rather than refuse a restart that raced its exit.

@@ -44,7 +44,12 @@ pub(crate) fn open_existing(
     path: &Path,
     spec: Option<RegionSpec>,
 ) -> Result<Option<(File, Static)>, ShmError> {
-    let file = match OpenOptions::new().read(true).write(true).open(path) {
+    // Never through a symlink: the region lives in the private state dir,
+    // and a link there could only be a plant (`O_NOFOLLOW`, see
+    // `crate::private_fs`).
+    let mut opts = OpenOptions::new();
+    crate::sys::fs::no_follow(opts.read(true).write(true));
+    let file = match opts.open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("open", path)(e)),
@@ -126,12 +131,14 @@ pub(crate) fn open_or_create(path: &Path, spec: RegionSpec) -> Result<(File, Sta
 /// Writes a complete, zeroed region file at `tmp` and fsyncs it.
 fn build(tmp: &Path, spec: RegionSpec) -> Result<(), ShmError> {
     let create = || {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(tmp)
+        crate::sys::fs::no_follow(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600),
+        )
+        .open(tmp)
     };
     let mut f = match create() {
         // Left by a crashed creator that had our pid: no live process can

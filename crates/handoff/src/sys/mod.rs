@@ -10,6 +10,7 @@ pub mod creds;
 pub mod dgram;
 pub mod exec;
 pub mod fdpass;
+pub mod fs;
 mod msg;
 pub mod pidfd;
 pub mod shm;
