@@ -29,6 +29,7 @@ pub struct Builder {
     idle_grace: Duration,
     first_request_grace: Duration,
     drain_grace: Duration,
+    max_connections: Option<usize>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -131,6 +132,17 @@ impl Builder {
         self
     }
 
+    /// Most connections open at once (across every `serve` of this
+    /// process). At the cap the accept loops wait and new connections queue
+    /// in the kernel backlog, instead of `accept` failing with EMFILE and
+    /// the process having no descriptor left for its state or its control
+    /// socket. Default: the soft `RLIMIT_NOFILE` less 64 kept for the
+    /// process itself (at least 16).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
     /// Reads what the supervisor passed (`LISTEN_FDS`, the control channel,
     /// the state dir) and installs the SIGTERM handler (`handoff stop`:
     /// finish every request, then [`Handoff::serve`] returns).
@@ -168,6 +180,7 @@ impl Builder {
             },
             self.drain_grace,
         ));
+        shared.set_max_connections(self.max_connections.unwrap_or_else(default_max_connections));
         let (outcome_tx, outcome) = watch::channel(None);
         let notifier = match &mode {
             // A second handle for STOPPING=1 (each is one unbound socket).
@@ -185,6 +198,19 @@ impl Builder {
         });
         install_sigterm(&rt, shared, notifier)?;
         Ok(Handoff { inner })
+    }
+}
+
+/// The soft descriptor limit less what the process needs besides its
+/// connections (state files, control socket, the runtime's own), at least
+/// 16; no cap where the limit cannot be read or is unlimited.
+fn default_max_connections() -> usize {
+    const KEPT: u64 = 64;
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) if soft != nix::sys::resource::RLIM_INFINITY => {
+            usize::try_from(soft.saturating_sub(KEPT).max(16)).unwrap_or(usize::MAX)
+        }
+        _ => usize::MAX,
     }
 }
 
@@ -271,6 +297,7 @@ impl Handoff {
             idle_grace: Duration::from_millis(250),
             first_request_grace: Duration::from_secs(2),
             drain_grace: Duration::from_secs(30),
+            max_connections: None,
         }
     }
 

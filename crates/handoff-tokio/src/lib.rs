@@ -45,6 +45,9 @@
 //! * **Aborts**: a health check ([`Builder::health`]) that fails aborts the
 //!   upgrade; the old build accepts again, the new one finishes what it took
 //!   and [`Handoff::serve`] returns the reason.
+//! * **Bounded**: at most [`Builder::max_connections`] open at once (by
+//!   default the descriptor limit less 64): past it, connections wait in
+//!   the backlog instead of `accept` failing with EMFILE.
 //! * **`handoff stop`** (SIGTERM) finishes every request, then `serve`
 //!   returns `Ok`: no signal handler to write.
 //! * **Other servers**: [`Handoff::shutdown_signal`] plugs into tonic's

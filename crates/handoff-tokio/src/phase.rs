@@ -88,6 +88,10 @@ pub(crate) struct Shared {
     /// drain grace) is dropped at once, so no request can write state the
     /// seal has handed on.
     cut: watch::Sender<bool>,
+    /// Most connections open at once; at the cap the accept loops wait
+    /// (new connections queue in the kernel backlog) instead of running
+    /// the process out of descriptors.
+    max_conns: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -102,6 +106,7 @@ impl Shared {
             graces,
             wind_down: Mutex::new((None, drain_grace)),
             cut: watch::channel(false).0,
+            max_conns: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -136,6 +141,28 @@ impl Shared {
             tracing::debug!(target: "handoff_tokio", phase = ?next, "phase");
         }
         changed
+    }
+
+    pub(crate) fn set_max_connections(&self, n: usize) {
+        self.max_conns
+            .store(n.max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn max_connections(&self) -> usize {
+        self.max_conns.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (async) until fewer than the cap are open.
+    pub(crate) async fn below_cap(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open_connections() < self.max_connections() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Drops every connection still open now (see the field's doc).

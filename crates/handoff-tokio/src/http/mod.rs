@@ -105,6 +105,7 @@ async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
 ) {
     let mut rx = shared.subscribe();
     let mut failures = crate::say::Throttle::new(Duration::from_secs(1));
+    let mut at_cap = crate::say::Throttle::new(Duration::from_secs(10));
     loop {
         // Counted before the phase is read: see `Shared::accepting`.
         let counted = shared.accepting();
@@ -116,6 +117,24 @@ async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
             drop(counted);
             if rx.changed().await.is_err() {
                 return;
+            }
+            continue;
+        }
+        if shared.open_connections() >= shared.max_connections() {
+            // At the cap: not accepting until one closes (or the phase
+            // moves); new connections wait in the backlog meanwhile.
+            drop(counted);
+            if let Some(held) = at_cap.pass() {
+                crate::say::warn(format_args!(
+                    "{} connections open on {}: the cap (Builder::max_connections); new ones wait in the backlog{}",
+                    shared.max_connections(),
+                    listener.describe(),
+                    if held > 0 { format!("; reached {held} more times since the last line") } else { String::new() }
+                ));
+            }
+            tokio::select! {
+                _ = shared.below_cap() => {}
+                r = rx.changed() => if r.is_err() { return },
             }
             continue;
         }

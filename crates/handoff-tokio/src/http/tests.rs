@@ -375,3 +375,28 @@ async fn a_unix_listener_drains_the_same_way() {
         .expect("serve returned");
     assert!(r.unwrap().is_ok());
 }
+
+/// At the connection cap nothing more is accepted — the connection waits
+/// in the backlog rather than the process running out of descriptors — and
+/// it is served as soon as one closes.
+#[tokio::test]
+async fn at_the_connection_cap_new_connections_wait_in_the_backlog() {
+    let srv = Server::start(Duration::from_secs(5)).await;
+    srv.shared().set_max_connections(2);
+    let mut a = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut a, "/").await.unwrap();
+    let mut b = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut b, "/").await.unwrap();
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(200), c.read(&mut [0u8; 1])).await;
+    assert!(early.is_err(), "accepted past the cap: {early:?}");
+    drop(a);
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert!(
+        head.starts_with("http/1.1 200") && body == "ok",
+        "{head}{body}"
+    );
+}
