@@ -48,7 +48,8 @@
 //! * **Bounded**: at most [`Builder::max_connections`] open at once (by
 //!   default the descriptor limit less 64): past it, connections wait in
 //!   the backlog instead of `accept` failing with EMFILE.
-//! * **`handoff stop`** (SIGTERM) finishes every request, then `serve`
+//! * **`handoff stop`** (through the control protocol, or SIGTERM from a
+//!   service manager) finishes every request, then `serve`
 //!   returns `Ok`: no signal handler to write.
 //! * **Other servers**: [`Handoff::shutdown_signal`] plugs into tonic's
 //!   `serve_with_incoming_shutdown` or any `with_graceful_shutdown`.
