@@ -129,6 +129,22 @@ impl Default for Backoff {
     }
 }
 
+impl Backoff {
+    /// The default policy, with `healthy_after` from
+    /// `HANDOFF_HEALTHY_AFTER_MS` if set (tests: a crash loop after a
+    /// healthy run without waiting 30 s for it).
+    pub fn from_env() -> Self {
+        let mut b = Backoff::default();
+        if let Some(ms) = std::env::var("HANDOFF_HEALTHY_AFTER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            b.healthy_after = Duration::from_millis(ms);
+        }
+        b
+    }
+}
+
 /// What the crash monitor needs from a supervisor, library or notify mode.
 pub trait Supervised {
     /// The serving process, if one runs.
@@ -169,6 +185,12 @@ impl Supervised for LibraryMode {
 /// `policy.healthy_after`), and an error once `policy.limit` restarts in a
 /// row have failed — the caller then stops everything and exits, so a
 /// service manager sees the crash loop instead of a supervisor spinning.
+///
+/// Whether the dead process lived long enough is judged once per death:
+/// after a failed restart the same dead process is still the recorded
+/// incumbent, and judging it again would find it "healthy" (it lived long,
+/// once) and reset the count on every attempt — a loop that never gives
+/// up.
 /// Connections meanwhile wait in the listeners' backlog (we keep them).
 ///
 /// An incumbent that dies while a handoff is in progress (its drain
@@ -189,6 +211,8 @@ pub fn monitor(
     let mut delay = policy.initial;
     let mut failures = 0u32;
     let mut born = Instant::now();
+    // The death whose restarts are being attempted.
+    let mut handling: Option<u32> = None;
     loop {
         if stopping.load(Ordering::SeqCst) {
             return Ok(());
@@ -214,18 +238,23 @@ pub fn monitor(
         if s.incumbent().map(|x| x.pid()) != Some(dead) {
             continue; // a handoff replaced it
         }
-        if born.elapsed() >= policy.healthy_after {
-            delay = policy.initial;
-            failures = 0;
-        }
-        let when = if during {
-            "during a handoff that did not replace it"
+        if handling != Some(dead) {
+            handling = Some(dead);
+            if born.elapsed() >= policy.healthy_after {
+                delay = policy.initial;
+                failures = 0;
+            }
+            let when = if during {
+                "during a handoff that did not replace it"
+            } else {
+                "outside an upgrade"
+            };
+            eprintln!(
+                "handoff run: the incumbent (pid {dead}) died {when} ({exit}); restarting in {delay:?}"
+            );
         } else {
-            "outside an upgrade"
-        };
-        eprintln!(
-            "handoff run: the incumbent (pid {dead}) died {when} ({exit}); restarting in {delay:?}"
-        );
+            eprintln!("handoff run: restarting again in {delay:?}");
+        }
         crate::systemd::crashed(dead, &exit, delay);
         std::thread::sleep(delay);
         // A stop may have begun during the backoff: start nothing it would

@@ -138,6 +138,57 @@ fn crash_restart_then_crash_loop_limit() {
     assert!(log.contains("restart 5/5 failed"), "{log}");
 }
 
+/// A service that served for longer than the crash-loop window and then
+/// can never start again: the supervisor gives up after its limit. (It used
+/// to judge the long-dead first process healthy again before every attempt,
+/// resetting the count: "restart 1/5 failed" every 100 ms, forever.)
+#[test]
+fn crash_loop_limit_fires_after_a_long_healthy_run() {
+    let _guard = begin_test("crash_loop_after_healthy", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    // Serves the first time it starts, then fails at once.
+    let marker = dirs.root.path().join("starts");
+    let script = dirs.root.path().join("once.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho x >> '{m}'\n[ \"$(wc -l < '{m}')\" -le 1 ] || exit 7\nexec '{demo}' \"$@\"\n",
+            m = marker.display(),
+            demo = demo_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opts = StartOpts {
+        env: vec![("HANDOFF_HEALTHY_AFTER_MS".into(), "500".into())],
+        ..StartOpts::default()
+    };
+    let mut sup = Supervisor::start_with(&dirs.runtime, &dirs.state, &script, &[], &opts);
+    wait_until(
+        Duration::from_secs(20),
+        "the incumbent has lived past the healthy window",
+        || {
+            status_json(&dirs.runtime)["incumbent_uptime_ms"]
+                .as_u64()
+                .is_some_and(|ms| ms > 1000)
+        },
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup.first_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let mut status = None;
+    wait_until(Duration::from_secs(30), "the supervisor to give up", || {
+        status = sup.try_exit();
+        status.is_some()
+    });
+    assert_eq!(status.unwrap().code(), Some(1));
+    let log = sup.stderr_log();
+    assert!(log.contains("keeps failing to start"), "{log}");
+    assert!(log.contains("restart 5/5 failed"), "{log}");
+    assert_eq!(log.matches("restart 1/5 failed").count(), 1, "{log}");
+}
+
 /// Hostile admin-socket clients — garbage, an absurd length, a half-open
 /// connection that never speaks, one that hangs up mid-frame — neither
 /// crash nor wedge the supervisor: a real upgrade right after commits.

@@ -215,7 +215,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
                     ctx.metrics.set_incumbent(Some(pid));
                 };
                 if let Err(e) =
-                    crate::supervise::monitor(&*ctx, &ctx.stopping, Backoff::default(), on_restart)
+                    crate::supervise::monitor(&*ctx, &ctx.stopping, Backoff::from_env(), on_restart)
                 {
                     eprintln!("handoff run: {e:#}; stopping");
                     crate::systemd::stopping("the service keeps failing to start");

@@ -260,7 +260,7 @@ fn run(args: RunArgs) -> Result<()> {
             .name("monitor".into())
             .spawn(move || {
                 if let Err(e) =
-                    supervise::monitor(&watched, &stopping, supervise::Backoff::default(), |pid| {
+                    supervise::monitor(&watched, &stopping, supervise::Backoff::from_env(), |pid| {
                         metrics.restart();
                         metrics.set_incumbent(Some(pid));
                     })
