@@ -9,9 +9,11 @@
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use handoff::accept::{AcceptBackoff, Verdict};
 use handoff::{frame, HandoffError, Report};
 use handoff_demo::counters::Counters;
 use serde::{Deserialize, Serialize};
@@ -183,46 +185,90 @@ pub fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
     }
 }
 
+/// Most admin connections served at once. Each has a thread; a client
+/// past the cap is told so and closed instead of getting one (3,000 silent
+/// connections used to make 3,006 threads). Real clients hold one each
+/// (`upgrade --wait` for as long as it waits), so this is far above need.
+pub const MAX_CONNS: usize = 32;
+
 /// Serves the admin socket until it fails: every connection is checked
 /// with `SO_PEERCRED` (our own uid or root only; the socket's 0600 mode is
-/// the first fence, this the second), gets its own thread, and must send
-/// its request within 5 s — a client that connects and says nothing, or
-/// sends garbage, costs one short-lived thread and is told why. `handle`
-/// then owns the conversation.
+/// the first fence, this the second), gets its own thread (at most
+/// [`MAX_CONNS`] at once), and must send its request within 5 s — a client
+/// that connects and says nothing, or sends garbage, costs one short-lived
+/// thread and is told why. `handle` then owns the conversation.
+///
+/// A failed accept (out of descriptors, say) is retried after a growing
+/// pause and logged at most every few seconds, with a count of the
+/// failures not logged: retrying at once spins, the pending connection
+/// staying in the backlog. Only a socket that is itself unusable ends it.
 pub fn serve<H>(listener: UnixListener, handle: H)
 where
     H: Fn(UnixStream, Request) + Send + Sync + 'static,
 {
     let handle = Arc::new(handle);
     let ours = nix::unistd::geteuid().as_raw();
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut backoff = AcceptBackoff::new();
     for conn in listener.incoming() {
         let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("handoff run: admin accept: {e}");
-                continue;
+            Ok(s) => {
+                if let Some(unsaid) = backoff.succeeded() {
+                    eprintln!(
+                        "handoff run: admin accept: accepting again ({unsaid} failures not shown)"
+                    );
+                }
+                s
             }
+            Err(e) => match backoff.failed(&e) {
+                Verdict::Retry { say, suppressed } => {
+                    if say {
+                        let more = if suppressed > 0 {
+                            format!(" ({suppressed} more since the last report)")
+                        } else {
+                            String::new()
+                        };
+                        eprintln!("handoff run: admin accept: {e}{more}; retrying with backoff");
+                    }
+                    continue;
+                }
+                Verdict::Fatal => {
+                    eprintln!(
+                        "handoff run: admin accept: {e}: the admin socket is unusable; \
+                         no more admin requests (SIGHUP still upgrades, SIGTERM stops)"
+                    );
+                    return;
+                }
+            },
+        };
+        // A refusal is one small frame into an empty socket buffer; the
+        // timeout only guards against the impossible.
+        let refuse = |message: String| {
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = send(&stream, &Event::Error { message });
         };
         match handoff::peer_credentials(&stream) {
             Ok(c) if c.uid == ours || c.uid == 0 => {}
             Ok(c) => {
-                let _ = send(
-                    &stream,
-                    &Event::Error {
-                        message: format!(
-                            "uid {} may not control this supervisor (owner uid {ours})",
-                            c.uid
-                        ),
-                    },
-                );
+                refuse(format!(
+                    "uid {} may not control this supervisor (owner uid {ours})",
+                    c.uid
+                ));
                 continue;
             }
             Err(_) => continue,
         }
+        let Some(slot) = Slot::take(&open) else {
+            refuse(format!(
+                "too many admin connections ({MAX_CONNS} open); try again when one ends"
+            ));
+            continue;
+        };
         let handle = handle.clone();
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("admin-conn".into())
             .spawn(move || {
+                let _slot = slot;
                 let req: Request = match recv(&stream, Some(Duration::from_secs(5))) {
                     Ok(r) => r,
                     Err(e) => {
@@ -237,6 +283,28 @@ where
                 };
                 handle(stream, req)
             });
+        if let Err(e) = spawned {
+            eprintln!("handoff run: admin connection dropped: cannot start a thread for it: {e}");
+        }
+    }
+}
+
+/// One of the [`MAX_CONNS`] admin connection slots, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<Slot> {
+        open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < MAX_CONNS).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

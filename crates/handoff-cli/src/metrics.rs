@@ -19,6 +19,7 @@
 //! | `handoff_incumbent_pid` | gauge | — |
 //! | `handoff_supervisor_start_time_seconds` | gauge | — (Unix time) |
 
+use handoff::accept::{AcceptBackoff, Verdict};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -203,12 +204,29 @@ impl Metrics {
         std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                // EMFILE and the like: keep going after a growing pause
+                // (retrying at once spins), logging at most every few
+                // seconds; stop only if the socket itself is unusable.
+                let mut backoff = AcceptBackoff::new();
                 for conn in listener.incoming() {
                     match conn {
-                        Ok(s) => me.answer(s),
-                        // EMFILE and the like: keep going, the next
-                        // scrape may find a free fd.
-                        Err(e) => tracing::warn!(target: "handoff::metrics", error = %e, "accept"),
+                        Ok(s) => {
+                            if let Some(unsaid) = backoff.succeeded() {
+                                tracing::info!(target: "handoff::metrics", unsaid, "accepting again");
+                            }
+                            me.answer(s)
+                        }
+                        Err(e) => match backoff.failed(&e) {
+                            Verdict::Retry { say, suppressed } => {
+                                if say {
+                                    tracing::warn!(target: "handoff::metrics", error = %e, suppressed, "accept failed; retrying with backoff");
+                                }
+                            }
+                            Verdict::Fatal => {
+                                tracing::error!(target: "handoff::metrics", error = %e, "accept failed; the metrics endpoint stops");
+                                return;
+                            }
+                        },
                     }
                 }
             })?;

@@ -9,9 +9,12 @@
 //! In `good` mode: `PEER_RECOVERY_MS` (see `BootOptions::recovery_wait`),
 //! `PEER_PROTO_MAX` (speak only up to this protocol version, as an older
 //! build does), `PEER_DRAIN_MS` (a drain that takes this long),
-//! `PEER_DRAIN_FAILS=1` (a drain that fails).
+//! `PEER_DRAIN_FAILS=1` (a drain that fails), `PEER_FILL_FDS=PATH` (once
+//! serving, use up every descriptor until the file PATH exists; warnings
+//! and errors of the library are then written to stderr).
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use handoff::channel::Channel;
@@ -58,6 +61,62 @@ fn park() -> ! {
     }
 }
 
+/// Lowers `RLIMIT_NOFILE` to 64 and opens `/dev/null` until none is left,
+/// so the control socket's accept fails with EMFILE, until the file
+/// `release` exists. Says `filled N` on stdout once full.
+fn fill_fds(release: PathBuf) {
+    use nix::sys::resource::{setrlimit, Resource};
+    let _ = tracing::subscriber::set_global_default(Stderr);
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, 64, 64) {
+        eprintln!("peer: setrlimit: {e}");
+        std::process::exit(1);
+    }
+    let mut held = vec![];
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        held.push(f);
+    }
+    println!("filled {}", held.len());
+    let _ = std::io::stdout().flush();
+    std::thread::spawn(move || {
+        // stat(2) needs no descriptor: poll for the release.
+        while !release.exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(held);
+    });
+}
+
+/// Writes warnings and errors to stderr, one line each (no subscriber
+/// crate here: the library depends only on `tracing`).
+struct Stderr;
+
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for Stderr {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut line = Line(String::new());
+        e.record(&mut line);
+        eprintln!("peer: {} {}", e.metadata().level(), line.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "good".into());
     let pid = std::process::id();
@@ -97,7 +156,12 @@ fn main() {
                         }
                     })
                 })
-                .and_then(|inc| inc.serve(&mut idle));
+                .and_then(|inc| {
+                    if let Ok(release) = std::env::var("PEER_FILL_FDS") {
+                        fill_fds(PathBuf::from(release));
+                    }
+                    inc.serve(&mut idle)
+                });
             match r {
                 Ok(retired) => println!("retired: {retired:?}"),
                 Err(e) => {

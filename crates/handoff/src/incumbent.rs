@@ -14,6 +14,7 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
+use crate::accept::{AcceptBackoff, Verdict};
 use crate::channel::Channel;
 use crate::crash;
 use crate::error::{ProcessError, ProtocolError};
@@ -79,7 +80,13 @@ impl Incumbent {
 
     /// Serves the control socket until this process is retired. Blocks the
     /// calling thread: run it on a thread of its own.
+    ///
+    /// A failed accept for want of descriptors or memory is waited out
+    /// ([`AcceptBackoff`]): returning would make the service exit because
+    /// its clients had used up its descriptors for a moment. Only a control
+    /// socket that is itself gone ends the loop with an error.
     pub fn serve<D: Drainable>(mut self, service: &mut D) -> Result<Retired, ProcessError> {
+        let mut backoff = AcceptBackoff::new();
         loop {
             let next = if self.queued.is_empty() {
                 self.listener.accept().map(|(s, _)| s)
@@ -87,14 +94,28 @@ impl Incumbent {
                 Ok(self.queued.remove(0))
             };
             let stream = match next {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(ProcessError::ControlSocket {
-                        path: self.cfg.control_path.clone(),
-                        source,
-                    })
+                Ok(s) => {
+                    if let Some(unsaid) = backoff.succeeded() {
+                        tracing::info!(target: "handoff::incumbent", unsaid, "accepting on the control socket again");
+                    }
+                    s
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => match backoff.failed(&source) {
+                    Verdict::Retry { say, suppressed } => {
+                        if say {
+                            tracing::warn!(target: "handoff::incumbent", error = %source, suppressed,
+                                "accepting on the control socket failed; retrying with backoff (the service keeps serving)");
+                        }
+                        continue;
+                    }
+                    Verdict::Fatal => {
+                        return Err(ProcessError::ControlSocket {
+                            path: self.cfg.control_path.clone(),
+                            source,
+                        })
+                    }
+                },
             };
             let Some(chan) = self.greet(stream) else {
                 continue;

@@ -45,6 +45,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
+pub mod accept;
 mod busy;
 pub mod channel;
 pub mod child;

@@ -180,6 +180,9 @@ pub struct StartOpts {
     /// --state-dir, --listen or program): for a `--config` file that says
     /// them all. The runtime dir given to `start_with` must still match.
     pub only_extra_args: bool,
+    /// Lower `RLIMIT_NOFILE` (soft and hard) of `handoff run`, and so of the
+    /// services it spawns, to this many descriptors.
+    pub nofile: Option<u64>,
 }
 
 /// An example binary of this package (built by `cargo test --workspace`).

@@ -86,13 +86,19 @@ impl Supervisor {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-        // async-signal-safe; it allocates nothing and takes no lock.
+        let nofile = opts.nofile;
+        // SAFETY: the closure runs between fork and exec and only calls prctl(2) and
+        // setrlimit(2), which are async-signal-safe; it allocates nothing and takes no lock.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // If the test process dies without running destructors (killed by the CI
                 // runner, say), take the supervisor down with it.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+                if let Some(n) = nofile {
+                    use nix::sys::resource::{setrlimit, Resource};
+                    setrlimit(Resource::RLIMIT_NOFILE, n, n).map_err(io::Error::from)?;
+                }
+                Ok(())
             });
         }
         let mut child = cmd

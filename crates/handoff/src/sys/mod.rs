@@ -18,6 +18,37 @@ pub mod wait;
 
 pub use creds::{peer_credentials, recv_with_credentials, send_with_credentials, PeerCred};
 
+pub mod accept {
+    //! Which failures of `accept(2)` pass.
+    use std::io;
+
+    /// Whether a failed `accept` may succeed if retried later: out of
+    /// descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`), or
+    /// a connection that died in the backlog (`ECONNABORTED`, `ECONNRESET`,
+    /// `ETIMEDOUT`, `EPROTO`,
+    /// `EPERM` from a firewall, `EINTR`, `EAGAIN`). The rest (`EBADF`,
+    /// `EINVAL`, `ENOTSOCK`, …) mean the listening socket itself is gone or
+    /// unusable: retrying would spin forever.
+    pub fn is_transient(e: &io::Error) -> bool {
+        matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ENOBUFS
+                    | libc::ENOMEM
+                    | libc::ECONNABORTED
+                    | libc::EPROTO
+                    | libc::EPERM
+                    | libc::EINTR
+                    | libc::EAGAIN
+                    | libc::ETIMEDOUT
+                    | libc::ECONNRESET
+            )
+        )
+    }
+}
+
 pub mod fd {
     //! Raw fd numbers from the environment (`LISTEN_FDS`, `HANDOFF_SOCK_FD`).
     use std::io;
