@@ -25,10 +25,9 @@ pub mod accept {
     /// Whether a failed `accept` may succeed if retried later: out of
     /// descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`), or
     /// a connection that died in the backlog (`ECONNABORTED`, `ECONNRESET`,
-    /// `ETIMEDOUT`, `EPROTO`,
-    /// `EPERM` from a firewall, `EINTR`, `EAGAIN`). The rest (`EBADF`,
-    /// `EINVAL`, `ENOTSOCK`, …) mean the listening socket itself is gone or
-    /// unusable: retrying would spin forever.
+    /// `ETIMEDOUT`, `EPROTO`, `EPERM` from a firewall, `EINTR`, `EAGAIN`).
+    /// The rest (`EBADF`, `EINVAL`, `ENOTSOCK`, …) mean the listening
+    /// socket itself is gone or unusable: retrying would spin forever.
     pub fn is_transient(e: &io::Error) -> bool {
         matches!(
             e.raw_os_error(),
