@@ -310,15 +310,38 @@ impl Drop for Slot {
 
 /// Connects to the supervisor's admin socket in `runtime_dir`; the error
 /// says where we looked and what is probably wrong.
+///
+/// The socket is believed only if the kernel says (`SO_PEERCRED`) that the
+/// process listening on it runs as our uid or root: whoever could write the
+/// runtime dir could have put their own `admin.sock` there and answered
+/// `committed: pid 1 -> 31337` to an upgrade that never happened.
 pub fn connect(runtime_dir: &Path) -> Result<UnixStream, String> {
     let path = admin_path(runtime_dir);
-    UnixStream::connect(&path).map_err(|e| {
+    let stream = UnixStream::connect(&path).map_err(|e| {
         format!(
             "cannot reach the supervisor at {}: {e}\n  is `handoff run --runtime-dir {}` running?",
             path.display(),
             runtime_dir.display()
         )
-    })
+    })?;
+    let ours = nix::unistd::geteuid().as_raw();
+    match handoff::peer_credentials(&stream) {
+        Ok(c) if c.uid == ours || c.uid == 0 => Ok(stream),
+        Ok(c) => Err(format!(
+            "refusing to talk to {}: it is served by uid {}{}, not by uid {ours} (ours) or root, \
+             so it is not our supervisor (another user may have planted it)\n  \
+             fix: make {} a directory only its owner can write (`handoff run` creates it mode 0700), \
+             remove what is in it and restart `handoff run`",
+            path.display(),
+            c.uid,
+            c.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            runtime_dir.display()
+        )),
+        Err(e) => Err(format!(
+            "cannot tell who serves {}: {e}; refusing to trust it",
+            path.display()
+        )),
+    }
 }
 
 pub fn send<T: Serialize>(mut s: &UnixStream, msg: &T) -> std::io::Result<()> {
