@@ -117,15 +117,6 @@ impl Live {
         }
     }
 
-    /// The last flush, then `exit(code)` — from any thread. The exit happens
-    /// with the flush lock held, so the periodic flusher cannot be caught
-    /// mid-write by it (a torn record would be repaired, but counted as lost).
-    pub fn flush_and_exit(&self, served: &AtomicU64, code: i32) -> ! {
-        self.flush(served);
-        let _no_more_flushes = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        std::process::exit(code)
-    }
-
     fn report(&self, what: &str, r: Result<Found, counters::Error>) -> bool {
         match r {
             Ok(Found::Intact) => true,

@@ -1,5 +1,6 @@
 //! `handoff-demo`: a durable key-value HTTP/1.1 service that upgrades itself
-//! with zero downtime under the `handoff` supervisor.
+//! with zero downtime under the `handoff` supervisor, on axum and
+//! `handoff-tokio` (the adapter does the protocol and the HTTP drain).
 //!
 //! ```text
 //! GET /healthz      200 ok
@@ -20,19 +21,14 @@ mod live;
 mod server;
 mod store;
 
-use std::net::TcpListener as StdTcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use handoff::{
-    Boot, BootOptions, DrainReport, Drainable, ProcessError, Retired, ServiceError, StartRole,
-};
-use server::{Mode, Shared};
+use server::Shared;
 use store::Store;
-use tokio::sync::{watch, Notify};
 
 const HELP: &str = "\
 handoff-demo: a durable key-value HTTP service that upgrades with zero downtime
@@ -104,133 +100,6 @@ fn proto_max() -> Result<Option<u16>, String> {
     }
 }
 
-/// The library's view of the service.
-struct Service {
-    shared: Arc<Shared>,
-    rt: tokio::runtime::Handle,
-    state_dir: PathBuf,
-    sealed: bool,
-    live: Option<Arc<live::Live>>,
-}
-
-impl Service {
-    fn flush_counters(&self) {
-        if let Some(l) = &self.live {
-            l.flush(&self.shared.served);
-        }
-    }
-}
-
-impl Drainable for Service {
-    fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
-        // A bug in a service's drain takes the process down mid-handoff
-        // (exit status 101): the supervisor must carry on with the
-        // successor, not also count it as a crash outside an upgrade.
-        if fault() == "panic-in-drain" {
-            panic!("injected fault: panic-in-drain");
-        }
-        self.shared.set_mode(Mode::Draining);
-        let left = self
-            .rt
-            .block_on(server::wait_conns_zero(&self.shared, grace));
-        Ok(DrainReport {
-            open_conns_remaining: left as u64,
-            accept_closed: true,
-        })
-    }
-
-    fn seal(
-        &mut self,
-        _progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Option<Vec<u8>>, ServiceError> {
-        if fault() == "fail-seal" {
-            return Err("injected fault: fail-seal".into());
-        }
-        self.shared.set_mode(Mode::Sealed);
-        // Requests that saw the old mode finish their store work first.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.shared.active.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            if std::time::Instant::now() > deadline {
-                self.shared.set_mode(Mode::Draining);
-                return Err("requests still writing after 10 s".into());
-            }
-            std::thread::yield_now();
-        }
-        let store = self
-            .shared
-            .store
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Err(e) = store.seal() {
-            self.shared.set_mode(Mode::Draining);
-            return Err(format!("flushing {}: {e}", store.path().display()).into());
-        }
-        self.sealed = true;
-        // Requests answered so far are in the shared region before the
-        // successor starts adding to it; the note tells it that it takes
-        // over in a handoff (it counts one survived).
-        self.flush_counters();
-        Ok(Some(live::SEAL_NOTE.to_vec()))
-    }
-
-    fn resume(&mut self) -> Result<(), ServiceError> {
-        if self.sealed {
-            // The successor may have written while it held the lock.
-            let store =
-                Store::open(&self.state_dir).map_err(|e| format!("reopening the store: {e}"))?;
-            *self.shared.store.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(store);
-            self.sealed = false;
-        }
-        self.shared.set_mode(Mode::Serving);
-        Ok(())
-    }
-
-    fn retire(&mut self) {
-        self.shared.set_mode(Mode::Retiring);
-        self.flush_counters();
-    }
-}
-
-/// How long a SIGTERM'd process waits for its open connections (the
-/// supervisor's grace, after which it sends SIGKILL, is usually shorter).
-const SIGTERM_DRAIN: Duration = Duration::from_secs(60);
-
-/// SIGTERM (`handoff stop`, `systemctl stop`) outside a handoff: stop
-/// accepting, let every open connection finish the request it is on (each
-/// closes at a request boundary, idle ones after `drain_idle`), record the
-/// counts, exit 0. Connections still in the backlog are the supervisor's to
-/// close: it owns the listeners.
-async fn exit_on_sigterm(
-    mut term: tokio::signal::unix::Signal,
-    shared: Arc<Shared>,
-    live: Option<Arc<live::Live>>,
-) {
-    if term.recv().await.is_none() {
-        return;
-    }
-    let pid = std::process::id();
-    let open = shared.conns.load(std::sync::atomic::Ordering::SeqCst);
-    eprintln!("handoff-demo[{pid}]: SIGTERM: draining ({open} connections open)");
-    // Draining, not Retiring: the state is still ours, so requests that
-    // arrived are served in full (writes included), not refused with 503.
-    // Only from Serving: a process already draining, sealed or retiring
-    // for a handoff keeps that mode (a sealed one must not write again).
-    shared.mode.send_if_modified(|m| {
-        let serving = *m == Mode::Serving;
-        if serving {
-            *m = Mode::Draining;
-        }
-        serving
-    });
-    let left = server::wait_conns_zero(&shared, SIGTERM_DRAIN).await;
-    eprintln!("handoff-demo[{pid}]: SIGTERM: exiting ({left} connections still open)");
-    match live {
-        Some(l) => l.flush_and_exit(&shared.served, 0),
-        None => std::process::exit(0),
-    }
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -239,204 +108,254 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("handoff-demo[{}]: {e}", std::process::id());
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn run() -> Result<ExitCode, String> {
-    let args = parse_args()?;
-    let build_id = std::env::var("HANDOFF_DEMO_BUILD_ID")
-        .unwrap_or_else(|_| format!("handoff-demo/{}", env!("CARGO_PKG_VERSION")));
-    let mut opts = BootOptions::new(build_id.clone());
-    if let Some(max) = proto_max()? {
-        opts.versions.max = max;
-    }
-    opts.state_dir = args.state_dir.clone();
-    opts.control_path = args
-        .control
-        .clone()
-        .or_else(|| args.state_dir.as_ref().map(|d| d.join("control.sock")));
-    let mut boot = Boot::from_env(opts).map_err(|e| format!("starting: {e}"))?;
-    let state_dir = boot.config().state_dir.clone();
-    let role: StartRole = boot.role();
-    let mut listeners: Vec<StdTcpListener> = boot
-        .take_listeners()
-        .into_iter()
-        .map(|l| l.into_tcp())
-        .collect();
-    if listeners.is_empty() {
-        let addr = args
-            .listen
-            .ok_or("no listeners were passed (LISTEN_FDS) and no --listen was given")?;
-        listeners.push(StdTcpListener::bind(&addr).map_err(|e| format!("binding {addr}: {e}"))?);
-    }
-
-    // Warm-up happens here, before Begin: nothing below depends on state.
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let pid = std::process::id();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("handoff-demo[{pid}]: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = match rt.block_on(run()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("handoff-demo[{pid}]: {e}");
+            ExitCode::from(1)
+        }
+    };
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+/// The store's state across hooks: read ahead before Begin, opened at
+/// Begin, closed at the seal, reopened on a resume.
+struct Lifecycle {
+    preloaded: Option<store::Preloaded>,
+    sealed: bool,
+}
+
+async fn run() -> Result<ExitCode, String> {
+    let args = parse_args()?;
+    let build_id = std::env::var("HANDOFF_DEMO_BUILD_ID")
+        .unwrap_or_else(|_| format!("handoff-demo/{}", env!("CARGO_PKG_VERSION")));
     let drain_idle = std::env::var("HANDOFF_DEMO_DRAIN_IDLE_MS")
         .ok()
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or(Duration::from_millis(100));
+    let proto_max = proto_max()?;
+    let shared = Arc::new(Shared {
+        store: RwLock::new(None),
+        build_id: build_id.clone(),
+        served: AtomicU64::new(0),
+    });
+    let life = Arc::new(Mutex::new(Lifecycle {
+        preloaded: None,
+        sealed: false,
+    }));
+    let counters: Arc<Mutex<Option<Arc<live::Live>>>> = Arc::default();
+    let via_handoff = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
-    // Registering the listeners with the runtime is warm-up too; accepting
-    // on them waits for Commit.
-    let listeners = {
-        let _guard = rt.enter();
-        listeners
-            .into_iter()
-            .map(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)
-            })
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| format!("registering listeners: {e}"))?
-    };
+    let (state_arg, control_arg) = (args.state_dir.clone(), args.control.clone());
+    let mut builder = handoff_tokio::Handoff::builder(build_id)
+        .stateful()
+        .idle_grace(drain_idle)
+        .handle_sigterm(fault() != "no-sigterm-handler")
+        .boot_options(move |o| {
+            o.state_dir = state_arg.clone();
+            o.control_path = control_arg
+                .clone()
+                .or_else(|| state_arg.as_ref().map(|d| d.join("control.sock")));
+            if let Some(max) = proto_max {
+                o.versions.max = max;
+            }
+        })
+        .on_drain(|| async {
+            // A bug in a service's drain takes the process down mid-handoff
+            // (exit status 101): the supervisor must carry on with the
+            // successor, not also count it as a crash outside an upgrade.
+            if fault() == "panic-in-drain" {
+                eprintln!(
+                    "handoff-demo[{}]: injected fault: panic-in-drain",
+                    std::process::id()
+                );
+                std::process::exit(101);
+            }
+            Ok(())
+        });
+    {
+        let (shared, life, via_handoff) = (shared.clone(), life.clone(), via_handoff.clone());
+        builder = builder.on_begin(move |begin| {
+            // A sealed predecessor handed over: this start is a handoff survived.
+            via_handoff.store(begin.sealed.is_some(), std::sync::atomic::Ordering::SeqCst);
+            if fault() == "exit-before-ready" {
+                eprintln!(
+                    "handoff-demo[{}]: injected fault: exit-before-ready",
+                    std::process::id()
+                );
+                std::process::exit(3);
+            }
+            // We hold the state lock: finish opening the store (only the
+            // tail appended since the preload is read now).
+            let opened = match lock(&life).preloaded.take() {
+                Some(p) => p.finish(),
+                None => Store::open(&begin.state_dir),
+            }
+            .map(|s| shared.set_store(Some(Arc::new(s))))
+            .map_err(|e| format!("opening the store in {}: {e}", begin.state_dir.display()).into());
+            async move { opened }
+        });
+    }
+    {
+        let shared = shared.clone();
+        builder = builder.health(move || {
+            let checked: Result<(), handoff_tokio::BoxError> = match fault().as_str() {
+                "fail-health" => Err("injected fault: fail-health".into()),
+                "hang-before-ready" => loop {
+                    std::thread::park();
+                },
+                _ => match shared.store() {
+                    Some(store) => store
+                        .flush_blocking()
+                        .map_err(|e| format!("store writer: {e}").into()),
+                    None => Err("the store is not open".into()),
+                },
+            };
+            async move { checked }
+        });
+    }
+    {
+        let (shared, life, counters) = (shared.clone(), life.clone(), counters.clone());
+        builder = builder.seal(move || {
+            let sealed = (|| -> Result<Option<Vec<u8>>, handoff_tokio::BoxError> {
+                if fault() == "fail-seal" {
+                    return Err("injected fault: fail-seal".into());
+                }
+                let store = shared.store().ok_or("the store is not open")?;
+                store
+                    .seal()
+                    .map_err(|e| format!("flushing {}: {e}", store.path().display()))?;
+                shared.set_store(None);
+                lock(&life).sealed = true;
+                // Requests answered so far are in the shared region before
+                // the successor starts adding to it; the note tells it that
+                // it takes over in a handoff (it counts one survived).
+                if let Some(l) = lock(&counters).as_ref() {
+                    l.flush(&shared.served);
+                }
+                Ok(Some(live::SEAL_NOTE.to_vec()))
+            })();
+            async move { sealed }
+        });
+    }
+    {
+        let (shared, life) = (shared.clone(), life.clone());
+        let state_dir = args.state_dir.clone();
+        builder = builder.resume(move || {
+            // The successor may have written while it held the lock.
+            let reopened = (|| -> Result<(), handoff_tokio::BoxError> {
+                let mut l = lock(&life);
+                if l.sealed {
+                    let dir = std::env::var_os("HANDOFF_STATE_DIR")
+                        .map(PathBuf::from)
+                        .or_else(|| state_dir.clone())
+                        .ok_or("no state dir to reopen the store in")?;
+                    let store =
+                        Store::open(&dir).map_err(|e| format!("reopening the store: {e}"))?;
+                    shared.set_store(Some(Arc::new(store)));
+                    l.sealed = false;
+                }
+                Ok(())
+            })();
+            async move { reopened }
+        });
+    }
+    let flusher: Arc<Mutex<Option<live::Flusher>>> = Arc::default();
+    {
+        let (shared, counters, flusher, via_handoff) = (
+            shared.clone(),
+            counters.clone(),
+            flusher.clone(),
+            via_handoff.clone(),
+        );
+        // Committed: only now count this process as a generation.
+        builder = builder.on_serving(move || {
+            if let Some(l) = lock(&counters).as_ref() {
+                l.begin_generation(via_handoff.load(std::sync::atomic::Ordering::SeqCst));
+                *lock(&flusher) = Some(l.spawn_flusher(shared.clone()));
+            }
+        });
+    }
+    let handoff = builder.start().map_err(|e| format!("starting: {e}"))?;
+    let state_dir = handoff
+        .state_dir()
+        .map(PathBuf::from)
+        .ok_or("started by socket activation alone: the demo needs `handoff run` (library mode) or --state-dir")?;
 
+    // Warm-up happens here, before Hello (sent when serving starts).
     if let Some(ms) = std::env::var("HANDOFF_DEMO_WARMUP_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
         // Stands in for a real service's warm-up (loading caches, JIT…);
         // the tests use it to make a handoff last long enough to overlap.
-        std::thread::sleep(Duration::from_millis(ms));
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     // The counters region is shared, with its own lock: no need to wait for
     // the state lock to map it.
-    let counters = live::Live::open(&state_dir);
-
+    *lock(&counters) = live::Live::open(&state_dir);
     // Read the store ahead of Begin (without the lock): after Begin only
     // the tail appended since needs reading, keeping the accept gap short.
-    let preloaded = Store::preload(&state_dir)
-        .map_err(|e| format!("preloading the store in {}: {e}", state_dir.display()))?;
+    lock(&life).preloaded = Some(
+        Store::preload(&state_dir)
+            .map_err(|e| format!("preloading the store in {}: {e}", state_dir.display()))?,
+    );
 
-    let begun = match boot.begin() {
-        Ok(b) => b,
-        Err(ProcessError::Aborted { reason }) => {
-            eprintln!(
-                "handoff-demo[{}]: aborted before Begin: {reason}",
-                std::process::id()
-            );
-            return Ok(ExitCode::from(1));
-        }
-        Err(e) => return Err(format!("waiting for Begin: {e}")),
-    };
-    // A sealed predecessor handed over: this start is a handoff survived.
-    let via_handoff = begun.state().is_some();
-    if fault() == "exit-before-ready" {
-        eprintln!(
-            "handoff-demo[{}]: injected fault: exit-before-ready",
-            std::process::id()
-        );
-        return Ok(ExitCode::from(3));
+    let mut listeners = handoff
+        .tcp_listeners()
+        .map_err(|e| format!("listeners: {e}"))?;
+    if listeners.is_empty() {
+        let addr = args
+            .listen
+            .ok_or("no listeners were passed (LISTEN_FDS) and no --listen was given")?;
+        let l = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| format!("binding {addr}: {e}"))?;
+        listeners.push(("http".into(), l));
     }
-
-    // We hold the state lock: open the store.
-    let store = preloaded
-        .finish()
-        .map_err(|e| format!("opening the store in {}: {e}", state_dir.display()))?;
-    let (mode, _) = watch::channel(Mode::Serving);
-    let shared = Arc::new(Shared {
-        mode,
-        store: RwLock::new(Arc::new(store)),
-        build_id,
-        conns: AtomicUsize::new(0),
-        accepting: AtomicUsize::new(0),
-        conns_changed: Notify::new(),
-        active: AtomicUsize::new(0),
-        served: AtomicU64::new(0),
-        drain_idle,
-    });
-    let health_shared = shared.clone();
-    let incumbent = begun
-        .ready(move || {
-            match fault().as_str() {
-                "fail-health" => return Err("injected fault: fail-health".into()),
-                "hang-before-ready" => loop {
-                    std::thread::park();
-                },
-                _ => {}
-            }
-            let store = health_shared
-                .store
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            store
-                .flush_blocking()
-                .map_err(|e| format!("store writer: {e}"))
+    let app = server::router(shared.clone());
+    let serving = listeners
+        .into_iter()
+        .map(|(_, l)| {
+            let (h, app) = (handoff.clone(), app.clone());
+            tokio::spawn(async move { h.serve(l, app).await })
         })
-        .map_err(|e| format!("becoming ready: {e}"))?;
-    // Committed: only now count this process as a generation, and accept. A
-    // successor that accepted earlier and was then aborted (killed) would
-    // reset the connections it had taken.
-    let flusher = counters.as_ref().map(|l| {
-        l.begin_generation(via_handoff);
-        l.spawn_flusher(shared.clone())
-    });
-    // Registered synchronously and before the first accept: once this
-    // process has answered anyone, a SIGTERM drains it instead of killing it.
-    // The fault leaves SIGTERM's default action (a service that never set
-    // up a handler): `handoff stop` must then say it cut requests.
-    if fault() != "no-sigterm-handler" {
-        let term = {
-            let _guard = rt.enter();
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        };
-        match term {
-            Ok(term) => {
-                rt.spawn(exit_on_sigterm(term, shared.clone(), counters.clone()));
-            }
-            Err(e) => tracing::warn!(target: "demo", error = %e, "SIGTERM will not drain"),
+        .collect::<Vec<_>>();
+    let mut outcome = Ok(());
+    for s in serving {
+        match s.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => outcome = Err(e.to_string()),
+            Err(e) => outcome = Err(format!("serving: {e}")),
         }
     }
-    for l in listeners {
-        rt.spawn(server::accept_loop(l, shared.clone()));
-    }
-
-    tracing::info!(target: "demo", ?role, pid = std::process::id(), "serving");
-
-    let mut service = Service {
-        shared: shared.clone(),
-        rt: rt.handle().clone(),
-        state_dir,
-        sealed: false,
-        live: counters.clone(),
-    };
-    let retired = incumbent
-        .serve(&mut service)
-        .map_err(|e| format!("control socket: {e}"))?;
-    // Retired: finish connections (bounded), then exit.
-    shared.set_mode(Mode::Retiring);
-    let left = rt.block_on(server::wait_conns_zero(&shared, Duration::from_secs(30)));
     // The last requests this process answered; the flusher stops first so
     // the process never exits in the middle of a write to the region.
-    if let Some(f) = flusher {
+    if let Some(f) = lock(&flusher).take() {
         f.stop();
     }
-    service.flush_counters();
-    match retired {
-        Retired::Committed { .. } | Retired::SuccessorWon { .. } => {
-            tracing::info!(target: "demo", ?retired, open = left, "exiting");
-        }
-        // `handoff stop` through the control protocol: the drain ran (no
-        // SIGTERM handler needed), the supervisor waits for this exit.
-        Retired::Stopped { .. } => {
-            eprintln!(
-                "handoff-demo[{}]: stopped through the control protocol: exiting ({left} connections still open)",
-                std::process::id()
-            );
-        }
+    if let Some(l) = lock(&counters).as_ref() {
+        l.flush(&shared.served);
     }
-    rt.shutdown_timeout(Duration::from_millis(100));
+    outcome?;
+    tracing::info!(target: "demo", pid = std::process::id(), "exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -40,6 +40,8 @@ pub struct Begin {
 #[derive(Default)]
 pub(crate) struct Hooks {
     pub(crate) on_begin: Option<BeginHook>,
+    pub(crate) on_drain: Option<Hook<()>>,
+    pub(crate) on_serving: Option<Box<dyn FnOnce() + Send>>,
     pub(crate) health: Option<Hook<()>>,
     pub(crate) seal: Option<Hook<Option<Vec<u8>>>>,
     pub(crate) resume: Option<Hook<()>>,
@@ -49,6 +51,8 @@ impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
             .field("on_begin", &self.on_begin.is_some())
+            .field("on_drain", &self.on_drain.is_some())
+            .field("on_serving", &self.on_serving.is_some())
             .field("health", &self.health.is_some())
             .field("seal", &self.seal.is_some())
             .field("resume", &self.resume.is_some())
@@ -115,6 +119,10 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
             return Err(fail("becoming ready", &e));
         }
     };
+    // Committed (or started alone): this process is the incumbent now.
+    if let Some(f) = hooks.on_serving.take() {
+        f();
+    }
     shared.set_phase(Phase::Serving);
     let mut bridge = Bridge {
         shared: shared.clone(),
@@ -133,6 +141,9 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
         // `handoff stop` through the control protocol: drained like for a
         // handoff, and no successor. Same end as SIGTERM.
         Ok(handoff::Retired::Stopped { .. }) => {
+            crate::say::warn(format_args!(
+                "stopped through the control protocol (handoff stop): finishing the requests in flight, then exiting"
+            ));
             shared.set_phase(Phase::Retired(Retirement::Stopped));
             Ok(Retirement::Stopped)
         }
@@ -161,6 +172,10 @@ const CUT_WAIT: Duration = Duration::from_secs(1);
 
 impl Drainable for Bridge {
     fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
+        if let Some(f) = self.hooks.on_drain.as_mut() {
+            // An error resumes at once: nothing was wound down yet.
+            self.rt.block_on(f())?;
+        }
         self.shared.set_drain_grace(grace);
         self.shared.set_phase(Phase::Draining);
         let accept_closed = self

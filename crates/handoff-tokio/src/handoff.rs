@@ -23,7 +23,8 @@ use crate::phase::{Graces, Phase, Retirement, Shared};
 /// wait.
 #[must_use = "call .start() to get the handle"]
 pub struct Builder {
-    build_id: String,
+    boot: BootOptions,
+    handle_sigterm: bool,
     stateful: bool,
     hooks: Hooks,
     idle_grace: Duration,
@@ -35,7 +36,7 @@ pub struct Builder {
 impl std::fmt::Debug for Builder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Builder")
-            .field("build_id", &self.build_id)
+            .field("build_id", &self.boot.build_id)
             .field("stateful", &self.stateful)
             .field("hooks", &self.hooks)
             .finish_non_exhaustive()
@@ -78,6 +79,28 @@ impl Builder {
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         self.hooks.on_begin = Some(Box::new(move |s| Box::pin(f(s))));
+        self
+    }
+
+    /// Runs when a handoff (or `handoff stop`) starts draining this
+    /// process, before accepting stops: pause background work that writes
+    /// state, say goodbye to peers. An error makes the drain fail: the
+    /// handoff aborts and this process serves on.
+    pub fn on_drain<F, Fut>(mut self, mut f: F) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.on_drain = Some(Box::new(move || Box::pin(f())));
+        self
+    }
+
+    /// Runs once, when this process becomes the incumbent — its handoff
+    /// committed, or it started with no predecessor — just before it
+    /// accepts (a service with state) or goes on accepting (a stateless
+    /// one). Never for a new build whose handoff aborted.
+    pub fn on_serving(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.hooks.on_serving = Some(Box::new(f));
         self
     }
 
@@ -132,6 +155,23 @@ impl Builder {
         self
     }
 
+    /// Whether to turn SIGTERM into a drain and a clean exit (default
+    /// yes). Turn it off only when something else in the process handles
+    /// SIGTERM; `handoff stop` drains through the control protocol anyway.
+    pub fn handle_sigterm(mut self, on: bool) -> Self {
+        self.handle_sigterm = on;
+        self
+    }
+
+    /// Adjusts how the protocol side starts, for what the environment does
+    /// not say: where the state dir and control socket are when started
+    /// without `handoff run` (`state_dir`, `control_path`), the protocol
+    /// versions spoken, the lock waits. See `handoff::BootOptions`.
+    pub fn boot_options(mut self, f: impl FnOnce(&mut handoff::BootOptions)) -> Self {
+        f(&mut self.boot);
+        self
+    }
+
     /// Most connections open at once (across every `serve` of this
     /// process). At the cap the accept loops wait and new connections queue
     /// in the kernel backlog, instead of `accept` failing with EMFILE and
@@ -164,7 +204,7 @@ impl Builder {
             }
             (Mode::Activated(notifier), listeners)
         } else {
-            let mut boot = Boot::from_env(BootOptions::new(self.build_id)).map_err(Error::Boot)?;
+            let mut boot = Boot::from_env(self.boot).map_err(Error::Boot)?;
             let listeners = boot.take_listeners();
             (Mode::Protocol(Box::new(boot), self.hooks), listeners)
         };
@@ -196,7 +236,9 @@ impl Builder {
             outcome,
             rt: rt.clone(),
         });
-        install_sigterm(&rt, shared, notifier)?;
+        if self.handle_sigterm {
+            install_sigterm(&rt, shared, notifier)?;
+        }
         Ok(Handoff { inner })
     }
 }
@@ -291,7 +333,8 @@ impl Handoff {
     /// `handoff status` and the upgrade report (e.g. `"my-app 1.4.2"`).
     pub fn builder(build_id: impl Into<String>) -> Builder {
         Builder {
-            build_id: build_id.into(),
+            boot: BootOptions::new(build_id),
+            handle_sigterm: true,
             stateful: false,
             hooks: Hooks::default(),
             idle_grace: Duration::from_millis(250),
@@ -326,6 +369,24 @@ impl Handoff {
                 name: name.into(),
                 source,
             })
+    }
+
+    /// Every TCP listener passed (with its `--listen` name) that has not
+    /// been taken by name, registered with tokio: for a service that serves
+    /// the same thing on all of them.
+    pub fn tcp_listeners(&self) -> Result<Vec<(String, tokio::net::TcpListener)>, Error> {
+        let names: Vec<String> = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|l| l.name.clone())
+            .collect();
+        names
+            .into_iter()
+            .map(|n| self.tcp_listener(&n).map(|l| (n, l)))
+            .collect()
     }
 
     /// The Unix listening socket passed as `--listen NAME=unix:PATH`,
