@@ -278,7 +278,31 @@ impl Running {
         // systemd-socket-activate starts the service on the first connection: this probe.
         let pid = r.wait_serving(Duration::from_secs(15))?;
         r.pids.push(pid);
+        if peer.is_handoff() {
+            r.wait_admin_socket(Duration::from_secs(15))?;
+        }
         Ok(r)
+    }
+
+    /// Polls (every 5 ms, at most `within`) until `handoff run`'s admin socket exists. A
+    /// stateless service answers before its supervisor has finished starting (it accepts
+    /// before its first Begin), so answering is not "ready for `handoff upgrade`": on a
+    /// loaded machine the first upgrade found no admin socket yet.
+    fn wait_admin_socket(&self, within: Duration) -> Result<()> {
+        let sock = self.dir.join("run").join("admin.sock");
+        let end = Instant::now() + within;
+        while !sock.exists() {
+            if Instant::now() > end {
+                bail!(
+                    "{}: {} did not appear within {within:?} (see {})",
+                    self.peer.name(),
+                    sock.display(),
+                    self.dir.join("stderr.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// Polls (every 5 ms, at most `within`) until every listener answers; returns the pid
