@@ -316,8 +316,30 @@ impl Drop for Slot {
 /// runtime dir could have put their own `admin.sock` there and answered
 /// `committed: pid 1 -> 31337` to an upgrade that never happened.
 pub fn connect(runtime_dir: &Path) -> Result<UnixStream, String> {
+    connect_within(runtime_dir, None)
+}
+
+/// [`connect`], waiting up to `wait` for a supervisor that is still
+/// starting: its admin socket is bound only after its first process is up,
+/// and a stateless service answers on its port before that, so a script
+/// that starts `handoff run` and waits for the port can be early.
+pub fn connect_within(runtime_dir: &Path, wait: Option<Duration>) -> Result<UnixStream, String> {
     let path = admin_path(runtime_dir);
-    let stream = UnixStream::connect(&path).map_err(|e| {
+    let end = wait.map(|w| std::time::Instant::now() + w);
+    let connected = loop {
+        match UnixStream::connect(&path) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && end.is_some_and(|end| std::time::Instant::now() < end) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => break r,
+        }
+    };
+    let stream = connected.map_err(|e| {
         format!(
             "cannot reach the supervisor at {}: {e}\n  is `handoff run --runtime-dir {}` running?",
             path.display(),

@@ -45,6 +45,8 @@ pub struct UpgradeArgs {
     pub drain_grace: Option<Duration>,
     /// If another handoff is in flight, wait up to this long for it to end
     /// and then upgrade, instead of failing with "in progress" (e.g. 30s).
+    /// Also waits, within the same budget, for a supervisor that is still
+    /// starting (no admin socket yet) instead of failing to reach it.
     #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
     pub wait: Option<Duration>,
     /// Start the new process now, let it warm up and say Hello, and hold
@@ -96,7 +98,7 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return fail(format!("--binary: {e}"), a.json),
     };
-    let stream = match admin::connect(&a.rt.runtime_dir) {
+    let stream = match admin::connect_within(&a.rt.runtime_dir, a.wait) {
         Ok(s) => s,
         Err(msg) => return fail(msg, a.json),
     };

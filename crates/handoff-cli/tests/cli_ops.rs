@@ -536,3 +536,41 @@ fn stop_waits_for_the_handoff_in_flight() {
     });
     assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
+
+/// A script that starts `handoff run` and upgrades at once: `--wait` also
+/// covers a supervisor that is not up yet (no admin socket), instead of
+/// "cannot reach the supervisor". Without it, the error comes at once.
+#[test]
+fn upgrade_with_wait_waits_for_a_supervisor_still_starting() {
+    let _guard = begin_test("upgrade_waits_for_startup", Duration::from_secs(90));
+    let dirs = TestDirs::new();
+    let early = run_handoff(&["upgrade"], &dirs.runtime, Duration::from_secs(20));
+    assert_eq!(
+        early.status.code(),
+        Some(2),
+        "no supervisor, no --wait: exit 2"
+    );
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("cannot reach the supervisor"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    let mut cmd = Command::new(handoff_bin());
+    cmd.args(["upgrade", "--runtime-dir"])
+        .arg(&dirs.runtime)
+        .args(["--wait", "60s"]);
+    let waiting = spawn_piped(cmd);
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let out = finish_within(waiting, Duration::from_secs(60), "handoff upgrade --wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("committed: pid {} ->", sup.first_pid)),
+        "{stdout}"
+    );
+}
