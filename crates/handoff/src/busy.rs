@@ -70,8 +70,8 @@ impl Drop for BusyGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use std::time::Instant;
 
     #[test]
     fn one_holder_and_waiters_see_it_end() {
@@ -79,11 +79,17 @@ mod tests {
         let g = b.try_enter().expect("free at first");
         assert!(b.try_enter().is_none());
         assert!(!b.wait_free(Duration::from_millis(10)));
-        let b2 = b.clone();
-        let waiter = std::thread::spawn(move || b2.wait_free(Duration::from_secs(30)));
-        std::thread::sleep(Duration::from_millis(20));
+        let released = Arc::new(AtomicBool::new(false));
+        let (b2, r2) = (b.clone(), released.clone());
+        // The waiter may start waiting before or after the release; either
+        // way it must see the slot free, and never before the release.
+        let waiter = std::thread::spawn(move || {
+            let free = b2.wait_free(Duration::from_secs(30));
+            (free, r2.load(Ordering::SeqCst))
+        });
+        released.store(true, Ordering::SeqCst);
         drop(g);
-        assert!(waiter.join().expect("waiter"));
+        assert_eq!(waiter.join().expect("waiter"), (true, true));
         // Looking did not take it.
         let _g = b.try_enter().expect("free again");
     }
@@ -92,15 +98,19 @@ mod tests {
     fn enter_waits_for_the_holder() {
         let b = Arc::new(Busy::default());
         let g = b.enter();
-        let b2 = b.clone();
-        let t0 = Instant::now();
+        let released = Arc::new(AtomicBool::new(false));
+        let (b2, r2) = (b.clone(), released.clone());
         let other = std::thread::spawn(move || {
             let _g = b2.enter();
-            t0.elapsed()
+            // Entered only once the holder let go.
+            r2.load(Ordering::SeqCst)
         });
-        std::thread::sleep(Duration::from_millis(50));
+        released.store(true, Ordering::SeqCst);
         drop(g);
-        assert!(other.join().expect("other") >= Duration::from_millis(50));
+        assert!(
+            other.join().expect("other"),
+            "entered while the slot was held"
+        );
     }
 
     #[test]
