@@ -144,17 +144,7 @@ fn stop_drains_a_service_without_a_sigterm_handler_through_the_control_protocol(
     assert!(p.get("fallback").is_none(), "{stopped}");
     assert!(p.get("why").is_none(), "{stopped}");
 
-    let mut status = None;
-    wait_until(SETTLE, "the supervisor to exit", || {
-        status = sup.try_exit();
-        status.is_some()
-    });
-    assert_eq!(status.and_then(|s| s.code()), Some(0));
-    let verdict = format!("incumbent pid {pid} exited after");
-    wait_until(Duration::from_secs(10), "the stop summary", || {
-        sup.stderr_log().contains(&verdict)
-    });
-    let log = sup.stderr_log();
+    let log = supervisor_exits_0_saying(&mut sup, pid, "exited");
     // The service says so too (handoff-tokio, through the demo's log).
     assert!(
         log.contains("stopped through the control protocol (handoff stop): finishing"),
@@ -246,17 +236,7 @@ fn stop_of_an_older_build_falls_back_to_sigterm_and_says_it_cut_requests() {
     assert_cut(pending);
 
     // The supervisor itself stopped cleanly, and logged the same verdict.
-    let mut status = None;
-    wait_until(SETTLE, "the supervisor to exit", || {
-        status = sup.try_exit();
-        status.is_some()
-    });
-    assert_eq!(status.and_then(|s| s.code()), Some(0));
-    let verdict = format!("incumbent pid {pid} signalled after");
-    wait_until(Duration::from_secs(10), "the stop summary", || {
-        sup.stderr_log().contains(&verdict)
-    });
-    let log = sup.stderr_log();
+    let log = supervisor_exits_0_saying(&mut sup, pid, "signalled");
     assert!(log.contains("did not drain: killed by SIGTERM"), "{log}");
     assert!(
         log.contains(&format!(
@@ -316,4 +296,20 @@ fn notify_mode_stop_of_a_program_without_a_handler_exits_1() {
     wait_until(SETTLE, "the supervisor to exit", || {
         sup.try_exit().is_some()
     });
+}
+
+/// Waits for the supervisor to exit after a stop, asserts it exited 0 and
+/// logged `incumbent pid PID HOW after …` in its stop summary; its log.
+fn supervisor_exits_0_saying(sup: &mut Supervisor, pid: u32, how: &str) -> String {
+    let mut status = None;
+    wait_until(SETTLE, "the supervisor to exit", || {
+        status = sup.try_exit();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let verdict = format!("incumbent pid {pid} {how} after");
+    wait_until(Duration::from_secs(10), "the stop summary", || {
+        sup.stderr_log().contains(&verdict)
+    });
+    sup.stderr_log()
 }

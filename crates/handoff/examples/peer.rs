@@ -78,8 +78,10 @@ fn fill_fds(release: PathBuf) {
     println!("filled {}", held.len());
     let _ = std::io::stdout().flush();
     std::thread::spawn(move || {
-        // stat(2) needs no descriptor: poll for the release.
-        while !release.exists() {
+        // stat(2) needs no descriptor: poll for the release, bounded so a
+        // test that died never leaves the descriptors held for good.
+        let end = std::time::Instant::now() + Duration::from_secs(120);
+        while !release.exists() && std::time::Instant::now() < end {
             std::thread::sleep(Duration::from_millis(10));
         }
         drop(held);
