@@ -135,6 +135,8 @@ fn main() -> ExitCode {
 /// Begin, closed at the seal, reopened on a resume.
 struct Lifecycle {
     preloaded: Option<store::Preloaded>,
+    /// Where the store lives, from Begin on (a resume reopens it there).
+    dir: Option<PathBuf>,
     sealed: bool,
 }
 
@@ -155,6 +157,7 @@ async fn run() -> Result<ExitCode, String> {
     });
     let life = Arc::new(Mutex::new(Lifecycle {
         preloaded: None,
+        dir: None,
         sealed: false,
     }));
     let counters: Arc<Mutex<Option<Arc<live::Live>>>> = Arc::default();
@@ -201,7 +204,9 @@ async fn run() -> Result<ExitCode, String> {
             }
             // We hold the state lock: finish opening the store (only the
             // tail appended since the preload is read now).
-            let opened = match lock(&life).preloaded.take() {
+            let mut l = lock(&life);
+            l.dir = Some(begin.state_dir.clone());
+            let opened = match l.preloaded.take() {
                 Some(p) => p.finish(),
                 None => Store::open(&begin.state_dir),
             }
@@ -254,16 +259,15 @@ async fn run() -> Result<ExitCode, String> {
     }
     {
         let (shared, life) = (shared.clone(), life.clone());
-        let state_dir = args.state_dir.clone();
         builder = builder.resume(move || {
             // The successor may have written while it held the lock.
             let reopened = (|| -> Result<(), handoff_tokio::BoxError> {
                 let mut l = lock(&life);
                 if l.sealed {
-                    let dir = std::env::var_os("HANDOFF_STATE_DIR")
-                        .map(PathBuf::from)
-                        .or_else(|| state_dir.clone())
-                        .ok_or("no state dir to reopen the store in")?;
+                    let dir = l
+                        .dir
+                        .clone()
+                        .ok_or("resumed before the store was ever opened")?;
                     let store =
                         Store::open(&dir).map_err(|e| format!("reopening the store: {e}"))?;
                     shared.set_store(Some(Arc::new(store)));
