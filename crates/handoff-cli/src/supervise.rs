@@ -63,7 +63,7 @@ pub fn recover(cfg: &SupervisorConfig, names: &[String]) -> Result<Option<Recove
                 cfg.state_dir.display(),
                 cfg.control_path.display(),
                 settle,
-                cfg.state_dir.join(handoff::lock::LOCK_FILE).display()
+                cfg.state_dir.join(handoff::StateLock::FILE_NAME).display()
             );
         }
         return Ok(None);

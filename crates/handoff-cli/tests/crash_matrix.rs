@@ -150,7 +150,7 @@ fn run_scenario(point: &str, prepared: bool) {
         .unwrap_or_else(|| panic!("unknown crash point {point}"));
     let role = &point[..2];
     let dirs = TestDirs::new();
-    let lock = dirs.state.join(handoff::lock::LOCK_FILE);
+    let lock = dirs.state.join(handoff::StateLock::FILE_NAME);
     let journal = dirs.state.join(handoff::journal::JOURNAL_FILE);
     let base_env = vec![(
         "HANDOFF_RECOVERY_WAIT_MS".to_string(),
@@ -444,7 +444,7 @@ fn stress_random_crash_points() {
     };
 
     let dirs = TestDirs::new();
-    let lock = dirs.state.join(handoff::lock::LOCK_FILE);
+    let lock = dirs.state.join(handoff::StateLock::FILE_NAME);
     let journal = dirs.state.join(handoff::journal::JOURNAL_FILE);
     let env = vec![(
         "HANDOFF_RECOVERY_WAIT_MS".to_string(),

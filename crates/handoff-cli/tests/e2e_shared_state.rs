@@ -372,7 +372,7 @@ fn second_supervisor_for_the_same_state_dir_is_refused() {
     // that has let go of the state lock, or the newcomer would rightly spend its settle
     // time trying to re-attach to it.)
     drop(first);
-    let state_lock = dirs.state.join(handoff::lock::LOCK_FILE);
+    let state_lock = dirs.state.join(handoff::StateLock::FILE_NAME);
     wait_until(SETTLE, "the killed service released the state lock", || {
         matches!(process_state(c.new_pid), None | Some('Z')) && lock_holders(&state_lock).is_empty()
     });

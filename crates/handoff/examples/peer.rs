@@ -173,7 +173,7 @@ fn main() {
             }
         }
         other => {
-            let stream = handoff::successor::take_control_from_env().expect("control fd");
+            let stream = handoff::take_control_from_env().expect("control fd");
             let mut chan = Channel::new(stream);
             match other {
                 "wrong-role" => chan

@@ -32,66 +32,150 @@
 //! Any failure before Ready: S kills and reaps N and sends O
 //! `ResumeAfterAbort`. After Ready, N is the incumbent whatever happens.
 //!
-//! * Supervisor side: [`Supervisor`], [`resume_from_journal`].
-//! * Service side: [`Boot`] → [`Begun`] → [`Incumbent`], and the
-//!   [`Drainable`] trait the service implements. This is the synchronous,
-//!   runtime-free layer; a tokio / hyper / axum / tonic service uses the
-//!   `handoff-tokio` crate instead, which drives it (three lines of glue, an
-//!   HTTP drain that fails no request, async seal and resume).
-//! * Primitives: [`StateLock`], [`Journal`], [`RestartLock`], and the
-//!   shared state [`Region`] (seqlock with a robust writer lock).
-//! * Service managers: [`sd_notify::Notifier`] (systemd's `NOTIFY_SOCKET`)
-//!   and [`listeners::take_from_env`] (socket activation).
+//! ## What a service author uses
+//!
+//! A tokio / hyper / axum / tonic service uses the `handoff-tokio` crate,
+//! which drives this one (three lines of glue, an HTTP drain that fails no
+//! request, async seal and resume). A synchronous service uses this crate's
+//! root directly:
+//!
+//! * [`Boot`] → [`Begun`] → [`Incumbent`]: the process's three states, each
+//!   consumed into the next, and the [`Drainable`] trait it implements so
+//!   its incumbent can be drained, sealed and resumed.
+//! * [`StateLock`]: the kernel-released lock that fences the state between
+//!   two builds; [`shm::Region`]: shared state that survives a writer
+//!   killed mid-write.
+//! * [`listeners::take_from_env`] (socket activation) and
+//!   [`sd_notify::Notifier`] (systemd's `NOTIFY_SOCKET`), for a service
+//!   that also runs under a service manager.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use handoff::{Boot, BootOptions, DrainReport, Drainable, ServiceError};
+//!
+//! /// Whatever the service's accept loop needs to hear at drain.
+//! struct Service;
+//!
+//! impl Drainable for Service {
+//!     fn drain(&mut self, _grace: Duration) -> Result<DrainReport, ServiceError> {
+//!         // Stop accepting; let in-flight requests finish within the grace.
+//!         Ok(DrainReport { open_conns_remaining: 0, accept_closed: true })
+//!     }
+//!     fn seal(
+//!         &mut self,
+//!         _progress: &mut dyn FnMut(u64, u64),
+//!     ) -> Result<Option<Vec<u8>>, ServiceError> {
+//!         Ok(None) // make the state durable: the successor takes it next
+//!     }
+//!     fn resume(&mut self) -> Result<(), ServiceError> {
+//!         Ok(()) // the handoff aborted: accept again
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // The listeners the supervisor passed, and the control channel.
+//!     let mut boot = Boot::from_env(BootOptions::new("my-service 1.2.0"))?;
+//!     let listeners = boot.take_listeners();
+//!     // ... warm up, then Hello; Begin: the old build has sealed, the
+//!     // state lock is ours.
+//!     let begun = boot.begin()?;
+//!     // ... open the state, start accepting on `listeners` ...
+//!     let incumbent = begun.ready(|| Ok(()))?;
+//!     // Serve the protocol until a successor commits or `handoff stop`.
+//!     let retired = incumbent.serve(&mut Service)?;
+//!     println!("{retired:?}; {} listeners", listeners.len());
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Features
+//!
+//! * `supervisor`: the supervisor side — `Supervisor`,
+//!   the journal, crash recovery, spawning, the notify-mode supervisor —
+//!   and the wire protocol's types, for building a supervisor binary (the
+//!   `handoff` CLI enables it) and for protocol-level tests. Without it
+//!   they are compiled for the service side's use but not public.
+//! * `crash-points`: named fault-injection points for the crash matrix,
+//!   armed at run time by `HANDOFF_CRASH_AT`; inert otherwise.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
+// A service author's build (no `supervisor` feature) sees only the service
+// side: all of it is documented, and supervisor code the service side does
+// not call is compiled but unused there.
+#![cfg_attr(not(feature = "supervisor"), warn(missing_docs))]
+#![cfg_attr(not(feature = "supervisor"), allow(dead_code, unused_imports))]
+
+/// Declares modules public with the `supervisor` feature and private
+/// without it: the supervisor side and the wire protocol are the
+/// supervisor binary's business, not a service author's.
+macro_rules! supervisor_side {
+    ($($(#[$meta:meta])* $name:ident;)*) => {$(
+        #[cfg(feature = "supervisor")]
+        $(#[$meta])*
+        pub mod $name;
+        #[cfg(not(feature = "supervisor"))]
+        $(#[$meta])*
+        mod $name;
+    )*};
+}
 
 pub mod accept;
 mod busy;
-pub mod channel;
-pub mod child;
-pub mod crash;
-pub mod error;
-pub mod frame;
-pub mod incumbent;
-pub mod journal;
+mod incumbent;
 pub mod listeners;
-pub mod lock;
-pub mod notify;
-pub mod phase;
+mod lock;
 pub mod private_fs;
-pub mod process;
-mod procinfo;
-pub mod protocol;
-pub mod recovery;
-pub mod restart_lock;
+mod process;
 pub mod sd_notify;
 pub mod shm;
-pub mod spawn;
-pub mod successor;
-pub mod supervisor;
+mod successor;
 #[allow(unsafe_code)]
 mod sys;
-pub mod timeouts;
+mod timeouts;
 
-pub use child::{Child, Exit};
-pub use error::{HandoffError, ProcessError, ProtocolError, SpawnError, StopError};
+supervisor_side! {
+    channel;
+    child;
+    crash;
+    error;
+    frame;
+    journal;
+    notify;
+    phase;
+    procinfo;
+    protocol;
+    recovery;
+    restart_lock;
+    spawn;
+    supervisor;
+}
+
+pub use error::{ProcessError, ProtocolError};
+pub use frame::FrameError;
 pub use incumbent::{Incumbent, Retired};
-pub use journal::{Journal, JournalRecord};
 pub use listeners::Listener;
-pub use lock::StateLock;
-pub use phase::SupervisorPhase;
+pub use lock::{LockError, StateLock};
+pub use phase::Peer;
 pub use private_fs::PrivateError;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
-pub use protocol::{HandoffId, IdHex, Message, Role, VersionRange};
-pub use recovery::{probe_incumbent, reattach, resume_from_journal, Reattached, Recovery};
-pub use restart_lock::{RestartLock, RestartLockError};
-pub use shm::{Region, RegionSpec, ShmError, WriteGuard};
-pub use spawn::Program;
+pub use protocol::{HandoffId, NoCommonVersion, Role, VersionRange};
 pub use successor::{Begun, Boot, BootOptions, StartRole};
-pub use supervisor::{
-    HandoffOptions, PhaseDone, Prepared, Report, StopRequest, Supervisor, SupervisorConfig,
-};
 pub use timeouts::Timeouts;
 
-/// Peer credentials (for the admin socket of a supervisor binary).
-pub use sys::{peer_credentials, PeerCred};
+#[cfg(feature = "supervisor")]
+pub use {
+    child::{Child, Exit},
+    error::{HandoffError, SpawnError, StopError},
+    journal::{Journal, JournalRecord},
+    phase::SupervisorPhase,
+    protocol::{IdHex, Message},
+    recovery::{probe_incumbent, reattach, resume_from_journal, Reattached, Recovery},
+    restart_lock::{RestartLock, RestartLockError},
+    spawn::Program,
+    successor::take_control_from_env,
+    supervisor::{
+        HandoffOptions, PhaseDone, Prepared, Report, StopRequest, Supervisor, SupervisorConfig,
+    },
+    sys::{peer_credentials, PeerCred},
+};

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// File name of the state lock inside the state dir.
-pub const LOCK_FILE: &str = "handoff.lock";
+pub(crate) const LOCK_FILE: &str = "handoff.lock";
 
 /// Errors taking the state lock.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,11 @@ pub struct StateLock {
 }
 
 impl StateLock {
+    /// File name of the state lock inside the state dir (`handoff.lock`):
+    /// what an operator looks for with `fuser` when an upgrade waits for
+    /// the lock.
+    pub const FILE_NAME: &'static str = LOCK_FILE;
+
     /// Takes the lock if it is free right now.
     ///
     /// The file is created 0600 and never opened through a symlink

@@ -73,7 +73,7 @@ impl Timeouts {
 
     /// Timeout for one read: liveness, but never past the phase cap plus
     /// wire slack, and never below the floor.
-    pub fn read_timeout(&self, clock: &PhaseClock, now: Instant) -> Duration {
+    pub(crate) fn read_timeout(&self, clock: &PhaseClock, now: Instant) -> Duration {
         let phase_left = clock.remaining(now) + self.wire_slack;
         self.liveness.min(phase_left).max(self.read_floor)
     }
@@ -81,9 +81,9 @@ impl Timeouts {
 
 /// Wall clock of one phase.
 #[derive(Debug, Clone, Copy)]
-pub struct PhaseClock {
-    pub started: Instant,
-    pub cap: Duration,
+pub(crate) struct PhaseClock {
+    pub(crate) started: Instant,
+    pub(crate) cap: Duration,
 }
 
 impl PhaseClock {

@@ -63,8 +63,13 @@ mod error;
 mod file;
 mod guard;
 mod hooks;
+// The on-disk layout is public to the crate's tests (which corrupt
+// regions at its offsets), private otherwise.
+#[cfg(feature = "shm-test-hooks")]
 pub mod layout;
-pub mod owner;
+#[cfg(not(feature = "shm-test-hooks"))]
+mod layout;
+mod owner;
 mod seqlock;
 
 use std::path::{Path, PathBuf};
