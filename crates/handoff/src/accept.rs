@@ -29,7 +29,14 @@ pub enum Verdict {
     /// Transient; [`AcceptBackoff::failed`] has paused already. `say`:
     /// log this one now, adding that `suppressed` failures since the last
     /// line went unlogged.
-    Retry { say: bool, suppressed: u64 },
+    Retry {
+        /// Whether to log this failure now (at most one line per
+        /// [`SAY_EVERY`]).
+        say: bool,
+        /// Failures that went unlogged since the last line; 0 when `say`
+        /// is false.
+        suppressed: u64,
+    },
 }
 
 /// Pause and log-rate state of one accept loop.
@@ -61,6 +68,7 @@ impl Default for AcceptBackoff {
 }
 
 impl AcceptBackoff {
+    /// A loop that has not failed yet: the first pause is [`MIN_PAUSE`].
     pub fn new() -> Self {
         Self::default()
     }

@@ -29,46 +29,116 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 /// input maps to one of these.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// The frame does not start with `HOFF`: whatever is on the other end
+    /// of the socket does not speak the handoff protocol.
     #[error(
         "bad magic {found:02x?} (expected {MAGIC:02x?}): peer is not speaking the handoff protocol"
     )]
-    BadMagic { found: [u8; 4] },
+    BadMagic {
+        /// The first four bytes received.
+        found: [u8; 4],
+    },
+    /// The frame header carries a protocol version this build does not
+    /// speak at all.
     #[error(
         "unsupported protocol version {found} in frame header (this build speaks {min}..={max})"
     )]
-    UnsupportedVersion { found: u16, min: u16, max: u16 },
+    UnsupportedVersion {
+        /// The version in the frame header.
+        found: u16,
+        /// The lowest version this build speaks.
+        min: u16,
+        /// The highest version this build speaks.
+        max: u16,
+    },
+    /// The frame header's version is not the one this channel uses: the
+    /// negotiated version, or 1 for Hello and HelloAck.
     #[error("frame header says version {found} but {expected} was negotiated")]
-    VersionMismatch { found: u16, expected: u16 },
+    VersionMismatch {
+        /// The version in the frame header.
+        found: u16,
+        /// The version frames of this message must carry on this channel.
+        expected: u16,
+    },
+    /// The header sets flag bits that no protocol version defines: a
+    /// corrupt frame, or a peer that is not this protocol.
     #[error("reserved header flags {found:#06x} are set")]
-    ReservedFlags { found: u16 },
+    ReservedFlags {
+        /// The flags field as received.
+        found: u16,
+    },
+    /// The payload is longer than the cap (1 MiB). A received one is
+    /// refused before anything is allocated; one being sent is refused
+    /// before it is written. Large state belongs in the state dir or a
+    /// shared region, not on the control channel.
     #[error("payload length {len} exceeds the {max}-byte cap")]
-    Oversized { len: u64, max: usize },
+    Oversized {
+        /// The payload length in bytes, as the header states it (or as it
+        /// would have been sent).
+        len: u64,
+        /// The cap in bytes.
+        max: usize,
+    },
+    /// The crc32c over the header and payload does not match: bytes were
+    /// corrupted, or the stream lost its place.
     #[error("checksum mismatch: header says {expected:#010x}, frame hashes to {actual:#010x}")]
-    BadChecksum { expected: u32, actual: u32 },
+    BadChecksum {
+        /// The checksum the header carries.
+        expected: u32,
+        /// The checksum of the bytes received.
+        actual: u32,
+    },
+    /// The frame ended early: EOF inside a frame, or a buffer shorter than
+    /// the frame it starts.
     #[error("truncated frame: needed {needed} bytes, got {got}")]
-    Truncated { needed: usize, got: usize },
+    Truncated {
+        /// Bytes the whole frame needs, header included.
+        needed: usize,
+        /// Bytes there were.
+        got: usize,
+    },
+    /// The payload's tag byte names no message this build knows.
     #[error("unknown message tag {tag}")]
-    UnknownMessage { tag: u8 },
+    UnknownMessage {
+        /// The tag byte received.
+        tag: u8,
+    },
     /// A message newer than the channel's negotiated version, sent or
     /// received: the peer's build may not know it (see
-    /// [`Message::since`](crate::protocol::Message::since)).
+    /// `Message::since`).
     #[error("{message} needs protocol version {since}, but this channel negotiated {version}")]
     NotInVersion {
+        /// The name of the message, such as `Shutdown`.
         message: &'static str,
+        /// The first protocol version that has the message.
         since: u16,
+        /// The version this channel negotiated.
         version: u16,
     },
+    /// A known message whose body did not decode, or left bytes over.
     #[error("malformed {message} payload: {reason}")]
     Malformed {
+        /// The name of the message the tag announced.
         message: &'static str,
+        /// What the decoder found wrong.
         reason: String,
     },
+    /// The frame's payload is empty, so it has no message tag.
     #[error("empty payload (no message tag)")]
     Empty,
+    /// The peer closed the connection at a frame boundary: EOF before the
+    /// first byte of a frame.
     #[error("peer closed the connection")]
     Closed,
+    /// No whole frame arrived within the read's timeout.
     #[error("timed out after {waited_ms} ms waiting for a frame")]
-    TimedOut { waited_ms: u64 },
+    TimedOut {
+        /// Milliseconds waited before giving up (0 where the reader did
+        /// not measure it).
+        waited_ms: u64,
+    },
+    /// Any other I/O error on the socket, such as a reset connection or a
+    /// broken pipe.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }

@@ -29,15 +29,24 @@ use crate::sys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retired {
     /// The supervisor committed the handoff to the successor.
-    Committed { handoff_id: HandoffId },
+    Committed {
+        /// The handoff that was committed.
+        handoff_id: HandoffId,
+    },
     /// The supervisor vanished after we sealed, and the successor holds the
     /// state lock: it became the incumbent.
-    SuccessorWon { handoff_id: HandoffId },
+    SuccessorWon {
+        /// The handoff during which the supervisor vanished.
+        handoff_id: HandoffId,
+    },
     /// The supervisor stopped the service (`handoff stop`, or SIGTERM to
     /// `handoff run`) with no successor: the drain is done and reported;
     /// finish what is still open and exit. The state lock is still held —
     /// the kernel releases it when the process exits.
-    Stopped { stop_id: HandoffId },
+    Stopped {
+        /// The id of the stop request, as the supervisor logs it.
+        stop_id: HandoffId,
+    },
 }
 
 /// The serving side: state lock held, control socket bound.
@@ -74,6 +83,11 @@ impl Incumbent {
         }
     }
 
+    /// The configuration this process started with (from [`Boot`]'s
+    /// [`BootOptions`] and the environment).
+    ///
+    /// [`Boot`]: crate::Boot
+    /// [`BootOptions`]: crate::BootOptions
     pub fn config(&self) -> &ProcessConfig {
         &self.cfg
     }

@@ -17,7 +17,10 @@ pub const LISTEN_FDS_START: RawFd = 3;
 /// A named listening socket.
 #[derive(Debug)]
 pub struct Listener {
+    /// Its name from `LISTEN_FDNAMES` (`unknown` when no names were
+    /// passed): how the service tells its sockets apart.
     pub name: String,
+    /// The listening socket, owned by this process and close-on-exec.
     pub fd: OwnedFd,
 }
 
@@ -36,16 +39,40 @@ impl Listener {
 /// Errors reading passed listeners.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenFdsError {
+    /// `LISTEN_FDS` is set to something that is not a number (the value).
     #[error("LISTEN_FDS={0:?} is not a number")]
     BadCount(String),
+    /// `LISTEN_PID` is unset or names another process: the variables were
+    /// inherited from the process the descriptors were passed to, so they
+    /// are not this process's to take.
     #[error(
         "LISTEN_PID={found} is not this process ({ours}): the fds were meant for another process"
     )]
-    WrongPid { found: String, ours: u32 },
+    WrongPid {
+        /// The value of `LISTEN_PID`, empty when it is unset.
+        found: String,
+        /// This process's pid.
+        ours: u32,
+    },
+    /// `LISTEN_FDNAMES` does not have one name per descriptor.
     #[error("LISTEN_FDNAMES has {names} names for {fds} fds")]
-    NameCount { names: usize, fds: usize },
+    NameCount {
+        /// Names in `LISTEN_FDNAMES`.
+        names: usize,
+        /// Descriptors `LISTEN_FDS` announces.
+        fds: usize,
+    },
+    /// A descriptor `LISTEN_FDS` announces is not open in this process, or
+    /// could not be made close-on-exec.
     #[error("fd {fd} from LISTEN_FDS is not open: {source}")]
-    NotOpen { fd: RawFd, source: std::io::Error },
+    NotOpen {
+        /// The descriptor number.
+        fd: RawFd,
+        /// The error from checking it or setting close-on-exec.
+        source: std::io::Error,
+    },
+    /// The passed descriptors were already taken once in this process:
+    /// taking them again would give the same sockets two owners.
     #[error("passed fds were already taken by this process")]
     AlreadyTaken,
 }

@@ -20,16 +20,37 @@ pub(crate) const LOCK_FILE: &str = "handoff.lock";
 /// Errors taking the state lock.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// The lock file could not be opened or created (a missing state dir,
+    /// no permission, no space).
     #[error("cannot open state lock {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    Open {
+        /// The lock file, `<state_dir>/handoff.lock`.
+        path: PathBuf,
+        /// The error from opening it.
+        source: io::Error,
+    },
+    /// Another process held the lock for the whole wait: another instance
+    /// using the same state dir, or a previous holder that has not let go
+    /// yet. `fuser` on the path names the holder.
     #[error("state lock {path} is held by another process (last holder recorded: {holder}) and was not released within {waited_ms} ms")]
     Busy {
+        /// The lock file, `<state_dir>/handoff.lock`.
         path: PathBuf,
+        /// What the lock file records about its last holder (`pid N`), or
+        /// `unknown` when it records nothing.
         holder: String,
+        /// Milliseconds waited before giving up.
         waited_ms: u64,
     },
+    /// `flock(2)` itself failed, for a reason other than the lock being
+    /// held.
     #[error("locking {path}: {source}")]
-    Lock { path: PathBuf, source: io::Error },
+    Lock {
+        /// The lock file, `<state_dir>/handoff.lock`.
+        path: PathBuf,
+        /// The error from `flock`.
+        source: io::Error,
+    },
     /// The lock file is a symlink or another user's (see
     /// [`crate::private_fs`]): whoever can open it can take the lock.
     #[error("state lock: {0}")]
@@ -123,6 +144,7 @@ impl StateLock {
         writeln!(self.file, "pid {}", std::process::id())
     }
 
+    /// The lock file this lock is held on, `<state_dir>/handoff.lock`.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -75,8 +75,11 @@ impl std::fmt::Display for SupervisorPhase {
 /// The peer a supervisor talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Peer {
+    /// The serving process, asked to drain and seal.
     Incumbent,
+    /// The new process, spawned to take over from the incumbent.
     Successor,
+    /// The supervisor, as the incumbent or successor sees it.
     Supervisor,
 }
 

@@ -38,28 +38,60 @@ pub const FILE_MODE: u32 = 0o600;
 /// change, or that could not be checked.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivateError {
+    /// The path is a symbolic link, which is never followed: another user
+    /// may have planted it to redirect what handoff writes.
     #[error("{} is a symbolic link; refusing to follow it (another user may have planted it). Fix: remove the link and give the real path, or let handoff create a fresh {kind} there", path.display())]
-    Symlink { path: PathBuf, kind: &'static str },
+    Symlink {
+        /// The link's path.
+        path: PathBuf,
+        /// What was expected there: `directory` or `file`.
+        kind: &'static str,
+    },
+    /// The path exists but is not what it should be: a file where a
+    /// directory is expected, or something other than a regular file.
     #[error("{} is not a {kind}", path.display())]
-    WrongType { path: PathBuf, kind: &'static str },
+    WrongType {
+        /// The path found.
+        path: PathBuf,
+        /// What was expected there: `directory` or `file`.
+        kind: &'static str,
+    },
+    /// The directory or file belongs to another user than this process's
+    /// and not to root, so its owner could replace what handoff keeps in
+    /// it.
     #[error("{} is owned by uid {owner}, not by uid {ours} (this process) or root, so its owner could replace what handoff keeps in it. Fix: `chown {ours} {}`, or choose a {kind} of your own", path.display(), path.display())]
     Owner {
+        /// The directory or file.
         path: PathBuf,
+        /// What it is: `directory` or `file`.
         kind: &'static str,
+        /// The uid that owns it.
         owner: u32,
+        /// This process's effective uid.
         ours: u32,
     },
+    /// A directory that group or others may write (files are tightened
+    /// instead): they could replace what handoff keeps in it. It is left
+    /// as found.
     #[error("{} has mode {mode:04o}: writable by group or others, who could replace what handoff keeps in it. Fix: `chmod {fix:o} {}`, or choose a {kind} only its owner can write", path.display(), path.display())]
     Writable {
+        /// The directory.
         path: PathBuf,
+        /// What it is: `directory`.
         kind: &'static str,
+        /// Its permission bits as found.
         mode: u32,
+        /// The mode the message suggests instead ([`DIR_MODE`]).
         fix: u32,
     },
+    /// Creating, opening, inspecting or restricting the path failed.
     #[error("{op} {}: {source}", path.display())]
     Io {
+        /// What was being done, such as `creating` or `opening`.
         op: &'static str,
+        /// The directory or file.
         path: PathBuf,
+        /// The error from the system call.
         source: io::Error,
     },
 }

@@ -63,10 +63,18 @@ pub trait Drainable {
 /// Configuration of the process side (incumbent or successor).
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
+    /// This build's name, sent in every Hello and in Ready's metadata: what
+    /// the supervisor's status and logs show for the process.
     pub build_id: String,
+    /// The protocol versions this process offers in its Hello.
     pub versions: VersionRange,
+    /// The directory holding the state lock (`handoff.lock`).
     pub state_dir: PathBuf,
+    /// Where the incumbent binds its control socket, which the supervisor
+    /// connects to.
     pub control_path: PathBuf,
+    /// The protocol's timeouts, as this side applies them to its reads and
+    /// heartbeats.
     pub timeouts: Timeouts,
     /// How long a successor waits, after Begin, for the sealed incumbent's
     /// lock to become free (it was released just before SealComplete).
@@ -79,6 +87,9 @@ pub struct ProcessConfig {
 }
 
 impl ProcessConfig {
+    /// A configuration with every other field at its default: the
+    /// versions this build speaks, timeouts from [`Timeouts::from_env`],
+    /// 5 s lock wait, 10 s recovery wait, 60 s idle timeout.
     pub fn new(
         build_id: impl Into<String>,
         state_dir: impl Into<PathBuf>,

@@ -52,8 +52,13 @@ impl std::fmt::Display for IdHex {
 /// Who is speaking on a control channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
+    /// The supervisor. It never sends Hello; it is the role named when a
+    /// process and its supervisor share no version.
     Supervisor,
+    /// The serving process, which says Hello to each control connection.
     Incumbent,
+    /// A process the supervisor spawned to take over, which says Hello once
+    /// it has warmed up.
     Successor,
 }
 
@@ -70,7 +75,9 @@ impl std::fmt::Display for Role {
 /// An inclusive range of protocol versions a peer speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRange {
+    /// The lowest version spoken.
     pub min: ProtoVersion,
+    /// The highest version spoken.
     pub max: ProtoVersion,
 }
 
@@ -92,8 +99,12 @@ impl std::fmt::Display for VersionRange {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("no common protocol version: we speak {ours}, the {peer} speaks {theirs}; upgrade in smaller steps so adjacent builds overlap")]
 pub struct NoCommonVersion {
+    /// The versions the side reporting the error speaks.
     pub ours: VersionRange,
+    /// The versions the peer offered; for a process checking its
+    /// supervisor's HelloAck, the one version the supervisor chose.
     pub theirs: VersionRange,
+    /// The role of the peer that offered `theirs`.
     pub peer: Role,
 }
 

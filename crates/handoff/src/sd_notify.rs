@@ -23,7 +23,7 @@
 //!   `NOTIFY_SOCKET` could send `READY=1` or `STOPPING=1` in the main
 //!   process's name (systemd attributes by cgroup when `NotifyAccess=all`).
 //!   That is why `sd_notify(unset_environment=1)` exists, and why
-//!   [`spawn`](crate::spawn) never passes the supervisor's own
+//!   `spawn` never passes the supervisor's own
 //!   `NOTIFY_SOCKET`, `WATCHDOG_USEC` or `WATCHDOG_PID` to a service.
 //!
 //! ```
@@ -70,46 +70,80 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// Errors reading the notify environment or sending a notification.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
+    /// `NOTIFY_SOCKET` (the value, lossily decoded if it is not UTF-8) is
+    /// neither an absolute path nor `@` and an abstract name.
     #[error(
         "NOTIFY_SOCKET={0:?} is neither an absolute path nor an abstract socket name \
          starting with '@' (sd_notify(3)); fix or unset it"
     )]
     BadAddress(String),
+    /// `NOTIFY_SOCKET` has the right form but is no usable socket address:
+    /// a path too long for one, or an abstract name on a system that has
+    /// none.
     #[error("NOTIFY_SOCKET={addr:?} cannot be used as a Unix socket address: {source}")]
     Unaddressable {
+        /// The value of `NOTIFY_SOCKET`.
         addr: String,
+        /// Why it is not an address.
         #[source]
         source: io::Error,
     },
+    /// The datagram socket to send from could not be created or set up.
     #[error("creating the datagram socket for NOTIFY_SOCKET={addr:?}: {source}")]
     Socket {
+        /// The value of `NOTIFY_SOCKET`.
         addr: String,
+        /// The error from creating or configuring the socket.
         #[source]
         source: io::Error,
     },
+    /// The manager did not take the notification: its socket is gone, or
+    /// its queue stayed full for the whole send timeout (1 s).
     #[error("sending {what} to the service manager at NOTIFY_SOCKET={addr:?}: {source}")]
     Send {
+        /// The value of `NOTIFY_SOCKET`.
         addr: String,
+        /// The notification's first assignment, such as `"READY=1"`, and
+        /// how many more it had.
         what: String,
+        /// The error from sending.
         #[source]
         source: io::Error,
     },
+    /// The notification is longer than the manager reads
+    /// ([`MAX_MESSAGE`]), so it is not sent.
     #[error("notification {what} is {len} bytes; the service manager reads at most {max}")]
     TooLong {
+        /// The notification's first assignment, and how many more it had.
         what: String,
+        /// Its length in bytes.
         len: usize,
+        /// The most the manager reads, in bytes.
         max: usize,
     },
+    /// A value that would corrupt the notification: a `STATUS=` built by
+    /// hand with a newline or NUL in it, or an `FDNAME=` systemd would
+    /// drop.
     #[error(
         "{key}= value {value:?} contains a newline or NUL, which would split the notification"
     )]
-    BadValue { key: &'static str, value: String },
+    BadValue {
+        /// The assignment's key: `STATUS` or `FDNAME`.
+        key: &'static str,
+        /// The value refused.
+        value: String,
+    },
+    /// `CLOCK_MONOTONIC` could not be read for `MONOTONIC_USEC=`.
     #[error("reading CLOCK_MONOTONIC for MONOTONIC_USEC: {0}")]
     Clock(#[source] io::Error),
+    /// A watchdog variable is set but unusable.
     #[error("{var}={value:?} is not {expected} (sd_watchdog_enabled(3)); fix or unset it")]
     BadWatchdog {
+        /// The variable: `WATCHDOG_USEC` or `WATCHDOG_PID`.
         var: &'static str,
+        /// Its value.
         value: String,
+        /// What it should be, such as "a process id".
         expected: &'static str,
     },
 }
@@ -120,7 +154,11 @@ pub enum State {
     /// `READY=1`: start-up (or a reload) is complete.
     Ready,
     /// `RELOADING=1` + `MONOTONIC_USEC=`: a reload began at that instant.
-    Reloading { monotonic_usec: u64 },
+    Reloading {
+        /// When the reload began: `CLOCK_MONOTONIC` in µs (see
+        /// [`monotonic_usec`]).
+        monotonic_usec: u64,
+    },
     /// `STOPPING=1`: shutting down; the manager stops expecting readiness.
     Stopping,
     /// `STATUS=…`: one line for `systemctl status`. Build it with

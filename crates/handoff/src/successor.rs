@@ -55,10 +55,17 @@ pub enum StartRole {
 /// supervisor did not pass `HANDOFF_STATE_DIR` / `HANDOFF_CONTROL_SOCK`.
 #[derive(Debug, Clone)]
 pub struct BootOptions {
+    /// See [`ProcessConfig::build_id`].
     pub build_id: String,
+    /// The state dir when `HANDOFF_STATE_DIR` is not set; with neither,
+    /// [`Boot::from_env`] fails.
     pub state_dir: Option<PathBuf>,
+    /// The control socket path when `HANDOFF_CONTROL_SOCK` is not set; with
+    /// neither, [`Boot::from_env`] fails.
     pub control_path: Option<PathBuf>,
+    /// See [`ProcessConfig::versions`].
     pub versions: VersionRange,
+    /// See [`ProcessConfig::timeouts`].
     pub timeouts: Timeouts,
     /// See [`ProcessConfig::lock_wait`].
     pub lock_wait: Duration,
@@ -67,6 +74,9 @@ pub struct BootOptions {
 }
 
 impl BootOptions {
+    /// Options for build `build_id`, with no default paths, the versions
+    /// this build speaks, timeouts from [`Timeouts::from_env`], a 5 s lock
+    /// wait and a 10 s recovery wait (or `HANDOFF_RECOVERY_WAIT_MS`).
     pub fn new(build_id: impl Into<String>) -> BootOptions {
         BootOptions {
             build_id: build_id.into(),
@@ -186,10 +196,12 @@ impl Boot {
         Ok(())
     }
 
+    /// How this process was started, from `HANDOFF_ROLE`.
     pub fn role(&self) -> StartRole {
         self.role
     }
 
+    /// The configuration read from the environment and the options.
     pub fn config(&self) -> &ProcessConfig {
         &self.cfg
     }
@@ -256,6 +268,8 @@ impl Begun {
         self.state.as_deref()
     }
 
+    /// The handoff this process is taking over in, from Begin; 0 for a
+    /// process started standalone ([`StartRole::Initial`]).
     pub fn handoff_id(&self) -> HandoffId {
         self.handoff_id
     }

@@ -40,6 +40,8 @@ impl<'a> WriteGuard<'a> {
         self.region.payload_len
     }
 
+    /// Whether the payload is empty: never, as a region's payload is at
+    /// least one byte.
     pub fn is_empty(&self) -> bool {
         self.region.payload_len == 0
     }

@@ -20,7 +20,7 @@
 //! * **A dead writer cannot wedge anyone.** A waiter that spins past a
 //!   bound probes the owner (`kill(pid, 0)`, then `/proc` for zombie state
 //!   and start time, so neither a zombie nor a stranger that inherited the
-//!   pid passes for the owner — see [`owner`]). If the owner is dead it
+//!   pid passes for the owner — see `owner`). If the owner is dead it
 //!   *recovers* the lock: it stamps its own identity over the dead owner's
 //!   with a CAS (exactly one waiter wins), forces the sequence even, then
 //!   releases. A recoverer killed in the middle of that has left its own
@@ -88,11 +88,14 @@ use crate::sys::shm::SharedMap;
 /// `schema`) gets [`ShmError::SchemaMismatch`] instead of misreading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionSpec {
+    /// The payload size in bytes, 1 to 16 MiB.
     pub payload_len: usize,
+    /// The application's own tag for its record format.
     pub schema: u64,
 }
 
 impl RegionSpec {
+    /// A spec for a `payload_len`-byte payload in format `schema`.
     pub fn new(payload_len: usize, schema: u64) -> RegionSpec {
         RegionSpec {
             payload_len,
@@ -104,6 +107,7 @@ impl RegionSpec {
 /// The lock and sequence as they are right now (diagnostics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockState {
+    /// The writer lock's owner word: free, or who holds it.
     pub owner: OwnerState,
     /// Even when no write is in progress.
     pub seq: u64,
@@ -166,14 +170,17 @@ impl Region {
         })
     }
 
+    /// The region file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The payload size in bytes, as recorded in the file's header.
     pub fn payload_len(&self) -> usize {
         self.payload_len
     }
 
+    /// The schema tag recorded in the file's header.
     pub fn schema(&self) -> u64 {
         self.schema
     }

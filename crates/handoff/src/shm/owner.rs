@@ -77,6 +77,7 @@ impl OwnerId {
         }
     }
 
+    /// The owner's process id.
     pub fn pid(&self) -> u32 {
         self.pid
     }
