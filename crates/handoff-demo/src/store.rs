@@ -9,6 +9,16 @@
 //! first record that does not check out — such a record was never
 //! acknowledged.
 //!
+//! A write that fails (a full disk, an I/O error) must not leave torn bytes
+//! in the middle of the log: replay stops at the first bad record, so
+//! every record appended after it — acknowledged or not — would be dropped
+//! at the next open. So after a failed append the writer cuts the log back
+//! to its last good record before it acknowledges anything else; if it
+//! cannot, or if an fsync failed (Linux may then have dropped the dirty
+//! pages and cleared the error, so a later fsync's success proves nothing:
+//! "fsyncgate"), the store turns read-only until it is reopened by a
+//! restart or an upgrade. See [`write_loop`].
+//!
 //! Only the state-lock holder opens the store for writing; that is what
 //! makes it safe for the old and new process to share the file.
 
@@ -109,7 +119,8 @@ impl Store {
             file.sync_all()?;
         }
         if worth_compacting(valid as u64, live_bytes(&map)) {
-            file = compact(dir, &path, &map)?;
+            compact(dir, &path, &map)?;
+            file = open_log(&path)?;
         }
         Self::start(file, map, path)
     }
@@ -140,8 +151,20 @@ impl Store {
         })
     }
 
-    fn start(mut file: File, map: HashMap<String, Arc<[u8]>>, path: PathBuf) -> io::Result<Store> {
+    fn start(file: File, map: HashMap<String, Arc<[u8]>>, path: PathBuf) -> io::Result<Store> {
+        Self::start_with(file, map, path, |f| f)
+    }
+
+    /// [`Store::start`] with the log file wrapped by `wrap`: the tests'
+    /// way to make a write or an fsync fail (see [`LogFile`]).
+    fn start_with<F: LogFile>(
+        mut file: File,
+        map: HashMap<String, Arc<[u8]>>,
+        path: PathBuf,
+        wrap: impl FnOnce(File) -> F,
+    ) -> io::Result<Store> {
         let len = file.seek(SeekFrom::End(0))?;
+        let file = wrap(file);
         let map = Arc::new(RwLock::new(map));
         let (tx, rx) = mpsc::channel();
         let m = map.clone();
@@ -198,7 +221,9 @@ impl Store {
     }
 
     /// Waits until everything queued so far is durable (also a liveness
-    /// check of the writer).
+    /// check of the writer). On a store gone read-only it succeeds: every
+    /// acknowledged write is durable and nothing else is pending, and the
+    /// seal must succeed so that an upgrade can reopen the store.
     pub fn flush_blocking(&self) -> io::Result<()> {
         let (done, rx) = oneshot::channel();
         self.send(Cmd::Flush(done))?;
@@ -282,6 +307,43 @@ fn worth_compacting(log_len: u64, live: u64) -> bool {
     log_len > 1 << 20 && log_len > 4 * live
 }
 
+/// What the writer does to the log file. A seam, not an abstraction: the
+/// one implementation outside the tests is [`File`]. It exists because a
+/// full disk or a failing one cannot be summoned on demand, and the
+/// recovery from them is exactly the code that must not be wrong: the unit
+/// tests wrap the file to make a write stop short or an fsync fail at a
+/// chosen point.
+trait LogFile: Write + Send + 'static {
+    /// `fdatasync`: the appended records are durable once this succeeds.
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Cuts the log back to `len` bytes (the end of its last good record),
+    /// puts the write position there and makes the new length durable.
+    fn cut_back(&mut self, len: u64) -> io::Result<()>;
+    /// Opens the log at `path` anew and appends there from now on:
+    /// compaction replaced it.
+    fn reopen(&mut self, path: &Path) -> io::Result<()>;
+}
+
+impl LogFile for File {
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn cut_back(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)?;
+        // The log is opened O_APPEND, so writes go to the (new) end anyway;
+        // the seek keeps the position honest should that ever change.
+        self.seek(SeekFrom::Start(len))?;
+        // sync_all, not sync_data: the length is the point of it.
+        self.sync_all()
+    }
+
+    fn reopen(&mut self, path: &Path) -> io::Result<()> {
+        *self = open_log(path)?;
+        Ok(())
+    }
+}
+
 /// The store's only appender. It also compacts the log once it is mostly
 /// dead records: a service that is only ever upgraded (never restarted)
 /// would otherwise grow its log without bound, since compaction on open
@@ -290,8 +352,27 @@ fn worth_compacting(log_len: u64, live: u64) -> bool {
 /// [`compact`]: the old log stays intact until the atomic rename. A
 /// successor preloading meanwhile notices the replaced file in
 /// [`Preloaded::finish`] and reads the new one whole.
-fn write_loop(
-    mut file: File,
+///
+/// Storage faults. A failed append (ENOSPC, EIO) may have left part of the
+/// batch in the file; replay stops at the first bad record, so anything
+/// appended after those bytes would be lost at the next open, however
+/// acknowledged. So the log is cut back to `log_len`, the end of the last
+/// good record, before the next batch. The store turns read-only instead —
+/// every later PUT refused, reads still answered, the reason logged once —
+/// when it can no longer vouch for the log:
+///
+/// * the cut back failed (torn bytes may remain: replay on the next open
+///   drops them, and nothing was acknowledged after them);
+/// * an fsync failed: Linux may have dropped the dirty pages and cleared
+///   the error ("fsyncgate"), so the next fsync could succeed with earlier
+///   data missing, and an acknowledgement after it would be a lie;
+/// * a compaction failed after its rename (the directory fsync or the
+///   reopen): appends to the old, unlinked file would be lost.
+///
+/// A restart or an upgrade reopens the store from what is on disk, which
+/// is where a read-only store is meant to end.
+fn write_loop<F: LogFile>(
+    mut file: F,
     mut log_len: u64,
     path: &Path,
     rx: mpsc::Receiver<Cmd>,
@@ -299,10 +380,29 @@ fn write_loop(
 ) {
     // Checking costs a pass over the map: only when the log has doubled.
     let mut next_check = (log_len * 2).max(1 << 20);
+    // Why writes are refused, once they are.
+    let mut read_only: Option<String> = None;
+    // A recovered append failure is logged once per run of failures, not
+    // once per request: a full disk must not also fill the service's log.
+    let mut failing = false;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
+        }
+        if let Some(why) = &read_only {
+            for c in batch {
+                match c {
+                    Cmd::Put { done, .. } => {
+                        let _ = done.send(Err(refused(why)));
+                    }
+                    // Every acknowledged write is durable; nothing is pending.
+                    Cmd::Flush(done) => {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+            }
+            continue;
         }
         let mut buf = Vec::new();
         for c in &batch {
@@ -311,11 +411,42 @@ fn write_loop(
             }
         }
         let res = if buf.is_empty() {
-            file.sync_data()
+            file.sync_data().inspect_err(|e| {
+                read_only = Some(format!("fsync of {} failed: {e}", path.display()));
+            })
         } else {
-            file.write_all(&buf).and_then(|()| file.sync_data())
+            match file.write_all(&buf) {
+                Ok(()) => file.sync_data().inspect_err(|e| {
+                    read_only = Some(format!("fsync of {} failed: {e}", path.display()));
+                    // Best effort: the batch was refused, so it should not
+                    // reappear at the next open either.
+                    let _ = file.cut_back(log_len);
+                }),
+                Err(e) => {
+                    match file.cut_back(log_len) {
+                        Ok(()) if !failing => {
+                            tracing::warn!(target: "demo::store", path = %path.display(), error = %e,
+                                good_len = log_len, "appending failed; cut the log back to its last good record");
+                        }
+                        Ok(()) => {}
+                        Err(cut) => {
+                            read_only = Some(format!(
+                                "appending to {} failed ({e}), then cutting it back to its last \
+                                 good record ({log_len} bytes) failed too: {cut}",
+                                path.display()
+                            ));
+                        }
+                    }
+                    failing = true;
+                    Err(e)
+                }
+            }
         };
+        if let Some(why) = &read_only {
+            tracing::error!(target: "demo::store", "{}", refused(why));
+        }
         if res.is_ok() {
+            failing = false;
             let mut m = map.write().unwrap_or_else(|p| p.into_inner());
             for c in &batch {
                 if let Cmd::Put { key, value, .. } = c {
@@ -336,20 +467,34 @@ fn write_loop(
             }
         }
         // After the acknowledgements: compaction never delays a reply.
-        if log_len >= next_check {
+        if read_only.is_none() && log_len >= next_check {
             let m = map.read().unwrap_or_else(|p| p.into_inner());
             let live = live_bytes(&m);
             if worth_compacting(log_len, live) {
                 let dir = path.parent().unwrap_or(Path::new("."));
-                match compact(dir, path, &m) {
-                    Ok(f) => {
+                let compacted = compact(dir, path, &m).and_then(|()| {
+                    file.reopen(path).map_err(|source| CompactError {
+                        renamed: true,
+                        source,
+                    })
+                });
+                match compacted {
+                    Ok(()) => {
                         tracing::info!(target: "demo::store", before = log_len, after = live, "compacted the log");
-                        file = f;
                         log_len = live;
                     }
                     // The old log is intact and still ours: keep appending.
+                    Err(e) if !e.renamed => {
+                        tracing::warn!(target: "demo::store", error = %e.source, "compacting the log failed")
+                    }
                     Err(e) => {
-                        tracing::warn!(target: "demo::store", error = %e, "compacting the log failed")
+                        let why = format!(
+                            "compacting {} failed after the new log took its name: {}",
+                            path.display(),
+                            e.source
+                        );
+                        tracing::error!(target: "demo::store", "{}", refused(&why));
+                        read_only = Some(why);
                     }
                 }
             }
@@ -358,19 +503,52 @@ fn write_loop(
     }
 }
 
+/// The answer to a PUT on a read-only store: what happened, and the way out.
+fn refused(why: &str) -> io::Error {
+    io::Error::other(format!(
+        "the store is read-only after a failed write ({why}); reads still work; \
+         restart or upgrade the service to reopen it"
+    ))
+}
+
+/// A failed [`compact`], and whether the new log had already replaced the
+/// old one (then appends to the old descriptor would be lost).
+#[derive(Debug)]
+struct CompactError {
+    renamed: bool,
+    source: io::Error,
+}
+
+impl From<CompactError> for io::Error {
+    fn from(e: CompactError) -> io::Error {
+        e.source
+    }
+}
+
 /// Rewrites the log with only live records (temp file, fsync, rename,
-/// fsync dir), so a crash mid-compaction leaves the old log intact.
-fn compact(dir: &Path, path: &Path, map: &HashMap<String, Arc<[u8]>>) -> io::Result<File> {
+/// fsync dir), so a crash mid-compaction leaves the old log intact. A
+/// failure before the rename removes the temp file: on a full disk it
+/// would only make things worse. The caller opens the new log.
+fn compact(dir: &Path, path: &Path, map: &HashMap<String, Arc<[u8]>>) -> Result<(), CompactError> {
     let tmp = dir.join(format!(".{LOG_FILE}.compact"));
-    {
-        // Only the lock holder compacts, so an existing temp file is one a
-        // crash left: remove it (a planted link goes, not its target) and
-        // create a new one.
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let mut f = open_private(OpenOptions::new().write(true).create_new(true), &tmp)?;
+    let before = |source| CompactError {
+        renamed: false,
+        source,
+    };
+    let after = |source| CompactError {
+        renamed: true,
+        source,
+    };
+    // Only the lock holder compacts, so an existing temp file is one a
+    // crash left: remove it (a planted link goes, not its target) and
+    // create a new one.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(before(e)),
+        _ => {}
+    }
+    let mut f =
+        open_private(OpenOptions::new().write(true).create_new(true), &tmp).map_err(before)?;
+    let written = (|| {
         let mut w = io::BufWriter::new(&mut f);
         for (k, v) in map {
             w.write_all(&encode(k, v))?;
@@ -378,9 +556,17 @@ fn compact(dir: &Path, path: &Path, map: &HashMap<String, Arc<[u8]>>) -> io::Res
         w.flush()?;
         drop(w);
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(before(e));
     }
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(after)
+}
+
+/// Opens the log for appending after a compaction replaced it.
+fn open_log(path: &Path) -> io::Result<File> {
     open_private(OpenOptions::new().read(true).append(true), path)
 }
 
@@ -395,6 +581,217 @@ fn open_private(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
 mod tests {
     use super::*;
 
+    // Linux's numbers (the demo does not depend on libc for two constants).
+    const EIO: i32 = 5;
+    const ENOSPC: i32 = 28;
+
+    /// Faults to inject into the next operations of a [`Faulty`] log, each
+    /// used once.
+    #[derive(Default)]
+    struct Faults {
+        /// The next append stops after this many bytes, then fails with
+        /// this errno — what a filling disk does (a short write, then
+        /// ENOSPC).
+        short_write: Option<(usize, i32)>,
+        /// The next fsync fails with this errno.
+        sync: Option<i32>,
+        /// The next cut back fails with this errno.
+        cut_back: Option<i32>,
+        /// The next reopen (after a compaction) fails with this errno.
+        reopen: Option<i32>,
+    }
+
+    /// The real log file, failing where [`Faults`] says.
+    struct Faulty {
+        file: File,
+        faults: Arc<Mutex<Faults>>,
+        /// The error owed after a short write.
+        owed: Option<i32>,
+    }
+
+    impl Faulty {
+        fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+            self.faults.lock().unwrap()
+        }
+    }
+
+    impl Write for Faulty {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(errno) = self.owed.take() {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            let short = self.faults().short_write.take();
+            match short {
+                Some((n, errno)) => {
+                    let n = n.min(buf.len());
+                    self.file.write_all(&buf[..n])?;
+                    self.owed = Some(errno);
+                    if n == 0 {
+                        return Err(io::Error::from_raw_os_error(errno));
+                    }
+                    Ok(n)
+                }
+                None => self.file.write(buf),
+            }
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LogFile for Faulty {
+        fn sync_data(&mut self) -> io::Result<()> {
+            let fault = self.faults().sync.take();
+            match fault {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.file.sync_data(),
+            }
+        }
+
+        fn cut_back(&mut self, len: u64) -> io::Result<()> {
+            let fault = self.faults().cut_back.take();
+            match fault {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.file.cut_back(len),
+            }
+        }
+
+        fn reopen(&mut self, path: &Path) -> io::Result<()> {
+            let fault = self.faults().reopen.take();
+            match fault {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.file.reopen(path),
+            }
+        }
+    }
+
+    /// A new store in `dir` whose log fails as `faults` says.
+    fn faulty_store(dir: &Path) -> (Store, Arc<Mutex<Faults>>) {
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let path = dir.join(LOG_FILE);
+        let file = open_private(
+            OpenOptions::new().read(true).append(true).create(true),
+            &path,
+        )
+        .unwrap();
+        let f = faults.clone();
+        let store = Store::start_with(file, HashMap::new(), path, move |file| Faulty {
+            file,
+            faults: f,
+            owed: None,
+        })
+        .unwrap();
+        (store, faults)
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    /// Issue 14, item 1: a disk-full append leaves torn bytes; the next
+    /// PUT is acknowledged; it must survive the next open (an upgrade or a
+    /// restart replays the log).
+    #[test]
+    fn an_acknowledged_put_after_a_disk_full_append_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let (s, faults) = faulty_store(dir.path());
+        rt.block_on(s.put("before".into(), b"1".to_vec())).unwrap();
+        faults.lock().unwrap().short_write = Some((100, ENOSPC));
+        let e = rt
+            .block_on(s.put("big".into(), vec![7; 500_000]))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        assert_eq!(s.get("big"), None);
+        // Space again: acknowledged, so it must be there after reopening.
+        rt.block_on(s.put("after".into(), b"2".to_vec())).unwrap();
+        assert_eq!(&*s.get("after").unwrap(), b"2");
+        s.seal().unwrap();
+        let log = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        let mut want = encode("before", b"1");
+        want.extend(encode("after", b"2"));
+        assert!(
+            log == want,
+            "the log is {} bytes, {} expected: torn bytes were left in it",
+            log.len(),
+            want.len()
+        );
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(&*again.get("before").unwrap(), b"1");
+        assert_eq!(&*again.get("after").unwrap(), b"2");
+        assert_eq!(again.len(), 2);
+    }
+
+    /// After a failed fsync nothing later can be vouched for: the store
+    /// refuses writes, saying why and how to get out, and keeps reading.
+    #[test]
+    fn a_failed_fsync_makes_the_store_read_only_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let (s, faults) = faulty_store(dir.path());
+        rt.block_on(s.put("a".into(), b"1".to_vec())).unwrap();
+        faults.lock().unwrap().sync = Some(EIO);
+        let e = rt.block_on(s.put("b".into(), b"2".to_vec())).unwrap_err();
+        assert!(e.to_string().contains("Input/output error"), "{e}");
+        // The fault is gone, but the store no longer trusts the log.
+        for key in ["c", "b"] {
+            let e = rt.block_on(s.put(key.into(), b"3".to_vec())).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("read-only after a failed write")
+                    && msg.contains("Input/output error")
+                    && msg.contains("restart or upgrade"),
+                "{msg}"
+            );
+        }
+        assert_eq!(&*s.get("a").unwrap(), b"1");
+        assert_eq!(s.get("b"), None);
+        assert_eq!(s.get("c"), None);
+        // The seal still succeeds, so that an upgrade can take over.
+        s.flush_blocking().unwrap();
+        s.seal().unwrap();
+        // The refused record was cut off: it does not come back either.
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(&*again.get("a").unwrap(), b"1");
+        assert_eq!(again.len(), 1);
+        rt.block_on(again.put("d".into(), b"4".to_vec())).unwrap();
+    }
+
+    /// A failed append that cannot be cut back leaves torn bytes: nothing
+    /// may be appended after them, so the store turns read-only.
+    #[test]
+    fn a_failed_cut_back_makes_the_store_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let (s, faults) = faulty_store(dir.path());
+        rt.block_on(s.put("a".into(), b"1".to_vec())).unwrap();
+        {
+            let mut f = faults.lock().unwrap();
+            f.short_write = Some((5, ENOSPC));
+            f.cut_back = Some(EIO);
+        }
+        let e = rt
+            .block_on(s.put("torn".into(), vec![1; 1000]))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        let e = rt.block_on(s.put("b".into(), b"2".to_vec())).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("read-only after a failed write")
+                && msg.contains("No space left on device")
+                && msg.contains("Input/output error"),
+            "{msg}"
+        );
+        assert_eq!(&*s.get("a").unwrap(), b"1");
+        s.seal().unwrap();
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(&*again.get("a").unwrap(), b"1");
+        assert_eq!(again.len(), 1);
+    }
+
     #[test]
     fn replay_stops_at_torn_or_corrupt_tail() {
         let mut log = encode("a", b"1");
@@ -408,6 +805,48 @@ mod tests {
         let n = bad.len();
         bad[n - 1] ^= 1;
         assert_eq!(replay(&bad).1, 0);
+    }
+
+    /// A compaction that fails after the new log took the name (here its
+    /// reopen, as under EMFILE) must not leave the writer appending to the
+    /// old, unlinked file: those acknowledged writes would be gone at the
+    /// next open. The store turns read-only instead.
+    #[test]
+    fn a_compaction_that_fails_after_its_rename_makes_the_store_read_only() {
+        const EMFILE: i32 = 24;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let (s, faults) = faulty_store(dir.path());
+        faults.lock().unwrap().reopen = Some(EMFILE);
+        // Overwrites of one key: past 1 MiB the log is worth compacting.
+        let mut acked = None;
+        let mut refused = None;
+        rt.block_on(async {
+            for i in 0..3000u32 {
+                match s.put("k".into(), vec![(i % 251) as u8; 1000]).await {
+                    Ok(()) => acked = Some(i),
+                    Err(e) => {
+                        refused = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        });
+        let refused = refused.expect("every PUT was acknowledged");
+        assert!(
+            refused.contains("read-only after a failed write")
+                && refused.contains("after the new log took its name")
+                && refused.contains("Too many open files"),
+            "{refused}"
+        );
+        let acked = acked.expect("no PUT was acknowledged");
+        s.seal().unwrap();
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            &*again.get("k").unwrap(),
+            &[(acked % 251) as u8; 1000][..],
+            "the last acknowledged value"
+        );
     }
 
     #[test]
