@@ -62,9 +62,15 @@ pub enum ShmError {
         /// The one layout version this build reads.
         supported: u32,
     },
-    /// The file is shorter than its header says, or than a header: it was
-    /// cut short. It is refused rather than mapped.
-    #[error("shared region {path} is truncated: {len} bytes, needs {need}")]
+    /// Shorter than its header says (or than a header): handoff never
+    /// truncates a region file, so something else cut it short. Refused
+    /// rather than mapped: touching a page past the end of the file would
+    /// kill the process with SIGBUS.
+    #[error(
+        "shared region {path} is truncated: {len} bytes, needs at least {need}; handoff never \
+         truncates a region file, so something else cut it short: remove it and the next \
+         process to start creates it anew"
+    )]
     Truncated {
         /// The region file.
         path: PathBuf,
@@ -85,7 +91,7 @@ pub enum ShmError {
         detail: String,
     },
     /// The region exists with another payload size than the one asked
-    /// for: a build whose record changed size needs a new region name.
+    /// for: the file was created for records of another size.
     #[error("shared region {path} holds a {found}-byte payload, {requested} requested")]
     SizeMismatch {
         /// The region file.
