@@ -28,8 +28,8 @@ pub enum ProtocolError {
         source: FrameError,
     },
     /// The peer sent a message for another handoff (or stop) than the one
-    /// under way, such as a late reply on a reused connection. The message
-    /// is refused, not acted on.
+    /// under way: a confused or misbehaving peer. The message is refused,
+    /// not acted on.
     #[error("{phase}: the {peer} sent {message} for handoff {found:#018x}, but this is handoff {expected:#018x}")]
     WrongHandoffId {
         /// The process that sent the message.
