@@ -2,9 +2,13 @@
 //!
 //! Reads are always bounded: every receive arms `SO_RCVTIMEO` through
 //! [`timeouts::arm`](crate::timeouts::arm) (with the BSD EINVAL tolerance)
-//! or is explicitly documented as unbounded. Writes are serialised by a
-//! mutex so a heartbeat thread can share the socket with the protocol thread
-//! without interleaving frames.
+//! or is explicitly documented as unbounded. A bound is on the *whole
+//! frame*, not on each read ([`read_frame_within`]): a peer that trickles a
+//! byte just before each read's timeout would otherwise hold the reader for
+//! as long as it likes (a status request trickled 1 byte / 4 s used to be
+//! taken after 132 s). Writes are serialised by a mutex so a heartbeat
+//! thread can share the socket with the protocol thread without
+//! interleaving frames.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -137,16 +141,6 @@ impl Channel {
         })
     }
 
-    fn arm(&self, timeout: Option<Duration>) -> Result<(), FrameError> {
-        match timeout {
-            Some(d) => {
-                timeouts::arm(&self.stream, d, timeouts::TOLERATE_EINVAL)?;
-            }
-            None => self.stream.set_read_timeout(None)?,
-        }
-        Ok(())
-    }
-
     fn check(&self, f: frame::Frame) -> Result<Message, FrameError> {
         let msg = Message::decode(&f.payload)?;
         let expected = self.frame_version(&msg);
@@ -160,25 +154,17 @@ impl Channel {
         Ok(msg)
     }
 
-    fn timed(
-        start: Instant,
-        r: Result<frame::Frame, FrameError>,
-    ) -> Result<frame::Frame, FrameError> {
-        r.map_err(|e| match e {
-            FrameError::TimedOut { .. } => FrameError::TimedOut {
-                waited_ms: start.elapsed().as_millis() as u64,
-            },
-            e => e,
-        })
-    }
-
-    /// Receives one message, waiting at most `timeout` for each read
+    /// Receives one message, which must arrive whole within `timeout`
     /// (`None`: wait indefinitely — only for peers whose death we learn of
     /// by EOF, never for a peer that could merely hang).
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Message, FrameError> {
-        self.arm(timeout)?;
-        let start = Instant::now();
-        let f = Self::timed(start, frame::read_frame(&mut &self.stream))?;
+        let f = match timeout {
+            Some(d) => read_frame_within(&self.stream, d)?,
+            None => {
+                self.stream.set_read_timeout(None)?;
+                frame::read_frame(&mut &self.stream)?
+            }
+        };
         self.check(f)
     }
 
@@ -200,8 +186,9 @@ impl Channel {
         timeout: Duration,
         first: impl FnOnce(&UnixStream, &mut [u8]) -> io::Result<(usize, T)>,
     ) -> Result<(Message, T), FrameError> {
-        self.arm(Some(timeout))?;
         let start = Instant::now();
+        let deadline = start + timeout;
+        timeouts::arm(&self.stream, timeout, timeouts::TOLERATE_EINVAL)?;
         let mut head = [0u8; frame::HEADER_LEN];
         let (n, extra) = match first(&self.stream, &mut head) {
             Ok(v) => v,
@@ -220,9 +207,66 @@ impl Channel {
         if n == 0 {
             return Err(FrameError::Closed);
         }
-        let mut reader = (&head[..n]).chain(&self.stream);
-        let f = Self::timed(start, frame::read_frame(&mut reader))?;
+        let mut reader = (&head[..n]).chain(ByDeadline {
+            stream: &self.stream,
+            deadline,
+        });
+        let f = timed(start, frame::read_frame(&mut reader))?;
         Ok((self.check(f)?, extra))
+    }
+}
+
+/// Reads one frame from `stream`, all of which must arrive within
+/// `timeout` — however the peer splits it. Before each read the time left
+/// is armed as the socket's `SO_RCVTIMEO`, so a peer that sends a byte
+/// just before every read's timeout gains nothing: the frame still has to
+/// be complete by the deadline or it is [`FrameError::TimedOut`] (with the
+/// time actually waited). The length is checked before anything is
+/// allocated, as in [`frame::read_frame`], which does the parsing.
+///
+/// What a deadline cannot bound is a socket that ignores `SO_RCVTIMEO`:
+/// none does on the platforms we build for, bar the BSD quirk
+/// [`timeouts::arm`] copes with (a peer that has shut down completely, so
+/// the read cannot block).
+pub fn read_frame_within(
+    stream: &UnixStream,
+    timeout: Duration,
+) -> Result<frame::Frame, FrameError> {
+    let start = Instant::now();
+    let mut reader = ByDeadline {
+        stream,
+        deadline: start + timeout,
+    };
+    timed(start, frame::read_frame(&mut reader))
+}
+
+/// Fills in how long a timed-out read waited in all (the frame reader
+/// does not know when the wait began).
+fn timed(start: Instant, r: Result<frame::Frame, FrameError>) -> Result<frame::Frame, FrameError> {
+    r.map_err(|e| match e {
+        FrameError::TimedOut { .. } => FrameError::TimedOut {
+            waited_ms: start.elapsed().as_millis() as u64,
+        },
+        e => e,
+    })
+}
+
+/// A reader whose every read may only wait until `deadline`: the time left
+/// is armed before each read, and none is left is a timeout.
+struct ByDeadline<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        timeouts::arm(self.stream, left, timeouts::TOLERATE_EINVAL)?;
+        let mut s = self.stream;
+        s.read(buf)
     }
 }
 
@@ -346,6 +390,73 @@ mod tests {
         rx.set_version(2);
         tx.send(&shutdown).unwrap();
         assert_eq!(rx.recv(Some(Duration::from_secs(1))).unwrap(), shutdown);
+    }
+
+    /// Writes `bytes` one at a time, `gap` apart, until done or the reader
+    /// hangs up: a peer that keeps every single read within its timeout.
+    fn trickle(to: UnixStream, bytes: Vec<u8>, gap: Duration) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            for b in bytes {
+                if (&to).write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(gap);
+            }
+        })
+    }
+
+    /// The bound is on the frame, not on each read: 60 bytes 20 ms apart
+    /// (each read well within 300 ms; the whole, 1.2 s, not) time out at
+    /// about 300 ms, and say how long they waited. A frame in pieces that
+    /// all come in time is read whole.
+    #[test]
+    fn a_trickled_frame_times_out_at_the_frame_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let raw = frame::encode(1, &Message::Commit { handoff_id: 5 }.encode()).unwrap();
+        let writer = trickle(b, raw, Duration::from_millis(1));
+        let mut c = Channel::new(a);
+        assert_eq!(
+            c.recv(Some(Duration::from_secs(10))).unwrap(),
+            Message::Commit { handoff_id: 5 }
+        );
+        writer.join().unwrap();
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let raw = frame::encode(1, &Message::Commit { handoff_id: 1 }.encode()).unwrap();
+        let mut raw = raw;
+        raw.resize(60, 0); // more than the frame: whatever follows is never read
+        let writer = trickle(b, raw, Duration::from_millis(20));
+        let mut c = Channel::new(a);
+        let t = Instant::now();
+        match c.recv(Some(Duration::from_millis(300))) {
+            Err(FrameError::TimedOut { waited_ms }) => {
+                assert!((250..1000).contains(&waited_ms), "{waited_ms}")
+            }
+            other => panic!("{other:?} after {:?}", t.elapsed()),
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        drop(c);
+        writer.join().unwrap();
+    }
+
+    /// The same for a frame read with its ancillary data (the successor's
+    /// Hello with `SCM_CREDENTIALS`), whose first read is a `recvmsg`.
+    #[test]
+    fn a_trickled_frame_with_credentials_times_out_at_the_frame_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        sys::creds::enable_passcred(&a).unwrap();
+        let raw = frame::encode(1, &Message::Commit { handoff_id: 1 }.encode()).unwrap();
+        let writer = trickle(b, raw, Duration::from_millis(40));
+        let mut c = Channel::new(a);
+        let t = Instant::now();
+        match c.recv_with_credentials(Duration::from_millis(300)) {
+            Err(FrameError::TimedOut { waited_ms }) => {
+                assert!((250..1000).contains(&waited_ms), "{waited_ms}")
+            }
+            other => panic!("{other:?} after {:?}", t.elapsed()),
+        }
+        drop(c);
+        writer.join().unwrap();
     }
 
     #[test]
