@@ -11,7 +11,12 @@
 //! lock (resume if it gets it; if the successor holds it, the successor has
 //! won and this process retires).
 
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::accept::{AcceptBackoff, Verdict};
@@ -21,8 +26,14 @@ use crate::error::{ProcessError, ProtocolError};
 use crate::lock::StateLock;
 use crate::phase::{IncumbentPhase, Peer};
 use crate::process::{bind_control, Drainable, Heartbeat, ProcessConfig};
-use crate::protocol::{negotiate, HandoffId, Hello, Message, Role};
+use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
 use crate::sys;
+
+/// Most control connections greeted at once (each on a short-lived thread
+/// of its own, until it has said what it wants or its time is up). The
+/// supervisor uses one or two at a time; past the cap a connection is
+/// closed at once, so a flood of them costs neither threads nor memory.
+pub(crate) const MAX_GREETING: usize = 16;
 
 /// Why [`Incumbent::serve`] returned: this process is no longer the
 /// incumbent and should exit once its remaining connections are done.
@@ -59,7 +70,71 @@ pub struct Incumbent {
     kept: Vec<crate::listeners::Listener>,
     /// Connections taken over from a replaced control socket, served before
     /// the next accept.
-    queued: Vec<UnixStream>,
+    queued: VecDeque<UnixStream>,
+    /// Requests read by greeters, waiting for the control thread.
+    greeted: mpsc::Receiver<Greeted>,
+    to_serve: mpsc::Sender<Greeted>,
+    /// Connections being greeted or waiting in `greeted`.
+    greeting: Arc<AtomicUsize>,
+    /// A greeter that has queued a request writes a byte here to wake the
+    /// control thread from its `poll` (read end, write end). `None` when it
+    /// could not be made (no descriptor left): the idle loop then polls
+    /// every [`NO_WAKE_TICK`] while greeters are out. (Not made later:
+    /// greeters started without it could not wake a loop that waits on it.)
+    wake: Option<(UnixStream, Arc<UnixStream>)>,
+    /// When the last "too many control connections" was said.
+    said_full: Option<Instant>,
+}
+
+/// How often the idle loop looks for greeted requests when it has no wake
+/// socket (see [`Incumbent::wake`]).
+const NO_WAKE_TICK: Duration = Duration::from_millis(10);
+
+/// A control connection that has been greeted (Hello, HelloAck) and has
+/// sent its first request: what the control thread serves, in turn.
+#[derive(Debug)]
+struct Greeted {
+    chan: Channel,
+    first: Message,
+    /// Held until the control thread is done with it: queued requests
+    /// count against [`MAX_GREETING`] as well.
+    _slot: Slot,
+}
+
+/// What a greeter needs to know, copied out of the config.
+#[derive(Debug, Clone, Copy)]
+struct Greeting {
+    versions: VersionRange,
+    hello: Duration,
+    idle: Duration,
+}
+
+/// One of the [`MAX_GREETING`] greeting slots, given back on drop.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<Slot> {
+        open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < MAX_GREETING).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A non-blocking socket pair for waking the idle loop.
+fn wake_pair() -> io::Result<(UnixStream, Arc<UnixStream>)> {
+    let (r, w) = UnixStream::pair()?;
+    r.set_nonblocking(true)?;
+    w.set_nonblocking(true)?;
+    Ok((r, Arc::new(w)))
 }
 
 enum Next {
@@ -74,12 +149,26 @@ impl Incumbent {
         listener: UnixListener,
         kept: Vec<crate::listeners::Listener>,
     ) -> Incumbent {
+        let (to_serve, greeted) = mpsc::channel();
+        // Made now, while the process surely has descriptors to spare.
+        let wake = match wake_pair() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(target: "handoff::incumbent", error = %e, "cannot make the control loop's wake socket; polling instead while connections are greeted");
+                None
+            }
+        };
         Incumbent {
             cfg,
             lock: Some(lock),
             listener,
             kept,
-            queued: vec![],
+            queued: VecDeque::new(),
+            greeted,
+            to_serve,
+            greeting: Arc::new(AtomicUsize::new(0)),
+            wake,
+            said_full: None,
         }
     }
 
@@ -95,6 +184,19 @@ impl Incumbent {
     /// Serves the control socket until this process is retired. Blocks the
     /// calling thread: run it on a thread of its own.
     ///
+    /// Requests are served one at a time, on this thread (the protocol's
+    /// one handoff at a time, and the service's hooks are called from one
+    /// thread only). Reading a request is not: each accepted connection is
+    /// greeted (Hello here, so only an idle incumbent says Hello, as
+    /// before) and then waited on by a short-lived thread of its own (at
+    /// most 16 at once), which must get the HelloAck whole within
+    /// the hello budget and the first request whole within the idle
+    /// timeout, and only then queues it for this thread. A connection that
+    /// trickles its bytes, or says nothing, so no longer keeps the
+    /// supervisor's own connection waiting: it used to hold this single
+    /// thread for as long as it kept each read within its timeout, and an
+    /// upgrade meanwhile aborted ("the incumbent did not answer").
+    ///
     /// A failed accept for want of descriptors or memory is waited out
     /// ([`AcceptBackoff`]): returning would make the service exit because
     /// its clients had used up its descriptors for a moment. Only a control
@@ -102,19 +204,42 @@ impl Incumbent {
     pub fn serve<D: Drainable>(mut self, service: &mut D) -> Result<Retired, ProcessError> {
         let mut backoff = AcceptBackoff::new();
         loop {
-            let next = if self.queued.is_empty() {
-                self.listener.accept().map(|(s, _)| s)
-            } else {
-                Ok(self.queued.remove(0))
-            };
-            let stream = match next {
-                Ok(s) => {
+            if let Ok(g) = self.greeted.try_recv() {
+                // A request that waited its turn behind another: if its
+                // sender has hung up meanwhile (a supervisor says nothing
+                // more until answered), draining for it would be for no one.
+                if g.chan.has_input() {
+                    tracing::debug!(target: "handoff::incumbent", message = g.first.name(), "control peer hung up while its request waited");
+                    continue;
+                }
+                match self.handoff(g.chan, g.first, service)? {
+                    Next::Continue => continue,
+                    Next::Retire(r) => {
+                        tracing::info!(target: "handoff::incumbent", ?r, "retiring");
+                        return Ok(r);
+                    }
+                }
+            }
+            if let Some(s) = self.queued.pop_front() {
+                self.admit(s);
+                continue;
+            }
+            self.wait_for_work();
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => {
                     if let Some(unsaid) = backoff.succeeded() {
                         tracing::info!(target: "handoff::incumbent", unsaid, "accepting on the control socket again");
                     }
                     s
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    continue
+                }
                 Err(source) => match backoff.failed(&source) {
                     Verdict::Retry { say, suppressed } => {
                         if say {
@@ -131,35 +256,82 @@ impl Incumbent {
                     }
                 },
             };
-            let Some(chan) = self.greet(stream) else {
-                continue;
-            };
-            match self.handoff(chan, service)? {
-                Next::Continue => continue,
-                Next::Retire(r) => {
-                    tracing::info!(target: "handoff::incumbent", ?r, "retiring");
-                    return Ok(r);
-                }
-            }
+            self.admit(stream);
         }
     }
 
-    /// Checks the caller and exchanges Hello/HelloAck. A failed greeting
-    /// only drops that connection: the service goes on.
-    fn greet(&self, stream: UnixStream) -> Option<Channel> {
+    /// Waits until the control socket has a connection to accept or a
+    /// greeter has queued a request (a spurious return is harmless: the
+    /// accept is non-blocking). Leaves the listener non-blocking.
+    fn wait_for_work(&mut self) {
+        if let Err(e) = self.listener.set_nonblocking(true) {
+            // The accept then blocks: connections are still served, only
+            // a queued request waits for the next one.
+            tracing::debug!(target: "handoff::incumbent", error = %e, "cannot make the control socket non-blocking");
+        }
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let out = self.greeting.load(Ordering::SeqCst) > 0;
+        let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+        let timeout = match &self.wake {
+            Some((r, _)) => {
+                fds.push(PollFd::new(r.as_fd(), PollFlags::POLLIN));
+                PollTimeout::NONE
+            }
+            None if out => PollTimeout::try_from(NO_WAKE_TICK).unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                // Nothing a retry cannot pass (ENOMEM): pause, so as not
+                // to spin, and look again.
+                tracing::warn!(target: "handoff::incumbent", error = %e, "waiting on the control socket failed; retrying");
+                std::thread::sleep(NO_WAKE_TICK);
+            }
+        }
+        if let Some((r, _)) = &self.wake {
+            let mut buf = [0u8; 64];
+            let mut r = r;
+            while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    }
+
+    /// Takes a new control connection: checks the caller, says Hello, and
+    /// hands it to a greeter thread that waits for its first request. A
+    /// refused or failed one only drops that connection: the service goes
+    /// on.
+    fn admit(&mut self, stream: UnixStream) {
         let ours = nix::unistd::geteuid().as_raw();
         match sys::peer_credentials(&stream) {
             Ok(c) if c.uid == ours || c.uid == 0 => {}
             Ok(c) => {
                 tracing::warn!(target: "handoff::incumbent", uid = c.uid, pid = ?c.pid, "refusing control connection from another user");
-                return None;
+                return;
             }
             Err(e) => {
                 tracing::warn!(target: "handoff::incumbent", error = %e, "cannot identify control peer");
-                return None;
+                return;
             }
         }
-        let mut chan = Channel::new(stream);
+        let Some(slot) = Slot::take(&self.greeting) else {
+            // At most one line per 5 s: a flood must not flood the log too.
+            if self
+                .said_full
+                .is_none_or(|t| t.elapsed() >= crate::accept::SAY_EVERY)
+            {
+                self.said_full = Some(Instant::now());
+                tracing::warn!(target: "handoff::incumbent", max = MAX_GREETING,
+                    "too many control connections waiting to be served; closing the newest");
+            }
+            return;
+        };
+        // BSD sockets inherit the listener's O_NONBLOCK; ours must block
+        // (reads are bounded by SO_RCVTIMEO).
+        if let Err(e) = stream.set_nonblocking(false) {
+            tracing::warn!(target: "handoff::incumbent", error = %e, "control connection unusable");
+            return;
+        }
+        let chan = Channel::new(stream);
         let hello = Message::Hello(Hello {
             role: Role::Incumbent,
             pid: std::process::id(),
@@ -167,40 +339,45 @@ impl Incumbent {
             proto_max: self.cfg.versions.max,
             build_id: self.cfg.build_id.clone(),
         });
-        if let Err(e) = chan.send(&hello) {
+        // A small frame into a fresh connection's empty buffer: it cannot
+        // block, and the timeout says so should that ever be wrong.
+        let _ = chan
+            .stream()
+            .set_write_timeout(Some(self.cfg.timeouts.hello));
+        let said = chan.send(&hello);
+        let _ = chan.stream().set_write_timeout(None);
+        if let Err(e) = said {
             tracing::warn!(target: "handoff::incumbent", error = %e, "sending Hello");
-            return None;
+            return;
         }
-        match chan.recv(Some(self.cfg.timeouts.hello)) {
-            Ok(Message::HelloAck { version }) => {
-                // The supervisor picks; we only check it is one we speak.
-                let ok = negotiate(
-                    self.cfg.versions,
-                    crate::protocol::VersionRange {
-                        min: version,
-                        max: version,
-                    },
-                    Role::Supervisor,
-                );
-                match ok {
-                    Ok(v) => {
-                        chan.set_version(v);
-                        Some(chan)
-                    }
-                    Err(e) => {
-                        tracing::warn!(target: "handoff::incumbent", error = %e, "supervisor chose a version we do not speak");
-                        None
+        let greeting = Greeting {
+            versions: self.cfg.versions,
+            hello: self.cfg.timeouts.hello,
+            idle: self.cfg.idle_timeout,
+        };
+        let to_serve = self.to_serve.clone();
+        let wake = self.wake.as_ref().map(|(_, w)| w.clone());
+        let spawned = std::thread::Builder::new()
+            .name("handoff-greet".into())
+            .spawn(move || {
+                let Some((chan, first)) = await_request(chan, greeting) else {
+                    return;
+                };
+                let queued = to_serve.send(Greeted {
+                    chan,
+                    first,
+                    _slot: slot,
+                });
+                // Sent: wake the control thread (a full wake socket
+                // already holds a wake-up). Not sent: it has retired.
+                if queued.is_ok() {
+                    if let Some(w) = wake {
+                        let _ = (&*w).write(&[1]);
                     }
                 }
-            }
-            Ok(m) => {
-                tracing::warn!(target: "handoff::incumbent", message = m.name(), "expected HelloAck");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(target: "handoff::incumbent", error = %e, "control connection closed during greeting");
-                None
-            }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(target: "handoff::incumbent", error = %e, "control connection dropped: cannot start a thread to greet it");
         }
     }
 
@@ -218,24 +395,21 @@ impl Incumbent {
         crate::phase::admit(Peer::Supervisor, phase.name(), legal, id, msg)
     }
 
+    /// Serves one request, `first`, read from `chan` by a greeter.
     fn handoff<D: Drainable>(
         &mut self,
         mut chan: Channel,
+        first: Message,
         service: &mut D,
     ) -> Result<Next, ProcessError> {
         let t = self.cfg.timeouts;
-        let (id, deadline, grace) = match Self::recv(
-            &mut chan,
-            IncumbentPhase::Idle,
-            None,
-            self.cfg.idle_timeout,
-        ) {
-            Ok(Message::PrepareHandoff {
+        let (id, deadline, grace) = match first {
+            Message::PrepareHandoff {
                 handoff_id,
                 deadline_ms,
                 drain_grace_ms,
                 successor_pid,
-            }) => {
+            } => {
                 tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(handoff_id), successor_pid, deadline_ms, drain_grace_ms, "draining");
                 (
                     handoff_id,
@@ -243,10 +417,10 @@ impl Incumbent {
                     Duration::from_millis(drain_grace_ms),
                 )
             }
-            Ok(Message::Shutdown {
+            Message::Shutdown {
                 stop_id,
                 drain_grace_ms,
-            }) => {
+            } => {
                 return self.shut_down(
                     chan,
                     stop_id,
@@ -254,7 +428,7 @@ impl Incumbent {
                     service,
                 );
             }
-            Ok(Message::FetchListeners {}) => {
+            Message::FetchListeners {} => {
                 // A supervisor restarted after a crash wants the listeners
                 // back: hand over our copies (the kernel dups them into it).
                 let names = self.kept.iter().map(|l| l.name.clone()).collect();
@@ -273,12 +447,7 @@ impl Incumbent {
                 }
                 return Ok(Next::Continue);
             }
-            Ok(_) => unreachable!("phase table"),
-            Err(e) => {
-                // Nothing was changed yet: the connection simply ends.
-                tracing::debug!(target: "handoff::incumbent", error = %e, "control connection ended before PrepareHandoff");
-                return Ok(Next::Continue);
-            }
+            _ => unreachable!("phase table"),
         };
         let left = |slack: Duration| deadline.saturating_duration_since(Instant::now()) + slack;
 
@@ -532,9 +701,7 @@ impl Incumbent {
         // queued there and serve it first.
         if old.set_nonblocking(true).is_ok() {
             while let Ok((s, _)) = old.accept() {
-                if s.set_nonblocking(false).is_ok() {
-                    self.queued.push(s);
-                }
+                self.queued.push_back(s);
             }
         }
         self.resume(service)
@@ -544,5 +711,49 @@ impl Incumbent {
         service
             .resume()
             .map_err(|e| ProcessError::Service(format!("resume failed: {e}")))
+    }
+}
+
+/// A greeter's work, on its own thread: the HelloAck, then the first
+/// request, each of which must arrive whole within its budget (the hello
+/// budget, then the idle timeout). `None`: the connection ended, timed
+/// out or broke the protocol, and is dropped (said at debug level, as a
+/// probe that reads Hello and hangs up is routine).
+fn await_request(mut chan: Channel, g: Greeting) -> Option<(Channel, Message)> {
+    match chan.recv(Some(g.hello)) {
+        Ok(Message::HelloAck { version }) => {
+            // The supervisor picks; we only check it is one we speak.
+            let ok = negotiate(
+                g.versions,
+                VersionRange {
+                    min: version,
+                    max: version,
+                },
+                Role::Supervisor,
+            );
+            match ok {
+                Ok(v) => chan.set_version(v),
+                Err(e) => {
+                    tracing::warn!(target: "handoff::incumbent", error = %e, "supervisor chose a version we do not speak");
+                    return None;
+                }
+            }
+        }
+        Ok(m) => {
+            tracing::warn!(target: "handoff::incumbent", message = m.name(), "expected HelloAck");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(target: "handoff::incumbent", error = %e, "control connection closed during greeting");
+            return None;
+        }
+    }
+    match Incumbent::recv(&mut chan, IncumbentPhase::Idle, None, g.idle) {
+        Ok(m) => Some((chan, m)),
+        Err(e) => {
+            // Nothing was changed yet: the connection simply ends.
+            tracing::debug!(target: "handoff::incumbent", error = %e, "control connection ended before PrepareHandoff");
+            None
+        }
     }
 }
