@@ -4,9 +4,14 @@
 //! handful of times per upgrade, so contention is nil and a scrape sees a
 //! consistent snapshot (a histogram's `_count` always equals its `+Inf`
 //! bucket). The endpoint is a deliberately small HTTP/1.0-style responder
-//! on a std `TcpListener` — one request per connection, read and write
-//! timeouts so a client that connects and says nothing cannot pin it, and
-//! no dependency on an HTTP stack the supervisor otherwise does not need.
+//! on a std `TcpListener` — one request per connection, no dependency on an
+//! HTTP stack the supervisor otherwise does not need — open to whoever can
+//! reach the address, so no client may hold it: each connection gets a
+//! thread of its own (at most [`MAX_SCRAPES`] at once, the rest answered
+//! 503), its request head must arrive whole within [`HEAD_BUDGET`] (408
+//! otherwise) and fit in [`MAX_HEAD`] bytes (431 otherwise). It used to
+//! answer one connection at a time with a 2 s timeout per read: a client
+//! sending a byte a second blocked every scrape for as long as it liked.
 //!
 //! Exposed (text format 0.0.4):
 //!
@@ -24,8 +29,21 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Most connections served at once. A scraper uses one at a time; more
+/// than a few at once is a misbehaving or hostile client, answered 503 at
+/// once rather than given a thread each.
+pub const MAX_SCRAPES: usize = 8;
+/// How long a client has to send its whole request head, however it
+/// splits it. A scraper sends it in one write on connecting.
+pub const HEAD_BUDGET: Duration = Duration::from_secs(2);
+/// Largest request head read; a longer one is answered 431.
+pub const MAX_HEAD: usize = 8192;
+/// Bound on writing an answer to a client that does not read it.
+const WRITE_BUDGET: Duration = Duration::from_secs(2);
 
 /// Upper bounds of the duration buckets, in seconds: sub-millisecond
 /// phases (drain, seal on a warm service) up to the 5-minute default
@@ -196,7 +214,8 @@ impl Metrics {
     }
 
     /// Binds ADDR and serves `/metrics` from a background thread; returns
-    /// the bound address (port 0 picks one).
+    /// the bound address (port 0 picks one). Each connection is answered on
+    /// a thread of its own, at most [`MAX_SCRAPES`] at once.
     pub fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr)?;
         let local = listener.local_addr()?;
@@ -208,13 +227,14 @@ impl Metrics {
                 // (retrying at once spins), logging at most every few
                 // seconds; stop only if the socket itself is unusable.
                 let mut backoff = AcceptBackoff::new();
+                let open = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
                     match conn {
                         Ok(s) => {
                             if let Some(unsaid) = backoff.succeeded() {
                                 tracing::info!(target: "handoff::metrics", unsaid, "accepting again");
                             }
-                            me.answer(s)
+                            me.dispatch(s, &open)
                         }
                         Err(e) => match backoff.failed(&e) {
                             Verdict::Retry { say, suppressed } => {
@@ -233,45 +253,150 @@ impl Metrics {
         Ok(local)
     }
 
-    fn answer(&self, mut s: TcpStream) {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-        // Only the request line matters; read up to the end of the
-        // headers or 8 KiB, whichever comes first.
-        let mut buf = [0u8; 8192];
-        let mut n = 0;
-        while n < buf.len() {
-            match s.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => {
-                    n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Err(_) => return,
-            }
+    /// Gives `s` a thread and one of the [`MAX_SCRAPES`] slots, or answers
+    /// 503 at once when they are all taken (a short answer into a fresh
+    /// connection's empty buffer: it does not block this accept loop).
+    fn dispatch(&self, s: TcpStream, open: &Arc<AtomicUsize>) {
+        let taken = open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < MAX_SCRAPES).then_some(n + 1)
+        });
+        if taken.is_err() {
+            let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+            reply(
+                &s,
+                "503 Service Unavailable",
+                format!("{MAX_SCRAPES} scrapes in progress; try again\n"),
+            );
+            return;
         }
-        let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or(&[]);
+        let slot = Slot(open.clone());
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-conn".into())
+            .spawn(move || {
+                let _slot = slot;
+                me.answer(s)
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(target: "handoff::metrics", error = %e, "connection dropped: cannot start a thread for it");
+        }
+    }
+
+    fn answer(&self, s: TcpStream) {
+        let _ = s.set_write_timeout(Some(WRITE_BUDGET));
+        let head = match read_head(&s, Instant::now() + HEAD_BUDGET) {
+            Head::Complete(h) | Head::Ended(h) => h,
+            Head::TimedOut => {
+                return reply(
+                    &s,
+                    "408 Request Timeout",
+                    format!(
+                        "the request head must arrive within {} s\n",
+                        HEAD_BUDGET.as_secs()
+                    ),
+                )
+            }
+            Head::TooLarge => {
+                return reply(
+                    &s,
+                    "431 Request Header Fields Too Large",
+                    format!("the request head may be at most {MAX_HEAD} bytes\n"),
+                )
+            }
+            Head::Failed => return,
+        };
+        let line = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
         let line = String::from_utf8_lossy(line);
         let mut parts = line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-            ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", self.render()),
-            ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-            _ => (
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET\n".to_string(),
-            ),
-        };
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = s.write_all(head.as_bytes());
-        let _ = s.write_all(body.as_bytes());
+        match (method, path.split('?').next().unwrap_or("")) {
+            ("GET", "/metrics") => {
+                reply_typed(&s, "200 OK", "text/plain; version=0.0.4", self.render())
+            }
+            ("GET", _) => reply(&s, "404 Not Found", "try /metrics\n".to_string()),
+            _ => reply(&s, "405 Method Not Allowed", "only GET\n".to_string()),
+        }
     }
+}
+
+/// One of the [`MAX_SCRAPES`] connection slots, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What reading a request head came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// Up to and including the blank line.
+    Complete(Vec<u8>),
+    /// The client stopped sending (EOF) before a blank line: answered on
+    /// what came, as before (a bare `GET /metrics` line is a request).
+    Ended(Vec<u8>),
+    /// Not whole by the deadline.
+    TimedOut,
+    /// [`MAX_HEAD`] bytes and no blank line.
+    TooLarge,
+    /// The connection failed (reset…): nobody to answer.
+    Failed,
+}
+
+/// Reads a request head that must be complete by `deadline`: before each
+/// read the time left is armed as the read timeout, so the bound is on
+/// the whole head, not on each read.
+fn read_head(mut s: &TcpStream, deadline: Instant) -> Head {
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut n = 0;
+    while n < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return Head::TimedOut;
+        }
+        match s.read(&mut buf[n..]) {
+            Ok(0) if n == 0 => return Head::Failed,
+            Ok(0) => {
+                buf.truncate(n);
+                return Head::Ended(buf);
+            }
+            Ok(k) => {
+                // Only the new bytes and the 3 before them can complete
+                // the terminator.
+                let from = n.saturating_sub(3);
+                n += k;
+                if let Some(end) = buf[from..n].windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.truncate(from + end + 4);
+                    return Head::Complete(buf);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Head::TimedOut
+            }
+            Err(_) => return Head::Failed,
+        }
+    }
+    Head::TooLarge
+}
+
+fn reply(s: &TcpStream, status: &str, body: String) {
+    reply_typed(s, status, "text/plain", body)
+}
+
+fn reply_typed(mut s: &TcpStream, status: &str, ctype: &str, body: String) {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(body.as_bytes());
 }
 
 #[cfg(test)]
@@ -364,5 +489,46 @@ mod tests {
         // scrape is still answered.
         drop(TcpStream::connect(addr).unwrap());
         assert!(ask("GET /metrics HTTP/1.0\r\n\r\n").contains("handoff_incumbent_pid"));
+    }
+
+    /// [`MAX_HEAD`] bytes without the end of the head: 431.
+    #[test]
+    fn an_oversize_head_is_431() {
+        let m = Metrics::new();
+        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        // Exactly the cap: more would be left unread, and the server's
+        // close would then reset the connection under the answer.
+        req.resize(MAX_HEAD, b'a');
+        s.write_all(&req).unwrap();
+        let mut out = vec![];
+        let _ = s.read_to_end(&mut out);
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    }
+
+    /// Connections past [`MAX_SCRAPES`] are answered 503 at once, not
+    /// queued behind the silent ones; a slot freed serves again.
+    #[test]
+    fn connections_past_the_cap_are_503_at_once() {
+        let m = Metrics::new();
+        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let silent: Vec<TcpStream> = (0..MAX_SCRAPES)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // The accept loop takes them in order: once one more is answered
+        // 503, all the silent ones hold a slot.
+        let t = Instant::now();
+        // It sends nothing: the answer cannot depend on a request, and
+        // unread bytes would make the server's close a reset.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        assert!(t.elapsed() < HEAD_BUDGET, "{:?}", t.elapsed());
+        drop(silent);
     }
 }
