@@ -408,3 +408,71 @@ fn kv_example_cuts_a_stalled_connection_before_the_seal() {
         "what was acknowledged before survived"
     );
 }
+
+/// Slowloris against a service with state (issue 14, item 4): clients that
+/// stopped halfway through a request head, and idle keep-alive clients that
+/// never close their side, are connected when an upgrade drains. The drain
+/// — during which nobody accepts, the new build waiting for Commit — ends
+/// once the head grace (1 s by default) is over, each half head answered
+/// `408 Request Timeout`, instead of lasting the whole `--drain-grace` (the
+/// 30 s given here; it used to, for one such client); and a request sent
+/// during the upgrade is answered by the new build.
+#[test]
+fn kv_example_drain_is_not_held_by_half_sent_heads() {
+    let _guard = begin_test("kv_example_slowloris", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-kv"), &[]);
+    let connect = || {
+        let mut s = TcpStream::connect(sup.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // Accepted by the incumbent for sure: one exchange first.
+        let (head, _) = get(&mut s, "/kv/none").unwrap();
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        s
+    };
+    let mut slow: Vec<TcpStream> = (0..4).map(|_| connect()).collect();
+    for s in &mut slow {
+        write!(s, "GET /kv/a HTTP/1.1\r\nHost: x\r\n").unwrap();
+    }
+    let idle: Vec<TcpStream> = (0..16).map(|_| connect()).collect();
+
+    // A client that connects as the upgrade starts: answered by whichever
+    // build accepts it, without waiting for the drain grace.
+    let addr = sup.addr;
+    let (go, started) = std::sync::mpsc::channel::<()>();
+    let during = std::thread::spawn(move || {
+        started.recv().unwrap();
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(40)))?;
+        get(&mut s, "/kv/none")
+    });
+    go.send(()).unwrap();
+    let out = sup.upgrade(&["--drain-grace", "30s"]);
+    let answered = during.join().unwrap();
+    let c = out.expect_committed();
+    let (head, _) = answered.expect("the request sent during the upgrade was answered");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let draining = out
+        .phases()
+        .into_iter()
+        .find(|(p, _)| p == "draining")
+        .map(|(_, ms)| ms)
+        .unwrap_or_else(|| panic!("no draining phase reported\n{out}"));
+    assert!(
+        draining < 15_000.0,
+        "the drain took {draining} ms: held by the half-sent heads (grace 30 s)\n{out}"
+    );
+    for (i, s) in slow.iter_mut().enumerate() {
+        let (head, _) =
+            read_response(s).unwrap_or_else(|e| panic!("half head {i}: no answer: {e}"));
+        assert!(head.starts_with("HTTP/1.1 408"), "half head {i}: {head}");
+    }
+    // The old build is gone once its sockets finished closing (the idle
+    // clients' included, whether or not they close their side).
+    drop(idle);
+    wait_until(
+        Duration::from_secs(20),
+        "the old build exits, the new one is the only service process",
+        || sup.children() == [c.new_pid],
+    );
+}

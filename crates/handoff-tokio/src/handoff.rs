@@ -29,6 +29,7 @@ pub struct Builder {
     hooks: Hooks,
     idle_grace: Duration,
     first_request_grace: Duration,
+    head_grace: Duration,
     drain_grace: Duration,
     max_connections: Option<usize>,
 }
@@ -147,6 +148,17 @@ impl Builder {
         self
     }
 
+    /// Once the drain began, how long a client that has sent part of a
+    /// request head may take to send the rest (default 1 s, counted from
+    /// the drain's start or the head's first byte, whichever is later); it
+    /// is then answered `408 Request Timeout` and closed. This is what keeps
+    /// a client that stops mid-request (slowloris) from holding a stateful
+    /// drain, and so the accept gap, until the drain grace runs out.
+    pub fn head_grace(mut self, d: Duration) -> Self {
+        self.head_grace = d;
+        self
+    }
+
     /// How long everything may take to finish after this process stops
     /// accepting for good, when no handoff said otherwise (default 30 s;
     /// during a handoff the supervisor's `--drain-grace` applies).
@@ -217,6 +229,7 @@ impl Builder {
             Graces {
                 idle: self.idle_grace,
                 first_request: self.first_request_grace,
+                head: self.head_grace,
             },
             self.drain_grace,
         ));
@@ -339,6 +352,7 @@ impl Handoff {
             hooks: Hooks::default(),
             idle_grace: Duration::from_millis(250),
             first_request_grace: Duration::from_secs(2),
+            head_grace: Duration::from_secs(1),
             drain_grace: Duration::from_secs(30),
             max_connections: None,
         }

@@ -34,7 +34,9 @@
 //! * **A drain that keeps keep-alive clients whole** ([`Handoff::serve`]):
 //!   requests in flight are answered; the next response on each HTTP/1.1
 //!   connection says `Connection: close`; idle connections close only after
-//!   a grace; HTTP/2 gets GOAWAY; closes never reset. hyper's own graceful
+//!   a grace; a client stalled halfway through a request head gets `408`
+//!   after [`Builder::head_grace`], so no client can hold the drain; HTTP/2
+//!   gets GOAWAY; closes never reset. hyper's own graceful
 //!   shutdown closes idle keep-alive connections at once and fails the
 //!   request each client was about to send.
 //! * **Stateless by default**: a new build accepts from its start, beside

@@ -56,8 +56,14 @@ impl Phase {
 struct Counts {
     /// Accept loops that may be inside `accept` right now.
     accepting: usize,
-    /// Connections accepted and not yet fully closed (lingering included).
+    /// Connections accepted and still serving (or able to serve) requests.
     conns: usize,
+    /// Connections that are over but whose sockets are still closing
+    /// politely (our FIN sent, waiting for the client's EOF so the close
+    /// resets nothing). No request runs on them, so a drain does not wait
+    /// for them; they still hold a descriptor (the cap counts them) and the
+    /// process waits for them before it exits.
+    closing: usize,
 }
 
 /// Budgets for winding connections down (see `http/conn.rs`).
@@ -70,6 +76,13 @@ pub(crate) struct Graces {
     /// How long a connection accepted but without a request yet may take to
     /// send its first one: its client is about to.
     pub(crate) first_request: Duration,
+    /// Once winding down, how long a connection that has sent part of a
+    /// request head may take to finish it (from the drain's start or the
+    /// head's first byte, whichever is later); then it is answered `408
+    /// Request Timeout` and closed. Without it one client that stops
+    /// mid-head (slowloris) would hold a stateful drain — and so the accept
+    /// gap — until the drain grace ran out.
+    pub(crate) head: Duration,
 }
 
 #[derive(Debug)]
@@ -158,7 +171,7 @@ impl Shared {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.open_connections() < self.max_connections() {
+            if self.open_sockets() < self.max_connections() {
                 return;
             }
             notified.await;
@@ -227,8 +240,16 @@ impl Shared {
         }
     }
 
+    /// Connections that may still run a request: what a drain waits for.
     pub(crate) fn open_connections(&self) -> usize {
         lock(&self.counts).conns
+    }
+
+    /// Connections plus sockets still closing: descriptors in use, and what
+    /// the process waits for before it exits.
+    pub(crate) fn open_sockets(&self) -> usize {
+        let c = lock(&self.counts);
+        c.conns + c.closing
     }
 
     /// Blocks the (non-async) caller until `done` holds or `within` passes;
@@ -256,20 +277,21 @@ impl Shared {
         }
     }
 
-    /// Waits (async) until no connection is open, or `deadline`.
+    /// Waits (async) until no connection is open and no socket is still
+    /// closing, or `deadline`.
     pub(crate) async fn connections_closed(&self, deadline: Instant) -> bool {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.open_connections() == 0 {
+            if self.open_sockets() == 0 {
                 return true;
             }
             if tokio::time::timeout_at(deadline.into(), notified)
                 .await
                 .is_err()
             {
-                return self.open_connections() == 0;
+                return self.open_sockets() == 0;
             }
         }
     }
@@ -279,6 +301,7 @@ impl Shared {
 enum Which {
     Accepting,
     Conn,
+    Closing,
 }
 
 /// Decrements its count when dropped.
@@ -292,6 +315,18 @@ impl Counted {
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }
+
+    /// The connection is over; only its socket is still closing: count it
+    /// as closing from now on (see `Counts::closing`).
+    pub(crate) fn closing(&mut self) {
+        if let Which::Conn = self.which {
+            self.shared.update(|c| {
+                c.conns = c.conns.saturating_sub(1);
+                c.closing += 1;
+            });
+            self.which = Which::Closing;
+        }
+    }
 }
 
 impl Drop for Counted {
@@ -300,6 +335,7 @@ impl Drop for Counted {
         self.shared.update(|c| match which {
             Which::Accepting => c.accepting = c.accepting.saturating_sub(1),
             Which::Conn => c.conns = c.conns.saturating_sub(1),
+            Which::Closing => c.closing = c.closing.saturating_sub(1),
         });
     }
 }
@@ -319,6 +355,7 @@ mod tests {
             Graces {
                 idle: Duration::from_millis(10),
                 first_request: Duration::from_millis(10),
+                head: Duration::from_millis(10),
             },
             Duration::from_secs(1),
         ))

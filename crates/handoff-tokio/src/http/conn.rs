@@ -12,6 +12,9 @@
 //!   response or the drain's start, whichever is later — is closed (a
 //!   connection that has not sent its first request gets the first-request
 //!   grace: its client just connected and is about to);
+//! * one whose client has sent part of a request head gets the head grace
+//!   to finish it, then a `408 Request Timeout` and a close: a client that
+//!   stops mid-request (slowloris) cannot hold the drain;
 //! * HTTP/2 gets GOAWAY at once: clients retry the streams it did not
 //!   process, by the spec;
 //! * an upgraded connection (WebSocket) leaves hyper; it stays counted, and
@@ -44,6 +47,16 @@ pub(crate) struct ConnState {
     requests: AtomicU64,
     h2: AtomicBool,
     last_done: Mutex<Option<Instant>>,
+    /// When the client began sending bytes that no request has been
+    /// dispatched for yet: a request head in progress (set by the stream
+    /// wrapper, cleared when hyper hands the request to the service).
+    partial_since: Mutex<Option<Instant>>,
+    /// Everything hyper wrote has been flushed, so bytes written now
+    /// cannot land inside one of its responses.
+    write_idle: AtomicBool,
+    /// The drive loop gave up on a partial head: the stream wrapper answers
+    /// 408 as it closes.
+    timed_out: AtomicBool,
 }
 
 impl ConnState {
@@ -54,7 +67,42 @@ impl ConnState {
             requests: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             last_done: Mutex::new(None),
+            partial_since: Mutex::new(None),
+            write_idle: AtomicBool::new(true),
+            timed_out: AtomicBool::new(false),
         })
+    }
+
+    /// The client sent bytes (`first` says whether they are the
+    /// connection's first). With no request in flight they begin a request
+    /// head.
+    pub(crate) fn read(&self, first: &[u8]) {
+        if !first.is_empty() && first.starts_with(b"PRI * HTTP/2") {
+            // The h2 preface: HTTP/2 drains with GOAWAY, never a 408.
+            self.h2.store(true, Ordering::SeqCst);
+        }
+        if self.inflight.load(Ordering::SeqCst) == 0 {
+            lock(&self.partial_since).get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// hyper wrote (`false`) or flushed everything it wrote (`true`).
+    pub(crate) fn wrote(&self, flushed: bool) {
+        self.write_idle.store(flushed, Ordering::SeqCst);
+    }
+
+    /// A request head is in progress on an HTTP/1 connection with nothing
+    /// in flight, and has been since this instant.
+    fn partial_head(&self) -> Option<Instant> {
+        if self.inflight.load(Ordering::SeqCst) > 0 || self.h2.load(Ordering::SeqCst) {
+            return None;
+        }
+        *lock(&self.partial_since)
+    }
+
+    /// Whether the stream wrapper should answer 408 as it closes.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::SeqCst)
     }
 
     /// When, winding down since `since`, this connection may be closed;
@@ -67,16 +115,19 @@ impl ConnState {
             return Some(since);
         }
         let g = shared.graces;
+        if let Some(head) = self.partial_head() {
+            return Some(head.max(since) + g.head);
+        }
         if self.requests.load(Ordering::SeqCst) == 0 {
             return Some((self.accepted + g.first_request).max(since + g.idle));
         }
-        let last = self
-            .last_done
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or(self.accepted);
+        let last = lock(&self.last_done).unwrap_or(self.accepted);
         Some(last.max(since) + g.idle)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Ends a request's accounting however its future ends (answered, failed,
@@ -85,7 +136,7 @@ struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        *self.0.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *lock(&self.0.last_done) = Some(Instant::now());
         self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -117,6 +168,8 @@ where
         }
         self.conn.inflight.fetch_add(1, Ordering::SeqCst);
         self.conn.requests.fetch_add(1, Ordering::SeqCst);
+        // The head is complete: this is a request now, not a partial one.
+        *lock(&self.conn.partial_since) = None;
         let guard = InFlight(self.conn.clone());
         let shared = self.shared.clone();
         let mut svc = self.inner.clone();
@@ -172,6 +225,14 @@ pub(crate) async fn drive<C: Future>(
             }
             let due = state.close_due(since, &shared);
             if due.is_some_and(|t| t <= now) {
+                if state.partial_head().is_some() && state.write_idle.load(Ordering::SeqCst) {
+                    // A head that did not finish in its grace: hyper would
+                    // only drop it unanswered, so it goes, and the stream
+                    // wrapper answers 408 as it closes (nothing of hyper's
+                    // can interleave: it has flushed all it wrote).
+                    state.timed_out.store(true, Ordering::SeqCst);
+                    return;
+                }
                 graceful(conn.as_mut());
                 break true;
             }

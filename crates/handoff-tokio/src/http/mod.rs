@@ -120,7 +120,7 @@ async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
             }
             continue;
         }
-        if shared.open_connections() >= shared.max_connections() {
+        if shared.open_sockets() >= shared.max_connections() {
             // At the cap: not accepting until one closes (or the phase
             // moves); new connections wait in the backlog meanwhile.
             drop(counted);
@@ -173,7 +173,7 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let state = ConnState::new();
-    let io = TokioIo::new(Lingering::new(stream, counted));
+    let io = TokioIo::new(Lingering::new(stream, counted, state.clone()));
     let svc = Tracked {
         inner: service,
         conn: state.clone(),

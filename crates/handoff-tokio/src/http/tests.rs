@@ -23,13 +23,19 @@ struct Server {
 
 impl Server {
     async fn start(idle: Duration) -> Server {
-        let handoff = Handoff::for_tests(
+        Server::start_with(
             true,
             Graces {
                 idle,
                 first_request: Duration::from_secs(2),
+                head: Duration::from_secs(1),
             },
-        );
+        )
+        .await
+    }
+
+    async fn start_with(stateless: bool, graces: Graces) -> Server {
+        let handoff = Handoff::for_tests(stateless, graces);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", get(|| async { "ok" })).route(
@@ -81,6 +87,20 @@ async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(Stri
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).await?;
     Ok((head, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Polls (bounded) until no connection could run a request any more: what
+/// a stateful drain waits for. (`Shared::wait_blocking` would block this
+/// single-threaded test runtime, and with it the connections.)
+async fn no_open_connections(shared: &Shared) -> bool {
+    let end = tokio::time::Instant::now() + BOUND;
+    while shared.open_connections() > 0 {
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    true
 }
 
 /// Reads until EOF (bounded): `Ok` for a clean FIN, `Err` for a reset.
@@ -217,6 +237,7 @@ async fn an_upgraded_connection_gets_the_drain_grace() {
         Graces {
             idle: Duration::from_millis(50),
             first_request: Duration::from_secs(2),
+            head: Duration::from_secs(1),
         },
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -320,6 +341,7 @@ async fn the_shutdown_signal_fires_on_retirement_only() {
         Graces {
             idle: Duration::from_millis(50),
             first_request: Duration::from_secs(2),
+            head: Duration::from_secs(1),
         },
     );
     let mut signal = tokio::spawn(handoff.shutdown_signal());
@@ -352,6 +374,7 @@ async fn a_unix_listener_drains_the_same_way() {
         Graces {
             idle: Duration::from_secs(5),
             first_request: Duration::from_secs(2),
+            head: Duration::from_secs(1),
         },
     );
     let h = handoff.clone();
@@ -399,4 +422,122 @@ async fn at_the_connection_cap_new_connections_wait_in_the_backlog() {
         head.starts_with("http/1.1 200") && body == "ok",
         "{head}{body}"
     );
+}
+
+/// A client that stopped halfway through a request head (slowloris), on a
+/// fresh connection and on one that already had a request answered: once
+/// draining, each is answered 408 after the head grace and closed with a
+/// FIN, and a stateful drain is not held for them. (Before, hyper kept the
+/// fresh one reading until the drain's hard deadline and dropped the other
+/// unanswered.)
+#[tokio::test]
+async fn a_half_sent_head_is_answered_408_once_the_head_grace_is_over() {
+    let srv = Server::start_with(
+        false,
+        Graces {
+            idle: Duration::from_millis(50),
+            first_request: Duration::from_millis(50),
+            head: Duration::from_millis(200),
+        },
+    )
+    .await;
+    srv.shared().set_phase(Phase::Serving);
+    let mut fresh = TcpStream::connect(srv.addr).await.unwrap();
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let mut used = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut used, "/").await.unwrap();
+    used.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    // Both heads are in hyper's hands before the drain starts.
+    tokio::task::yield_now().await;
+    srv.shared().set_phase(Phase::Draining);
+    for (name, c) in [("fresh", &mut fresh), ("used", &mut used)] {
+        let (head, body) = read_response(c)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: no answer to its half head: {e}"));
+        assert!(head.starts_with("http/1.1 408"), "{name}: {head}");
+        assert!(head.contains("connection: close"), "{name}: {head}");
+        assert_eq!(body, "", "{name}");
+        expect_eof(c)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: a reset instead of a FIN: {e}"));
+    }
+    // The stateful drain's condition: no connection that could still run
+    // a request.
+    assert!(
+        no_open_connections(srv.shared()).await,
+        "{} connections still open",
+        srv.shared().open_connections()
+    );
+}
+
+/// A head completed within the head grace is a request like any other:
+/// answered (with `Connection: close`), not 408.
+#[tokio::test]
+async fn a_head_finished_within_the_head_grace_is_answered() {
+    let srv = Server::start_with(
+        true,
+        Graces {
+            idle: Duration::from_millis(50),
+            first_request: Duration::from_millis(50),
+            head: Duration::from_secs(5),
+        },
+    )
+    .await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    tokio::task::yield_now().await;
+    srv.shared().set_phase(Phase::Draining);
+    // Past the idle and first-request graces, within the head grace.
+    let closed_early =
+        tokio::time::timeout(Duration::from_millis(300), c.read(&mut [0u8; 1])).await;
+    assert!(
+        closed_early.is_err(),
+        "closed before the head grace: {closed_early:?}"
+    );
+    c.write_all(b"Host: t\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "ok");
+}
+
+/// Once a connection is closed (FIN sent), waiting for the client's EOF is
+/// the socket's business, not the drain's: a client that never closes its
+/// side does not hold a stateful drain, though the socket stays counted
+/// (a descriptor in use) until it closes or the linger runs out.
+#[tokio::test]
+async fn a_client_slow_to_close_does_not_hold_the_drain() {
+    let srv = Server::start_with(
+        false,
+        Graces {
+            idle: Duration::from_millis(20),
+            first_request: Duration::from_millis(20),
+            head: Duration::from_millis(20),
+        },
+    )
+    .await;
+    srv.shared().set_phase(Phase::Serving);
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut c, "/").await.unwrap();
+    srv.shared().set_phase(Phase::Draining);
+    // The client neither reads nor closes: only the drain moves.
+    assert!(
+        no_open_connections(srv.shared()).await,
+        "the drain still counts the connection"
+    );
+    assert_eq!(
+        srv.shared().open_sockets(),
+        1,
+        "the socket is still closing (the client has not closed yet)"
+    );
+    expect_eof(&mut c).await.expect("closed with a FIN");
+    drop(c);
+    let closed = srv
+        .shared()
+        .connections_closed(std::time::Instant::now() + BOUND)
+        .await;
+    assert!(closed, "{} sockets still open", srv.shared().open_sockets());
 }
