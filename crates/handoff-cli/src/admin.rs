@@ -185,6 +185,13 @@ pub fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
     }
 }
 
+/// How long an admin client has to send its whole request, however it
+/// splits it: a bound on each read instead let a client trickling a byte
+/// every 4 s hold its connection (and its slot under [`MAX_CONNS`]) for
+/// 132 s. Real clients send the request in one write as soon as they
+/// are connected.
+pub const REQUEST_BUDGET: Duration = Duration::from_secs(5);
+
 /// Most admin connections served at once. Each has a thread; a client
 /// past the cap is told so and closed instead of getting one (3,000 silent
 /// connections used to make 3,006 threads). Real clients hold one each
@@ -194,9 +201,10 @@ pub const MAX_CONNS: usize = 32;
 /// Serves the admin socket until it fails: every connection is checked
 /// with `SO_PEERCRED` (our own uid or root only; the socket's 0600 mode is
 /// the first fence, this the second), gets its own thread (at most
-/// [`MAX_CONNS`] at once), and must send its request within 5 s — a client
-/// that connects and says nothing, or sends garbage, costs one short-lived
-/// thread and is told why. `handle` then owns the conversation.
+/// [`MAX_CONNS`] at once), and must send its whole request within
+/// [`REQUEST_BUDGET`] — a client that connects and says nothing, trickles
+/// its request or sends garbage, costs one short-lived thread and is told
+/// why. `handle` then owns the conversation.
 ///
 /// A failed accept (out of descriptors, say) is retried after a growing
 /// pause and logged at most every few seconds, with a count of the
@@ -269,15 +277,13 @@ where
             .name("admin-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                let req: Request = match recv(&stream, Some(Duration::from_secs(5))) {
+                let req = match read_request(&stream) {
                     Ok(r) => r,
-                    Err(e) => {
-                        let _ = send(
-                            &stream,
-                            &Event::Error {
-                                message: format!("bad request: {e}"),
-                            },
-                        );
+                    Err(message) => {
+                        // Said to a client that may not be reading: one
+                        // small frame, and a bound should it never drain.
+                        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                        let _ = send(&stream, &Event::Error { message });
                         return;
                     }
                 };
@@ -287,6 +293,19 @@ where
             eprintln!("handoff run: admin connection dropped: cannot start a thread for it: {e}");
         }
     }
+}
+
+/// Reads a client's request, which must arrive whole within
+/// [`REQUEST_BUDGET`]; the error is what the client is told.
+fn read_request(s: &UnixStream) -> Result<Request, String> {
+    let f = handoff::channel::read_frame_within(s, REQUEST_BUDGET).map_err(|e| match e {
+        frame::FrameError::TimedOut { waited_ms } => format!(
+            "bad request: not received whole within {} s (waited {waited_ms} ms)",
+            REQUEST_BUDGET.as_secs()
+        ),
+        e => format!("bad request: {e}"),
+    })?;
+    serde_json::from_slice(&f.payload).map_err(|e| format!("bad request: bad admin message: {e}"))
 }
 
 /// One of the [`MAX_CONNS`] admin connection slots, given back on drop.
@@ -372,11 +391,20 @@ pub fn send<T: Serialize>(mut s: &UnixStream, msg: &T) -> std::io::Result<()> {
     s.write_all(&bytes)
 }
 
+/// Reads one admin message, which must arrive whole within `timeout`
+/// (`None`: however long it takes) — not within `timeout` per read, which
+/// a peer sending a byte at a time could stretch without end.
 pub fn recv<T: for<'de> Deserialize<'de>>(
     mut s: &UnixStream,
     timeout: Option<Duration>,
 ) -> Result<T, String> {
-    s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
-    let f = frame::read_frame(&mut s).map_err(|e| e.to_string())?;
+    let f = match timeout {
+        Some(d) => handoff::channel::read_frame_within(s, d),
+        None => s
+            .set_read_timeout(None)
+            .map_err(frame::FrameError::Io)
+            .and_then(|()| frame::read_frame(&mut s)),
+    }
+    .map_err(|e| e.to_string())?;
     serde_json::from_slice(&f.payload).map_err(|e| format!("bad admin message: {e}"))
 }
