@@ -476,3 +476,104 @@ fn kv_example_drain_is_not_held_by_half_sent_heads() {
         || sup.children() == [c.new_pid],
     );
 }
+
+/// An upgrade aborted while the old build drains (issue 14, item 4): the
+/// old build stops draining and accepts again at once, instead of sitting
+/// out the rest of its drain grace. The way it was found: a service with
+/// state whose drain is held by a request stalled mid-body, the incumbent
+/// SIGSTOPped mid-drain so the supervisor aborts on liveness, then
+/// SIGCONTed — it used to answer again only when its 30 s drain grace
+/// ran out.
+#[test]
+fn kv_example_accepts_again_at_once_when_an_upgrade_aborts_mid_drain() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _guard = begin_test("kv_example_abort_mid_drain", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let opts = StartOpts {
+        env: vec![
+            ("HANDOFF_LIVENESS_MS".into(), "1500".into()),
+            ("HANDOFF_HEARTBEAT_MS".into(), "200".into()),
+        ],
+        ..StartOpts::default()
+    };
+    let sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &example("example-kv"),
+        &[],
+        &opts,
+    );
+    let old = Pid::from_raw(sup.first_pid as i32);
+    let mut stalled = TcpStream::connect(sup.addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    write!(
+        stalled,
+        "PUT /kv/first HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n1"
+    )
+    .unwrap();
+    let (head, _) = read_response(&mut stalled).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Half a body: the handler waits for the rest, and the drain for it.
+    write!(
+        stalled,
+        "PUT /kv/late HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nab"
+    )
+    .unwrap();
+
+    let mut upgrade = std::process::Command::new(handoff_bin())
+        .args(["upgrade", "--json", "--drain-grace", "30s", "--runtime-dir"])
+        .arg(&sup.runtime_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the old build is draining", || {
+        sup.stderr_log().contains("next=\"draining\"")
+    });
+    kill(old, Signal::SIGSTOP).unwrap();
+    let mut status = None;
+    let done = poll_until(Duration::from_secs(30), || {
+        status = upgrade.try_wait().unwrap();
+        status.is_some()
+    });
+    let _ = kill(old, Signal::SIGCONT);
+    if !done {
+        let _ = upgrade.kill();
+        panic!("the upgrade did not end with its incumbent stopped");
+    }
+    let mut out = String::new();
+    upgrade
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        !status.unwrap().success() && out.contains("\"aborted\""),
+        "{out}"
+    );
+
+    // Resumed: a new connection is accepted and answered by the old build
+    // now, not when its drain grace would have run out.
+    let resumed = Instant::now();
+    let got = http_load::get_once(sup.addr, "/kv/first").unwrap();
+    assert_eq!(got, (200, b"1".to_vec()));
+    assert!(
+        resumed.elapsed() < Duration::from_secs(15),
+        "answered {:?} after the abort: the drain ran on (grace 30 s)",
+        resumed.elapsed()
+    );
+    // And the stalled request, its connection still open, completes.
+    write!(stalled, "cd").unwrap();
+    let (head, _) = read_response(&mut stalled).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        http_load::get_once(sup.addr, "/kv/late").unwrap(),
+        (200, b"abcd".to_vec())
+    );
+    assert_eq!(sup.children(), [sup.first_pid], "the old build serves on");
+}

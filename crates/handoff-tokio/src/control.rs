@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handoff::{Boot, DrainReport, Drainable, ServiceError};
+use handoff::{AbortSignal, Boot, DrainReport, Drainable, ServiceError};
 use tokio::runtime::Handle;
 
 use crate::error::BoxError;
@@ -172,6 +172,19 @@ const CUT_WAIT: Duration = Duration::from_secs(1);
 
 impl Drainable for Bridge {
     fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
+        self.drain_or_abort(grace, &AbortSignal::new())
+    }
+
+    /// The drain's waits end early when the handoff is aborted: the core
+    /// then calls `resume`, and accepting starts again at once instead of
+    /// after the rest of the grace.
+    fn drain_or_abort(
+        &mut self,
+        grace: Duration,
+        abort: &AbortSignal,
+    ) -> Result<DrainReport, ServiceError> {
+        let shared = self.shared.clone();
+        abort.on_abort(move || shared.wake_waiters());
         if let Some(f) = self.hooks.on_drain.as_mut() {
             // An error resumes at once: nothing was wound down yet.
             self.rt.block_on(f())?;
@@ -180,11 +193,14 @@ impl Drainable for Bridge {
         self.shared.set_phase(Phase::Draining);
         let accept_closed = self
             .shared
-            .wait_blocking(grace.min(ACCEPT_CLOSE_WAIT), |accepting, _| accepting == 0);
+            .wait_blocking(grace.min(ACCEPT_CLOSE_WAIT), |accepting, _| {
+                accepting == 0 || abort.is_aborted()
+            });
         if !self.shared.stateless {
             // Requests may write state: every connection must be closed
             // (each at a request boundary) before we seal.
-            self.shared.wait_blocking(grace, |_, conns| conns == 0);
+            self.shared
+                .wait_blocking(grace, |_, conns| conns == 0 || abort.is_aborted());
         }
         // A stateless process reports at once: the successor serves
         // already, and our connections finish meanwhile.

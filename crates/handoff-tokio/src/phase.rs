@@ -213,6 +213,12 @@ impl Shared {
         }
     }
 
+    /// Wakes every `wait_blocking` to look at its condition again (it may
+    /// hold on something besides the counts: an abort).
+    pub(crate) fn wake_waiters(&self) {
+        self.update(|_| {});
+    }
+
     fn update(&self, f: impl FnOnce(&mut Counts)) {
         f(&mut lock(&self.counts));
         self.cv.notify_all();

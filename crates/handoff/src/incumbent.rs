@@ -137,6 +137,76 @@ fn wake_pair() -> io::Result<(UnixStream, Arc<UnixStream>)> {
     Ok((r, Arc::new(w)))
 }
 
+/// Watches the control connection while the service drains: the
+/// supervisor sends nothing then unless it aborts, so the connection
+/// becoming readable (a `ResumeAfterAbort`, or EOF when the supervisor is
+/// gone) fires the drain's [`AbortSignal`](crate::AbortSignal). It only
+/// polls; the message itself is read afterwards on the control thread, as
+/// always. Dropping the watch stops it.
+struct AbortWatch {
+    /// Written to (or dropped) to end the watch.
+    stop: Option<UnixStream>,
+}
+
+impl AbortWatch {
+    fn start(chan: &Channel, abort: &crate::AbortSignal) -> AbortWatch {
+        let pair = chan
+            .stream()
+            .try_clone()
+            .and_then(|c| Ok((c, UnixStream::pair()?)));
+        let (conn, (stop, stopped)) = match pair {
+            Ok(p) => p,
+            Err(e) => {
+                // Without a watch the drain runs its course, as before:
+                // the abort is read once it returns.
+                tracing::warn!(target: "handoff::incumbent", error = %e, "cannot watch the control connection during the drain; an abort will wait for the drain to end");
+                return AbortWatch { stop: None };
+            }
+        };
+        let abort = abort.clone();
+        let spawned = std::thread::Builder::new()
+            .name("handoff-abort-watch".into())
+            .spawn(move || {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                loop {
+                    let mut fds = [
+                        PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+                        PollFd::new(stopped.as_fd(), PollFlags::POLLIN),
+                    ];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(_) => return, // the drain runs its course
+                        Ok(_) => {}
+                    }
+                    let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                    if ready(&fds[1]) {
+                        return; // the drain is over
+                    }
+                    if ready(&fds[0]) {
+                        abort.fire();
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => AbortWatch { stop: Some(stop) },
+            Err(e) => {
+                tracing::warn!(target: "handoff::incumbent", error = %e, "cannot start the drain's abort watch; an abort will wait for the drain to end");
+                AbortWatch { stop: None }
+            }
+        }
+    }
+}
+
+impl Drop for AbortWatch {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stop.take() {
+            // The byte or, failing that, the close (POLLHUP) ends the poll.
+            let _ = s.write_all(&[1]);
+        }
+    }
+}
+
 enum Next {
     Continue,
     Retire(Retired),
@@ -398,7 +468,7 @@ impl Incumbent {
     /// Serves one request, `first`, read from `chan` by a greeter.
     fn handoff<D: Drainable>(
         &mut self,
-        mut chan: Channel,
+        chan: Channel,
         first: Message,
         service: &mut D,
     ) -> Result<Next, ProcessError> {
@@ -449,13 +519,24 @@ impl Incumbent {
             }
             _ => unreachable!("phase table"),
         };
-        let left = |slack: Duration| deadline.saturating_duration_since(Instant::now()) + slack;
 
-        // Drain, heartbeating meanwhile.
+        // Drain, heartbeating meanwhile, and watching the connection: the
+        // supervisor says nothing while we drain unless it aborts (or it
+        // went away), and then the drain stops at once.
         let hb = Heartbeat::start(chan.sender(), id, t.heartbeat);
+        let abort = crate::AbortSignal::new();
+        let watch = AbortWatch::start(&chan, &abort);
         crash::point("o-in-drain");
-        let drained = service.drain(grace);
+        let drained = service.drain_or_abort(grace, &abort);
         hb.stop();
+        drop(watch);
+        if abort.is_aborted() {
+            // Its ResumeAfterAbort (or EOF) is waiting on the connection:
+            // read it below, as after a completed drain, without saying
+            // Drained to a supervisor that has moved on.
+            tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "the supervisor aborted during the drain; the drain stops now");
+            return self.after_drain(chan, id, deadline, service);
+        }
         let report = match drained {
             Ok(r) => r,
             Err(e) => {
@@ -475,8 +556,20 @@ impl Incumbent {
             return Ok(Next::Continue);
         }
         crash::point("o-after-drained");
+        self.after_drain(chan, id, deadline, service)
+    }
 
-        // Drained: wait for the seal request.
+    /// Drained (or the drain was cut short by an abort): wait for the seal
+    /// request, or resume.
+    fn after_drain<D: Drainable>(
+        &mut self,
+        mut chan: Channel,
+        id: HandoffId,
+        deadline: Instant,
+        service: &mut D,
+    ) -> Result<Next, ProcessError> {
+        let t = self.cfg.timeouts;
+        let left = |slack: Duration| deadline.saturating_duration_since(Instant::now()) + slack;
         match Self::recv(
             &mut chan,
             IncumbentPhase::Drained,
@@ -485,7 +578,7 @@ impl Incumbent {
         ) {
             Ok(Message::SealRequest { .. }) => {}
             Ok(Message::ResumeAfterAbort { .. }) => {
-                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "handoff aborted while drained; resuming");
+                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "handoff aborted while draining or drained; resuming");
                 self.resume(service)?;
                 return Ok(Next::Continue);
             }

@@ -120,6 +120,7 @@ macro_rules! supervisor_side {
     )*};
 }
 
+mod abort;
 pub mod accept;
 mod busy;
 mod incumbent;
@@ -151,6 +152,7 @@ supervisor_side! {
     supervisor;
 }
 
+pub use abort::AbortSignal;
 pub use error::{ProcessError, ProtocolError};
 pub use frame::FrameError;
 pub use incumbent::{Incumbent, Retired};

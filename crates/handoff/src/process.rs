@@ -41,6 +41,25 @@ pub trait Drainable {
     /// them with the listeners when it exits).
     fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError>;
 
+    /// [`drain`](Self::drain) for a handoff that may be aborted meanwhile:
+    /// when `abort` fires (the supervisor said `ResumeAfterAbort`, or went
+    /// away), stop waiting for connections and return at once — the
+    /// library then calls [`resume`](Self::resume), and the service accepts
+    /// again without sitting out the rest of the grace. The library calls
+    /// this one; the default ignores `abort` and calls `drain`, which is
+    /// right for a drain that is quick anyway. A drain that waits (for its
+    /// connections to finish, say) overrides it and waits on
+    /// [`AbortSignal::wait`](crate::AbortSignal::wait) or registers
+    /// [`AbortSignal::on_abort`](crate::AbortSignal::on_abort).
+    fn drain_or_abort(
+        &mut self,
+        grace: Duration,
+        abort: &crate::AbortSignal,
+    ) -> Result<DrainReport, ServiceError> {
+        let _ = abort;
+        self.drain(grace)
+    }
+
     /// Make all state durable and stop writing it. After `Ok` the library
     /// releases the state lock and the successor may take it. The returned
     /// bytes (optional, at most ~1 MiB) are passed to the successor's

@@ -52,8 +52,6 @@ pub const LAST_RECOVERED_OFFSET: usize = 80;
 pub const SEQ_OFFSET: usize = 128;
 /// Byte offset of the record checksum.
 pub const RECORD_CRC_OFFSET: usize = 136;
-/// Byte offset of the payload.
-pub const PAYLOAD_OFFSET: usize = HEADER_LEN;
 
 /// Length of the static part of the header that is checked on open.
 pub(crate) const STATIC_LEN: usize = 64;
