@@ -83,7 +83,7 @@ impl Live {
         let pid = self.pid;
         let mut number = 0;
         let r = counters::update(&self.region, LOCK_BUDGET, |c| {
-            number = c.begin_generation(pid, via_handoff, handoff::journal::now_ms());
+            number = c.begin_generation(pid, via_handoff, now_ms());
         });
         if self.report("registering this process", r) {
             st.number = number;
@@ -110,7 +110,7 @@ impl Live {
         }
         let pid = self.pid;
         let r = counters::update(&self.region, LOCK_BUDGET, |c| {
-            c.add_requests(number, pid, delta, handoff::journal::now_ms());
+            c.add_requests(number, pid, delta, now_ms());
         });
         if self.report("flushing", r) {
             st.flushed = now;
@@ -181,4 +181,13 @@ impl Flusher {
             let _ = t.join();
         }
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, as the counters record
+/// them (`handoff status` shows ages from these).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
