@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,7 +214,16 @@ pub fn serve<H>(listener: UnixListener, handle: H)
 where
     H: Fn(UnixStream, Request) + Send + Sync + 'static,
 {
-    let handle = Arc::new(handle);
+    serve_until(listener, &AtomicBool::new(false), Arc::new(handle));
+}
+
+/// [`serve`], until `replaced` is set and the listener shut down (its
+/// accept then fails): the runtime dir was deleted and a new admin socket
+/// serves in its place (see `run/keeper.rs`), so the end is not an error.
+pub fn serve_until<H>(listener: UnixListener, replaced: &AtomicBool, handle: Arc<H>)
+where
+    H: Fn(UnixStream, Request) + Send + Sync + 'static,
+{
     let ours = nix::unistd::geteuid().as_raw();
     let open = Arc::new(AtomicUsize::new(0));
     let mut backoff = AcceptBackoff::new();
@@ -241,10 +250,12 @@ where
                     continue;
                 }
                 Verdict::Fatal => {
-                    eprintln!(
-                        "handoff run: admin accept: {e}: the admin socket is unusable; \
-                         no more admin requests (SIGHUP still upgrades, SIGTERM stops)"
-                    );
+                    if !replaced.load(Ordering::SeqCst) {
+                        eprintln!(
+                            "handoff run: admin accept: {e}: the admin socket is unusable; \
+                             no more admin requests (SIGHUP still upgrades, SIGTERM stops)"
+                        );
+                    }
                     return;
                 }
             },

@@ -84,7 +84,18 @@ pub struct Incumbent {
     wake: Option<(UnixStream, Arc<UnixStream>)>,
     /// When the last "too many control connections" was said.
     said_full: Option<Instant>,
+    /// When the control socket's path was last checked, and whether its
+    /// directory was found gone (said once, until it is back).
+    path_checked: Instant,
+    said_dir_gone: bool,
 }
+
+/// How often an idle incumbent checks that its control socket's path still
+/// exists. Someone who deletes the runtime dir (a tmpfiles cleaner, an
+/// operator's `rm -rf`) unlinks the socket but not the listening socket
+/// itself: the incumbent keeps serving and nobody can reach it, so every
+/// upgrade and `handoff stop` failed until the service was restarted.
+const CONTROL_PATH_CHECK: Duration = Duration::from_secs(1);
 
 /// How often the idle loop looks for greeted requests when it has no wake
 /// socket (see [`Incumbent::wake`]).
@@ -239,6 +250,8 @@ impl Incumbent {
             greeting: Arc::new(AtomicUsize::new(0)),
             wake,
             said_full: None,
+            path_checked: Instant::now(),
+            said_dir_gone: false,
         }
     }
 
@@ -295,6 +308,10 @@ impl Incumbent {
                 continue;
             }
             self.wait_for_work();
+            if self.path_checked.elapsed() >= CONTROL_PATH_CHECK {
+                self.path_checked = Instant::now();
+                self.keep_control_path();
+            }
             let stream = match self.listener.accept() {
                 Ok((s, _)) => {
                     if let Some(unsaid) = backoff.succeeded() {
@@ -345,10 +362,10 @@ impl Incumbent {
         let timeout = match &self.wake {
             Some((r, _)) => {
                 fds.push(PollFd::new(r.as_fd(), PollFlags::POLLIN));
-                PollTimeout::NONE
+                PollTimeout::try_from(CONTROL_PATH_CHECK).unwrap_or(PollTimeout::MAX)
             }
             None if out => PollTimeout::try_from(NO_WAKE_TICK).unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
+            None => PollTimeout::try_from(CONTROL_PATH_CHECK).unwrap_or(PollTimeout::MAX),
         };
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -770,6 +787,41 @@ impl Incumbent {
                         pause = (pause * 2).min(Duration::from_secs(1));
                     }
                 }
+            }
+        }
+    }
+
+    /// Re-binds the control socket if its path is gone (see
+    /// [`CONTROL_PATH_CHECK`]) and its directory exists; the supervisor
+    /// re-creates the runtime dir (mode 0700) when it finds it gone, and
+    /// only it does: a directory made here would not be checked the way
+    /// `handoff run` checks its own.
+    fn keep_control_path(&mut self) {
+        let path = &self.cfg.control_path;
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // There (ours, or a successor's after an aborted handoff, which
+            // `relocked` replaces), or not checkable: leave it.
+            _ => return,
+        }
+        let dir_there = path
+            .parent()
+            .is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+        if !dir_there {
+            if !std::mem::replace(&mut self.said_dir_gone, true) {
+                tracing::error!(target: "handoff::incumbent", path = %path.display(), "the control socket's directory is gone: no upgrade or `handoff stop` can reach this process until the supervisor re-creates it (it does so within seconds); still serving");
+            }
+            return;
+        }
+        self.said_dir_gone = false;
+        match bind_control(path) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.listener, fresh);
+                drop(old); // unreachable: its name is gone
+                tracing::warn!(target: "handoff::incumbent", path = %path.display(), "the control socket was removed (runtime dir deleted?); bound it again");
+            }
+            Err(e) => {
+                tracing::warn!(target: "handoff::incumbent", path = %path.display(), error = %e, "the control socket was removed and binding it again failed; retrying");
             }
         }
     }

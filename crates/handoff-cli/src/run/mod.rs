@@ -25,8 +25,9 @@ use crate::metrics::Metrics;
 use crate::progress::{Hooks, Progress, Trigger};
 use crate::{restart, supervise};
 
+mod keeper;
 mod requests;
-use requests::{count_refusal, serve_admin, upgrade_counted, Ctx};
+use requests::{count_refusal, upgrade_counted, Ctx};
 
 /// `handoff run --help`: examples for each way of running.
 pub const AFTER_HELP: &str = "\
@@ -293,12 +294,9 @@ fn run(args: RunArgs) -> Result<()> {
         stopper: crate::stop::Stopper::default(),
         stopping: stopping.clone(),
     });
-    {
-        let ctx = ctx.clone();
-        std::thread::Builder::new()
-            .name("admin".into())
-            .spawn(move || serve_admin(admin_listener, ctx))?;
-    }
+    // The admin socket, served on a thread of its own, and kept in place
+    // should the runtime dir be deleted under us.
+    keeper::start(runtime.clone(), admin_listener, ctx.clone())?;
     crate::systemd::ready(pid, &sup.incumbent_build());
     crate::systemd::start_watchdog(crate::systemd::admin_probe(
         admin_path.clone(),

@@ -2,7 +2,7 @@
 //! --prepare`, `--discard-prepared`, `status`, `stop`) and the metrics it keeps
 //! of upgrades, whichever way they were triggered.
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -46,10 +46,6 @@ impl Ctx {
         }
         program
     }
-}
-
-pub(super) fn serve_admin(listener: UnixListener, ctx: Arc<Ctx>) {
-    admin::serve(listener, move |stream, req| handle_admin(stream, req, &ctx));
 }
 
 fn ms(d: Duration) -> f64 {
@@ -97,7 +93,7 @@ pub(super) fn count_refusal<T>(metrics: &Metrics, r: &Result<T, UpgradeFailure>)
     }
 }
 
-fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
+pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
     match req {
         Request::Status => {
             let (service_counters, service_counters_error) =
