@@ -1,9 +1,11 @@
 //! The two clocks that bound every read (DESIGN §5), and the macOS/BSD
 //! `SO_RCVTIMEO` quirk.
 //!
-//! * **Liveness**, per read: no frame for [`Timeouts::liveness`] means the
-//!   peer is dead or wedged. Heartbeats reset it, so a long drain that keeps
-//!   heartbeating is never mistaken for death.
+//! * **Liveness**, per frame: no whole frame for [`Timeouts::liveness`]
+//!   means the peer is dead or wedged. Heartbeats reset it, so a long drain
+//!   that keeps heartbeating is never mistaken for death. The bound is on
+//!   the whole frame, not on each read (`channel::read_frame_within`): a
+//!   peer sending a byte at a time must not stretch it.
 //! * **Wall clock**, per phase: a [`PhaseClock`] caps the whole phase; a read
 //!   waiting on a reply gets [`Timeouts::wire_slack`] past the cap so a reply
 //!   already on the wire when the cap passes is still taken.
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 /// configurable so tests can shorten them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// Longest silence tolerated on any read.
+    /// Longest a frame may take to arrive whole, silence included.
     pub liveness: Duration,
     /// Budget for receiving a peer's Hello. For a successor this includes
     /// its warm-up: it says Hello once warm.
@@ -71,8 +73,8 @@ impl Timeouts {
         t
     }
 
-    /// Timeout for one read: liveness, but never past the phase cap plus
-    /// wire slack, and never below the floor.
+    /// Timeout for receiving one frame: liveness, but never past the phase
+    /// cap plus wire slack, and never below the floor.
     pub(crate) fn read_timeout(&self, clock: &PhaseClock, now: Instant) -> Duration {
         let phase_left = clock.remaining(now) + self.wire_slack;
         self.liveness.min(phase_left).max(self.read_floor)
