@@ -75,23 +75,30 @@ impl StateLock {
     /// The file is created 0600 and never opened through a symlink
     /// ([`crate::private_fs`]): `flock` needs only a read-only descriptor,
     /// so a file another user can open is a lock another user can take.
+    /// The state dir is checked first, as `handoff run` checks it (a
+    /// service started without `handoff run` gets the same refusal): a
+    /// directory another user can write, or one with such a directory
+    /// above it, lets them replace the lock file itself.
     pub fn try_acquire(state_dir: &Path) -> Result<Option<StateLock>, LockError> {
         let path = state_dir.join(LOCK_FILE);
-        let file = crate::private_fs::open_file(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false),
-            &path,
-        )
-        .map_err(|e| match e {
-            crate::private_fs::PrivateError::Io { source, .. } => LockError::Open {
-                path: path.clone(),
-                source,
-            },
-            other => LockError::Unsafe(other),
-        })?;
+        let file = crate::private_fs::check_dir(state_dir)
+            .and_then(|()| {
+                crate::private_fs::open_file(
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false),
+                    &path,
+                )
+            })
+            .map_err(|e| match e {
+                crate::private_fs::PrivateError::Io { source, .. } => LockError::Open {
+                    path: path.clone(),
+                    source,
+                },
+                other => LockError::Unsafe(other),
+            })?;
         match file.try_lock() {
             Ok(()) => {
                 let mut lock = StateLock { file, path };
@@ -153,6 +160,28 @@ impl StateLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service started without `handoff run` (no supervisor to check its
+    /// dirs) is refused a state dir others could replace, as `handoff run`
+    /// refuses it: the lock file is not even created.
+    #[test]
+    fn refuses_a_state_dir_others_may_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let state = root.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = StateLock::try_acquire(&state).unwrap_err();
+        assert!(matches!(e, LockError::Unsafe(_)), "{e}");
+        assert!(e.to_string().contains("mode 0777"), "{e}");
+        assert!(!state.join(LOCK_FILE).exists());
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = StateLock::try_acquire(&state).unwrap_err();
+        assert!(e.to_string().contains("without the sticky bit"), "{e}");
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(StateLock::try_acquire(&state).unwrap().is_some());
+    }
 
     #[test]
     fn exclusive_and_released_on_drop() {

@@ -19,8 +19,11 @@
 //!   must be a regular file owned by this uid or root, and one we own is
 //!   tightened to 0600.
 //!
-//! Only the last path component is checked: the operator chooses the path
-//! above it.
+//! * every directory above it, and every symbolic link on the way to it,
+//!   must belong to this uid or root, and a directory above it that others
+//!   may write must have the sticky bit (as `/tmp` does): otherwise its
+//!   owner, or anyone who may write it, could rename the whole directory
+//!   away and put their own in its place, sockets and locks included.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
@@ -84,6 +87,20 @@ pub enum PrivateError {
         /// The mode the message suggests instead ([`DIR_MODE`]).
         fix: u32,
     },
+    /// A directory above the runtime or state dir, or a symbolic link on
+    /// the way to it, that another user could use to put a directory of
+    /// their own in its place.
+    #[error("{} (on the way to {}) {why}, who could rename what is below it away and put their own in its place. Fix: {fix}", path.display(), below.display())]
+    Ancestor {
+        /// The directory or symbolic link above.
+        path: PathBuf,
+        /// The directory being checked.
+        below: PathBuf,
+        /// What is wrong with it, for the message.
+        why: String,
+        /// What to do, for the message.
+        fix: String,
+    },
     /// Creating, opening, inspecting or restricting the path failed.
     #[error("{op} {}: {source}", path.display())]
     Io {
@@ -122,9 +139,12 @@ pub fn ensure_dir(path: &Path) -> Result<(), PrivateError> {
 }
 
 /// Refuses a directory that is a symlink, owned by another user (root
-/// excepted) or writable by group or others; tightens one of ours to 0700.
+/// excepted) or writable by group or others, or one with an unsafe
+/// directory or link above it (see the module doc); tightens one of ours
+/// to 0700.
 pub fn check_dir(path: &Path) -> Result<(), PrivateError> {
     const KIND: &str = "directory";
+    check_ancestors(path)?;
     let dir = sys::fs::open_dir(path).map_err(|source| {
         // Linux answers ENOTDIR, not ELOOP, for a symlink opened with
         // O_DIRECTORY | O_NOFOLLOW: ask lstat which it was.
@@ -172,6 +192,131 @@ pub fn open_file(opts: &mut OpenOptions, path: &Path) -> Result<File, PrivateErr
     })?;
     judge(&file, path, KIND, FILE_MODE, false)?;
     Ok(file)
+}
+
+/// Symbolic links followed on the way to a directory before giving up
+/// (the kernel's own limit is 40).
+const MAX_LINKS: u32 = 40;
+
+/// Checks every directory above `path`, and every symbolic link on the way
+/// to it, following the links as the kernel would.
+fn check_ancestors(path: &Path) -> Result<(), PrivateError> {
+    let io = |op: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| PrivateError::Io {
+            op,
+            path: p,
+            source,
+        }
+    };
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(io("resolving the current directory of", path))?
+            .join(path)
+    };
+    let Some(parent) = abs.parent() else {
+        return Ok(()); // `/` itself
+    };
+    let mut links = 0;
+    resolve_checked(parent, path, &mut links).map(|_| ())
+}
+
+/// Resolves the absolute `p` one component at a time, checking each
+/// directory and link on the way; the resolved path.
+fn resolve_checked(p: &Path, below: &Path, links: &mut u32) -> Result<PathBuf, PrivateError> {
+    use std::path::Component;
+    let mut cur = PathBuf::from("/");
+    check_ancestor(&cur, below)?;
+    for comp in p.components() {
+        let name = match comp {
+            Component::Normal(n) => n,
+            // `cur` is resolved, so `..` is its parent.
+            Component::ParentDir => {
+                cur.pop();
+                continue;
+            }
+            _ => continue,
+        };
+        let next = cur.join(name);
+        let meta = std::fs::symlink_metadata(&next).map_err(|source| PrivateError::Io {
+            op: "inspecting",
+            path: next.clone(),
+            source,
+        })?;
+        if meta.file_type().is_symlink() {
+            let (owner, ours) = (meta.uid(), sys::fs::euid());
+            if owner != ours && owner != 0 {
+                return Err(PrivateError::Ancestor {
+                    path: next,
+                    below: below.to_path_buf(),
+                    why: format!("is a symbolic link owned by uid {owner}"),
+                    fix: format!(
+                        "give the path without the link, or have uid {ours} or root own it"
+                    ),
+                });
+            }
+            *links += 1;
+            if *links > MAX_LINKS {
+                return Err(PrivateError::Io {
+                    op: "resolving",
+                    path: below.to_path_buf(),
+                    source: io::Error::from_raw_os_error(libc::ELOOP),
+                });
+            }
+            let target = std::fs::read_link(&next).map_err(|source| PrivateError::Io {
+                op: "reading the link",
+                path: next.clone(),
+                source,
+            })?;
+            cur = resolve_checked(&cur.join(target), below, links)?;
+        } else if meta.is_dir() {
+            check_ancestor(&next, below)?;
+            cur = next;
+        } else {
+            return Err(PrivateError::WrongType {
+                path: next,
+                kind: "directory",
+            });
+        }
+    }
+    Ok(cur)
+}
+
+/// One directory above: ours or root's, and writable by others only with
+/// the sticky bit (others may then add entries but not rename ours).
+fn check_ancestor(dir: &Path, below: &Path) -> Result<(), PrivateError> {
+    let meta = std::fs::metadata(dir).map_err(|source| PrivateError::Io {
+        op: "inspecting",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let (owner, ours, mode) = (meta.uid(), sys::fs::euid(), meta.mode() & 0o7777);
+    if owner != ours && owner != 0 {
+        return Err(PrivateError::Ancestor {
+            path: dir.to_path_buf(),
+            below: below.to_path_buf(),
+            why: format!("is owned by uid {owner}"),
+            fix: format!(
+                "choose a path whose every directory belongs to uid {ours} or root, e.g. under /run, /var/lib or your home"
+            ),
+        });
+    }
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(PrivateError::Ancestor {
+            path: dir.to_path_buf(),
+            below: below.to_path_buf(),
+            why: format!(
+                "has mode {mode:04o}: writable by group or others, without the sticky bit"
+            ),
+            fix: format!(
+                "`chmod go-w {}` (or `chmod +t` for a shared directory like /tmp)",
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The checks common to directories and files, through the open
@@ -282,5 +427,73 @@ mod tests {
             "{msg}"
         );
         assert_eq!(mode(&real), 0o777, "a refused dir is left as found");
+    }
+
+    /// A directory above that others may write without the sticky bit is
+    /// refused, naming it; with the sticky bit (like /tmp) it is fine; a
+    /// link of ours on the way is followed and its target's directories
+    /// are checked.
+    #[test]
+    fn checks_every_directory_and_link_above() {
+        let root = tempfile::tempdir().unwrap();
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let state = shared.join("svc/state");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure_dir(&state).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, PrivateError::Ancestor { .. }), "{msg}");
+        assert!(
+            msg.contains(&shared.display().to_string()) && msg.contains("0777"),
+            "{msg}"
+        );
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        ensure_dir(&state).unwrap();
+
+        // Through a link of ours into a directory others may write.
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::create_dir(open.join("state")).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let via = root.path().join("via");
+        std::os::unix::fs::symlink(&open, &via).unwrap();
+        let e = check_dir(&via.join("state")).unwrap_err();
+        assert!(
+            e.to_string().contains(&open.display().to_string()),
+            "the link's target was checked: {e}"
+        );
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        check_dir(&via.join("state")).unwrap();
+    }
+
+    /// Another user's directory above, or another user's link on the way,
+    /// is refused. Needs root (to give them away); says so otherwise.
+    #[test]
+    fn refuses_another_users_directory_or_link_above() {
+        if sys::fs::euid() != 0 {
+            eprintln!("skipped: needs root to chown a directory to another uid");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let theirs = root.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let e = ensure_dir(&theirs.join("state")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, PrivateError::Ancestor { .. }) && msg.contains("owned by uid 65534"),
+            "{msg}"
+        );
+
+        let ok = root.path().join("ok");
+        std::fs::create_dir_all(ok.join("state")).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+        let e = check_dir(&link.join("state")).unwrap_err();
+        assert!(
+            e.to_string().contains("symbolic link owned by uid 65534"),
+            "{e}"
+        );
     }
 }
