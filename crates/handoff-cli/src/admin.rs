@@ -209,17 +209,9 @@ pub const MAX_CONNS: usize = 32;
 /// A failed accept (out of descriptors, say) is retried after a growing
 /// pause and logged at most every few seconds, with a count of the
 /// failures not logged: retrying at once spins, the pending connection
-/// staying in the backlog. Only a socket that is itself unusable ends it.
-pub fn serve<H>(listener: UnixListener, handle: H)
-where
-    H: Fn(UnixStream, Request) + Send + Sync + 'static,
-{
-    serve_until(listener, &AtomicBool::new(false), Arc::new(handle));
-}
-
-/// [`serve`], until `replaced` is set and the listener shut down (its
-/// accept then fails): the runtime dir was deleted and a new admin socket
-/// serves in its place (see `run/keeper.rs`), so the end is not an error.
+/// staying in the backlog. Only a socket that is itself unusable ends it —
+/// quietly when `replaced` is set: the runtime dir was deleted, a new admin
+/// socket serves in its place and this one was shut down (see `keeper.rs`).
 pub fn serve_until<H>(listener: UnixListener, replaced: &AtomicBool, handle: Arc<H>)
 where
     H: Fn(UnixStream, Request) + Send + Sync + 'static,

@@ -27,6 +27,7 @@ mod admin;
 mod config;
 mod demo;
 mod duration;
+mod keeper;
 mod listen;
 mod metrics;
 mod notify_mode;

@@ -4,7 +4,7 @@
 //! `old-signalled`, then `old-stopped` or `old-killed`.
 
 use crate::metrics::Outcome;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,8 +22,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub(super) fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
-    admin::serve(listener, move |stream, req| handle(stream, req, &ctx));
+/// The admin requests' handler, for [`crate::keeper::start`].
+pub(super) fn handler(ctx: Arc<Ctx>) -> Arc<impl Fn(UnixStream, Request) + Send + Sync + 'static> {
+    Arc::new(move |stream, req| handle(stream, req, &ctx))
 }
 
 /// An identifier for the log and `handoff upgrade`'s output (notify mode

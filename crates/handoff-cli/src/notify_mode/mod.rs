@@ -233,12 +233,13 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
     fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
     println!("ready pid={first_pid}");
     std::io::stdout().flush()?;
-    {
-        let ctx = ctx.clone();
-        std::thread::Builder::new()
-            .name("admin".into())
-            .spawn(move || admin::serve(admin_listener, ctx))?;
-    }
+    // Served on a thread of its own, and kept in place should the runtime
+    // dir be deleted under us.
+    crate::keeper::start(
+        p.runtime_dir.clone(),
+        admin_listener,
+        admin::handler(ctx.clone()),
+    )?;
     crate::systemd::ready(first_pid, "");
     crate::systemd::start_watchdog(crate::systemd::admin_probe(
         admin_path.clone(),

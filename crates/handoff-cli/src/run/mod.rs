@@ -25,9 +25,8 @@ use crate::metrics::Metrics;
 use crate::progress::{Hooks, Progress, Trigger};
 use crate::{restart, supervise};
 
-mod keeper;
 mod requests;
-use requests::{count_refusal, upgrade_counted, Ctx};
+use requests::{count_refusal, handle_admin, upgrade_counted, Ctx};
 
 /// `handoff run --help`: examples for each way of running.
 pub const AFTER_HELP: &str = "\
@@ -296,7 +295,14 @@ fn run(args: RunArgs) -> Result<()> {
     });
     // The admin socket, served on a thread of its own, and kept in place
     // should the runtime dir be deleted under us.
-    keeper::start(runtime.clone(), admin_listener, ctx.clone())?;
+    {
+        let ctx = ctx.clone();
+        crate::keeper::start(
+            runtime.clone(),
+            admin_listener,
+            Arc::new(move |stream, req| handle_admin(stream, req, &ctx)),
+        )?;
+    }
     crate::systemd::ready(pid, &sup.incumbent_build());
     crate::systemd::start_watchdog(crate::systemd::admin_probe(
         admin_path.clone(),

@@ -12,12 +12,15 @@
 //! gone it re-creates the directory (0700, checked like at start), takes
 //! `supervisor.lock` again (if another supervisor got there first, it says
 //! so and stands aside), binds a new admin socket served by a new thread,
-//! and retires the old one. The incumbent binds `control.sock` again by
-//! itself once the directory is back (it checks its path every second).
+//! and retires the old one. In library mode the incumbent binds
+//! `control.sock` again by itself once the directory is back (it checks its
+//! path every second); in notify mode the next upgrade's process gets its
+//! notify socket in the re-created directory (the running one's is gone
+//! with the old directory: its status messages go nowhere until then).
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,9 +28,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::admin;
-
-use super::requests::{handle_admin, Ctx};
+use crate::admin::{self, Request};
 
 /// How often the admin socket's path is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -39,37 +40,39 @@ struct Serving {
     replaced: Arc<AtomicBool>,
 }
 
-/// Serves `listener` on a thread of its own, and keeps `runtime` in place
-/// on another, for the rest of the process.
-pub(super) fn start(
-    runtime: PathBuf,
-    listener: UnixListener,
-    ctx: Arc<Ctx>,
-) -> std::io::Result<()> {
-    let first = serve(listener, ctx.clone())?;
+/// Serves `listener` with `handle` on a thread of its own, and keeps
+/// `runtime` in place on another, for the rest of the process.
+pub fn start<H>(runtime: PathBuf, listener: UnixListener, handle: Arc<H>) -> std::io::Result<()>
+where
+    H: Fn(UnixStream, Request) + Send + Sync + 'static,
+{
+    let first = serve(listener, handle.clone())?;
     std::thread::Builder::new()
         .name("runtime-dir".into())
-        .spawn(move || keep(&runtime, first, &ctx))?;
+        .spawn(move || keep(&runtime, first, &handle))?;
     Ok(())
 }
 
-fn serve(listener: UnixListener, ctx: Arc<Ctx>) -> std::io::Result<Serving> {
+fn serve<H>(listener: UnixListener, handle: Arc<H>) -> std::io::Result<Serving>
+where
+    H: Fn(UnixStream, Request) + Send + Sync + 'static,
+{
     let twin = listener.try_clone()?;
     let replaced = Arc::new(AtomicBool::new(false));
     let flag = replaced.clone();
     std::thread::Builder::new()
         .name("admin".into())
-        .spawn(move || {
-            let handle = Arc::new(move |stream, req| handle_admin(stream, req, &ctx));
-            admin::serve_until(listener, &flag, handle)
-        })?;
+        .spawn(move || admin::serve_until(listener, &flag, handle))?;
     Ok(Serving {
         listener: twin,
         replaced,
     })
 }
 
-fn keep(runtime: &Path, mut serving: Serving, ctx: &Arc<Ctx>) {
+fn keep<H>(runtime: &Path, mut serving: Serving, handle: &Arc<H>)
+where
+    H: Fn(UnixStream, Request) + Send + Sync + 'static,
+{
     let admin_path = admin::admin_path(runtime);
     // The supervisor lock taken on a re-created dir; the first one is held
     // by `run` for the life of the process.
@@ -81,7 +84,7 @@ fn keep(runtime: &Path, mut serving: Serving, ctx: &Arc<Ctx>) {
             continue;
         }
         match recreate(runtime, &admin_path) {
-            Ok((lock, listener)) => match serve(listener, ctx.clone()) {
+            Ok((lock, listener)) => match serve(listener, handle.clone()) {
                 Ok(fresh) => {
                     let old = std::mem::replace(&mut serving, fresh);
                     old.replaced.store(true, Ordering::SeqCst);
@@ -94,8 +97,7 @@ fn keep(runtime: &Path, mut serving: Serving, ctx: &Arc<Ctx>) {
                     said = None;
                     eprintln!(
                         "handoff run: {} was removed (the runtime dir deleted?); re-created it \
-                         (mode 0700) and bound {} again; the service re-binds its control socket \
-                         by itself",
+                         (mode 0700) and bound {} again",
                         admin_path.display(),
                         admin_path.display()
                     );
