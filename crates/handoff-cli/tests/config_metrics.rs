@@ -30,19 +30,6 @@ fn scrape(addr: SocketAddr) -> String {
     out
 }
 
-/// The endpoint `handoff run` announced on stdout before `ready`.
-fn metrics_addr(sup: &Supervisor) -> SocketAddr {
-    sup.startup_lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("metrics http://")?
-                .strip_suffix("/metrics")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no `metrics http://…` line in {:?}", sup.startup_lines))
-}
-
 /// The value of one sample line, e.g. `handoff_upgrades_total{outcome="committed"}`.
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
@@ -74,7 +61,7 @@ fn config_file_alone_runs_the_service_and_metrics_count_what_happened() {
             ..Default::default()
         },
     );
-    let metrics = metrics_addr(&sup);
+    let metrics = sup.metrics_addr();
     assert!(get_version(sup.addr).is_ok(), "the service answers");
 
     let before = scrape(metrics);
@@ -281,7 +268,7 @@ fn notify_mode_from_the_config_file_with_metrics() {
             ..Default::default()
         },
     );
-    let metrics = metrics_addr(&sup);
+    let metrics = sup.metrics_addr();
     let out = sup.upgrade(&[]);
     let c = out.expect_committed();
     let phases: Vec<String> = out.phases().into_iter().map(|(p, _)| p).collect();

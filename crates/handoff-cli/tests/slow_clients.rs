@@ -172,19 +172,6 @@ fn strangers_on_the_control_socket_do_not_stall_an_upgrade() {
     assert_eq!(sup.children(), [c.new_pid]);
 }
 
-/// The `metrics http://ADDR/metrics` line's address.
-fn metrics_addr(sup: &Supervisor) -> SocketAddr {
-    sup.startup_lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("metrics http://")?
-                .strip_suffix("/metrics")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no `metrics http://…` line in {:?}", sup.startup_lines))
-}
-
 /// A scrape, bounded by `within`; the whole answer.
 fn scrape(addr: SocketAddr, within: Duration) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, within)?;
@@ -208,7 +195,7 @@ fn slow_metrics_clients_do_not_block_scrapes() {
         &demo_bin(),
         &["--metrics", "127.0.0.1:0"],
     );
-    let addr = metrics_addr(&sup);
+    let addr = sup.metrics_addr();
     let _silent = TcpStream::connect(addr).unwrap();
     let t = TcpStream::connect(addr).unwrap();
     let connected = Instant::now();

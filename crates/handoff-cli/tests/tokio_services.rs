@@ -359,6 +359,28 @@ fn kv_example_with_state_loses_no_acknowledged_write_across_upgrades() {
     }
 }
 
+/// A connection to the kv example that stored `first` = `1` (so the
+/// incumbent surely accepted it) and then sent `PUT /kv/late` with half its
+/// 4-byte body (`ab`): its handler runs, waiting for the rest, and a
+/// stateful drain waits for it. Reads time out after `read_timeout`.
+fn stalled_put(addr: SocketAddr, read_timeout: Duration) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    write!(
+        s,
+        "PUT /kv/first HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n1"
+    )
+    .unwrap();
+    let (head, _) = read_response(&mut s).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    write!(
+        s,
+        "PUT /kv/late HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nab"
+    )
+    .unwrap();
+    s
+}
+
 /// A request still in flight when the drain grace of a service with state
 /// runs out (its client sent half the body and stalled) is cut before the
 /// seal: it can never write state that was handed on, and it does not hold
@@ -368,25 +390,7 @@ fn kv_example_cuts_a_stalled_connection_before_the_seal() {
     let _guard = begin_test("kv_example_stalled_client", Duration::from_secs(120));
     let dirs = TestDirs::new();
     let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-kv"), &[]);
-    let mut stalled = TcpStream::connect(sup.addr).unwrap();
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    // Accepted by the incumbent for sure: one exchange first.
-    write!(
-        stalled,
-        "PUT /kv/first HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n1"
-    )
-    .unwrap();
-    let (head, _) = read_response(&mut stalled).unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    // A request whose body stops half way: the handler is running,
-    // waiting for the rest.
-    write!(
-        stalled,
-        "PUT /kv/late HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nab"
-    )
-    .unwrap();
+    let mut stalled = stalled_put(sup.addr, Duration::from_secs(20));
 
     let out = sup.upgrade(&["--drain-grace", "500ms"]);
     out.expect_committed();
@@ -505,23 +509,7 @@ fn kv_example_accepts_again_at_once_when_an_upgrade_aborts_mid_drain() {
         &opts,
     );
     let old = Pid::from_raw(sup.first_pid as i32);
-    let mut stalled = TcpStream::connect(sup.addr).unwrap();
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(40)))
-        .unwrap();
-    write!(
-        stalled,
-        "PUT /kv/first HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n1"
-    )
-    .unwrap();
-    let (head, _) = read_response(&mut stalled).unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    // Half a body: the handler waits for the rest, and the drain for it.
-    write!(
-        stalled,
-        "PUT /kv/late HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nab"
-    )
-    .unwrap();
+    let mut stalled = stalled_put(sup.addr, Duration::from_secs(40));
 
     let mut upgrade = std::process::Command::new(handoff_bin())
         .args(["upgrade", "--json", "--drain-grace", "30s", "--runtime-dir"])

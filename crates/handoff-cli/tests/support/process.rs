@@ -189,6 +189,20 @@ impl Supervisor {
         self.child.try_wait().ok().flatten()
     }
 
+    /// The metrics endpoint `handoff run --metrics` announced on stdout
+    /// before `ready` (`metrics http://ADDR/metrics`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.startup_lines
+            .iter()
+            .find_map(|l| {
+                l.strip_prefix("metrics http://")?
+                    .strip_suffix("/metrics")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no `metrics http://…` line in {:?}", self.startup_lines))
+    }
+
     /// Direct children of the supervisor (zombies included).
     pub fn children(&self) -> Vec<u32> {
         children_of(self.pid)
