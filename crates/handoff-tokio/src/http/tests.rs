@@ -541,3 +541,132 @@ async fn a_client_slow_to_close_does_not_hold_the_drain() {
         .await;
     assert!(closed, "{} sockets still open", srv.shared().open_sockets());
 }
+
+/// An IO that yields `prefix` before the stream's own bytes: what a
+/// connection's new owner puts in front of it so the bytes the old owner
+/// had read and not parsed are read again.
+struct Prefixed<I> {
+    prefix: bytes::Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The hyper behaviour issue 15 (moving live keep-alive connections to the
+/// new build) is designed on, pinned so an upgrade of hyper that changes it
+/// fails here first: an HTTP/1.1 connection idle between requests can be
+/// taken out of hyper — `graceful_shutdown` then `poll_without_shutdown`
+/// and `into_parts` — with its socket open and the bytes hyper had read
+/// but not parsed (half of the client's next request, pipelined behind the
+/// first); a second hyper connection on that socket, those bytes put back
+/// in front, answers the rest as if nothing had happened: same TCP
+/// connection, no error. (Bytes hyper had not read yet simply stay in the
+/// socket, which moves with its descriptor.)
+#[tokio::test]
+async fn hyper_gives_back_an_idle_http1_connection_with_its_unread_bytes() {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    use std::future::Future;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (half_sent, half_sent_rx) = tokio::sync::oneshot::channel::<()>();
+    let (rest, rest_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let port = c.local_addr().unwrap().port();
+        // Pipelined: hyper reads both in one go, answers the first and
+        // holds half of the second in its buffer.
+        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        let (_, first) = read_response(&mut c).await.unwrap();
+        half_sent.send(()).unwrap();
+        rest_rx.await.unwrap();
+        c.write_all(b"st: t\r\n\r\n").await.unwrap();
+        let (head, second) = read_response(&mut c).await.unwrap();
+        (port, first, head, second, c.local_addr().unwrap().port())
+    });
+
+    let (s, peer) = listener.accept().await.unwrap();
+    // Boxed futures: `poll_without_shutdown` wants the service's future
+    // `Unpin` (handoff-tokio's own service wrapper boxes its futures too).
+    type Answer = std::pin::Pin<
+        Box<dyn Future<Output = Result<http::Response<String>, std::convert::Infallible>> + Send>,
+    >;
+    let answer = |who: &'static str| {
+        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| -> Answer {
+            Box::pin(async move { Ok(http::Response::new(format!("{who} {}", req.uri()))) })
+        })
+    };
+    let mut old = http1::Builder::new().serve_connection(TokioIo::new(s), answer("old"));
+    // Serve the first request; once the client has sent half of its next
+    // one, hyper has it buffered and the connection is idle: take it out.
+    let mut half_sent_rx = half_sent_rx;
+    let taken = std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(r) = std::pin::Pin::new(&mut half_sent_rx).poll(cx) {
+            r.unwrap();
+            std::pin::Pin::new(&mut old).graceful_shutdown();
+        }
+        old.poll_without_shutdown(cx)
+    });
+    tokio::time::timeout(BOUND, taken).await.unwrap().unwrap();
+    let parts = old.into_parts();
+    let unread = parts.read_buf.clone();
+    assert_eq!(
+        &unread[..],
+        b"GET /next HTTP/1.1\r\nHo",
+        "hyper gives back what it read and did not parse"
+    );
+    let io = parts.io.into_inner();
+    assert_eq!(io.peer_addr().unwrap(), peer, "the same socket, still open");
+
+    // The new owner: another hyper connection, the unread bytes first.
+    let new = http1::Builder::new()
+        .serve_connection(TokioIo::new(Prefixed { prefix: unread, io }), answer("new"));
+    let serving = tokio::spawn(new);
+    rest.send(()).unwrap();
+    let (port, first, head, second, port_after) =
+        tokio::time::timeout(BOUND, client).await.unwrap().unwrap();
+    assert_eq!(first, "old /");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(second, "new /next", "answered by the new owner");
+    assert_eq!(port, port_after, "one TCP connection throughout");
+    serving.abort();
+}
