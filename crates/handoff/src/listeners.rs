@@ -49,8 +49,18 @@ pub enum ListenFdsError {
         "LISTEN_PID={found} is not this process ({ours}): the fds were meant for another process"
     )]
     WrongPid {
-        /// The value of `LISTEN_PID`, empty when it is unset.
+        /// The value of `LISTEN_PID`.
         found: String,
+        /// This process's pid.
+        ours: u32,
+    },
+    /// `LISTEN_FDS` is set but `LISTEN_PID` is not: systemd always sets
+    /// both, so the descriptors cannot be known to be this process's.
+    #[error(
+        "LISTEN_FDS is set but LISTEN_PID is not (this process is {ours}): systemd sets both; \
+         the fds may have been meant for another process"
+    )]
+    NoPid {
         /// This process's pid.
         ours: u32,
     },
@@ -103,12 +113,7 @@ pub fn from_env_with<F: Fn(&str) -> Option<String>>(
             })
         }
         // systemd requires LISTEN_PID; without it the fds are not ours.
-        None => {
-            return Err(ListenFdsError::WrongPid {
-                found: String::new(),
-                ours: pid,
-            })
-        }
+        None => return Err(ListenFdsError::NoPid { ours: pid }),
     }
     let names: Vec<String> = match env("LISTEN_FDNAMES") {
         Some(s) if !s.is_empty() => s.split(':').map(str::to_string).collect(),
@@ -191,7 +196,9 @@ mod tests {
             Err(ListenFdsError::WrongPid { .. })
         ));
         let e = env(&[("LISTEN_FDS", "1")]);
-        assert!(from_env_with(e, 77, false).is_err());
+        let err = from_env_with(e, 77, false).unwrap_err();
+        assert!(matches!(err, ListenFdsError::NoPid { ours: 77 }), "{err}");
+        assert!(err.to_string().contains("LISTEN_PID is not"), "{err}");
     }
 
     #[test]

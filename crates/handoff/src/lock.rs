@@ -80,6 +80,12 @@ impl StateLock {
     /// directory another user can write, or one with such a directory
     /// above it, lets them replace the lock file itself.
     pub fn try_acquire(state_dir: &Path) -> Result<Option<StateLock>, LockError> {
+        Self::take(state_dir, true)
+    }
+
+    /// [`try_acquire`](Self::try_acquire); `record` writes this process's
+    /// pid into the file as the holder (diagnostics for a later `Busy`).
+    fn take(state_dir: &Path, record: bool) -> Result<Option<StateLock>, LockError> {
         let path = state_dir.join(LOCK_FILE);
         let file = crate::private_fs::check_dir(state_dir)
             .and_then(|()| {
@@ -104,7 +110,9 @@ impl StateLock {
                 let mut lock = StateLock { file, path };
                 // Diagnostics only: who holds it. Failure to record is not a
                 // reason to give the lock up.
-                let _ = lock.record_holder();
+                if record {
+                    let _ = lock.record_holder();
+                }
                 Ok(Some(lock))
             }
             Err(TryLockError::WouldBlock) => Ok(None),
@@ -140,9 +148,11 @@ impl StateLock {
         }
     }
 
-    /// Whether some process holds the lock right now (probes by trying it).
+    /// Whether some process holds the lock right now (probes by trying it,
+    /// for an instant). The probe leaves the recorded holder alone: it is
+    /// not one, and a later "held by pid N" must name the real holder.
     pub fn is_held(state_dir: &Path) -> Result<bool, LockError> {
-        Ok(Self::try_acquire(state_dir)?.is_none())
+        Ok(Self::take(state_dir, false)?.is_none())
     }
 
     fn record_holder(&mut self) -> io::Result<()> {
@@ -160,6 +170,20 @@ impl StateLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Probing whether the lock is held does not make the prober the
+    /// recorded holder: a later `Busy` names the process that took it.
+    #[test]
+    fn probing_leaves_the_recorded_holder_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateLock::try_acquire(dir.path()).unwrap().unwrap());
+        std::fs::write(dir.path().join(LOCK_FILE), "pid 4242\n").unwrap();
+        assert!(!StateLock::is_held(dir.path()).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(),
+            "pid 4242\n"
+        );
+    }
 
     /// A service started without `handoff run` (no supervisor to check its
     /// dirs) is refused a state dir others could replace, as `handoff run`

@@ -124,14 +124,14 @@ pub enum NotifyError {
     /// A value that would corrupt the notification: a `STATUS=` built by
     /// hand with a newline or NUL in it, or an `FDNAME=` systemd would
     /// drop.
-    #[error(
-        "{key}= value {value:?} contains a newline or NUL, which would split the notification"
-    )]
+    #[error("{key}= value {value:?} {why}")]
     BadValue {
         /// The assignment's key: `STATUS` or `FDNAME`.
         key: &'static str,
         /// The value refused.
         value: String,
+        /// What is wrong with it, for the message.
+        why: &'static str,
     },
     /// `CLOCK_MONOTONIC` could not be read for `MONOTONIC_USEC=`.
     #[error("reading CLOCK_MONOTONIC for MONOTONIC_USEC: {0}")]
@@ -209,6 +209,7 @@ impl State {
                     return Err(NotifyError::BadValue {
                         key: "STATUS",
                         value: s.clone(),
+                        why: "contains a newline or NUL, which would split the notification",
                     });
                 }
                 out.push_str("STATUS=");
@@ -387,6 +388,8 @@ impl Notifier {
             return Err(NotifyError::BadValue {
                 key: "FDNAME",
                 value: name.to_string(),
+                why: "is not 1 to 255 printable ASCII characters without ':', so systemd \
+                      would drop it (sd_pid_notify_with_fds(3))",
             });
         }
         let msg = format!("FDSTORE=1\nFDNAME={name}");
@@ -522,7 +525,11 @@ mod tests {
         assert_eq!(&buf[..len], b"FDSTORE=1\nFDNAME=http");
         let got = std::net::TcpListener::from(fds.into_iter().next().unwrap());
         assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
-        assert!(n.store_fds("a:b", &[l.as_fd()]).is_err());
+        let e = n.store_fds("a:b", &[l.as_fd()]).unwrap_err();
+        assert!(
+            e.to_string().contains("without ':'") && !e.to_string().contains("newline"),
+            "the message says what is wrong with a name: {e}"
+        );
     }
 
     #[test]
