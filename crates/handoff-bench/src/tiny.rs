@@ -5,7 +5,7 @@
 //! handlers. `GET` anything → `200`, body `ok\n`, and an `X-Pid` header naming the process
 //! that answered (the harness learns from it when the new generation starts serving).
 //!
-//! Drain ("answer-then-close", the discipline DESIGN.md §1 measures the peers with): once
+//! Drain ("answer-then-close", the discipline docs/design.md §1 measures the peers with): once
 //! [`Tiny::set_draining`] is on, the accept loops stop accepting (listeners stay open, so new
 //! connections wait in the kernel backlog for the successor), every connection's next
 //! response carries `Connection: close`, and a connection idle for [`DRAIN_IDLE`] after a

@@ -1,4 +1,4 @@
-//! The restart lock (DESIGN §8) as the supervisor binary uses it: one
+//! The restart lock (docs/design.md §8.2) as the supervisor binary uses it: one
 //! supervisor per service, for its whole life.
 //!
 //! # Why the supervisor holds it, and for its whole life

@@ -1,4 +1,4 @@
-//! The crash matrix (DESIGN §7, issue 3): one scenario per crash point, run
+//! The crash matrix (docs/design.md §7, issue 3): one scenario per crash point, run
 //! against the real binaries with clients connecting continuously.
 //!
 //! Each scenario kills one role — supervisor (`s-…`), incumbent (`o-…`) or

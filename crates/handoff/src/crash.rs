@@ -1,5 +1,5 @@
 //! Fault injection: named points at exact protocol steps where a test can
-//! make this process die as abruptly as `kill -9` would (DESIGN §7).
+//! make this process die as abruptly as `kill -9` would (docs/design.md §7).
 //!
 //! Compiled in only with the `crash-points` cargo feature; without it
 //! [`point`] is an empty inline function. With it, the process dies at the

@@ -6,7 +6,7 @@
 //! version 2): drain, say so, retire — so a service needs no SIGTERM handler
 //! to finish its requests when it is stopped.
 //!
-//! It also recovers by itself when the supervisor disappears (DESIGN §6):
+//! It also recovers by itself when the supervisor disappears (docs/design.md §6.3):
 //! EOF while drained → resume; EOF while sealed → try to re-take the state
 //! lock (resume if it gets it; if the successor holds it, the successor has
 //! won and this process retires).

@@ -90,7 +90,7 @@ pub enum PrivateError {
     /// A directory above the runtime or state dir, or a symbolic link on
     /// the way to it, that another user could use to put a directory of
     /// their own in its place.
-    #[error("{} (on the way to {}) {why}, who could rename what is below it away and put their own in its place. Fix: {fix}", path.display(), below.display())]
+    #[error("{} (on the way to {}) {why}: whoever may write to it could move {} away and put their own in its place. Fix: {fix}", path.display(), below.display(), below.display())]
     Ancestor {
         /// The directory or symbolic link above.
         path: PathBuf,
@@ -126,6 +126,18 @@ impl From<PrivateError> for io::Error {
 /// Creates `path` (and missing parents) mode 0700 unless it exists, then
 /// [`check_dir`]s it.
 pub fn ensure_dir(path: &Path) -> Result<(), PrivateError> {
+    // What exists above it is checked before anything is created, so a
+    // refused path leaves nothing behind in someone else's directory.
+    let mut existing = path;
+    while std::fs::symlink_metadata(existing).is_err() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => break,
+        }
+    }
+    if existing != path {
+        check_from(existing, path)?;
+    }
     DirBuilder::new()
         .recursive(true)
         .mode(DIR_MODE)
@@ -201,26 +213,31 @@ const MAX_LINKS: u32 = 40;
 /// Checks every directory above `path`, and every symbolic link on the way
 /// to it, following the links as the kernel would.
 fn check_ancestors(path: &Path) -> Result<(), PrivateError> {
-    let io = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| PrivateError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
-    let abs = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(io("resolving the current directory of", path))?
-            .join(path)
-    };
+    let abs = absolute(path)?;
     let Some(parent) = abs.parent() else {
         return Ok(()); // `/` itself
     };
     let mut links = 0;
     resolve_checked(parent, path, &mut links).map(|_| ())
+}
+
+/// Checks `dir` itself and everything above it, on the way to `below`.
+fn check_from(dir: &Path, below: &Path) -> Result<(), PrivateError> {
+    let mut links = 0;
+    resolve_checked(&absolute(dir)?, below, &mut links).map(|_| ())
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, PrivateError> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .map_err(|source| PrivateError::Io {
+            op: "resolving the current directory of",
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Resolves the absolute `p` one component at a time, checking each
@@ -446,6 +463,10 @@ mod tests {
         assert!(
             msg.contains(&shared.display().to_string()) && msg.contains("0777"),
             "{msg}"
+        );
+        assert!(
+            !shared.join("svc").exists(),
+            "nothing created under a refused directory"
         );
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
         ensure_dir(&state).unwrap();

@@ -1,4 +1,4 @@
-//! Messages, protocol versions and version negotiation (DESIGN §4).
+//! Messages, protocol versions and version negotiation (docs/design.md §4).
 //!
 //! A payload is one tag byte followed by the postcard encoding of that
 //! message's body. Keeping the tag outside postcard means an unknown message

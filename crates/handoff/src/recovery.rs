@@ -1,4 +1,4 @@
-//! What a supervisor restarted after a crash does (DESIGN §6): settle the
+//! What a supervisor restarted after a crash does (docs/design.md §6.5): settle the
 //! journal its predecessor left, find the incumbent, and get the listening
 //! sockets back from it.
 //!

@@ -1,4 +1,4 @@
-//! The restart lock (DESIGN §8): serialises upgrade requests from separate
+//! The restart lock (docs/design.md §8.2): serialises upgrade requests from separate
 //! processes — two `handoff upgrade` invocations, or two supervisors
 //! started for the same service — so two restarts never overlap.
 //!

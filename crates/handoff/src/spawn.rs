@@ -1,5 +1,5 @@
 //! Spawning a service process with the listeners and a control channel
-//! (DESIGN §3), on top of `sys::exec`.
+//! (docs/design.md §3), on top of `sys::exec`.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, RawFd};

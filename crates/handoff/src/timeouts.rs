@@ -1,4 +1,4 @@
-//! The two clocks that bound every read (DESIGN §5), and the macOS/BSD
+//! The two clocks that bound every read (docs/design.md §5), and the macOS/BSD
 //! `SO_RCVTIMEO` quirk.
 //!
 //! * **Liveness**, per frame: no whole frame for [`Timeouts::liveness`]
@@ -13,7 +13,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-/// Every timeout of the protocol. Defaults are DESIGN §5's; all are
+/// Every timeout of the protocol. Defaults are docs/design.md §5.2's; all are
 /// configurable so tests can shorten them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {

@@ -1,5 +1,5 @@
 //! The incumbent on its own when the supervisor disappears mid-handoff
-//! (DESIGN §6): drained → resume; sealed → re-take the state lock and
+//! (docs/design.md §6.3): drained → resume; sealed → re-take the state lock and
 //! resume; sealed and the successor holds the lock → retire and exit.
 //!
 //! The incumbent is a real process (`examples/peer.rs`, started standalone);

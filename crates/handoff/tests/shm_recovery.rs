@@ -1,5 +1,5 @@
 //! A writer killed while holding the shared region's lock must never wedge
-//! anyone (DESIGN §8). Every case wedges the lock with a *real* process's
+//! anyone (docs/design.md §8.3). Every case wedges the lock with a *real* process's
 //! identity — an `examples/shm_peer.rs` child that took the lock and was
 //! SIGKILLed and reaped — and then checks that recovery completes within a
 //! watchdog budget, on the write path and on the read path, for both

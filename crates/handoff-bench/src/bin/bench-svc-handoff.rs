@@ -2,7 +2,7 @@
 //! `handoff-demo`): run by the `handoff run` supervisor, which owns the listeners, and
 //! upgraded with `handoff upgrade`.
 //!
-//! The service is stateless, so its drain is the quick kind DESIGN.md §2 allows: stop
+//! The service is stateless, so its drain is the quick kind docs/design.md §2.3 allows: stop
 //! accepting, report the open connections, and keep finishing them answer-then-close while
 //! the successor already serves (nothing to seal). After Commit it waits for its last
 //! connections (bounded) and exits.

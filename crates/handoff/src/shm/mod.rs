@@ -1,5 +1,5 @@
 //! A shared-memory state region that survives a writer killed mid-write
-//! (DESIGN §8).
+//! (docs/design.md §8.3).
 //!
 //! A [`Region`] is a small file in the state dir, mapped `MAP_SHARED` by
 //! every process that opens it — the incumbent, its successor, the

@@ -1,5 +1,5 @@
 //! The supervisor role: owns the listeners, spawns successors, drives each
-//! handoff and journals it (DESIGN §2, §5, §6).
+//! handoff and journals it (docs/design.md §2, §5, §6).
 //!
 //! ```text
 //! S       socketpair(); spawn N with listeners + control fd

@@ -1,6 +1,7 @@
 //! Who is on the other end: the checks that rest on what the kernel vouches
 //! for (`SO_PEERCRED` on the control socket, `SCM_CREDENTIALS` on the
-//! successor's socketpair), not only on the pid a peer announces (DESIGN §4).
+//! successor's socketpair), not only on the pid a peer announces
+//! (docs/design.md §4.5).
 //! Shared by a handoff and by a restarted supervisor re-attaching.
 
 use std::os::unix::net::UnixStream;

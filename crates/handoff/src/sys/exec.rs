@@ -7,7 +7,7 @@
 //! --bench spawn`, spawn until exec done: fork 0.3 ms at 2 MB, 3 ms at
 //! 68 MB; the vfork-style start 0.07 ms at either). `posix_spawn` itself
 //! cannot be used because `LISTEN_PID` must be the child's own pid, written
-//! by the child before `execve` (DESIGN §3).
+//! by the child before `execve` (docs/design.md §3).
 //!
 //! Between the start and `execve` the child may only make async-signal-safe
 //! calls: no allocation, no locks, no formatting (the supervisor is
