@@ -19,7 +19,7 @@ use handoff_demo::counters::Counters;
 use serde::{Deserialize, Serialize};
 
 use crate::progress::{ms, Activity, InFlight};
-use crate::stop::StopReport;
+use crate::stop_report::StopReport;
 
 /// File name of the admin socket inside the runtime dir.
 pub const ADMIN_SOCK: &str = "admin.sock";

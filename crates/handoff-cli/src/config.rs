@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::args::RunArgs;
 use crate::notify_mode::{parse_signal, Mode, NotifyArgs};
-use crate::run::RunArgs;
 
 /// What the file may say. Every key is optional: the file and the flags
 /// together must name the required ones.

@@ -111,7 +111,7 @@ pub struct DemoArgs {
 }
 
 fn parse_positive(s: &str) -> Result<Duration, String> {
-    let d = crate::parse_duration(s)?;
+    let d = crate::duration::parse(s)?;
     if d < Duration::from_millis(10) {
         return Err(format!("{s:?} is too short (at least 10ms)"));
     }

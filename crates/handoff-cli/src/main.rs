@@ -24,6 +24,7 @@ macro_rules! eprintln {
 }
 
 mod admin;
+mod args;
 mod config;
 mod demo;
 mod duration;
@@ -37,13 +38,12 @@ mod run;
 mod service;
 mod status;
 mod stop;
+mod stop_report;
 mod supervise;
 mod systemd;
 mod upgrade;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -73,7 +73,7 @@ struct Cli {
 enum Command {
     /// Bind the listeners, start PROGRAM and serve upgrade requests (foreground).
     #[command(after_help = run::AFTER_HELP)]
-    Run(run::RunArgs),
+    Run(args::RunArgs),
     /// Ask a running supervisor to replace the service with a fresh process.
     #[command(after_help = upgrade::AFTER_HELP)]
     Upgrade(upgrade::UpgradeArgs),
@@ -87,18 +87,6 @@ enum Command {
     Demo(demo::DemoArgs),
     #[command(about = service::ABOUT)]
     Service(service::ServiceArgs),
-}
-
-/// Options both commands share.
-#[derive(clap::Args, Debug, Clone)]
-pub struct RuntimeDir {
-    /// Directory for the admin and control sockets (created mode 0700).
-    #[arg(long, value_name = "DIR")]
-    pub runtime_dir: PathBuf,
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    duration::parse(s)
 }
 
 /// The supervisor's structured log on stderr (the service manager's

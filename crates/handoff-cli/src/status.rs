@@ -19,8 +19,8 @@ use std::time::Duration;
 use handoff_demo::counters::{self, Counters};
 
 use crate::admin::{self, Event, Request};
+use crate::args::RuntimeDir;
 use crate::progress::{Activity, PhaseTiming, Trigger};
-use crate::RuntimeDir;
 
 /// How long the supervisor waits for a service process that is mid-write
 /// to the counters region (a write takes microseconds).

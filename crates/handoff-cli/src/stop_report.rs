@@ -1,5 +1,9 @@
 //! What a stop reports: how each process was asked to stop, how it ended,
 //! and the verdict on it (see [`ProcessEnd::judge`]).
+//!
+//! Its own module, below both `stop` (which builds it) and the admin wire
+//! schema (whose `Stopped` event carries it), so the schema does not
+//! depend on the stop machinery.
 
 use std::time::Duration;
 
@@ -10,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::progress::ms;
 
 /// How long a process gets to disappear after SIGKILL.
-pub(super) const REAP: Duration = Duration::from_secs(5);
+pub(crate) const REAP: Duration = Duration::from_secs(5);
 
 /// How a process was asked to stop.
 #[derive(Debug, Clone, PartialEq, Eq)]

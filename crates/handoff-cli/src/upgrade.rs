@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::admin::{self, Event, Request};
-use crate::RuntimeDir;
+use crate::args::RuntimeDir;
 
 #[derive(clap::Args, Debug)]
 pub struct UpgradeArgs {
@@ -38,16 +38,16 @@ pub struct UpgradeArgs {
     #[arg(long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
     /// Overall budget from start to the new process's Ready (e.g. 30s).
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = crate::duration::parse, value_name = "DURATION")]
     pub deadline: Option<Duration>,
     /// Budget for the old process to drain its connections (e.g. 10s).
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = crate::duration::parse, value_name = "DURATION")]
     pub drain_grace: Option<Duration>,
     /// If another handoff is in flight, wait up to this long for it to end
     /// and then upgrade, instead of failing with "in progress" (e.g. 30s).
     /// Also waits, within the same budget, for a supervisor that is still
     /// starting (no admin socket yet) instead of failing to reach it.
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = crate::duration::parse, value_name = "DURATION")]
     pub wait: Option<Duration>,
     /// Start the new process now, let it warm up and say Hello, and hold
     /// it: nothing is asked of the running process. The next upgrade (of the

@@ -13,10 +13,10 @@ use handoff::notify::{NotifyError, NotifyOptions, NotifyPhaseDone, NotifyReport}
 use handoff::Program;
 use nix::sys::signal::Signal;
 
-use super::Ctx;
+use super::ctx::Ctx;
 use crate::admin::{self, Event, Request};
 use crate::progress::{Activity, LastHandoff, PhaseTiming, Trigger};
-use crate::stop::{ProcessEnd, StopReport};
+use crate::stop_report::{ProcessEnd, StopReport};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

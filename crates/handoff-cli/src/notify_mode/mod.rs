@@ -9,6 +9,7 @@
 //! upgrade. It takes over from `run` right after the locks are held.
 
 mod admin;
+mod ctx;
 mod recover;
 
 use std::fs;
@@ -25,8 +26,8 @@ use handoff::notify::{NotifyConfig, NotifyOptions, NotifySupervisor, Readiness, 
 use handoff::Program;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::progress::{Counts, LastHandoff};
 use crate::supervise::Backoff;
+use ctx::{Ctx, History};
 
 /// How the service takes part in upgrades.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -122,24 +123,6 @@ pub struct Prepared {
     pub metrics: Option<std::net::SocketAddr>,
     /// Blocked in every thread; waited for by the main thread.
     pub sigs: SigSet,
-}
-
-/// State shared by the admin threads, the monitor and the main thread.
-pub(crate) struct Ctx {
-    pub sup: NotifySupervisor,
-    pub program: Program,
-    pub shown: Vec<String>,
-    pub started: Instant,
-    pub stopping: AtomicBool,
-    pub history: Mutex<History>,
-    pub seq: std::sync::atomic::AtomicU64,
-    pub metrics: crate::metrics::Metrics,
-}
-
-#[derive(Default)]
-pub(crate) struct History {
-    pub counts: Counts,
-    pub last: Option<LastHandoff>,
 }
 
 /// Runs the notify-mode supervisor until SIGTERM/SIGINT or `handoff stop`.
@@ -297,25 +280,6 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
             }
             Err(e) => bail!("waiting for signals: {e}"),
         }
-    }
-}
-
-/// Notify mode under the shared crash monitor: a restart spawns the
-/// program and waits for its readiness like an upgrade with no old process.
-impl crate::supervise::Supervised for Ctx {
-    fn incumbent(&self) -> Option<handoff::Child> {
-        self.sup.incumbent()
-    }
-
-    fn wait_idle(&self, timeout: Duration) -> bool {
-        self.sup.wait_idle(timeout)
-    }
-
-    fn restart_if_dead(&self, dead: u32) -> std::result::Result<Option<(u32, String)>, String> {
-        self.sup
-            .restart_if_dead(&self.program, dead, &mut |_| {})
-            .map(|r| r.map(|r| (r.new_pid, String::new())))
-            .map_err(|e| e.to_string())
     }
 }
 

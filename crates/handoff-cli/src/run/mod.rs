@@ -4,7 +4,6 @@
 //! upgrade requests on `<runtime-dir>/admin.sock` (mode 0600; only our own
 //! uid or root may use it, checked with `SO_PEERCRED` on every connection).
 
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -20,6 +19,7 @@ use handoff::{HandoffOptions, Program, Supervisor, SupervisorConfig};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::admin;
+use crate::args::RunArgs;
 use crate::listen::{bind, parse_listen};
 use crate::metrics::Metrics;
 use crate::progress::{Hooks, Progress, Trigger};
@@ -48,58 +48,6 @@ SIGNALS: SIGHUP upgrades (like `handoff upgrade`); SIGTERM/SIGINT drain and stop
 LOGS: structured events on stderr, filtered by HANDOFF_LOG (e.g. HANDOFF_LOG=debug); targets in docs/observability.md.
 UNDER SYSTEMD: Type=notify (READY/RELOADING/STOPPING/STATUS, watchdog), socket units; see docs/systemd/.
 EXIT: 0 after a clean stop; 1 if it could not start or the service kept crashing (crash-loop limit).";
-
-#[derive(clap::Args, Debug)]
-pub struct RunArgs {
-    /// Read settings from a TOML file (keys spelt like these flags:
-    /// `runtime-dir`, `state-dir`, `listen`, `deadline`, `drain-grace`,
-    /// `abort-grace`, `metrics`, `mode`, `stop-signal`, `ready-probe`, `probe-only`,
-    /// `program`); a flag given here overrides the file.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Directory for the admin and control sockets (created mode 0700; an
-    /// existing one must be ours and not writable by others).
-    #[arg(long, value_name = "DIR")]
-    pub runtime_dir: Option<PathBuf>,
-    /// Directory for the service's state: the state lock and the journal
-    /// (created mode 0700; an existing one must be ours and not writable
-    /// by others).
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// A listener to bind and pass to the service, as NAME=tcp://HOST:PORT
-    /// (port 0 picks a free port; the bound address is printed) or
-    /// NAME=unix:PATH. Repeat for several; they are passed in this order.
-    /// Started by a systemd .socket unit (LISTEN_FDS, LISTEN_PID = ours), a
-    /// NAME the unit passed (FileDescriptorName=) takes that socket instead
-    /// of binding, and with no --listen every passed socket is taken under
-    /// its name (docs/systemd/README.md).
-    #[arg(long = "listen", value_name = "NAME=ADDR")]
-    pub listen: Vec<String>,
-    /// Default overall budget of each upgrade, start to Ready [default: 5m].
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
-    pub deadline: Option<Duration>,
-    /// Default budget for the old process to drain [default: 60s].
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
-    pub drain_grace: Option<Duration>,
-    /// How long a new process whose upgrade failed gets to finish what it
-    /// accepted and exit before SIGKILL (a stateless service may accept
-    /// before the handoff commits). Library mode: after Abort, unless it
-    /// hung (then at once). Notify mode: after --stop-signal [default: 5s].
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
-    pub abort_grace: Option<Duration>,
-    /// Serve Prometheus metrics (handoffs by outcome, per-phase duration
-    /// histograms, crash restarts) at http://ADDR/metrics.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub metrics: Option<String>,
-    /// Check the settings (file and flags merged), print them and exit.
-    #[arg(long)]
-    pub check_config: bool,
-    #[command(flatten)]
-    pub notify: crate::notify_mode::NotifyArgs,
-    /// The service and its arguments.
-    #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
-    pub program: Vec<OsString>,
-}
 
 pub fn main(a: RunArgs) -> ExitCode {
     match run(a) {

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use super::ctx::{Ctx, LaunchdBounds, Scope, Spec};
 use super::files::{self, Written};
 use super::runner::CmdOutput;
-use super::{Ctx, LaunchdBounds, Scope, Spec};
 
 /// `launchctl print`/`kickstart` exit status for "no such service".
 const NOT_FOUND: i32 = 113;
@@ -44,14 +44,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub fn default_dir(scope: Scope) -> Result<PathBuf> {
     Ok(match scope {
         Scope::System => PathBuf::from("/Library/LaunchDaemons"),
-        Scope::User => super::home()?.join("Library/LaunchAgents"),
+        Scope::User => super::ctx::home()?.join("Library/LaunchAgents"),
     })
 }
 
 pub fn default_log_dir(scope: Scope) -> Result<PathBuf> {
     Ok(match scope {
         Scope::System => PathBuf::from("/var/log"),
-        Scope::User => super::home()?.join("Library/Logs"),
+        Scope::User => super::ctx::home()?.join("Library/Logs"),
     })
 }
 

@@ -16,6 +16,7 @@
 //! Every manager call goes through [`runner::Runner`], the seam the tests use
 //! to substitute fake `systemctl`/`launchctl` programs.
 
+mod ctx;
 mod files;
 mod launchd;
 mod runner;
@@ -24,11 +25,12 @@ mod systemd;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub use ctx::Scope;
+use ctx::{Ctx, LaunchdBounds, Spec};
 use runner::{PathRunner, Runner};
 
 pub const ABOUT: &str = "Install and manage `handoff run` as a systemd unit or launchd job";
@@ -106,15 +108,6 @@ impl Manager {
     }
 }
 
-/// System-wide or per-user service.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// systemd `--user` / launchd `gui/<uid>` (a LaunchAgent).
-    User,
-    /// The system manager / launchd `system` domain (a LaunchDaemon).
-    System,
-}
-
 /// Which service, under which manager.
 #[derive(clap::Args, Debug, Clone)]
 struct Target {
@@ -132,19 +125,6 @@ struct Target {
     /// /Library/LaunchDaemons, ~/Library/LaunchAgents).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-}
-
-/// Bounds on launchd's asynchronous unload (ignored for systemd).
-#[derive(clap::Args, Debug, Clone, Copy)]
-struct LaunchdBounds {
-    /// launchd: how long to wait after `bootout` until `launchctl print` no
-    /// longer finds the job.
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION", default_value = "10s")]
-    wait_timeout: Duration,
-    /// launchd: how many times to try `bootstrap` while it fails with the
-    /// transient "5: Input/output error" (backoff 100 ms, doubling, at most 1 s).
-    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
-    bootstrap_attempts: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -189,29 +169,6 @@ struct RestartArgs {
 struct StatusArgs {
     #[command(flatten)]
     target: Target,
-}
-
-/// Everything a manager backend needs about the service it acts on.
-pub struct Ctx<'a> {
-    pub name: String,
-    pub scope: Scope,
-    /// The directory holding the unit/plist.
-    pub dir: PathBuf,
-    pub runner: &'a dyn Runner,
-}
-
-/// What `install` writes into the unit/plist.
-pub struct Spec {
-    /// Absolute path of the `handoff` binary.
-    pub handoff: PathBuf,
-    /// The arguments after `handoff run`.
-    pub run_args: Vec<String>,
-    /// The runtime dir they resolve to (for `handoff upgrade`).
-    pub runtime_dir: PathBuf,
-    /// The drain grace they resolve to (bounds a stop).
-    pub drain_grace: Duration,
-    /// The upgrade deadline they resolve to (bounds a reload).
-    pub deadline: Duration,
 }
 
 pub fn main(a: ServiceArgs) -> ExitCode {
@@ -318,20 +275,12 @@ fn absolute(p: &Path, what: &str) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("{what} {}", p.display()))
 }
 
-/// `$HOME`, for the per-user default directories.
-pub fn home() -> Result<PathBuf> {
-    match std::env::var_os("HOME") {
-        Some(h) if !h.is_empty() => Ok(PathBuf::from(h)),
-        _ => bail!("HOME is not set: pass the directory explicitly with --dir"),
-    }
-}
-
 /// For reading the `handoff run` arguments exactly as `handoff run` will.
 #[derive(Parser, Debug)]
 #[command(name = "handoff run")]
 struct RunOnly {
     #[command(flatten)]
-    run: crate::run::RunArgs,
+    run: crate::args::RunArgs,
 }
 
 /// Checks the embedded `handoff run` arguments (and the config file they

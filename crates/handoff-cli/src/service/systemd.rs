@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use super::ctx::{Ctx, Scope, Spec};
 use super::files::{self, Written};
 use super::runner::CmdOutput;
-use super::{Ctx, Scope, Spec};
 
 /// The standard unit directory for the scope.
 pub fn default_dir(scope: Scope) -> Result<PathBuf> {
@@ -15,7 +15,7 @@ pub fn default_dir(scope: Scope) -> Result<PathBuf> {
         Scope::System => PathBuf::from("/etc/systemd/system"),
         Scope::User => match std::env::var_os("XDG_CONFIG_HOME") {
             Some(x) if !x.is_empty() => PathBuf::from(x).join("systemd/user"),
-            _ => super::home()?.join(".config/systemd/user"),
+            _ => super::ctx::home()?.join(".config/systemd/user"),
         },
     })
 }

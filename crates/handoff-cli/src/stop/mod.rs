@@ -30,9 +30,7 @@
 //! error, is reported as such, and `handoff stop` exits 1: an operator must
 //! never read "drained" for cut requests.
 
-mod report;
-
-pub use report::{summary, Asked, ProcessEnd, StopReport};
+pub use crate::stop_report::{summary, Asked, ProcessEnd, StopReport};
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,9 +41,9 @@ use handoff::{Child, Program, Supervisor};
 use nix::sys::signal::Signal;
 
 use crate::admin::{self, Event, Request};
+use crate::args::RuntimeDir;
 use crate::progress::{ms, Progress};
-use crate::RuntimeDir;
-use report::REAP;
+use crate::stop_report::REAP;
 
 pub const AFTER_HELP: &str = "\
 EXIT STATUS:
@@ -76,7 +74,7 @@ pub struct StopArgs {
     pub rt: RuntimeDir,
     /// How long the service gets to drain and exit before SIGKILL
     /// (default: the supervisor's --drain-grace).
-    #[arg(long, value_parser = crate::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = crate::duration::parse, value_name = "DURATION")]
     pub grace: Option<Duration>,
     /// One JSON object per line (the supervisor's events) instead of text.
     #[arg(long)]
