@@ -15,7 +15,7 @@
 
 use std::io::{self, Read};
 
-use crate::protocol::{ProtoVersion, PROTO_MAX, PROTO_MIN};
+use crate::version::{ProtoVersion, PROTO_MAX, PROTO_MIN};
 
 /// Frame magic: every frame starts with these four bytes.
 pub const MAGIC: [u8; 4] = *b"HOFF";

@@ -123,17 +123,20 @@ macro_rules! supervisor_side {
 mod abort;
 pub mod accept;
 mod busy;
+mod clock;
 mod incumbent;
 pub mod listeners;
 mod lock;
 pub mod private_fs;
 mod process;
+mod protocol_error;
 pub mod sd_notify;
 pub mod shm;
 mod successor;
 #[allow(unsafe_code)]
 mod sys;
 mod timeouts;
+mod version;
 
 supervisor_side! {
     channel;
@@ -153,15 +156,16 @@ supervisor_side! {
 }
 
 pub use abort::AbortSignal;
-pub use error::{ProcessError, ProtocolError};
+pub use error::ProcessError;
 pub use frame::FrameError;
 pub use incumbent::{Incumbent, Retired};
 pub use listeners::Listener;
 pub use lock::{LockError, StateLock};
-pub use phase::Peer;
 pub use private_fs::PrivateError;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
+pub use protocol::Peer;
 pub use protocol::{HandoffId, NoCommonVersion, Role, VersionRange};
+pub use protocol_error::ProtocolError;
 pub use successor::{Begun, Boot, BootOptions, StartRole};
 pub use timeouts::Timeouts;
 

@@ -7,8 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ProtocolError;
+pub use crate::protocol::Peer;
 use crate::protocol::{HandoffId, Message};
+use crate::protocol_error::ProtocolError;
 
 /// The supervisor's phases; also what the journal records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
@@ -69,27 +70,6 @@ impl SupervisorPhase {
 impl std::fmt::Display for SupervisorPhase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// The peer a supervisor talks to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Peer {
-    /// The serving process, asked to drain and seal.
-    Incumbent,
-    /// The new process, spawned to take over from the incumbent.
-    Successor,
-    /// The supervisor, as the incumbent or successor sees it.
-    Supervisor,
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Peer::Incumbent => "incumbent",
-            Peer::Successor => "successor",
-            Peer::Supervisor => "supervisor",
-        })
     }
 }
 

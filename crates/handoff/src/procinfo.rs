@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn our_own_start_time_is_in_the_past_and_recent() {
         let t = super::start_time_ms(std::process::id()).unwrap();
-        let now = crate::journal::now_ms();
+        let now = crate::clock::now_ms();
         assert!(t <= now + 1000, "{t} vs {now}");
         assert!(now - t < 3_600_000 * 24, "{t} vs {now}");
     }

@@ -21,19 +21,34 @@
 use serde::{Deserialize, Serialize};
 
 use crate::frame::FrameError;
-
-/// A protocol version number.
-pub type ProtoVersion = u16;
-/// Lowest protocol version this build can speak.
-pub const PROTO_MIN: ProtoVersion = 1;
-/// Highest protocol version this build can speak.
-pub const PROTO_MAX: ProtoVersion = 2;
+pub use crate::version::{ProtoVersion, PROTO_MAX, PROTO_MIN};
 /// First version with [`Message::Shutdown`] and [`Message::ShutdownDrained`]:
 /// a supervisor that negotiated less with an incumbent must stop it another
 /// way (a signal).
 pub const SHUTDOWN_SINCE: ProtoVersion = 2;
 /// Version of the frames carrying `Hello`/`HelloAck`, fixed forever.
 pub const HELLO_FRAME_VERSION: ProtoVersion = 1;
+
+/// The peer a supervisor talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Peer {
+    /// The serving process, asked to drain and seal.
+    Incumbent,
+    /// The new process, spawned to take over from the incumbent.
+    Successor,
+    /// The supervisor, as the incumbent or successor sees it.
+    Supervisor,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Peer::Incumbent => "incumbent",
+            Peer::Successor => "successor",
+            Peer::Supervisor => "supervisor",
+        })
+    }
+}
 
 /// Identifies one handoff; carried by every handoff-scoped message.
 pub type HandoffId = u64;

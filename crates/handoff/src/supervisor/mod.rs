@@ -40,7 +40,7 @@ use handoff::{Held, Run};
 mod peer;
 mod prepared;
 mod stop;
-pub(crate) use peer::{check_hello, connect_incumbent_socket, ConnectError};
+pub(crate) use peer::{check_hello, connect_incumbent_socket};
 pub use stop::StopRequest;
 
 /// How the supervisor is set up.

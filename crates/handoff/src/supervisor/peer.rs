@@ -6,7 +6,7 @@
 
 use std::os::unix::net::UnixStream;
 
-use crate::error::{HandoffError, ProtocolError};
+use crate::error::{HandoffError, ProtocolError, StopError};
 use crate::frame::FrameError;
 use crate::phase::Peer;
 use crate::protocol::{Hello, Role};
@@ -82,6 +82,15 @@ impl From<ConnectError> for HandoffError {
         match e {
             ConnectError::Connect { path, source } => HandoffError::Connect { path, source },
             ConnectError::Protocol(p) => HandoffError::Protocol(p),
+        }
+    }
+}
+
+impl From<ConnectError> for StopError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Connect { path, source } => StopError::Connect { path, source },
+            ConnectError::Protocol(p) => StopError::Protocol(p),
         }
     }
 }
