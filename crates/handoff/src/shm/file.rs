@@ -18,13 +18,36 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{self, Static};
-use super::{RegionSpec, ShmError};
+use super::ShmError;
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShmError + 'a {
     move |source| ShmError::Io {
         op,
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// What a region holds: its payload size and the application's format tag.
+///
+/// Both are recorded in the header when the file is created and must match
+/// on every later open, so a build whose record format changed (bump
+/// `schema`) gets [`ShmError::SchemaMismatch`] instead of misreading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionSpec {
+    /// The payload size in bytes, 1 to 16 MiB.
+    pub payload_len: usize,
+    /// The application's own tag for its record format.
+    pub schema: u64,
+}
+
+impl RegionSpec {
+    /// A spec for a `payload_len`-byte payload in format `schema`.
+    pub fn new(payload_len: usize, schema: u64) -> RegionSpec {
+        RegionSpec {
+            payload_len,
+            schema,
+        }
     }
 }
 
@@ -159,49 +182,4 @@ fn build(tmp: &Path, spec: RegionSpec) -> Result<(), ShmError> {
         .map_err(io_err("size", tmp))?;
     f.sync_all().map_err(io_err("fsync", tmp))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::shm::Region;
-
-    const SPEC: RegionSpec = RegionSpec {
-        payload_len: 560,
-        schema: 7,
-    };
-
-    /// Issue 14, item 10: a region file cut short (`truncate -s 0`, or
-    /// short of its payload) before a process opens it is refused, with
-    /// the fix in the message, never mapped short (a touch past its end
-    /// would be SIGBUS) and never rewritten.
-    #[test]
-    fn a_truncated_file_is_refused_before_mapping_and_says_what_to_do() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.shm");
-        drop(Region::open_or_create(dir.path(), "r.shm", SPEC).unwrap());
-        let full = std::fs::read(&path).unwrap();
-        for len in [0, layout::HEADER_LEN as u64 + 8] {
-            let f = OpenOptions::new().write(true).open(&path).unwrap();
-            f.set_len(len).unwrap();
-            drop(f);
-            let e = match Region::open_or_create(dir.path(), "r.shm", SPEC) {
-                Err(e) => e,
-                Ok(_) => panic!("a {len}-byte region file was mapped"),
-            };
-            assert!(matches!(e, ShmError::Truncated { .. }), "{len}: {e}");
-            let msg = e.to_string();
-            assert!(
-                msg.contains(&path.display().to_string())
-                    && msg.contains(&format!("{len} bytes"))
-                    && msg.contains("remove it"),
-                "{msg}"
-            );
-            assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "rewritten");
-            // Removed, as the message says: the next open creates it anew.
-            std::fs::remove_file(&path).unwrap();
-            drop(Region::open_or_create(dir.path(), "r.shm", SPEC).unwrap());
-            assert_eq!(std::fs::read(&path).unwrap(), full);
-        }
-    }
 }

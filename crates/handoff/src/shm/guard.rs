@@ -3,8 +3,9 @@
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
+use super::mapped::Mapped;
 use super::owner::OwnerId;
-use super::{Region, ShmError};
+use super::ShmError;
 
 /// Exclusive write access to a region's payload, held until dropped.
 ///
@@ -20,14 +21,14 @@ use super::{Region, ShmError};
 /// unless it had not changed any byte yet.
 #[derive(Debug)]
 pub struct WriteGuard<'a> {
-    region: &'a Region,
+    region: &'a Mapped,
     me: OwnerId,
     /// The even sequence this write ends with, once it has begun.
     end_seq: Option<u64>,
 }
 
 impl<'a> WriteGuard<'a> {
-    pub(crate) fn new(region: &'a Region, me: OwnerId) -> WriteGuard<'a> {
+    pub(crate) fn new(region: &'a Mapped, me: OwnerId) -> WriteGuard<'a> {
         WriteGuard {
             region,
             me,

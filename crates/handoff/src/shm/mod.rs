@@ -63,6 +63,7 @@ mod error;
 mod file;
 mod guard;
 mod hooks;
+mod mapped;
 // The on-disk layout is public to the crate's tests (which corrupt
 // regions at its offsets), private otherwise.
 #[cfg(feature = "shm-test-hooks")]
@@ -76,33 +77,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use error::ShmError;
+pub use file::RegionSpec;
 pub use guard::WriteGuard;
 pub use owner::{OwnerId, OwnerState};
 
 use crate::sys::shm::SharedMap;
-
-/// What a region holds: its payload size and the application's format tag.
-///
-/// Both are recorded in the header when the file is created and must match
-/// on every later open, so a build whose record format changed (bump
-/// `schema`) gets [`ShmError::SchemaMismatch`] instead of misreading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegionSpec {
-    /// The payload size in bytes, 1 to 16 MiB.
-    pub payload_len: usize,
-    /// The application's own tag for its record format.
-    pub schema: u64,
-}
-
-impl RegionSpec {
-    /// A spec for a `payload_len`-byte payload in format `schema`.
-    pub fn new(payload_len: usize, schema: u64) -> RegionSpec {
-        RegionSpec {
-            payload_len,
-            schema,
-        }
-    }
-}
+use mapped::{Cells, Mapped};
 
 /// The lock and sequence as they are right now (diagnostics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,9 +100,7 @@ pub struct LockState {
 /// A mapped shared region. `Send + Sync`: threads may share one mapping.
 #[derive(Debug)]
 pub struct Region {
-    map: SharedMap,
-    path: PathBuf,
-    payload_len: usize,
+    m: Mapped,
     schema: u64,
 }
 
@@ -163,21 +141,23 @@ impl Region {
         // file alive, and holding no fd means nothing to leak into children.
         drop(file);
         Ok(Region {
-            map,
-            path,
-            payload_len,
+            m: Mapped {
+                map,
+                path,
+                payload_len,
+            },
             schema: st.schema,
         })
     }
 
     /// The region file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.m.path
     }
 
     /// The payload size in bytes, as recorded in the file's header.
     pub fn payload_len(&self) -> usize {
-        self.payload_len
+        self.m.payload_len
     }
 
     /// The schema tag recorded in the file's header.
@@ -191,13 +171,13 @@ impl Region {
     /// dead one is recovered. [`ShmError::TornRecord`] if the record is the
     /// remains of a write that never finished.
     pub fn read(&self, buf: &mut [u8]) -> Result<u64, ShmError> {
-        seqlock::read(self, buf, None)
+        seqlock::read(&self.m, buf, None)
     }
 
     /// [`read`](Self::read), giving up with [`ShmError::Busy`] after
     /// `budget` if a live writer keeps a write in progress that long.
     pub fn read_within(&self, buf: &mut [u8], budget: Duration) -> Result<u64, ShmError> {
-        seqlock::read(self, buf, Some(deadline(budget)))
+        seqlock::read(&self.m, buf, Some(deadline(budget)))
     }
 
     /// Takes the writer lock, waiting without limit while a live process
@@ -205,7 +185,7 @@ impl Region {
     pub fn lock(&self) -> WriteGuard<'_> {
         loop {
             // Without a deadline the wait only ends by acquiring.
-            if let Ok(g) = seqlock::lock(self, None) {
+            if let Ok(g) = seqlock::lock(&self.m, None) {
                 return g;
             }
         }
@@ -214,7 +194,7 @@ impl Region {
     /// [`lock`](Self::lock), giving up with [`ShmError::Busy`] (naming the
     /// holder) after `budget`. A live holder is never broken.
     pub fn lock_within(&self, budget: Duration) -> Result<WriteGuard<'_>, ShmError> {
-        seqlock::lock(self, Some(deadline(budget))).map_err(|b| self.busy("the write lock", b))
+        seqlock::lock(&self.m, Some(deadline(budget))).map_err(|b| self.m.busy("the write lock", b))
     }
 
     /// The lock word, sequence and recovery count right now.
@@ -229,17 +209,8 @@ impl Region {
         }
     }
 
-    pub(crate) fn cells(&self) -> seqlock::Cells<'_> {
-        seqlock::Cells::new(self.map.words())
-    }
-
-    pub(crate) fn busy(&self, what: &'static str, b: seqlock::TimedOut) -> ShmError {
-        ShmError::Busy {
-            path: self.path.clone(),
-            what,
-            owner: b.owner,
-            waited_ms: b.waited.as_millis() as u64,
-        }
+    pub(crate) fn cells(&self) -> Cells<'_> {
+        self.m.cells()
     }
 }
 

@@ -24,40 +24,13 @@
 //! by a dead process" is the only way a sequence can stay odd — and
 //! recovery is the only way out of it.
 
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use super::guard::{self, WriteGuard};
-use super::layout;
+use super::mapped::{Cells, Mapped, TimedOut};
 use super::owner::{self, DeadReason, Liveness, OwnerId, OwnerState};
-use super::{hooks, Region, ShmError};
-
-/// The live words of a region.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Cells<'a> {
-    pub owner: &'a AtomicU64,
-    pub recoveries: &'a AtomicU64,
-    pub last_recovered: &'a AtomicU64,
-    pub seq: &'a AtomicU64,
-    pub crc: &'a AtomicU64,
-    pub payload: &'a [AtomicU64],
-}
-
-impl<'a> Cells<'a> {
-    /// `words` is a whole mapping, at least `HEADER_LEN` bytes long (the
-    /// file length was validated against the header before mapping).
-    pub fn new(words: &'a [AtomicU64]) -> Cells<'a> {
-        let (head, payload) = words.split_at(layout::HEADER_LEN / 8);
-        Cells {
-            owner: &head[layout::OWNER_OFFSET / 8],
-            recoveries: &head[layout::RECOVERIES_OFFSET / 8],
-            last_recovered: &head[layout::LAST_RECOVERED_OFFSET / 8],
-            seq: &head[layout::SEQ_OFFSET / 8],
-            crc: &head[layout::RECORD_CRC_OFFSET / 8],
-            payload,
-        }
-    }
-}
+use super::{hooks, ShmError};
 
 /// Spin iterations before yielding.
 const SPINS: u32 = 64;
@@ -66,13 +39,6 @@ const YIELDS: u32 = 16;
 /// First and longest sleep between probes once the owner is known alive.
 const MIN_NAP: Duration = Duration::from_micros(20);
 const MAX_NAP: Duration = Duration::from_millis(1);
-
-/// A wait budget ran out; carries who held the lock at the end.
-#[derive(Debug)]
-pub(crate) struct TimedOut {
-    pub owner: OwnerState,
-    pub waited: Duration,
-}
 
 /// Bounded spinning, then yielding, then exponentially longer naps (capped
 /// at 1 ms) with an owner probe before each — so a dead owner is noticed
@@ -157,7 +123,7 @@ impl Waiter {
 
 /// The seqlock read. See the module docs for the ordering argument.
 pub(crate) fn read(
-    region: &Region,
+    region: &Mapped,
     buf: &mut [u8],
     deadline: Option<Instant>,
 ) -> Result<u64, ShmError> {
@@ -214,7 +180,7 @@ pub(crate) fn read(
 /// A reader stuck on an odd sequence: recover the lock if its owner is
 /// dead, or repair the parity if nobody holds the lock. Returns whether
 /// anything changed.
-fn unwedge_for_reader(region: &Region, c: Cells<'_>) -> bool {
+fn unwedge_for_reader(region: &Mapped, c: Cells<'_>) -> bool {
     let cur = c.owner.load(Ordering::Acquire);
     if cur != 0 {
         return matches!(
@@ -246,7 +212,7 @@ fn unwedge_for_reader(region: &Region, c: Cells<'_>) -> bool {
 }
 
 /// Takes the writer lock, recovering it from a dead owner if need be.
-pub(crate) fn lock(region: &Region, deadline: Option<Instant>) -> Result<WriteGuard<'_>, TimedOut> {
+pub(crate) fn lock(region: &Mapped, deadline: Option<Instant>) -> Result<WriteGuard<'_>, TimedOut> {
     let c = region.cells();
     // Per acquire, never cached across fork: see `owner::current`.
     let me = owner::current();
@@ -312,7 +278,7 @@ enum Probe {
 /// Each step leaves a state the next waiter can handle: killed after the
 /// stamp, the word names *us*, dead, and is recovered again; killed after
 /// forcing parity, likewise; the forced-even sequence is idempotent.
-fn try_recover(region: &Region, c: Cells<'_>, cur: u64, me: OwnerId) -> Probe {
+fn try_recover(region: &Mapped, c: Cells<'_>, cur: u64, me: OwnerId) -> Probe {
     let reason = match OwnerState::decode(cur) {
         OwnerState::Free => return Probe::Changed,
         // Another thread of this process: alive by definition.
