@@ -17,7 +17,7 @@
 //! O -> S  Heartbeat* Drained{open_conns_remaining, accept_closed}
 //! S -> O  SealRequest        O -> S  SealProgress* SealComplete | SealFailed
 //! S -> N  Begin{state?}      N -> S  Ready{listening_on, healthz_ok, metadata}
-//! S -> O  Commit             (O exits after its connections finish)
+//! S -> N, then O: Commit      (O exits after its connections finish)
 //! ```
 //!
 //! `handoff stop` (protocol version 2; older incumbents get a signal):
