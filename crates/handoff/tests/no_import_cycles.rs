@@ -32,19 +32,6 @@ use std::path::{Path, PathBuf};
 /// At most this many cycles are listed (a tangle can have very many).
 const MAX_CYCLES: usize = 500;
 
-/// Cycles known and not broken yet: a parent module's `mod.rs` that both
-/// defines what its children use and calls into them. The test fails on
-/// any cycle not listed here, and on a listed one that is gone (take it off
-/// the list: it must not come back).
-const KNOWN_CYCLES: &[&str] = &[
-    // `Supervisor` (mod.rs) holds a `handoff::Held` and drives `Run`,
-    // which reads the supervisor's fields and reports `PhaseDone`/`Report`
-    // (issue 16, item 2 reshapes this code into one type per state).
-    "crates/handoff/src/supervisor/mod.rs → crates/handoff/src/supervisor/handoff/mod.rs → crates/handoff/src/supervisor/mod.rs",
-    "crates/handoff/src/supervisor/mod.rs → crates/handoff/src/supervisor/handoff/held.rs → crates/handoff/src/supervisor/mod.rs",
-    "crates/handoff/src/supervisor/mod.rs → crates/handoff/src/supervisor/handoff/held.rs → crates/handoff/src/supervisor/handoff/mod.rs → crates/handoff/src/supervisor/mod.rs",
-];
-
 #[test]
 fn no_import_cycles_between_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -61,27 +48,8 @@ fn no_import_cycles_between_files() {
         "only {} edges found",
         graph.edge_count()
     );
-    let cycles = graph.cycles();
-    let new: Vec<&Vec<usize>> = cycles
-        .iter()
-        .filter(|c| !KNOWN_CYCLES.contains(&graph.cycle_line(c).as_str()))
-        .collect();
-    let found: Vec<String> = cycles.iter().map(|c| graph.cycle_line(c)).collect();
-    let gone: Vec<&str> = KNOWN_CYCLES
-        .iter()
-        .copied()
-        .filter(|k| !found.iter().any(|f| f == k))
-        .collect();
-    assert!(
-        new.is_empty(),
-        "import cycles between files:\n{}",
-        graph.report(&new)
-    );
-    assert!(
-        gone.is_empty(),
-        "these known cycles are gone: take them off KNOWN_CYCLES\n  {}",
-        gone.join("\n  ")
-    );
+    let report = graph.cycle_report();
+    assert!(report.is_empty(), "import cycles between files:\n{report}");
 }
 
 // ---------------------------------------------------------------- lexing

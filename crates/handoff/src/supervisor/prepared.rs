@@ -4,7 +4,8 @@
 use std::sync::MutexGuard;
 use std::time::Duration;
 
-use super::handoff::{kill_successor, Held, Run};
+use super::handoff::{kill_successor, Run};
+use super::types::Held;
 use super::{HandoffOptions, PhaseDone, Prepared, Supervisor};
 use crate::child::Child;
 use crate::error::HandoffError;

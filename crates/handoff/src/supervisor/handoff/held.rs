@@ -1,30 +1,16 @@
 //! A successor prepared ahead of its handoff: how a run is started from one,
 //! and how one is prepared (the first half of a run, stopped after HelloAck).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{Run, Successor};
+use super::Run;
 use crate::child::Child;
 use crate::error::HandoffError;
 use crate::journal::JournalRecord;
 use crate::phase::SupervisorPhase;
 use crate::spawn::Program;
+use crate::supervisor::types::Held;
 use crate::supervisor::PhaseDone;
-
-/// A successor spawned and greeted ahead of its handoff (see
-/// [`Supervisor::prepare`](crate::Supervisor::prepare)): warm, waiting for
-/// Begin, the incumbent not yet told anything. Its journal record (phase
-/// negotiating, its pid) stays written while it is held, so a restarted
-/// supervisor stops it.
-pub(in crate::supervisor) struct Held {
-    pub(in crate::supervisor) n: Successor,
-    pub(in crate::supervisor) program: Program,
-    pub(in crate::supervisor) record: JournalRecord,
-    pub(in crate::supervisor) build_id: String,
-    /// Spawn to HelloAck.
-    pub(in crate::supervisor) took: Duration,
-    pub(in crate::supervisor) since: Instant,
-}
 
 impl Run<'_, '_> {
     /// Carries on with a successor prepared ahead: the handoff takes its id

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use super::peer::{check_hello, connect_incumbent_socket};
-use super::{HandoffOptions, PhaseDone, Report, Supervisor};
+use super::types::{HandoffOptions, PhaseDone, Report, Successor, Supervisor};
 use crate::channel::Channel;
 use crate::child::Child;
 use crate::crash;
@@ -29,15 +29,9 @@ pub(super) fn new_handoff_id() -> HandoffId {
     h.finish()
 }
 
-pub(super) struct Successor {
-    pub(super) child: Child,
-    pub(super) chan: Channel,
-}
-
 mod ending;
 mod held;
 pub(super) use ending::kill_successor;
-pub(super) use held::Held;
 
 /// One handoff in flight.
 pub(super) struct Run<'a, 'o> {

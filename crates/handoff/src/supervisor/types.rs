@@ -1,0 +1,166 @@
+//! The supervisor's types: its configuration, what it reports, and the
+//! state it keeps between handoffs (the processes, a successor held ahead).
+//! Below the code that drives them — `mod.rs`, `handoff/`, `prepared`,
+//! `stop` — which all read them, so none of that code depends on another
+//! part for its data.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::busy::Busy;
+use crate::channel::Channel;
+use crate::child::Child;
+use crate::journal::{JournalRecord, JournalWriter};
+use crate::listeners::Listener;
+use crate::phase::SupervisorPhase;
+use crate::protocol::{HandoffId, VersionRange};
+use crate::spawn::Program;
+use crate::timeouts::Timeouts;
+
+/// How the supervisor is set up.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Where the service keeps its state lock; also holds the journal.
+    pub state_dir: PathBuf,
+    /// Path of the incumbent's control socket.
+    pub control_path: PathBuf,
+    pub timeouts: Timeouts,
+    pub versions: VersionRange,
+}
+
+impl SupervisorConfig {
+    pub fn new(state_dir: impl Into<PathBuf>, control_path: impl Into<PathBuf>) -> Self {
+        SupervisorConfig {
+            state_dir: state_dir.into(),
+            control_path: control_path.into(),
+            timeouts: Timeouts::default(),
+            versions: VersionRange::OURS,
+        }
+    }
+}
+
+/// Per-handoff overrides of the configured timeouts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HandoffOptions {
+    pub deadline: Option<Duration>,
+    pub drain_grace: Option<Duration>,
+}
+
+/// One phase as it completed, reported to the observer as it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseDone {
+    pub phase: SupervisorPhase,
+    pub took: Duration,
+}
+
+/// What a committed handoff did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub handoff_id: HandoffId,
+    pub old_pid: Option<u32>,
+    pub new_pid: u32,
+    pub new_build_id: String,
+    pub phases: Vec<PhaseDone>,
+    pub total: Duration,
+    /// When the handoff used a successor prepared ahead
+    /// ([`Supervisor::prepare`]): how long it had been held.
+    pub prepared_for: Option<Duration>,
+    /// Problems after Ready that did not change the outcome (e.g. the old
+    /// process vanished before it got Commit).
+    pub warnings: Vec<String>,
+}
+
+// `total` runs from the request to the moment both processes have been sent
+// Commit; the journal is cleared (durably) after that, before
+// `perform_handoff` returns.
+
+#[derive(Debug, Default)]
+pub(super) struct Processes {
+    pub(super) incumbent: Option<Child>,
+    pub(super) incumbent_build: String,
+    /// Old incumbents finishing their connections; reaped as they exit.
+    pub(super) retiring: Vec<Child>,
+}
+
+/// A successor started ahead of its upgrade by [`Supervisor::prepare`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub handoff_id: HandoffId,
+    pub pid: u32,
+    /// What it announced in its Hello.
+    pub build_id: String,
+    pub program: Program,
+    /// Spawn to HelloAck: the start-up the upgrade will not wait for.
+    pub took: Duration,
+    /// How long it has been held so far.
+    pub held_for: Duration,
+}
+
+/// Drives handoffs for one service.
+///
+/// # Example
+///
+/// ```no_run
+/// use handoff::{Supervisor, SupervisorConfig, Program, HandoffOptions};
+/// use handoff::listeners::Listener;
+/// use std::net::TcpListener;
+///
+/// let tcp = TcpListener::bind("127.0.0.1:0")?;
+/// let listeners = vec![Listener { name: "http".into(), fd: tcp.into() }];
+/// let sup = Supervisor::new(SupervisorConfig::new("/var/lib/svc", "/run/svc/control.sock"), listeners)?;
+/// let program = Program::new("/usr/local/bin/my-service");
+/// sup.start(&program, &mut |p| println!("{} {:?}", p.phase, p.took))?;
+/// // ... later, after replacing the binary on disk:
+/// let report = sup.perform_handoff(&program, HandoffOptions::default(), &mut |_| {})?;
+/// println!("now serving: pid {}", report.new_pid);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Supervisor {
+    pub(super) cfg: SupervisorConfig,
+    pub(super) listeners: Vec<Listener>,
+    pub(super) journal: JournalWriter,
+    /// Taken for the whole of each handoff (start, upgrade, crash restart,
+    /// prepare, discard): one at a time.
+    pub(super) busy: Busy,
+    pub(super) procs: Mutex<Processes>,
+    /// A successor prepared ahead, waiting for its upgrade. Taken only with
+    /// `busy` held, so a handoff never races a prepare or a discard.
+    pub(super) held: Mutex<Option<Held>>,
+}
+
+impl Supervisor {
+    pub(super) fn procs(&self) -> MutexGuard<'_, Processes> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("cfg", &self.cfg)
+            .field("listeners", &self.listeners.len())
+            .finish()
+    }
+}
+
+/// A spawned successor and its control channel.
+pub(super) struct Successor {
+    pub(super) child: Child,
+    pub(super) chan: Channel,
+}
+
+/// A successor spawned and greeted ahead of its handoff (see
+/// [`Supervisor::prepare`](crate::Supervisor::prepare)): warm, waiting for
+/// Begin, the incumbent not yet told anything. Its journal record (phase
+/// negotiating, its pid) stays written while it is held, so a restarted
+/// supervisor stops it.
+pub(in crate::supervisor) struct Held {
+    pub(in crate::supervisor) n: Successor,
+    pub(in crate::supervisor) program: Program,
+    pub(in crate::supervisor) record: JournalRecord,
+    pub(in crate::supervisor) build_id: String,
+    /// Spawn to HelloAck.
+    pub(in crate::supervisor) took: Duration,
+    pub(in crate::supervisor) since: Instant,
+}
