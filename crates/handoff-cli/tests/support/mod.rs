@@ -200,13 +200,22 @@ pub fn example_bin(name: &str) -> PathBuf {
     p
 }
 
-/// Pids holding an `flock` on `path`, from `/proc/locks` (matched by inode).
+/// Pids holding an `flock` on `path`, from `/proc/locks` (matched by device
+/// and inode: an inode number alone can be another filesystem's file, e.g.
+/// a concurrent test's tmpfs).
 pub fn lock_holders(path: &Path) -> Vec<u32> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = fs::metadata(path) else {
         return vec![];
     };
-    let ino = meta.ino().to_string();
+    let dev = meta.dev();
+    // /proc/locks prints "MAJOR:MINOR:INODE", the device numbers in hex.
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino()
+    );
     fs::read_to_string("/proc/locks")
         .unwrap_or_default()
         .lines()
@@ -214,7 +223,7 @@ pub fn lock_holders(path: &Path) -> Vec<u32> {
             let f: Vec<&str> = l.split_whitespace().collect();
             // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
             let (kind, pid, dev_ino) = (*f.get(1)?, *f.get(4)?, *f.get(5)?);
-            (kind == "FLOCK" && dev_ino.rsplit(':').next() == Some(ino.as_str()))
+            (kind == "FLOCK" && dev_ino == want)
                 .then(|| pid.parse().ok())
                 .flatten()
         })
