@@ -15,6 +15,23 @@ use crate::phase::{Graces, Phase, Retirement, Shared};
 
 const BOUND: Duration = Duration::from_secs(10);
 
+/// The drain's graces: idle, first request, request head.
+fn graces(idle: Duration, first_request: Duration, head: Duration) -> Graces {
+    Graces {
+        idle,
+        first_request,
+        head,
+    }
+}
+
+/// Waits (bounded) for `serve` to return, and checks it returned `Ok`.
+async fn serve_returned_ok(serving: tokio::task::JoinHandle<Result<(), crate::Error>>) {
+    let r = tokio::time::timeout(BOUND, serving)
+        .await
+        .expect("serve returned");
+    assert!(r.unwrap().is_ok());
+}
+
 struct Server {
     handoff: Handoff,
     addr: std::net::SocketAddr,
@@ -217,10 +234,7 @@ async fn serve_returns_once_retired_and_every_connection_is_done() {
         "{head}{body}"
     );
     expect_eof(&mut idle).await.unwrap();
-    let r = tokio::time::timeout(BOUND, srv.serving)
-        .await
-        .expect("serve returned");
-    assert!(r.unwrap().is_ok());
+    serve_returned_ok(srv.serving).await;
 }
 
 /// An upgraded connection (what WebSocket rides on) leaves hyper, but not
@@ -234,11 +248,11 @@ async fn an_upgraded_connection_gets_the_drain_grace() {
 
     let handoff = Handoff::for_tests(
         true,
-        Graces {
-            idle: Duration::from_millis(50),
-            first_request: Duration::from_secs(2),
-            head: Duration::from_secs(1),
-        },
+        graces(
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        ),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -296,10 +310,7 @@ async fn an_upgraded_connection_gets_the_drain_grace() {
         "serve returned with an upgraded connection open"
     );
     drop(c); // the client ends it; serve then returns
-    let r = tokio::time::timeout(BOUND, serving)
-        .await
-        .expect("serve returned");
-    assert!(r.unwrap().is_ok());
+    serve_returned_ok(serving).await;
 }
 
 /// What a stateful seal does to connections that outlived the drain
@@ -338,11 +349,11 @@ async fn a_cut_drops_every_connection_at_once() {
 async fn the_shutdown_signal_fires_on_retirement_only() {
     let handoff = Handoff::for_tests(
         true,
-        Graces {
-            idle: Duration::from_millis(50),
-            first_request: Duration::from_secs(2),
-            head: Duration::from_secs(1),
-        },
+        graces(
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        ),
     );
     let mut signal = tokio::spawn(handoff.shutdown_signal());
     let shared = handoff.inner.shared.clone();
@@ -371,11 +382,11 @@ async fn a_unix_listener_drains_the_same_way() {
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let handoff = Handoff::for_tests(
         true,
-        Graces {
-            idle: Duration::from_secs(5),
-            first_request: Duration::from_secs(2),
-            head: Duration::from_secs(1),
-        },
+        graces(
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        ),
     );
     let h = handoff.clone();
     let app = Router::new().route("/", get(|| async { "ok" }));
@@ -393,10 +404,7 @@ async fn a_unix_listener_drains_the_same_way() {
     let (head, _) = exchange(&mut c, "/").await.unwrap();
     assert!(head.contains("connection: close"), "{head}");
     expect_eof(&mut c).await.unwrap();
-    let r = tokio::time::timeout(BOUND, serving)
-        .await
-        .expect("serve returned");
-    assert!(r.unwrap().is_ok());
+    serve_returned_ok(serving).await;
 }
 
 /// At the connection cap nothing more is accepted — the connection waits
@@ -434,11 +442,11 @@ async fn at_the_connection_cap_new_connections_wait_in_the_backlog() {
 async fn a_half_sent_head_is_answered_408_once_the_head_grace_is_over() {
     let srv = Server::start_with(
         false,
-        Graces {
-            idle: Duration::from_millis(50),
-            first_request: Duration::from_millis(50),
-            head: Duration::from_millis(200),
-        },
+        graces(
+            Duration::from_millis(50),
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ),
     )
     .await;
     srv.shared().set_phase(Phase::Serving);
@@ -479,11 +487,11 @@ async fn a_half_sent_head_is_answered_408_once_the_head_grace_is_over() {
 async fn a_head_finished_within_the_head_grace_is_answered() {
     let srv = Server::start_with(
         true,
-        Graces {
-            idle: Duration::from_millis(50),
-            first_request: Duration::from_millis(50),
-            head: Duration::from_secs(5),
-        },
+        graces(
+            Duration::from_millis(50),
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        ),
     )
     .await;
     let mut c = TcpStream::connect(srv.addr).await.unwrap();
@@ -512,11 +520,11 @@ async fn a_head_finished_within_the_head_grace_is_answered() {
 async fn a_client_slow_to_close_does_not_hold_the_drain() {
     let srv = Server::start_with(
         false,
-        Graces {
-            idle: Duration::from_millis(20),
-            first_request: Duration::from_millis(20),
-            head: Duration::from_millis(20),
-        },
+        graces(
+            Duration::from_millis(20),
+            Duration::from_millis(20),
+            Duration::from_millis(20),
+        ),
     )
     .await;
     srv.shared().set_phase(Phase::Serving);
