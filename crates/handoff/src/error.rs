@@ -143,7 +143,7 @@ pub enum ProcessError {
     /// The supervisor hung up before this successor became the incumbent
     /// (before Begin, or before it read Ready). The successor should exit:
     /// the incumbent keeps serving.
-    #[error("the supervisor went away before Begin; exiting so the incumbent keeps serving")]
+    #[error("the supervisor went away before this process became the incumbent (before Begin, or before it read Ready); exiting so the old process keeps serving")]
     SupervisorGone,
     /// The service's own code failed: its health check (the handoff is
     /// then aborted) or its `resume`. The text says which, and why.

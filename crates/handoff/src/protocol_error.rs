@@ -66,22 +66,35 @@ pub enum ProtocolError {
         /// The role the Hello announced.
         found: Role,
     },
-    /// The process on the other end is not the one it should be: the pid
-    /// its Hello announced is not the pid the kernel reports for the
-    /// socket, or not the process the supervisor expected (the successor
-    /// it spawned, the incumbent it recorded).
+    /// The pid a Hello announced is not the pid the kernel reports for
+    /// the socket: the peer lies about who it is, or is not the process
+    /// that made the connection.
     #[error("{phase}: the {peer} announced pid {announced} but the kernel says the socket belongs to pid {kernel}")]
     PidMismatch {
         /// The process whose identity failed the check.
         peer: Peer,
         /// The phase this side was in, as its log lines name it.
         phase: &'static str,
-        /// The pid the Hello announced; when the check was against the
-        /// expected process, that process's pid instead.
+        /// The pid the Hello announced.
         announced: u32,
         /// The pid the kernel reports for the socket (`SO_PEERCRED` or
-        /// `SCM_CREDENTIALS`), or the announced one where it reports none.
+        /// `SCM_CREDENTIALS`).
         kernel: u32,
+    },
+    /// The peer is not the process the supervisor expected (the successor
+    /// it spawned, the incumbent it recorded or is stopping): another
+    /// process answered in its place.
+    #[error("{phase}: the {peer} is pid {found}, not pid {expected} as expected (another process answered in its place)")]
+    NotExpected {
+        /// The process whose identity failed the check.
+        peer: Peer,
+        /// The phase this side was in, as its log lines name it.
+        phase: &'static str,
+        /// The pid the supervisor expected.
+        expected: u32,
+        /// The peer's pid: the kernel's where it reports one, else the
+        /// Hello's.
+        found: u32,
     },
     /// The control socket belongs to a process of another user, not root:
     /// someone else may have bound the path. Nothing is sent to it; check
@@ -137,6 +150,7 @@ impl ProtocolError {
             | ProtocolError::WrongHandoffId { peer, .. }
             | ProtocolError::Unexpected { peer, .. }
             | ProtocolError::PidMismatch { peer, .. }
+            | ProtocolError::NotExpected { peer, .. }
             | ProtocolError::WrongUid { peer, .. }
             | ProtocolError::NoCredentials { peer, .. }
             | ProtocolError::Timeout { peer, .. } => Some(*peer),

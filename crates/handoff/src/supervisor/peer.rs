@@ -45,13 +45,13 @@ pub(crate) fn check_hello(
         }
     }
     if let Some(e) = expected_pid {
-        let k = kernel_pid.unwrap_or(hello.pid);
-        if k != e {
-            return Err(ProtocolError::PidMismatch {
+        let found = kernel_pid.unwrap_or(hello.pid);
+        if found != e {
+            return Err(ProtocolError::NotExpected {
                 peer,
                 phase,
-                announced: e,
-                kernel: k,
+                expected: e,
+                found,
             });
         }
     }
@@ -120,4 +120,53 @@ pub(crate) fn connect_incumbent_socket(
         .into());
     }
     Ok((stream, kernel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{PROTO_MAX, PROTO_MIN};
+
+    fn hello(pid: u32) -> Hello {
+        Hello {
+            role: Role::Incumbent,
+            pid,
+            proto_min: PROTO_MIN,
+            proto_max: PROTO_MAX,
+            build_id: "t".into(),
+        }
+    }
+
+    /// Each failure names what it compared: the Hello against the kernel,
+    /// or the peer against the process the supervisor expected.
+    #[test]
+    fn a_hello_is_checked_against_the_kernel_then_the_expected_process() {
+        assert!(check_hello(&hello(7), Role::Incumbent, Some(7), Some(7), "hello").is_ok());
+        match check_hello(&hello(8), Role::Incumbent, Some(7), None, "hello") {
+            Err(ProtocolError::PidMismatch {
+                announced: 8,
+                kernel: 7,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let e = check_hello(&hello(9), Role::Incumbent, Some(9), Some(7), "hello").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::NotExpected {
+                    expected: 7,
+                    found: 9,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("is pid 9, not pid 7"), "{e}");
+        // No kernel pid (a platform without SO_PEERCRED's pid): the Hello's.
+        assert!(matches!(
+            check_hello(&hello(9), Role::Incumbent, None, Some(7), "hello"),
+            Err(ProtocolError::NotExpected { found: 9, .. })
+        ));
+    }
 }
