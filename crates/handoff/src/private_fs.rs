@@ -161,22 +161,13 @@ pub fn check_dir(path: &Path) -> Result<(), PrivateError> {
         // Linux answers ENOTDIR, not ELOOP, for a symlink opened with
         // O_DIRECTORY | O_NOFOLLOW: ask lstat which it was.
         let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-        if link || sys::fs::is_symlink_error(&source) {
-            PrivateError::Symlink {
-                path: path.to_path_buf(),
-                kind: KIND,
-            }
-        } else if sys::fs::is_not_dir_error(&source) {
+        if !link && sys::fs::is_not_dir_error(&source) {
             PrivateError::WrongType {
                 path: path.to_path_buf(),
                 kind: KIND,
             }
         } else {
-            PrivateError::Io {
-                op: "opening",
-                path: path.to_path_buf(),
-                source,
-            }
+            opening_failed(path, KIND, source, link)
         }
     })?;
     judge(&dir, path, KIND, DIR_MODE, true)
@@ -188,22 +179,28 @@ pub fn check_dir(path: &Path) -> Result<(), PrivateError> {
 pub fn open_file(opts: &mut OpenOptions, path: &Path) -> Result<File, PrivateError> {
     const KIND: &str = "file";
     opts.mode(FILE_MODE);
-    let file = sys::fs::no_follow(opts).open(path).map_err(|source| {
-        if sys::fs::is_symlink_error(&source) {
-            PrivateError::Symlink {
-                path: path.to_path_buf(),
-                kind: KIND,
-            }
-        } else {
-            PrivateError::Io {
-                op: "opening",
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    })?;
+    let file = sys::fs::no_follow(opts)
+        .open(path)
+        .map_err(|source| opening_failed(path, KIND, source, false))?;
     judge(&file, path, KIND, FILE_MODE, false)?;
     Ok(file)
+}
+
+/// A failed `O_NOFOLLOW` open: a symlink (`link`, or the kernel's ELOOP)
+/// is refused as one, anything else is reported as it is.
+fn opening_failed(path: &Path, kind: &'static str, source: io::Error, link: bool) -> PrivateError {
+    if link || sys::fs::is_symlink_error(&source) {
+        PrivateError::Symlink {
+            path: path.to_path_buf(),
+            kind,
+        }
+    } else {
+        PrivateError::Io {
+            op: "opening",
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// Symbolic links followed on the way to a directory before giving up
