@@ -15,12 +15,12 @@ use crate::phase::{Graces, Phase, Retirement, Shared};
 
 const BOUND: Duration = Duration::from_secs(10);
 
-/// The drain's graces: idle, first request, request head.
-fn graces(idle: Duration, first_request: Duration, head: Duration) -> Graces {
+/// The drain's graces, in milliseconds: idle, first request, request head.
+fn graces_ms(idle: u64, first_request: u64, head: u64) -> Graces {
     Graces {
-        idle,
-        first_request,
-        head,
+        idle: Duration::from_millis(idle),
+        first_request: Duration::from_millis(first_request),
+        head: Duration::from_millis(head),
     }
 }
 
@@ -246,14 +246,7 @@ async fn an_upgraded_connection_gets_the_drain_grace() {
     use axum::http::{Request, Response, StatusCode};
     use hyper_util::rt::TokioIo;
 
-    let handoff = Handoff::for_tests(
-        true,
-        graces(
-            Duration::from_millis(50),
-            Duration::from_secs(2),
-            Duration::from_secs(1),
-        ),
-    );
+    let handoff = Handoff::for_tests(true, graces_ms(50, 2000, 1000));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     // `/echo` switches to a line echo protocol (a stand-in for WebSocket).
@@ -347,14 +340,7 @@ async fn a_cut_drops_every_connection_at_once() {
 /// drains it.
 #[tokio::test]
 async fn the_shutdown_signal_fires_on_retirement_only() {
-    let handoff = Handoff::for_tests(
-        true,
-        graces(
-            Duration::from_millis(50),
-            Duration::from_secs(2),
-            Duration::from_secs(1),
-        ),
-    );
+    let handoff = Handoff::for_tests(true, graces_ms(50, 2000, 1000));
     let mut signal = tokio::spawn(handoff.shutdown_signal());
     let shared = handoff.inner.shared.clone();
     shared.set_phase(Phase::Serving);
@@ -380,14 +366,7 @@ async fn a_unix_listener_drains_the_same_way() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("http.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    let handoff = Handoff::for_tests(
-        true,
-        graces(
-            Duration::from_secs(5),
-            Duration::from_secs(2),
-            Duration::from_secs(1),
-        ),
-    );
+    let handoff = Handoff::for_tests(true, graces_ms(5000, 2000, 1000));
     let h = handoff.clone();
     let app = Router::new().route("/", get(|| async { "ok" }));
     let serving = tokio::spawn(async move { h.serve(listener, app).await });
@@ -440,15 +419,7 @@ async fn at_the_connection_cap_new_connections_wait_in_the_backlog() {
 /// unanswered.)
 #[tokio::test]
 async fn a_half_sent_head_is_answered_408_once_the_head_grace_is_over() {
-    let srv = Server::start_with(
-        false,
-        graces(
-            Duration::from_millis(50),
-            Duration::from_millis(50),
-            Duration::from_millis(200),
-        ),
-    )
-    .await;
+    let srv = Server::start_with(false, graces_ms(50, 50, 200)).await;
     srv.shared().set_phase(Phase::Serving);
     let mut fresh = TcpStream::connect(srv.addr).await.unwrap();
     fresh
@@ -485,15 +456,7 @@ async fn a_half_sent_head_is_answered_408_once_the_head_grace_is_over() {
 /// answered (with `Connection: close`), not 408.
 #[tokio::test]
 async fn a_head_finished_within_the_head_grace_is_answered() {
-    let srv = Server::start_with(
-        true,
-        graces(
-            Duration::from_millis(50),
-            Duration::from_millis(50),
-            Duration::from_secs(5),
-        ),
-    )
-    .await;
+    let srv = Server::start_with(true, graces_ms(50, 50, 5000)).await;
     let mut c = TcpStream::connect(srv.addr).await.unwrap();
     c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     tokio::task::yield_now().await;
@@ -518,15 +481,7 @@ async fn a_head_finished_within_the_head_grace_is_answered() {
 /// (a descriptor in use) until it closes or the linger runs out.
 #[tokio::test]
 async fn a_client_slow_to_close_does_not_hold_the_drain() {
-    let srv = Server::start_with(
-        false,
-        graces(
-            Duration::from_millis(20),
-            Duration::from_millis(20),
-            Duration::from_millis(20),
-        ),
-    )
-    .await;
+    let srv = Server::start_with(false, graces_ms(20, 20, 20)).await;
     srv.shared().set_phase(Phase::Serving);
     let mut c = TcpStream::connect(srv.addr).await.unwrap();
     exchange(&mut c, "/").await.unwrap();
