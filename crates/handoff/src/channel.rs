@@ -177,6 +177,22 @@ impl Channel {
         self.recv_with_ancillary(timeout, sys::recv_with_credentials)
     }
 
+    /// Receives one message and the descriptors attached to it, waiting as
+    /// long as it takes (for a peer whose death we learn of by EOF, like
+    /// [`recv`](Self::recv) with `None`): a successor waiting for Begin.
+    pub fn recv_with_fds_blocking(
+        &mut self,
+    ) -> Result<(Message, Vec<std::os::fd::OwnedFd>), FrameError> {
+        self.stream.set_read_timeout(None)?;
+        let mut head = [0u8; frame::HEADER_LEN];
+        let (n, fds) = sys::fdpass::recv_with_fds(&self.stream, &mut head)?;
+        if n == 0 {
+            return Err(FrameError::Closed);
+        }
+        let f = frame::read_frame(&mut (&head[..n]).chain(&self.stream))?;
+        Ok((self.check(f)?, fds))
+    }
+
     /// Reads one frame whose first chunk comes from `first` — a `recvmsg`
     /// that also collects the control message the sender attached (it
     /// arrives with the first byte of the frame, so the header read is
@@ -301,6 +317,26 @@ impl Sender {
         let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         (&self.stream).write_all(&bytes)?;
         Ok(())
+    }
+
+    /// Sends one message with `fds` attached (`SCM_RIGHTS`), as
+    /// [`Channel::send_with_fds`] does, from another thread.
+    pub fn send_with_fds(
+        &self,
+        msg: &Message,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), FrameError> {
+        in_version(msg, self.version)?;
+        let bytes = frame::encode(self.version, &msg.encode())?;
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        sys::fdpass::send_with_fds(&self.stream, &bytes, fds)?;
+        Ok(())
+    }
+
+    /// Bounds every write on this connection (all its senders share the
+    /// socket): `None` lifts the bound.
+    pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.stream.set_write_timeout(d)
     }
 }
 

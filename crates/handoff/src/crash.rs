@@ -35,6 +35,10 @@ pub const POINTS: &[CrashPoint] = &[
     CrashPoint::new("n-after-lock", Survivor::Old, "supervisor aborts: the kernel released the dead successor's lock; incumbent re-takes it"),
     CrashPoint::new("n-before-ready", Survivor::Old, "supervisor aborts; incumbent resumes and re-binds the control socket"),
     CrashPoint::new("n-after-ready", Survivor::Restarted, "committed to a process that then died: the supervisor restarts the service"),
+    // Moving connections (protocol version 3, docs/connection-transfer.md).
+    CrashPoint::new("o-in-transfer", Survivor::New, "incumbent died after sending a batch of connections: the supervisor continues with the successor, which serves the moved ones after Ready; the rest closed with the incumbent"),
+    CrashPoint::new("s-relaying", Survivor::Old, "the supervisor died holding a batch (its copies close with it): the incumbent still holds every connection and resumes them; the successor exits on EOF, its copies close without a FIN"),
+    CrashPoint::new("n-after-adopt", Survivor::Old, "successor died holding moved connections before Ready: the supervisor aborts and the incumbent resumes its own copies"),
 ];
 
 /// Which process serves once the dust settles.
@@ -153,6 +157,7 @@ mod tests {
             include_str!("supervisor/prepared.rs"),
             include_str!("incumbent.rs"),
             include_str!("successor.rs"),
+            include_str!("moving.rs"),
         ]
         .concat();
         for p in POINTS {

@@ -24,6 +24,7 @@ use crate::channel::Channel;
 use crate::crash;
 use crate::error::{ProcessError, ProtocolError};
 use crate::lock::StateLock;
+use crate::moving::Flusher;
 use crate::phase::{IncumbentPhase, Peer};
 use crate::process::{bind_control, Drainable, Heartbeat, ProcessConfig};
 use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
@@ -68,6 +69,8 @@ pub struct Incumbent {
     listener: UnixListener,
     /// Copies of the passed listeners, for a supervisor that lost them.
     kept: Vec<crate::listeners::Listener>,
+    /// Connections the previous incumbent moved to us, until taken.
+    moved: Vec<crate::MovedConnection>,
     /// Connections taken over from a replaced control socket, served before
     /// the next accept.
     queued: VecDeque<UnixStream>,
@@ -229,6 +232,7 @@ impl Incumbent {
         lock: StateLock,
         listener: UnixListener,
         kept: Vec<crate::listeners::Listener>,
+        moved: Vec<crate::MovedConnection>,
     ) -> Incumbent {
         let (to_serve, greeted) = mpsc::channel();
         // Made now, while the process surely has descriptors to spare.
@@ -244,6 +248,7 @@ impl Incumbent {
             lock: Some(lock),
             listener,
             kept,
+            moved,
             queued: VecDeque::new(),
             greeted,
             to_serve,
@@ -262,6 +267,16 @@ impl Incumbent {
     /// [`BootOptions`]: crate::BootOptions
     pub fn config(&self) -> &ProcessConfig {
         &self.cfg
+    }
+
+    /// The live connections the previous incumbent moved to this process
+    /// during the handoff (protocol version 3; empty otherwise, and on a
+    /// second call): serve each from its `unread` bytes, then its socket.
+    /// They are this process's now — it is the incumbent — and their
+    /// clients have not reconnected: take them before
+    /// [`serve`](Self::serve), which blocks.
+    pub fn take_moved(&mut self) -> Vec<crate::MovedConnection> {
+        std::mem::take(&mut self.moved)
     }
 
     /// Serves the control socket until this process is retired. Blocks the
@@ -490,20 +505,32 @@ impl Incumbent {
         service: &mut D,
     ) -> Result<Next, ProcessError> {
         let t = self.cfg.timeouts;
-        let (id, deadline, grace) = match first {
+        let (id, deadline, grace, moving) = match first {
             Message::PrepareHandoff {
                 handoff_id,
                 deadline_ms,
                 drain_grace_ms,
                 successor_pid,
-            } => {
-                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(handoff_id), successor_pid, deadline_ms, drain_grace_ms, "draining");
-                (
-                    handoff_id,
-                    Instant::now() + Duration::from_millis(deadline_ms),
-                    Duration::from_millis(drain_grace_ms),
-                )
-            }
+            } => Self::prepared(
+                handoff_id,
+                successor_pid,
+                deadline_ms,
+                drain_grace_ms,
+                false,
+            ),
+            Message::PrepareHandoffV3 {
+                handoff_id,
+                deadline_ms,
+                drain_grace_ms,
+                successor_pid,
+                move_connections,
+            } => Self::prepared(
+                handoff_id,
+                successor_pid,
+                deadline_ms,
+                drain_grace_ms,
+                move_connections,
+            ),
             Message::Shutdown {
                 stop_id,
                 drain_grace_ms,
@@ -537,6 +564,26 @@ impl Incumbent {
             _ => unreachable!("phase table"),
         };
 
+        // Connections the drain moves go out as they are offered, on a
+        // thread of their own (docs/connection-transfer.md). Without that
+        // thread nothing is moved: the drain closes them, as before.
+        let hex = crate::protocol::IdHex(id);
+        let (mover, flusher) = if moving {
+            let mover = crate::Mover::new(true);
+            let started = chan
+                .sender()
+                .and_then(|s| Flusher::start(s, id, mover.clone(), deadline));
+            match started {
+                Ok(f) => (mover, Some(f)),
+                Err(e) => {
+                    tracing::warn!(target: "handoff::incumbent", handoff_id = %hex, error = %e, "cannot start sending connections; closing them instead");
+                    (crate::Mover::disabled(), None)
+                }
+            }
+        } else {
+            (crate::Mover::disabled(), None)
+        };
+
         // Drain, heartbeating meanwhile, and watching the connection: the
         // supervisor says nothing while we drain unless it aborts (or it
         // went away), and then the drain stops at once.
@@ -544,36 +591,76 @@ impl Incumbent {
         let abort = crate::AbortSignal::new();
         let watch = AbortWatch::start(&chan, &abort);
         crash::point("o-in-drain");
-        let drained = service.drain_or_abort(grace, &abort);
-        hb.stop();
+        let drained = service.drain_moving(grace, &abort, &mover);
         drop(watch);
         if abort.is_aborted() {
+            hb.stop();
             // Its ResumeAfterAbort (or EOF) is waiting on the connection:
             // read it below, as after a completed drain, without saying
-            // Drained to a supervisor that has moved on.
-            tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "the supervisor aborted during the drain; the drain stops now");
+            // Drained to a supervisor that has moved on. (The offered
+            // connections are the service's still: `resume` serves them.)
+            drop(flusher);
+            tracing::info!(target: "handoff::incumbent", handoff_id = %hex, "the supervisor aborted during the drain; the drain stops now");
             return self.after_drain(chan, id, deadline, service);
         }
+        // Everything offered must be on its way before Drained.
+        let sent = flusher.map(Flusher::finish);
+        hb.stop();
         let report = match drained {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "drain failed; resuming");
+                tracing::error!(target: "handoff::incumbent", handoff_id = %hex, error = %e, "drain failed; resuming");
                 self.resume(service)?;
                 return Ok(Next::Continue); // dropping the channel aborts the handoff
             }
         };
+        if let Some(sent) = sent {
+            let done = sent.and_then(|s| {
+                tracing::info!(target: "handoff::incumbent", handoff_id = %hex, moved = s.moved, closed = s.closed, "connections moved");
+                chan.send(&Message::ConnectionsDone {
+                    handoff_id: id,
+                    moved: s.moved,
+                    closed: s.closed,
+                })
+            });
+            if let Err(e) = done {
+                // The successor may hold some of them; it gets no Begin
+                // (the supervisor aborts on the broken channel), so it
+                // never reads them. Ours serve on.
+                tracing::warn!(target: "handoff::incumbent", handoff_id = %hex, error = %e, "sending the moved connections failed; resuming");
+                self.resume(service)?;
+                return Ok(Next::Continue);
+            }
+        }
         let sent = chan.send(&Message::Drained {
             handoff_id: id,
             open_conns_remaining: report.open_conns_remaining,
             accept_closed: report.accept_closed,
         });
         if let Err(e) = sent {
-            tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "supervisor gone after drain; resuming");
+            tracing::warn!(target: "handoff::incumbent", handoff_id = %hex, error = %e, "supervisor gone after drain; resuming");
             self.resume(service)?;
             return Ok(Next::Continue);
         }
         crash::point("o-after-drained");
         self.after_drain(chan, id, deadline, service)
+    }
+
+    /// A PrepareHandoff of either version, read: what the drain needs.
+    fn prepared(
+        handoff_id: HandoffId,
+        successor_pid: u32,
+        deadline_ms: u64,
+        drain_grace_ms: u64,
+        moving: bool,
+    ) -> (HandoffId, Instant, Duration, bool) {
+        tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(handoff_id), successor_pid, deadline_ms, drain_grace_ms, moving, "draining");
+        (
+            handoff_id,
+            Instant::now() + Duration::from_millis(deadline_ms),
+            Duration::from_millis(drain_grace_ms),
+            moving,
+        )
     }
 
     /// Drained (or the drain was cut short by an abort): wait for the seal

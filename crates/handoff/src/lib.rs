@@ -127,6 +127,7 @@ mod clock;
 mod incumbent;
 pub mod listeners;
 mod lock;
+mod moving;
 pub mod private_fs;
 mod process;
 mod protocol_error;
@@ -161,6 +162,7 @@ pub use frame::FrameError;
 pub use incumbent::{Incumbent, Retired};
 pub use listeners::Listener;
 pub use lock::{LockError, StateLock};
+pub use moving::{MoveRefused, MovedConnection, Mover, MAX_CONNECTION_BYTES};
 pub use private_fs::PrivateError;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
 pub use protocol::Peer;
@@ -181,7 +183,8 @@ pub use {
     spawn::Program,
     successor::take_control_from_env,
     supervisor::{
-        HandoffOptions, PhaseDone, Prepared, Report, StopRequest, Supervisor, SupervisorConfig,
+        ConnectionsMoved, HandoffOptions, PhaseDone, Prepared, Report, StopRequest, Supervisor,
+        SupervisorConfig,
     },
     sys::{peer_credentials, PeerCred},
 };

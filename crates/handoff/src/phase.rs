@@ -52,7 +52,16 @@ impl SupervisorPhase {
         matches!(
             (self, peer, msg),
             (P::Negotiating, _, M::Hello(_))
-                | (P::Draining, Peer::Incumbent, M::Drained { .. } | M::Heartbeat { .. })
+                | (
+                    P::Draining,
+                    Peer::Incumbent,
+                    M::Drained { .. }
+                        | M::Heartbeat { .. }
+                        // Version 3: the connections the drain moves, then
+                        // their count, all before Drained.
+                        | M::Connections { .. }
+                        | M::ConnectionsDone { .. }
+                )
                 | (
                     P::Sealing,
                     Peer::Incumbent,
@@ -156,7 +165,10 @@ impl IncumbentPhase {
             (P::Greeting, M::HelloAck { .. })
                 | (
                     P::Idle,
-                    M::PrepareHandoff { .. } | M::FetchListeners {} | M::Shutdown { .. }
+                    M::PrepareHandoff { .. }
+                        | M::PrepareHandoffV3 { .. }
+                        | M::FetchListeners {}
+                        | M::Shutdown { .. }
                 )
                 | (
                     P::Drained,
@@ -172,7 +184,8 @@ impl IncumbentPhase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SuccessorPhase {
     Greeting,
-    /// Warm; waiting for Begin (or Abort).
+    /// Warm; waiting for Begin (or Abort). Connections the incumbent moves
+    /// arrive here too: held, unread, until Ready.
     AwaitBegin,
     /// Ready sent; waiting for Commit. Abort is no longer legal: after Ready
     /// the successor is the incumbent whatever happens.
@@ -194,7 +207,10 @@ impl SuccessorPhase {
         matches!(
             (self, msg),
             (P::Greeting, M::HelloAck { .. })
-                | (P::AwaitBegin, M::Begin { .. } | M::Abort { .. })
+                | (
+                    P::AwaitBegin,
+                    M::Begin { .. } | M::Abort { .. } | M::Connections { .. }
+                )
                 | (P::AwaitCommit, M::Commit { .. })
         )
     }
@@ -309,6 +325,60 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Moved connections travel only incumbent → supervisor while it
+    /// drains and supervisor → successor before Begin: never after Begin
+    /// (the successor would have to take in connections while the handoff
+    /// can still abort), never the other way.
+    #[test]
+    fn connections_only_while_draining_and_before_begin() {
+        let c = Message::Connections {
+            handoff_id: 1,
+            conns: vec![],
+        };
+        let done = Message::ConnectionsDone {
+            handoff_id: 1,
+            moved: 0,
+            closed: 0,
+        };
+        for m in [&c, &done] {
+            assert!(SupervisorPhase::Draining.allows(Peer::Incumbent, m));
+            assert!(!SupervisorPhase::Draining.allows(Peer::Successor, m));
+            for p in [
+                SupervisorPhase::Negotiating,
+                SupervisorPhase::Sealing,
+                SupervisorPhase::AwaitingReady,
+                SupervisorPhase::Committed,
+                SupervisorPhase::ResumingAfterAbort,
+            ] {
+                for peer in [Peer::Incumbent, Peer::Successor] {
+                    assert!(!p.allows(peer, m), "{p} {peer} {}", m.name());
+                }
+            }
+        }
+        assert!(SuccessorPhase::AwaitBegin.allows(&c));
+        assert!(!SuccessorPhase::AwaitBegin.allows(&done));
+        assert!(!SuccessorPhase::AwaitCommit.allows(&c));
+        assert!(!SuccessorPhase::Greeting.allows(&c));
+        for p in [
+            IncumbentPhase::Greeting,
+            IncumbentPhase::Idle,
+            IncumbentPhase::Drained,
+            IncumbentPhase::SealFailed,
+            IncumbentPhase::Sealed,
+        ] {
+            assert!(!p.allows(&c), "{}", p.name());
+        }
+        let prep = Message::PrepareHandoffV3 {
+            handoff_id: 1,
+            successor_pid: 2,
+            deadline_ms: 3,
+            drain_grace_ms: 4,
+            move_connections: true,
+        };
+        assert!(IncumbentPhase::Idle.allows(&prep));
+        assert!(!IncumbentPhase::Drained.allows(&prep));
     }
 
     #[test]

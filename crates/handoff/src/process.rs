@@ -60,6 +60,26 @@ pub trait Drainable {
         self.drain(grace)
     }
 
+    /// [`drain_or_abort`](Self::drain_or_abort) for a handoff that may
+    /// move connections (protocol version 3, docs/connection-transfer.md):
+    /// a connection between requests can be handed to the successor with
+    /// [`Mover::offer`](crate::Mover::offer) instead of being closed — its
+    /// client then never reconnects. A connection in the middle of a
+    /// request finishes it first, then moves. Return once every connection
+    /// is moved or closed (or the grace is up). The library calls this one
+    /// for every handoff (with a [`Mover`](crate::Mover) that refuses
+    /// everything when a peer cannot move); the default moves nothing and
+    /// calls `drain_or_abort`.
+    fn drain_moving(
+        &mut self,
+        grace: Duration,
+        abort: &crate::AbortSignal,
+        mover: &crate::Mover,
+    ) -> Result<DrainReport, ServiceError> {
+        let _ = mover;
+        self.drain_or_abort(grace, abort)
+    }
+
     /// Make all state durable and stop writing it. After `Ok` the library
     /// releases the state lock and the successor may take it. The returned
     /// bytes (optional, at most ~1 MiB) are passed to the successor's

@@ -17,6 +17,12 @@
 //!   signalling it. A message is legal only on a channel whose negotiated
 //!   version has it ([`Message::since`]); the channel refuses the rest both
 //!   ways, so a peer of an older build never sees one.
+//! * 3 — moves live connections to the successor instead of closing them
+//!   (docs/connection-transfer.md): [`Message::PrepareHandoffV3`] says
+//!   whether to, [`Message::Connections`] carries a batch of them (their
+//!   descriptors attached), [`Message::ConnectionsDone`] counts them. Used
+//!   only when the incumbent *and* the successor negotiated 3; otherwise the
+//!   drain closes connections as before.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +32,9 @@ pub use crate::version::{ProtoVersion, PROTO_MAX, PROTO_MIN};
 /// a supervisor that negotiated less with an incumbent must stop it another
 /// way (a signal).
 pub const SHUTDOWN_SINCE: ProtoVersion = 2;
+/// First version that moves connections ([`Message::PrepareHandoffV3`],
+/// [`Message::Connections`], [`Message::ConnectionsDone`]).
+pub const MOVE_SINCE: ProtoVersion = 3;
 /// Version of the frames carrying `Hello`/`HelloAck`, fixed forever.
 pub const HELLO_FRAME_VERSION: ProtoVersion = 1;
 
@@ -159,6 +168,19 @@ impl Hello {
     }
 }
 
+/// One connection in a [`Message::Connections`] batch; its descriptor is
+/// the one at the same index among the frame's `SCM_RIGHTS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedMeta {
+    /// Bytes the old owner had read from the socket and not consumed (for
+    /// HTTP/1.1, the start of a pipelined request): the new owner reads
+    /// them before the socket.
+    pub unread: Vec<u8>,
+    /// Opaque per-connection state from the service (which listener it
+    /// came from, a session, ...).
+    pub state: Vec<u8>,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -250,6 +272,32 @@ pub enum Message {
         open_conns_remaining: u64,
         accept_closed: bool,
     },
+    /// Version ≥ [`MOVE_SINCE`]: PrepareHandoff (whose version-1 body is
+    /// frozen) with whether the incumbent may move its idle connections to
+    /// the successor — true only when the successor negotiated ≥ 3 too.
+    PrepareHandoffV3 {
+        handoff_id: HandoffId,
+        successor_pid: u32,
+        deadline_ms: u64,
+        drain_grace_ms: u64,
+        move_connections: bool,
+    },
+    /// Version ≥ [`MOVE_SINCE`]: a batch of connections, their descriptors
+    /// attached (`SCM_RIGHTS`, one per entry, in order; at most 253).
+    /// Incumbent → supervisor while draining; supervisor → successor, as
+    /// received, while it waits for Begin. The sender keeps its own copies
+    /// until the handoff's outcome (docs/connection-transfer.md).
+    Connections {
+        handoff_id: HandoffId,
+        conns: Vec<MovedMeta>,
+    },
+    /// Version ≥ [`MOVE_SINCE`]: incumbent → supervisor, before Drained:
+    /// how many connections the drain moved and how many it closed.
+    ConnectionsDone {
+        handoff_id: HandoffId,
+        moved: u64,
+        closed: u64,
+    },
 }
 
 macro_rules! bodies {
@@ -326,6 +374,9 @@ bodies! {
     15 Listeners { names: Vec<String> }
     16 Shutdown { stop_id: HandoffId, drain_grace_ms: u64 }
     17 ShutdownDrained { stop_id: HandoffId, open_conns_remaining: u64, accept_closed: bool }
+    18 PrepareHandoffV3 { handoff_id: HandoffId, successor_pid: u32, deadline_ms: u64, drain_grace_ms: u64, move_connections: bool }
+    19 Connections { handoff_id: HandoffId, conns: Vec<MovedMeta> }
+    20 ConnectionsDone { handoff_id: HandoffId, moved: u64, closed: u64 }
 }
 
 /// Decodes a body and insists that it used every byte: trailing garbage is a
@@ -354,6 +405,9 @@ impl Message {
     pub fn since(&self) -> ProtoVersion {
         match self {
             Message::Shutdown { .. } | Message::ShutdownDrained { .. } => SHUTDOWN_SINCE,
+            Message::PrepareHandoffV3 { .. }
+            | Message::Connections { .. }
+            | Message::ConnectionsDone { .. } => MOVE_SINCE,
             _ => 1,
         }
     }
@@ -378,7 +432,10 @@ impl Message {
             | Message::Commit { handoff_id }
             | Message::Abort { handoff_id, .. }
             | Message::ResumeAfterAbort { handoff_id }
-            | Message::Heartbeat { handoff_id } => Some(*handoff_id),
+            | Message::Heartbeat { handoff_id }
+            | Message::PrepareHandoffV3 { handoff_id, .. }
+            | Message::Connections { handoff_id, .. }
+            | Message::ConnectionsDone { handoff_id, .. } => Some(*handoff_id),
             Message::Shutdown { stop_id, .. } | Message::ShutdownDrained { stop_id, .. } => {
                 Some(*stop_id)
             }
@@ -463,6 +520,31 @@ mod tests {
                 open_conns_remaining: 1,
                 accept_closed: true,
             },
+            Message::PrepareHandoffV3 {
+                handoff_id: 7,
+                successor_pid: 9,
+                deadline_ms: 1000,
+                drain_grace_ms: 500,
+                move_connections: true,
+            },
+            Message::Connections {
+                handoff_id: 7,
+                conns: vec![
+                    MovedMeta {
+                        unread: b"GET / HT".to_vec(),
+                        state: b"http".to_vec(),
+                    },
+                    MovedMeta {
+                        unread: vec![],
+                        state: vec![],
+                    },
+                ],
+            },
+            Message::ConnectionsDone {
+                handoff_id: 7,
+                moved: 2,
+                closed: 1,
+            },
         ]
     }
 
@@ -494,16 +576,62 @@ mod tests {
         assert_eq!(s.handoff_id(), Some(0x0102));
         assert_eq!(d.handoff_id(), Some(3));
         assert!(!s.is_keepalive() && !d.is_keepalive());
-        // Everything else is version 1: older peers speak all of it.
+        // Everything else is version 1 or 3.
         for m in all() {
             if !matches!(
                 m,
                 Message::Shutdown { .. } | Message::ShutdownDrained { .. }
             ) {
-                assert_eq!(m.since(), 1, "{}", m.name());
+                assert!([1, MOVE_SINCE].contains(&m.since()), "{}", m.name());
             }
         }
         const { assert!(SHUTDOWN_SINCE <= PROTO_MAX && SHUTDOWN_SINCE > PROTO_MIN) };
+    }
+
+    /// Version 3's messages keep their tags and version, and the rest stay
+    /// version 1: a version-2 peer never sees a move.
+    #[test]
+    fn move_messages_have_their_tags_and_version() {
+        let p = Message::PrepareHandoffV3 {
+            handoff_id: 1,
+            successor_pid: 2,
+            deadline_ms: 3,
+            drain_grace_ms: 4,
+            move_connections: true,
+        };
+        assert_eq!(p.encode(), vec![18, 1, 2, 3, 4, 1]);
+        let c = Message::Connections {
+            handoff_id: 5,
+            conns: vec![MovedMeta {
+                unread: vec![0xaa],
+                state: vec![],
+            }],
+        };
+        assert_eq!(c.encode(), vec![19, 5, 1, 1, 0xaa, 0]);
+        let d = Message::ConnectionsDone {
+            handoff_id: 6,
+            moved: 7,
+            closed: 8,
+        };
+        assert_eq!(d.encode(), vec![20, 6, 7, 8]);
+        for m in [&p, &c, &d] {
+            assert_eq!(m.since(), MOVE_SINCE, "{}", m.name());
+            assert!(!m.is_keepalive());
+        }
+        assert_eq!(c.handoff_id(), Some(5));
+        for m in all() {
+            if !matches!(
+                m,
+                Message::Shutdown { .. }
+                    | Message::ShutdownDrained { .. }
+                    | Message::PrepareHandoffV3 { .. }
+                    | Message::Connections { .. }
+                    | Message::ConnectionsDone { .. }
+            ) {
+                assert_eq!(m.since(), 1, "{}", m.name());
+            }
+        }
+        const { assert!(MOVE_SINCE == PROTO_MAX && MOVE_SINCE > SHUTDOWN_SINCE) };
     }
 
     #[test]

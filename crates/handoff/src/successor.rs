@@ -36,6 +36,7 @@ use crate::error::{ProcessError, ProtocolError};
 use crate::incumbent::Incumbent;
 use crate::listeners::{self, Listener};
 use crate::lock::StateLock;
+use crate::moving::MovedConnection;
 use crate::phase::{Peer, SuccessorPhase};
 use crate::process::{bind_control, Heartbeat, ProcessConfig};
 use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
@@ -226,16 +227,29 @@ impl Boot {
         if let Some(stream) = self.pending.take() {
             self.greet(stream)?;
         }
+        let mut moved = vec![];
         let (handoff_id, state) = match self.chan.as_mut() {
             None => (0, None),
-            Some(chan) => match recv(chan, SuccessorPhase::AwaitBegin, None, None) {
-                Ok(Message::Begin { handoff_id, state }) => (handoff_id, state),
-                Ok(Message::Abort { reason, .. }) => return Err(ProcessError::Aborted { reason }),
-                Ok(_) => unreachable!("phase table"),
-                Err(e) if e.is_disconnect() => return Err(ProcessError::SupervisorGone),
-                Err(e) => return Err(e.into()),
+            Some(chan) => loop {
+                match recv_moving(chan) {
+                    Ok((Message::Begin { handoff_id, state }, _)) => break (handoff_id, state),
+                    Ok((Message::Connections { conns, .. }, fds)) => {
+                        // Held, unread, until we are the incumbent.
+                        adopt(conns, fds, &mut moved)?;
+                        crash::point("n-after-adopt");
+                    }
+                    Ok((Message::Abort { reason, .. }, _)) => {
+                        return Err(ProcessError::Aborted { reason })
+                    }
+                    Ok(_) => unreachable!("phase table"),
+                    Err(e) if e.is_disconnect() => return Err(ProcessError::SupervisorGone),
+                    Err(e) => return Err(e.into()),
+                }
             },
         };
+        if !moved.is_empty() {
+            tracing::info!(target: "handoff::successor", handoff_id = %crate::protocol::IdHex(handoff_id), count = moved.len(), "connections moved to us; served once we are the incumbent");
+        }
         crash::point("n-after-begin");
         let lock = StateLock::acquire_within(&self.cfg.state_dir, self.cfg.lock_wait)?;
         crash::point("n-after-lock");
@@ -247,6 +261,7 @@ impl Boot {
             handoff_id,
             state,
             kept: self.kept,
+            moved,
         })
     }
 }
@@ -260,6 +275,9 @@ pub struct Begun {
     handoff_id: HandoffId,
     state: Option<Vec<u8>>,
     kept: Vec<Listener>,
+    /// Connections the old incumbent moved to us: not to be read before
+    /// Ready (until then the handoff may abort and the old one serve them).
+    moved: Vec<MovedConnection>,
 }
 
 impl Begun {
@@ -307,7 +325,9 @@ impl Begun {
             })?;
         let Some(mut chan) = self.chan else {
             health().map_err(|e| ProcessError::Service(format!("health check failed: {e}")))?;
-            return Ok(Incumbent::new(self.cfg, self.lock, listener, self.kept));
+            return Ok(Incumbent::new(
+                self.cfg, self.lock, listener, self.kept, self.moved,
+            ));
         };
         let id = self.handoff_id;
         let hb = Heartbeat::start(chan.sender(), id, self.cfg.timeouts.heartbeat);
@@ -363,7 +383,9 @@ impl Begun {
             }
         }
         tracing::info!(target: "handoff::successor", handoff_id = %crate::protocol::IdHex(id), "committed: now the incumbent");
-        Ok(Incumbent::new(self.cfg, self.lock, listener, self.kept))
+        Ok(Incumbent::new(
+            self.cfg, self.lock, listener, self.kept, self.moved,
+        ))
     }
 }
 
@@ -405,6 +427,62 @@ pub fn take_control_from_env() -> Result<UnixStream, ProcessError> {
         ));
     }
     Ok(UnixStream::from(listeners::take_fd(raw)?))
+}
+
+/// [`recv`] in [`SuccessorPhase::AwaitBegin`], with the descriptors a
+/// `Connections` batch carries; waits as long as it takes (the supervisor's
+/// death is an EOF).
+fn recv_moving(chan: &mut Channel) -> Result<(Message, Vec<std::os::fd::OwnedFd>), ProtocolError> {
+    let phase = SuccessorPhase::AwaitBegin;
+    let (msg, fds) = chan
+        .recv_with_fds_blocking()
+        .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))?;
+    let legal = phase.allows(&msg);
+    let msg = crate::phase::admit(Peer::Supervisor, phase.name(), legal, None, msg)?;
+    Ok((msg, fds))
+}
+
+/// Takes in one batch: as many descriptors as entries, each a socket.
+/// Anything else is a broken supervisor: refuse the handoff (the old
+/// incumbent keeps its copies and serves on).
+fn adopt(
+    conns: Vec<crate::protocol::MovedMeta>,
+    fds: Vec<std::os::fd::OwnedFd>,
+    into: &mut Vec<MovedConnection>,
+) -> Result<(), ProtocolError> {
+    let phase = SuccessorPhase::AwaitBegin.name();
+    if conns.len() != fds.len() {
+        return Err(ProtocolError::frame(
+            Peer::Supervisor,
+            phase,
+            crate::frame::FrameError::Malformed {
+                message: "Connections",
+                reason: format!(
+                    "{} connections but {} descriptors attached",
+                    conns.len(),
+                    fds.len()
+                ),
+            },
+        ));
+    }
+    for (meta, fd) in conns.into_iter().zip(fds) {
+        if !crate::sys::is_socket(&fd) {
+            return Err(ProtocolError::frame(
+                Peer::Supervisor,
+                phase,
+                crate::frame::FrameError::Malformed {
+                    message: "Connections",
+                    reason: "a descriptor that is not a socket".into(),
+                },
+            ));
+        }
+        into.push(MovedConnection {
+            fd,
+            unread: meta.unread,
+            state: meta.state,
+        });
+    }
+    Ok(())
 }
 
 fn recv(

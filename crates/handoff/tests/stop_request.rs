@@ -196,7 +196,7 @@ fn request_stop_asks_and_returns_the_drain() {
         .request_stop(peer.pid(), Duration::from_secs(10))
         .unwrap();
     assert_eq!(req.pid(), peer.pid());
-    assert_eq!(req.version(), 2);
+    assert_eq!(req.version(), handoff::protocol::PROTO_MAX);
     let id = req.id();
     let report = req
         .wait_drained(Instant::now() + Duration::from_secs(10))

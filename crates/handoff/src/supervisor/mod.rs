@@ -40,7 +40,9 @@ mod types;
 pub(crate) use peer::{check_hello, connect_incumbent_socket};
 pub use stop::StopRequest;
 use types::Processes;
-pub use types::{HandoffOptions, PhaseDone, Prepared, Report, Supervisor, SupervisorConfig};
+pub use types::{
+    ConnectionsMoved, HandoffOptions, PhaseDone, Prepared, Report, Supervisor, SupervisorConfig,
+};
 
 impl Supervisor {
     /// Fails only if the journal's writer thread cannot be started.

@@ -69,6 +69,20 @@ pub struct Report {
     /// Problems after Ready that did not change the outcome (e.g. the old
     /// process vanished before it got Commit).
     pub warnings: Vec<String>,
+    /// The connections the old process moved to the new one, and those it
+    /// closed instead; `None` when the handoff moved nothing because a
+    /// process speaks protocol version 2 or older (every connection was
+    /// closed by the drain, as before).
+    pub connections: Option<ConnectionsMoved>,
+}
+
+/// What a handoff did with the old process's live connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectionsMoved {
+    /// Handed to the new process: their clients did not reconnect.
+    pub moved: u64,
+    /// Closed by the drain instead (HTTP/2, upgraded, refused).
+    pub closed: u64,
 }
 
 // `total` runs from the request to the moment both processes have been sent

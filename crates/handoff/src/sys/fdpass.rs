@@ -43,6 +43,12 @@ pub fn recv_with_fds<F: AsFd>(sock: &F, buf: &mut [u8]) -> io::Result<(usize, Ve
     Ok((n, fds))
 }
 
+/// Whether `fd` is a socket: what a moved connection must be (a
+/// descriptor of another kind is a broken or hostile sender's).
+pub fn is_socket<F: AsFd>(fd: &F) -> bool {
+    nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

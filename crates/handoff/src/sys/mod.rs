@@ -17,6 +17,7 @@ pub mod shm;
 pub mod wait;
 
 pub use creds::{peer_credentials, recv_with_credentials, send_with_credentials, PeerCred};
+pub use fdpass::is_socket;
 
 pub mod accept {
     //! Which failures of `accept(2)` pass.

@@ -74,6 +74,7 @@ impl Run<'_, '_> {
             total,
             prepared_for: self.held_for,
             warnings,
+            connections: self.moved,
         })
     }
 

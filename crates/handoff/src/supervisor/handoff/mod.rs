@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use super::peer::{check_hello, connect_incumbent_socket};
-use super::types::{HandoffOptions, PhaseDone, Report, Successor, Supervisor};
+use super::types::{ConnectionsMoved, HandoffOptions, PhaseDone, Report, Successor, Supervisor};
 use crate::channel::Channel;
 use crate::child::Child;
 use crate::crash;
@@ -14,7 +14,7 @@ use crate::error::{HandoffError, ProtocolError};
 use crate::frame::FrameError;
 use crate::journal::{now_ms, JournalRecord};
 use crate::phase::{Peer, SupervisorPhase};
-use crate::protocol::{negotiate, HandoffId, Message, Role};
+use crate::protocol::{negotiate, HandoffId, Message, MovedMeta, Role, MOVE_SINCE};
 use crate::spawn::{spawn_service, Program};
 use crate::sys;
 use crate::timeouts::{PhaseClock, Timeouts};
@@ -62,6 +62,12 @@ pub(super) struct Run<'a, 'o> {
     warnings: Vec<String>,
     /// The build id the successor announced in its Hello.
     hello_build: String,
+    /// This handoff moves connections (both peers negotiated version 3).
+    moving: bool,
+    /// Connections relayed to the successor so far.
+    relayed: u64,
+    /// The incumbent's count (ConnectionsDone), when it moved any.
+    moved: Option<ConnectionsMoved>,
 }
 
 impl<'a, 'o> Run<'a, 'o> {
@@ -110,6 +116,9 @@ impl<'a, 'o> Run<'a, 'o> {
             held_for: None,
             warnings: vec![],
             hello_build: String::new(),
+            moving: false,
+            relayed: 0,
+            moved: None,
         }
     }
 
@@ -380,15 +389,30 @@ impl<'a, 'o> Run<'a, 'o> {
         let grace = self.t.drain_grace.min(remaining);
         let id = self.id;
         let successor_pid = self.n.as_ref().map(|n| n.child.pid()).unwrap_or(0);
-        self.o
-            .as_ref()
-            .expect("connected")
-            .send(&Message::PrepareHandoff {
+        let o = self.o.as_ref().expect("connected");
+        // Version 3 on the incumbent's channel says whether to move its
+        // connections: only when the successor can take them too.
+        let prepare = if o.version() >= MOVE_SINCE {
+            self.moving = self
+                .n
+                .as_ref()
+                .is_some_and(|n| n.chan.version() >= MOVE_SINCE);
+            Message::PrepareHandoffV3 {
                 handoff_id: id,
                 successor_pid,
                 deadline_ms: remaining.as_millis() as u64,
                 drain_grace_ms: grace.as_millis() as u64,
-            })
+                move_connections: self.moving,
+            }
+        } else {
+            Message::PrepareHandoff {
+                handoff_id: id,
+                successor_pid,
+                deadline_ms: remaining.as_millis() as u64,
+                drain_grace_ms: grace.as_millis() as u64,
+            }
+        };
+        o.send(&prepare)
             .map_err(|e| ProtocolError::frame(Peer::Incumbent, "draining", e))?;
         self.prepared = true;
         crash::point_if(self.with_incumbent, "s-after-prepare");
@@ -434,11 +458,20 @@ impl<'a, 'o> Run<'a, 'o> {
                 });
             }
             let timeout = t.read_timeout(&clock, now);
+            // While the incumbent drains, its frames may carry moved
+            // connections' descriptors: read them with recvmsg, or the
+            // kernel would discard them.
+            let with_fds = peer == Peer::Incumbent && phase == SupervisorPhase::Draining;
             let chan = match peer {
                 Peer::Incumbent => self.o.as_mut().expect("connected"),
                 _ => &mut self.n.as_mut().expect("spawned").chan,
             };
-            let msg = match chan.recv(Some(timeout)) {
+            let got = if with_fds {
+                chan.recv_with_fds(timeout)
+            } else {
+                chan.recv(Some(timeout)).map(|m| (m, vec![]))
+            };
+            let (msg, fds) = match got {
                 Ok(m) => m,
                 Err(FrameError::TimedOut { waited_ms })
                     if clock.expired(Instant::now(), t.wire_slack) =>
@@ -470,7 +503,85 @@ impl<'a, 'o> Run<'a, 'o> {
             if msg.is_keepalive() {
                 continue;
             }
-            return Ok(msg);
+            match msg {
+                Message::Connections { conns, .. } => self.relay(conns, fds)?,
+                Message::ConnectionsDone { moved, closed, .. } => {
+                    if !self.moving {
+                        return Err(self.unasked("ConnectionsDone"));
+                    }
+                    if moved != self.relayed {
+                        self.warnings.push(format!("the old incumbent counted {moved} connections moved, the supervisor relayed {}", self.relayed));
+                    }
+                    self.moved = Some(ConnectionsMoved { moved, closed });
+                }
+                msg => return Ok(msg),
+            }
         }
+    }
+
+    /// A move message from an incumbent that was not asked to move.
+    fn unasked(&self, message: &'static str) -> HandoffError {
+        ProtocolError::Unexpected {
+            peer: Peer::Incumbent,
+            phase: "draining (no connections were to move)",
+            message,
+        }
+        .into()
+    }
+
+    /// Passes one batch of moved connections on to the successor as it
+    /// came; our copies close when this returns, so the supervisor holds at
+    /// most one batch (docs/connection-transfer.md).
+    fn relay(
+        &mut self,
+        conns: Vec<MovedMeta>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), HandoffError> {
+        if !self.moving {
+            return Err(self.unasked("Connections"));
+        }
+        if conns.len() != fds.len() {
+            return Err(ProtocolError::frame(
+                Peer::Incumbent,
+                "draining",
+                FrameError::Malformed {
+                    message: "Connections",
+                    reason: format!(
+                        "{} connections but {} descriptors attached",
+                        conns.len(),
+                        fds.len()
+                    ),
+                },
+            )
+            .into());
+        }
+        crash::point_if(self.with_incumbent, "s-relaying");
+        let count = conns.len() as u64;
+        let id = self.id;
+        let left = self.remaining().max(Duration::from_millis(1));
+        let n = self.n.as_ref().expect("spawned: moving needs a successor");
+        let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+        // A successor that stops reading must not hold us past the deadline.
+        let sent = n
+            .chan
+            .stream()
+            .set_write_timeout(Some(left))
+            .map_err(FrameError::from)
+            .and_then(|()| {
+                n.chan.send_with_fds(
+                    &Message::Connections {
+                        handoff_id: id,
+                        conns,
+                    },
+                    &borrowed,
+                )
+            });
+        let _ = n.chan.stream().set_write_timeout(None);
+        if let Err(e) = sent {
+            let e = ProtocolError::frame(Peer::Successor, "draining", e);
+            return Err(self.successor_failure(e));
+        }
+        self.relayed += count;
+        Ok(())
     }
 }
