@@ -17,7 +17,7 @@ use handoff::{AbortSignal, Boot, DrainReport, Drainable, ServiceError};
 use tokio::runtime::Handle;
 
 use crate::error::BoxError;
-use crate::phase::{Phase, Retirement, Shared};
+use crate::phase::{Moved, Phase, Retirement, Shared};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type Hook<T> = Box<dyn FnMut() -> BoxFuture<Result<T, BoxError>> + Send>;
@@ -112,14 +112,33 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
             None => Ok(()),
         }
     });
-    let incumbent = match incumbent {
+    let mut incumbent = match incumbent {
         Ok(i) => i,
         Err(e) => {
             shared.set_phase(Phase::Retired(Retirement::Aborted));
             return Err(fail("becoming ready", &e));
         }
     };
-    // Committed (or started alone): this process is the incumbent now.
+    // Committed (or started alone): this process is the incumbent now, and
+    // the connections the old build moved to us are ours to serve: each
+    // `serve` takes those of its listener as it starts serving.
+    let moved = incumbent.take_moved();
+    if !moved.is_empty() {
+        shared.adopt(moved);
+        let shared = shared.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(UNCLAIMED_WAIT).await;
+            let left = shared.take_all_adopted();
+            if !left.is_empty() {
+                // Closing is all that is left: the client sees a FIN (its
+                // last holder closes), never a connection nobody reads.
+                crate::say::warn(format_args!(
+                    "{} connections moved from the previous build came from a listener no `serve` here serves; closed them",
+                    left.len()
+                ));
+            }
+        });
+    }
     if let Some(f) = hooks.on_serving.take() {
         f();
     }
@@ -170,18 +189,23 @@ const ACCEPT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// dropped on the runtime's next turn).
 const CUT_WAIT: Duration = Duration::from_secs(1);
 
-impl Drainable for Bridge {
-    fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
-        self.drain_or_abort(grace, &AbortSignal::new())
-    }
+/// How long a service with no state waits, while its drain moves
+/// connections, for those in the middle of a request to finish and move
+/// too. Until the drain returns, the connections already moved wait for
+/// the next build (it reads them only once it is ready); past this, a
+/// connection still busy closes after its response instead.
+const MOVE_WAIT: Duration = Duration::from_secs(1);
 
-    /// The drain's waits end early when the handoff is aborted: the core
-    /// then calls `resume`, and accepting starts again at once instead of
-    /// after the rest of the grace.
-    fn drain_or_abort(
+/// How long moved connections wait for the `serve` of their listener
+/// before they are closed.
+const UNCLAIMED_WAIT: Duration = Duration::from_secs(5);
+
+impl Bridge {
+    fn drain_inner(
         &mut self,
         grace: Duration,
         abort: &AbortSignal,
+        moving: bool,
     ) -> Result<DrainReport, ServiceError> {
         let shared = self.shared.clone();
         abort.on_abort(move || shared.wake_waiters());
@@ -198,16 +222,54 @@ impl Drainable for Bridge {
             });
         if !self.shared.stateless {
             // Requests may write state: every connection must be closed
-            // (each at a request boundary) before we seal.
+            // or moved (each at a request boundary) before we seal.
             self.shared
                 .wait_blocking(grace, |_, conns| conns == 0 || abort.is_aborted());
+        } else if moving {
+            // Every connection moves once between requests: wait for them
+            // (briefly: those already moved wait for the next build too).
+            self.shared.wait_blocking(grace.min(MOVE_WAIT), |_, conns| {
+                conns == 0 || abort.is_aborted()
+            });
         }
-        // A stateless process reports at once: the successor serves
-        // already, and our connections finish meanwhile.
+        // A stateless process that moves nothing reports at once: the
+        // successor serves already, and our connections finish meanwhile.
         Ok(DrainReport {
             open_conns_remaining: self.shared.open_connections() as u64,
             accept_closed,
         })
+    }
+}
+
+impl Drainable for Bridge {
+    fn drain(&mut self, grace: Duration) -> Result<DrainReport, ServiceError> {
+        self.drain_or_abort(grace, &AbortSignal::new())
+    }
+
+    fn drain_or_abort(
+        &mut self,
+        grace: Duration,
+        abort: &AbortSignal,
+    ) -> Result<DrainReport, ServiceError> {
+        self.drain_moving(grace, abort, &handoff::Mover::disabled())
+    }
+
+    /// The drain's waits end early when the handoff is aborted: the core
+    /// then calls `resume`, and accepting starts again at once instead of
+    /// after the rest of the grace. While the handoff moves connections,
+    /// each HTTP/1.1 connection is offered to the next build as soon as it
+    /// is between requests (`http/mod.rs`), and the drain returns once all
+    /// have moved or closed.
+    fn drain_moving(
+        &mut self,
+        grace: Duration,
+        abort: &AbortSignal,
+        mover: &handoff::Mover,
+    ) -> Result<DrainReport, ServiceError> {
+        self.shared.start_moving(mover.clone());
+        let r = self.drain_inner(grace, abort, mover.is_moving());
+        self.shared.stop_moving();
+        r
     }
 
     fn seal(
@@ -243,6 +305,9 @@ impl Drainable for Bridge {
             self.rt.block_on(f())?;
         }
         self.shared.set_phase(Phase::Serving);
+        // Connections offered to the successor are ours again: serve them
+        // from where they stopped.
+        self.shared.set_moved(Moved::Back);
         Ok(())
     }
 
@@ -250,6 +315,9 @@ impl Drainable for Bridge {
     /// alike, just before `serve` returns which it was; retirement is final
     /// (`Shared::set_phase`), so the match on that result in `run` sets it,
     /// not this. Meanwhile the phase stays `Draining`: nothing accepts, and
-    /// connections wind down as they would once retired.
-    fn retire(&mut self) {}
+    /// connections wind down as they would once retired. Connections moved
+    /// to the successor are its now: ours close without a FIN.
+    fn retire(&mut self) {
+        self.shared.set_moved(Moved::Gone);
+    }
 }

@@ -105,6 +105,28 @@ pub(crate) struct Shared {
     /// (new connections queue in the kernel backlog) instead of running
     /// the process out of descriptors.
     max_conns: std::sync::atomic::AtomicUsize,
+    /// The drain in progress moves connections to the successor: idle
+    /// HTTP/1.1 connections are offered here instead of being closed
+    /// (docs/connection-transfer.md). `None` outside such a drain.
+    mover: Mutex<Option<handoff::Mover>>,
+    /// What became of the connections this process moved out: parked ones
+    /// wait on it (see [`Moved`]).
+    moved: watch::Sender<Moved>,
+    /// Connections the previous build moved to this one, until the `serve`
+    /// for their listener takes them.
+    adopted: Mutex<Vec<handoff::MovedConnection>>,
+}
+
+/// The fate of the connections a drain offered to the successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Moved {
+    /// The handoff is undecided: keep them, read nothing.
+    Pending,
+    /// It committed (or the successor won): the successor owns them; close
+    /// our copies without a FIN.
+    Gone,
+    /// It aborted: serve them again, from their unread bytes.
+    Back,
 }
 
 impl Shared {
@@ -120,7 +142,58 @@ impl Shared {
             wind_down: Mutex::new((None, drain_grace)),
             cut: watch::channel(false).0,
             max_conns: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            mover: Mutex::new(None),
+            moved: watch::channel(Moved::Pending).0,
+            adopted: Mutex::new(vec![]),
         }
+    }
+
+    /// A drain that may move connections begins (`mover` refuses
+    /// everything when the handoff does not move).
+    pub(crate) fn start_moving(&self, mover: handoff::Mover) {
+        self.moved.send_replace(Moved::Pending);
+        *lock(&self.mover) = mover.is_moving().then_some(mover);
+        self.wake_waiters();
+    }
+
+    /// The drain is over: nothing more is offered.
+    pub(crate) fn stop_moving(&self) {
+        *lock(&self.mover) = None;
+    }
+
+    /// The mover of the drain in progress, if it moves connections.
+    pub(crate) fn mover(&self) -> Option<handoff::Mover> {
+        lock(&self.mover).clone()
+    }
+
+    /// Tells parked connections what became of them.
+    pub(crate) fn set_moved(&self, m: Moved) {
+        self.moved.send_replace(m);
+    }
+
+    pub(crate) fn subscribe_moved(&self) -> watch::Receiver<Moved> {
+        self.moved.subscribe()
+    }
+
+    /// Keeps the connections the previous build moved to us for the
+    /// `serve` loops to take.
+    pub(crate) fn adopt(&self, conns: Vec<handoff::MovedConnection>) {
+        lock(&self.adopted).extend(conns);
+        self.wake_waiters();
+    }
+
+    /// Takes the adopted connections that came from the listener `key`
+    /// (what the old build's `serve` recorded as their state).
+    pub(crate) fn take_adopted(&self, key: &str) -> Vec<handoff::MovedConnection> {
+        let mut all = lock(&self.adopted);
+        let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|c| c.state == key.as_bytes());
+        *all = rest;
+        mine
+    }
+
+    /// Takes every adopted connection no `serve` has taken.
+    pub(crate) fn take_all_adopted(&self) -> Vec<handoff::MovedConnection> {
+        std::mem::take(&mut *lock(&self.adopted))
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -320,6 +393,24 @@ pub(crate) struct Counted {
 impl Counted {
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// The connection was offered to the successor: no request runs on it
+    /// here any more, so a drain does not wait for it, but it still holds a
+    /// descriptor until the handoff's outcome. Counted like a closing one.
+    pub(crate) fn parked(&mut self) {
+        self.closing();
+    }
+
+    /// Serving again after a parked spell (the handoff aborted).
+    pub(crate) fn unparked(&mut self) {
+        if let Which::Closing = self.which {
+            self.shared.update(|c| {
+                c.closing = c.closing.saturating_sub(1);
+                c.conns += 1;
+            });
+            self.which = Which::Conn;
+        }
     }
 
     /// The connection is over; only its socket is still closing: count it

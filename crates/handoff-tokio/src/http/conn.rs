@@ -57,6 +57,14 @@ pub(crate) struct ConnState {
     /// The drive loop gave up on a partial head: the stream wrapper answers
     /// 408 as it closes.
     timed_out: AtomicBool,
+    /// Being taken out of hyper to move to the next build: the stream
+    /// wrapper must not shut the socket down.
+    holding: AtomicBool,
+    /// Not to be moved (an offer was refused): wind down as before.
+    no_move: AtomicBool,
+    /// Signalled when a request ends or hyper has flushed: the drive loop
+    /// looks again at whether the connection is idle, to move it at once.
+    changed: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -70,7 +78,38 @@ impl ConnState {
             partial_since: Mutex::new(None),
             write_idle: AtomicBool::new(true),
             timed_out: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
+            no_move: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
         })
+    }
+
+    pub(crate) fn holding(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_holding(&self, on: bool) {
+        self.holding.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn set_no_move(&self) {
+        self.no_move.store(true, Ordering::SeqCst);
+    }
+
+    /// Between requests on HTTP/1 with everything written: it can move (a
+    /// partial head moves too: hyper gives its bytes back).
+    fn idle_for_move(&self) -> bool {
+        !self.no_move.load(Ordering::SeqCst)
+            && !self.h2.load(Ordering::SeqCst)
+            && self.inflight.load(Ordering::SeqCst) == 0
+            && self.write_idle.load(Ordering::SeqCst)
+    }
+
+    /// Whether this connection's responses must say `Connection: close`:
+    /// winding down, and not about to move (a moved connection stays open).
+    fn close_after_response(&self, shared: &Shared) -> bool {
+        shared.phase().winding_down()
+            && (self.no_move.load(Ordering::SeqCst) || shared.mover().is_none())
     }
 
     /// The client sent bytes (`first` says whether they are the
@@ -89,6 +128,9 @@ impl ConnState {
     /// hyper wrote (`false`) or flushed everything it wrote (`true`).
     pub(crate) fn wrote(&self, flushed: bool) {
         self.write_idle.store(flushed, Ordering::SeqCst);
+        if flushed {
+            self.changed.notify_one();
+        }
     }
 
     /// A request head is in progress on an HTTP/1 connection with nothing
@@ -138,14 +180,17 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         *lock(&self.0.last_done) = Some(Instant::now());
         self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_one();
     }
 }
 
 /// The user's tower service, counted per connection, with `Connection:
 /// close` on HTTP/1.x responses once winding down.
-#[derive(Clone)]
+///
+/// The service is boxed so this wrapper, and with it the hyper
+/// connection, is `Unpin`: a connection that moves is taken apart by value.
 pub(crate) struct Tracked<S> {
-    pub(crate) inner: S,
+    pub(crate) inner: Box<S>,
     pub(crate) conn: Arc<ConnState>,
     pub(crate) shared: Arc<Shared>,
 }
@@ -172,12 +217,13 @@ where
         *lock(&self.conn.partial_since) = None;
         let guard = InFlight(self.conn.clone());
         let shared = self.shared.clone();
-        let mut svc = self.inner.clone();
+        let conn = self.conn.clone();
+        let mut svc = S::clone(&self.inner);
         Box::pin(async move {
             let _guard = guard;
             std::future::poll_fn(|cx: &mut Context<'_>| svc.poll_ready(cx)).await?;
             let mut res = svc.call(req).await?;
-            if h1 && shared.phase().winding_down() {
+            if h1 && conn.close_after_response(&shared) {
                 res.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
@@ -186,15 +232,28 @@ where
     }
 }
 
+/// How [`drive`] left a connection.
+pub(crate) enum Ended {
+    /// Over: closed by either side, or dropped at the hard deadline.
+    Done,
+    /// Idle between requests while the drain moves connections: take it
+    /// out of hyper and offer it to the next build.
+    Movable,
+}
+
 /// Drives `conn` to its end, closing it the way the module doc says when
-/// the process winds down. `graceful` is hyper's `graceful_shutdown` on it
-/// (HTTP/1: close once idle; HTTP/2: GOAWAY).
-pub(crate) async fn drive<C: Future>(
-    mut conn: Pin<&mut C>,
-    graceful: impl Fn(Pin<&mut C>),
+/// the process winds down — or, while the drain moves connections, stopping
+/// as soon as it is idle so it can move ([`Ended::Movable`]). `graceful` is
+/// hyper's `graceful_shutdown` on it (HTTP/1: close once idle; HTTP/2:
+/// GOAWAY); `movable` says whether it is one that can move (HTTP/1, not
+/// upgraded).
+pub(crate) async fn drive<C: Future + Unpin>(
+    conn: &mut C,
+    graceful: impl Fn(&mut C),
+    movable: impl Fn(&C) -> bool,
     state: Arc<ConnState>,
     shared: Arc<Shared>,
-) {
+) -> Ended {
     let mut rx = shared.subscribe();
     let mut cut = shared.subscribe_cut();
     let cut = async move {
@@ -208,49 +267,64 @@ pub(crate) async fn drive<C: Future>(
                 break;
             }
             tokio::select! {
-                _ = conn.as_mut() => return,
+                _ = &mut *conn => return Ended::Done,
                 r = rx.changed() => if r.is_err() { break },
             }
         }
         let since = Instant::now();
         let hard = shared.hard_deadline();
-        // Winding down: close when the client is done with the connection.
+        // Winding down: move it once idle, or close when the client is done
+        // with it.
         let closing = loop {
             if !rx.borrow_and_update().winding_down() {
                 break false; // the handoff aborted: serve on
             }
             let now = Instant::now();
             if now >= hard {
-                return; // out of time: drop it
+                return Ended::Done; // out of time: drop it
+            }
+            let moving = shared.mover().is_some();
+            if moving && movable(conn) && state.idle_for_move() {
+                return Ended::Movable;
             }
             let due = state.close_due(since, &shared);
-            if due.is_some_and(|t| t <= now) {
+            if due.is_some_and(|t| t <= now)
+                && !(moving && movable(conn) && !state.no_move.load(Ordering::SeqCst))
+            {
                 if state.partial_head().is_some() && state.write_idle.load(Ordering::SeqCst) {
                     // A head that did not finish in its grace: hyper would
                     // only drop it unanswered, so it goes, and the stream
                     // wrapper answers 408 as it closes (nothing of hyper's
                     // can interleave: it has flushed all it wrote).
                     state.timed_out.store(true, Ordering::SeqCst);
-                    return;
+                    return Ended::Done;
                 }
-                graceful(conn.as_mut());
+                if moving {
+                    // Closed instead of moved (HTTP/2, upgraded, refused):
+                    // the upgrade report counts it.
+                    if let Some(m) = shared.mover() {
+                        m.closed(1);
+                    }
+                }
+                graceful(conn);
                 break true;
             }
             let wake = due.unwrap_or(now + shared.graces.idle).min(hard);
             tokio::select! {
-                _ = conn.as_mut() => return,
+                _ = &mut *conn => return Ended::Done,
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 _ = rx.changed() => {}
-                _ = &mut cut => return,
+                _ = state.changed.notified() => {}
+                _ = &mut cut => return Ended::Done,
             }
         };
         if closing {
             // hyper finishes the exchange in progress, if any, then closes.
             tokio::select! {
-                _ = tokio::time::timeout_at(hard.into(), conn.as_mut()) => {}
+                _ = tokio::time::timeout_at(hard.into(), &mut *conn) => {}
                 _ = &mut cut => {}
             }
-            return;
+            return Ended::Done;
         }
     }
 }

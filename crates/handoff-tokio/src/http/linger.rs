@@ -58,6 +58,19 @@ impl<I: Stream> Lingering<I> {
         }
     }
 
+    pub(crate) fn get_mut(&mut self) -> Option<&mut I> {
+        self.stream.as_mut()
+    }
+
+    /// Takes the stream and its count back out, unclosed: it is moving to
+    /// the next build, and no FIN may go out (the drop then does nothing).
+    pub(crate) fn release(mut self) -> Option<(I, Counted)> {
+        match (self.stream.take(), self.counted.take()) {
+            (Some(s), Some(c)) => Some((s, c)),
+            _ => None,
+        }
+    }
+
     fn stream(&mut self) -> io::Result<Pin<&mut I>> {
         match self.stream.as_mut() {
             Some(s) => Ok(Pin::new(s)),
@@ -180,6 +193,11 @@ impl<I: Stream> AsyncWrite for Lingering<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.holding() {
+            // Being taken out of hyper to move: hyper ends the connection
+            // with a shutdown, which would send the client a FIN.
+            return Poll::Ready(Ok(()));
+        }
         match self.stream() {
             Ok(s) => s.poll_shutdown(cx),
             Err(e) => Poll::Ready(Err(e)),

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -20,7 +21,7 @@ mod sealed {
 pub trait Listen: sealed::Sealed + Send + Sync + 'static {
     /// One accepted connection.
     #[doc(hidden)]
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Io: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static;
 
     /// Accepts one connection, ready for HTTP.
     #[doc(hidden)]
@@ -29,6 +30,10 @@ pub trait Listen: sealed::Sealed + Send + Sync + 'static {
     /// The address, for messages.
     #[doc(hidden)]
     fn describe(&self) -> String;
+
+    /// A connection the previous build moved to this one, ready for HTTP.
+    #[doc(hidden)]
+    fn adopt(fd: OwnedFd) -> io::Result<Self::Io>;
 }
 
 impl Listen for tokio::net::TcpListener {
@@ -46,6 +51,14 @@ impl Listen for tokio::net::TcpListener {
             .map(|a| format!("tcp://{a}"))
             .unwrap_or_else(|_| "a TCP listener".into())
     }
+
+    fn adopt(fd: OwnedFd) -> io::Result<Self::Io> {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        let s = tokio::net::TcpStream::from_std(s)?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
 }
 
 impl Listen for tokio::net::UnixListener {
@@ -60,5 +73,11 @@ impl Listen for tokio::net::UnixListener {
             .ok()
             .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
             .unwrap_or_else(|| "a Unix listener".into())
+    }
+
+    fn adopt(fd: OwnedFd) -> io::Result<Self::Io> {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(s)
     }
 }

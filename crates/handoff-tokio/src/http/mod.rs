@@ -2,53 +2,32 @@
 //! service — an axum `Router`, a tonic server, `tower::service_fn` — whose
 //! drain loses no request (see `conn.rs` for how each connection ends).
 
+mod bounds;
 mod conn;
 mod linger;
 mod listen;
+mod proto;
+mod rewind;
 #[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 
 use crate::error::{BoxError, Error};
 use crate::handoff::Handoff;
-use crate::phase::{Phase, Shared};
-use conn::{ConnState, Tracked};
+use crate::phase::{Counted, Moved, Phase, Shared};
+use bounds::{ResBody, Svc};
+use conn::{ConnState, Ended, Tracked};
 use linger::Lingering;
 pub use listen::Listen;
-
-/// The bounds [`Handoff::serve`] puts on a service, named once for the
-/// private helpers (implemented for every type that meets them).
-trait Svc<B>:
-    tower_service::Service<
-        Request<Incoming>,
-        Response = Response<B>,
-        Future: Send + 'static,
-        Error: Into<BoxError>,
-    > + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S, B> Svc<B> for S
-where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-{
-}
-
-/// The bounds on a response body, likewise.
-trait ResBody: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
-
-impl<B> ResBody for B where B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+use proto::Http;
+use rewind::Rewind;
 
 /// A failed `accept` (out of fds, out of memory) is retried after this
 /// pause rather than in a hot loop; the connection waits in the backlog.
@@ -106,12 +85,36 @@ async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
     let mut rx = shared.subscribe();
     let mut failures = crate::say::Throttle::new(Duration::from_secs(1));
     let mut at_cap = crate::say::Throttle::new(Duration::from_secs(10));
+    // Which listener a connection came from, as the next build's `serve`
+    // finds it again: the socket's address, the same in both builds.
+    let key: Arc<str> = listener.describe().into();
     loop {
         // Counted before the phase is read: see `Shared::accepting`.
         let counted = shared.accepting();
         let phase = *rx.borrow_and_update();
         if matches!(phase, Phase::Retired(_)) {
             return;
+        }
+        if phase == Phase::Serving {
+            // Connections the previous build moved to us: ours now.
+            for c in shared.take_adopted(&key) {
+                match L::adopt(c.fd) {
+                    Ok(stream) => {
+                        let conn = shared.connection();
+                        tokio::spawn(serve_connection(
+                            stream,
+                            conn,
+                            c.unread,
+                            service.clone(),
+                            shared.clone(),
+                            key.clone(),
+                        ));
+                    }
+                    Err(e) => crate::say::warn(format_args!(
+                        "a connection moved from the previous build on {key} cannot be served: {e}"
+                    )),
+                }
+            }
         }
         if !shared.may_accept(phase) {
             drop(counted);
@@ -145,7 +148,14 @@ async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
                 Ok(stream) => {
                     let conn = shared.connection();
                     drop(counted);
-                    tokio::spawn(serve_connection(stream, conn, service.clone(), shared.clone()));
+                    tokio::spawn(serve_connection(
+                        stream,
+                        conn,
+                        vec![],
+                        service.clone(),
+                        shared.clone(),
+                        key.clone(),
+                    ));
                 }
                 Err(e) => {
                     if let Some(held) = failures.pass() {
@@ -164,25 +174,102 @@ async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
     }
 }
 
+/// How long hyper may take to let go of an idle HTTP/1 connection that is
+/// moving (it does at its next poll: nothing is in flight).
+const TAKE_WAIT: Duration = Duration::from_secs(1);
+
+/// Serves one connection until it ends — or, while a drain moves
+/// connections, until it is idle: then it is offered to the next build and
+/// parked until the handoff's outcome, and either closed without a FIN (it
+/// committed: the next build holds the socket) or served again from where
+/// it stopped (it aborted). `unread` is read before the socket.
 async fn serve_connection<I, S: Svc<B>, B: ResBody>(
-    stream: I,
-    counted: crate::phase::Counted,
+    mut stream: I,
+    mut counted: Counted,
+    mut unread: Vec<u8>,
     service: S,
     shared: Arc<Shared>,
+    key: Arc<str>,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsFd + Unpin + Send + 'static,
 {
-    let state = ConnState::new();
-    let io = TokioIo::new(Lingering::new(stream, counted, state.clone()));
-    let svc = Tracked {
-        inner: service,
-        conn: state.clone(),
-        shared: shared.clone(),
-    };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    conn::drive(conn, |c| c.graceful_shutdown(), state, shared).await;
+    let mut no_move = false;
+    loop {
+        let state = ConnState::new();
+        if no_move {
+            state.set_no_move();
+        }
+        let io = Lingering::new(Rewind::new(unread, stream), counted, state.clone());
+        let svc = Tracked {
+            inner: Box::new(service.clone()),
+            conn: state.clone(),
+            shared: shared.clone(),
+        };
+        let mut http = Http::new(io, svc);
+        let ended = conn::drive(
+            &mut http,
+            Http::graceful,
+            Http::movable,
+            state.clone(),
+            shared.clone(),
+        )
+        .await;
+        if let Ended::Done = ended {
+            return;
+        }
+        // Idle: take it out of hyper. hyper closes an idle connection at
+        // once when told to; the wrapper keeps it from shutting the socket.
+        // (One that has not shown its protocol yet is not in hyper at all.)
+        state.set_holding(true);
+        if http.in_hyper() {
+            http.graceful();
+        }
+        if http.in_hyper() && tokio::time::timeout(TAKE_WAIT, &mut http).await.is_err() {
+            // Not let go (cannot happen with nothing in flight): finish it
+            // the old way within the wind-down.
+            state.set_holding(false);
+            let _ = tokio::time::timeout_at(shared.hard_deadline().into(), &mut http).await;
+            return;
+        }
+        let Some((rewind, c)) = http.take().and_then(Lingering::release) else {
+            return; // upgraded or gone meanwhile
+        };
+        let (s, rest) = rewind.into_parts();
+        (stream, counted, unread) = (s, c, rest);
+        let offered = match shared.mover() {
+            Some(m) => m.offer(stream.as_fd(), &unread, key.as_bytes()),
+            None => Err(handoff::MoveRefused::Closed),
+        };
+        if let Err(e) = offered {
+            // Serve it again, winding down as a connection that does not
+            // move: answered with `Connection: close`, or closed when idle.
+            tracing::debug!(target: "handoff_tokio", error = %e, "connection not moved; closing it instead");
+            if let Some(m) = shared.mover() {
+                m.closed(1);
+            }
+            no_move = true;
+            continue;
+        }
+        // Parked: not read by anyone until the outcome.
+        counted.parked();
+        let mut moved = shared.subscribe_moved();
+        let fate = moved
+            .wait_for(|m| *m != Moved::Pending)
+            .await
+            .map(|m| *m)
+            .unwrap_or(Moved::Gone);
+        match fate {
+            Moved::Back => {
+                counted.unparked();
+                continue;
+            }
+            Moved::Gone | Moved::Pending => {
+                // close(2) only: the next build holds the socket, so no FIN
+                // goes out and its client keeps the connection.
+                drop(stream);
+                drop(counted);
+                return;
+            }
+        }
+    }
 }
