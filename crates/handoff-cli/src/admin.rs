@@ -80,6 +80,14 @@ pub enum Event {
         /// The handoff used a successor prepared ahead, held this long.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         prepared_for_ms: Option<f64>,
+        /// Live connections handed to the new process (their clients did
+        /// not reconnect); absent when a process speaks protocol version 2
+        /// or older, or in notify mode: the drain closed them all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connections_moved: Option<u64>,
+        /// Connections the drain closed instead of moving (HTTP/2, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connections_closed: Option<u64>,
     },
     /// `handoff upgrade --prepare`: the successor started, said Hello and
     /// is held for the next upgrade.
@@ -160,6 +168,8 @@ pub fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
                 total_ms: ms(r.total),
                 warnings: r.warnings.clone(),
                 prepared_for_ms: r.prepared_for.map(ms),
+                connections_moved: r.connections.map(|c| c.moved),
+                connections_closed: r.connections.map(|c| c.closed),
             }
         }
         Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {

@@ -148,6 +148,8 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                 total_ms,
                 warnings,
                 prepared_for_ms,
+                connections_moved,
+                connections_closed,
                 ..
             } => {
                 if !a.json {
@@ -158,8 +160,12 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                             h => format!(" (prepared {:.1} s before)", h / 1000.0),
                         })
                         .unwrap_or_default();
+                    let conns = match (connections_moved, connections_closed) {
+                        (Some(m), Some(c)) => format!("; {m} connections moved, {c} closed"),
+                        _ => String::new(),
+                    };
                     println!(
-                        "committed: pid {old} -> {new_pid} ({build_id}) in {total_ms:.2} ms{held}"
+                        "committed: pid {old} -> {new_pid} ({build_id}) in {total_ms:.2} ms{held}{conns}"
                     );
                     for w in warnings {
                         eprintln!("warning: {w}");

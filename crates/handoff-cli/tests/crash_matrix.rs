@@ -306,9 +306,10 @@ fn run_scenario(point: &str, prepared: bool) {
         spec.survivor
     );
     assert_eq!(report.refused, 0, "{point}: connections refused\n{report}");
-    if role == "o-" {
-        // A killed serving process takes the connections it held with it;
-        // nothing else may fail.
+    if role == "o-" || spec.survivor == Survivor::Restarted {
+        // A killed serving process takes the connections it held with it
+        // (for a successor killed after Ready, the keep-alive connections
+        // moved to it); nothing else may fail.
         assert_eq!(
             report.timeouts + report.bad_status + report.mismatches,
             0,
@@ -381,6 +382,10 @@ matrix! {
     n_after_lock => "n-after-lock",
     n_before_ready => "n-before-ready",
     n_after_ready => "n-after-ready",
+    // Moving connections (the load's keep-alive clients are moved).
+    o_in_transfer => "o-in-transfer",
+    s_relaying => "s-relaying",
+    n_after_adopt => "n-after-adopt",
 }
 
 macro_rules! prepared_matrix {
@@ -407,6 +412,9 @@ prepared_matrix! {
     prepared_n_after_lock => "n-after-lock",
     prepared_n_before_ready => "n-before-ready",
     prepared_n_after_ready => "n-after-ready",
+    prepared_o_in_transfer => "o-in-transfer",
+    prepared_s_relaying => "s-relaying",
+    prepared_n_after_adopt => "n-after-adopt",
 }
 
 /// Many consecutive upgrades, each with a random crash point armed, on one

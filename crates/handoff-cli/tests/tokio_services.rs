@@ -462,14 +462,25 @@ fn kv_example_drain_is_not_held_by_half_sent_heads() {
         .find(|(p, _)| p == "draining")
         .map(|(_, ms)| ms)
         .unwrap_or_else(|| panic!("no draining phase reported\n{out}"));
+    // The half-sent heads moved to the new build with their bytes, like
+    // every idle connection (docs/connection-transfer.md): the drain waits
+    // for none of them — not even the 1 s head grace after which a build
+    // that cannot move them answers 408 (handoff-tokio's unit tests).
     assert!(
-        draining < 15_000.0,
-        "the drain took {draining} ms: held by the half-sent heads (grace 30 s)\n{out}"
+        draining < 1_000.0,
+        "the drain took {draining} ms: held by the half-sent heads\n{out}"
     );
+    // 4 half heads and 16 idle (and the client of the upgrade's start,
+    // if the old build accepted it first).
+    assert!(c.connections_moved >= Some(20), "{out}");
     for (i, s) in slow.iter_mut().enumerate() {
-        let (head, _) =
+        // The rest of the head, on the same connection: the new build
+        // answers the whole request.
+        write!(s, "\r\n").unwrap();
+        let (head, body) =
             read_response(s).unwrap_or_else(|e| panic!("half head {i}: no answer: {e}"));
-        assert!(head.starts_with("HTTP/1.1 408"), "half head {i}: {head}");
+        assert!(head.starts_with("HTTP/1.1 404"), "half head {i}: {head}");
+        let _ = body;
     }
     // The old build is gone once its sockets finished closing (the idle
     // clients' included, whether or not they close their side).

@@ -258,6 +258,8 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                         total_ms: ms(r.total),
                         warnings: r.warnings,
                         prepared_for_ms: None,
+                        connections_moved: None,
+                        connections_closed: None,
                     }
                 }
                 Err(NotifyError::InProgress) if ctx.stopping.load(Ordering::SeqCst) => {

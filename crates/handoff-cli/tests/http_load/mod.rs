@@ -46,6 +46,12 @@ pub struct Stats {
     pub slow_by_pid: Mutex<BTreeMap<u32, u64>>,
     /// Writes acknowledged: key -> last value answered 200.
     pub acked: Mutex<BTreeMap<String, u64>>,
+    /// Sticky clients: every connection opened after a client's first,
+    /// with why (the server closed it, said `Connection: close`).
+    pub reconnects: Mutex<Vec<String>>,
+    /// Sticky clients: client → (local port of its first connection, of
+    /// its current one, pid of its last answer).
+    pub sticky: Mutex<BTreeMap<usize, (u16, u16, u32)>>,
 }
 
 impl Stats {
@@ -97,6 +103,33 @@ pub struct Load {
 }
 
 impl Load {
+    /// `n` sticky clients: each keeps one keep-alive connection and sends
+    /// `GET path` on it every `pause`, never retrying; any connection after
+    /// its first is a reconnect ([`Stats::reconnects`]). The clients start
+    /// one by one, so all `n` are connected when this returns.
+    pub fn sticky(addr: SocketAddr, n: usize, path: &'static str, pause: Duration) -> Load {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let mut tasks = vec![];
+        for i in 0..n {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tasks.push(rt.spawn(sticky_client(addr, i, path, pause, stop, stats, tx)));
+            let _ = rt.block_on(rx);
+        }
+        Load {
+            rt,
+            stop,
+            stats,
+            tasks,
+        }
+    }
+
     pub fn start(addr: SocketAddr, clients: &[(Kind, usize)]) -> Load {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -140,10 +173,11 @@ impl Load {
     }
 }
 
-/// The pid in a body like `hello from pid 1234 …`.
+/// The pid in a body like `hello from pid 1234 …` (or `pid=1234 …`).
 fn pid_of(body: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(body).ok()?;
-    let rest = &s[s.find("pid ")? + 4..];
+    let at = s.find("pid ").or_else(|| s.find("pid="))?;
+    let rest = &s[at + 4..];
     rest.split(|c: char| !c.is_ascii_digit())
         .next()?
         .parse()
@@ -431,6 +465,95 @@ async fn h2_client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Ar
         }
         for s in streams {
             let _ = s.await;
+        }
+    }
+}
+
+/// One sticky client (see [`Load::sticky`]); says on `connected` once its
+/// first connection is up.
+async fn sticky_client(
+    addr: SocketAddr,
+    id: usize,
+    path: &'static str,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+    connected: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut connected = Some(connected);
+    let mut first_port = None;
+    let mut why_new: Option<String> = None;
+    'conn: while !stop.load(Ordering::SeqCst) {
+        let stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                stats.fail(format!("sticky[{id}] connect: {e}"));
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        let port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+        let first = *first_port.get_or_insert(port);
+        if let Some(why) = why_new.take() {
+            stats
+                .reconnects
+                .lock()
+                .unwrap()
+                .push(format!("sticky[{id}] port {port}: {why}"));
+        }
+        let _ = stream.set_nodelay(true);
+        let mut sender = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok((sender, conn)) => {
+                tokio::spawn(conn);
+                sender
+            }
+            Err(e) => {
+                stats.fail(format!("sticky[{id}] handshake: {e}"));
+                continue;
+            }
+        };
+        if let Some(tx) = connected.take() {
+            let _ = tx.send(());
+        }
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                break 'conn;
+            }
+            if sender.ready().await.is_err() {
+                why_new = Some("the server closed the idle connection".into());
+                continue 'conn;
+            }
+            let req = Request::get(path)
+                .header("host", "test")
+                .body(Body::default())
+                .expect("request");
+            match exchange(&mut sender, req).await {
+                Ok((status, close, body)) if status == 200 => {
+                    let Some(pid) = pid_of(&body) else {
+                        stats.fail(format!("sticky[{id}]: body names no pid: {body:?}"));
+                        why_new = Some("a body with no pid".into());
+                        continue 'conn;
+                    };
+                    stats.ok.fetch_add(1, Ordering::SeqCst);
+                    *stats.by_pid.lock().unwrap().entry(pid).or_default() += 1;
+                    stats.sticky.lock().unwrap().insert(id, (first, port, pid));
+                    if close {
+                        why_new = Some(format!("pid {pid} answered with `Connection: close`"));
+                        continue 'conn;
+                    }
+                }
+                Ok((status, _, body)) => {
+                    stats.fail(format!("sticky[{id}]: status {status}: {body:?}"));
+                    why_new = Some("after a failed request".into());
+                    continue 'conn;
+                }
+                Err(e) => {
+                    stats.fail(format!("sticky[{id}]: {e}"));
+                    why_new = Some("after a failed request".into());
+                    continue 'conn;
+                }
+            }
+            tokio::time::sleep(pause).await;
         }
     }
 }

@@ -375,6 +375,9 @@ pub struct Committed {
     pub old_pid: u32,
     pub new_pid: u32,
     pub total_ms: f64,
+    /// Live connections moved to the new process (protocol version 3).
+    pub connections_moved: Option<u64>,
+    pub connections_closed: Option<u64>,
 }
 
 /// Fields of the final `aborted` event.
@@ -444,6 +447,8 @@ impl UpgradeOutcome {
             total_ms: e["total_ms"]
                 .as_f64()
                 .unwrap_or_else(|| panic!("no total_ms in {e}\n{self}")),
+            connections_moved: e["connections_moved"].as_u64(),
+            connections_closed: e["connections_closed"].as_u64(),
         }
     }
 

@@ -1,0 +1,213 @@
+//! Live connections moved to the new build (protocol version 3,
+//! docs/connection-transfer.md), through the real `handoff` binary: 500
+//! keep-alive clients that never retry keep the very same TCP connection
+//! across 20 upgrades of the axum example and of the demo (with state, and
+//! writers whose every acknowledged write must read back) — no failed
+//! request, no reconnect, the last answer from the final build. An old
+//! build on either side of an upgrade (protocol version 2) falls back to
+//! closing connections, with no failed request.
+
+mod http_load;
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http_load::{Kind, Load, Stats};
+use support::*;
+
+const UPGRADES: usize = 20;
+const CLIENTS: usize = 500;
+/// Between one sticky client's requests: 500 clients then send ~2,500
+/// requests a second, which two cores serve in a debug build.
+const PAUSE: Duration = Duration::from_millis(200);
+
+/// An example service binary, a sibling of `handoff` in the target dir.
+fn example(name: &str) -> PathBuf {
+    let p = handoff_bin().with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with `cargo test --workspace` (or `cargo build -p {name}`)",
+        p.display()
+    );
+    p
+}
+
+fn assert_no_failures(stats: &Stats, sup: &Supervisor) {
+    let failures = stats.failures();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests (of {} answered); first: {:#?}\nsupervisor stderr:\n{}",
+        failures.len(),
+        stats.ok.load(Ordering::SeqCst),
+        &failures[..failures.len().min(20)],
+        sup.stderr_log()
+    );
+}
+
+/// Every sticky client kept its first connection (same local port, no
+/// reconnect) and was last answered by `last_pid`.
+fn assert_sticky(stats: &Stats, n: usize, last_pid: u32) {
+    let reconnects = stats.reconnects.lock().unwrap().clone();
+    assert!(
+        reconnects.is_empty(),
+        "{} reconnects; first: {:#?}",
+        reconnects.len(),
+        &reconnects[..reconnects.len().min(20)]
+    );
+    let sticky = stats.sticky.lock().unwrap().clone();
+    assert_eq!(sticky.len(), n, "every client was answered");
+    for (id, (first, now, pid)) in &sticky {
+        assert_eq!(first, now, "client {id} changed connection");
+        assert_eq!(*pid, last_pid, "client {id}'s last answer");
+    }
+}
+
+/// Upgrades `UPGRADES` times with `binary` (the same program when `None`);
+/// after each, waits until every sticky client has been answered by the
+/// new build. Returns the final pid and the connections moved in all.
+fn upgrade_keeping_connections(sup: &Supervisor, sticky: &Load, n: usize) -> (u32, u64) {
+    let mut last = sup.first_pid;
+    let mut moved = 0;
+    for i in 0..UPGRADES {
+        let c = sup.upgrade(&[]).expect_committed();
+        assert_eq!(c.old_pid, last, "upgrade {i}");
+        let m = c
+            .connections_moved
+            .unwrap_or_else(|| panic!("upgrade {i}: the report says nothing was moved: {c:?}"));
+        assert_eq!(c.connections_closed, Some(0), "upgrade {i}: {c:?}");
+        moved += m;
+        last = c.new_pid;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("upgrade {i}: every client answered by pid {last}"),
+            || {
+                let s = sticky.stats.sticky.lock().unwrap();
+                s.len() == n && s.values().all(|&(_, _, pid)| pid == last)
+            },
+        );
+    }
+    (last, moved)
+}
+
+#[test]
+fn axum_example_keeps_500_keep_alive_connections_through_20_upgrades() {
+    let _guard = begin_test("moved_axum", Duration::from_secs(300));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-axum"), &[]);
+    let sticky = Load::sticky(sup.addr, CLIENTS, "/", PAUSE);
+    let (last, moved) = upgrade_keeping_connections(&sup, &sticky, CLIENTS);
+    let stats = sticky.finish();
+    assert_no_failures(&stats, &sup);
+    assert_sticky(&stats, CLIENTS, last);
+    assert_eq!(
+        moved,
+        (CLIENTS * UPGRADES) as u64,
+        "every connection moved at every upgrade"
+    );
+}
+
+#[test]
+fn demo_with_state_keeps_500_keep_alive_connections_and_every_acknowledged_write() {
+    let _guard = begin_test("moved_demo", Duration::from_secs(300));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let sticky = Load::sticky(sup.addr, CLIENTS, "/version", PAUSE);
+    let writers = Load::start(sup.addr, &[(Kind::Writer, 4)]);
+    wait_until(Duration::from_secs(20), "writes are acknowledged", || {
+        writers.stats.ok.load(Ordering::SeqCst) >= 20
+    });
+    let (last, _) = upgrade_keeping_connections(&sup, &sticky, CLIENTS);
+    let stats = sticky.finish();
+    let written = writers.finish();
+    assert_no_failures(&stats, &sup);
+    assert_no_failures(&written, &sup);
+    assert_sticky(&stats, CLIENTS, last);
+    let acked = written.acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), 4, "every writer was acknowledged: {acked:?}");
+    for (key, value) in &acked {
+        let got = http_load::get_once(sup.addr, &format!("/kv/{key}"))
+            .unwrap_or_else(|e| panic!("GET /kv/{key}: {e}"));
+        assert_eq!(
+            got,
+            (200, value.to_string().into_bytes()),
+            "{key}: the last acknowledged write ({value}) reads back"
+        );
+    }
+}
+
+/// Protocol version 2 on either side: nothing moves (the report says so by
+/// saying nothing), connections close politely as before, and no request
+/// fails. Then both sides at 3 again: they move.
+#[test]
+fn an_old_build_on_either_side_falls_back_to_closing_with_no_failed_request() {
+    let _guard = begin_test("moved_fallback", Duration::from_secs(180));
+    let dirs = TestDirs::new();
+    let v2 = dirs.env_wrapper("v2", &[("HANDOFF_DEMO_PROTO_MAX", "2")]);
+    let v2 = v2.to_str().unwrap();
+    let demo = demo_bin();
+    let demo = demo.to_str().unwrap();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let sticky = Load::sticky(sup.addr, 50, "/version", PAUSE);
+    let mut last = sup.first_pid;
+    // new → old, old → new, then new → new.
+    for (i, (binary, moves)) in [(v2, false), (demo, false), (demo, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let c = sup.upgrade(&["--binary", binary]).expect_committed();
+        assert_eq!(c.old_pid, last, "upgrade {i}");
+        last = c.new_pid;
+        assert_eq!(c.connections_moved.is_some(), moves, "upgrade {i}: {c:?}");
+        let before = sticky.stats.reconnects.lock().unwrap().len();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("upgrade {i}: every client answered by pid {last}"),
+            || {
+                let s = sticky.stats.sticky.lock().unwrap();
+                s.len() == 50 && s.values().all(|&(_, _, pid)| pid == last)
+            },
+        );
+        let after = sticky.stats.reconnects.lock().unwrap().len();
+        if moves {
+            assert_eq!(before, after, "upgrade {i} moved every connection");
+        } else {
+            assert!(
+                after > before,
+                "upgrade {i} closed connections: it cannot move them"
+            );
+        }
+    }
+    let stats = sticky.finish();
+    assert_no_failures(&stats, &sup);
+}
+
+/// An upgrade that aborts after the connections were offered (the new
+/// build fails its health check, so after Begin): the old build serves its
+/// own copies again, from where they stopped. No client reconnects, none
+/// fails, and every one is answered by the old build afterwards.
+#[test]
+fn an_aborted_upgrade_gives_the_moved_connections_back_to_the_old_build() {
+    let _guard = begin_test("moved_abort", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let failing = dirs.env_wrapper("fail-health", &[("HANDOFF_DEMO_FAULT", "fail-health")]);
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let sticky = Load::sticky(sup.addr, 100, "/version", PAUSE);
+    for i in 0..3 {
+        let a = sup
+            .upgrade(&["--binary", failing.to_str().unwrap()])
+            .expect_aborted(&["health"]);
+        // After the drain (which moved them all) and the seal.
+        assert_eq!(a.phase, "awaiting-ready", "abort {i}");
+        let answered = sticky.stats.ok.load(Ordering::SeqCst);
+        wait_until(
+            Duration::from_secs(30),
+            &format!("abort {i}: the clients are answered again"),
+            || sticky.stats.ok.load(Ordering::SeqCst) >= answered + 200,
+        );
+    }
+    let stats = sticky.finish();
+    assert_no_failures(&stats, &sup);
+    assert_sticky(&stats, 100, sup.first_pid);
+}
