@@ -48,3 +48,19 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     l.set_nonblocking(true)?;
     Ok(l)
 }
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (the services inherit it); returns the
+/// soft limit in force afterwards.
+pub fn raise_nofile() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
+}

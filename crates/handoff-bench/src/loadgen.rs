@@ -9,6 +9,11 @@
 //! * **idle holders**: open a keep-alive connection, make one request, then sit idle until
 //!   the server closes it (a drain) and reconnect: the "open connections" of the scale series.
 //!
+//! Every connection a keep-alive client or idle holder opens beyond its first is counted as
+//! a **reconnect** ([`LoadRun::reconnects`]): a server that closes keep-alive connections
+//! at each upgrade makes every such client reconnect once per upgrade, one that hands its
+//! connections to the new build makes none.
+//!
 //! Failures use the taxonomy of `handoff demo`'s blocking client ([`Failure`], [`classify`]):
 //! refused, reset, timeout, cut (EOF before/mid response), non-2xx, other. One case is benign
 //! and retried once, counted apart: EOF before any response byte on a *reused* keep-alive
@@ -109,6 +114,11 @@ pub struct LoadRun {
     pub details: Vec<String>,
     /// Benign: idle keep-alive connections the server closed, retried once.
     pub stale_retries: u64,
+    /// Keep-alive clients and idle holders: connections opened beyond each one's first
+    /// (fresh-connection clients open one per request by design and are not counted).
+    pub reconnects: u64,
+    /// How many keep-alive clients and idle holders ran.
+    pub sticky_clients: u64,
 }
 
 /// Counts idle holders that have their connection open (the scale series waits for all).
@@ -148,6 +158,8 @@ pub async fn run(cfg: LoadConfig, epoch: Instant, progress: Arc<Progress>) -> Lo
                 total.samples.extend(part.samples);
                 total.failures.extend(part.failures);
                 total.stale_retries += part.stale_retries;
+                total.reconnects += part.reconnects;
+                total.sticky_clients += part.sticky_clients;
                 for d in part.details {
                     if total.details.len() < KEEP_DETAILS {
                         total.details.push(d);
@@ -184,16 +196,24 @@ struct Worker {
 }
 
 /// A parsed response: just what the benchmark needs.
-struct Resp {
-    status: u16,
-    pid: u32,
-    close: bool,
+#[derive(Debug, Clone, Copy)]
+pub struct Resp {
+    pub status: u16,
+    /// Its `X-Pid` header (0 if absent).
+    pub pid: u32,
+    /// It said `Connection: close`.
+    pub close: bool,
 }
 
 impl Worker {
     async fn go(mut self, role: Role, progress: Arc<Progress>) -> LoadRun {
         let mut conn: Option<Conn> = None;
         let mut counted = false;
+        // Connections this client opened; every one after the first is a reconnect.
+        let mut opened = 0u64;
+        if role != Role::Fresh {
+            self.run.sticky_clients = 1;
+        }
         while Instant::now() < self.deadline {
             if role == Role::Holder && conn.as_ref().is_some_and(|c| c.used) {
                 // Sit idle until the server closes the connection or the run ends.
@@ -219,6 +239,7 @@ impl Worker {
                 let attempt = tokio::time::timeout(self.timeout, async {
                     if conn.is_none() {
                         conn = Some(Conn::connect(self.addr).await?);
+                        opened += 1;
                     }
                     match conn.as_mut() {
                         Some(c) => c.request(close).await,
@@ -272,6 +293,9 @@ impl Worker {
         if counted {
             progress.holders_connected.fetch_sub(1, Ordering::SeqCst);
         }
+        if role != Role::Fresh {
+            self.run.reconnects = opened.saturating_sub(1);
+        }
         self.run
     }
 
@@ -292,8 +316,9 @@ impl Worker {
     }
 }
 
-/// One client connection.
-struct Conn {
+/// One client connection (`GET /`, HTTP/1.1), also used on its own by
+/// `handoff-bench-move`.
+pub struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     used: bool,
@@ -302,7 +327,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(addr: SocketAddr) -> Result<Conn, Failure> {
+    pub async fn connect(addr: SocketAddr) -> Result<Conn, Failure> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| classify(&e, false))?;
@@ -317,7 +342,13 @@ impl Conn {
         })
     }
 
-    async fn request(&mut self, close: bool) -> Result<Resp, Failure> {
+    /// The client's end: its local port tells one TCP connection from another.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
+    /// Sends `GET /` (with `Connection: close` if `close`) and reads the whole response.
+    pub async fn request(&mut self, close: bool) -> Result<Resp, Failure> {
         let req = if close {
             &self.request_close
         } else {

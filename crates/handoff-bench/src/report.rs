@@ -71,6 +71,8 @@ impl Segments {
         self.run.samples.extend(run.samples);
         self.run.failures.extend(run.failures);
         self.run.stale_retries += run.stale_retries;
+        self.run.reconnects += run.reconnects;
+        self.run.sticky_clients += run.sticky_clients;
         for d in run.details {
             if self.run.details.len() < 20 {
                 self.run.details.push(d);
@@ -141,6 +143,10 @@ pub struct Summary {
     pub failures: BTreeMap<Kind, u64>,
     pub failed_total: u64,
     pub stale_retries: u64,
+    /// Connections keep-alive clients opened beyond each client's first ([`LoadRun::reconnects`]).
+    pub reconnects: u64,
+    /// Keep-alive clients (and idle holders) that ran, summed over segments.
+    pub sticky_clients: u64,
     pub rps: f64,
     pub steady: Pcts,
     pub window: Pcts,
@@ -228,6 +234,8 @@ pub fn summarize(
         failed_total: run.failures.len() as u64,
         failures,
         stale_retries: run.stale_retries,
+        reconnects: run.reconnects,
+        sticky_clients: run.sticky_clients,
         rps: run.samples.len() as f64 / duration.as_secs_f64().max(1e-9),
         steady: pcts(&steady),
         window: pcts(&win),
@@ -257,13 +265,20 @@ fn pcts(h: &Histogram<u64>) -> Pcts {
     }
 }
 
+impl Summary {
+    /// Keep-alive reconnects per upgrade (`None` without upgrades).
+    pub fn reconnects_per_upgrade(&self) -> Option<f64> {
+        (self.upgrades > 0).then(|| self.reconnects as f64 / self.upgrades as f64)
+    }
+}
+
 /// The side-by-side table (Markdown).
 pub fn table(rows: &[Summary]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| contestant | requests | req/s | failed (refused/reset/timeout/cut/non-2xx/other) | stale retries | steady p50 / p99 / p99.9 ms | upgrade-window p50 / p99 / p99.9 ms | window p99 ÷ steady p99 | upgrades (failed) | trigger → new serving, median / p99 ms | trigger → tool done, median / p99 ms | trigger → old gone, median / p99 ms |\n",
+        "| contestant | requests | req/s | failed (refused/reset/timeout/cut/non-2xx/other) | stale retries | keep-alive reconnects: total (per upgrade) | steady p50 / p99 / p99.9 ms | upgrade-window p50 / p99 / p99.9 ms | window p99 ÷ steady p99 | upgrades (failed) | trigger → new serving, median / p99 ms | trigger → tool done, median / p99 ms | trigger → old gone, median / p99 ms |\n",
     );
-    out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let f = |k: Kind| r.failures.get(&k).copied().unwrap_or(0);
         let d = |d: &Dist| {
@@ -273,13 +288,17 @@ pub fn table(rows: &[Summary]) -> String {
                 format!("{:.2} / {:.2}", d.median, d.p99)
             }
         };
+        let reconnects = match r.reconnects_per_upgrade() {
+            Some(per) => format!("**{}** ({per:.1})", r.reconnects),
+            None => format!("**{}** (–)", r.reconnects),
+        };
         let ratio = if r.steady.p99 > 0.0 && r.window.n > 0 {
             format!("{:.2}×", r.window.p99 / r.steady.p99)
         } else {
             "–".to_owned()
         };
         out.push_str(&format!(
-            "| {} | {} | {:.0} | **{}** ({}/{}/{}/{}/{}/{}) | {} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} ({}) | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | **{}** ({}/{}/{}/{}/{}/{}) | {} | {} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} ({}) | {} | {} | {} |\n",
             r.name,
             r.requests,
             r.rps,
@@ -291,6 +310,7 @@ pub fn table(rows: &[Summary]) -> String {
             f(Kind::Non2xx),
             f(Kind::Other),
             r.stale_retries,
+            reconnects,
             r.steady.p50,
             r.steady.p99,
             r.steady.p999,

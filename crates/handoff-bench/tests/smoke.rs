@@ -115,6 +115,22 @@ fn harness_runs_and_handoff_loses_nothing() {
             "{h}"
         );
     }
+    // Keep-alive clients reconnect per upgrade where connections are closed (the tiny
+    // handler's answer-then-close drain), never where they are moved (examples/axum on
+    // handoff-tokio, protocol version 3) or where nothing restarts (the control).
+    let reconnects = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["reconnects"].as_u64())
+            .unwrap_or_else(|| panic!("no reconnect count for {name}"))
+    };
+    assert_eq!(reconnects("control (no upgrades)"), 0, "{stdout}");
+    assert_eq!(
+        reconnects("handoff (examples/axum, handoff-tokio)"),
+        0,
+        "its keep-alive connections were not all moved:\n{stdout}\n{stderr}"
+    );
+    assert!(reconnects("handoff") > 0, "nothing counted:\n{stdout}");
     // The prepared row ran its prepare before every trigger.
     let p = rows
         .iter()
@@ -130,4 +146,57 @@ fn harness_runs_and_handoff_loses_nothing() {
             .unwrap_or(0)
             > 0
     );
+}
+
+/// `handoff-bench-move` in a tiny form: 20 idle connections through 2 upgrades of the axum
+/// example, each moved and answered by the new build on the same connection.
+#[test]
+fn move_bench_runs_and_every_connection_moves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("move.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff-bench-move"))
+        .args(["--conns", "0,20", "--upgrades", "2"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--workdir")
+        .arg(dir.path().join("work"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("starting handoff-bench-move");
+    let mut status = None;
+    if !common::poll_until(Duration::from_secs(60), || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    }) {
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("handoff-bench-move did not finish within 60 s");
+    }
+    let status = status.expect("exited");
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.success(),
+        "handoff-bench-move failed: {status}\n{stderr}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON")).expect("JSON");
+    let series = v.as_array().expect("series");
+    assert_eq!(series.len(), 2, "{v}");
+    for s in series {
+        let n = s["conns"].as_u64().expect("conns");
+        let rounds = s["rounds"].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 2, "{s}");
+        for r in rounds {
+            assert_eq!(r["error"], serde_json::Value::Null, "{r}\n{stderr}");
+            assert_eq!(r["moved"].as_u64(), Some(n), "{r}\n{stderr}");
+            assert_eq!(r["closed"].as_u64(), Some(0), "{r}");
+            assert_eq!(r["failures"].as_u64(), Some(0), "{r}\n{stderr}");
+            assert!(r["draining_ms"].as_f64().is_some(), "{r}");
+        }
+    }
 }

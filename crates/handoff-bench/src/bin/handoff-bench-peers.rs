@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use handoff_bench::contest::{self, Bins, Peer, Running};
-use handoff_bench::floors;
 use handoff_bench::loadgen::LoadRun;
 use handoff_bench::loadgen::{self, LoadConfig, Progress};
 use handoff_bench::report::{self, Dist, Segments, Summary, Upgrade};
+use handoff_bench::{floors, raise_nofile};
 use serde::Serialize;
 
 const AFTER_HELP: &str = "\
@@ -415,21 +415,6 @@ impl Drop for Guard {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (the services inherit it); returns it.
-fn raise_nofile() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) => {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-                hard
-            } else {
-                soft
-            }
-        }
-        Err(_) => 1024,
-    }
-}
-
 fn render(out: &Output, args: &Args) -> String {
     let f = &out.floors;
     let mut s = String::new();
@@ -450,6 +435,18 @@ fn render(out: &Output, args: &Args) -> String {
         f.loaded_server.requests, f.loaded_spawn_ms.median, f.loaded_spawn_ms.p99, f.loaded_spawn_ms.n,
         f.loaded_socketpair_rtt_ms.median, f.loaded_socketpair_rtt_ms.p99, f.loaded_spawn_plus_rtt_ms
     ));
+    let per: Vec<String> = out
+        .contestants
+        .iter()
+        .filter_map(|r| Some(format!("{} {:.1}", r.name, r.reconnects_per_upgrade()?)))
+        .collect();
+    if !per.is_empty() {
+        s.push_str(&format!(
+            "keep-alive reconnects per upgrade (new connections beyond each of the {} keep-alive clients' first): {}\n",
+            args.keepalive,
+            per.join(", ")
+        ));
+    }
     let handoffs: Vec<&Summary> = [
         Peer::Handoff,
         Peer::HandoffSighup,
@@ -501,7 +498,7 @@ fn render(out: &Output, args: &Args) -> String {
     }
     if !out.scale.is_empty() {
         s.push_str("\nscale series (handoff):\n\n");
-        s.push_str("| point | requests | failed | steady p99 ms | window p99 ms | upgrades (failed) | trigger → new serving, median / p99 ms | handoff upgrade command, median / p99 ms | old gone, median / p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str("| point | requests | failed | reconnects | steady p99 ms | window p99 ms | upgrades (failed) | trigger → new serving, median / p99 ms | handoff upgrade command, median / p99 ms | old gone, median / p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &out.scale {
             if let Some(e) = &p.error {
                 s.push_str(&format!(
@@ -514,8 +511,8 @@ fn render(out: &Output, args: &Args) -> String {
             }
             let r = &p.summary;
             s.push_str(&format!(
-                "| {} {} | {} | {} | {:.2} | {:.2} | {} ({}) | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |\n",
-                p.value, p.what, r.requests, r.failed_total, r.steady.p99, r.window.p99, r.upgrades, r.upgrades_failed,
+                "| {} {} | {} | {} | {} | {:.2} | {:.2} | {} ({}) | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |\n",
+                p.value, p.what, r.requests, r.failed_total, r.reconnects, r.steady.p99, r.window.p99, r.upgrades, r.upgrades_failed,
                 r.serve_ms.median, r.serve_ms.p99, r.done_ms.median, r.done_ms.p99, r.gone_ms.median, r.gone_ms.p99
             ));
         }

@@ -31,8 +31,8 @@ use crate::report::Upgrade;
 mod phases;
 mod procs;
 pub use phases::handoff_phases;
-pub use procs::{alive, probe_pid};
-use procs::{last_errors, output_within, read_pid, reap_any, trace_trigger};
+pub use procs::{alive, output_within, probe_pid};
+use procs::{last_errors, read_pid, reap_any, trace_trigger};
 
 /// The contestants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -15,10 +15,7 @@ use nix::unistd::Pid;
 /// Waits for `child` and collects its output, at most `budget`; kills it on timeout. The
 /// wait runs on a helper thread so the moment of exit is seen at once (no polling bias in
 /// the "tool done" times).
-pub(super) fn output_within(
-    child: Child,
-    budget: Duration,
-) -> std::io::Result<std::process::Output> {
+pub fn output_within(child: Child, budget: Duration) -> std::io::Result<std::process::Output> {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
