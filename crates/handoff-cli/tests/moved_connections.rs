@@ -216,3 +216,142 @@ fn an_aborted_upgrade_gives_the_moved_connections_back_to_the_old_build() {
     assert_no_failures(&stats, &sup);
     assert_sticky(&stats, 100, sup.first_pid);
 }
+
+/// Connections in every idle state move, upgrade after upgrade, with their
+/// bytes: one that has sent nothing yet, one that has sent half of its
+/// first request, one that has sent half of a request after an exchange.
+/// None holds a drain (a build that cannot move them waits out graces for
+/// them); each is answered, once its client sends the rest, by the final
+/// build on the very same connection.
+#[test]
+fn silent_and_half_sent_connections_move_through_several_upgrades() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let _guard = begin_test("moved_half_sent", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let head = |s: &mut TcpStream| -> String {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            match s.read(&mut b) {
+                Ok(1) => got.push(b[0]),
+                other => panic!("reading a response head: {other:?} after {got:?}"),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let body = |s: &mut TcpStream, head: &str| -> String {
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no content-length in {head}"));
+        let mut b = vec![0u8; len];
+        s.read_exact(&mut b).unwrap();
+        String::from_utf8(b).unwrap()
+    };
+    let connect = || {
+        let s = TcpStream::connect(sup.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    };
+    // Each accepted by the first build for sure (the listener's backlog is
+    // served only by the incumbent until the first upgrade's drain).
+    let mut silent = connect();
+    let mut first_half = connect();
+    first_half
+        .write_all(b"GET /version HTTP/1.1\r\nHo")
+        .unwrap();
+    let mut later_half = connect();
+    later_half
+        .write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let h = head(&mut later_half);
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    let b = body(&mut later_half, &h);
+    assert!(b.contains(&format!("pid={}", sup.first_pid)), "{b}");
+    later_half
+        .write_all(b"GET /version HTTP/1.1\r\nHo")
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the first build holds all three",
+        || count_established(sup.first_pid) >= 3,
+    );
+
+    let mut last = sup.first_pid;
+    for i in 0..3 {
+        let out = sup.upgrade(&["--drain-grace", "30s"]);
+        let c = out.expect_committed();
+        assert_eq!(c.old_pid, last, "upgrade {i}");
+        last = c.new_pid;
+        assert_eq!(c.connections_moved, Some(3), "upgrade {i}\n{out}");
+        let draining = out
+            .phases()
+            .into_iter()
+            .find(|(p, _)| p == "draining")
+            .map(|(_, ms)| ms)
+            .unwrap_or_else(|| panic!("no draining phase\n{out}"));
+        assert!(
+            draining < 1_000.0,
+            "upgrade {i}: drain held {draining} ms\n{out}"
+        );
+    }
+    for (what, s, rest) in [
+        (
+            "silent",
+            &mut silent,
+            &b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        ),
+        (
+            "half of its first request",
+            &mut first_half,
+            &b"st: x\r\n\r\n"[..],
+        ),
+        (
+            "half of a later request",
+            &mut later_half,
+            &b"st: x\r\n\r\n"[..],
+        ),
+    ] {
+        s.write_all(rest).unwrap();
+        let h = head(s);
+        assert!(h.starts_with("HTTP/1.1 200"), "{what}: {h}");
+        let b = body(s, &h);
+        assert!(
+            b.contains(&format!("pid={last}")),
+            "{what}: answered by {b}, not pid {last}"
+        );
+    }
+}
+
+/// Established TCP connections of `pid` (its sockets in /proc/PID/fd that
+/// are TCP sockets in state ESTABLISHED, by inode).
+fn count_established(pid: u32) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default()
+        + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 9 && f[3] == "01" && inodes.iter().any(|i| i == f[9])
+        })
+        .count()
+}

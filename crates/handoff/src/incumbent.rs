@@ -300,6 +300,15 @@ impl Incumbent {
     /// its clients had used up its descriptors for a moment. Only a control
     /// socket that is itself gone ends the loop with an error.
     pub fn serve<D: Drainable>(mut self, service: &mut D) -> Result<Retired, ProcessError> {
+        if !self.moved.is_empty() {
+            // Moved to us and never taken: nobody here will read them, and
+            // a client waiting on one would wait for ever. Closing them is
+            // the honest end (we are the last holder: the client sees a
+            // FIN and reconnects).
+            tracing::warn!(target: "handoff::incumbent", count = self.moved.len(),
+                "connections moved from the previous build were not taken (Incumbent::take_moved) before serve; closing them");
+            self.moved.clear();
+        }
         let mut backoff = AcceptBackoff::new();
         loop {
             if let Ok(g) = self.greeted.try_recv() {

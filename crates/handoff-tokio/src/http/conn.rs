@@ -92,6 +92,11 @@ impl ConnState {
         self.holding.store(on, Ordering::SeqCst);
     }
 
+    /// Requests hyper has handed to the service on this connection.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn set_no_move(&self) {
         self.no_move.store(true, Ordering::SeqCst);
     }

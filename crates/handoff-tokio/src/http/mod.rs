@@ -217,14 +217,20 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
         if let Ended::Done = ended {
             return;
         }
-        // Idle: take it out of hyper. hyper closes an idle connection at
-        // once when told to; the wrapper keeps it from shutting the socket.
-        // (One that has not shown its protocol yet is not in hyper at all.)
+        // Idle: take it out of hyper. After an exchange hyper closes an
+        // idle connection at once when told to (finishing a response body
+        // still streaming first); the wrapper keeps it from shutting the
+        // socket. Before its first request hyper would wait for that
+        // request instead — but it has written nothing and consumed
+        // nothing yet, so it is taken apart as it stands: every byte it
+        // read is still in its buffer. (One that has not shown its protocol
+        // yet is not in hyper at all.)
         state.set_holding(true);
-        if http.in_hyper() {
+        let finish = http.in_hyper() && state.requests() > 0;
+        if finish {
             http.graceful();
         }
-        if http.in_hyper() && tokio::time::timeout(TAKE_WAIT, &mut http).await.is_err() {
+        if finish && tokio::time::timeout(TAKE_WAIT, &mut http).await.is_err() {
             // Not let go (cannot happen with nothing in flight): finish it
             // the old way within the wind-down.
             state.set_holding(false);
