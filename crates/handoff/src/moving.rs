@@ -87,9 +87,8 @@ pub enum MoveRefused {
 #[derive(Default)]
 struct Queue {
     open: bool,
-    conns: Vec<MovedConnection>,
     /// Offered and not yet taken by the sender thread.
-    queued_bytes: usize,
+    conns: Vec<MovedConnection>,
     /// Connections the drain closed instead ([`Mover::closed`]).
     closed: u64,
 }
@@ -184,7 +183,6 @@ impl Mover {
             unread: unread.to_vec(),
             state: state.to_vec(),
         });
-        q.queued_bytes += bytes;
         drop(q);
         self.0.more.notify_all();
         Ok(())
@@ -224,12 +222,7 @@ impl Mover {
             used += size;
             n += 1;
         }
-        let batch: Vec<_> = q.conns.drain(..n).collect();
-        q.queued_bytes -= batch
-            .iter()
-            .map(|c| c.unread.len() + c.state.len())
-            .sum::<usize>();
-        Some(batch)
+        Some(q.conns.drain(..n).collect())
     }
 }
 
@@ -344,6 +337,58 @@ mod tests {
         assert!(matches!(
             m.offer(a.as_fd(), b"", b""),
             Err(MoveRefused::NotMoving)
+        ));
+    }
+
+    /// The sender thread sends what is offered, in batches of at most 253
+    /// descriptors, each frame's descriptors the offered sockets, in order.
+    #[test]
+    fn the_flusher_sends_every_offer_with_its_descriptor() {
+        use crate::channel::Channel;
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut ours = Channel::new(ours);
+        ours.set_version(crate::protocol::MOVE_SINCE);
+        let mut theirs = Channel::new(theirs);
+        theirs.set_version(crate::protocol::MOVE_SINCE);
+        let m = Mover::new(true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let f = Flusher::start(ours.sender().unwrap(), 7, m.clone(), deadline).unwrap();
+        // Sockets whose peers we keep, to tell them apart after the move.
+        let pairs: Vec<_> = (0..260).map(|_| UnixStream::pair().unwrap()).collect();
+        for (i, (a, _)) in pairs.iter().enumerate() {
+            m.offer(a.as_fd(), format!("u{i}").as_bytes(), b"s")
+                .unwrap();
+        }
+        m.closed(2);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![];
+            while got.len() < 260 {
+                let (msg, fds) = theirs.recv_with_fds(Duration::from_secs(10)).unwrap();
+                let Message::Connections { handoff_id, conns } = msg else {
+                    panic!("{msg:?}")
+                };
+                assert_eq!(handoff_id, 7);
+                assert_eq!(conns.len(), fds.len());
+                assert!(fds.len() <= MAX_BATCH_FDS);
+                got.extend(conns.into_iter().zip(fds));
+            }
+            got
+        });
+        let sent = f.finish().unwrap();
+        assert_eq!((sent.moved, sent.closed), (260, 2));
+        let got = reader.join().unwrap();
+        for (i, (meta, fd)) in got.into_iter().enumerate() {
+            assert_eq!(meta.unread, format!("u{i}").as_bytes());
+            // The very socket: what is written to it comes out of its peer.
+            let mut s = UnixStream::from(fd);
+            std::io::Write::write_all(&mut s, &[i as u8]).unwrap();
+            let mut b = [0u8; 1];
+            std::io::Read::read_exact(&mut &pairs[i].1, &mut b).unwrap();
+            assert_eq!(b[0], i as u8);
+        }
+        assert!(matches!(
+            m.offer(pairs[0].0.as_fd(), b"", b""),
+            Err(MoveRefused::Closed)
         ));
     }
 
