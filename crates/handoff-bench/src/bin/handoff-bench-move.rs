@@ -396,13 +396,17 @@ fn upgrade(bins: &Bins, run: &Path) -> Result<Round> {
             Some("aborted") => {
                 r.error = Some(format!("aborted: {}", ev["reason"]));
             }
+            Some("error") => {
+                r.error = Some(format!("error: {}", ev["message"]));
+            }
             _ => {}
         }
     }
     if !out.status.success() && r.error.is_none() {
         r.error = Some(format!(
-            "handoff upgrade: {}: {}",
+            "handoff upgrade: {}: {} {}",
             out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
@@ -459,26 +463,56 @@ fn render(all: &[Series], args: &Args) -> String {
         ));
     }
     let base = all.iter().find(|x| x.conns == 0);
-    for x in all.iter().filter(|x| x.conns > 0 && x.draining_ms.n > 0) {
-        s.push_str(&format!("\n{} connections:", x.conns));
-        if let Some(b) = base.filter(|b| b.draining_ms.n > 0) {
+    for x in all.iter().filter(|x| x.draining_ms.n > 0) {
+        let mut parts = Vec::new();
+        if let Some(b) = base.filter(|b| b.draining_ms.n > 0 && x.conns > 0) {
             let per = |a: f64, b: f64| (a - b) * 1e3 / x.conns as f64;
-            s.push_str(&format!(
-                " {:.2} µs per connection in draining, {:.2} µs in total (medians, less the 0-connection row)",
+            parts.push(format!(
+                "{:.2} µs per connection in draining, {:.2} µs in total (medians, less the 0-connection row)",
                 per(x.draining_ms.median, b.draining_ms.median),
                 per(x.total_ms.median, b.total_ms.median),
             ));
         }
         for y in all.iter().filter(|y| y.conns > 0 && y.conns < x.conns) {
-            s.push_str(&format!(
-                "; ×{:.2} the draining and ×{:.2} the total of {} connections ({}× as many)",
+            parts.push(format!(
+                "×{:.2} the draining and ×{:.2} the total of {} connections ({:.0}× as many)",
                 x.draining_ms.median / y.draining_ms.median.max(1e-9),
                 x.total_ms.median / y.total_ms.median.max(1e-9),
                 y.conns,
-                x.conns / y.conns.max(1),
+                x.conns as f64 / y.conns as f64,
             ));
         }
-        s.push('\n');
+        parts.push(format!("phase medians ms: {}", phase_medians(&x.rounds)));
+        s.push_str(&format!(
+            "\n{} connections: {}\n",
+            x.conns,
+            parts.join("; ")
+        ));
     }
     s
+}
+
+/// Each phase's median over the rounds, in the order the phases ran.
+fn phase_medians(rounds: &[Round]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rounds {
+        for (p, _) in &r.phases {
+            if !names.contains(&p.as_str()) {
+                names.push(p);
+            }
+        }
+    }
+    names
+        .iter()
+        .map(|n| {
+            let v = rounds
+                .iter()
+                .flat_map(|r| &r.phases)
+                .filter(|(p, _)| p == n)
+                .map(|(_, ms)| *ms)
+                .collect();
+            format!("{n} {:.2}", Dist::of(v).median)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
