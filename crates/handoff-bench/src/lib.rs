@@ -5,7 +5,8 @@
 //! ([`floors`]); [`report`] turns it into the table of BENCHMARKS.md.
 //!
 //! Run it with `scripts/bench-peers` (release build, full size) or
-//! `handoff-bench-peers --help`.
+//! `handoff-bench-peers --help`. `handoff-bench-move` measures apart how long an upgrade
+//! takes to hand N idle keep-alive connections to the new build (issue 15).
 //!
 //! ```no_run
 //! use std::time::Duration;
