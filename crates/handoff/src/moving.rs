@@ -37,6 +37,10 @@ const MAX_BATCH_FDS: usize = crate::sys::fdpass::MAX_FDS;
 /// has room for at least one connection.
 pub const MAX_CONNECTION_BYTES: usize = 256 * 1024;
 
+/// How long the sender waits for a batch to fill once it has one offer: a
+/// bound on what batching adds to a connection's move.
+const GATHER: Duration = Duration::from_millis(1);
+
 /// Room left in a frame for the batch's framing (lengths, ids).
 const FRAME_SLACK: usize = 4096;
 
@@ -183,8 +187,13 @@ impl Mover {
             unread: unread.to_vec(),
             state: state.to_vec(),
         });
+        // Wake the sender for a first offer or a full batch only: it
+        // gathers the ones in between itself (see `next_batch`).
+        let wake = q.conns.len() == 1 || q.conns.len() >= MAX_BATCH_FDS;
         drop(q);
-        self.0.more.notify_all();
+        if wake {
+            self.0.more.notify_all();
+        }
         Ok(())
     }
 
@@ -203,6 +212,11 @@ impl Mover {
 
     /// Waits for the next batch: up to [`MAX_BATCH_FDS`] connections
     /// within one frame. `None` once closed and empty.
+    ///
+    /// Once the first offer is in, it waits up to [`GATHER`] for the batch
+    /// to fill (or the offers to end): connections are offered one by one
+    /// as each goes idle, and a frame per connection would cost the
+    /// supervisor and the successor a relay per connection.
     fn next_batch(&self) -> Option<Vec<MovedConnection>> {
         let mut q = self.queue();
         while q.conns.is_empty() {
@@ -210,6 +224,19 @@ impl Mover {
                 return None;
             }
             q = self.0.more.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        let until = Instant::now() + GATHER;
+        while q.open && q.conns.len() < MAX_BATCH_FDS {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            q = self
+                .0
+                .more
+                .wait_timeout(q, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         let budget = crate::frame::MAX_PAYLOAD - FRAME_SLACK;
         let mut used = 0;
