@@ -355,3 +355,180 @@ fn count_established(pid: u32) -> usize {
         })
         .count()
 }
+
+/// The kernel counts every descriptor queued in a Unix socket against the
+/// sending *user*, and refuses a send (`ETOOMANYREFS`) once that user has
+/// more in flight than the sender's `RLIMIT_NOFILE` — unless the sender has
+/// CAP_SYS_RESOURCE, which is why tests run as root never saw it. Moving
+/// 3,000 connections through a supervisor whose soft limit was 1,024
+/// aborted the upgrade as an ordinary user ("Too many references"). Here,
+/// as an ordinary user (uid 65534 when the tests run as root), the
+/// supervisor's soft limit is 256 and the service raises its own to 4,000:
+/// 1,200 idle connections move, twice, because each hop keeps one batch in
+/// flight at a time.
+#[test]
+fn moving_stays_under_the_users_descriptor_limit_in_flight() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    const CONNS: usize = 1200;
+    let _guard = begin_test("moved_user_limit", Duration::from_secs(180));
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= 4000,
+        "this test needs a hard RLIMIT_NOFILE of at least 4000 (found {hard}): raise it (ulimit -Hn)"
+    );
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let root = nix::unistd::geteuid().is_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let svc = dir.path().join("svc.sh");
+    std::fs::write(
+        &svc,
+        format!(
+            "#!/bin/sh\nulimit -Sn 4000 || exit 1\nexec '{}' \"$@\"\n",
+            handoff_bin().with_file_name("example-axum").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&svc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    if root {
+        for p in [dir.path(), svc.as_path()] {
+            nix::unistd::chown(p, Some(65534.into()), Some(65534.into())).unwrap();
+        }
+    }
+    // `handoff ARGS` as the test's ordinary user.
+    let as_user = |args: &[&str]| -> Command {
+        let mut c = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(handoff_bin());
+            c
+        } else {
+            Command::new(handoff_bin())
+        };
+        c.args(args);
+        c
+    };
+    let run_dir = dir.path().join("run");
+    let run_dir = run_dir.to_str().unwrap();
+    let state_dir = dir.path().join("state");
+    let mut run = as_user(&[
+        "run",
+        "--runtime-dir",
+        run_dir,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--listen",
+        "http=tcp://127.0.0.1:0",
+        "--",
+        svc.to_str().unwrap(),
+    ]);
+    run.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    // SAFETY: only setrlimit(2), async-signal-safe, between fork and exec.
+    unsafe {
+        run.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 256, hard)
+                .map_err(std::io::Error::from)
+        });
+    }
+    /// Kills the supervisor and its services (by pid), however the test
+    /// ends: a service outlives a killed supervisor by design.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let pid = self.0.id();
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let mut sup = Kill(run.spawn().expect("setpriv and handoff run"));
+    // `listening …` first, then `ready pid=…` once the service answers.
+    let mut out = BufReader::new(sup.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    assert!(ready.starts_with("ready pid="), "{ready:?}");
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening http=tcp://")
+        .unwrap_or_else(|| panic!("expected `listening http=…`, got {line:?}"))
+        .parse()
+        .unwrap();
+
+    let get = |s: &mut TcpStream| -> String {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 512];
+        while !(got.windows(4).any(|w| w == b"\r\n\r\n")
+            && got.ends_with(b"\n")
+            && got.iter().filter(|&&c| c == b'\n').count() >= 5)
+        {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "connection closed after {got:?}");
+            got.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let mut conns: Vec<TcpStream> = (0..CONNS)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let answer = get(&mut s);
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            s
+        })
+        .collect();
+    for i in 0..2 {
+        let out = as_user(&["upgrade", "--runtime-dir", run_dir, "--json"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "upgrade {i}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let committed = stdout
+            .lines()
+            .find(|l| l.contains("\"event\":\"committed\""))
+            .unwrap_or_else(|| panic!("upgrade {i}: no committed event: {stdout}"));
+        assert!(
+            committed.contains(&format!("\"connections_moved\":{CONNS}")),
+            "upgrade {i}: {committed}"
+        );
+        let new_pid = committed
+            .split("\"new_pid\":")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .unwrap()
+            .to_string();
+        for (k, s) in conns.iter_mut().enumerate() {
+            let answer = get(s);
+            assert!(
+                answer.contains(&format!("pid {new_pid}")),
+                "upgrade {i}, connection {k}: {answer}"
+            );
+        }
+    }
+    let _ = as_user(&["stop", "--runtime-dir", run_dir]).output();
+}

@@ -132,6 +132,12 @@ impl Channel {
         self.recv_with_ancillary(timeout, sys::fdpass::recv_with_fds)
     }
 
+    /// Waits until the peer has read everything sent so far, or `deadline`
+    /// (see [`Sender::wait_until_read`]).
+    pub fn wait_until_read(&self, deadline: Instant) -> io::Result<()> {
+        sys::fdpass::wait_until_read(&self.stream, deadline)
+    }
+
     /// A handle that can send from another thread (heartbeats).
     pub fn sender(&self) -> io::Result<Sender> {
         Ok(Sender {
@@ -331,6 +337,13 @@ impl Sender {
         let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         sys::fdpass::send_with_fds(&self.stream, &bytes, fds)?;
         Ok(())
+    }
+
+    /// Waits until the peer has read everything sent so far, or `deadline`
+    /// (see `sys::fdpass::unread_by_peer`: the flow control that keeps
+    /// descriptors in flight under the user's limit).
+    pub fn wait_until_read(&self, deadline: Instant) -> io::Result<()> {
+        sys::fdpass::wait_until_read(&self.stream, deadline)
     }
 
     /// Bounds every write on this connection (all its senders share the

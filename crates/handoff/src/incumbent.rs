@@ -520,25 +520,20 @@ impl Incumbent {
                 deadline_ms,
                 drain_grace_ms,
                 successor_pid,
-            } => Self::prepared(
-                handoff_id,
-                successor_pid,
-                deadline_ms,
-                drain_grace_ms,
-                false,
-            ),
+            } => Self::prepared(handoff_id, successor_pid, deadline_ms, drain_grace_ms, None),
             Message::PrepareHandoffV3 {
                 handoff_id,
                 deadline_ms,
                 drain_grace_ms,
                 successor_pid,
                 move_connections,
+                max_batch,
             } => Self::prepared(
                 handoff_id,
                 successor_pid,
                 deadline_ms,
                 drain_grace_ms,
-                move_connections,
+                move_connections.then_some(max_batch as usize),
             ),
             Message::Shutdown {
                 stop_id,
@@ -577,8 +572,8 @@ impl Incumbent {
         // thread of their own (docs/connection-transfer.md). Without that
         // thread nothing is moved: the drain closes them, as before.
         let hex = crate::protocol::IdHex(id);
-        let (mover, flusher) = if moving {
-            let mover = crate::Mover::new(true);
+        let (mover, flusher) = if let Some(max_batch) = moving {
+            let mover = crate::Mover::moving_at_most(max_batch);
             let started = chan
                 .sender()
                 .and_then(|s| Flusher::start(s, id, mover.clone(), deadline));
@@ -655,15 +650,16 @@ impl Incumbent {
         self.after_drain(chan, id, deadline, service)
     }
 
-    /// A PrepareHandoff of either version, read: what the drain needs.
+    /// A PrepareHandoff of either version, read: what the drain needs
+    /// (`moving`: connections move, at most this many per batch).
     fn prepared(
         handoff_id: HandoffId,
         successor_pid: u32,
         deadline_ms: u64,
         drain_grace_ms: u64,
-        moving: bool,
-    ) -> (HandoffId, Instant, Duration, bool) {
-        tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(handoff_id), successor_pid, deadline_ms, drain_grace_ms, moving, "draining");
+        moving: Option<usize>,
+    ) -> (HandoffId, Instant, Duration, Option<usize>) {
+        tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(handoff_id), successor_pid, deadline_ms, drain_grace_ms, ?moving, "draining");
         (
             handoff_id,
             Instant::now() + Duration::from_millis(deadline_ms),

@@ -28,9 +28,6 @@ use crate::channel::Sender;
 use crate::frame::FrameError;
 use crate::protocol::{HandoffId, Message, MovedMeta};
 
-/// Most descriptors one batch carries: the kernel's `SCM_MAX_FD`.
-const MAX_BATCH_FDS: usize = crate::sys::fdpass::MAX_FDS;
-
 /// Most unread bytes plus state one connection may carry. hyper's default
 /// read buffer tops out near 400 KiB; a connection between requests holds at
 /// most the start of the next one. Well inside one frame, so every batch
@@ -99,6 +96,9 @@ struct Queue {
 
 struct Inner {
     moving: bool,
+    /// Most descriptors per batch: the kernel's `SCM_MAX_FD` (253), or
+    /// less under a low descriptor limit (`sys::fdpass::batch_for_limit`).
+    batch: usize,
     queue: Mutex<Queue>,
     /// Signalled on every offer and on close.
     more: Condvar,
@@ -125,8 +125,26 @@ impl Mover {
     pub(crate) fn new(moving: bool) -> Mover {
         Mover(Arc::new(Inner {
             moving,
+            batch: crate::sys::fdpass::batch_for_limit(None),
             queue: Mutex::new(Queue {
                 open: moving,
+                ..Queue::default()
+            }),
+            more: Condvar::new(),
+        }))
+    }
+
+    /// A mover for a handoff that moves connections, in batches of at most
+    /// `max_batch` descriptors (what the supervisor can take in at once)
+    /// and at most what our own descriptor limit allows.
+    pub(crate) fn moving_at_most(max_batch: usize) -> Mover {
+        let m = Mover::new(true);
+        let own = m.0.batch;
+        Mover(Arc::new(Inner {
+            moving: true,
+            batch: own.min(max_batch).max(1),
+            queue: Mutex::new(Queue {
+                open: true,
                 ..Queue::default()
             }),
             more: Condvar::new(),
@@ -189,7 +207,7 @@ impl Mover {
         });
         // Wake the sender for a first offer or a full batch only: it
         // gathers the ones in between itself (see `next_batch`).
-        let wake = q.conns.len() == 1 || q.conns.len() >= MAX_BATCH_FDS;
+        let wake = q.conns.len() == 1 || q.conns.len() >= self.0.batch;
         drop(q);
         if wake {
             self.0.more.notify_all();
@@ -210,7 +228,7 @@ impl Mover {
         self.0.more.notify_all();
     }
 
-    /// Waits for the next batch: up to [`MAX_BATCH_FDS`] connections
+    /// Waits for the next batch: up to `batch` connections
     /// within one frame. `None` once closed and empty.
     ///
     /// Once the first offer is in, it waits up to [`GATHER`] for the batch
@@ -226,7 +244,7 @@ impl Mover {
             q = self.0.more.wait(q).unwrap_or_else(|p| p.into_inner());
         }
         let until = Instant::now() + GATHER;
-        while q.open && q.conns.len() < MAX_BATCH_FDS {
+        while q.open && q.conns.len() < self.0.batch {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -241,7 +259,7 @@ impl Mover {
         let budget = crate::frame::MAX_PAYLOAD - FRAME_SLACK;
         let mut used = 0;
         let mut n = 0;
-        for c in q.conns.iter().take(MAX_BATCH_FDS) {
+        for c in q.conns.iter().take(self.0.batch) {
             let size = c.unread.len() + c.state.len() + 16;
             if n > 0 && used + size > budget {
                 break;
@@ -289,6 +307,11 @@ impl Flusher {
                         .saturating_duration_since(Instant::now())
                         .max(Duration::from_millis(1));
                     if let Err(e) = sender.set_write_timeout(Some(left)) {
+                        break Err(FrameError::Io(e));
+                    }
+                    // One batch in flight at a time (`sys::fdpass`): the
+                    // kernel refuses descriptors past the user's limit.
+                    if let Err(e) = sender.wait_until_read(deadline) {
                         break Err(FrameError::Io(e));
                     }
                     let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|c| c.fd.as_fd()).collect();
@@ -355,6 +378,21 @@ impl Drop for Flusher {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
+
+    const MAX_BATCH_FDS: usize = crate::sys::fdpass::MAX_FDS;
+
+    #[test]
+    fn batches_are_what_the_supervisor_can_take() {
+        let m = Mover::moving_at_most(10);
+        assert_eq!(m.0.batch, 10);
+        assert_eq!(Mover::moving_at_most(0).0.batch, 1);
+        assert!(Mover::moving_at_most(100_000).0.batch <= MAX_BATCH_FDS);
+        let (a, _b) = UnixStream::pair().unwrap();
+        for _ in 0..25 {
+            m.offer(a.as_fd(), b"", b"").unwrap();
+        }
+        assert_eq!(m.next_batch().unwrap().len(), 10);
+    }
 
     #[test]
     fn a_disabled_mover_refuses_and_keeps_nothing() {
@@ -428,10 +466,12 @@ mod tests {
             m.offer(a.as_fd(), &big, b""),
             Err(MoveRefused::TooLarge { .. })
         ));
-        for _ in 0..MAX_BATCH_FDS + 7 {
+        let batch = m.0.batch;
+        assert!((1..=MAX_BATCH_FDS).contains(&batch));
+        for _ in 0..batch + 7 {
             m.offer(a.as_fd(), b"GET", b"s").unwrap();
         }
-        assert_eq!(m.next_batch().unwrap().len(), MAX_BATCH_FDS);
+        assert_eq!(m.next_batch().unwrap().len(), batch);
         assert_eq!(m.next_batch().unwrap().len(), 7);
         // Big offers split by bytes: four of 256 KiB do not fit one frame.
         let quarter = vec![1u8; MAX_CONNECTION_BYTES];

@@ -403,6 +403,9 @@ impl<'a, 'o> Run<'a, 'o> {
                 deadline_ms: remaining.as_millis() as u64,
                 drain_grace_ms: grace.as_millis() as u64,
                 move_connections: self.moving,
+                // What we can take in at once: a batch lands in our own
+                // descriptor table before it goes on.
+                max_batch: sys::fdpass::batch_for_limit(None) as u32,
             }
         } else {
             Message::PrepareHandoff {
@@ -561,11 +564,14 @@ impl<'a, 'o> Run<'a, 'o> {
         let left = self.remaining().max(Duration::from_millis(1));
         let n = self.n.as_ref().expect("spawned: moving needs a successor");
         let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
-        // A successor that stops reading must not hold us past the deadline.
+        // A successor that stops reading must not hold us past the deadline;
+        // and one batch in flight at a time (`sys::fdpass::unread_by_peer`:
+        // the kernel refuses descriptors past the user's limit).
         let sent = n
             .chan
             .stream()
             .set_write_timeout(Some(left))
+            .and_then(|()| n.chan.wait_until_read(Instant::now() + left))
             .map_err(FrameError::from)
             .and_then(|()| {
                 n.chan.send_with_fds(
