@@ -107,7 +107,7 @@ pub fn batch_for_limit(limit: Option<u64>) -> usize {
 /// `deadline`: the flow control of [`unread_by_peer`]. Polls, backing off
 /// from 50 µs to 1 ms (there is no readiness event for "the peer read it").
 pub fn wait_until_read<F: AsFd>(sock: &F, deadline: std::time::Instant) -> io::Result<()> {
-    let mut pause = std::time::Duration::from_micros(50);
+    let mut pause = std::time::Duration::from_micros(10);
     loop {
         if unread_by_peer(sock)? == 0 {
             return Ok(());
@@ -120,7 +120,7 @@ pub fn wait_until_read<F: AsFd>(sock: &F, deadline: std::time::Instant) -> io::R
             ));
         }
         std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(std::time::Duration::from_millis(1));
+        pause = (pause * 2).min(std::time::Duration::from_micros(200));
     }
 }
 
