@@ -10,7 +10,6 @@
 mod http_load;
 mod support;
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -23,27 +22,8 @@ const CLIENTS: usize = 500;
 /// requests a second, which two cores serve in a debug build.
 const PAUSE: Duration = Duration::from_millis(200);
 
-/// An example service binary, a sibling of `handoff` in the target dir.
-fn example(name: &str) -> PathBuf {
-    let p = handoff_bin().with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with `cargo test --workspace` (or `cargo build -p {name}`)",
-        p.display()
-    );
-    p
-}
-
 fn assert_no_failures(stats: &Stats, sup: &Supervisor) {
-    let failures = stats.failures();
-    assert!(
-        failures.is_empty(),
-        "{} failed requests (of {} answered); first: {:#?}\nsupervisor stderr:\n{}",
-        failures.len(),
-        stats.ok.load(Ordering::SeqCst),
-        &failures[..failures.len().min(20)],
-        sup.stderr_log()
-    );
+    stats.assert_no_failures(&format!("supervisor stderr:\n{}", sup.stderr_log()));
 }
 
 /// Every sticky client kept its first connection (same local port, no

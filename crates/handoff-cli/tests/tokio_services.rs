@@ -9,7 +9,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use http_load::{Kind, Load, Stats};
@@ -17,27 +16,8 @@ use support::*;
 
 const UPGRADES: usize = 20;
 
-/// An example service binary, a sibling of `handoff` in the target dir.
-fn example(name: &str) -> PathBuf {
-    let p = handoff_bin().with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with `cargo test --workspace` (or `cargo build -p {name}`)",
-        p.display()
-    );
-    p
-}
-
 fn assert_no_failures(stats: &Stats, sup: &Supervisor) {
-    let failures = stats.failures();
-    assert!(
-        failures.is_empty(),
-        "{} failed requests (of {} answered); first: {:#?}\nsupervisor stderr:\n{}",
-        failures.len(),
-        stats.ok.load(std::sync::atomic::Ordering::SeqCst),
-        &failures[..failures.len().min(20)],
-        sup.stderr_log()
-    );
+    stats.assert_no_failures(&format!("supervisor stderr:\n{}", sup.stderr_log()));
 }
 
 /// Upgrades `UPGRADES` times; after each, waits until the new build has

@@ -55,6 +55,19 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Fails the test if any request failed, with the first 20 failures
+    /// and `context` (the supervisor's log, say).
+    pub fn assert_no_failures(&self, context: &str) {
+        let failures = self.failures();
+        assert!(
+            failures.is_empty(),
+            "{} failed requests (of {} answered); first: {:#?}\n{context}",
+            failures.len(),
+            self.ok.load(Ordering::SeqCst),
+            &failures[..failures.len().min(20)],
+        );
+    }
+
     pub fn failures(&self) -> Vec<String> {
         self.failures.lock().unwrap().clone()
     }
@@ -102,19 +115,27 @@ pub struct Load {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The clients' own runtime (2 workers), their stop flag and their stats.
+fn client_parts() -> (tokio::runtime::Runtime, Arc<AtomicBool>, Arc<Stats>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    (
+        rt,
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Stats::default()),
+    )
+}
+
 impl Load {
     /// `n` sticky clients: each keeps one keep-alive connection and sends
     /// `GET path` on it every `pause`, never retrying; any connection after
     /// its first is a reconnect ([`Stats::reconnects`]). The clients start
     /// one by one, so all `n` are connected when this returns.
     pub fn sticky(addr: SocketAddr, n: usize, path: &'static str, pause: Duration) -> Load {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("client runtime");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Stats::default());
+        let (rt, stop, stats) = client_parts();
         let mut tasks = vec![];
         for i in 0..n {
             let (stop, stats) = (stop.clone(), stats.clone());
@@ -131,13 +152,7 @@ impl Load {
     }
 
     pub fn start(addr: SocketAddr, clients: &[(Kind, usize)]) -> Load {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("client runtime");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Stats::default());
+        let (rt, stop, stats) = client_parts();
         let mut tasks = vec![];
         for &(kind, n) in clients {
             for i in 0..n {

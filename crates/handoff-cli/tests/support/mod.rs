@@ -150,6 +150,18 @@ impl Watchdog {
 // ---------------------------------------------------------------------------------------
 
 /// Path of the `handoff` binary under test (built by cargo for this test crate).
+/// An example service binary (`examples/*`), a sibling of `handoff` in the
+/// target dir.
+pub fn example(name: &str) -> PathBuf {
+    let p = handoff_bin().with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with `cargo test --workspace` (or `cargo build -p {name}`)",
+        p.display()
+    );
+    p
+}
+
 pub fn handoff_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_handoff"))
 }
