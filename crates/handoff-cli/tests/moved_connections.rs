@@ -270,12 +270,7 @@ fn silent_and_half_sent_connections_move_through_several_upgrades() {
         assert_eq!(c.old_pid, last, "upgrade {i}");
         last = c.new_pid;
         assert_eq!(c.connections_moved, Some(3), "upgrade {i}\n{out}");
-        let draining = out
-            .phases()
-            .into_iter()
-            .find(|(p, _)| p == "draining")
-            .map(|(_, ms)| ms)
-            .unwrap_or_else(|| panic!("no draining phase\n{out}"));
+        let draining = out.phase_ms("draining");
         assert!(
             draining < 1_000.0,
             "upgrade {i}: drain held {draining} ms\n{out}"

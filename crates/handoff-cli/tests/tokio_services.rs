@@ -436,12 +436,7 @@ fn kv_example_drain_is_not_held_by_half_sent_heads() {
     let c = out.expect_committed();
     let (head, _) = answered.expect("the request sent during the upgrade was answered");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
-    let draining = out
-        .phases()
-        .into_iter()
-        .find(|(p, _)| p == "draining")
-        .map(|(_, ms)| ms)
-        .unwrap_or_else(|| panic!("no draining phase reported\n{out}"));
+    let draining = out.phase_ms("draining");
     // The half-sent heads moved to the new build with their bytes, like
     // every idle connection (docs/connection-transfer.md): the drain waits
     // for none of them — not even the 1 s head grace after which a build

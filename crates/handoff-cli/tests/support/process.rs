@@ -406,6 +406,16 @@ impl UpgradeOutcome {
             .collect()
     }
 
+    /// How long the phase `name` took (ms), failing the test when the
+    /// upgrade reported no such phase.
+    pub fn phase_ms(&self, name: &str) -> f64 {
+        self.phases()
+            .into_iter()
+            .find(|(p, _)| p == name)
+            .map(|(_, ms)| ms)
+            .unwrap_or_else(|| panic!("no {name} phase reported\n{self}"))
+    }
+
     /// The final event: exactly one `committed` or `aborted`, last on stdout.
     fn final_event(&self, kind: &str) -> &Value {
         let last = self
