@@ -503,6 +503,8 @@ async fn sticky_client(
             Ok(s) => s,
             Err(e) => {
                 stats.fail(format!("sticky[{id}] connect: {e}"));
+                // Pacing, not waiting for a condition: the failure is
+                // recorded; the next attempt comes at the client's pace.
                 tokio::time::sleep(pause).await;
                 continue;
             }
@@ -568,6 +570,8 @@ async fn sticky_client(
                     continue 'conn;
                 }
             }
+            // The behaviour under test: a keep-alive connection that sits
+            // idle between requests, as real clients' do.
             tokio::time::sleep(pause).await;
         }
     }
