@@ -304,9 +304,10 @@ pub(crate) async fn drive<C: Future + Unpin>(
                     state.timed_out.store(true, Ordering::SeqCst);
                     return Ended::Done;
                 }
-                if moving {
-                    // Closed instead of moved (HTTP/2, upgraded, refused):
-                    // the upgrade report counts it.
+                if moving && !state.no_move.load(Ordering::SeqCst) {
+                    // Closed instead of moved (HTTP/2, upgraded): the
+                    // upgrade report counts it (a refused one was counted
+                    // when the offer was refused).
                     if let Some(m) = shared.mover() {
                         m.closed(1);
                     }
