@@ -562,7 +562,11 @@ impl<'a, 'o> Run<'a, 'o> {
         let count = conns.len() as u64;
         let id = self.id;
         let left = self.remaining().max(Duration::from_millis(1));
-        let n = self.n.as_ref().expect("spawned: moving needs a successor");
+        let Some(n) = self.n.as_ref() else {
+            // Moving is asked only with a successor: a batch without one
+            // is the incumbent's mistake.
+            return Err(self.unasked("Connections"));
+        };
         let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
         // A successor that stops reading must not hold us past the deadline;
         // and one batch in flight at a time (`sys::fdpass::unread_by_peer`:
