@@ -11,38 +11,20 @@ use std::time::Duration;
 
 mod common;
 
-#[test]
-fn harness_runs_and_handoff_loses_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("out.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff-bench-peers"))
-        .args([
-            "--secs",
-            "2",
-            "--interval-ms",
-            "500",
-            "--keepalive",
-            "4",
-            "--fresh",
-            "2",
-            "--no-scale",
-            "--floor-secs",
-            "1",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .arg("--workdir")
-        .arg(dir.path().join("work"))
+/// Runs `cmd` in a process group of its own, bounded by `limit` (on time
+/// out the whole group is killed: contestants and services too), and
+/// returns its output once it exited successfully.
+fn run_bounded(cmd: &mut Command, what: &str, limit: Duration) -> std::process::Output {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own process group: on timeout the whole group goes, contestants included.
         .process_group(0)
         .spawn()
-        .expect("starting handoff-bench-peers");
-    // Bounded: the driver stops and reaps its contestants itself; we bound the driver.
-    // Output is read after exit; the driver prints a few KiB, well under a pipe's buffer.
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    // Output is read after exit; the drivers print a few KiB, well under a
+    // pipe's buffer.
     let mut status = None;
-    if !common::poll_until(Duration::from_secs(90), || {
+    if !common::poll_until(limit, || {
         status = child.try_wait().expect("try_wait");
         status.is_some()
     }) {
@@ -50,15 +32,42 @@ fn harness_runs_and_handoff_loses_nothing() {
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = child.kill();
         let _ = child.wait();
-        panic!("handoff-bench-peers did not finish within 90 s");
+        panic!("{what} did not finish within {limit:?}");
     }
     let status = status.expect("exited");
     let out = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         status.success(),
-        "handoff-bench-peers failed: {status}\n{stderr}"
+        "{what} failed: {status}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+#[test]
+fn harness_runs_and_handoff_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("out.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_handoff-bench-peers"));
+    cmd.args([
+        "--secs",
+        "2",
+        "--interval-ms",
+        "500",
+        "--keepalive",
+        "4",
+        "--fresh",
+        "2",
+        "--no-scale",
+        "--floor-secs",
+        "1",
+    ])
+    .arg("--json")
+    .arg(&json)
+    .arg("--workdir")
+    .arg(dir.path().join("work"));
+    let out = run_bounded(&mut cmd, "handoff-bench-peers", Duration::from_secs(90));
+    let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("| handoff |"),
@@ -154,35 +163,14 @@ fn harness_runs_and_handoff_loses_nothing() {
 fn move_bench_runs_and_every_connection_moves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("move.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff-bench-move"))
-        .args(["--conns", "0,20", "--upgrades", "2"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_handoff-bench-move"));
+    cmd.args(["--conns", "0,20", "--upgrades", "2"])
         .arg("--json")
         .arg(&json)
         .arg("--workdir")
-        .arg(dir.path().join("work"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("starting handoff-bench-move");
-    let mut status = None;
-    if !common::poll_until(Duration::from_secs(60), || {
-        status = child.try_wait().expect("try_wait");
-        status.is_some()
-    }) {
-        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("handoff-bench-move did not finish within 60 s");
-    }
-    let status = status.expect("exited");
-    let out = child.wait_with_output().expect("output");
+        .arg(dir.path().join("work"));
+    let out = run_bounded(&mut cmd, "handoff-bench-move", Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        status.success(),
-        "handoff-bench-move failed: {status}\n{stderr}"
-    );
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON")).expect("JSON");
     let series = v.as_array().expect("series");

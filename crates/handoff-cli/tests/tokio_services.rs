@@ -322,21 +322,7 @@ fn kv_example_with_state_loses_no_acknowledged_write_across_upgrades() {
 
     let stats = load.finish();
     assert_no_failures(&stats, &sup);
-    let acked = stats.acked.lock().unwrap().clone();
-    assert_eq!(
-        acked.len(),
-        8,
-        "every writer had writes acknowledged: {acked:?}"
-    );
-    for (key, value) in &acked {
-        let got = http_load::get_once(sup.addr, &format!("/kv/{key}"))
-            .unwrap_or_else(|e| panic!("GET /kv/{key}: {e}"));
-        assert_eq!(
-            got,
-            (200, value.to_string().into_bytes()),
-            "{key}: the last acknowledged write ({value}) reads back"
-        );
-    }
+    http_load::assert_acked_read_back(sup.addr, &stats, 8);
 }
 
 /// A connection to the kv example that stored `first` = `1` (so the

@@ -354,6 +354,27 @@ async fn writer(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<S
     }
 }
 
+/// Every acknowledged write reads back: exactly `writers` keys were
+/// acknowledged, and `GET /kv/KEY` answers each one's last acknowledged
+/// value.
+pub fn assert_acked_read_back(addr: SocketAddr, stats: &Stats, writers: usize) {
+    let acked = stats.acked.lock().unwrap().clone();
+    assert_eq!(
+        acked.len(),
+        writers,
+        "every writer had writes acknowledged: {acked:?}"
+    );
+    for (key, value) in &acked {
+        let got =
+            get_once(addr, &format!("/kv/{key}")).unwrap_or_else(|e| panic!("GET /kv/{key}: {e}"));
+        assert_eq!(
+            got,
+            (200, value.to_string().into_bytes()),
+            "{key}: the last acknowledged write ({value}) reads back"
+        );
+    }
+}
+
 /// `GET path` on a fresh connection: status and body.
 pub fn get_once(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
