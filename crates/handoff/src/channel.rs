@@ -138,6 +138,16 @@ impl Channel {
         sys::fdpass::wait_until_read(&self.stream, deadline)
     }
 
+    /// Waits up to `within` until `self` or `other` has something to read
+    /// (a frame, or the peer's hang-up): `Some(true)` for `other`, `Some(false)`
+    /// for `self`, `None` when neither. Lets one thread wait on a peer while
+    /// noticing at once that another one went away.
+    pub fn first_readable(&self, other: &Channel, within: Duration) -> io::Result<Option<bool>> {
+        use std::os::fd::AsFd;
+        let fds = [self.stream.as_fd(), other.stream.as_fd()];
+        Ok(sys::poll::first_readable(&fds, within)?.map(|i| i == 1))
+    }
+
     /// A handle that can send from another thread (heartbeats).
     pub fn sender(&self) -> io::Result<Sender> {
         Ok(Sender {

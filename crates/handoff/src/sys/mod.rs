@@ -49,6 +49,40 @@ pub mod accept {
     }
 }
 
+pub mod poll {
+    //! Waiting on more than one descriptor at once.
+    use std::io;
+    use std::os::fd::BorrowedFd;
+    use std::time::{Duration, Instant};
+
+    /// Waits up to `within` until one of `fds` is readable — has data, or
+    /// its peer hung up or failed (`POLLIN`, `POLLHUP`, `POLLERR`) — and
+    /// returns the index of the first such one; `None` if none is within
+    /// the time. `EINTR` is retried with the time left.
+    pub fn first_readable(fds: &[BorrowedFd<'_>], within: Duration) -> io::Result<Option<usize>> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let mut polled: Vec<PollFd<'_>> = fds
+                .iter()
+                .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+                .collect();
+            match poll(&mut polled, timeout) {
+                Ok(0) => return Ok(None),
+                Ok(_) => {
+                    return Ok(polled
+                        .iter()
+                        .position(|p| p.revents().is_some_and(|r| !r.is_empty())))
+                }
+                Err(nix::errno::Errno::EINTR) if !left.is_zero() => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            }
+        }
+    }
+}
+
 pub mod fd {
     //! Raw fd numbers from the environment (`LISTEN_FDS`, `HANDOFF_SOCK_FD`).
     use std::io;

@@ -465,11 +465,35 @@ impl<'a, 'o> Run<'a, 'o> {
             // connections' descriptors: read them with recvmsg, or the
             // kernel would discard them.
             let with_fds = peer == Peer::Incumbent && phase == SupervisorPhase::Draining;
+            let mut quiet = false;
+            if peer == Peer::Incumbent {
+                // While the incumbent drains and seals, the successor has
+                // nothing to say: anything readable on its channel is its
+                // hang-up (it died) or a protocol breach. Either aborts now,
+                // not after a drain that may last the whole drain grace
+                // while nobody accepts.
+                if let (Some(o), Some(n)) = (self.o.as_ref(), self.n.as_ref()) {
+                    match o.first_readable(&n.chan, timeout) {
+                        Ok(Some(true)) => return Err(self.successor_spoke(phase.name())),
+                        Ok(Some(false)) => {}
+                        Ok(None) => quiet = true,
+                        Err(e) => {
+                            return Err(ProtocolError::frame(peer, phase.name(), e.into()).into())
+                        }
+                    }
+                }
+            }
             let chan = match peer {
                 Peer::Incumbent => self.o.as_mut().expect("connected"),
                 _ => &mut self.n.as_mut().expect("spawned").chan,
             };
-            let got = if with_fds {
+            let got = if quiet {
+                // Nothing from the incumbent within the read timeout: the
+                // same failure a read that timed out reports.
+                Err(FrameError::TimedOut {
+                    waited_ms: timeout.as_millis() as u64,
+                })
+            } else if with_fds {
                 chan.recv_with_fds(timeout)
             } else {
                 chan.recv(Some(timeout)).map(|m| (m, vec![]))
@@ -520,6 +544,29 @@ impl<'a, 'o> Run<'a, 'o> {
                 msg => return Ok(msg),
             }
         }
+    }
+
+    /// The successor's channel turned readable while the incumbent drains
+    /// or seals: read what it is — its hang-up, or a message the phase
+    /// table does not allow there — and make it the handoff's failure.
+    fn successor_spoke(&mut self, phase: &'static str) -> HandoffError {
+        let Some(n) = self.n.as_mut() else {
+            return ProtocolError::Unexpected {
+                peer: Peer::Successor,
+                phase,
+                message: "a successor that was never spawned",
+            }
+            .into();
+        };
+        let e = match n.chan.recv(Some(self.t.wire_slack)) {
+            Err(e) => ProtocolError::frame(Peer::Successor, phase, e),
+            Ok(msg) => ProtocolError::Unexpected {
+                peer: Peer::Successor,
+                phase,
+                message: msg.name(),
+            },
+        };
+        self.successor_failure(e)
     }
 
     /// A move message from an incumbent that was not asked to move.
