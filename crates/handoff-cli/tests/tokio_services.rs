@@ -453,34 +453,64 @@ fn kv_example_drain_is_not_held_by_half_sent_heads() {
     );
 }
 
+/// Slow POST against a service with state (issue 14, item 4, the body's
+/// turn): a client that sent a request head and half its body, then
+/// stopped, is connected when an upgrade drains. Its request cannot move
+/// (it is mid-request) and used to hold the drain — nobody accepting — for
+/// the whole `--drain-grace` (30 s here). Now its body is cut once the head
+/// grace (1 s by default) is over: the handler's read fails, the client
+/// gets `408` and a close, nothing is stored, and the upgrade commits.
+#[test]
+fn kv_example_drain_is_not_held_by_a_stalled_body() {
+    let _guard = begin_test("kv_example_slow_body", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-kv"), &[]);
+    let mut stalled = stalled_put(sup.addr, Duration::from_secs(40));
+
+    let out = sup.upgrade(&["--drain-grace", "30s"]);
+    out.expect_committed();
+    let draining = out.phase_ms("draining");
+    assert!(
+        draining < 10_000.0,
+        "the drain took {draining} ms: held by the stalled body\n{out}"
+    );
+    let (head, _) = read_response(&mut stalled).expect("the stalled PUT is answered");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(
+        http_load::get_once(sup.addr, "/kv/late").unwrap().0,
+        404,
+        "nothing was written by the cut request"
+    );
+    assert_eq!(
+        http_load::get_once(sup.addr, "/kv/first").unwrap(),
+        (200, b"1".to_vec()),
+        "what was acknowledged before survived"
+    );
+}
+
 /// An upgrade aborted while the old build drains (issue 14, item 4): the
 /// old build stops draining and accepts again at once, instead of sitting
-/// out the rest of its drain grace. The way it was found: a service with
-/// state whose drain is held by a request stalled mid-body, the incumbent
-/// SIGSTOPped mid-drain so the supervisor aborts on liveness, then
-/// SIGCONTed — it used to answer again only when its 30 s drain grace
-/// ran out.
+/// out the rest of its drain grace. It was found with a service with state
+/// whose drain was held by a request stalled mid-body, the incumbent
+/// SIGSTOPped mid-drain so the supervisor aborted on liveness, then
+/// SIGCONTed — it used to answer again only when its 30 s drain grace ran
+/// out. A stalled body now holds a drain only for the head grace (1 s), less
+/// than any liveness timeout, so the abort comes from the other side: the
+/// new build is killed while the old one drains, within that second. That
+/// also proves the supervisor notices the new build's death *during* the
+/// drain (it used to learn of it only when it sent Begin, after the whole
+/// drain — the stalled body would then have been cut, `408`, not `200`).
 #[test]
 fn kv_example_accepts_again_at_once_when_an_upgrade_aborts_mid_drain() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let _guard = begin_test("kv_example_abort_mid_drain", Duration::from_secs(120));
     let dirs = TestDirs::new();
-    let opts = StartOpts {
-        env: vec![
-            ("HANDOFF_LIVENESS_MS".into(), "1500".into()),
-            ("HANDOFF_HEARTBEAT_MS".into(), "200".into()),
-        ],
-        ..StartOpts::default()
-    };
-    let sup = Supervisor::start_with(
-        &dirs.runtime,
-        &dirs.state,
-        &example("example-kv"),
-        &[],
-        &opts,
-    );
-    let old = Pid::from_raw(sup.first_pid as i32);
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &example("example-kv"), &[]);
     let mut stalled = stalled_put(sup.addr, Duration::from_secs(40));
 
     let mut upgrade = std::process::Command::new(handoff_bin())
@@ -494,16 +524,21 @@ fn kv_example_accepts_again_at_once_when_an_upgrade_aborts_mid_drain() {
     wait_until(Duration::from_secs(20), "the old build is draining", || {
         sup.stderr_log().contains("next=\"draining\"")
     });
-    kill(old, Signal::SIGSTOP).unwrap();
+    let next: Vec<u32> = sup
+        .children()
+        .into_iter()
+        .filter(|&p| p != sup.first_pid)
+        .collect();
+    assert_eq!(next.len(), 1, "one new build: {next:?}");
+    kill(Pid::from_raw(next[0] as i32), Signal::SIGKILL).unwrap();
     let mut status = None;
     let done = poll_until(Duration::from_secs(30), || {
         status = upgrade.try_wait().unwrap();
         status.is_some()
     });
-    let _ = kill(old, Signal::SIGCONT);
     if !done {
         let _ = upgrade.kill();
-        panic!("the upgrade did not end with its incumbent stopped");
+        panic!("the upgrade did not end with its new build killed");
     }
     let mut out = String::new();
     upgrade
@@ -527,7 +562,8 @@ fn kv_example_accepts_again_at_once_when_an_upgrade_aborts_mid_drain() {
         "answered {:?} after the abort: the drain ran on (grace 30 s)",
         resumed.elapsed()
     );
-    // And the stalled request, its connection still open, completes.
+    // And the stalled request, its connection still open, completes: had
+    // the drain gone on, its body would have been cut (408) a second in.
     write!(stalled, "cd").unwrap();
     let (head, _) = read_response(&mut stalled).unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

@@ -30,6 +30,7 @@ pub struct Builder {
     idle_grace: Duration,
     first_request_grace: Duration,
     head_grace: Duration,
+    min_body_rate: u64,
     drain_grace: Duration,
     max_connections: Option<usize>,
 }
@@ -154,8 +155,26 @@ impl Builder {
     /// is then answered `408 Request Timeout` and closed. This is what keeps
     /// a client that stops mid-request (slowloris) from holding a stateful
     /// drain, and so the accept gap, until the drain grace runs out.
+    ///
+    /// A request *body* still arriving gets the same grace, extended by what
+    /// its client sends (see [`min_body_rate`](Self::min_body_rate)); past
+    /// it the service reads an error from the body, and the response says
+    /// `Connection: close` (and `408`, if the service answered a failure).
     pub fn head_grace(mut self, d: Duration) -> Self {
         self.head_grace = d;
+        self
+    }
+
+    /// Once the drain began, the rate in bytes a second at which a request
+    /// body still arriving must keep coming (default 64 KiB/s): each byte
+    /// it sends buys `1 / rate` seconds beyond the
+    /// [`head_grace`](Self::head_grace). An upload keeping up the rate is
+    /// never cut; a client that stalls mid-body or trickles it (a "slow
+    /// POST") is, a head grace after the drain began — the same bound as
+    /// Apache's `mod_reqtimeout` `MinRate`. A service that must let slow
+    /// uploads finish during a drain lowers it (1 is the floor).
+    pub fn min_body_rate(mut self, bytes_per_second: u64) -> Self {
+        self.min_body_rate = bytes_per_second.max(1);
         self
     }
 
@@ -230,6 +249,7 @@ impl Builder {
                 idle: self.idle_grace,
                 first_request: self.first_request_grace,
                 head: self.head_grace,
+                min_body_rate: self.min_body_rate,
             },
             self.drain_grace,
         ));
@@ -353,6 +373,7 @@ impl Handoff {
             idle_grace: Duration::from_millis(250),
             first_request_grace: Duration::from_secs(2),
             head_grace: Duration::from_secs(1),
+            min_body_rate: 64 * 1024,
             drain_grace: Duration::from_secs(30),
             max_connections: None,
         }

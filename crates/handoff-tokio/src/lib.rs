@@ -34,8 +34,10 @@
 //! * **A drain that keeps keep-alive clients whole** ([`Handoff::serve`]):
 //!   requests in flight are answered; the next response on each HTTP/1.1
 //!   connection says `Connection: close`; idle connections close only after
-//!   a grace; a client stalled halfway through a request head gets `408`
-//!   after [`Builder::head_grace`], so no client can hold the drain; HTTP/2
+//!   a grace; a client stalled halfway through a request head — or its
+//!   body — gets `408` after [`Builder::head_grace`], so no client can hold
+//!   the drain (the service reads bodies as [`Incoming`], hyper's body
+//!   watched for that; axum and tonic never name it); HTTP/2
 //!   gets GOAWAY; closes never reset. hyper's own graceful
 //!   shutdown closes idle keep-alive connections at once and fails the
 //!   request each client was about to send.
@@ -70,4 +72,4 @@ pub use crate::control::Begin;
 pub use crate::error::{BoxError, Error};
 pub use crate::handoff::{Builder, Handoff};
 #[cfg(feature = "http")]
-pub use crate::http::Listen;
+pub use crate::http::{Incoming, Listen};

@@ -81,8 +81,12 @@ pub(crate) struct Graces {
     /// head's first byte, whichever is later); then it is answered `408
     /// Request Timeout` and closed. Without it one client that stops
     /// mid-head (slowloris) would hold a stateful drain — and so the accept
-    /// gap — until the drain grace ran out.
+    /// gap — until the drain grace ran out. A request body still arriving
+    /// gets the same grace, extended by what it sends (`http/body.rs`).
     pub(crate) head: Duration,
+    /// Bytes a second a request body must keep arriving at, once winding
+    /// down, not to be cut after the head grace.
+    pub(crate) min_body_rate: u64,
 }
 
 #[derive(Debug)]
@@ -273,6 +277,11 @@ impl Shared {
 
     /// When connections still open must be dropped: the wind-down's start
     /// plus its budget (far in the future while not winding down).
+    /// When the wind-down began; `None` while serving.
+    pub(crate) fn winding_since(&self) -> Option<Instant> {
+        lock(&self.wind_down).0
+    }
+
     pub(crate) fn hard_deadline(&self) -> Instant {
         let (since, grace) = *lock(&self.wind_down);
         since.unwrap_or_else(Instant::now) + grace
@@ -470,6 +479,7 @@ mod tests {
                 idle: Duration::from_millis(10),
                 first_request: Duration::from_millis(10),
                 head: Duration::from_millis(10),
+                min_body_rate: 1,
             },
             Duration::from_secs(1),
         ))

@@ -18,8 +18,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
+use handoff_tokio::Incoming;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
 #[tokio::main]
@@ -38,6 +38,8 @@ async fn main() -> Result<(), handoff_tokio::Error> {
     handoff.serve(listener, tower::service_fn(handle)).await
 }
 
+/// `handoff_tokio::Incoming` is hyper's request body, watched so that a
+/// client that stops sending its body cannot hold a drain.
 async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let pid = std::process::id();
     let (status, body) = match req.uri().path() {

@@ -2,8 +2,8 @@
 //! and its response body, named once for the private code that serves
 //! connections.
 
+use super::body::Incoming;
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use crate::error::BoxError;
 

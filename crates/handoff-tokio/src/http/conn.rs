@@ -14,7 +14,9 @@
 //!   grace: its client just connected and is about to);
 //! * one whose client has sent part of a request head gets the head grace
 //!   to finish it, then a `408 Request Timeout` and a close: a client that
-//!   stops mid-request (slowloris) cannot hold the drain;
+//!   stops mid-request (slowloris) cannot hold the drain; one whose client
+//!   stops sending the request *body* is bounded the same way, by its body
+//!   (`body.rs`), and closes after its response;
 //! * HTTP/2 gets GOAWAY at once: clients retry the streams it did not
 //!   process, by the spec;
 //! * an upgraded connection (WebSocket) leaves hyper; it stays counted, and
@@ -33,8 +35,9 @@ use std::task::Context;
 use std::time::Instant;
 
 use http::header::{HeaderValue, CONNECTION};
-use http::{Request, Response, Version};
-use hyper::body::Incoming;
+use http::{Request, Response, StatusCode, Version};
+
+use super::body::Incoming;
 
 use crate::error::BoxError;
 use crate::phase::Shared;
@@ -200,7 +203,7 @@ pub(crate) struct Tracked<S> {
     pub(crate) shared: Arc<Shared>,
 }
 
-impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
+impl<S, B> hyper::service::Service<Request<hyper::body::Incoming>> for Tracked<S>
 where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -211,7 +214,10 @@ where
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let (body, watch) = Incoming::new(body, &self.shared);
+        let req = Request::from_parts(parts, body);
         let h1 = req.version() < Version::HTTP_2;
         if !h1 {
             self.conn.h2.store(true, Ordering::SeqCst);
@@ -228,7 +234,17 @@ where
             let _guard = guard;
             std::future::poll_fn(|cx: &mut Context<'_>| svc.poll_ready(cx)).await?;
             let mut res = svc.call(req).await?;
-            if h1 && conn.close_after_response(&shared) {
+            let cut = watch.is_some_and(|w| w.cut());
+            if cut {
+                // The rest of the body is still on the socket: this
+                // connection cannot move, and closes after the response.
+                conn.set_no_move();
+                let s = res.status();
+                if s.is_client_error() || s.is_server_error() {
+                    *res.status_mut() = StatusCode::REQUEST_TIMEOUT;
+                }
+            }
+            if h1 && (cut || conn.close_after_response(&shared)) {
                 res.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }

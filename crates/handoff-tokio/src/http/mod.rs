@@ -2,6 +2,7 @@
 //! service — an axum `Router`, a tonic server, `tower::service_fn` — whose
 //! drain loses no request (see `conn.rs` for how each connection ends).
 
+mod body;
 mod bounds;
 mod conn;
 mod linger;
@@ -17,11 +18,11 @@ use std::time::Duration;
 use std::os::fd::AsFd;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use crate::error::{BoxError, Error};
 use crate::handoff::Handoff;
 use crate::phase::{Counted, Moved, Phase, Shared};
+pub use body::Incoming;
 use bounds::{ResBody, Svc};
 use conn::{ConnState, Ended, Tracked};
 use linger::Lingering;
@@ -44,6 +45,12 @@ impl Handoff {
     /// keep-alive connection's next response says `Connection: close`, idle
     /// ones are closed after a grace, HTTP/2 gets GOAWAY, and no close
     /// resets what the client had not read.
+    ///
+    /// The service gets each request's body as [`Incoming`]: hyper's,
+    /// watched so that once draining a client that stops sending its body
+    /// is cut after [`Builder::head_grace`](crate::Builder::head_grace)
+    /// (axum, tonic and tower services take any body; a plain hyper service
+    /// names `Request<handoff_tokio::Incoming>`).
     ///
     /// Returns `Err` only when this process's handoff failed (a new build
     /// whose upgrade was aborted): exit with it, the old build serves on.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +21,7 @@ fn graces_ms(idle: u64, first_request: u64, head: u64) -> Graces {
         idle: Duration::from_millis(idle),
         first_request: Duration::from_millis(first_request),
         head: Duration::from_millis(head),
+        min_body_rate: 65536,
     }
 }
 
@@ -46,6 +47,7 @@ impl Server {
                 idle,
                 first_request: Duration::from_secs(2),
                 head: Duration::from_secs(1),
+                min_body_rate: 65536,
             },
         )
         .await
@@ -55,13 +57,16 @@ impl Server {
         let handoff = Handoff::for_tests(stateless, graces);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new().route("/", get(|| async { "ok" })).route(
-            "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                "slow"
-            }),
-        );
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "slow"
+                }),
+            )
+            .route("/echo", put(|body: axum::body::Bytes| async move { body }));
         let h = handoff.clone();
         let serving = tokio::spawn(async move { h.serve(listener, app).await });
         Server {
@@ -473,6 +478,84 @@ async fn a_head_finished_within_the_head_grace_is_answered() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     assert_eq!(body, "ok");
+}
+
+/// A PUT whose client sent the head and 2 of its 10 body bytes, then
+/// stopped (a "slow POST"): what `/echo` has read so far.
+async fn stalled_body(addr: std::net::SocketAddr) -> TcpStream {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"PUT /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nab")
+        .await
+        .unwrap();
+    c
+}
+
+/// Issue 14, item 4, the body's turn: a client that stops halfway through
+/// a request *body* no longer holds a stateful drain until the drain grace.
+/// Once draining, the service's read of the body fails after the head
+/// grace; axum answers its body error, which goes out as `408` with
+/// `Connection: close`, and the connection closes with a FIN.
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_408_once_the_head_grace_is_over() {
+    let srv = Server::start_with(false, graces_ms(50, 50, 200)).await;
+    srv.shared().set_phase(Phase::Serving);
+    let mut c = stalled_body(srv.addr).await;
+    tokio::task::yield_now().await;
+    srv.shared().set_phase(Phase::Draining);
+    let (head, _) = read_response(&mut c)
+        .await
+        .expect("the stalled body is answered");
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    expect_eof(&mut c)
+        .await
+        .expect("a FIN after the 408, not a reset");
+    assert!(
+        no_open_connections(srv.shared()).await,
+        "{} connections still open: the stalled body holds the drain",
+        srv.shared().open_connections()
+    );
+}
+
+/// The body rule bounds a drain, not a client: while serving, a body may
+/// take its time, and one that finishes within the grace once draining is
+/// answered like any other request.
+#[tokio::test]
+async fn a_body_that_finishes_in_time_is_answered() {
+    let srv = Server::start_with(true, graces_ms(50, 50, 100)).await;
+    srv.shared().set_phase(Phase::Serving);
+    let mut c = stalled_body(srv.addr).await;
+    // Serving: well past the head grace, not cut.
+    let early = tokio::time::timeout(Duration::from_millis(300), c.read(&mut [0u8; 1])).await;
+    assert!(early.is_err(), "answered while serving: {early:?}");
+    c.write_all(b"cdef").await.unwrap();
+    // Draining, with a long grace: the rest arrives in time.
+    srv.shared().set_phase(Phase::Draining);
+    c.write_all(b"ghij").await.unwrap();
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "abcdefghij");
+}
+
+/// An aborted drain lifts the body's deadline: the stalled client, still
+/// connected, finishes its request later and is answered.
+#[tokio::test]
+async fn an_aborted_drain_lifts_the_body_deadline() {
+    let srv = Server::start_with(true, graces_ms(50, 50, 150)).await;
+    srv.shared().set_phase(Phase::Serving);
+    let mut c = stalled_body(srv.addr).await;
+    tokio::task::yield_now().await;
+    srv.shared().set_phase(Phase::Draining);
+    srv.shared().set_phase(Phase::Serving);
+    // Past the head grace of that drain: not cut, since it was aborted.
+    let early = tokio::time::timeout(Duration::from_millis(400), c.read(&mut [0u8; 1])).await;
+    assert!(early.is_err(), "cut after the drain aborted: {early:?}");
+    c.write_all(b"cdefghij").await.unwrap();
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(body, "abcdefghij");
 }
 
 /// Once a connection is closed (FIN sent), waiting for the client's EOF is
