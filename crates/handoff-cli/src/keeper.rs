@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::admin::{self, Request};
+use handoff_admin::schema::{self, Request};
+use handoff_admin::server;
 
 /// How often the admin socket's path is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -62,7 +63,7 @@ where
     let flag = replaced.clone();
     std::thread::Builder::new()
         .name("admin".into())
-        .spawn(move || admin::serve_until(listener, &flag, handle))?;
+        .spawn(move || server::serve_until(listener, &flag, handle))?;
     Ok(Serving {
         listener: twin,
         replaced,
@@ -73,7 +74,7 @@ fn keep<H>(runtime: &Path, mut serving: Serving, handle: &Arc<H>)
 where
     H: Fn(UnixStream, Request) + Send + Sync + 'static,
 {
-    let admin_path = admin::admin_path(runtime);
+    let admin_path = schema::admin_path(runtime);
     // The supervisor lock taken on a re-created dir; the first one is held
     // by `run` for the life of the process.
     let mut _lock: Option<File> = None;

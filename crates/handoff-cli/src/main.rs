@@ -23,7 +23,6 @@ macro_rules! eprintln {
     }};
 }
 
-mod admin;
 mod args;
 mod config;
 mod demo;
@@ -38,7 +37,6 @@ mod run;
 mod service;
 mod status;
 mod stop;
-mod stop_report;
 mod supervise;
 mod systemd;
 mod upgrade;

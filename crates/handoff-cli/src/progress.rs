@@ -18,7 +18,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use handoff::{HandoffError, PhaseDone, Report, Supervisor, SupervisorPhase};
-use serde::{Deserialize, Serialize};
+use handoff_admin::schema::status::{
+    Activity, Counts, InFlight, JournalView, LastHandoff, PhaseTiming, PreparedView, Trigger,
+};
 
 /// How often a waiting upgrade re-checks a slot held by someone this module
 /// does not see finish (a crash restart holds the library's slot too).
@@ -35,107 +37,6 @@ pub struct Hooks<'a> {
     pub waiting: &'a mut dyn FnMut(Option<InFlight>),
     /// The outcome of an attempt, while the slot is still held.
     pub done: &'a mut dyn FnMut(&Result<Report, HandoffError>),
-}
-
-/// What asked for the handoff.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Trigger {
-    /// `handoff upgrade` on the admin socket.
-    Admin,
-    /// SIGHUP to `handoff run`.
-    Sighup,
-}
-
-/// Handoffs since the supervisor started (crash restarts not included).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    pub committed: u64,
-    pub aborted: u64,
-}
-
-/// One finished phase.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PhaseTiming {
-    pub phase: String,
-    pub took_ms: f64,
-}
-
-/// The most recent handoff that ran (committed or aborted).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LastHandoff {
-    /// `0x…`; absent only for a failure before the library assigned one.
-    pub handoff_id: Option<String>,
-    pub trigger: Trigger,
-    /// `committed` or `aborted`.
-    pub outcome: String,
-    pub old_pid: Option<u32>,
-    /// The new incumbent (committed only).
-    pub new_pid: Option<u32>,
-    /// In order, as they ended; an aborted one ends with `resuming-after-abort`.
-    pub phases: Vec<PhaseTiming>,
-    pub total_ms: f64,
-    /// When it ended, milliseconds since the Unix epoch.
-    pub ended_at_ms: u64,
-    /// Why it aborted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// The handoff running right now, as this supervisor sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InFlight {
-    /// From the journal (absent in the instant before its first write lands).
-    pub handoff_id: Option<String>,
-    pub trigger: Trigger,
-    /// The phase running now: the one after the last that ended.
-    pub phase: String,
-    /// How long it has been in `phase`.
-    pub in_phase_ms: u64,
-    /// Since the handoff was admitted.
-    pub elapsed_ms: u64,
-    /// The phases that already ended.
-    pub phases: Vec<PhaseTiming>,
-}
-
-/// The journal's record of a handoff in flight (`<state-dir>/handoff.journal`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JournalView {
-    pub handoff_id: String,
-    pub phase: String,
-    pub incumbent_pid: Option<u32>,
-    pub successor_pid: Option<u32>,
-    pub started_at_ms: u64,
-}
-
-/// The activity part of a status reply (see `admin::Event::Status`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Activity {
-    pub supervisor_uptime_ms: u64,
-    /// From the kernel's start time of the incumbent process.
-    pub incumbent_uptime_ms: Option<u64>,
-    /// `handoff stop` or SIGTERM received: no new upgrades.
-    pub stopping: bool,
-    pub handoffs: Counts,
-    pub last_handoff: Option<LastHandoff>,
-    pub in_flight: Option<InFlight>,
-    /// Present while the journal records a handoff (upgrade or crash restart).
-    pub journal: Option<JournalView>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub journal_error: Option<String>,
-    /// A successor started ahead by `handoff upgrade --prepare`, held for
-    /// the next upgrade.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prepared: Option<PreparedView>,
-}
-
-/// A successor held for the next upgrade.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PreparedView {
-    pub pid: u32,
-    pub build_id: String,
-    pub binary: String,
-    pub held_ms: u64,
 }
 
 /// Why an upgrade did not run or did not commit.

@@ -16,11 +16,13 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use handoff_demo::counters::{self, Counters};
+use handoff_admin::schema::status::{Activity, PhaseTiming, Trigger};
+use handoff_admin::schema::{admin_path, Event, Request};
+use handoff_admin::{client, wire};
+use handoff_demo::counters;
+use serde_json::Value;
 
-use crate::admin::{self, Event, Request};
 use crate::args::RuntimeDir;
-use crate::progress::{Activity, PhaseTiming, Trigger};
 
 /// How long the supervisor waits for a service process that is mid-write
 /// to the counters region (a write takes microseconds).
@@ -68,9 +70,12 @@ pub struct StatusArgs {
 
 /// The counters for a `Status` reply: `(counters, error)`, both `None` when
 /// the service keeps no counters region in `state_dir`.
-pub fn service_counters(state_dir: &Path) -> (Option<Counters>, Option<String>) {
+pub fn service_counters(state_dir: &Path) -> (Option<Value>, Option<String>) {
     match counters::read(state_dir, READ_BUDGET) {
-        Ok(c) => (c, None),
+        Ok(c) => match c.map(serde_json::to_value).transpose() {
+            Ok(v) => (v, None),
+            Err(e) => (None, Some(e.to_string())),
+        },
         Err(e) => (None, Some(e.to_string())),
     }
 }
@@ -84,15 +89,15 @@ pub fn main(a: StatusArgs) -> ExitCode {
         }
         ExitCode::from(2)
     };
-    let path = admin::admin_path(&a.rt.runtime_dir);
-    let stream = match admin::connect(&a.rt.runtime_dir) {
+    let path = admin_path(&a.rt.runtime_dir);
+    let stream = match client::connect(&a.rt.runtime_dir) {
         Ok(s) => s,
-        Err(msg) => return fail(msg),
+        Err(e) => return fail(e.to_string()),
     };
-    if let Err(e) = admin::send(&stream, &Request::Status) {
+    if let Err(e) = wire::send(&stream, &Request::Status) {
         return fail(format!("sending the request to {}: {e}", path.display()));
     }
-    let ev: Event = match admin::recv(&stream, Some(REPLY_TIMEOUT)) {
+    let ev: Event = match wire::recv(&stream, Some(REPLY_TIMEOUT)) {
         Ok(ev) => ev,
         Err(e) => return fail(format!("reading from the supervisor: {e}")),
     };
@@ -169,39 +174,80 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
     if let Some(e) = service_counters_error {
         let _ = writeln!(o, "service counters   unreadable: {e}");
     }
-    let Some(c) = service_counters else {
-        return o;
-    };
-    let _ = writeln!(o, "requests served    {}", c.requests_served);
-    let _ = writeln!(o, "handoffs survived  {}", c.handoffs_survived);
-    let _ = writeln!(
-        o,
-        "updated            {} ago",
-        age(now_ms.saturating_sub(c.updated_at_ms))
-    );
-    let _ = writeln!(
-        o,
-        "generations        {} started, last {}:",
-        c.generations_started,
-        c.generations.len()
-    );
-    let _ = writeln!(
-        o,
-        "  {:>5}  {:>8}  {:>10}  {:>12}  how",
-        "gen", "pid", "started", "requests"
-    );
-    for g in &c.generations {
-        let _ = writeln!(
-            o,
-            "  {:>5}  {:>8}  {:>10}  {:>12}  {}",
-            g.number,
-            g.pid,
-            format!("{} ago", age(now_ms.saturating_sub(g.started_at_ms))),
-            g.requests,
-            if g.via_handoff { "handoff" } else { "start" }
-        );
+    if let Some(c) = service_counters {
+        render_counters(&mut o, c, now_ms);
     }
     o
+}
+
+/// The service's counters, opaque JSON to the supervisor, in words. The
+/// fields the demo publishes (and any service may: see `docs/design.md`
+/// §9) read as they always did — totals, the last update's age, one line
+/// per generation; any other field is shown as `name  value`, a
+/// `*_at_ms` one as an age.
+fn render_counters(o: &mut String, c: &Value, now_ms: u64) {
+    use std::fmt::Write;
+    /// Shown above; not again as plain fields.
+    const KNOWN: [&str; 5] = [
+        "requests_served",
+        "handoffs_survived",
+        "updated_at_ms",
+        "generations_started",
+        "generations",
+    ];
+    let Some(map) = c.as_object() else {
+        let _ = writeln!(o, "service counters   {c}");
+        return;
+    };
+    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    let ago = |at_ms: u64| format!("{} ago", age(now_ms.saturating_sub(at_ms)));
+    if let Some(n) = num(c, "requests_served") {
+        let _ = writeln!(o, "requests served    {n}");
+    }
+    if let Some(n) = num(c, "handoffs_survived") {
+        let _ = writeln!(o, "handoffs survived  {n}");
+    }
+    if let Some(t) = num(c, "updated_at_ms") {
+        let _ = writeln!(o, "updated            {}", ago(t));
+    }
+    if let Some(gens) = c.get("generations").and_then(Value::as_array) {
+        let started = num(c, "generations_started").unwrap_or(gens.len() as u64);
+        let _ = writeln!(
+            o,
+            "generations        {started} started, last {}:",
+            gens.len()
+        );
+        let _ = writeln!(
+            o,
+            "  {:>5}  {:>8}  {:>10}  {:>12}  how",
+            "gen", "pid", "started", "requests"
+        );
+        let field = |g: &Value, k: &str| num(g, k).map_or_else(|| "-".into(), |n| n.to_string());
+        for g in gens {
+            let how = match g.get("via_handoff").and_then(Value::as_bool) {
+                Some(true) => "handoff",
+                Some(false) => "start",
+                None => "-",
+            };
+            let _ = writeln!(
+                o,
+                "  {:>5}  {:>8}  {:>10}  {:>12}  {how}",
+                field(g, "number"),
+                field(g, "pid"),
+                num(g, "started_at_ms").map_or_else(|| "-".into(), ago),
+                field(g, "requests"),
+            );
+        }
+    } else if let Some(n) = num(c, "generations_started") {
+        let _ = writeln!(o, "generations        {n} started");
+    }
+    for (k, v) in map.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())) {
+        let (label, value) = match (k.strip_suffix("_at_ms"), v.as_u64()) {
+            (Some(what), Some(at)) => (what.replace('_', " "), ago(at)),
+            _ => (k.replace('_', " "), v.to_string()),
+        };
+        let _ = writeln!(o, "{label:<18} {value}");
+    }
 }
 
 /// Handoff counts, the last handoff, the one in flight, the journal.
@@ -280,11 +326,18 @@ mod tests {
 
     #[test]
     fn renders_counters_and_omits_them_when_absent() {
-        let mut c = Counters::default();
-        let g = c.begin_generation(41, false, 1_000);
-        c.add_requests(g, 41, 5, 1_500);
-        let g = c.begin_generation(42, true, 2_000);
-        c.add_requests(g, 42, 7, 2_500);
+        // What the demo publishes after process 41 served 5 requests and
+        // process 42, which took over in a handoff, 7.
+        let c = serde_json::json!({
+            "requests_served": 12,
+            "handoffs_survived": 1,
+            "generations_started": 2,
+            "updated_at_ms": 2_500,
+            "generations": [
+                {"number": 1, "pid": 41, "via_handoff": false, "started_at_ms": 1_000, "requests": 5},
+                {"number": 2, "pid": 42, "via_handoff": true, "started_at_ms": 2_000, "requests": 7},
+            ],
+        });
         let mut ev = Event::Status {
             supervisor_pid: 1,
             incumbent_pid: Some(42),
@@ -319,7 +372,9 @@ mod tests {
 
     #[test]
     fn renders_handoffs_and_round_trips_the_json() {
-        use crate::progress::{Counts, InFlight, JournalView, LastHandoff};
+        use handoff_admin::schema::status::{
+            Counts, InFlight, JournalView, LastHandoff, PreparedView,
+        };
         let timing = |phase: &str, took_ms| PhaseTiming {
             phase: phase.into(),
             took_ms,
@@ -367,7 +422,7 @@ mod tests {
                     started_at_ms: 1_700,
                 }),
                 journal_error: None,
-                prepared: Some(crate::progress::PreparedView {
+                prepared: Some(PreparedView {
                     pid: 44,
                     build_id: "b2".into(),
                     binary: "/opt/kv/v2/kv".into(),
@@ -395,6 +450,35 @@ mod tests {
         assert_eq!(json["last_handoff"]["trigger"], "sighup");
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, ev);
+    }
+
+    /// Another service's counters: whatever fields it publishes, each on a
+    /// line of its own, a `*_at_ms` one as an age.
+    #[test]
+    fn renders_counters_it_does_not_know() {
+        let ev = Event::Status {
+            supervisor_pid: 1,
+            incumbent_pid: Some(42),
+            build_id: "b".into(),
+            listeners: vec![],
+            retiring_pids: vec![],
+            service_counters: Some(serde_json::json!({
+                "cache_hits": 7,
+                "last_flush_at_ms": 2_000,
+                "mode": "warm",
+            })),
+            service_counters_error: None,
+            activity: Activity::default(),
+        };
+        let text = render(&ev, 3_000);
+        for want in [
+            "cache hits         7",
+            "last flush         1.0s ago",
+            "mode               \"warm\"",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(!text.contains("requests served"), "{text}");
     }
 
     #[test]

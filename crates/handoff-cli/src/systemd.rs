@@ -37,7 +37,8 @@ use handoff::notify::{NotifyError, NotifyReport, NotifySupervisor};
 use handoff::sd_notify::{self, Notifier, State};
 use handoff::{HandoffError, Report, Supervisor};
 
-use crate::admin::{self, Event, Request};
+use handoff_admin::schema::{Event, Request};
+use handoff_admin::wire;
 
 struct Systemd {
     notifier: Notifier,
@@ -379,11 +380,11 @@ pub fn admin_probe(admin_path: PathBuf, timeout: Duration) -> impl Fn() -> bool 
             return false;
         };
         let _ = s.set_write_timeout(Some(timeout));
-        if admin::send(&s, &Request::Status).is_err() {
+        if wire::send(&s, &Request::Status).is_err() {
             return false;
         }
         matches!(
-            admin::recv::<Event>(&s, Some(timeout)),
+            wire::recv::<Event>(&s, Some(timeout)),
             Ok(Event::Status { .. })
         )
     }

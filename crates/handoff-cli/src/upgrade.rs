@@ -25,7 +25,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::admin::{self, Event, Request};
+use handoff_admin::schema::status::Trigger;
+use handoff_admin::schema::{admin_path, Event, Request};
+use handoff_admin::{client, wire};
+
 use crate::args::RuntimeDir;
 
 #[derive(clap::Args, Debug)]
@@ -84,7 +87,7 @@ EXAMPLES:
   handoff upgrade --runtime-dir /run/kv        # or: kill -HUP <handoff run pid>";
 
 pub fn main(a: UpgradeArgs) -> ExitCode {
-    let path = admin::admin_path(&a.rt.runtime_dir);
+    let path = admin_path(&a.rt.runtime_dir);
     let fail = |msg: String, json: bool| {
         if json {
             println!("{}", serde_json::json!({"event": "error", "message": msg}));
@@ -98,9 +101,9 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return fail(format!("--binary: {e}"), a.json),
     };
-    let stream = match admin::connect_within(&a.rt.runtime_dir, a.wait) {
+    let stream = match client::connect_within(&a.rt.runtime_dir, a.wait) {
         Ok(s) => s,
-        Err(msg) => return fail(msg, a.json),
+        Err(e) => return fail(e.to_string(), a.json),
     };
     let req = if a.prepare {
         Request::Prepare { binary }
@@ -114,7 +117,7 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
             wait_ms: a.wait.map(|d| d.as_millis() as u64),
         }
     };
-    if let Err(e) = admin::send(&stream, &req) {
+    if let Err(e) = wire::send(&stream, &req) {
         return fail(
             format!("sending the request to {}: {e}", path.display()),
             a.json,
@@ -124,7 +127,7 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
     loop {
         // The supervisor enforces the handoff's own deadlines; this only
         // guards against a wedged supervisor.
-        let ev: Event = match admin::recv(&stream, Some(Duration::from_secs(3600))) {
+        let ev: Event = match wire::recv(&stream, Some(Duration::from_secs(3600))) {
             Ok(ev) => ev,
             Err(e) => return fail(format!("reading from the supervisor: {e}"), a.json),
         };
@@ -220,8 +223,8 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                                 .map(|id| format!("handoff {id}"))
                                 .unwrap_or_else(|| "a handoff".into()),
                             match f.trigger {
-                                crate::progress::Trigger::Admin => "handoff upgrade",
-                                crate::progress::Trigger::Sighup => "SIGHUP",
+                                Trigger::Admin => "handoff upgrade",
+                                Trigger::Sighup => "SIGHUP",
                             },
                             f.phase,
                             f.in_phase_ms as f64 / 1000.0

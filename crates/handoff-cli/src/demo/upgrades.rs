@@ -7,7 +7,8 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::admin::{self, Event, Request};
+use handoff_admin::schema::{admin_path, Event, Request};
+use handoff_admin::wire;
 
 /// Budget of one handoff from start to Ready. The demo service needs milliseconds; this
 /// only bounds how long a stop can wait for an upgrade in flight.
@@ -74,7 +75,7 @@ fn upgrade_once(runtime_dir: &Path) -> (Vec<(String, f64)>, Outcome) {
         phase: None,
         reason,
     };
-    let path = admin::admin_path(runtime_dir);
+    let path = admin_path(runtime_dir);
     let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
         Err(e) => {
@@ -88,11 +89,11 @@ fn upgrade_once(runtime_dir: &Path) -> (Vec<(String, f64)>, Outcome) {
         drain_grace_ms: Some(DRAIN_GRACE.as_millis() as u64),
         wait_ms: None,
     };
-    if let Err(e) = admin::send(&stream, &req) {
+    if let Err(e) = wire::send(&stream, &req) {
         return (phases, aborted(format!("sending the upgrade request: {e}")));
     }
     loop {
-        let event: Event = match admin::recv(&stream, Some(EVENT_TIMEOUT)) {
+        let event: Event = match wire::recv(&stream, Some(EVENT_TIMEOUT)) {
             Ok(ev) => ev,
             Err(e) => {
                 let reason = format!("reading from the supervisor: {e}");

@@ -1,5 +1,5 @@
 //! The admin socket in notify mode: the same requests and events as in
-//! library mode (`crate::admin`), so `handoff upgrade`, `status` and `stop`
+//! library mode (`handoff_admin`), so `handoff upgrade`, `status` and `stop`
 //! work unchanged. Phases are notify mode's own: `spawned`, `ready`,
 //! `old-signalled`, then `old-stopped` or `old-killed`.
 
@@ -11,12 +11,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use handoff::notify::{NotifyError, NotifyOptions, NotifyPhaseDone, NotifyReport};
 use handoff::Program;
+use handoff_admin::schema::status::{Activity, LastHandoff, PhaseTiming, Trigger};
+use handoff_admin::schema::stop::StopReport;
+use handoff_admin::schema::{Event, Request};
+use handoff_admin::wire;
 use nix::sys::signal::Signal;
 
 use super::ctx::Ctx;
-use crate::admin::{self, Event, Request};
-use crate::progress::{Activity, LastHandoff, PhaseTiming, Trigger};
-use crate::stop_report::{ProcessEnd, StopReport};
+use crate::stop::{judge, Asked};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -112,7 +114,7 @@ pub(super) fn upgrade(
 fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
     match req {
         Request::Prepare { .. } | Request::Discard => {
-            let _ = admin::send(
+            let _ = wire::send(
                 &stream,
                 &Event::Error {
                     message: "notify mode cannot prepare a successor ahead: a socket-activated program starts serving as soon as it starts, so there is nothing to hold; prepared upgrades need a service that links the handoff library (--mode library)".into(),
@@ -123,7 +125,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
             let h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
             let pid = ctx.sup.incumbent_pid();
             let announced = ctx.sup.incumbent_announced().and_then(|a| a.status);
-            let _ = admin::send(
+            let _ = wire::send(
                 &stream,
                 &Event::Status {
                     supervisor_pid: std::process::id(),
@@ -154,7 +156,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                 .unwrap_or(ctx.sup.config().drain_grace);
             ctx.stopping.store(true, Ordering::SeqCst);
             let pid = ctx.sup.incumbent_pid();
-            let _ = admin::send(
+            let _ = wire::send(
                 &stream,
                 &Event::Stopping {
                     supervisor_pid: std::process::id(),
@@ -166,12 +168,12 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
             let t0 = Instant::now();
             let ended = ctx.sup.stop(grace);
             let processes = match ended {
-                Some(s) => vec![ProcessEnd::judge(
+                Some(s) => vec![judge(
                     s.pid,
                     "incumbent",
                     Some(s.exit),
                     s.killed,
-                    &crate::stop::Asked::Signal {
+                    &Asked::Signal {
                         signal: ctx.sup.config().stop_signal,
                         // No control socket in notify mode: the signal is the
                         // way, not a fallback.
@@ -181,7 +183,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                 )],
                 None => vec![],
             };
-            let _ = admin::send(
+            let _ = wire::send(
                 &stream,
                 &Event::Stopped(StopReport {
                     supervisor_pid: std::process::id(),
@@ -209,7 +211,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                 drain_grace: drain_grace_ms.map(Duration::from_millis),
             };
             let mut observer = |p: NotifyPhaseDone| {
-                let _ = admin::send(
+                let _ = wire::send(
                     &stream,
                     &Event::Phase {
                         phase: p.phase.name().to_string(),
@@ -227,7 +229,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                     {
                         if !told {
                             told = true;
-                            let _ = admin::send(
+                            let _ = wire::send(
                                 &stream,
                                 &Event::Waiting {
                                     in_flight: None,
@@ -279,7 +281,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                     }
                 }
             };
-            let _ = admin::send(&stream, &ev);
+            let _ = wire::send(&stream, &ev);
         }
     }
 }

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use handoff::notify::NotifySupervisor;
 use handoff::Program;
-
-use crate::progress::{Counts, LastHandoff};
+use handoff_admin::schema::status::{Counts, LastHandoff};
 
 /// State shared by the admin threads, the monitor and the main thread.
 pub(crate) struct Ctx {

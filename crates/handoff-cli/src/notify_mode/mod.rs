@@ -209,7 +209,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
             })?;
     }
 
-    let admin_path = crate::admin::admin_path(&p.runtime_dir);
+    let admin_path = handoff_admin::schema::admin_path(&p.runtime_dir);
     let _ = fs::remove_file(&admin_path); // stale: we hold the supervisor lock
     let admin_listener = UnixListener::bind(&admin_path)
         .with_context(|| format!("binding {}", admin_path.display()))?;
@@ -236,7 +236,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
                 std::thread::spawn(move || {
                     let r = admin::upgrade(
                         &ctx,
-                        crate::progress::Trigger::Sighup,
+                        handoff_admin::schema::status::Trigger::Sighup,
                         &ctx.program,
                         NotifyOptions::default(),
                         &mut |_| {},
@@ -259,7 +259,7 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
                 ctx.stopping.store(true, Ordering::SeqCst);
                 let t0 = Instant::now();
                 if let Some(s) = ctx.sup.stop(ctx.sup.config().drain_grace) {
-                    let end = crate::stop::ProcessEnd::judge(
+                    let end = crate::stop::judge(
                         s.pid,
                         "incumbent",
                         Some(s.exit),

@@ -16,17 +16,22 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use handoff::{HandoffOptions, Program, Supervisor, SupervisorConfig};
+use handoff_admin::schema;
+use handoff_admin::schema::status::Trigger;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::admin;
 use crate::args::RunArgs;
 use crate::listen::{bind, parse_listen};
 use crate::metrics::Metrics;
-use crate::progress::{Hooks, Progress, Trigger};
+use crate::progress::{Hooks, Progress};
 use crate::{restart, supervise};
 
+mod outcome;
 mod requests;
 use requests::{count_refusal, handle_admin, upgrade_counted, Ctx};
+
+/// File name of the incumbent's control socket inside the runtime dir.
+const CONTROL_SOCK: &str = "control.sock";
 
 /// `handoff run --help`: examples for each way of running.
 pub const AFTER_HELP: &str = "\
@@ -116,7 +121,7 @@ fn run(args: RunArgs) -> Result<()> {
     // we exit. See `restart` for why upgrades need no lock of their own.
     let restart_lock = restart::hold(&a.state_dir, &runtime)?;
 
-    let control = runtime.join(admin::CONTROL_SOCK);
+    let control = runtime.join(CONTROL_SOCK);
     let mut cfg = SupervisorConfig::new(&a.state_dir, &control);
     cfg.timeouts.deadline = a.deadline;
     cfg.timeouts.drain_grace = a.drain_grace;
@@ -221,7 +226,7 @@ fn run(args: RunArgs) -> Result<()> {
             })?;
     }
 
-    let admin_path = admin::admin_path(&runtime);
+    let admin_path = schema::admin_path(&runtime);
     let _ = fs::remove_file(&admin_path); // stale: we hold the supervisor lock
     let admin_listener = UnixListener::bind(&admin_path)
         .with_context(|| format!("binding {}", admin_path.display()))?;
@@ -301,7 +306,7 @@ fn run(args: RunArgs) -> Result<()> {
                     &ctx.stopping,
                     &ctx.program,
                     grace,
-                    &mut |r| eprintln!("handoff run: {}", crate::stop::summary(r)),
+                    &mut |r| eprintln!("handoff run: {}", r.summary()),
                 );
                 let _ = fs::remove_file(&admin_path);
                 drop(restart_lock);

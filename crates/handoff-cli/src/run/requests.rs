@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use handoff::{HandoffError, HandoffOptions, PhaseDone, Program, Supervisor};
+use handoff_admin::schema::status::{InFlight, Trigger};
+use handoff_admin::schema::{Event, Request};
+use handoff_admin::wire;
 use nix::sys::signal::Signal;
 
-use crate::admin::{self, Event, Request};
+use super::outcome::outcome_event;
 use crate::metrics::{Metrics, Outcome};
-use crate::progress::{Hooks, InFlight, Progress, Trigger, UpgradeFailure};
+use crate::progress::{Hooks, Progress, UpgradeFailure};
 use crate::status;
 
 pub(super) struct Ctx {
@@ -98,7 +101,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
         Request::Status => {
             let (service_counters, service_counters_error) =
                 status::service_counters(&ctx.state_dir);
-            let _ = admin::send(
+            let _ = wire::send(
                 &stream,
                 &Event::Status {
                     supervisor_pid: std::process::id(),
@@ -117,7 +120,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
             let grace = grace_ms
                 .map(Duration::from_millis)
                 .unwrap_or(ctx.sup.config().timeouts.drain_grace);
-            let _ = admin::send(
+            let _ = wire::send(
                 &stream,
                 &Event::Stopping {
                     supervisor_pid: std::process::id(),
@@ -133,7 +136,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                 &ctx.program,
                 grace,
                 &mut |r| {
-                    let _ = admin::send(&stream, &Event::Stopped(r.clone()));
+                    let _ = wire::send(&stream, &Event::Stopped(r.clone()));
                 },
             );
             // The main thread owns the exit (socket and lock clean-up):
@@ -150,7 +153,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
             let ev = match message {
                 Some(message) => Event::Error { message },
                 None => prepare_event(ctx.sup.prepare(&program, &mut |p: PhaseDone| {
-                    let _ = admin::send(
+                    let _ = wire::send(
                         &stream,
                         &Event::Phase {
                             phase: p.phase.name().to_string(),
@@ -159,14 +162,14 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                     );
                 })),
             };
-            let _ = admin::send(&stream, &ev);
+            let _ = wire::send(&stream, &ev);
         }
         Request::Discard => {
             let pid = ctx.sup.discard_prepared().map(|c| c.pid());
             if let Some(pid) = pid {
                 eprintln!("handoff run: discarded the prepared successor (pid {pid})");
             }
-            let _ = admin::send(&stream, &Event::Discarded { pid });
+            let _ = wire::send(&stream, &Event::Discarded { pid });
         }
         Request::Upgrade {
             binary,
@@ -180,7 +183,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                 drain_grace: drain_grace_ms.map(Duration::from_millis),
             };
             let mut observer = |p: PhaseDone| {
-                let _ = admin::send(
+                let _ = wire::send(
                     &stream,
                     &Event::Phase {
                         phase: p.phase.name().to_string(),
@@ -189,7 +192,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                 );
             };
             let mut on_wait = |in_flight: Option<InFlight>| {
-                let _ = admin::send(
+                let _ = wire::send(
                     &stream,
                     &Event::Waiting {
                         in_flight,
@@ -199,7 +202,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
             };
             // Sent while the handoff slot is still held (see `Hooks::done`).
             let mut done = |r: &Result<handoff::Report, HandoffError>| {
-                let _ = admin::send(&stream, &admin::outcome_event(r));
+                let _ = wire::send(&stream, &outcome_event(r));
             };
             let r = ctx.progress.upgrade(
                 &ctx.sup,
@@ -224,7 +227,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                 | UpgradeFailure::Handoff(HandoffError::InProgress)),
             ) = r
             {
-                let _ = admin::send(
+                let _ = wire::send(
                     &stream,
                     &Event::Error {
                         message: e.to_string(),

@@ -30,7 +30,9 @@
 //! error, is reported as such, and `handoff stop` exits 1: an operator must
 //! never read "drained" for cut requests.
 
-pub use crate::stop_report::{summary, Asked, ProcessEnd, StopReport};
+mod verdict;
+
+pub use verdict::{judge, Asked};
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,12 +40,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use handoff::{Child, Program, Supervisor};
+use handoff_admin::client;
+use handoff_admin::schema::stop::{ProcessEnd, StopReport};
+use handoff_admin::schema::{admin_path, Event, Request};
+use handoff_admin::wire;
 use nix::sys::signal::Signal;
 
-use crate::admin::{self, Event, Request};
 use crate::args::RuntimeDir;
 use crate::progress::{ms, Progress};
-use crate::stop_report::REAP;
+use verdict::REAP;
 
 pub const AFTER_HELP: &str = "\
 EXIT STATUS:
@@ -224,7 +229,7 @@ fn end_of(c: &Child, role: &str, asked: &Asked, t: Instant, deadline: Instant) -
         Some(e) => (Some(e), false),
         None => (c.kill_and_reap(REAP), true),
     };
-    ProcessEnd::judge(c.pid(), role, exit, killed, asked, t.elapsed())
+    judge(c.pid(), role, exit, killed, asked, t.elapsed())
 }
 
 /// `handoff stop`.
@@ -237,21 +242,21 @@ pub fn main(a: StopArgs) -> ExitCode {
         }
         ExitCode::from(2)
     };
-    let path = admin::admin_path(&a.rt.runtime_dir);
-    let stream = match admin::connect(&a.rt.runtime_dir) {
+    let path = admin_path(&a.rt.runtime_dir);
+    let stream = match client::connect(&a.rt.runtime_dir) {
         Ok(s) => s,
-        Err(msg) => return fail(msg),
+        Err(e) => return fail(e.to_string()),
     };
     let req = Request::Stop {
         grace_ms: a.grace.map(|d| d.as_millis() as u64),
     };
-    if let Err(e) = admin::send(&stream, &req) {
+    if let Err(e) = wire::send(&stream, &req) {
         return fail(format!("sending the request to {}: {e}", path.display()));
     }
     loop {
         // The supervisor bounds the stop (handoff deadline + grace + reap);
         // this only guards against a wedged one.
-        let ev: Event = match admin::recv(&stream, Some(Duration::from_secs(3600))) {
+        let ev: Event = match wire::recv(&stream, Some(Duration::from_secs(3600))) {
             Ok(ev) => ev,
             Err(e) => return fail(format!("reading from the supervisor: {e}")),
         };

@@ -1,15 +1,15 @@
-//! What a stop reports: how each process was asked to stop, how it ended,
-//! and the verdict on it (see [`ProcessEnd::judge`]).
+//! The verdict on how a process that was told to stop ended
+//! ([`judge`]), and how it was asked ([`Asked`]).
 //!
-//! Its own module, below both `stop` (which builds it) and the admin wire
-//! schema (whose `Stopped` event carries it), so the schema does not
-//! depend on the stop machinery.
+//! The report it fills in ([`ProcessEnd`], carried by the admin protocol's
+//! `stopped` event) is plain data in `handoff_admin::schema::stop`: the
+//! wire schema depends on nothing of the stop machinery, which builds it.
 
 use std::time::Duration;
 
 use handoff::Exit;
+use handoff_admin::schema::stop::ProcessEnd;
 use nix::sys::signal::Signal;
-use serde::{Deserialize, Serialize};
 
 use crate::progress::ms;
 
@@ -49,58 +49,22 @@ impl Asked {
     }
 }
 
-/// How one process ended.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProcessEnd {
-    pub pid: u32,
-    /// `incumbent`, `retiring`, or `prepared` (held for an upgrade).
-    pub role: String,
-    /// How it was asked to stop: `control-protocol` (Shutdown over its
-    /// control socket), a signal's name (`SIGTERM`: notify mode, or library
-    /// mode's fallback — see `fallback`), `commit` (retiring since its
-    /// handoff committed: nothing sent) or `abort` (a prepared successor).
-    /// Empty from a supervisor older than this field.
-    #[serde(default)]
-    pub asked: String,
-    /// Why a library-mode incumbent got a signal instead of the control
-    /// protocol (an older build, an unreachable control socket, a drain
-    /// that failed); absent otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fallback: Option<String>,
-    /// `exited`: drained — by itself, within the grace, with status 0 (a
-    /// prepared successor, told to abort, with any status; a process
-    /// adopted from a previous supervisor, whose status cannot be known,
-    /// once it is gone within the grace). `failed`: by
-    /// itself within the grace with another status. `signalled`: died of a
-    /// signal within the grace (the stop signal's default action when it
-    /// has no handler, or a crash). `killed`: SIGKILL after the grace.
-    /// `stuck`: still there after SIGKILL (uninterruptible sleep).
-    pub how: String,
-    /// Its exit status, where known.
-    pub exit: Option<String>,
-    /// Why it did not drain, in words; absent when it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub why: Option<String>,
-    pub took_ms: f64,
-}
-
-impl ProcessEnd {
-    /// Judges how a process that was told to stop ended. `exit`: its status
-    /// (`None`: still there after SIGKILL); `killed`: it outlived the grace
-    /// and got SIGKILL; `asked`: how it was told to stop.
-    pub fn judge(
-        pid: u32,
-        role: &str,
-        exit: Option<Exit>,
-        killed: bool,
-        asked: &Asked,
-        took: Duration,
-    ) -> ProcessEnd {
-        let sent = match asked {
-            Asked::Signal { signal, .. } => Some(*signal as i32),
-            _ => None,
-        };
-        let (how, why) = match exit {
+/// Judges how a process that was told to stop ended. `exit`: its status
+/// (`None`: still there after SIGKILL); `killed`: it outlived the grace
+/// and got SIGKILL; `asked`: how it was told to stop.
+pub fn judge(
+    pid: u32,
+    role: &str,
+    exit: Option<Exit>,
+    killed: bool,
+    asked: &Asked,
+    took: Duration,
+) -> ProcessEnd {
+    let sent = match asked {
+        Asked::Signal { signal, .. } => Some(*signal as i32),
+        _ => None,
+    };
+    let (how, why) = match exit {
             None => (
                 "stuck",
                 Some(format!(
@@ -141,91 +105,19 @@ impl ProcessEnd {
             // the grace; its status cannot be known (not our child).
             Some(Exit::Unknown) => ("exited", None),
         };
-        ProcessEnd {
-            pid,
-            role: role.into(),
-            asked: asked.name(),
-            fallback: match asked {
-                Asked::Signal { fallback, .. } => fallback.clone(),
-                _ => None,
-            },
-            how: how.into(),
-            exit: exit.map(|e| e.to_string()),
-            why,
-            took_ms: ms(took),
-        }
+    ProcessEnd {
+        pid,
+        role: role.into(),
+        asked: asked.name(),
+        fallback: match asked {
+            Asked::Signal { fallback, .. } => fallback.clone(),
+            _ => None,
+        },
+        how: how.into(),
+        exit: exit.map(|e| e.to_string()),
+        why,
+        took_ms: ms(took),
     }
-
-    /// Exited by itself within the grace (see [`ProcessEnd::how`]).
-    pub fn drained(&self) -> bool {
-        self.how == "exited"
-    }
-
-    /// How it was asked, in words ("" when the supervisor did not say).
-    pub fn asked_words(&self) -> String {
-        match self.asked.as_str() {
-            "" => String::new(),
-            "control-protocol" => "stopped through the control protocol".into(),
-            "commit" => "retiring since its handoff committed".into(),
-            "abort" => "told to abort".into(),
-            signal => format!("sent {signal}"),
-        }
-    }
-
-    /// One line for a log: role, pid, how, the exit status and why, and
-    /// how it was asked.
-    pub fn line(&self) -> String {
-        let exit = self
-            .exit
-            .as_deref()
-            .map(|e| format!(", {e}"))
-            .unwrap_or_default();
-        let why = self
-            .why
-            .as_deref()
-            .map(|w| format!(" — did not drain: {w}"))
-            .unwrap_or_default();
-        let asked = match self.asked_words() {
-            a if a.is_empty() => String::new(),
-            a => format!(" ({a})"),
-        };
-        format!(
-            "{} pid {} {} after {:.0} ms{exit}{why}{asked}",
-            self.role, self.pid, self.how, self.took_ms
-        )
-    }
-}
-
-/// What a stop did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StopReport {
-    pub supervisor_pid: u32,
-    pub grace_ms: f64,
-    /// Time spent letting a handoff in flight finish.
-    pub waited_for_handoff_ms: f64,
-    pub processes: Vec<ProcessEnd>,
-    pub total_ms: f64,
-}
-
-impl StopReport {
-    /// Every process it stopped drained (see [`ProcessEnd::drained`]).
-    pub fn drained(&self) -> bool {
-        self.processes.iter().all(ProcessEnd::drained)
-    }
-}
-
-/// One line for the supervisor's log.
-pub fn summary(r: &StopReport) -> String {
-    let procs: Vec<String> = r.processes.iter().map(ProcessEnd::line).collect();
-    format!(
-        "stopped in {:.0} ms: {}",
-        r.total_ms,
-        if procs.is_empty() {
-            "nothing was running".to_string()
-        } else {
-            procs.join("; ")
-        }
-    )
 }
 
 #[cfg(test)]
@@ -243,14 +135,14 @@ mod tests {
     fn drained_only_when_it_exited_0_by_itself() {
         let t = Duration::from_millis(5);
         for asked in [Asked::ControlProtocol, term(None), Asked::Commit] {
-            let ok = ProcessEnd::judge(1, "incumbent", Some(Exit::Code(0)), false, &asked, t);
+            let ok = judge(1, "incumbent", Some(Exit::Code(0)), false, &asked, t);
             assert!(ok.drained(), "{ok:?}");
             assert_eq!(ok.why, None);
-            let killed = ProcessEnd::judge(1, "incumbent", Some(Exit::Signal(9)), true, &asked, t);
+            let killed = judge(1, "incumbent", Some(Exit::Signal(9)), true, &asked, t);
             assert_eq!(killed.how, "killed");
-            let failed = ProcessEnd::judge(1, "incumbent", Some(Exit::Code(101)), false, &asked, t);
+            let failed = judge(1, "incumbent", Some(Exit::Code(101)), false, &asked, t);
             assert_eq!(failed.how, "failed");
-            let stuck = ProcessEnd::judge(1, "incumbent", None, true, &asked, t);
+            let stuck = judge(1, "incumbent", None, true, &asked, t);
             assert_eq!(stuck.how, "stuck");
         }
     }
@@ -261,7 +153,7 @@ mod tests {
     #[test]
     fn a_signal_death_names_the_handler_only_when_we_sent_that_signal() {
         let t = Duration::from_millis(5);
-        let sent = ProcessEnd::judge(
+        let sent = judge(
             1,
             "incumbent",
             Some(Exit::Signal(15)),
@@ -274,7 +166,7 @@ mod tests {
             .why
             .as_deref()
             .is_some_and(|w| w.contains("no SIGTERM handler")));
-        let asked = ProcessEnd::judge(
+        let asked = judge(
             1,
             "incumbent",
             Some(Exit::Signal(15)),
@@ -291,7 +183,7 @@ mod tests {
     #[test]
     fn the_report_says_how_it_asked_and_why_it_fell_back() {
         let t = Duration::from_millis(5);
-        let p = ProcessEnd::judge(
+        let p = judge(
             1,
             "incumbent",
             Some(Exit::Code(0)),
@@ -310,7 +202,7 @@ mod tests {
         assert_eq!(v["asked"], "control-protocol");
         assert!(v.get("fallback").is_none(), "{v}");
 
-        let p = ProcessEnd::judge(
+        let p = judge(
             2,
             "incumbent",
             Some(Exit::Code(0)),
@@ -321,7 +213,7 @@ mod tests {
         assert_eq!(p.asked, "SIGTERM");
         assert_eq!(p.fallback.as_deref(), Some("old build"));
         assert!(p.line().ends_with("(sent SIGTERM)"), "{}", p.line());
-        let r = ProcessEnd::judge(3, "retiring", Some(Exit::Code(0)), false, &Asked::Commit, t);
+        let r = judge(3, "retiring", Some(Exit::Code(0)), false, &Asked::Commit, t);
         assert_eq!(r.asked, "commit");
 
         // A report from a supervisor that predates the field still reads.

@@ -1,0 +1,182 @@
+//! What the admin socket's two ends say: one [`Request`], then [`Event`]s.
+//!
+//! Fields are only ever added (with `#[serde(default)]`), so a client and a
+//! supervisor of different builds still understand each other, and
+//! `handoff status --json` (which prints the `status` event) stays stable
+//! for scripts.
+
+pub mod status;
+pub mod stop;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use self::status::{Activity, InFlight};
+use self::stop::StopReport;
+
+/// File name of the admin socket inside the runtime dir.
+pub const ADMIN_SOCK: &str = "admin.sock";
+
+/// Where the admin socket of the supervisor using `runtime_dir` is.
+pub fn admin_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join(ADMIN_SOCK)
+}
+
+/// What a client asks; exactly one per connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Replace the service with a fresh process (`handoff upgrade`).
+    Upgrade {
+        /// Spawn this binary instead of the one `handoff run` was given.
+        binary: Option<PathBuf>,
+        /// Override the handoff's overall deadline for this one upgrade.
+        deadline_ms: Option<u64>,
+        /// Override the drain grace for this one upgrade.
+        drain_grace_ms: Option<u64>,
+        /// Wait this long for a handoff in flight to end instead of
+        /// refusing with "in progress".
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// Start the successor for the next upgrade now and hold it
+    /// (`handoff upgrade --prepare`); the next upgrade of the same binary
+    /// uses it.
+    Prepare {
+        /// Prepare this binary instead of the one `handoff run` was given.
+        binary: Option<PathBuf>,
+    },
+    /// Stop the successor held for the next upgrade
+    /// (`handoff upgrade --discard-prepared`).
+    Discard,
+    /// What runs (`handoff status`).
+    Status,
+    /// Stop the service and the supervisor; `grace_ms` defaults to the
+    /// supervisor's drain grace.
+    Stop {
+        /// How long the service gets to drain before SIGKILL.
+        #[serde(default)]
+        grace_ms: Option<u64>,
+    },
+}
+
+/// What the supervisor answers, one per frame; the last one of a
+/// conversation is final (committed, aborted, status, stopped, error…).
+// One event per frame, built and sent at once: its size in memory is of
+// no consequence, boxing the status would only add noise.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// One phase of the handoff ended.
+    Phase {
+        /// The phase's name (`negotiating`, `draining`, …).
+        phase: String,
+        /// How long it took.
+        took_ms: f64,
+    },
+    /// The handoff committed: the new process serves.
+    Committed {
+        /// `0x…`, as the journal and the log name it.
+        handoff_id: String,
+        /// The process that retired (none on a first start).
+        old_pid: Option<u32>,
+        /// The process that serves now.
+        new_pid: u32,
+        /// What the new process said it is.
+        build_id: String,
+        /// From the request to Commit.
+        total_ms: f64,
+        /// Things that went wrong without failing the handoff.
+        warnings: Vec<String>,
+        /// The handoff used a successor prepared ahead, held this long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prepared_for_ms: Option<f64>,
+        /// Live connections handed to the new process (their clients did
+        /// not reconnect); absent when a process speaks protocol version 2
+        /// or older, or in notify mode: the drain closed them all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connections_moved: Option<u64>,
+        /// Connections the drain closed instead of moving (HTTP/2, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connections_closed: Option<u64>,
+    },
+    /// `handoff upgrade --prepare`: the successor started, said Hello and
+    /// is held for the next upgrade.
+    Prepared {
+        /// `0x…`, the handoff it is held for.
+        handoff_id: String,
+        /// The held process.
+        pid: u32,
+        /// What it said it is.
+        build_id: String,
+        /// From the request to its Hello.
+        took_ms: f64,
+    },
+    /// `handoff upgrade --discard-prepared`: the held successor (if any)
+    /// was told to stop.
+    Discarded {
+        /// The process told to stop; none if nothing was held.
+        pid: Option<u32>,
+    },
+    /// The handoff did not commit; the old process serves on.
+    Aborted {
+        /// Absent for a failure before the library assigned one.
+        handoff_id: Option<String>,
+        /// The phase it failed in, where known.
+        phase: Option<String>,
+        /// Why, in words.
+        reason: String,
+    },
+    /// What runs (`handoff status`).
+    Status {
+        /// The supervisor's own pid.
+        supervisor_pid: u32,
+        /// The serving process, if any.
+        incumbent_pid: Option<u32>,
+        /// What the serving process said it is.
+        build_id: String,
+        /// `NAME=tcp://ADDR` or `NAME=unix:PATH`, as bound.
+        listeners: Vec<String>,
+        /// Old incumbents still finishing their connections.
+        retiring_pids: Vec<u32>,
+        /// The live counters the service publishes in its state dir, as
+        /// it wrote them: opaque JSON to the supervisor, which reads the
+        /// file itself (the service is never asked); absent when the
+        /// service publishes none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_counters: Option<serde_json::Value>,
+        /// Why the published counters exist but could not be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_counters_error: Option<String>,
+        /// Uptimes, handoff counts, the last handoff, the one in flight.
+        #[serde(flatten)]
+        activity: Activity,
+    },
+    /// `upgrade --wait`: another handoff holds the slot; ours runs after it.
+    Waiting {
+        /// What runs (absent when it is a crash restart).
+        in_flight: Option<InFlight>,
+        /// How long the request waits at most.
+        wait_ms: u64,
+    },
+    /// A stop was accepted: no new upgrades from now on.
+    Stopping {
+        /// The supervisor's own pid.
+        supervisor_pid: u32,
+        /// The process that will be asked to drain.
+        incumbent_pid: Option<u32>,
+        /// How long it gets before SIGKILL.
+        grace_ms: f64,
+        /// The handoff the stop waits for first, if any.
+        in_flight: Option<InFlight>,
+    },
+    /// The service is stopped; the supervisor exits right after this.
+    Stopped(StopReport),
+    /// The request itself failed (bad request, handoff already running…).
+    Error {
+        /// What the client is told.
+        message: String,
+    },
+}
