@@ -132,10 +132,20 @@ impl Channel {
         self.recv_with_ancillary(timeout, sys::fdpass::recv_with_fds)
     }
 
-    /// Waits until the peer has read everything sent so far, or `deadline`
-    /// (see [`Sender::wait_until_read`]).
-    pub fn wait_until_read(&self, deadline: Instant) -> io::Result<()> {
-        sys::fdpass::wait_until_read(&self.stream, deadline)
+    /// Waits until `n` more descriptors fit in `flight`'s window, or
+    /// `deadline` (see `sys::fdpass::InFlight`).
+    pub fn wait_room(
+        &self,
+        flight: &mut sys::fdpass::InFlight,
+        n: usize,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        flight.wait_room(&self.stream, n, deadline)
+    }
+
+    /// Records in `flight` a batch of `fds` descriptors just sent.
+    pub fn note_sent(&self, flight: &mut sys::fdpass::InFlight, fds: usize) {
+        flight.sent(&self.stream, fds);
     }
 
     /// Waits up to `within` until `self` or `other` has something to read
@@ -349,11 +359,21 @@ impl Sender {
         Ok(())
     }
 
-    /// Waits until the peer has read everything sent so far, or `deadline`
-    /// (see `sys::fdpass::unread_by_peer`: the flow control that keeps
+    /// Waits until `n` more descriptors fit in `flight`'s window, or
+    /// `deadline` (see `sys::fdpass::InFlight`: the flow control that keeps
     /// descriptors in flight under the user's limit).
-    pub fn wait_until_read(&self, deadline: Instant) -> io::Result<()> {
-        sys::fdpass::wait_until_read(&self.stream, deadline)
+    pub fn wait_room(
+        &self,
+        flight: &mut sys::fdpass::InFlight,
+        n: usize,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        flight.wait_room(&self.stream, n, deadline)
+    }
+
+    /// Records in `flight` a batch of `fds` descriptors just sent.
+    pub fn note_sent(&self, flight: &mut sys::fdpass::InFlight, fds: usize) {
+        flight.sent(&self.stream, fds);
     }
 
     /// Bounds every write on this connection (all its senders share the

@@ -275,8 +275,21 @@ impl Incumbent {
     /// They are this process's now — it is the incumbent — and their
     /// clients have not reconnected: take them before
     /// [`serve`](Self::serve), which blocks.
+    ///
+    /// Every one is a socket: a descriptor that is not (a broken peer) is
+    /// closed here with a warning. The check is made here rather than as
+    /// each batch arrived, where it would slow the drain.
     pub fn take_moved(&mut self) -> Vec<crate::MovedConnection> {
-        std::mem::take(&mut self.moved)
+        let (sockets, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.moved)
+            .into_iter()
+            .partition(|c| crate::sys::is_socket(&c.fd));
+        if !others.is_empty() {
+            tracing::warn!(
+                count = others.len(),
+                "descriptors moved to this process that are not sockets were closed"
+            );
+        }
+        sockets
     }
 
     /// Serves the control socket until this process is retired. Blocks the
@@ -527,13 +540,13 @@ impl Incumbent {
                 drain_grace_ms,
                 successor_pid,
                 move_connections,
-                max_batch,
+                max_in_flight,
             } => Self::prepared(
                 handoff_id,
                 successor_pid,
                 deadline_ms,
                 drain_grace_ms,
-                move_connections.then_some(max_batch as usize),
+                move_connections.then_some(max_in_flight as usize),
             ),
             Message::Shutdown {
                 stop_id,
@@ -572,8 +585,8 @@ impl Incumbent {
         // thread of their own (docs/connection-transfer.md). Without that
         // thread nothing is moved: the drain closes them, as before.
         let hex = crate::protocol::IdHex(id);
-        let (mover, flusher) = if let Some(max_batch) = moving {
-            let mover = crate::Mover::moving_at_most(max_batch);
+        let (mover, flusher) = if let Some(max_in_flight) = moving {
+            let mover = crate::Mover::moving_at_most(max_in_flight);
             let started = chan
                 .sender()
                 .and_then(|s| Flusher::start(s, id, mover.clone(), deadline));

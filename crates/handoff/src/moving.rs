@@ -99,6 +99,9 @@ struct Inner {
     /// Most descriptors per batch: the kernel's `SCM_MAX_FD` (253), or
     /// less under a low descriptor limit (`sys::fdpass::batch_for_limit`).
     batch: usize,
+    /// Most descriptors in flight to the supervisor at once: a quarter of
+    /// our limit and of the supervisor's (what it said in PrepareHandoffV3).
+    window: usize,
     queue: Mutex<Queue>,
     /// Signalled on every offer and on close.
     more: Condvar,
@@ -126,6 +129,7 @@ impl Mover {
         Mover(Arc::new(Inner {
             moving,
             batch: crate::sys::fdpass::batch_for_limit(None),
+            window: crate::sys::fdpass::window_for_limit(None),
             queue: Mutex::new(Queue {
                 open: moving,
                 ..Queue::default()
@@ -134,15 +138,16 @@ impl Mover {
         }))
     }
 
-    /// A mover for a handoff that moves connections, in batches of at most
-    /// `max_batch` descriptors (what the supervisor can take in at once)
-    /// and at most what our own descriptor limit allows.
-    pub(crate) fn moving_at_most(max_batch: usize) -> Mover {
+    /// A mover for a handoff that moves connections, with at most
+    /// `max_in_flight` descriptors on their way to the supervisor (what it
+    /// can take in) and at most what our own descriptor limit allows; a
+    /// batch is at most 253 of them.
+    pub(crate) fn moving_at_most(max_in_flight: usize) -> Mover {
         let m = Mover::new(true);
-        let own = m.0.batch;
         Mover(Arc::new(Inner {
             moving: true,
-            batch: own.min(max_batch).max(1),
+            batch: m.0.batch.min(max_in_flight).max(1),
+            window: m.0.window.min(max_in_flight).max(1),
             queue: Mutex::new(Queue {
                 open: true,
                 ..Queue::default()
@@ -194,12 +199,18 @@ impl Mover {
                 max: MAX_CONNECTION_BYTES,
             });
         }
+        if !self.queue().open {
+            return Err(MoveRefused::Closed);
+        }
+        // A duplicate: the service keeps its own until the outcome. Made
+        // outside the lock: a dup that grows the descriptor table sleeps
+        // in the kernel (see `sys::fdpass::reserve_table`), and every other
+        // offer would wait behind it.
+        let fd = fd.try_clone_to_owned().map_err(MoveRefused::Dup)?;
         let mut q = self.queue();
         if !q.open {
             return Err(MoveRefused::Closed);
         }
-        // A duplicate: the service keeps its own until the outcome.
-        let fd = fd.try_clone_to_owned().map_err(MoveRefused::Dup)?;
         q.conns.push(MovedConnection {
             fd,
             unread: unread.to_vec(),
@@ -299,6 +310,7 @@ impl Flusher {
             .name("handoff-move".into())
             .spawn(move || {
                 let mut moved = 0u64;
+                let mut flight = crate::sys::fdpass::InFlight::new(m.0.window);
                 let sent = loop {
                     let Some(batch) = m.next_batch() else {
                         break Ok(moved);
@@ -309,9 +321,9 @@ impl Flusher {
                     if let Err(e) = sender.set_write_timeout(Some(left)) {
                         break Err(FrameError::Io(e));
                     }
-                    // One batch in flight at a time (`sys::fdpass`): the
+                    // Within the window (`sys::fdpass::InFlight`): the
                     // kernel refuses descriptors past the user's limit.
-                    if let Err(e) = sender.wait_until_read(deadline) {
+                    if let Err(e) = sender.wait_room(&mut flight, batch.len(), deadline) {
                         break Err(FrameError::Io(e));
                     }
                     let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|c| c.fd.as_fd()).collect();
@@ -328,6 +340,7 @@ impl Flusher {
                     if let Err(e) = sender.send_with_fds(&msg, &fds) {
                         break Err(e);
                     }
+                    sender.note_sent(&mut flight, fds.len());
                     crate::crash::point("o-in-transfer");
                     moved += batch.len() as u64;
                     // The duplicates close here: the supervisor's copies

@@ -376,7 +376,7 @@ mod tests {
             deadline_ms: 3,
             drain_grace_ms: 4,
             move_connections: true,
-            max_batch: 253,
+            max_in_flight: 253,
         };
         assert!(IncumbentPhase::Idle.allows(&prep));
         assert!(!IncumbentPhase::Drained.allows(&prep));

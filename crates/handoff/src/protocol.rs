@@ -284,7 +284,7 @@ pub enum Message {
         /// Most descriptors one Connections batch may carry: what the
         /// supervisor can receive at once under its own descriptor limit
         /// (a quarter of it, at most 253).
-        max_batch: u32,
+        max_in_flight: u32,
     },
     /// Version ≥ [`MOVE_SINCE`]: a batch of connections, their descriptors
     /// attached (`SCM_RIGHTS`, one per entry, in order; at most 253).
@@ -378,7 +378,7 @@ bodies! {
     15 Listeners { names: Vec<String> }
     16 Shutdown { stop_id: HandoffId, drain_grace_ms: u64 }
     17 ShutdownDrained { stop_id: HandoffId, open_conns_remaining: u64, accept_closed: bool }
-    18 PrepareHandoffV3 { handoff_id: HandoffId, successor_pid: u32, deadline_ms: u64, drain_grace_ms: u64, move_connections: bool, max_batch: u32 }
+    18 PrepareHandoffV3 { handoff_id: HandoffId, successor_pid: u32, deadline_ms: u64, drain_grace_ms: u64, move_connections: bool, max_in_flight: u32 }
     19 Connections { handoff_id: HandoffId, conns: Vec<MovedMeta> }
     20 ConnectionsDone { handoff_id: HandoffId, moved: u64, closed: u64 }
 }
@@ -530,7 +530,7 @@ mod tests {
                 deadline_ms: 1000,
                 drain_grace_ms: 500,
                 move_connections: true,
-                max_batch: 253,
+                max_in_flight: 253,
             },
             Message::Connections {
                 handoff_id: 7,
@@ -603,7 +603,7 @@ mod tests {
             deadline_ms: 3,
             drain_grace_ms: 4,
             move_connections: true,
-            max_batch: 5,
+            max_in_flight: 5,
         };
         assert_eq!(p.encode(), vec![18, 1, 2, 3, 4, 1, 5]);
         let c = Message::Connections {

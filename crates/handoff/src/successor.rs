@@ -139,6 +139,13 @@ impl Boot {
                 )))
             }
         };
+        // Room for the connections a predecessor may move here, made now,
+        // while nothing waits on this process (`sys::fdpass::reserve_table`):
+        // growing the table as they arrive sleeps in the kernel each time.
+        match crate::sys::fdpass::reserve_table(crate::sys::fdpass::RESERVE_CAP) {
+            Ok(slots) => tracing::debug!(slots, "descriptor table reserved"),
+            Err(e) => tracing::debug!(error = %e, "descriptor table not reserved"),
+        }
         let listeners = listeners::take_from_env()?;
         let kept = listeners
             .iter()
@@ -442,9 +449,9 @@ fn recv_moving(chan: &mut Channel) -> Result<(Message, Vec<std::os::fd::OwnedFd>
     Ok((msg, fds))
 }
 
-/// Takes in one batch: as many descriptors as entries, each a socket.
-/// Anything else is a broken supervisor: refuse the handoff (the old
-/// incumbent keeps its copies and serves on).
+/// Takes in one batch: as many descriptors as entries. Anything else is a
+/// broken supervisor: refuse the handoff (the old incumbent keeps its
+/// copies and serves on).
 fn adopt(
     conns: Vec<crate::protocol::MovedMeta>,
     fds: Vec<std::os::fd::OwnedFd>,
@@ -465,17 +472,10 @@ fn adopt(
             },
         ));
     }
+    // Whether each is a socket is checked once this process owns them
+    // (`Incumbent::take_moved`), not here: an `fstat` per descriptor here
+    // would slow every batch of the drain, while nobody may be accepting.
     for (meta, fd) in conns.into_iter().zip(fds) {
-        if !crate::sys::is_socket(&fd) {
-            return Err(ProtocolError::frame(
-                Peer::Supervisor,
-                phase,
-                crate::frame::FrameError::Malformed {
-                    message: "Connections",
-                    reason: "a descriptor that is not a socket".into(),
-                },
-            ));
-        }
         into.push(MovedConnection {
             fd,
             unread: meta.unread,

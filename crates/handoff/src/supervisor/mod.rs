@@ -47,6 +47,14 @@ pub use types::{
 impl Supervisor {
     /// Fails only if the journal's writer thread cannot be started.
     pub fn new(cfg: SupervisorConfig, listeners: Vec<Listener>) -> std::io::Result<Supervisor> {
+        // Room for two batches of moved connections on their way through
+        // (`sys::fdpass::reserve_table`): without it the first upgrade that
+        // moves connections grows the table mid-relay, and each growth
+        // sleeps in the kernel for an RCU grace period.
+        let room = 2 * crate::sys::fdpass::MAX_FDS as u64 + 64;
+        if let Err(e) = crate::sys::fdpass::reserve_table(room) {
+            tracing::debug!(error = %e, "descriptor table not reserved");
+        }
         let journal = JournalWriter::new(Journal::new(&cfg.state_dir))?;
         Ok(Supervisor {
             cfg,

@@ -56,8 +56,8 @@ pub fn is_socket<F: AsFd>(fd: &F) -> bool {
 /// Unix socket's queue against the sending user, and refuses a send
 /// (`ETOOMANYREFS`) once that user has more in flight than the sender's
 /// `RLIMIT_NOFILE` — for every process of the user at once. A sender of
-/// many descriptors waits until its peer has read the previous batch, so
-/// at most one batch per hop is ever in flight.
+/// many descriptors keeps what it has in flight on each hop within a window
+/// ([`InFlight`], [`window_for_limit`]).
 ///
 /// Elsewhere it reports 0 (no flow control): macOS and the BSDs have no
 /// `SIOCOUTQ` for Unix sockets, and their limit on descriptors in flight is
@@ -103,25 +103,173 @@ pub fn batch_for_limit(limit: Option<u64>) -> usize {
     }
 }
 
-/// Waits until the peer of `sock` has read everything written to it, or
-/// `deadline`: the flow control of [`unread_by_peer`]. Polls, backing off
-/// from 50 µs to 1 ms (there is no readiness event for "the peer read it").
-pub fn wait_until_read<F: AsFd>(sock: &F, deadline: std::time::Instant) -> io::Result<()> {
-    let mut pause = std::time::Duration::from_micros(10);
-    loop {
-        if unread_by_peer(sock)? == 0 {
-            return Ok(());
+/// The descriptors a sender has on their way through one stream socket,
+/// batch by batch, so it can keep more than one batch in flight and still
+/// stay inside the kernel's limit (see [`unread_by_peer`]).
+///
+/// The peer reads in order, so what it has not read is always the newest
+/// batches: a batch is read once what is still unread fits in the batches
+/// sent after it. Sizes are in `SIOCOUTQ`'s own unit (kernel buffers, more
+/// than the bytes in them): each batch's is what the count grew by when it
+/// was sent. If the peer read meanwhile, a batch looks smaller and may be
+/// taken for read a little early — by at most one batch; the window is a
+/// quarter of the limit, so that stays far from it.
+#[derive(Debug)]
+pub struct InFlight {
+    /// Size and descriptors of each batch not known to be read, oldest
+    /// first.
+    sent: std::collections::VecDeque<(usize, usize)>,
+    units: usize,
+    fds: usize,
+    window: usize,
+    /// What was unread when the last `wait_room` returned.
+    before: usize,
+}
+
+impl InFlight {
+    /// At most `window` descriptors in flight (at least one batch always
+    /// goes).
+    pub fn new(window: usize) -> InFlight {
+        InFlight {
+            sent: std::collections::VecDeque::new(),
+            units: 0,
+            fds: 0,
+            window: window.max(1),
+            before: 0,
         }
-        let now = std::time::Instant::now();
-        if now >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer did not read the previous batch of descriptors in time",
-            ));
-        }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(std::time::Duration::from_micros(200));
     }
+
+    /// Records a batch of `fds` descriptors just sent on `sock`.
+    pub fn sent<F: AsFd>(&mut self, sock: &F, fds: usize) {
+        let after = unread_by_peer(sock).unwrap_or(self.before);
+        let size = after.saturating_sub(self.before);
+        self.sent.push_back((size, fds));
+        self.units += size;
+        self.fds += fds;
+    }
+
+    /// Forgets the batches the peer has read, given what it has not.
+    fn settle(&mut self, unread: usize) {
+        if unread == 0 {
+            self.sent.clear();
+            (self.units, self.fds) = (0, 0);
+            return;
+        }
+        while let Some(&(size, f)) = self.sent.front() {
+            if self.units - size < unread {
+                break;
+            }
+            self.sent.pop_front();
+            self.units -= size;
+            self.fds -= f;
+        }
+    }
+
+    /// Waits until `n` more descriptors fit in the window — the peer of
+    /// `sock` has read enough — or `deadline`. Polls, backing off from
+    /// 10 µs to 200 µs: there is no readiness event for "the peer read it".
+    pub fn wait_room<F: AsFd>(
+        &mut self,
+        sock: &F,
+        n: usize,
+        deadline: std::time::Instant,
+    ) -> io::Result<()> {
+        let mut pause = std::time::Duration::from_micros(10);
+        loop {
+            let unread = unread_by_peer(sock)?;
+            self.settle(unread);
+            if self.fds == 0 || self.fds + n <= self.window {
+                self.before = unread;
+                return Ok(());
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not read the descriptors sent to it in time",
+                ));
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(std::time::Duration::from_micros(200));
+        }
+    }
+}
+
+/// Most descriptors a sender whose `RLIMIT_NOFILE` is `limit` (the current
+/// soft limit when `None`) may have in flight on one hop: a quarter of it,
+/// so the two hops of a relay by the same user stay within half of it.
+pub fn window_for_limit(limit: Option<u64>) -> usize {
+    let soft = limit.or_else(|| {
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .ok()
+            .map(|(soft, _)| soft)
+    });
+    match soft {
+        Some(s) => usize::try_from(s / 4).unwrap_or(usize::MAX).max(1),
+        None => MAX_FDS,
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` of process `pid` (`prlimit(2)`; we may read
+/// it for a process of our own uid, or as root).
+#[cfg(target_os = "linux")]
+pub fn nofile_limit_of(pid: u32) -> io::Result<u64> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: with a null new limit prlimit only reads: it writes one
+    // `rlimit` through `&mut old`, alive and writable for the call.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(old.rlim_cur as u64)
+}
+
+/// Elsewhere another process's limit cannot be read.
+#[cfg(not(target_os = "linux"))]
+pub fn nofile_limit_of(_pid: u32) -> io::Result<u64> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// Most descriptor slots a successor reserves ([`reserve_table`]): 64 Ki
+/// slots are half a megabyte of kernel memory (one pointer each); past it
+/// the table grows as it always does.
+pub const RESERVE_CAP: u64 = 1 << 16;
+
+/// Grows this process's descriptor table now to `min(want, soft
+/// RLIMIT_NOFILE)` slots, so that thousands of descriptors arriving at once
+/// (moved connections, `docs/connection-transfer.md`) do not grow it on the
+/// way. Returns the slots reserved (0 when the limit is too small to matter).
+///
+/// Why: the kernel grows a table by doubling it, and in a process with more
+/// than one thread every growth waits for an RCU grace period
+/// (`expand_files` → `synchronize_rcu`), 10–20 ms on a 2-core VM. A successor
+/// taking in 10,000 connections grew its table 64 → 16 Ki slots — eight
+/// waits, ~75 ms of the drain spent asleep inside `recvmsg`. Growing once,
+/// at boot, costs one wait where nobody is waiting. A table never shrinks,
+/// so this is done once per process.
+///
+/// How: `fcntl(F_DUPFD_CLOEXEC)` of `/dev/null` to the top slot, closed at
+/// once — the one portable way to make the kernel size the table.
+pub fn reserve_table(want: u64) -> io::Result<u64> {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+    let slots = soft.min(want);
+    if slots <= 64 {
+        // Every table starts with 64 slots.
+        return Ok(0);
+    }
+    let top = i32::try_from(slots - 1).unwrap_or(i32::MAX);
+    let null = std::fs::File::open("/dev/null")?;
+    let raw = nix::fcntl::fcntl(&null, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(top))
+        .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+    // SAFETY: `raw` was just returned by F_DUPFD_CLOEXEC: an open
+    // descriptor nobody else knows of; the OwnedFd closes it once.
+    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+    Ok(slots)
 }
 
 #[cfg(test)]
@@ -129,6 +277,44 @@ mod tests {
     use super::*;
     use std::io::{Read, Seek, Write};
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn in_flight_keeps_a_window_of_descriptors_and_forgets_what_was_read() {
+        use std::time::{Duration, Instant};
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut w = InFlight::new(5);
+        let file = tempfile::tempfile().unwrap();
+        let soon = Instant::now() + Duration::from_secs(5);
+        // Two batches of 2 fit in a window of 5; a third does not until
+        // the peer reads.
+        for _ in 0..2 {
+            w.wait_room(&a, 2, soon).unwrap();
+            send_with_fds(&a, &[7u8; 100], &[file.as_fd(), file.as_fd()]).unwrap();
+            w.sent(&a, 2);
+        }
+        let err = w
+            .wait_room(&a, 2, Instant::now() + Duration::from_millis(20))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // The peer reads the first batch: room again.
+        let mut buf = [0u8; 100];
+        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
+        assert_eq!((n, fds.len()), (100, 2));
+        w.wait_room(&a, 2, soon).unwrap();
+        assert_eq!(w.fds, 2, "the second batch is still unread");
+        // A batch bigger than the window still goes when nothing is in
+        // flight.
+        let _ = recv_with_fds(&b, &mut buf).unwrap();
+        w.wait_room(&a, 50, soon).unwrap();
+        assert_eq!(w.fds, 0);
+    }
+
+    #[test]
+    fn the_window_is_a_quarter_of_the_limit() {
+        assert_eq!(window_for_limit(Some(1024)), 256);
+        assert_eq!(window_for_limit(Some(20_000)), 5_000);
+        assert_eq!(window_for_limit(Some(2)), 1);
+    }
 
     #[test]
     fn passes_a_working_descriptor() {
@@ -151,14 +337,10 @@ mod tests {
         let (a, mut b) = UnixStream::pair().unwrap();
         assert_eq!(unread_by_peer(&a).unwrap(), 0);
         (&a).write_all(b"hello").unwrap();
-        assert!(unread_by_peer(&a).unwrap() > 0);
-        let soon = std::time::Instant::now() + std::time::Duration::from_millis(20);
-        assert!(wait_until_read(&a, soon).is_err(), "nobody read it");
+        assert!(unread_by_peer(&a).unwrap() >= 5);
         let mut buf = [0u8; 5];
         b.read_exact(&mut buf).unwrap();
         assert_eq!(unread_by_peer(&a).unwrap(), 0);
-        let later = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        wait_until_read(&a, later).unwrap();
     }
 
     #[test]

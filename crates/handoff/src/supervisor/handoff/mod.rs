@@ -66,6 +66,9 @@ pub(super) struct Run<'a, 'o> {
     moving: bool,
     /// Connections relayed to the successor so far.
     relayed: u64,
+    /// The descriptors on their way to the successor (its window: see
+    /// `drain_and_seal`).
+    to_successor: sys::fdpass::InFlight,
     /// The incumbent's count (ConnectionsDone), when it moved any.
     moved: Option<ConnectionsMoved>,
 }
@@ -118,6 +121,7 @@ impl<'a, 'o> Run<'a, 'o> {
             hello_build: String::new(),
             moving: false,
             relayed: 0,
+            to_successor: sys::fdpass::InFlight::new(1),
             moved: None,
         }
     }
@@ -392,6 +396,20 @@ impl<'a, 'o> Run<'a, 'o> {
         let o = self.o.as_ref().expect("connected");
         // Version 3 on the incumbent's channel says whether to move its
         // connections: only when the successor can take them too.
+        // How many descriptors may be on their way on each hop: a quarter
+        // of the supervisor's limit and of the incumbent's, so that the two
+        // hops together stay within half of either (the kernel counts them
+        // against the user, `sys::fdpass::unread_by_peer`). The incumbent
+        // is told ours and applies its own; we apply both to ours. An
+        // incumbent whose limit cannot be read gets one batch at a time.
+        let own_window = sys::fdpass::window_for_limit(None);
+        let incumbent_window = self
+            .record
+            .incumbent_pid
+            .and_then(|pid| sys::fdpass::nofile_limit_of(pid).ok())
+            .map(|l| sys::fdpass::window_for_limit(Some(l)))
+            .unwrap_or(sys::fdpass::MAX_FDS);
+        self.to_successor = sys::fdpass::InFlight::new(own_window.min(incumbent_window));
         let prepare = if o.version() >= MOVE_SINCE {
             self.moving = self
                 .n
@@ -405,7 +423,7 @@ impl<'a, 'o> Run<'a, 'o> {
                 move_connections: self.moving,
                 // What we can take in at once: a batch lands in our own
                 // descriptor table before it goes on.
-                max_batch: sys::fdpass::batch_for_limit(None) as u32,
+                max_in_flight: u32::try_from(own_window).unwrap_or(u32::MAX),
             }
         } else {
             Message::PrepareHandoff {
@@ -618,11 +636,12 @@ impl<'a, 'o> Run<'a, 'o> {
         // A successor that stops reading must not hold us past the deadline;
         // and one batch in flight at a time (`sys::fdpass::unread_by_peer`:
         // the kernel refuses descriptors past the user's limit).
+        let flight = &mut self.to_successor;
         let sent = n
             .chan
             .stream()
             .set_write_timeout(Some(left))
-            .and_then(|()| n.chan.wait_until_read(Instant::now() + left))
+            .and_then(|()| n.chan.wait_room(flight, borrowed.len(), Instant::now() + left))
             .map_err(FrameError::from)
             .and_then(|()| {
                 n.chan.send_with_fds(
@@ -634,9 +653,12 @@ impl<'a, 'o> Run<'a, 'o> {
                 )
             });
         let _ = n.chan.stream().set_write_timeout(None);
-        if let Err(e) = sent {
-            let e = ProtocolError::frame(Peer::Successor, "draining", e);
-            return Err(self.successor_failure(e));
+        match sent {
+            Ok(()) => n.chan.note_sent(flight, borrowed.len()),
+            Err(e) => {
+                let e = ProtocolError::frame(Peer::Successor, "draining", e);
+                return Err(self.successor_failure(e));
+            }
         }
         self.relayed += count;
         Ok(())
