@@ -133,7 +133,8 @@ impl Load {
     /// `n` sticky clients: each keeps one keep-alive connection and sends
     /// `GET path` on it every `pause`, never retrying; any connection after
     /// its first is a reconnect ([`Stats::reconnects`]). The clients start
-    /// one by one, so all `n` are connected when this returns.
+    /// one by one, so all `n` have had a first answer (their connections
+    /// were accepted by the serving build) when this returns.
     pub fn sticky(addr: SocketAddr, n: usize, path: &'static str, pause: Duration) -> Load {
         let (rt, stop, stats) = client_parts();
         let mut tasks = vec![];
@@ -506,7 +507,7 @@ async fn h2_client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Ar
 }
 
 /// One sticky client (see [`Load::sticky`]); says on `connected` once its
-/// first connection is up.
+/// first request is answered.
 async fn sticky_client(
     addr: SocketAddr,
     id: usize,
@@ -550,9 +551,6 @@ async fn sticky_client(
                 continue;
             }
         };
-        if let Some(tx) = connected.take() {
-            let _ = tx.send(());
-        }
         loop {
             if stop.load(Ordering::SeqCst) {
                 break 'conn;
@@ -575,6 +573,14 @@ async fn sticky_client(
                     stats.ok.fetch_add(1, Ordering::SeqCst);
                     *stats.by_pid.lock().unwrap().entry(pid).or_default() += 1;
                     stats.sticky.lock().unwrap().insert(id, (first, port, pid));
+                    // Connected means answered: a connection that is only
+                    // established may still wait in the listen backlog, and
+                    // an upgrade starting then has it accepted by the new
+                    // build, never moved (the moved count of a test that
+                    // started upgrading at once came out one short).
+                    if let Some(tx) = connected.take() {
+                        let _ = tx.send(());
+                    }
                     if close {
                         why_new = Some(format!("pid {pid} answered with `Connection: close`"));
                         continue 'conn;
