@@ -112,7 +112,9 @@ pub(crate) struct Shared {
     /// The drain in progress moves connections to the successor: idle
     /// HTTP/1.1 connections are offered here instead of being closed
     /// (docs/connection-transfer.md). `None` outside such a drain.
-    mover: Mutex<Option<handoff::Mover>>,
+    /// Read by every connection as it goes idle: a read lock, so 10,000 of
+    /// them at once do not queue behind each other.
+    mover: std::sync::RwLock<Option<handoff::Mover>>,
     /// What became of the connections this process moved out: parked ones
     /// wait on it (see [`Moved`]).
     moved: watch::Sender<Moved>,
@@ -146,7 +148,7 @@ impl Shared {
             wind_down: Mutex::new((None, drain_grace)),
             cut: watch::channel(false).0,
             max_conns: std::sync::atomic::AtomicUsize::new(usize::MAX),
-            mover: Mutex::new(None),
+            mover: std::sync::RwLock::new(None),
             moved: watch::channel(Moved::Pending).0,
             adopted: Mutex::new(vec![]),
         }
@@ -156,18 +158,41 @@ impl Shared {
     /// everything when the handoff does not move).
     pub(crate) fn start_moving(&self, mover: handoff::Mover) {
         self.moved.send_replace(Moved::Pending);
-        *lock(&self.mover) = mover.is_moving().then_some(mover);
+        *self.mover.write().unwrap_or_else(|p| p.into_inner()) = mover.is_moving().then_some(mover);
         self.wake_waiters();
     }
 
     /// The drain is over: nothing more is offered.
     pub(crate) fn stop_moving(&self) {
-        *lock(&self.mover) = None;
+        *self.mover.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether the drain in progress moves connections (no clone of the
+    /// mover: every connection asks, all at once).
+    pub(crate) fn is_moving(&self) -> bool {
+        self.mover
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Offers a connection to the drain in progress (refused when it does
+    /// not move connections), under the read lock rather than a clone.
+    pub(crate) fn offer(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        unread: &[u8],
+        state: &[u8],
+    ) -> Result<(), handoff::MoveRefused> {
+        match &*self.mover.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(m) => m.offer(fd, unread, state),
+            None => Err(handoff::MoveRefused::Closed),
+        }
     }
 
     /// The mover of the drain in progress, if it moves connections.
     pub(crate) fn mover(&self) -> Option<handoff::Mover> {
-        lock(&self.mover).clone()
+        self.mover.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Tells parked connections what became of them.
@@ -312,15 +337,22 @@ impl Shared {
 
     fn update_and_wake(&self, f: impl FnOnce(&mut Counts), always: bool) {
         let mut c = lock(&self.counts);
-        let before = (c.accepting, c.conns);
+        let before = (c.accepting, c.conns, c.conns + c.closing);
         f(&mut c);
         // A count that just reached zero (a waiter may be waiting for it).
         let zero = (c.accepting == 0 && before.0 != 0) || (c.conns == 0 && before.1 != 0);
+        // Async waiters wait for sockets to go (`below_cap`,
+        // `connections_closed`); a connection parked or moved from open to
+        // closing changes nothing for them, and `notify_waiters` takes a
+        // lock that 10,000 connections moving at once would queue on.
+        let fewer = c.conns + c.closing < before.2;
         drop(c);
         if zero || always {
             self.cv.notify_all();
         }
-        self.changed.notify_waiters();
+        if fewer || always {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Marks an accept loop as possibly inside `accept` until the guard

@@ -117,7 +117,7 @@ impl ConnState {
     /// winding down, and not about to move (a moved connection stays open).
     fn close_after_response(&self, shared: &Shared) -> bool {
         shared.phase().winding_down()
-            && (self.no_move.load(Ordering::SeqCst) || shared.mover().is_none())
+            && (self.no_move.load(Ordering::SeqCst) || !shared.is_moving())
     }
 
     /// The client sent bytes (`first` says whether they are the
@@ -304,7 +304,7 @@ pub(crate) async fn drive<C: Future + Unpin>(
             if now >= hard {
                 return Ended::Done; // out of time: drop it
             }
-            let moving = shared.mover().is_some();
+            let moving = shared.is_moving();
             if moving && movable(conn) && state.idle_for_move() {
                 return Ended::Movable;
             }

@@ -249,11 +249,7 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
         };
         let (s, rest) = rewind.into_parts();
         (stream, counted, unread) = (s, c, rest);
-        let offered = match shared.mover() {
-            Some(m) => m.offer(stream.as_fd(), &unread, key.as_bytes()),
-            None => Err(handoff::MoveRefused::Closed),
-        };
-        if let Err(e) = offered {
+        if let Err(e) = shared.offer(stream.as_fd(), &unread, key.as_bytes()) {
             // Serve it again, winding down as a connection that does not
             // move: answered with `Connection: close`, or closed when idle.
             tracing::debug!(target: "handoff_tokio", error = %e, "connection not moved; closing it instead");

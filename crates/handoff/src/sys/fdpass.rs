@@ -225,6 +225,8 @@ pub fn nofile_limit_of(pid: u32) -> io::Result<u64> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
+    // `rlim_t` is 32 bits wide on some 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
     Ok(old.rlim_cur as u64)
 }
 
