@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::loadgen::{self, LoadConfig, LoadRun};
 use crate::report::Dist;
 use crate::tiny::{self, Tiny};
+use handoff_load::generator::{self, LoadConfig, LoadRun};
 
 /// Spawning `bin --help` to completion (fork, exec, run, exit, wait), `n` times; ms.
 pub fn spawn(bin: &Path, n: usize) -> Result<Dist> {
@@ -147,7 +147,7 @@ pub fn static_server(
         server_rt.spawn(tiny::accept_loop(l, t));
     }
     let duration = cfg.duration;
-    let run = load_rt.block_on(loadgen::run(cfg, Instant::now(), Default::default()));
+    let run = load_rt.block_on(generator::run(cfg, Instant::now(), Default::default()));
     server_rt.shutdown_timeout(Duration::from_millis(200));
     Ok((run, duration))
 }

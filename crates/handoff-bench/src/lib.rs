@@ -1,6 +1,7 @@
 //! Side-by-side benchmark of zero-downtime upgrades: the same tiny HTTP handler
 //! ([`tiny`]) served under `handoff`, Cloudflare's `ecdysis` and `shellflip`, and a
-//! no-upgrade control, each driven by the same load ([`loadgen`]) while upgrades are
+//! no-upgrade control, each driven by the same load (`handoff_load::generator`, the
+//! generator `handoff demo` uses too) while upgrades are
 //! triggered at a fixed interval ([`contest`]), against floors measured in the same run
 //! ([`floors`]); [`report`] turns it into the table of BENCHMARKS.md.
 //!
@@ -10,21 +11,20 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use handoff_bench::loadgen::{self, LoadConfig, Progress};
+//! use handoff_load::generator::{self, LoadConfig, Progress};
 //! # async fn f() {
 //! let cfg = LoadConfig {
 //!     addrs: vec!["127.0.0.1:8080".parse().unwrap()],
 //!     keepalive: 8, fresh: 2, idle_holders: 0,
 //!     duration: Duration::from_secs(1), timeout: Duration::from_secs(5),
 //! };
-//! let run = loadgen::run(cfg, std::time::Instant::now(), Default::default()).await;
+//! let run = generator::run(cfg, std::time::Instant::now(), Default::default()).await;
 //! println!("{} answered, {} failed", run.samples.len(), run.failures.len());
 //! # }
 //! ```
 
 pub mod contest;
 pub mod floors;
-pub mod loadgen;
 pub mod report;
 pub mod tiny;
 

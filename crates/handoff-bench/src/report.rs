@@ -11,7 +11,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::loadgen::{Kind, LoadRun};
+use handoff_load::failure::Kind;
+use handoff_load::generator::LoadRun;
 
 /// One upgrade as the harness saw it (µs after the run's epoch).
 #[derive(Debug, Clone, Default)]
@@ -331,7 +332,7 @@ pub fn table(rows: &[Summary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loadgen::Sample;
+    use handoff_load::generator::Sample;
 
     #[test]
     fn windows_and_first_response() {

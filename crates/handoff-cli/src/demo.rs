@@ -1,7 +1,7 @@
 //! `handoff demo`: watch zero-downtime upgrades happen under load, on this machine.
 //!
 //! Starts `handoff run` with the demo key-value service on a free loopback port, drives
-//! HTTP load at it ([`handoff_cli::load`]), upgrades it every `--interval` through the
+//! HTTP load at it (`handoff_load::blocking::Load`), upgrades it every `--interval` through the
 //! admin socket, then reads back every acknowledged write, stops everything it started,
 //! checks by pid that nothing is left running, and prints a summary.
 //!
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use handoff_cli::load::{verify_acked_with, Load};
+use handoff_load::blocking::{verify_acked_with, Load};
 use nix::sys::signal::{SigSet, Signal};
 
 use procs::Proc;
@@ -91,7 +91,7 @@ EXAMPLES:
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Client threads generating load: half keep-alive, half a fresh connection per request.
+    /// Clients generating load: half keep-alive, half a fresh connection per request.
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub clients: u32,
@@ -203,7 +203,7 @@ fn run(a: DemoArgs) -> Result<Option<String>> {
             .unwrap_or_default()
     );
 
-    let load = Load::start(sup.addr, keepalive, fresh).context("starting the load threads")?;
+    let load = Load::start(sup.addr, keepalive, fresh).context("starting the load")?;
     let t0 = Instant::now();
     let end = t0 + a.duration;
     // The last upgrade leaves the load some time to show the new process serving.

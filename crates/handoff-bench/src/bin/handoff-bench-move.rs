@@ -33,9 +33,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures_util::stream::{self, StreamExt};
 use handoff_bench::contest::{self, Bins, Peer, Running};
-use handoff_bench::loadgen::Conn;
 use handoff_bench::raise_nofile;
 use handoff_bench::report::Dist;
+use handoff_load::conn::Conn;
 use serde::Serialize;
 
 /// Hand N idle keep-alive connections of examples/axum to the new build, upgrade after
@@ -291,7 +291,7 @@ async fn open(
             let attempt = async {
                 let mut conn = Conn::connect(addr).await?;
                 let resp = conn.request(false).await?;
-                Ok::<_, handoff_cli::load::Failure>((conn, resp))
+                Ok::<_, handoff_load::failure::Failure>((conn, resp))
             };
             let (conn, resp) = tokio::time::timeout(timeout, attempt)
                 .await

@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use handoff_bench::contest::{self, Bins, Peer, Running};
-use handoff_bench::loadgen::LoadRun;
-use handoff_bench::loadgen::{self, LoadConfig, Progress};
 use handoff_bench::report::{self, Dist, Segments, Summary, Upgrade};
 use handoff_bench::{floors, raise_nofile};
+use handoff_load::generator::{self, LoadConfig, LoadRun, Progress};
 use serde::Serialize;
 
 const AFTER_HELP: &str = "\
@@ -351,7 +350,7 @@ fn contest(
     let holders = cfg.idle_holders;
     let epoch = Instant::now();
     let progress = Arc::new(Progress::default());
-    let load = load_rt.spawn(loadgen::run(cfg, epoch, progress.clone()));
+    let load = load_rt.spawn(generator::run(cfg, epoch, progress.clone()));
     // The scale series first waits for every idle connection to be open.
     let end_wait = Instant::now() + Duration::from_secs(30);
     while progress.holders_connected.load(Ordering::SeqCst) < holders && Instant::now() < end_wait {

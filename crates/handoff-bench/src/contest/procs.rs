@@ -7,7 +7,8 @@ use std::process::Child;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use handoff_cli::load::{Conn, Failure};
+use handoff_load::blocking::Conn;
+use handoff_load::failure::Failure;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;

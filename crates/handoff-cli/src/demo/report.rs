@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use handoff_cli::load::{LoadReport, VerifyReport};
+use handoff_load::blocking::{LoadReport, VerifyReport};
 
 use super::upgrades::{Outcome, UpgradeRecord};
 

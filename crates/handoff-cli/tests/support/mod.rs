@@ -347,15 +347,19 @@ pub use process::*;
 pub use procfs::*;
 
 // ---------------------------------------------------------------------------------------
-// HTTP client and load generator (shared with `handoff demo`)
+// HTTP client and load generator (handoff-load: shared with `handoff demo` and the bench)
 // ---------------------------------------------------------------------------------------
 
 // Each test binary uses a different subset.
 #[allow(unused_imports)]
-pub use handoff_cli::load::{
-    get_version, serving_pid, value_for, verify_acked, Client, Conn, Failure, Load, LoadReport,
-    RequestError, Response, IO_TIMEOUT,
+pub use handoff_load::blocking::{
+    get_version, serving_pid, verify_acked, Client, Conn, Load, LoadReport, RequestError, Response,
+    IO_TIMEOUT,
 };
+#[allow(unused_imports)]
+pub use handoff_load::failure::Failure;
+#[allow(unused_imports)]
+pub use handoff_load::generator::value_for;
 
 /// Test-side conveniences over the library's [`Load`]: waits that fail the test loudly.
 pub trait LoadExt {

@@ -1,72 +1,33 @@
-//! A small blocking HTTP/1.1 client that classifies every failure.
+//! A small blocking HTTP/1.1 client that classifies every failure, for
+//! one-off requests and probes (`GET /version`, which pid answers) and the
+//! read-back of acknowledged writes; the load itself is the generator's.
 //!
-//! The product promise is "no refused, no reset, no lost request", so the client tells
-//! apart refused / reset / EOF-before-response / EOF-mid-response / timeout, and the one
-//! benign case: a server closing an idle keep-alive connection (RFC 9112 §9.3.1), which
-//! [`Client`] retries once on a fresh connection and counts as a stale retry.
+//! [`Client`] retries a request once on a fresh connection when the server
+//! closed an idle keep-alive connection (RFC 9112 §9.3.1), and counts it as
+//! a stale retry, as the generator does.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-/// Connect, read and write timeout of the HTTP client. Generous on purpose: during a handoff a
-/// request may legitimately wait in the accept backlog for the whole accept gap, and on a
-/// loaded 2-core CI machine that can be long; a timeout is only meant to catch a real hang.
+use crate::failure::{classify, Failure};
+
+/// Connect, read and write timeout of the HTTP client, and the budget of one
+/// request of [`Load`](super::Load). Generous on purpose: during a handoff a
+/// request may legitimately wait in the accept backlog for the whole accept
+/// gap, and on a loaded 2-core CI machine that can be long; a timeout is
+/// only meant to catch a real hang.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a request did not produce a response. Anything but [`Failure::EofBeforeResponse`] on
-/// a reused keep-alive connection is a broken promise of the product.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    /// `connect` got ECONNREFUSED: no listening socket at that moment.
-    Refused,
-    /// ECONNRESET / ECONNABORTED / EPIPE at any point.
-    Reset,
-    /// Orderly EOF before the first byte of the response. Benign only on a reused keep-alive
-    /// connection (the server closed it while idle); on a fresh connection it is a failure.
-    EofBeforeResponse,
-    /// EOF after part of the response: the response was cut.
-    EofMidResponse,
-    /// No progress within [`IO_TIMEOUT`].
-    Timeout,
-    /// Anything else (malformed response, unexpected error).
-    Other(String),
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::Refused => f.write_str("connection refused"),
-            Failure::Reset => f.write_str("connection reset"),
-            Failure::EofBeforeResponse => f.write_str("EOF before any response byte"),
-            Failure::EofMidResponse => f.write_str("EOF in the middle of the response"),
-            Failure::Timeout => f.write_str("timed out"),
-            Failure::Other(s) => write!(f, "{s}"),
-        }
-    }
-}
-
-/// Maps an I/O error to a [`Failure`]; `got_any` says whether any response byte had
-/// arrived, which decides which kind of EOF an `UnexpectedEof` is.
-pub fn classify(e: &io::Error, got_any: bool) -> Failure {
-    use io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => Failure::Refused,
-        ConnectionReset | ConnectionAborted | BrokenPipe => Failure::Reset,
-        WouldBlock | TimedOut => Failure::Timeout,
-        UnexpectedEof if got_any => Failure::EofMidResponse,
-        UnexpectedEof => Failure::EofBeforeResponse,
-        _ => Failure::Other(format!("I/O error: {e} ({:?})", e.kind())),
-    }
-}
 
 /// A parsed HTTP response.
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// Its status code.
     pub status: u16,
     /// Header names lower-cased.
     pub headers: Vec<(String, String)>,
+    /// Its body, unframed.
     pub body: Vec<u8>,
     /// The server will close the connection after this response (`Connection: close`,
     /// HTTP/1.0 without keep-alive, or a body delimited by EOF).
@@ -74,6 +35,7 @@ pub struct Response {
 }
 
 impl Response {
+    /// The value of header `name` (any case), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -81,12 +43,14 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The body as text (invalid UTF-8 replaced).
     pub fn body_str(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 
 /// One blocking HTTP/1.1 connection, usable for several requests (keep-alive).
+#[derive(Debug)]
 pub struct Conn {
     reader: BufReader<TcpStream>,
     host: String,
@@ -126,10 +90,12 @@ impl Conn {
         !self.closed
     }
 
+    /// `GET path`, keeping the connection open.
     pub fn get(&mut self, path: &str) -> Result<Response, Failure> {
         self.request("GET", path, None, false)
     }
 
+    /// `PUT path` with `body`, keeping the connection open.
     pub fn put(&mut self, path: &str, body: &[u8]) -> Result<Response, Failure> {
         self.request("PUT", path, Some(body), false)
     }
@@ -323,6 +289,7 @@ impl Conn {
 /// A request that failed, with the context needed to diagnose it.
 #[derive(Debug, Clone)]
 pub struct RequestError {
+    /// How it failed.
     pub failure: Failure,
     /// The failed attempt was on a reused keep-alive connection.
     pub reused: bool,
@@ -350,14 +317,18 @@ impl fmt::Display for RequestError {
 /// reconnecting after `Connection: close`, and retrying a request once on a fresh
 /// connection when a reused connection hits EOF before any response byte (the server closed
 /// it while idle — RFC 9112 §9.3.1). Those retries are counted, not treated as failures.
+#[derive(Debug)]
 pub struct Client {
     addr: SocketAddr,
     keepalive: bool,
     conn: Option<Conn>,
+    /// Requests retried after a stale keep-alive connection (benign).
     pub stale_retries: u64,
 }
 
 impl Client {
+    /// A client of `addr`: one keep-alive connection if `keepalive`, else
+    /// a fresh connection (`Connection: close`) per request.
     pub fn new(addr: SocketAddr, keepalive: bool) -> Client {
         Client {
             addr,
@@ -367,14 +338,18 @@ impl Client {
         }
     }
 
+    /// `GET path`.
     pub fn get(&mut self, path: &str) -> Result<Response, RequestError> {
         self.request("GET", path, None)
     }
 
+    /// `PUT path` with `body`.
     pub fn put(&mut self, path: &str, body: &[u8]) -> Result<Response, RequestError> {
         self.request("PUT", path, Some(body))
     }
 
+    /// One request, on the open connection or a new one, retried once on
+    /// a fresh connection if a reused one had been closed while idle.
     pub fn request(
         &mut self,
         method: &str,
