@@ -1,10 +1,13 @@
 //! `handoff status`: what the supervisor runs, and the service's live
 //! counters.
 //!
-//! The supervisor answers from its own state plus the service's shared
-//! counters region in the state dir, which it maps and reads itself: a
+//! The supervisor answers from its own state plus the counters the service
+//! publishes in its state dir ([`COUNTERS_FILE`]), which it reads itself: a
 //! status query never waits on the service, so it answers even while the
-//! service is busy, draining, or in the middle of a handoff.
+//! service is busy, draining, or in the middle of a handoff. The counters
+//! are opaque JSON to the supervisor, passed on as the service wrote them;
+//! only their text form ([`render`]) knows the demo's field names, and
+//! shows any other field as it is.
 //!
 //! Exit status: 0 answered, 2 usage or connection error.
 //!
@@ -12,6 +15,8 @@
 //! listed in [`JSON_FIELDS`] (shown by `handoff status --help`) and only
 //! ever gain new ones.
 
+use std::fs::OpenOptions;
+use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,14 +24,18 @@ use std::time::Duration;
 use handoff_admin::schema::status::{Activity, PhaseTiming, Trigger};
 use handoff_admin::schema::{admin_path, Event, Request};
 use handoff_admin::{client, wire};
-use handoff_demo::counters;
 use serde_json::Value;
 
 use crate::args::RuntimeDir;
 
-/// How long the supervisor waits for a service process that is mid-write
-/// to the counters region (a write takes microseconds).
-const READ_BUDGET: Duration = Duration::from_millis(200);
+/// File name, in the state dir, of the counters a service publishes for
+/// `handoff status`: one JSON value (an object), replaced whole by a rename
+/// so it is never read half-written. The demo writes it
+/// (`handoff_demo::counters::PUBLISHED_NAME`); any service may.
+pub const COUNTERS_FILE: &str = "service-counters.json";
+/// The most of it read: a status reply is one frame, and a service's
+/// counters are a few hundred bytes.
+const COUNTERS_MAX: u64 = 64 * 1024;
 /// How long the client waits for the supervisor's answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,7 +58,9 @@ JSON (--json), one object; fields are only ever added:
   journal               null | {handoff_id, phase, incumbent_pid, successor_pid,
                         started_at_ms}: the durable record of a handoff in flight
   journal_error         present if the journal could not be read
-  service_counters      present if the service keeps a counters region
+  service_counters      present if the service publishes counters: the JSON
+                        object it keeps in <state-dir>/service-counters.json
+  service_counters_error  present if that file could not be read
 
 EXIT STATUS:
   0  answered
@@ -69,15 +80,41 @@ pub struct StatusArgs {
 }
 
 /// The counters for a `Status` reply: `(counters, error)`, both `None` when
-/// the service keeps no counters region in `state_dir`.
+/// the service publishes none in `state_dir`.
 pub fn service_counters(state_dir: &Path) -> (Option<Value>, Option<String>) {
-    match counters::read(state_dir, READ_BUDGET) {
-        Ok(c) => match c.map(serde_json::to_value).transpose() {
-            Ok(v) => (v, None),
-            Err(e) => (None, Some(e.to_string())),
-        },
-        Err(e) => (None, Some(e.to_string())),
+    match read_counters(&state_dir.join(COUNTERS_FILE)) {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(e)),
     }
+}
+
+/// Reads the published counters: never through a link nor a file of
+/// another user (the state dir is the service's and ours alone), at most
+/// [`COUNTERS_MAX`] bytes, and only valid JSON.
+fn read_counters(path: &Path) -> Result<Option<Value>, String> {
+    let f = match handoff::private_fs::open_file(OpenOptions::new().read(true), path) {
+        Ok(f) => f,
+        Err(handoff::PrivateError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut bytes = Vec::new();
+    f.take(COUNTERS_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if bytes.len() as u64 > COUNTERS_MAX {
+        return Err(format!(
+            "{} is larger than {} KiB",
+            path.display(),
+            COUNTERS_MAX / 1024
+        ));
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("{} is not JSON: {e}", path.display()))
 }
 
 pub fn main(a: StatusArgs) -> ExitCode {
@@ -485,5 +522,30 @@ mod tests {
     fn no_region_means_no_counters() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(service_counters(dir.path()), (None, None));
+    }
+
+    /// What a service published is passed on as it is; a file that is not
+    /// JSON, or a link, is an error and no counters.
+    #[test]
+    fn published_counters_are_read_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(COUNTERS_FILE);
+        std::fs::write(&path, br#"{"requests_served": 3, "mine": [1, 2]}"#).unwrap();
+        assert_eq!(
+            service_counters(dir.path()),
+            (
+                Some(serde_json::json!({"requests_served": 3, "mine": [1, 2]})),
+                None
+            )
+        );
+        std::fs::write(&path, b"{half").unwrap();
+        let (c, e) = service_counters(dir.path());
+        assert_eq!(c, None);
+        assert!(e.is_some_and(|e| e.contains("not JSON")));
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &path).unwrap();
+        let (c, e) = service_counters(dir.path());
+        assert_eq!(c, None);
+        assert!(e.is_some(), "a link was followed");
     }
 }

@@ -5,12 +5,14 @@
 //! across every upgrade without being serialised and handed over: the new
 //! process maps the region and keeps adding to it, and the old one adds its
 //! last requests while it retires. The supervisor (`handoff status`) reads
-//! the same region without asking the service anything.
+//! the same counters without asking the service anything: each write of
+//! the record also publishes it as JSON ([`publish`], in
+//! [`PUBLISHED_NAME`]), the form any service can give `handoff status`, so
+//! the supervisor needs neither this layout nor this crate.
 //!
-//! This module is the one definition of the record: the demo writes it and
-//! the CLI reads it through this crate's library target, which depends on
-//! `handoff` and `serde` only (the server's tokio stack is behind the
-//! binary's `server` feature).
+//! This module is the one definition of the record; this crate's library
+//! target depends on `handoff`, `serde` and `serde_json` only (the server's
+//! tokio stack is behind the binary's `server` feature).
 //!
 //! # Record layout (little-endian, explicit offsets — no `#[repr]`)
 //!
@@ -36,6 +38,8 @@
 //! the region header checks before a byte of payload is read).
 
 use std::fmt;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,6 +48,14 @@ use serde::{Deserialize, Serialize};
 
 /// File name of the region inside the state dir.
 pub const REGION_NAME: &str = "handoff-demo-counters.shm";
+/// File name, inside the state dir, of the counters as a service publishes
+/// them for `handoff status`: one JSON object, replaced whole. The
+/// supervisor reads this name (`crates/handoff-cli/src/status.rs`) without
+/// knowing what is in it.
+pub const PUBLISHED_NAME: &str = "service-counters.json";
+/// Where [`publish`] writes before renaming over [`PUBLISHED_NAME`]; one
+/// name, reused, since writers take turns under the region's lock.
+const PUBLISHING_NAME: &str = ".service-counters.json.tmp";
 pub const MAGIC: [u8; 8] = *b"HODEMOCT";
 pub const VERSION: u32 = 1;
 /// How many of the most recent generations (processes) are kept.
@@ -338,6 +350,19 @@ pub fn update(
     budget: Duration,
     change: impl FnOnce(&mut Counters),
 ) -> Result<Found, Error> {
+    update_then(region, budget, change, |_| {})
+}
+
+/// [`update`], then `then` with the record as written, still under the
+/// lock: so what `then` publishes of successive updates lands in the order
+/// they were made, and a reader never sees a count go back because a slower
+/// process published an older record after a newer one.
+pub fn update_then(
+    region: &Region,
+    budget: Duration,
+    change: impl FnOnce(&mut Counters),
+    then: impl FnOnce(&Counters),
+) -> Result<Found, Error> {
     let mut guard = region.lock_within(budget)?;
     let mut buf = vec![0u8; RECORD_LEN];
     guard.read(0, &mut buf)?;
@@ -348,7 +373,24 @@ pub fn update(
     };
     change(&mut c);
     guard.replace(&c.encode())?;
+    then(&c);
     Ok(found)
+}
+
+/// Publishes `c` as JSON in `state_dir` ([`PUBLISHED_NAME`]) for `handoff
+/// status`: written to a temporary file (mode 0600, never through a link)
+/// and renamed over the last one, so a reader sees one whole record or the
+/// previous one. Call it under the region's lock ([`update_then`]).
+pub fn publish(state_dir: &Path, c: &Counters) -> io::Result<()> {
+    let json = serde_json::to_vec(c).map_err(io::Error::other)?;
+    let tmp = state_dir.join(PUBLISHING_NAME);
+    let mut f = handoff::private_fs::open_file(
+        OpenOptions::new().write(true).create(true).truncate(true),
+        &tmp,
+    )?;
+    f.write_all(&json)?;
+    drop(f);
+    std::fs::rename(&tmp, state_dir.join(PUBLISHED_NAME))
 }
 
 #[cfg(test)]
@@ -470,6 +512,47 @@ mod tests {
         assert_eq!(c.requests_served, 10);
         assert_eq!(c.generations[0].requests, 10);
         assert_eq!(c.updated_at_ms, 7);
+    }
+
+    /// What the supervisor reads: the record as written, as one JSON
+    /// object with the same fields, replaced whole by the next update.
+    #[test]
+    fn each_update_publishes_the_record_as_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = open_or_create(dir.path()).unwrap();
+        let published = || -> serde_json::Value {
+            let text = std::fs::read(dir.path().join(PUBLISHED_NAME)).unwrap();
+            serde_json::from_slice(&text).unwrap()
+        };
+        let publish_to = |c: &Counters| publish(dir.path(), c).unwrap();
+        update_then(
+            &region,
+            Duration::from_secs(1),
+            |c| {
+                let n = c.begin_generation(42, false, 5);
+                c.add_requests(n, 42, 9, 6);
+            },
+            publish_to,
+        )
+        .unwrap();
+        assert_eq!(published()["requests_served"], 9);
+        update_then(
+            &region,
+            Duration::from_secs(1),
+            |c| c.add_requests(1, 42, 1, 7),
+            publish_to,
+        )
+        .unwrap();
+        let v = published();
+        assert_eq!(v["requests_served"], 10);
+        assert_eq!(v["updated_at_ms"], 7);
+        assert_eq!(v["generations"][0]["pid"], 42);
+        let back: Counters = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            Some(back),
+            read(dir.path(), Duration::from_secs(1)).unwrap()
+        );
+        assert!(!dir.path().join(PUBLISHING_NAME).exists());
     }
 
     #[test]

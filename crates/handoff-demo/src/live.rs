@@ -1,5 +1,6 @@
 //! This process's side of the shared counters ([`handoff_demo::counters`]):
-//! count in memory, flush to the region in batches.
+//! count in memory, flush to the region in batches, and publish each
+//! flushed record as JSON for `handoff status`.
 //!
 //! Requests are counted in an in-process `AtomicU64` (one relaxed add per
 //! response: see `server::Shared::served`); only a flush takes the region's
@@ -10,14 +11,19 @@
 //! storing totals, is what lets the retiring process and its successor
 //! both write the same record while their lifetimes overlap.
 //!
+//! Publishing happens under the region's lock, right after the write, so
+//! the JSON file follows the record in order (see
+//! [`counters::update_then`]). A publish that fails (a full disk) leaves
+//! the region updated and is said once, until one succeeds again.
+//!
 //! Counters are best effort: a region that cannot be opened (another
 //! build's layout, a full disk) or a flush that fails is logged and the
 //! service keeps serving — an upgrade must never fail over statistics. A
 //! process killed outright (SIGKILL, SIGTERM without a handoff) loses at
 //! most its last [`FLUSH_EVERY`] of counts.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -40,6 +46,10 @@ pub const SEAL_NOTE: &[u8] = b"handoff-demo/counters: sealed";
 
 pub struct Live {
     region: Region,
+    /// Where the counters are published (the state dir).
+    state_dir: PathBuf,
+    /// The last publish failed (said once, until one succeeds).
+    publish_failing: AtomicBool,
     /// The mutex makes concurrent flushes (timer thread, seal, exit) add
     /// each request exactly once.
     state: Mutex<State>,
@@ -62,6 +72,8 @@ impl Live {
         match counters::open_or_create(state_dir) {
             Ok(region) => Some(Arc::new(Live {
                 region,
+                state_dir: state_dir.to_path_buf(),
+                publish_failing: AtomicBool::new(false),
                 state: Mutex::new(State::default()),
                 pid: std::process::id(),
             })),
@@ -82,9 +94,12 @@ impl Live {
     fn register(&self, st: &mut State, via_handoff: bool) {
         let pid = self.pid;
         let mut number = 0;
-        let r = counters::update(&self.region, LOCK_BUDGET, |c| {
-            number = c.begin_generation(pid, via_handoff, now_ms());
-        });
+        let r = counters::update_then(
+            &self.region,
+            LOCK_BUDGET,
+            |c| number = c.begin_generation(pid, via_handoff, now_ms()),
+            |c| self.publish(c),
+        );
         if self.report("registering this process", r) {
             st.number = number;
             st.unregistered = None;
@@ -109,11 +124,32 @@ impl Live {
             return;
         }
         let pid = self.pid;
-        let r = counters::update(&self.region, LOCK_BUDGET, |c| {
-            c.add_requests(number, pid, delta, now_ms());
-        });
+        let r = counters::update_then(
+            &self.region,
+            LOCK_BUDGET,
+            |c| c.add_requests(number, pid, delta, now_ms()),
+            |c| self.publish(c),
+        );
         if self.report("flushing", r) {
             st.flushed = now;
+        }
+    }
+
+    /// Publishes the record just written; a failure is logged once (a
+    /// full disk would otherwise say it every [`FLUSH_EVERY`]).
+    fn publish(&self, c: &counters::Counters) {
+        match counters::publish(&self.state_dir, c) {
+            Ok(()) => {
+                if self.publish_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(target: "demo::counters", "publishing the counters works again");
+                }
+            }
+            Err(e) => {
+                if !self.publish_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(target: "demo::counters", error = %e,
+                        "cannot publish the counters for `handoff status`; the region is updated, will retry");
+                }
+            }
         }
     }
 
