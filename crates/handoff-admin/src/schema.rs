@@ -180,3 +180,53 @@ pub enum Event {
         message: String,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests keep their wire form, and one from a client older than a
+    /// field still reads.
+    #[test]
+    fn requests_read_across_builds() {
+        let old: Request = serde_json::from_str(r#"{"cmd":"upgrade","binary":"/opt/kv"}"#)
+            .expect("an upgrade without the newer fields");
+        assert_eq!(
+            old,
+            Request::Upgrade {
+                binary: Some("/opt/kv".into()),
+                deadline_ms: None,
+                drain_grace_ms: None,
+                wait_ms: None,
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(Request::Status).expect("json"),
+            serde_json::json!({"cmd": "status"})
+        );
+        let stop: Request = serde_json::from_str(r#"{"cmd":"stop"}"#).expect("a bare stop");
+        assert_eq!(stop, Request::Stop { grace_ms: None });
+    }
+
+    /// The service's counters travel as the service published them,
+    /// whatever they hold, beside the flattened activity.
+    #[test]
+    fn status_counters_are_opaque() {
+        let ev = Event::Status {
+            supervisor_pid: 1,
+            incumbent_pid: Some(2),
+            build_id: "b".into(),
+            listeners: vec![],
+            retiring_pids: vec![],
+            service_counters: Some(serde_json::json!({"anything": [1, {"nested": true}]})),
+            service_counters_error: None,
+            activity: Activity::default(),
+        };
+        let v = serde_json::to_value(&ev).expect("json");
+        assert_eq!(v["event"], "status");
+        assert_eq!(v["service_counters"]["anything"][1]["nested"], true);
+        assert_eq!(v["stopping"], false);
+        let back: Event = serde_json::from_value(v).expect("reads back");
+        assert_eq!(back, ev);
+    }
+}
