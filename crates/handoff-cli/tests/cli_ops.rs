@@ -443,7 +443,38 @@ fn sigkill_of_the_incumbent_refuses_no_connection() {
     );
 }
 
-/// A request that never completes holds the drain past the grace: the
+/// A PUT whose 1 MiB body arrives at ~160 KiB/s, in 8 KiB pieces (pacing
+/// the upload, not waiting for anything): a request that is slow for good
+/// reasons, above the rate a draining server cuts slower bodies at
+/// (handoff-tokio's 64 KiB/s), that takes at least 6.4 s in all. The thread ends when
+/// the body is sent or the server is gone.
+fn slow_upload(addr: SocketAddr) -> std::thread::JoinHandle<()> {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // A whole request first: proof that the incumbent accepted it.
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("write");
+    assert_eq!(read_response(&mut stream).0, 200);
+    let total = 1usize << 20;
+    let head = format!("PUT /kv/upload HTTP/1.1\r\nHost: t\r\nContent-Length: {total}\r\n\r\n");
+    stream.write_all(head.as_bytes()).expect("write");
+    std::thread::spawn(move || {
+        let piece = [b'u'; 8 * 1024];
+        for _ in 0..total / piece.len() {
+            if stream.write_all(&piece).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+}
+
+/// A request that does not complete within the grace — here an upload
+/// still arriving, at a rate no drain cuts (a client that stops sending is
+/// cut after 1 s, see `tokio_services.rs`) — holds the drain past it: the
 /// supervisor refuses upgrades meanwhile, then kills the service, reports
 /// it, and `handoff stop` exits 1.
 #[test]
@@ -452,9 +483,9 @@ fn stop_escalates_to_sigkill_after_the_grace() {
     let dirs = TestDirs::new();
     let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
     let incumbent = sup.first_pid;
-    let _stuck = open_pending(sup.addr, 0); // the rest of the body never comes
+    let upload = slow_upload(sup.addr);
     let mut cmd = Command::new(handoff_bin());
-    cmd.args(["stop", "--grace", "5s", "--runtime-dir"])
+    cmd.args(["stop", "--grace", "3s", "--runtime-dir"])
         .arg(&dirs.runtime);
     let stop = spawn_piped(cmd);
     let s = wait_status(&dirs.runtime, "stopping", |s| s["stopping"] == true);
@@ -486,6 +517,7 @@ fn stop_escalates_to_sigkill_after_the_grace() {
         proc_stat(incumbent).is_none(),
         "pid {incumbent} still there"
     );
+    upload.join().expect("the upload thread");
 }
 
 /// A stop that arrives during an upgrade lets it commit, then stops the
