@@ -196,17 +196,23 @@ struct Pending {
 const FIRST_HALF: &[u8] = b"half-";
 const SECOND_HALF: &[u8] = b"done!";
 
-fn open_pending(addr: SocketAddr, i: usize) -> Pending {
+/// A connection the incumbent has surely accepted: one whole request was
+/// answered on it.
+fn accepted_connection(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    // A whole request first: proof that the incumbent accepted it.
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         .expect("write");
     let (code, _, _) = read_response(&mut stream);
     assert_eq!(code, 200);
+    stream
+}
+
+fn open_pending(addr: SocketAddr, i: usize) -> Pending {
+    let mut stream = accepted_connection(addr);
     let key = format!("stop-{i}");
     let head = format!(
         "PUT /kv/{key} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
@@ -449,15 +455,7 @@ fn sigkill_of_the_incumbent_refuses_no_connection() {
 /// (handoff-tokio's 64 KiB/s), that takes at least 6.4 s in all. The thread ends when
 /// the body is sent or the server is gone.
 fn slow_upload(addr: SocketAddr) -> std::thread::JoinHandle<()> {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    // A whole request first: proof that the incumbent accepted it.
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        .expect("write");
-    assert_eq!(read_response(&mut stream).0, 200);
+    let mut stream = accepted_connection(addr);
     let total = 1usize << 20;
     let head = format!("PUT /kv/upload HTTP/1.1\r\nHost: t\r\nContent-Length: {total}\r\n\r\n");
     stream.write_all(head.as_bytes()).expect("write");
