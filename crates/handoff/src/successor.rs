@@ -139,13 +139,6 @@ impl Boot {
                 )))
             }
         };
-        // Room for the connections a predecessor may move here, made now,
-        // while nothing waits on this process (`sys::fdpass::reserve_table`):
-        // growing the table as they arrive sleeps in the kernel each time.
-        match crate::sys::fdpass::reserve_table(crate::sys::fdpass::RESERVE_CAP) {
-            Ok(slots) => tracing::debug!(slots, "descriptor table reserved"),
-            Err(e) => tracing::debug!(error = %e, "descriptor table not reserved"),
-        }
         let listeners = listeners::take_from_env()?;
         let kept = listeners
             .iter()

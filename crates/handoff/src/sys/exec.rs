@@ -34,6 +34,28 @@ const PID_VAR: &[u8] = b"LISTEN_PID=";
 /// Room for a pid in decimal (u32::MAX has 10 digits) plus the NUL.
 const PID_SLOT: usize = 11;
 
+/// Most descriptor slots a successor reserves (`fdpass::reserve_table`): 64 Ki
+/// slots are half a megabyte of kernel memory (one pointer each); past it
+/// the table grows as it always does.
+pub const RESERVE_CAP: u64 = 1 << 16;
+
+/// The highest slot `fdpass::reserve_table` would touch for `want` slots under
+/// the current soft limit; `-1` when the table is small enough as it is.
+/// Computed ahead, for a child that may only make async-signal-safe calls
+/// (here, and `fdpass::reserve_table`).
+pub fn reserve_top(want: u64) -> std::os::fd::RawFd {
+    let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    else {
+        return -1;
+    };
+    let slots = soft.min(want);
+    if slots <= 64 {
+        // Every table starts with 64 slots.
+        return -1;
+    }
+    i32::try_from(slots - 1).unwrap_or(i32::MAX)
+}
+
 /// Everything the child needs, prepared before the child is started.
 pub struct ExecPlan {
     path: CString,
@@ -54,6 +76,9 @@ pub struct ExecPlan {
     lifted: Vec<RawFd>,
     /// Every fd at or above this is closed in the child.
     close_from: RawFd,
+    /// The highest descriptor slot the child's table is grown to before
+    /// exec (`-1`: left as it is); see `fdpass::reserve_table`.
+    reserve_top: RawFd,
     #[cfg(not(target_os = "linux"))]
     max_fd: RawFd,
 }
@@ -136,6 +161,7 @@ impl ExecPlan {
             fds,
             lifted,
             close_from: top.max(2) + 1,
+            reserve_top: reserve_top(RESERVE_CAP),
             #[cfg(not(target_os = "linux"))]
             max_fd: max_fd(),
         })
@@ -168,6 +194,7 @@ impl ExecPlan {
             lifted: self.lifted.as_mut_ptr(),
             slot,
             close_from: self.close_from,
+            reserve_top: self.reserve_top,
             #[cfg(not(target_os = "linux"))]
             max_fd: self.max_fd,
             err_fd: wr.as_raw_fd(),
@@ -251,6 +278,7 @@ struct ChildArgs {
     /// Null, or `PID_SLOT` writable bytes inside the environment block.
     slot: *mut u8,
     close_from: RawFd,
+    reserve_top: RawFd,
     #[cfg(not(target_os = "linux"))]
     max_fd: RawFd,
     err_fd: RawFd,
@@ -500,6 +528,18 @@ unsafe fn child(args: &ChildArgs) -> ! {
             }
         }
         close_above(args, err);
+        // Size the descriptor table for the connections a predecessor may
+        // move to this process, now: the child is one thread with a table
+        // of its own, so growing it waits for no RCU grace period, and exec
+        // keeps it. The program, once it has threads, would sleep 10-20 ms
+        // per doubling (`fdpass::reserve_table`). Best effort: a
+        // failure leaves the table to grow as usual.
+        if args.reserve_top > args.close_from {
+            let probe = libc::fcntl(err, libc::F_DUPFD_CLOEXEC, args.reserve_top);
+            if probe >= 0 {
+                libc::close(probe);
+            }
+        }
 
         if !args.slot.is_null() {
             write_decimal(args.slot, libc::getpid() as u32);

@@ -66,6 +66,36 @@ mod linux {
         (pid, out)
     }
 
+    /// The child's descriptor table is grown before exec, to the soft
+    /// limit (at most `RESERVE_CAP` slots), so connections moved to it
+    /// later never make it grow (each growth of a threaded process's table
+    /// sleeps an RCU grace period: `fdpass::reserve_table`).
+    #[test]
+    fn the_childs_descriptor_table_is_sized_before_exec() {
+        let top = reserve_top(RESERVE_CAP);
+        let want = u64::try_from(top + 1).unwrap_or(0).max(64);
+        for start in STARTS {
+            let (rd, wr) = pipe();
+            let mut p = plan(
+                "/bin/cat",
+                &["/proc/self/status"],
+                vec![(wr.as_raw_fd(), 1)],
+                false,
+            );
+            let (_, out) = run(&mut p, start, rd, wr);
+            let status = String::from_utf8_lossy(&out);
+            let size: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("FDSize:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no FDSize in {status}"));
+            assert!(
+                size >= want,
+                "{start:?}: FDSize {size}, want at least {want}"
+            );
+        }
+    }
+
     #[test]
     fn exec_failure_returns_the_childs_errno() {
         let dir = tempfile::tempdir().expect("tempdir");

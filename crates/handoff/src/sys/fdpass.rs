@@ -236,10 +236,7 @@ pub fn nofile_limit_of(_pid: u32) -> io::Result<u64> {
     Err(io::Error::from_raw_os_error(libc::ENOSYS))
 }
 
-/// Most descriptor slots a successor reserves ([`reserve_table`]): 64 Ki
-/// slots are half a megabyte of kernel memory (one pointer each); past it
-/// the table grows as it always does.
-pub const RESERVE_CAP: u64 = 1 << 16;
+use super::exec::reserve_top;
 
 /// Grows this process's descriptor table now to `min(want, soft
 /// RLIMIT_NOFILE)` slots, so that thousands of descriptors arriving at once
@@ -250,28 +247,26 @@ pub const RESERVE_CAP: u64 = 1 << 16;
 /// than one thread every growth waits for an RCU grace period
 /// (`expand_files` → `synchronize_rcu`), 10–20 ms on a 2-core VM. A successor
 /// taking in 10,000 connections grew its table 64 → 16 Ki slots — eight
-/// waits, ~75 ms of the drain spent asleep inside `recvmsg`. Growing once,
-/// at boot, costs one wait where nobody is waiting. A table never shrinks,
-/// so this is done once per process.
+/// waits, ~75 ms of the drain spent asleep inside `recvmsg`. A table never
+/// shrinks and survives exec, so every process the supervisor starts gets
+/// its table grown in the child before exec, while it is one thread and no
+/// wait is due (`sys::exec`, with [`reserve_top`]); this function is for a
+/// process that grows its own (the supervisor), at one wait.
 ///
 /// How: `fcntl(F_DUPFD_CLOEXEC)` of `/dev/null` to the top slot, closed at
 /// once — the one portable way to make the kernel size the table.
 pub fn reserve_table(want: u64) -> io::Result<u64> {
-    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-    let slots = soft.min(want);
-    if slots <= 64 {
-        // Every table starts with 64 slots.
+    let top = reserve_top(want);
+    if top < 0 {
         return Ok(0);
     }
-    let top = i32::try_from(slots - 1).unwrap_or(i32::MAX);
     let null = std::fs::File::open("/dev/null")?;
     let raw = nix::fcntl::fcntl(&null, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(top))
         .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
     // SAFETY: `raw` was just returned by F_DUPFD_CLOEXEC: an open
     // descriptor nobody else knows of; the OwnedFd closes it once.
     drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
-    Ok(slots)
+    Ok(u64::try_from(top).unwrap_or(0) + 1)
 }
 
 #[cfg(test)]
