@@ -1,13 +1,12 @@
 //! The demo's upgrade loop: one handoff every interval, through the supervisor's admin
 //! socket, exactly as `handoff upgrade` asks for it.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use handoff_admin::schema::{admin_path, Event, Request};
+use handoff_admin::schema::{Event, Request};
 use handoff_admin::wire;
 
 /// Budget of one handoff from start to Ready. The demo service needs milliseconds; this
@@ -75,13 +74,11 @@ fn upgrade_once(runtime_dir: &Path) -> (Vec<(String, f64)>, Outcome) {
         phase: None,
         reason,
     };
-    let path = admin_path(runtime_dir);
-    let stream = match UnixStream::connect(&path) {
+    // The admin client's connect: it believes the socket only when our uid
+    // or root serves it, like `handoff upgrade` does.
+    let stream = match handoff_admin::client::connect(runtime_dir) {
         Ok(s) => s,
-        Err(e) => {
-            let reason = format!("cannot reach the supervisor at {}: {e}", path.display());
-            return (phases, aborted(reason));
-        }
+        Err(e) => return (phases, aborted(e.to_string())),
     };
     let req = Request::Upgrade {
         binary: None,
