@@ -132,22 +132,6 @@ impl Channel {
         self.recv_with_ancillary(timeout, sys::fdpass::recv_with_fds)
     }
 
-    /// Waits until `n` more descriptors fit in `flight`'s window, or
-    /// `deadline` (see `sys::fdpass::InFlight`).
-    pub fn wait_room(
-        &self,
-        flight: &mut sys::fdpass::InFlight,
-        n: usize,
-        deadline: Instant,
-    ) -> io::Result<()> {
-        flight.wait_room(&self.stream, n, deadline)
-    }
-
-    /// Records in `flight` a batch of `fds` descriptors just sent.
-    pub fn note_sent(&self, flight: &mut sys::fdpass::InFlight, fds: usize) {
-        flight.sent(&self.stream, fds);
-    }
-
     /// Waits up to `within` until `self` or `other` has something to read
     /// (a frame, or the peer's hang-up): `Some(true)` for `other`, `Some(false)`
     /// for `self`, `None` when neither. Lets one thread wait on a peer while

@@ -641,7 +641,7 @@ impl<'a, 'o> Run<'a, 'o> {
             .chan
             .stream()
             .set_write_timeout(Some(left))
-            .and_then(|()| n.chan.wait_room(flight, borrowed.len(), Instant::now() + left))
+            .and_then(|()| flight.wait_room(n.chan.stream(), borrowed.len(), Instant::now() + left))
             .map_err(FrameError::from)
             .and_then(|()| {
                 n.chan.send_with_fds(
@@ -654,7 +654,7 @@ impl<'a, 'o> Run<'a, 'o> {
             });
         let _ = n.chan.stream().set_write_timeout(None);
         match sent {
-            Ok(()) => n.chan.note_sent(flight, borrowed.len()),
+            Ok(()) => flight.sent(n.chan.stream(), borrowed.len()),
             Err(e) => {
                 let e = ProtocolError::frame(Peer::Successor, "draining", e);
                 return Err(self.successor_failure(e));
