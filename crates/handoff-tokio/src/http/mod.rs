@@ -237,15 +237,25 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
         if finish {
             http.graceful();
         }
-        if finish && tokio::time::timeout(TAKE_WAIT, &mut http).await.is_err() {
+        // Idle, hyper lets go at its next poll: try that once before
+        // arming a timer (one per connection adds up over 10,000).
+        let let_go = finish
+            && std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(std::pin::Pin::new(&mut http), cx).is_ready())
+            })
+            .await;
+        if finish && !let_go && tokio::time::timeout(TAKE_WAIT, &mut http).await.is_err() {
             // Not let go (cannot happen with nothing in flight): finish it
             // the old way within the wind-down.
             state.set_holding(false);
             let _ = tokio::time::timeout_at(shared.hard_deadline().into(), &mut http).await;
             return;
         }
-        let Some((rewind, c)) = http.take().and_then(Lingering::release) else {
+        let Some((io, husk)) = http.take() else {
             return; // upgraded or gone meanwhile
+        };
+        let Some((rewind, c)) = io.release() else {
+            return;
         };
         let (s, rest) = rewind.into_parts();
         (stream, counted, unread) = (s, c, rest);
@@ -267,6 +277,7 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
             .await
             .map(|m| *m)
             .unwrap_or(Moved::Gone);
+        drop(husk);
         match fate {
             Moved::Back => {
                 counted.unparked();

@@ -31,6 +31,16 @@ type H2Conn<I, S> = http2::Connection<TokioIo<Io<I>>, Tracked<S>, TokioExecutor>
 /// The client preface of HTTP/2 over cleartext with prior knowledge.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// hyper's read buffer and the service of a connection taken apart to
+/// move, kept until the handoff's outcome instead of freed on the spot.
+///
+/// Freeing them is most of what taking a connection out of hyper costs
+/// (the read buffer is the size class whose free makes glibc consolidate
+/// its heap), and it would be paid 10,000 times inside the drain, while
+/// nobody accepts. Dropped once the outcome is known: then the next build
+/// serves, or the drain is over.
+pub(crate) struct Husk<S>(#[allow(dead_code)] Option<(bytes::Bytes, Tracked<S>)>);
+
 pub(crate) enum Http<I: Stream, S: Svc<B>, B: ResBody> {
     /// Reading the first bytes, to tell HTTP/2 from HTTP/1.
     Sniff {
@@ -80,19 +90,20 @@ impl<I: Stream, S: Svc<B>, B: ResBody> Http<I, S, B> {
 
     /// Takes a finished HTTP/1 connection (or one still silent) apart: its
     /// stream wrapper, with the bytes read from it and not consumed put
-    /// back in front. `None` once upgraded or for HTTP/2.
-    pub(crate) fn take(self) -> Option<Io<I>> {
+    /// back in front, and what is left of hyper's side ([`Husk`]). `None`
+    /// once upgraded or for HTTP/2.
+    pub(crate) fn take(self) -> Option<(Io<I>, Husk<S>)> {
         match self {
-            Http::Sniff { io, buf, .. } => {
+            Http::Sniff { io, buf, svc } => {
                 let mut io = io?;
                 io.get_mut()?.put_back(&buf);
-                Some(io)
+                Some((io, Husk(svc.map(|s| (bytes::Bytes::new(), s)))))
             }
             Http::H1 { conn, .. } => {
                 let parts = conn.into_parts()?;
                 let mut io = parts.io.into_inner();
                 io.get_mut()?.put_back(&parts.read_buf);
-                Some(io)
+                Some((io, Husk(Some((parts.read_buf, parts.service)))))
             }
             Http::H2(_) | Http::Done(_) => None,
         }
