@@ -139,6 +139,23 @@ mod sys;
 mod timeouts;
 mod version;
 
+/// Hooks for other crates' tests (handoff-tokio's): not part of the API.
+#[doc(hidden)]
+pub mod test_hooks {
+    use crate::Mover;
+
+    /// A mover for a drain that moves connections, with no sender behind
+    /// it: offers stay queued, for a test to count.
+    pub fn queueing_mover() -> Mover {
+        Mover::moving_at_most(crate::sys::fdpass::MAX_FDS)
+    }
+
+    /// How many offers `mover` holds, not yet sent.
+    pub fn queued(mover: &Mover) -> usize {
+        mover.queued()
+    }
+}
+
 supervisor_side! {
     channel;
     child;

@@ -85,13 +85,58 @@ pub enum MoveRefused {
     Dup(#[source] std::io::Error),
 }
 
+/// One offer, as the queue holds it until the sender thread takes it.
+struct Offered {
+    fd: OwnedFd,
+    unread: Vec<u8>,
+    state: Blob,
+}
+
+/// Most state bytes an offer keeps without a heap allocation.
+const INLINE_STATE: usize = 62;
+
+/// A state blob, kept inline when small (the usual: which listener).
+///
+/// An offer is made on a service thread and its bytes are freed on the
+/// sender thread: with glibc every such free takes the allocating thread's
+/// arena lock, and 10,000 of them in a drain contended with the service's
+/// own allocations. The unread bytes are usually none (no allocation).
+enum Blob {
+    Inline { len: u8, bytes: [u8; INLINE_STATE] },
+    Heap(Vec<u8>),
+}
+
+impl Blob {
+    fn new(state: &[u8]) -> Blob {
+        match u8::try_from(state.len()) {
+            Ok(len) if state.len() <= INLINE_STATE => {
+                let mut bytes = [0u8; INLINE_STATE];
+                bytes[..state.len()].copy_from_slice(state);
+                Blob::Inline { len, bytes }
+            }
+            _ => Blob::Heap(state.to_vec()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Blob::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Blob::Heap(v) => v,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Queue {
     open: bool,
     /// Offered and not yet taken by the sender thread.
-    conns: Vec<MovedConnection>,
+    conns: Vec<Offered>,
     /// Connections the drain closed instead ([`Mover::closed`]).
     closed: u64,
+    /// The sender thread is waiting on `more`: only then is an offer worth
+    /// a wake-up (each one a `futex` call, and in a VM an interrupt to an
+    /// idle CPU).
+    waiting: bool,
 }
 
 struct Inner {
@@ -211,19 +256,24 @@ impl Mover {
         if !q.open {
             return Err(MoveRefused::Closed);
         }
-        q.conns.push(MovedConnection {
+        q.conns.push(Offered {
             fd,
             unread: unread.to_vec(),
-            state: state.to_vec(),
+            state: Blob::new(state),
         });
-        // Wake the sender for a first offer or a full batch only: it
-        // gathers the ones in between itself (see `next_batch`).
-        let wake = q.conns.len() == 1 || q.conns.len() >= self.0.batch;
+        // Wake the sender, if it waits, for a first offer or a full batch
+        // only: it gathers the ones in between itself (see `next_batch`).
+        let wake = q.waiting && (q.conns.len() == 1 || q.conns.len() >= self.0.batch);
         drop(q);
         if wake {
             self.0.more.notify_all();
         }
         Ok(())
+    }
+
+    /// Offers queued and not yet taken by the sender thread.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue().conns.len()
     }
 
     /// Counts `n` connections this drain closed rather than moved (HTTP/2,
@@ -246,13 +296,15 @@ impl Mover {
     /// to fill (or the offers to end): connections are offered one by one
     /// as each goes idle, and a frame per connection would cost the
     /// supervisor and the successor a relay per connection.
-    fn next_batch(&self) -> Option<Vec<MovedConnection>> {
+    fn next_batch(&self) -> Option<Vec<Offered>> {
         let mut q = self.queue();
         while q.conns.is_empty() {
             if !q.open {
                 return None;
             }
+            q.waiting = true;
             q = self.0.more.wait(q).unwrap_or_else(|p| p.into_inner());
+            q.waiting = false;
         }
         let until = Instant::now() + GATHER;
         while q.open && q.conns.len() < self.0.batch {
@@ -260,18 +312,20 @@ impl Mover {
             if left.is_zero() {
                 break;
             }
+            q.waiting = true;
             q = self
                 .0
                 .more
                 .wait_timeout(q, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            q.waiting = false;
         }
         let budget = crate::frame::MAX_PAYLOAD - FRAME_SLACK;
         let mut used = 0;
         let mut n = 0;
         for c in q.conns.iter().take(self.0.batch) {
-            let size = c.unread.len() + c.state.len() + 16;
+            let size = c.unread.len() + c.state.as_slice().len() + 16;
             if n > 0 && used + size > budget {
                 break;
             }
@@ -333,7 +387,7 @@ impl Flusher {
                             .iter()
                             .map(|c| MovedMeta {
                                 unread: c.unread.clone(),
-                                state: c.state.clone(),
+                                state: c.state.as_slice().to_vec(),
                             })
                             .collect(),
                     };
