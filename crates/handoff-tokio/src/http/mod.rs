@@ -181,10 +181,6 @@ async fn accept_loop<L: Listen, S: Svc<B>, B: ResBody>(
     }
 }
 
-/// How long hyper may take to let go of an idle HTTP/1 connection that is
-/// moving (it does at its next poll: nothing is in flight).
-const TAKE_WAIT: Duration = Duration::from_secs(1);
-
 /// Serves one connection until it ends — or, while a drain moves
 /// connections, until it is idle: then it is offered to the next build and
 /// parked until the handoff's outcome, and either closed without a FIN (it
@@ -224,33 +220,14 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
         if let Ended::Done = ended {
             return;
         }
-        // Idle: take it out of hyper. After an exchange hyper closes an
-        // idle connection at once when told to (finishing a response body
-        // still streaming first); the wrapper keeps it from shutting the
-        // socket. Before its first request hyper would wait for that
-        // request instead — but it has written nothing and consumed
-        // nothing yet, so it is taken apart as it stands: every byte it
-        // read is still in its buffer. (One that has not shown its protocol
-        // yet is not in hyper at all.)
+        // Idle: take it out of hyper as it stands. Its last response is
+        // written and flushed (the request counts until hyper has taken the
+        // end of its body: `conn::Answering`), so hyper holds nothing of
+        // ours but the bytes it read and did not parse — a pipelined
+        // request, a head in progress — and gives those back. (One that
+        // has not shown its protocol yet is not in hyper at all.) The
+        // wrapper keeps the socket from being shut down meanwhile.
         state.set_holding(true);
-        let finish = http.in_hyper() && state.requests() > 0;
-        if finish {
-            http.graceful();
-        }
-        // Idle, hyper lets go at its next poll: try that once before
-        // arming a timer (one per connection adds up over 10,000).
-        let let_go = finish
-            && std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(std::future::Future::poll(std::pin::Pin::new(&mut http), cx).is_ready())
-            })
-            .await;
-        if finish && !let_go && tokio::time::timeout(TAKE_WAIT, &mut http).await.is_err() {
-            // Not let go (cannot happen with nothing in flight): finish it
-            // the old way within the wind-down.
-            state.set_holding(false);
-            let _ = tokio::time::timeout_at(shared.hard_deadline().into(), &mut http).await;
-            return;
-        }
         let Some((io, husk)) = http.take() else {
             return; // upgraded or gone meanwhile
         };

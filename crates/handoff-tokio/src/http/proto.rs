@@ -39,7 +39,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// its heap), and it would be paid 10,000 times inside the drain, while
 /// nobody accepts. Dropped once the outcome is known: then the next build
 /// serves, or the drain is over.
-pub(crate) struct Husk<S>(#[allow(dead_code)] Option<(bytes::Bytes, Tracked<S>)>);
+pub(crate) struct Husk<S>(#[allow(dead_code)] Option<(hyper::body::Bytes, Tracked<S>)>);
 
 pub(crate) enum Http<I: Stream, S: Svc<B>, B: ResBody> {
     /// Reading the first bytes, to tell HTTP/2 from HTTP/1.
@@ -77,11 +77,6 @@ impl<I: Stream, S: Svc<B>, B: ResBody> Http<I, S, B> {
         }
     }
 
-    /// Whether hyper serves it (the protocol is known).
-    pub(crate) fn in_hyper(&self) -> bool {
-        matches!(self, Http::H1 { .. } | Http::H2(_))
-    }
-
     /// Whether the connection could move: HTTP/1 (or not known yet), not
     /// upgraded.
     pub(crate) fn movable(&self) -> bool {
@@ -97,7 +92,7 @@ impl<I: Stream, S: Svc<B>, B: ResBody> Http<I, S, B> {
             Http::Sniff { io, buf, svc } => {
                 let mut io = io?;
                 io.get_mut()?.put_back(&buf);
-                Some((io, Husk(svc.map(|s| (bytes::Bytes::new(), s)))))
+                Some((io, Husk(svc.map(|s| (hyper::body::Bytes::new(), s)))))
             }
             Http::H1 { conn, .. } => {
                 let parts = conn.into_parts()?;

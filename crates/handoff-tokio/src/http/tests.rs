@@ -66,7 +66,16 @@ impl Server {
                     "slow"
                 }),
             )
-            .route("/echo", put(|body: axum::body::Bytes| async move { body }));
+            .route("/echo", put(|body: axum::body::Bytes| async move { body }))
+            .route(
+                "/stream",
+                get(|| async {
+                    axum::body::Body::new(Ticking {
+                        left: 3,
+                        next: Box::pin(tokio::time::sleep(TICK)),
+                    })
+                }),
+            );
         let h = handoff.clone();
         let serving = tokio::spawn(async move { h.serve(listener, app).await });
         Server {
@@ -636,14 +645,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 
 /// The hyper behaviour issue 15 (moving live keep-alive connections to the
 /// new build) is designed on, pinned so an upgrade of hyper that changes it
-/// fails here first: an HTTP/1.1 connection idle between requests can be
-/// taken out of hyper — `graceful_shutdown` then `poll_without_shutdown`
-/// and `into_parts` — with its socket open and the bytes hyper had read
-/// but not parsed (half of the client's next request, pipelined behind the
-/// first); a second hyper connection on that socket, those bytes put back
-/// in front, answers the rest as if nothing had happened: same TCP
-/// connection, no error. (Bytes hyper had not read yet simply stay in the
-/// socket, which moves with its descriptor.)
+/// fails here first: an HTTP/1.1 connection idle between requests — its
+/// response written and flushed — can be taken out of hyper as it stands,
+/// with `into_parts` and no shutdown, with its socket open and the bytes
+/// hyper had read but not parsed (half of the client's next request,
+/// pipelined behind the first); a second hyper connection on that socket,
+/// those bytes put back in front, answers the rest as if nothing had
+/// happened: same TCP connection, no error. (Bytes hyper had not read yet
+/// simply stay in the socket, which moves with its descriptor.)
 #[tokio::test]
 async fn hyper_gives_back_an_idle_http1_connection_with_its_unread_bytes() {
     use hyper::server::conn::http1;
@@ -682,17 +691,21 @@ async fn hyper_gives_back_an_idle_http1_connection_with_its_unread_bytes() {
         })
     };
     let mut old = http1::Builder::new().serve_connection(TokioIo::new(s), answer("old"));
-    // Serve the first request; once the client has sent half of its next
-    // one, hyper has it buffered and the connection is idle: take it out.
+    // Serve the first request; once the client has its answer (and has
+    // sent half of its next request, which hyper read with the first),
+    // the connection is idle: stop polling it and take it apart.
     let mut half_sent_rx = half_sent_rx;
-    let taken = std::future::poll_fn(|cx| {
+    let served = std::future::poll_fn(|cx| {
         if let std::task::Poll::Ready(r) = std::pin::Pin::new(&mut half_sent_rx).poll(cx) {
             r.unwrap();
-            std::pin::Pin::new(&mut old).graceful_shutdown();
+            return std::task::Poll::Ready(());
         }
-        old.poll_without_shutdown(cx)
+        match std::pin::Pin::new(&mut old).poll(cx) {
+            std::task::Poll::Ready(r) => panic!("the connection ended: {r:?}"),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     });
-    tokio::time::timeout(BOUND, taken).await.unwrap().unwrap();
+    tokio::time::timeout(BOUND, served).await.unwrap();
     let parts = old.into_parts();
     let unread = parts.read_buf.clone();
     assert_eq!(
@@ -715,4 +728,104 @@ async fn hyper_gives_back_an_idle_http1_connection_with_its_unread_bytes() {
     assert_eq!(second, "new /next", "answered by the new owner");
     assert_eq!(port, port_after, "one TCP connection throughout");
     serving.abort();
+}
+
+/// How far apart `/stream` sends its three chunks.
+const TICK: Duration = Duration::from_millis(150);
+
+/// A response body that streams: a chunk every [`TICK`], `left` more.
+struct Ticking {
+    left: u8,
+    next: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Ticking {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(std::future::Future::poll(self.next.as_mut(), cx));
+        self.left -= 1;
+        let at = tokio::time::Instant::now() + TICK;
+        self.next.as_mut().reset(at);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(
+            format!("tick {}\n", self.left),
+        )))))
+    }
+}
+
+/// Reads a chunked body up to its last chunk (bounded).
+async fn read_chunked_to_end<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) {
+    let mut b = [0u8; 256];
+    while !buf.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(BOUND, s.read(&mut b))
+            .await
+            .expect("the body kept coming")
+            .unwrap();
+        assert!(n > 0, "closed mid-body: {}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&b[..n]);
+    }
+}
+
+/// A connection is taken out of hyper to move only once hyper has written
+/// the whole of its last response: a drain that moves connections starts
+/// while a response body is still streaming, and the connection is offered
+/// only after the body's last chunk — which the client gets, whole, on a
+/// connection that stays open. (Taken apart mid-body, the rest of the body
+/// would be lost with hyper's buffers.)
+#[tokio::test]
+async fn a_streaming_response_is_finished_before_its_connection_moves() {
+    let srv = Server::start(Duration::from_secs(5)).await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut c, "/").await.unwrap();
+    c.write_all(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // The head and the first chunk are out: the body is streaming.
+    let mut got = Vec::new();
+    let mut b = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains("tick 2") {
+        let n = tokio::time::timeout(BOUND, c.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&b[..n]);
+    }
+    let mover = handoff::test_hooks::queueing_mover();
+    srv.shared().start_moving(mover.clone());
+    srv.shared().set_phase(Phase::Draining);
+    // Mid-body (two chunks to come, a tick apart), nothing is offered: the
+    // drain has seen the phase (the control side would have) by the time a
+    // tick has passed.
+    let mid = tokio::time::Instant::now() + TICK / 2;
+    while tokio::time::Instant::now() < mid {
+        assert_eq!(handoff::test_hooks::queued(&mover), 0, "offered mid-body");
+        tokio::task::yield_now().await;
+    }
+    read_chunked_to_end(&mut c, &mut got).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(text.contains("tick 1") && text.contains("tick 0"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    // Then, idle, it moves: offered, and open (nothing closes a moving one).
+    let end = tokio::time::Instant::now() + BOUND;
+    while handoff::test_hooks::queued(&mover) == 0 {
+        assert!(tokio::time::Instant::now() < end, "never offered");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(handoff::test_hooks::queued(&mover), 1);
+    let still_open = tokio::time::timeout(Duration::from_millis(50), c.read(&mut b)).await;
+    assert!(
+        still_open.is_err(),
+        "the connection was closed: {still_open:?}"
+    );
 }
