@@ -152,6 +152,10 @@ mod tests {
     fn every_point_is_placed() {
         let src = [
             include_str!("supervisor/handoff/mod.rs"),
+            include_str!("supervisor/handoff/drive.rs"),
+            include_str!("supervisor/handoff/run.rs"),
+            include_str!("supervisor/handoff/greeting.rs"),
+            include_str!("supervisor/handoff/draining.rs"),
             include_str!("supervisor/handoff/held.rs"),
             include_str!("supervisor/handoff/ending.rs"),
             include_str!("supervisor/prepared.rs"),

@@ -519,6 +519,20 @@ impl Incumbent {
         crate::phase::admit(Peer::Supervisor, phase.name(), legal, id, msg)
     }
 
+    /// What a receive in `phase` that did not bring one of the messages
+    /// handled there amounts to: its own error, or the message — legal by
+    /// the phase table but of no use here — as an unexpected one.
+    fn off_table(phase: IncumbentPhase, got: Result<Message, ProtocolError>) -> ProtocolError {
+        match got {
+            Err(e) => e,
+            Ok(m) => ProtocolError::Unexpected {
+                peer: Peer::Supervisor,
+                phase: phase.name(),
+                message: m.name(),
+            },
+        }
+    }
+
     /// Serves one request, `first`, read from `chan` by a greeter.
     fn handoff<D: Drainable>(
         &mut self,
@@ -578,7 +592,14 @@ impl Incumbent {
                 }
                 return Ok(Next::Continue);
             }
-            _ => unreachable!("phase table"),
+            m => {
+                return Err(ProtocolError::Unexpected {
+                    peer: Peer::Supervisor,
+                    phase: IncumbentPhase::Idle.name(),
+                    message: m.name(),
+                }
+                .into())
+            }
         };
 
         // Connections the drain moves go out as they are offered, on a
@@ -704,8 +725,8 @@ impl Incumbent {
                 self.resume(service)?;
                 return Ok(Next::Continue);
             }
-            Ok(_) => unreachable!("phase table"),
-            Err(e) => {
+            got => {
+                let e = Self::off_table(IncumbentPhase::Drained, got);
                 tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "lost the supervisor while drained; resuming");
                 self.resume(service)?;
                 return Ok(Next::Continue);
@@ -778,8 +799,8 @@ impl Incumbent {
                 self.relocked(lock, service)?;
                 Ok(Next::Continue)
             }
-            Ok(_) => unreachable!("phase table"),
-            Err(e) => {
+            got => {
+                let e = Self::off_table(IncumbentPhase::Sealed, got);
                 tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "lost the supervisor while sealed");
                 self.recover_after_seal(id, service)
             }

@@ -212,7 +212,12 @@ fn try_reattach(
     let legal = phase::reattach_allows(&msg);
     let msg = phase::admit(Peer::Incumbent, phase, legal, None, msg)?;
     let Message::Listeners { names } = msg else {
-        unreachable!("phase table admits only Listeners")
+        return Err(ProtocolError::Unexpected {
+            peer: Peer::Incumbent,
+            phase,
+            message: msg.name(),
+        }
+        .into());
     };
     if names.len() != fds.len() {
         return Err(ProtocolError::frame(

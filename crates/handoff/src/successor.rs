@@ -181,7 +181,12 @@ impl Boot {
         crash::point("n-after-hello");
         let msg = recv(&mut chan, phase, None, Some(self.cfg.timeouts.hello))?;
         let Message::HelloAck { version } = msg else {
-            unreachable!("phase table")
+            return Err(ProtocolError::Unexpected {
+                peer: Peer::Supervisor,
+                phase: phase.name(),
+                message: msg.name(),
+            }
+            .into());
         };
         let v = negotiate(
             self.cfg.versions,
@@ -241,7 +246,14 @@ impl Boot {
                     Ok((Message::Abort { reason, .. }, _)) => {
                         return Err(ProcessError::Aborted { reason })
                     }
-                    Ok(_) => unreachable!("phase table"),
+                    Ok((m, _)) => {
+                        return Err(ProtocolError::Unexpected {
+                            peer: Peer::Supervisor,
+                            phase: SuccessorPhase::AwaitBegin.name(),
+                            message: m.name(),
+                        }
+                        .into())
+                    }
                     Err(e) if e.is_disconnect() => return Err(ProcessError::SupervisorGone),
                     Err(e) => return Err(e.into()),
                 }

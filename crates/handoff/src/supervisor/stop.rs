@@ -170,7 +170,14 @@ impl StopRequest<'_> {
                     })
                 }
                 m if m.is_keepalive() => continue,
-                _ => unreachable!("the stop table admits only Heartbeat and ShutdownDrained"),
+                m => {
+                    return Err(ProtocolError::Unexpected {
+                        peer: Peer::Incumbent,
+                        phase: DRAINING,
+                        message: m.name(),
+                    }
+                    .into())
+                }
             }
         }
     }

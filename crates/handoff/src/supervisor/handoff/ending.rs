@@ -1,64 +1,217 @@
-//! How a run ends: Commit to both processes, or the abort path that leaves
-//! the incumbent serving.
+//! How a run ends: Begin and Ready, then Commit to both processes — or the
+//! abort path that leaves the incumbent serving.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::Run;
+use super::run::{successor_failure, unexpected, Left, Run, Step};
+use crate::channel::Channel;
 use crate::child::Child;
 use crate::crash;
-use crate::error::HandoffError;
-use crate::phase::SupervisorPhase;
+use crate::error::{HandoffError, ProtocolError};
+use crate::frame::FrameError;
+use crate::phase::{Peer, SupervisorPhase};
 use crate::protocol::Message;
+use crate::supervisor::types::{ConnectionsMoved, Successor};
 use crate::supervisor::{PhaseDone, Report};
+use crate::timeouts::PhaseClock;
 
-impl Run<'_, '_> {
-    pub(super) fn commit(mut self) -> Result<Report, HandoffError> {
-        self.enter(SupervisorPhase::Committed)?;
+/// Sealed (or there was no incumbent, or it died): the successor is to
+/// begin.
+pub(super) struct AwaitingReady {
+    /// The incumbent, drained and sealed; `None` when there is none.
+    o: Option<Channel>,
+    n: Successor,
+    state: Option<Vec<u8>>,
+    moved: Option<ConnectionsMoved>,
+}
+
+/// The successor said Ready, healthy: the handoff commits.
+pub(super) struct Ready {
+    o: Option<Channel>,
+    n: Successor,
+    moved: Option<ConnectionsMoved>,
+}
+
+impl AwaitingReady {
+    pub(super) fn new(
+        o: Option<Channel>,
+        n: Successor,
+        state: Option<Vec<u8>>,
+        moved: Option<ConnectionsMoved>,
+    ) -> AwaitingReady {
+        AwaitingReady {
+            o,
+            n,
+            state,
+            moved,
+        }
+    }
+
+    /// With no incumbent to hand over from: a first start, a restart, or an
+    /// incumbent that died mid-handoff.
+    pub(super) fn without_incumbent(n: Successor) -> AwaitingReady {
+        AwaitingReady::new(None, n, None, None)
+    }
+
+    /// Sends Begin with the sealed state and waits for Ready.
+    pub(super) fn begin(mut self, run: &mut Run<'_, '_>) -> Step<Ready> {
+        match self.ready(run) {
+            Ok(()) => Ok(Ready {
+                o: self.o,
+                n: self.n,
+                moved: self.moved,
+            }),
+            Err(e) => {
+                let prepared = self.o.is_some();
+                Err((
+                    e,
+                    Left {
+                        o: self.o,
+                        prepared,
+                        n: Some(self.n),
+                    },
+                ))
+            }
+        }
+    }
+
+    fn ready(&mut self, run: &mut Run<'_, '_>) -> Result<(), HandoffError> {
+        // From Begin on the successor holds the state lock: a restarted
+        // supervisor must be able to find it. (The write was queued at spawn
+        // time and has had the whole drain and seal to land.)
+        run.sup.journal.wait(run.successor_recorded)?;
+        self.n
+            .chan
+            .send(&Message::Begin {
+                handoff_id: run.id,
+                state: self.state.take(),
+            })
+            .map_err(|e| ProtocolError::frame(Peer::Successor, "begin", e))?;
+        crash::point_if(run.with_incumbent, "s-after-begin");
+        let cap = run.remaining();
+        let ready = recv_successor(run, &mut self.n, cap)?;
+        crash::point_if(run.with_incumbent, "s-after-ready");
+        let Message::Ready {
+            healthz_ok,
+            metadata,
+            ..
+        } = ready
+        else {
+            return Err(unexpected(Peer::Successor, "awaiting-ready", ready.name()));
+        };
+        if !healthz_ok {
+            let detail = metadata
+                .iter()
+                .find(|(k, _)| k == "health")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| "no detail given".into());
+            return Err(HandoffError::Unhealthy { detail });
+        }
+        run.record.successor_pid = Some(self.n.child.pid());
+        if let Some(b) = metadata.iter().find(|(k, _)| k == "build_id") {
+            let mut p = run.sup.procs();
+            p.incumbent_build = b.1.clone();
+        }
+        Ok(())
+    }
+}
+
+/// Reads the successor until a message that ends the phase arrives
+/// (heartbeats while its health check runs keep it alive), enforcing
+/// liveness per read and `cap` (plus wire slack) on the whole phase.
+fn recv_successor(
+    run: &Run<'_, '_>,
+    n: &mut Successor,
+    cap: Duration,
+) -> Result<Message, HandoffError> {
+    let peer = Peer::Successor;
+    let phase = run.phase();
+    let clock = PhaseClock::start(cap);
+    let t = run.t;
+    loop {
+        let now = Instant::now();
+        if clock.expired(now, t.wire_slack) {
+            let e = ProtocolError::Timeout {
+                peer,
+                phase: phase.name(),
+                waited_ms: now.duration_since(clock.started).as_millis() as u64,
+                clock: "phase deadline",
+            };
+            return Err(successor_failure(n, e));
+        }
+        let timeout = t.read_timeout(&clock, now);
+        let msg = match n.chan.recv(Some(timeout)) {
+            Ok(m) => m,
+            Err(FrameError::TimedOut { .. }) if clock.expired(Instant::now(), t.wire_slack) => {
+                let e = ProtocolError::Timeout {
+                    peer,
+                    phase: phase.name(),
+                    waited_ms: clock.started.elapsed().as_millis() as u64,
+                    clock: "phase deadline",
+                };
+                return Err(successor_failure(n, e));
+            }
+            Err(e) => {
+                let e = ProtocolError::frame(peer, phase.name(), e);
+                return Err(successor_failure(n, e));
+            }
+        };
+        let legal = phase.allows(peer, &msg);
+        let msg = crate::phase::admit(peer, phase.name(), legal, Some(run.id), msg)?;
+        if !msg.is_keepalive() {
+            return Ok(msg);
+        }
+    }
+}
+
+impl Ready {
+    pub(super) fn commit(self, mut run: Run<'_, '_>) -> Result<Report, HandoffError> {
+        run.enter(SupervisorPhase::Committed);
         let mut warnings = vec![];
-        let id = self.id;
+        let id = run.id;
+        let Ready { o, n, moved } = self;
         // The successor first: were we to die between the two sends, the
         // successor (committed, holding the lock) is the incumbent and the
         // old one, finding the lock taken, retires. The other order could
         // retire the old process while the new one is still waiting.
-        let n = self.n.take().expect("successor exists at commit");
         if let Err(e) = n.chan.send(&Message::Commit { handoff_id: id }) {
             warnings.push(format!("the new incumbent did not get Commit ({e})"));
         }
         let new_pid = n.child.pid();
-        let old_pid = self.old.as_ref().map(Child::pid);
+        let old_pid = run.old.as_ref().map(Child::pid);
         // Record the new incumbent before the old one hears Commit: the old
         // one may exit at once, and whoever watches the incumbent (the
         // crash-restart monitor) must then already see it retiring, not an
         // incumbent that died outside a handoff.
         {
-            let mut p = self.sup.procs();
+            let mut p = run.sup.procs();
             if let Some(old) = p.incumbent.replace(n.child) {
                 p.retiring.push(old);
             }
             p.retiring.retain(|c| c.try_exit().is_none());
         }
-        if let Some(o) = &self.o {
+        if let Some(o) = &o {
             if let Err(e) = o.send(&Message::Commit { handoff_id: id }) {
                 warnings.push(format!("the old incumbent did not get Commit ({e}); it will find the state lock taken and retire"));
             }
         }
-        crash::point_if(self.with_incumbent, "s-after-commit");
-        warnings.splice(0..0, std::mem::take(&mut self.warnings));
+        crash::point_if(run.with_incumbent, "s-after-commit");
+        warnings.splice(0..0, std::mem::take(&mut run.warnings));
         // Dropping our end tells the old incumbent we are done with it.
-        self.o = None;
+        drop(o);
         drop(n.chan);
-        let took = self.phase_started.elapsed();
+        let took = run.phase_started.elapsed();
         let done = PhaseDone {
             phase: SupervisorPhase::Committed,
             took,
         };
-        self.phases.push(done);
-        (self.observer)(done);
+        run.phases.push(done);
+        (run.observer)(done);
         // The handoff is over for the service: both processes have their
         // Commit. What follows is the supervisor's bookkeeping.
-        let total = self.started.elapsed();
-        let cleared = self.sup.journal.clear();
-        if let Err(e) = self.sup.journal.wait(cleared) {
+        let total = run.started.elapsed();
+        let cleared = run.sup.journal.clear();
+        if let Err(e) = run.sup.journal.wait(cleared) {
             warnings.push(format!("clearing the journal failed: {e}"));
         }
         tracing::info!(target: "handoff::commit", handoff_id = %crate::protocol::IdHex(id), new_pid, ?old_pid, total_us = total.as_micros() as u64);
@@ -69,21 +222,26 @@ impl Run<'_, '_> {
             handoff_id: id,
             old_pid,
             new_pid,
-            new_build_id: self.sup.procs().incumbent_build.clone(),
-            phases: self.phases,
+            new_build_id: run.sup.procs().incumbent_build.clone(),
+            phases: run.phases,
             total,
-            prepared_for: self.held_for,
+            prepared_for: run.held_for,
             warnings,
-            connections: self.moved,
+            connections: moved,
         })
     }
+}
 
-    pub(super) fn abort(mut self, cause: HandoffError) -> HandoffError {
+impl Run<'_, '_> {
+    /// Tells each process what the failed handoff leaves it to do: the
+    /// successor to stop (killed first when it is the one to blame), the
+    /// incumbent to resume.
+    pub(super) fn abort(mut self, cause: HandoffError, left: Left) -> HandoffError {
         let phase = self.phase();
         tracing::warn!(target: "handoff::abort", handoff_id = %crate::protocol::IdHex(self.id), phase = phase.name(), cause = %cause);
-        let _ = self.enter(SupervisorPhase::ResumingAfterAbort);
+        self.enter(SupervisorPhase::ResumingAfterAbort);
         let reason = cause.to_string();
-        let n = self.n.take();
+        let Left { o, prepared, n } = left;
         if let Some(n) = &n {
             let _ = n.chan.send(&Message::Abort {
                 handoff_id: self.id,
@@ -96,7 +254,7 @@ impl Run<'_, '_> {
             // hold the state lock) can race the incumbent's resumption.
             Some(n) if cause.blames_successor() => {
                 kill_successor(&n.child);
-                self.resume_incumbent()
+                self.resume_incumbent(o, prepared)
             }
             // It is answering: it got Abort and exits by itself, after
             // finishing any connections it accepted early (a stateless
@@ -106,7 +264,7 @@ impl Run<'_, '_> {
             // the incumbent's lock wait covers. After Abort it neither binds
             // nor locks anything (both happen only on Begin, before Ready).
             Some(n) => {
-                let resumed = self.resume_incumbent();
+                let resumed = self.resume_incumbent(o, prepared);
                 let grace = self.t.abort_grace;
                 if n.child.wait_timeout(grace).is_none() {
                     tracing::warn!(target: "handoff::abort", pid = n.child.pid(), grace_ms = grace.as_millis() as u64, "successor still running after the abort grace; killing it");
@@ -114,7 +272,7 @@ impl Run<'_, '_> {
                 }
                 resumed
             }
-            None => self.resume_incumbent(),
+            None => self.resume_incumbent(o, prepared),
         };
         let took = self.phase_started.elapsed();
         (self.observer)(PhaseDone {
@@ -135,20 +293,17 @@ impl Run<'_, '_> {
 
     /// Tells the incumbent (if it was asked to drain) to resume; whether it
     /// is serving on.
-    fn resume_incumbent(&mut self) -> bool {
-        let mut resumed = false;
-        if let Some(o) = self.o.take() {
-            if self.prepared {
-                resumed = o
-                    .send(&Message::ResumeAfterAbort {
-                        handoff_id: self.id,
-                    })
-                    .is_ok();
-            } else {
-                resumed = true; // never asked to drain: it simply goes on
-            }
+    fn resume_incumbent(&self, o: Option<Channel>, prepared: bool) -> bool {
+        match o {
+            Some(o) if prepared => o
+                .send(&Message::ResumeAfterAbort {
+                    handoff_id: self.id,
+                })
+                .is_ok(),
+            // Never asked to drain: it simply goes on.
+            Some(_) => true,
+            None => false,
         }
-        resumed
     }
 }
 

@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use super::Run;
+use super::greeting::Spawned;
+use super::run::{Left, Run, Start};
 use crate::child::Child;
 use crate::error::HandoffError;
 use crate::journal::JournalRecord;
@@ -24,8 +25,7 @@ impl Run<'_, '_> {
             phase: SupervisorPhase::Negotiating,
             ..held.record
         };
-        self.n = Some(held.n);
-        self.greeted = true;
+        self.start = Start::Held(held.n);
         self.held_for = Some(held.since.elapsed());
         self.warnings = warnings;
         self
@@ -45,19 +45,22 @@ impl Run<'_, '_> {
     ) -> Result<Held, HandoffError> {
         self.sup.journal.reset_error();
         self.sup.journal.write(&self.record);
-        let r = self
-            .spawn_successor(program)
-            .and_then(|()| self.greet_successor())
-            .and_then(|()| Ok(self.sup.journal.wait(self.successor_recorded)?));
-        if let Err(e) = r {
-            return Err(self.abort(e));
+        let spawned = match Spawned::spawn(&mut self, program) {
+            Ok(s) => s,
+            Err(e) => return Err(self.abort(e, Left::default())),
+        };
+        let n = match spawned.greet(&mut self) {
+            Ok(g) => g.into_successor(),
+            Err((e, n)) => return Err(self.abort(e, Left::successor(n))),
+        };
+        if let Err(e) = self.sup.journal.wait(self.successor_recorded) {
+            return Err(self.abort(e.into(), Left::successor(n)));
         }
         let took = self.phase_started.elapsed();
         (self.observer)(PhaseDone {
             phase: SupervisorPhase::Negotiating,
             took,
         });
-        let n = self.n.take().expect("spawned above");
         tracing::info!(target: "handoff::prepare", handoff_id = %crate::protocol::IdHex(self.id), pid = n.child.pid(), took_us = took.as_micros() as u64, "successor prepared; held until the next upgrade");
         Ok(Held {
             n,
