@@ -59,6 +59,12 @@ pub enum Request {
         #[serde(default)]
         grace_ms: Option<u64>,
     },
+    /// Replace the supervisor's own binary in place, same pid, the service
+    /// untouched (`handoff upgrade --supervisor`).
+    ReexecSupervisor {
+        /// `exec` this binary; default: the path the supervisor runs from.
+        binary: Option<PathBuf>,
+    },
 }
 
 /// What the supervisor answers, one per frame; the last one of a
@@ -133,6 +139,10 @@ pub enum Event {
     Status {
         /// The supervisor's own pid.
         supervisor_pid: u32,
+        /// What the supervisor's own binary is: its version and a digest of
+        /// the executable (changes with `handoff upgrade --supervisor`).
+        #[serde(default)]
+        supervisor_build: String,
         /// The serving process, if any.
         incumbent_pid: Option<u32>,
         /// What the serving process said it is.
@@ -174,6 +184,19 @@ pub enum Event {
     },
     /// The service is stopped; the supervisor exits right after this.
     Stopped(StopReport),
+    /// `handoff upgrade --supervisor`: the new binary answered its check;
+    /// the supervisor `exec`s it now. The connection closes with the
+    /// `exec` (an `Error` follows instead if the `exec` failed).
+    Reexecuting {
+        /// The supervisor's pid, the same after the `exec`.
+        supervisor_pid: u32,
+        /// The binary being `exec`ed.
+        binary: PathBuf,
+        /// Its build, as its check said.
+        build: String,
+        /// The build it replaces.
+        from_build: String,
+    },
     /// The request itself failed (bad request, handoff already running…).
     Error {
         /// What the client is told.
@@ -214,6 +237,7 @@ mod tests {
     fn status_counters_are_opaque() {
         let ev = Event::Status {
             supervisor_pid: 1,
+            supervisor_build: "handoff 0.1.0 (abc)".into(),
             incumbent_pid: Some(2),
             build_id: "b".into(),
             listeners: vec![],

@@ -31,6 +31,11 @@ use anyhow::{bail, Context, Result};
 use handoff_admin::schema::{self, Request};
 use handoff_admin::server;
 
+/// Set once the runtime dir was re-created and the admin socket bound again:
+/// the supervisor then holds locks and sockets `handoff upgrade --supervisor`
+/// does not know how to carry (it refuses).
+pub static REPLACED: AtomicBool = AtomicBool::new(false);
+
 /// How often the admin socket's path is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -89,6 +94,7 @@ where
                 Ok(fresh) => {
                     let old = std::mem::replace(&mut serving, fresh);
                     old.replaced.store(true, Ordering::SeqCst);
+                    REPLACED.store(true, Ordering::SeqCst);
                     // Wakes its accept with an error: that loop ends.
                     let _ = nix::sys::socket::shutdown(
                         std::os::fd::AsRawFd::as_raw_fd(&old.listener),

@@ -32,6 +32,7 @@ mod listen;
 mod metrics;
 mod notify_mode;
 mod progress;
+mod reexec;
 mod restart;
 mod run;
 mod service;
@@ -85,6 +86,11 @@ enum Command {
     Demo(demo::DemoArgs),
     #[command(about = service::ABOUT)]
     Service(service::ServiceArgs),
+    /// For a running supervisor about to `exec` this binary in place
+    /// (`handoff upgrade --supervisor`): prints the handover it speaks and
+    /// its build.
+    #[command(name = "reexec-check", hide = true)]
+    ReexecCheck,
 }
 
 /// The supervisor's structured log on stderr (the service manager's
@@ -119,5 +125,6 @@ fn main() -> ExitCode {
         Command::Stop(a) => stop::main(a),
         Command::Demo(a) => demo::main(a),
         Command::Service(a) => service::main(a),
+        Command::ReexecCheck => reexec::check_main(),
     }
 }

@@ -44,7 +44,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const JSON_FIELDS: &str = "\
 JSON (--json), one object; fields are only ever added:
   event                 \"status\"
-  supervisor_pid, supervisor_uptime_ms
+  supervisor_pid, supervisor_build, supervisor_uptime_ms
   incumbent_pid, incumbent_uptime_ms, build_id      (null while none runs)
   listeners             [\"NAME=tcp://ADDR\" | \"NAME=unix:PATH\"], bound addresses
   retiring_pids         old incumbents still finishing their connections
@@ -155,11 +155,24 @@ pub fn main(a: StatusArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// One `Status` event from the supervisor at `runtime_dir` (for callers that
+/// poll it: `upgrade --supervisor`).
+pub fn fetch(runtime_dir: &std::path::Path) -> Result<Event, String> {
+    let stream = client::connect(runtime_dir).map_err(|e| e.to_string())?;
+    wire::send(&stream, &Request::Status).map_err(|e| format!("sending the request: {e}"))?;
+    match wire::recv(&stream, Some(REPLY_TIMEOUT)) {
+        Ok(Event::Error { message }) => Err(message),
+        Ok(ev) => Ok(ev),
+        Err(e) => Err(format!("reading from the supervisor: {e}")),
+    }
+}
+
 /// The human form of a `Status` event (`now_ms` for ages).
 pub fn render(ev: &Event, now_ms: u64) -> String {
     use std::fmt::Write;
     let Event::Status {
         supervisor_pid,
+        supervisor_build,
         incumbent_pid,
         build_id,
         listeners,
@@ -176,7 +189,12 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
     let up = |ms: Option<u64>| ms.map(|m| format!(", up {}", age(m))).unwrap_or_default();
     let _ = writeln!(
         o,
-        "supervisor         pid {supervisor_pid}{}{}",
+        "supervisor         pid {supervisor_pid}{}{}{}",
+        if supervisor_build.is_empty() {
+            String::new()
+        } else {
+            format!(" ({supervisor_build})")
+        },
         up(Some(act.supervisor_uptime_ms)),
         if act.stopping {
             ", STOPPING (no new upgrades)"
@@ -377,6 +395,7 @@ mod tests {
         });
         let mut ev = Event::Status {
             supervisor_pid: 1,
+            supervisor_build: "handoff 0.1.0 (abc)".into(),
             incumbent_pid: Some(42),
             build_id: "b".into(),
             listeners: vec!["http=tcp://127.0.0.1:1".into()],
@@ -418,6 +437,7 @@ mod tests {
         };
         let ev = Event::Status {
             supervisor_pid: 1,
+            supervisor_build: String::new(),
             incumbent_pid: Some(42),
             build_id: "b".into(),
             listeners: vec![],
@@ -495,6 +515,7 @@ mod tests {
     fn renders_counters_it_does_not_know() {
         let ev = Event::Status {
             supervisor_pid: 1,
+            supervisor_build: String::new(),
             incumbent_pid: Some(42),
             build_id: "b".into(),
             listeners: vec![],

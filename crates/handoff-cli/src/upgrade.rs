@@ -63,6 +63,14 @@ pub struct UpgradeArgs {
     /// finish anything it accepted).
     #[arg(long, conflicts_with_all = ["binary", "deadline", "drain_grace", "wait"])]
     pub discard_prepared: bool,
+    /// Upgrade the supervisor itself, not the service: the running
+    /// `handoff run` execs the new `handoff` binary in place (--binary,
+    /// default: the path it runs from — replace the file, then this). Same
+    /// pid, the service untouched and still its child; no unit restart under
+    /// systemd. A new binary that cannot start in place is refused or falls
+    /// back to the old one. Waits for no upgrade in flight.
+    #[arg(long, conflicts_with_all = ["prepare", "discard_prepared", "deadline", "drain_grace"])]
+    pub supervisor: bool,
     /// One JSON object per line instead of human output.
     #[arg(long)]
     pub json: bool,
@@ -81,6 +89,9 @@ EXAMPLES:
   handoff upgrade --runtime-dir /run/kv
   handoff upgrade --runtime-dir /run/kv --binary /opt/kv/v2/kv --deadline 30s
   handoff upgrade --runtime-dir /run/kv --wait 2m --json   # queue behind a running upgrade
+
+  # a new handoff binary for the supervisor itself (same pid, service untouched):
+  cp new/handoff /usr/local/bin/handoff && handoff upgrade --runtime-dir /run/kv --supervisor
 
   # stage the new build while the old one serves, cut over later in milliseconds:
   handoff upgrade --runtime-dir /run/kv --prepare --binary /opt/kv/v2/kv
@@ -105,6 +116,9 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e.to_string(), a.json),
     };
+    if a.supervisor {
+        return supervisor(&a, &stream, binary, &fail);
+    }
     let req = if a.prepare {
         Request::Prepare { binary }
     } else if a.discard_prepared {
@@ -237,9 +251,103 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                     );
                 }
             }
-            other @ (Event::Status { .. } | Event::Stopping { .. } | Event::Stopped(_)) => {
+            other @ (Event::Status { .. }
+            | Event::Stopping { .. }
+            | Event::Stopped(_)
+            | Event::Reexecuting { .. }) => {
                 return fail(format!("unexpected reply: {other:?}"), a.json)
             }
         }
     }
+}
+
+/// `--supervisor`: asks for the re-exec, then waits for the supervisor to
+/// answer again from the new binary (same pid, the new build in its status).
+/// Exit 0 once it does; 1 if it fell back to the old binary or did not come
+/// back; 2 if it refused (a handoff in flight, a binary that cannot start).
+fn supervisor(
+    a: &UpgradeArgs,
+    stream: &std::os::unix::net::UnixStream,
+    binary: Option<PathBuf>,
+    fail: &dyn Fn(String, bool) -> ExitCode,
+) -> ExitCode {
+    if let Err(e) = wire::send(stream, &Request::ReexecSupervisor { binary }) {
+        return fail(format!("sending the request: {e}"), a.json);
+    }
+    let say = |ev: &Event| {
+        if a.json {
+            println!("{}", serde_json::to_string(ev).unwrap_or_default());
+        }
+    };
+    let (pid, build, from) = match wire::recv::<Event>(stream, Some(Duration::from_secs(30))) {
+        Ok(Event::Reexecuting {
+            supervisor_pid,
+            binary,
+            build,
+            from_build,
+        }) => {
+            if a.json {
+                say(&Event::Reexecuting {
+                    supervisor_pid,
+                    binary,
+                    build: build.clone(),
+                    from_build: from_build.clone(),
+                });
+            } else {
+                println!(
+                    "re-executing pid {supervisor_pid}: {} ({build}), was {from_build}",
+                    binary.display()
+                );
+            }
+            (supervisor_pid, build, from_build)
+        }
+        Ok(Event::Error { message }) => return fail(message, a.json),
+        Ok(other) => return fail(format!("unexpected answer: {other:?}"), a.json),
+        Err(e) => return fail(format!("reading from the supervisor: {e}"), a.json),
+    };
+    // The connection ends with the exec; an Error instead means it failed.
+    if let Ok(Event::Error { message }) = wire::recv::<Event>(stream, Some(Duration::from_secs(30)))
+    {
+        return fail(message, a.json);
+    }
+    let deadline = std::time::Instant::now() + a.wait.unwrap_or(Duration::from_secs(30));
+    let mut last = String::from("no answer yet");
+    while std::time::Instant::now() < deadline {
+        match crate::status::fetch(&a.rt.runtime_dir) {
+            Ok(
+                ref ev @ Event::Status {
+                    supervisor_pid,
+                    ref supervisor_build,
+                    ..
+                },
+            ) => {
+                if supervisor_pid != pid {
+                    last = format!("a different supervisor answers (pid {supervisor_pid})");
+                } else if *supervisor_build == build {
+                    say(ev);
+                    if !a.json {
+                        println!("supervisor pid {pid} runs {build}");
+                    }
+                    return ExitCode::SUCCESS;
+                } else if *supervisor_build == from {
+                    if !a.json {
+                        eprintln!("handoff upgrade: the new binary did not take over; the supervisor fell back to {from} (its log says why)");
+                    }
+                    say(ev);
+                    return ExitCode::from(1);
+                } else {
+                    last = format!("it answers as {supervisor_build}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => last = e.to_string(),
+        }
+        // Polling a process that is starting up again: its admin socket
+        // answers within milliseconds once it is back.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !a.json {
+        eprintln!("handoff upgrade: the supervisor did not answer as {build} in time ({last})");
+    }
+    ExitCode::from(1)
 }

@@ -200,8 +200,8 @@ pub use {
     spawn::Program,
     successor::take_control_from_env,
     supervisor::{
-        ConnectionsMoved, HandoffOptions, PhaseDone, Prepared, Report, StopRequest, Supervisor,
-        SupervisorConfig,
+        ConnectionsMoved, HandoffOptions, PhaseDone, Prepared, Quiesced, Report, StopRequest,
+        Supervisor, SupervisorConfig,
     },
     sys::{peer_credentials, PeerCred},
 };

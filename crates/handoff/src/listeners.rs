@@ -148,6 +148,13 @@ pub fn take_from_env() -> Result<Vec<Listener>, ListenFdsError> {
 
 /// Takes ownership of an inherited fd after checking it is open, and marks
 /// it close-on-exec.
+/// Takes ownership of descriptor `fd`, inherited across `exec` by
+/// agreement (a supervisor re-executing itself names the ones it keeps):
+/// checked to be open, made close-on-exec again.
+pub fn take_inherited(fd: RawFd) -> Result<OwnedFd, ListenFdsError> {
+    take_fd(fd)
+}
+
 pub(crate) fn take_fd(fd: RawFd) -> Result<OwnedFd, ListenFdsError> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     // SAFETY-free check first: F_GETFD on a borrowed raw number.

@@ -61,6 +61,8 @@ pub fn start_time_ms(_pid: u32) -> Option<u64> {
 pub struct ProcStat {
     /// The state letter (`R`, `S`, `D`, `Z`, `X`, …).
     pub state: u8,
+    /// The parent's pid (field 4): whether a process is our own child.
+    pub ppid: u32,
     /// Start time in clock ticks since boot (field 22). Unlike
     /// [`start_time_ms`] it does not depend on `btime`, which some kernels
     /// report with a second of jitter, so two reads of it always agree.
@@ -85,8 +87,14 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
     let mut fields = rest.split_whitespace();
     // rest starts at field 3 (state); starttime is field 22 → 19 further.
     let state = *fields.next()?.as_bytes().first()?;
-    let start_ticks = fields.nth(18)?.parse().ok()?;
-    Some(ProcStat { state, start_ticks })
+    let ppid = fields.next()?.parse().ok()?;
+    // starttime is field 22: 17 further on from field 4.
+    let start_ticks = fields.nth(17)?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        ppid,
+        start_ticks,
+    })
 }
 
 /// Start-time seam for platforms without `/proc`: callers fall back to

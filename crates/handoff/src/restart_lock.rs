@@ -127,6 +127,15 @@ pub struct RestartLock {
     holder: Holder,
 }
 
+/// The lock file as this process holds it open: what a supervisor
+/// re-executing itself in place keeps across `exec` and
+/// [reclaims](RestartLock::reclaim) on the other side.
+impl std::os::fd::AsFd for RestartLock {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl RestartLock {
     /// Takes the lock, waiting up to `budget` for the current holder to
     /// finish. On timeout the error names the holder.
@@ -162,6 +171,44 @@ impl RestartLock {
             std::thread::park_timeout(pause.min(budget - waited));
             pause = (pause * 2).min(Duration::from_millis(20));
         }
+    }
+
+    /// Takes back the lock this process held before it re-executed itself
+    /// in place: `fd` is the lock file as the previous program had it open
+    /// (kept across `exec`), still holding the lock. It is checked to be
+    /// `dir`'s lock file and to hold the lock (a `flock` belongs to the open
+    /// file, so taking it again through the same file succeeds, and
+    /// through another would not); the holder record keeps naming us (the
+    /// pid is the same).
+    pub fn reclaim(dir: &Path, fd: std::os::fd::OwnedFd) -> Result<RestartLock, RestartLockError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = dir.join(RESTART_LOCK_FILE);
+        let file = File::from(fd);
+        let lock_err = |source| RestartLockError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let carried = file.metadata().map_err(lock_err)?;
+        let on_disk = std::fs::symlink_metadata(&path).map_err(lock_err)?;
+        if (carried.dev(), carried.ino()) != (on_disk.dev(), on_disk.ino()) {
+            return Err(lock_err(io::Error::other(
+                "the descriptor carried across exec is not this lock file",
+            )));
+        }
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(lock_err(io::Error::other(
+                    "the descriptor carried across exec does not hold the lock",
+                )))
+            }
+            Err(TryLockError::Error(e)) => return Err(lock_err(e)),
+        }
+        let pid = std::process::id();
+        let holder = read_record(&path)
+            .filter(|h| h.pid == pid)
+            .ok_or_else(|| lock_err(io::Error::other("the lock's record does not name this process")))?;
+        Ok(RestartLock { file, path, holder })
     }
 
     /// Takes the lock if it is free right now.

@@ -124,6 +124,7 @@ fn upgrade_once(runtime_dir: &Path) -> (Vec<(String, f64)>, Outcome) {
             | Event::Discarded { .. }
             | Event::Waiting { .. }
             | Event::Stopping { .. }
+            | Event::Reexecuting { .. }
             | Event::Stopped(_)) => {
                 return (phases, aborted(format!("unexpected reply: {other:?}")));
             }

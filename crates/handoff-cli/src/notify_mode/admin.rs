@@ -121,6 +121,14 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                 },
             );
         }
+        Request::ReexecSupervisor { .. } => {
+            let _ = wire::send(
+                &stream,
+                &Event::Error {
+                    message: "notify mode cannot replace its supervisor in place yet: `handoff upgrade --supervisor` is for a service that links the handoff library (--mode library); restart the supervisor under its service manager instead".into(),
+                },
+            );
+        }
         Request::Status => {
             let h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
             let pid = ctx.sup.incumbent_pid();
@@ -129,6 +137,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                 &stream,
                 &Event::Status {
                     supervisor_pid: std::process::id(),
+                    supervisor_build: crate::reexec::build_id(),
                     incumbent_pid: pid,
                     build_id: match announced {
                         Some(s) => format!("notify mode, STATUS={s:?}"),

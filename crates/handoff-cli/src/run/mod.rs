@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use handoff::{HandoffOptions, Program, Supervisor, SupervisorConfig};
+use handoff::{HandoffOptions, Program, RestartLock, Supervisor, SupervisorConfig};
 use handoff_admin::schema;
 use handoff_admin::schema::status::Trigger;
 use nix::sys::signal::{SigSet, Signal};
@@ -87,6 +87,9 @@ fn run(args: RunArgs) -> Result<()> {
     sigs.thread_block().context("blocking signals")?;
     // systemd's variables are read and scrubbed from our environment
     // before any thread exists (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*).
+    // A supervisor that re-executed itself in place handed us its locks and
+    // sockets (`reexec`); read before any thread starts.
+    let handover = crate::reexec::take_handover()?;
     crate::systemd::init()?;
     let activation = crate::systemd::activation::take()?;
 
@@ -97,29 +100,21 @@ fn run(args: RunArgs) -> Result<()> {
     // One supervisor per runtime dir, enforced by a kernel-released lock
     // (0600, never through a symlink: see `make_dir`).
     let lock_path = runtime.join("supervisor.lock");
-    let lock = handoff::private_fs::open_file(
-        File::options().create(true).truncate(false).write(true),
-        &lock_path,
-    )
-    .with_context(|| format!("opening {}", lock_path.display()))?;
-    // A supervisor that was just killed may still be closing its files
-    // (the kernel releases the lock as the last of them closes): give it a
-    // moment rather than refuse a restart that raced its exit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while lock.try_lock().is_err() {
-        if std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        bail!(
-            "another handoff supervisor is running with --runtime-dir {} (it holds {}); use `handoff upgrade` to talk to it",
-            runtime.display(),
-            lock_path.display()
-        );
+    // Test knob (crash-points builds only): a new binary that cannot take
+    // over, to prove the fallback to the previous one.
+    #[cfg(feature = "crash-points")]
+    if handover.is_some() && std::env::var_os("HANDOFF_TEST_TAKEOVER_FAIL").is_some() {
+        std::env::remove_var("HANDOFF_TEST_TAKEOVER_FAIL");
+        let e = anyhow::anyhow!("HANDOFF_TEST_TAKEOVER_FAIL is set");
+        return Err(fall_back(handover, e));
     }
-    // And one per service (state dir), whatever its runtime dir: held until
-    // we exit. See `restart` for why upgrades need no lock of their own.
-    let restart_lock = restart::hold(&a.state_dir, &runtime)?;
+    let (lock, restart_lock) = match &handover {
+        Some(h) => match reclaim_locks(h, &lock_path, &a.state_dir) {
+            Ok(locks) => locks,
+            Err(e) => return Err(fall_back(handover, e)),
+        },
+        None => take_locks(&lock_path, &runtime, &a.state_dir)?,
+    };
 
     let control = runtime.join(CONTROL_SOCK);
     let mut cfg = SupervisorConfig::new(&a.state_dir, &control);
@@ -160,7 +155,21 @@ fn run(args: RunArgs) -> Result<()> {
     // A service left running by a supervisor that died: take it over,
     // listeners included, instead of binding anew (its sockets hold the
     // ports, and it must not stop serving).
-    let (sup, shown, pid) = match supervise::recover(&cfg, &names)? {
+    let recovered = match &handover {
+        Some(h) => {
+            let names = h.names.clone();
+            match supervise::recover(&cfg, &names) {
+                Ok(Some(r)) => Some(r),
+                Ok(None) => {
+                    let e = anyhow::anyhow!("no incumbent answered on {}", control.display());
+                    return Err(fall_back(handover, e));
+                }
+                Err(e) => return Err(fall_back(handover, e)),
+            }
+        }
+        None => supervise::recover(&cfg, &names)?,
+    };
+    let (sup, shown, pid) = match recovered {
         Some(r) => {
             let shown: Vec<String> = r
                 .listeners
@@ -170,10 +179,29 @@ fn run(args: RunArgs) -> Result<()> {
             let sup = Supervisor::new(cfg, r.listeners).context("starting the supervisor")?;
             sup.adopt_incumbent(r.pid, &r.build_id)
                 .with_context(|| format!("adopting pid {}", r.pid))?;
-            eprintln!(
-                "handoff run: re-attached to the running service (pid {}, {})",
-                r.pid, r.build_id
-            );
+            match &handover {
+                Some(h) => {
+                    for &pid in &h.retiring {
+                        // Gone already is fine: nothing left to reap.
+                        let _ = sup.adopt_retiring(pid);
+                    }
+                    eprintln!(
+                        "handoff run: re-executed in place as {} (was {}{}); serving pid {} ({})",
+                        crate::reexec::build_id(),
+                        h.from_build,
+                        match &h.fell_back {
+                            Some(why) => format!("; the new binary fell back: {why}"),
+                            None => String::new(),
+                        },
+                        r.pid,
+                        r.build_id
+                    );
+                }
+                None => eprintln!(
+                    "handoff run: re-attached to the running service (pid {}, {})",
+                    r.pid, r.build_id
+                ),
+            }
             print_listening(&shown)?;
             (Arc::new(sup), shown, r.pid)
         }
@@ -227,19 +255,44 @@ fn run(args: RunArgs) -> Result<()> {
     }
 
     let admin_path = schema::admin_path(&runtime);
-    let _ = fs::remove_file(&admin_path); // stale: we hold the supervisor lock
-    let admin_listener = UnixListener::bind(&admin_path)
-        .with_context(|| format!("binding {}", admin_path.display()))?;
-    fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
+    let admin_listener = match handover.as_ref().and_then(|h| h.admin_fd) {
+        // Carried across exec: clients kept connecting to it meanwhile.
+        Some(fd) => UnixListener::from(crate::reexec::take_fd(fd)?),
+        None => {
+            let _ = fs::remove_file(&admin_path); // stale: we hold the supervisor lock
+            let l = UnixListener::bind(&admin_path)
+                .with_context(|| format!("binding {}", admin_path.display()))?;
+            fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
+            l
+        }
+    };
+    // Past the point of falling back: the previous binary's descriptor
+    // closes (no process we spawn may inherit it).
+    if let Some(fd) = handover.as_ref().and_then(|h| h.fallback_fd) {
+        drop(crate::reexec::take_fd(fd));
+    }
+    let admin_twin = admin_listener
+        .try_clone()
+        .context("keeping the admin socket for a re-exec")?;
     // `ready` means ready for commands too: only once the admin socket is
     // bound (an upgrade sent right after it must find the socket).
     println!("ready pid={pid}");
     std::io::stdout().flush()?;
 
+    let names: Vec<String> = shown
+        .iter()
+        .map(|s| s.split_once('=').map_or(s.as_str(), |(n, _)| n).to_string())
+        .collect();
     let ctx = Arc::new(Ctx {
         sup: sup.clone(),
         program,
         shown,
+        names,
+        carried: requests::Carried {
+            supervisor_lock: lock,
+            restart_lock,
+            admin: admin_twin,
+        },
         state_dir: a.state_dir.clone(),
         metrics: metrics.clone(),
         progress: Progress::default(),
@@ -309,12 +362,75 @@ fn run(args: RunArgs) -> Result<()> {
                     &mut |r| eprintln!("handoff run: {}", r.summary()),
                 );
                 let _ = fs::remove_file(&admin_path);
-                drop(restart_lock);
-                drop(lock);
+                // The locks (in `ctx`) are released as the process exits.
                 return Ok(());
             }
             Err(e) => bail!("waiting for signals: {e}"),
         }
+    }
+}
+
+/// The supervisor lock (one supervisor per runtime dir) and the restart
+/// lock (one per service), taken at start.
+fn take_locks(lock_path: &Path, runtime: &Path, state_dir: &Path) -> Result<(File, RestartLock)> {
+    let lock = handoff::private_fs::open_file(
+        File::options().create(true).truncate(false).write(true),
+        lock_path,
+    )
+    .with_context(|| format!("opening {}", lock_path.display()))?;
+    // A supervisor that was just killed may still be closing its files
+    // (the kernel releases the lock as the last of them closes): give it a
+    // moment rather than refuse a restart that raced its exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while lock.try_lock().is_err() {
+        if std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        bail!(
+            "another handoff supervisor is running with --runtime-dir {} (it holds {}); use `handoff upgrade` to talk to it",
+            runtime.display(),
+            lock_path.display()
+        );
+    }
+    // And one per service (state dir), whatever its runtime dir: held until
+    // we exit. See `restart` for why upgrades need no lock of their own.
+    let restart_lock = restart::hold(state_dir, runtime)?;
+    Ok((lock, restart_lock))
+}
+
+/// The same locks, carried across `exec` by the supervisor we replace.
+fn reclaim_locks(
+    h: &crate::reexec::Handover,
+    lock_path: &Path,
+    state_dir: &Path,
+) -> Result<(File, RestartLock)> {
+    use std::os::unix::fs::MetadataExt;
+    let lock = File::from(crate::reexec::take_fd(h.supervisor_lock_fd)?);
+    let (carried, on_disk) = (lock.metadata()?, fs::symlink_metadata(lock_path)?);
+    if (carried.dev(), carried.ino()) != (on_disk.dev(), on_disk.ino()) {
+        bail!(
+            "the supervisor lock carried across exec is not {}",
+            lock_path.display()
+        );
+    }
+    lock.try_lock()
+        .map_err(|e| anyhow::anyhow!("the supervisor lock carried across exec: {e}"))?;
+    let restart = RestartLock::reclaim(state_dir, crate::reexec::take_fd(h.restart_lock_fd)?)
+        .context("the restart lock carried across exec")?;
+    Ok((lock, restart))
+}
+
+/// A supervisor `exec`ed in place that cannot carry on: back to the binary
+/// it replaced (which finds the same handover), or, without one, the error.
+fn fall_back(handover: Option<crate::reexec::Handover>, e: anyhow::Error) -> anyhow::Error {
+    match handover {
+        Some(h) if h.fallback_fd.is_some() => {
+            eprintln!("handoff run: cannot take over in place ({e:#}); falling back to the previous binary");
+            let why = format!("{e:#}");
+            crate::reexec::fall_back(h, &why).context(why)
+        }
+        _ => e,
     }
 }
 

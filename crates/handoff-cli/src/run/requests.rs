@@ -19,10 +19,22 @@ use crate::metrics::{Metrics, Outcome};
 use crate::progress::{Hooks, Progress, UpgradeFailure};
 use crate::status;
 
+/// What `handoff upgrade --supervisor` keeps across `exec`: held for the
+/// life of the process (released as it exits).
+pub(super) struct Carried {
+    pub(super) supervisor_lock: std::fs::File,
+    pub(super) restart_lock: handoff::RestartLock,
+    /// A twin of the admin socket the admin thread serves.
+    pub(super) admin: std::os::unix::net::UnixListener,
+}
+
 pub(super) struct Ctx {
     pub(super) sup: Arc<Supervisor>,
     pub(super) program: Program,
     pub(super) shown: Vec<String>,
+    /// The listeners' names, in order, as the service got them.
+    pub(super) names: Vec<String>,
+    pub(super) carried: Carried,
     pub(super) state_dir: PathBuf,
     pub(super) metrics: Metrics,
     /// Handoff history and the upgrade gate, for status and stop.
@@ -105,6 +117,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                 &stream,
                 &Event::Status {
                     supervisor_pid: std::process::id(),
+                    supervisor_build: crate::reexec::build_id(),
                     incumbent_pid: ctx.sup.incumbent_pid(),
                     build_id: ctx.sup.incumbent_build(),
                     listeners: ctx.shown.clone(),
@@ -163,6 +176,14 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                 })),
             };
             let _ = wire::send(&stream, &ev);
+        }
+        Request::ReexecSupervisor { binary } => {
+            let message = match reexec(ctx, binary, &stream) {
+                Ok(never) => match never {},
+                Err(e) => format!("{e:#}"),
+            };
+            eprintln!("handoff run: not re-executed: {message}");
+            let _ = wire::send(&stream, &Event::Error { message });
         }
         Request::Discard => {
             let pid = ctx.sup.discard_prepared().map(|c| c.pid());
@@ -267,4 +288,74 @@ fn prepare_event(r: Result<handoff::Prepared, HandoffError>) -> Event {
             }
         }
     }
+}
+
+/// `handoff upgrade --supervisor`: checks the new binary, then `exec`s it
+/// with what it must carry on (`crate::reexec`). Returns only on failure —
+/// with nothing changed: the supervisor carries on as it was.
+fn reexec(
+    ctx: &Ctx,
+    binary: Option<PathBuf>,
+    stream: &UnixStream,
+) -> anyhow::Result<std::convert::Infallible> {
+    use anyhow::{bail, Context};
+    use std::os::fd::AsFd;
+    if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("the supervisor is stopping (`handoff stop` or SIGTERM)");
+    }
+    if crate::keeper::REPLACED.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("the runtime dir was re-created since this supervisor started; restart it under its service manager instead");
+    }
+    // No handoff may start (or be under way) across the exec: the journal
+    // is clear and nothing is mid-flight for the new program to pick up.
+    let _quiet = ctx
+        .sup
+        .quiesce()
+        .map_err(|_| anyhow::anyhow!("a handoff is in progress; try again once it has ended"))?;
+    if let Some(p) = ctx.sup.prepared() {
+        bail!(
+            "a successor (pid {}) is prepared for the next upgrade; upgrade or `--discard-prepared` first",
+            p.pid
+        );
+    }
+    let binary = match binary {
+        Some(b) => b,
+        None => crate::reexec::default_binary()?,
+    };
+    let build = crate::reexec::preflight(&binary)?;
+    let from_build = crate::reexec::build_id();
+    // The running executable itself, even if its file was replaced since.
+    let fallback =
+        std::fs::File::open("/proc/self/exe").context("keeping this binary to fall back to")?;
+    let c = &ctx.carried;
+    let handover = crate::reexec::Handover {
+        supervisor_lock_fd: crate::reexec::raw(c.supervisor_lock.as_fd()),
+        restart_lock_fd: crate::reexec::raw(c.restart_lock.as_fd()),
+        admin_fd: Some(crate::reexec::raw(c.admin.as_fd())),
+        fallback_fd: Some(crate::reexec::raw(fallback.as_fd())),
+        from_build: from_build.clone(),
+        names: ctx.names.clone(),
+        retiring: ctx.sup.retiring_pids(),
+        fell_back: None,
+    };
+    let _ = wire::send(
+        stream,
+        &Event::Reexecuting {
+            supervisor_pid: std::process::id(),
+            binary: binary.clone(),
+            build: build.clone(),
+            from_build,
+        },
+    );
+    eprintln!(
+        "handoff run: re-executing in place: {} ({build})",
+        binary.display()
+    );
+    let keep = [
+        c.supervisor_lock.as_fd(),
+        c.restart_lock.as_fd(),
+        c.admin.as_fd(),
+        fallback.as_fd(),
+    ];
+    Err(crate::reexec::exec(&binary, &handover, &keep))
 }

@@ -112,15 +112,36 @@ impl Supervisor {
 
     /// Takes on an incumbent that this supervisor did not spawn — one left
     /// serving by a previous supervisor — so the next handoff starts from
-    /// it. Its liveness is watched by polling (it is not our child).
+    /// it. Its liveness is watched by polling when it is not our child; when
+    /// it is (this process re-executed itself in place: same pid, same
+    /// children), it is reaped as one, its exit status known.
     pub fn adopt_incumbent(&self, pid: u32, build_id: &str) -> std::io::Result<()> {
-        let c = Child::adopt_foreign(pid)?;
+        let c = adopt(pid)?;
         let mut p = self.procs();
         if let Some(old) = p.incumbent.replace(c) {
             p.retiring.push(old);
         }
         p.incumbent_build = build_id.to_string();
         Ok(())
+    }
+
+    /// Takes on an old incumbent still finishing its connections, left by
+    /// the process this one replaced in place (our child: reaped here).
+    pub fn adopt_retiring(&self, pid: u32) -> std::io::Result<()> {
+        let c = adopt(pid)?;
+        self.procs().retiring.push(c);
+        Ok(())
+    }
+
+    /// Holds off every handoff (upgrade, prepare, crash restart) for as
+    /// long as the guard lives: for replacing the supervisor's own binary
+    /// in place, which must not happen mid-handoff. A handoff in progress
+    /// makes it fail at once with [`HandoffError::InProgress`].
+    pub fn quiesce(&self) -> Result<Quiesced<'_>, HandoffError> {
+        self.busy
+            .try_enter()
+            .map(Quiesced)
+            .ok_or(HandoffError::InProgress)
     }
 
     /// Waits up to `timeout` until no handoff (upgrade, start, crash
@@ -203,5 +224,19 @@ impl Supervisor {
             Some(held) => run.with_held(held, warnings).execute(program),
             None => run.with_warnings(warnings).execute(program),
         }
+    }
+}
+
+/// No handoff starts while this lives ([`Supervisor::quiesce`]).
+#[derive(Debug)]
+pub struct Quiesced<'a>(#[allow(dead_code)] crate::busy::BusyGuard<'a>);
+
+/// A handle on `pid`: reaped as our child when it is one, else watched.
+fn adopt(pid: u32) -> std::io::Result<Child> {
+    let ours = crate::procinfo::stat(pid).is_some_and(|s| s.ppid == std::process::id());
+    if ours {
+        Child::adopt(pid)
+    } else {
+        Child::adopt_foreign(pid)
     }
 }
