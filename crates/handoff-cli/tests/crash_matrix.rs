@@ -196,6 +196,12 @@ fn run_scenario(point: &str, prepared: bool) {
     if point == "s-holding-prepared" {
         args.insert(0, "--prepare");
     }
+    // The points of `handoff upgrade --supervisor`: the supervisor re-execs
+    // itself (the same binary will do) instead of upgrading the service.
+    let reexec = point.contains("reexec");
+    if reexec {
+        args = vec!["--supervisor", "--wait", "3s"];
+    }
     let held = prepared.then(|| {
         let mut prep = vec!["--prepare"];
         prep.extend_from_slice(&args);
@@ -209,9 +215,11 @@ fn run_scenario(point: &str, prepared: bool) {
     let committed_new = match (role, spec.survivor) {
         // The supervisor died mid-upgrade: its client loses the connection.
         ("s-", _) => {
+            // A re-exec's client learns it only from the supervisor not
+            // answering again within its --wait: exit 1.
+            let expected = if reexec { Some(1) } else { Some(2) };
             assert_eq!(
-                out.code,
-                Some(2),
+                out.code, expected,
                 "{point}: the upgrade client should see the supervisor vanish\n{out}"
             );
             None
@@ -386,6 +394,9 @@ matrix! {
     o_in_transfer => "o-in-transfer",
     s_relaying => "s-relaying",
     n_after_adopt => "n-after-adopt",
+    // Replacing the supervisor in place.
+    s_before_reexec => "s-before-reexec",
+    s_reexec_taking_over => "s-reexec-taking-over",
 }
 
 macro_rules! prepared_matrix {
@@ -527,7 +538,11 @@ fn stress_random_crash_points() {
                 // Half the time through a prepared successor: the point then
                 // fires in the prepare (spawn, greeting, holding) or in the
                 // upgrade that hands over to the held process.
-                let out = if p.name == "s-holding-prepared" || next() % 2 == 0 {
+                let reexec = p.name.contains("reexec");
+                let out = if reexec {
+                    // Its points fire replacing the supervisor in place.
+                    sup.upgrade(&["--supervisor", "--wait", "3s"])
+                } else if p.name == "s-holding-prepared" || next() % 2 == 0 {
                     let prep = sup.upgrade(&["--prepare", "--binary", demo]);
                     match prep.code {
                         Some(2) => prep,
@@ -537,7 +552,8 @@ fn stress_random_crash_points() {
                 } else {
                     sup.upgrade(&["--binary", demo])
                 };
-                assert_eq!(out.code, Some(2), "stress {it} {}: {out}", p.name);
+                let expected = if reexec { Some(1) } else { Some(2) };
+                assert_eq!(out.code, expected, "stress {it} {}: {out}", p.name);
                 let fired = format!("crash point {}: SIGKILL", p.name);
                 assert!(
                     poll_until(Duration::from_secs(10), || sups

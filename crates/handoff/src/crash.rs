@@ -38,6 +38,10 @@ pub const POINTS: &[CrashPoint] = &[
     // Moving connections (protocol version 3, docs/connection-transfer.md).
     CrashPoint::new("o-in-transfer", Survivor::New, "incumbent died after sending a batch of connections: the supervisor continues with the successor, which serves the moved ones after Ready; the rest closed with the incumbent"),
     CrashPoint::new("s-relaying", Survivor::Old, "the supervisor died holding a batch (its copies close with it): the incumbent still holds every connection and resumes them; the successor exits on EOF, its copies close without a FIN"),
+    // Replacing the supervisor in place (`handoff upgrade --supervisor`,
+    // in the handoff binary: docs/design.md §9).
+    CrashPoint::new("s-before-reexec", Survivor::Old, "the supervisor died about to exec its new binary (no handoff in flight): the incumbent serves on; a restarted supervisor re-attaches"),
+    CrashPoint::new("s-reexec-taking-over", Survivor::Old, "the new supervisor binary died after the exec, holding the carried locks, before it re-attached: the same as a supervisor crash; a restarted one re-attaches"),
     CrashPoint::new("n-after-adopt", Survivor::Old, "successor died holding moved connections before Ready: the supervisor aborts and the incumbent resumes its own copies"),
 ];
 
@@ -162,6 +166,9 @@ mod tests {
             include_str!("incumbent.rs"),
             include_str!("successor.rs"),
             include_str!("moving.rs"),
+            // The handoff binary's re-exec (its points fire in the supervisor).
+            include_str!("../../handoff-cli/src/run/requests.rs"),
+            include_str!("../../handoff-cli/src/run/mod.rs"),
         ]
         .concat();
         for p in POINTS {

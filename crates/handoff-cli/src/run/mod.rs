@@ -115,6 +115,9 @@ fn run(args: RunArgs) -> Result<()> {
         },
         None => take_locks(&lock_path, &runtime, &a.state_dir)?,
     };
+    if handover.is_some() {
+        handoff::crash::point("s-reexec-taking-over");
+    }
 
     let control = runtime.join(CONTROL_SOCK);
     let mut cfg = SupervisorConfig::new(&a.state_dir, &control);

@@ -351,6 +351,7 @@ fn reexec(
         "handoff run: re-executing in place: {} ({build})",
         binary.display()
     );
+    handoff::crash::point("s-before-reexec");
     let keep = [
         c.supervisor_lock.as_fd(),
         c.restart_lock.as_fd(),
