@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::ending::AwaitingReady;
 use super::greeting::Greeted;
-use super::run::{successor_failure, unexpected, Left, Run, Step};
+use super::run::{phase_timeout, successor_failure, unexpected, Left, Run, Step};
 use crate::channel::Channel;
 use crate::crash;
 use crate::error::{HandoffError, ProtocolError};
@@ -194,12 +194,7 @@ fn recv_incumbent(
     loop {
         let now = Instant::now();
         if clock.expired(now, t.wire_slack) {
-            return Err(ProtocolError::Timeout {
-                peer,
-                phase: phase.name(),
-                waited_ms: now.duration_since(clock.started).as_millis() as u64,
-                clock: "phase deadline",
-            }
+            return Err(phase_timeout(peer, phase, &clock)
             .into());
         }
         let timeout = t.read_timeout(&clock, now);
@@ -217,12 +212,7 @@ fn recv_incumbent(
         let (msg, fds) = match got {
             Ok(m) => m,
             Err(FrameError::TimedOut { .. }) if clock.expired(Instant::now(), t.wire_slack) => {
-                return Err(ProtocolError::Timeout {
-                    peer,
-                    phase: phase.name(),
-                    waited_ms: clock.started.elapsed().as_millis() as u64,
-                    clock: "phase deadline",
-                }
+                return Err(phase_timeout(peer, phase, &clock)
                 .into());
             }
             Err(e) => return Err(ProtocolError::frame(peer, phase.name(), e).into()),

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::run::{successor_failure, unexpected, Left, Run, Step};
+use super::run::{phase_timeout, successor_failure, unexpected, Left, Run, Step};
 use crate::channel::Channel;
 use crate::child::Child;
 use crate::crash;
@@ -131,24 +131,14 @@ fn recv_successor(
     loop {
         let now = Instant::now();
         if clock.expired(now, t.wire_slack) {
-            let e = ProtocolError::Timeout {
-                peer,
-                phase: phase.name(),
-                waited_ms: now.duration_since(clock.started).as_millis() as u64,
-                clock: "phase deadline",
-            };
+            let e = phase_timeout(peer, phase, &clock);
             return Err(successor_failure(n, e));
         }
         let timeout = t.read_timeout(&clock, now);
         let msg = match n.chan.recv(Some(timeout)) {
             Ok(m) => m,
             Err(FrameError::TimedOut { .. }) if clock.expired(Instant::now(), t.wire_slack) => {
-                let e = ProtocolError::Timeout {
-                    peer,
-                    phase: phase.name(),
-                    waited_ms: clock.started.elapsed().as_millis() as u64,
-                    clock: "phase deadline",
-                };
+                let e = phase_timeout(peer, phase, &clock);
                 return Err(successor_failure(n, e));
             }
             Err(e) => {

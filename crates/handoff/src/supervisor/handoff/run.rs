@@ -185,3 +185,17 @@ pub(super) fn unexpected(peer: Peer, phase: &'static str, message: &'static str)
     }
     .into()
 }
+
+/// The whole-phase clock ran out waiting for `peer` (§5.1).
+pub(super) fn phase_timeout(
+    peer: Peer,
+    phase: SupervisorPhase,
+    clock: &crate::timeouts::PhaseClock,
+) -> ProtocolError {
+    ProtocolError::Timeout {
+        peer,
+        phase: phase.name(),
+        waited_ms: clock.started.elapsed().as_millis() as u64,
+        clock: "phase deadline",
+    }
+}
