@@ -180,8 +180,16 @@ fn run(args: RunArgs) -> Result<()> {
                 .map(|l| format!("{}={}", l.name, supervise::describe(l)))
                 .collect();
             let sup = Supervisor::new(cfg, r.listeners).context("starting the supervisor")?;
-            sup.adopt_incumbent(r.pid, &r.build_id)
-                .with_context(|| format!("adopting pid {}", r.pid))?;
+            // After a re-exec the incumbent is still our child: reap it
+            // (unless the program we replaced had itself re-attached to a
+            // process another supervisor spawned).
+            if handover.is_some() {
+                sup.adopt_own_incumbent(r.pid, &r.build_id)
+                    .or_else(|_| sup.adopt_incumbent(r.pid, &r.build_id))
+            } else {
+                sup.adopt_incumbent(r.pid, &r.build_id)
+            }
+            .with_context(|| format!("adopting pid {}", r.pid))?;
             match &handover {
                 Some(h) => {
                     for &pid in &h.retiring {

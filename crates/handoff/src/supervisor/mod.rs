@@ -112,23 +112,35 @@ impl Supervisor {
 
     /// Takes on an incumbent that this supervisor did not spawn — one left
     /// serving by a previous supervisor — so the next handoff starts from
-    /// it. Its liveness is watched by polling when it is not our child; when
-    /// it is (this process re-executed itself in place: same pid, same
-    /// children), it is reaped as one, its exit status known.
+    /// it. Its liveness is watched by polling (it is not our child, or one
+    /// whose exit status the caller collects itself).
     pub fn adopt_incumbent(&self, pid: u32, build_id: &str) -> std::io::Result<()> {
-        let c = adopt(pid)?;
+        self.install_incumbent(Child::adopt_foreign(pid)?, build_id);
+        Ok(())
+    }
+
+    /// Takes on an incumbent that is this process's own child, spawned by
+    /// the program this process replaced with `exec` (same pid, same
+    /// children): reaped here, its exit status known. Refused for a process
+    /// that is not our child.
+    pub fn adopt_own_incumbent(&self, pid: u32, build_id: &str) -> std::io::Result<()> {
+        self.install_incumbent(own_child(pid)?, build_id);
+        Ok(())
+    }
+
+    fn install_incumbent(&self, c: Child, build_id: &str) {
         let mut p = self.procs();
         if let Some(old) = p.incumbent.replace(c) {
             p.retiring.push(old);
         }
         p.incumbent_build = build_id.to_string();
-        Ok(())
     }
 
     /// Takes on an old incumbent still finishing its connections, left by
-    /// the process this one replaced in place (our child: reaped here).
+    /// the program this process replaced with `exec` (our child: reaped
+    /// here). Refused for a process that is not our child.
     pub fn adopt_retiring(&self, pid: u32) -> std::io::Result<()> {
-        let c = adopt(pid)?;
+        let c = own_child(pid)?;
         self.procs().retiring.push(c);
         Ok(())
     }
@@ -231,12 +243,18 @@ impl Supervisor {
 #[derive(Debug)]
 pub struct Quiesced<'a>(#[allow(dead_code)] crate::busy::BusyGuard<'a>);
 
-/// A handle on `pid`: reaped as our child when it is one, else watched.
-fn adopt(pid: u32) -> std::io::Result<Child> {
-    let ours = crate::procinfo::stat(pid).is_some_and(|s| s.ppid == std::process::id());
-    if ours {
-        Child::adopt(pid)
-    } else {
-        Child::adopt_foreign(pid)
+/// A handle on `pid`, our own child (checked: reaping anyone else's would
+/// fail, and watching it would leave its zombie).
+fn own_child(pid: u32) -> std::io::Result<Child> {
+    match crate::procinfo::stat(pid) {
+        Some(s) if s.ppid == std::process::id() => Child::adopt(pid),
+        Some(s) => Err(std::io::Error::other(format!(
+            "process {pid} is not our child (its parent is {})",
+            s.ppid
+        ))),
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("process {pid} is not running"),
+        )),
     }
 }
