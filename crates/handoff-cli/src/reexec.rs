@@ -235,10 +235,13 @@ fn cstrings(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<std::f
     .collect()
 }
 
-/// Our environment with `HANDOFF_REEXEC` set to `json`.
+/// Our environment with `HANDOFF_REEXEC` set to `json`, and systemd's
+/// variables put back (`systemd::init` took them out at start; the next
+/// program is still the unit's main process, and must keep notifying it).
 fn environment(json: &str) -> Result<Vec<std::ffi::CString>> {
+    let systemd = crate::systemd::inherited_env();
     let mut env: Vec<std::ffi::CString> = std::env::vars_os()
-        .filter(|(k, _)| k != ENV)
+        .filter(|(k, _)| k != ENV && !systemd.iter().any(|(s, _)| k == s.as_str()))
         .map(|(k, v)| {
             let mut kv = k.into_encoded_bytes();
             kv.push(b'=');
@@ -247,6 +250,9 @@ fn environment(json: &str) -> Result<Vec<std::ffi::CString>> {
                 .map_err(|_| anyhow!("an environment variable contains a NUL byte"))
         })
         .collect::<Result<_>>()?;
+    for (k, v) in systemd {
+        env.push(std::ffi::CString::new(format!("{k}={v}"))?);
+    }
     env.push(std::ffi::CString::new(format!("{ENV}={json}"))?);
     Ok(env)
 }

@@ -59,6 +59,16 @@ struct Reload {
 
 static SYSTEMD: OnceLock<Systemd> = OnceLock::new();
 
+/// The variables [`init`] took out of our environment, as they were: a
+/// supervisor re-executing itself in place (`reexec`) puts them back for
+/// its new program, which is still systemd's main process (same pid).
+static INHERITED: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// What [`init`] removed from the environment, to hand to our next program.
+pub fn inherited_env() -> &'static [(String, String)] {
+    INHERITED.get().map(Vec::as_slice).unwrap_or(&[])
+}
+
 /// Reads `NOTIFY_SOCKET` and `WATCHDOG_USEC`/`WATCHDOG_PID`, then removes
 /// them from our environment (`sd_notify(unset_environment=1)`): they are
 /// the supervisor's, and nothing we start may inherit them.
@@ -69,6 +79,16 @@ static SYSTEMD: OnceLock<Systemd> = OnceLock::new();
 pub fn init() -> Result<()> {
     let notifier = Notifier::from_env().context("systemd notify socket")?;
     let watchdog = sd_notify::watchdog_interval().context("systemd watchdog")?;
+    let _ = INHERITED.set(
+        [
+            sd_notify::NOTIFY_SOCKET,
+            sd_notify::WATCHDOG_USEC,
+            sd_notify::WATCHDOG_PID,
+        ]
+        .iter()
+        .filter_map(|v| Some((v.to_string(), std::env::var(v).ok()?)))
+        .collect(),
+    );
     for var in [
         sd_notify::NOTIFY_SOCKET,
         sd_notify::WATCHDOG_USEC,

@@ -583,3 +583,54 @@ fn a_malformed_notify_socket_is_refused_at_start() {
     assert!(!dirs.runtime.join("admin.sock").exists());
     assert!(!dirs.runtime.join("control.sock").exists());
 }
+
+/// `handoff upgrade --supervisor` under systemd: the new program is still the
+/// unit's main process (same pid), so it must keep notifying it — READY=1
+/// again once it has taken over, and the watchdog pings go on — though the
+/// first program took NOTIFY_SOCKET and WATCHDOG_* out of its environment.
+#[test]
+fn a_reexeced_supervisor_keeps_notifying_systemd() {
+    let _guard = begin_test("sd_reexec", Duration::from_secs(60));
+    let dirs = TestDirs::new();
+    let notify = NotifySocket::path();
+    let sup = Supervisor::start_with(
+        &dirs.runtime,
+        &dirs.state,
+        &demo_bin(),
+        &[],
+        &env(&notify, &[("WATCHDOG_USEC", "2000000")]),
+    );
+    let m = notify.next(NOTE, "READY=1");
+    assert!(m.starts_with("READY=1\n"), "{m:?}");
+    let out = run_handoff(
+        &["upgrade", "--supervisor"],
+        &dirs.runtime,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sup.stderr_log()
+    );
+    // The new program's own READY=1, then its watchdog pings.
+    let mut ready = false;
+    let mut pings = 0;
+    while !(ready && pings >= 2) {
+        let m = notify.next(
+            Duration::from_secs(10),
+            "READY=1 and pings after the re-exec",
+        );
+        if m.starts_with("READY=1\n") {
+            ready = true;
+        } else if m == "WATCHDOG=1" && ready {
+            pings += 1;
+        }
+    }
+    assert!(
+        sup.stderr_log().contains("re-executed in place"),
+        "{}",
+        sup.stderr_log()
+    );
+}
