@@ -562,3 +562,59 @@ fn systemd_install_takes_the_runtime_dir_from_a_config_file() {
         "{err}"
     );
 }
+
+/// `handoff service restart --supervisor` (systemd): finds the unit's runtime
+/// dir in its `ExecReload=` line and upgrades the running supervisor in place
+/// — no systemctl call, the same supervisor pid, the service untouched.
+#[test]
+fn systemd_restart_supervisor_reexecs_it_in_place() {
+    let _guard = begin_test("systemd_restart_supervisor", Duration::from_secs(90));
+    let f = Fake::new();
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    sup.wait_settled(sup.first_pid, Duration::from_secs(10));
+    let demo = demo_bin();
+    ok(&f.service(
+        &[
+            "install",
+            "--manager",
+            "systemd",
+            "--scope",
+            "user",
+            "--dir",
+            f.units_arg(),
+            "kv",
+            "--",
+            "--runtime-dir",
+            dirs.runtime.to_str().unwrap(),
+            "--state-dir",
+            dirs.state.to_str().unwrap(),
+            "--listen",
+            "http=tcp://127.0.0.1:0",
+            "--",
+            demo.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    f.take_calls();
+    let out = ok(&f.service(
+        &[
+            "restart",
+            "--manager",
+            "systemd",
+            "--scope",
+            "user",
+            "--dir",
+            f.units_arg(),
+            "--supervisor",
+            "kv",
+        ],
+        &[],
+    ));
+    assert!(out.contains("runs handoff"), "{out}");
+    assert!(f.take_calls().is_empty(), "systemctl was called");
+    let status = status_json(&dirs.runtime);
+    assert_eq!(status["supervisor_pid"], sup.pid, "{status}");
+    assert_eq!(status["incumbent_pid"], sup.first_pid, "{status}");
+    assert!(sup.stderr_log().contains("re-executed in place"));
+}

@@ -39,6 +39,7 @@ const AFTER_HELP: &str = "EXAMPLES:\n  \
 handoff service install kv -- --runtime-dir /run/kv --state-dir /var/lib/kv \\\n      \
 --listen http=tcp://0.0.0.0:8080 -- /usr/local/bin/handoff-demo\n  \
 handoff service restart kv --reload     # zero-downtime upgrade of the service (systemd)\n  \
+handoff service restart kv --supervisor # a new handoff binary for the supervisor, in place (systemd)\n  \
 handoff service restart kv              # restart the supervisor too (applies a changed unit)\n  \
 handoff service status kv\n  \
 handoff service uninstall kv\n\n\
@@ -163,6 +164,12 @@ struct RestartArgs {
     /// of the service, instead of restarting the supervisor.
     #[arg(long)]
     reload: bool,
+    /// systemd: upgrade the supervisor in place instead of restarting it —
+    /// `handoff upgrade --supervisor` on the unit's runtime dir: the
+    /// running supervisor execs the `handoff` binary the unit runs (replace
+    /// that file first); same main pid, the service untouched.
+    #[arg(long, conflicts_with = "reload")]
+    supervisor: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -209,6 +216,27 @@ fn dispatch(a: ServiceArgs, runner: &dyn Runner) -> Result<ExitCode> {
         }
         ServiceCommand::Restart(r) => {
             let (mgr, ctx) = context(&r.target, runner)?;
+            if r.supervisor {
+                return match mgr {
+                    Manager::Systemd => Ok(crate::upgrade::main(crate::upgrade::UpgradeArgs {
+                        rt: crate::args::RuntimeDir {
+                            runtime_dir: systemd::runtime_dir_of(&ctx)?,
+                        },
+                        binary: None,
+                        deadline: None,
+                        drain_grace: None,
+                        wait: None,
+                        prepare: false,
+                        discard_prepared: false,
+                        supervisor: true,
+                        json: false,
+                    })),
+                    Manager::Launchd => bail!(
+                        "--supervisor: run `handoff upgrade --runtime-dir DIR --supervisor` for a \
+                         launchd job (its label keeps the same pid)"
+                    ),
+                };
+            }
             match mgr {
                 Manager::Systemd => systemd::restart(&ctx, r.reload)?,
                 Manager::Launchd if r.reload => bail!(

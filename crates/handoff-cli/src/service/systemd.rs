@@ -28,6 +28,75 @@ fn unit_path(ctx: &Ctx) -> PathBuf {
     ctx.dir.join(unit_name(ctx))
 }
 
+/// The runtime dir of the installed unit's supervisor, from its
+/// `ExecReload=` line (`handoff upgrade --runtime-dir DIR`, as [`render`]
+/// writes it): where `handoff service restart --supervisor` finds it.
+pub fn runtime_dir_of(ctx: &Ctx) -> Result<PathBuf> {
+    let path = unit_path(ctx);
+    let unit = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "reading {} (is the service installed?): {e}",
+            path.display()
+        )
+    })?;
+    let words = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecReload="))
+        .map(words)
+        .unwrap_or_default();
+    words
+        .iter()
+        .position(|w| w == "--runtime-dir")
+        .and_then(|i| words.get(i + 1))
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no `ExecReload=… --runtime-dir DIR` line (not written by `handoff service install`?)",
+                path.display()
+            )
+        })
+}
+
+/// Splits a command line as systemd does for the lines [`quote`] writes:
+/// words separated by whitespace, `"…"` with `\"`, `\\`, `\n`, `\t`
+/// escapes, and `%%` / `$$` for `%` and `$`.
+fn words(line: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut chars = line.trim().chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+            continue;
+        }
+        let mut w = String::new();
+        if c == '"' {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => match chars.next() {
+                        Some('n') => w.push('\n'),
+                        Some('t') => w.push('\t'),
+                        Some(e) => w.push(e),
+                        None => {}
+                    },
+                    c => w.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                w.push(c);
+                chars.next();
+            }
+        }
+        out.push(w.replace("%%", "%").replace("$$", "$"));
+    }
+    out
+}
+
 /// Renders the unit file.
 pub fn render(name: &str, scope: Scope, spec: &Spec) -> String {
     let handoff = quote(&spec.handoff.to_string_lossy());
@@ -231,6 +300,22 @@ mod tests {
         assert_eq!(quote("say \"hi\"\\"), "\"say \\\"hi\\\"\\\\\"");
         assert_eq!(quote(""), "\"\"");
         assert_eq!(quote(";"), "\";\"");
+    }
+
+    #[test]
+    fn words_undo_quote() {
+        let args = [
+            "/usr/bin/x",
+            "a b",
+            "100%",
+            "$HOME",
+            "say \"hi\"\\",
+            "",
+            ";",
+            "tab\there",
+        ];
+        let line: Vec<String> = args.iter().map(|a| quote(a)).collect();
+        assert_eq!(words(&line.join(" ")), args);
     }
 
     #[test]
