@@ -5,7 +5,7 @@
 //!
 //! Test tooling: the clients (`handoff upgrade`, `status`, `stop`) must
 //! check who serves the socket (`SO_PEERCRED`) and refuse this one before
-//! believing a word (tests/admin_peer.rs runs it as uid `nobody`).
+//! believing a word (tests/e2e/admin_peer.rs runs it as uid `nobody`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;

@@ -12,7 +12,7 @@
 //! (close(2) only: the successor holds the sockets). The successor takes
 //! them with `Incumbent::take_moved` once it is the incumbent.
 //!
-//! Run under the library's own supervisor (`tests/move_sync.rs`) or
+//! Run under the library's own supervisor (`tests/integration/move_sync.rs`) or
 //! `handoff run --listen echo=tcp://127.0.0.1:7000 -- line_echo`.
 
 use std::io::{Read, Write};

@@ -4,7 +4,8 @@
 //! the child calls `_exit`, before it is a zombie; `spawn` must still reap
 //! it. The check is the kernel's: `waitpid(-1, WNOHANG)` says ECHILD only
 //! when this process has no children at all, which is why this file holds
-//! a single test (tests of one binary run in parallel threads).
+//! a single test and is a test binary of its own (tests of one binary run in
+//! parallel threads, and any child of theirs would be seen or reaped here).
 #![cfg(target_os = "linux")]
 
 use std::os::unix::fs::PermissionsExt;

@@ -1,7 +1,7 @@
 //! Started by hand rather than by `handoff run`, the example says what is
 //! missing and how to run it, and exits non-zero. (Also what makes
 //! `cargo test --workspace` build this binary, which the upgrade tests in
-//! crates/handoff-cli/tests/tokio_services.rs drive.)
+//! crates/handoff-cli/tests/e2e/tokio_services.rs drive.)
 
 use std::process::Command;
 

@@ -93,9 +93,36 @@ static LIVE_SUPERVISORS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 /// Held for the whole duration of an end-to-end test: see [`begin_test`].
 pub struct TestGuard {
-    // Field order matters: the watchdog is disarmed before the lock is released.
+    // Field order matters: the timing is taken and the watchdog disarmed before the lock
+    // is released.
+    _timing: Timing,
     _watchdog: Watchdog,
     _serial: MutexGuard<'static, ()>,
+}
+
+/// With `HANDOFF_TEST_TIMINGS=FILE`, each end-to-end test appends `SECONDS NAME` to FILE
+/// when it ends (pass or fail): how the suite's wall time is found and kept down
+/// (`sort -rn FILE | head`).
+struct Timing {
+    name: String,
+    started: Instant,
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        let Some(path) = std::env::var_os("HANDOFF_TEST_TIMINGS") else {
+            return;
+        };
+        let line = format!(
+            "{:.2} {}\n",
+            self.started.elapsed().as_secs_f64(),
+            self.name
+        );
+        // Best effort: a timing file that cannot be written must not fail the test.
+        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
 }
 
 /// Starts an end-to-end test: takes the serialization lock (a previous test's panic does not
@@ -107,6 +134,10 @@ pub fn begin_test(name: &str, limit: Duration) -> TestGuard {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     TestGuard {
+        _timing: Timing {
+            name: name.to_owned(),
+            started: Instant::now(),
+        },
         _watchdog: Watchdog::arm(name, limit),
         _serial: serial,
     }

@@ -1,0 +1,176 @@
+//! `handoff upgrade --supervisor`: the supervisor replaced by a new `handoff`
+//! binary in place, under load, interleaved with service upgrades — the same
+//! pid throughout, its status naming the new build, nothing failed or lost;
+//! a binary that cannot start is refused, and one that cannot take over
+//! falls back to the old one with the service untouched.
+
+use crate::support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::{
+    begin_test, demo_bin, run_handoff, status_json, verify_acked, Load, LoadExt, Supervisor,
+    TestDirs,
+};
+
+const SETTLE: Duration = Duration::from_secs(10);
+const PROGRESS: Duration = Duration::from_secs(10);
+
+/// A copy of the `handoff` binary under test at `dir/name`, made a different
+/// build by `extra` bytes appended (an ELF file ignores trailing bytes).
+fn handoff_copy(dir: &Path, name: &str, extra: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    let mut bytes = std::fs::read(support::handoff_bin()).expect("read the handoff binary");
+    bytes.extend_from_slice(extra);
+    std::fs::write(&path, bytes).expect("write a handoff copy");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// What `binary reexec-check` says its build is.
+fn build_of(binary: &Path) -> String {
+    let out = std::process::Command::new(binary)
+        .arg("reexec-check")
+        .output()
+        .expect("run reexec-check");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .expect("a build line")
+        .to_string()
+}
+
+fn reexec(sup: &Supervisor, binary: &Path) -> std::process::Output {
+    let b = binary.to_str().expect("UTF-8 path");
+    run_handoff(
+        &["upgrade", "--supervisor", "--binary", b],
+        &sup.runtime_dir,
+        Duration::from_secs(60),
+    )
+}
+
+/// The acceptance test of issue 17: 10 supervisor re-execs and 10 service
+/// upgrades interleaved under load (keep-alive and fresh connections, writes
+/// to the demo): 0 failed requests, 0 lost writes, the supervisor's pid
+/// unchanged, each new build reported by `handoff status`.
+#[test]
+fn ten_reexecs_and_ten_upgrades_under_load_lose_nothing() {
+    let _guard = begin_test(
+        "ten_reexecs_and_ten_upgrades_under_load_lose_nothing",
+        Duration::from_secs(240),
+    );
+    let dirs = TestDirs::new();
+    let builds = [
+        handoff_copy(dirs.root.path(), "handoff-a", b"build a"),
+        handoff_copy(dirs.root.path(), "handoff-b", b"build b"),
+    ];
+    let names = [build_of(&builds[0]), build_of(&builds[1])];
+    assert_ne!(names[0], names[1], "two builds must tell apart");
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    sup.wait_settled(sup.first_pid, SETTLE);
+    let load = Load::start(sup.addr, 2, 2).expect("start the load");
+    load.wait_progress(50, PROGRESS, "before the first re-exec");
+
+    let mut incumbent = sup.first_pid;
+    for i in 0..10 {
+        let which = i % 2;
+        let out = reexec(&sup, &builds[which]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "re-exec {i}: {}\n{}\nsupervisor log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            sup.stderr_log()
+        );
+        let status = status_json(&sup.runtime_dir);
+        assert_eq!(status["supervisor_pid"], sup.pid, "re-exec {i}: {status}");
+        assert_eq!(
+            status["supervisor_build"], names[which],
+            "re-exec {i}: {status}"
+        );
+        assert_eq!(
+            status["incumbent_pid"], incumbent,
+            "re-exec {i}: the service was touched: {status}"
+        );
+        load.wait_progress(20, PROGRESS, &format!("after re-exec {i}"));
+
+        let c = sup.upgrade(&[]).expect_committed();
+        assert_eq!(c.old_pid, incumbent, "upgrade {i}");
+        incumbent = c.new_pid;
+        sup.wait_settled(incumbent, SETTLE);
+        load.wait_progress(20, PROGRESS, &format!("after upgrade {i}"));
+    }
+    assert!(
+        Path::new(&format!("/proc/{}", sup.pid)).exists(),
+        "the supervisor's pid is gone"
+    );
+    let report = load.stop();
+    eprintln!("{report}");
+    let lost = verify_acked(sup.addr, &report.acked);
+    assert!(
+        report.failure_count() == 0 && report.ok > 0 && lost.is_empty(),
+        "{report}\n{} of {} acknowledged writes missing: {:?}",
+        lost.len(),
+        report.acked.len(),
+        lost.iter().take(10).collect::<Vec<_>>()
+    );
+}
+
+/// A binary that is not a `handoff` that knows the handover is refused
+/// before anything changes; one that is, but cannot take over, falls back
+/// to the old binary: the same pid answers with the old build, the service
+/// never noticed, and upgrades go on.
+#[test]
+fn a_binary_that_cannot_take_over_is_refused_or_falls_back() {
+    let _guard = begin_test(
+        "a_binary_that_cannot_take_over_is_refused_or_falls_back",
+        Duration::from_secs(120),
+    );
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    sup.wait_settled(sup.first_pid, SETTLE);
+    let before = status_json(&sup.runtime_dir);
+
+    let out = reexec(&sup, Path::new("/bin/true"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot replace this supervisor"), "{err}");
+
+    // Passes the check (it is a real handoff), fails to take over.
+    let failing = dirs.root.path().join("handoff-failing.sh");
+    std::fs::write(
+        &failing,
+        format!(
+            "#!/bin/sh\nexport HANDOFF_TEST_TAKEOVER_FAIL=1\nexec '{}' \"$@\"\n",
+            handoff_copy(dirs.root.path(), "handoff-new", b"new").display()
+        ),
+    )
+    .expect("write the wrapper");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let out = reexec(&sup, &failing);
+    let text = format!(
+        "{}\n{}\nsupervisor log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        sup.stderr_log()
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("fell back"), "{text}");
+    let after = status_json(&sup.runtime_dir);
+    assert_eq!(after["supervisor_pid"], sup.pid, "{after}");
+    assert_eq!(
+        after["supervisor_build"], before["supervisor_build"],
+        "{after}"
+    );
+    assert_eq!(after["incumbent_pid"], sup.first_pid, "{after}");
+    let c = sup.upgrade(&[]).expect_committed();
+    assert_eq!(c.old_pid, sup.first_pid);
+    sup.wait_settled(c.new_pid, SETTLE);
+}
