@@ -43,6 +43,11 @@ fn service() -> PathBuf {
 /// `handoff run --mode notify … -- notify_service.py`, its behaviour read at each
 /// start from `<root>/behaviour`.
 fn start(dirs: &TestDirs, extra: &[&str]) -> (Supervisor, PathBuf) {
+    start_ignoring(dirs, extra, &[])
+}
+
+/// [`start`], with `handoff run` started with `ignored` signals ignored.
+fn start_ignoring(dirs: &TestDirs, extra: &[&str], ignored: &[Signal]) -> (Supervisor, PathBuf) {
     let behaviour = dirs.root.path().join("behaviour");
     let mut args = vec!["--mode", "notify"];
     args.extend_from_slice(extra);
@@ -56,6 +61,7 @@ fn start(dirs: &TestDirs, extra: &[&str]) -> (Supervisor, PathBuf) {
                 "NOTIFY_TEST_BEHAVIOUR_FILE".into(),
                 behaviour.display().to_string(),
             )],
+            ignored_signals: ignored.to_vec(),
             ..StartOpts::default()
         },
     );
@@ -514,9 +520,12 @@ fn ready_probe_and_stop_signal_flags() {
     assert!(stderr.contains("--mode notify"), "{stderr}");
 
     // A probe that passes stands in for READY=1 (this program never sends it).
+    // `handoff run` itself starts with SIGINT ignored, as a background job of a
+    // script does: the service must not inherit that, or the stop signal below would
+    // do nothing until the drain grace ran out.
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let probe_url = format!("tcp://{}", probe.local_addr().unwrap());
-    let (sup, _) = start(
+    let (sup, _) = start_ignoring(
         &dirs,
         &[
             "--probe-only",
@@ -525,6 +534,7 @@ fn ready_probe_and_stop_signal_flags() {
             "--stop-signal",
             "SIGINT",
         ],
+        &[Signal::SIGINT, Signal::SIGHUP],
     );
     let c = sup.upgrade(&[]).expect_committed();
     assert_eq!(c.old_pid, sup.first_pid);

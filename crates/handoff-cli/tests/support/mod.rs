@@ -226,6 +226,9 @@ pub struct StartOpts {
     /// Lower `RLIMIT_NOFILE` (soft and hard) of `handoff run`, and so of the
     /// services it spawns, to this many descriptors.
     pub nofile: Option<u64>,
+    /// Signals `handoff run` starts with ignored (SIG_IGN survives exec), as
+    /// when it is started by `nohup` or as a background job of a script.
+    pub ignored_signals: Vec<Signal>,
 }
 
 /// An example binary of this package (built by `cargo test --workspace`).

@@ -87,10 +87,16 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let nofile = opts.nofile;
-        // SAFETY: the closure runs between fork and exec and only calls prctl(2) and
-        // setrlimit(2), which are async-signal-safe; it allocates nothing and takes no lock.
+        let ignored = opts.ignored_signals.clone();
+        // SAFETY: the closure runs between fork and exec and only calls prctl(2),
+        // setrlimit(2) and sigaction(2) (through `signal`), which are async-signal-safe;
+        // it allocates nothing and takes no lock (`ignored` was allocated before).
         unsafe {
             cmd.pre_exec(move || {
+                for &sig in &ignored {
+                    nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn)
+                        .map_err(io::Error::from)?;
+                }
                 // If the test process dies without running destructors (killed by the CI
                 // runner, say), take the supervisor down with it.
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;

@@ -473,9 +473,13 @@ unsafe fn child(args: &ChildArgs) -> ! {
     // no Rust allocation, lock or panic path is touched.
     unsafe {
         // Handlers first, while everything is still blocked (see
-        // `spawn_with`). Ignored signals stay ignored, as across any exec,
-        // except SIGPIPE: the Rust runtime ignores it and exec'd programs
-        // expect its default.
+        // `spawn_with`). Every disposition goes back to its default,
+        // ignored ones too, as systemd does for a service: an exec keeps
+        // SIG_IGN, so a supervisor started by `nohup` (SIGHUP ignored) or as
+        // a background job of a script (SIGINT and SIGQUIT ignored) would
+        // otherwise pass that on, and a `--stop-signal SIGINT` would do
+        // nothing until the grace ran out. SIGPIPE too: the Rust runtime
+        // ignores it and exec'd programs expect its default.
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         libc::sigemptyset(&mut dfl.sa_mask);
@@ -487,8 +491,7 @@ unsafe fn child(args: &ChildArgs) -> ! {
             if libc::sigaction(sig, std::ptr::null(), &mut cur) != 0 {
                 continue;
             }
-            let h = cur.sa_sigaction;
-            if sig == libc::SIGPIPE || (h != libc::SIG_DFL && h != libc::SIG_IGN) {
+            if cur.sa_sigaction != libc::SIG_DFL {
                 libc::sigaction(sig, &dfl, std::ptr::null_mut());
             }
         }

@@ -158,9 +158,10 @@ mod linux {
         u64::from_str_radix(line.trim(), 16).expect("hex mask")
     }
 
-    /// The child starts with nothing blocked, SIGPIPE at its default, other
-    /// ignored signals still ignored; the parent's mask and handlers are as
-    /// before. (Blocking SIGUSR1 here, with a handler installed, is the
+    /// The child starts with nothing blocked and every signal at its
+    /// default — SIGPIPE (which the Rust runtime ignores) and a signal the
+    /// parent ignores included, as systemd starts a service; the parent's
+    /// mask and handlers are as before. (Blocking SIGUSR1 here, with a handler installed, is the
     /// supervisor's situation: tokio handles and blocks signals.)
     #[test]
     fn child_signal_state_is_clean_and_parent_state_restored() {
@@ -227,7 +228,11 @@ mod linux {
                 0,
                 "{start:?}: SIGPIPE ignored in child"
             );
-            assert_ne!(ign & bit(libc::SIGUSR2), 0, "{start:?}: SIG_IGN kept");
+            // glibc's two internal signals (32, 33) cannot be set through its
+            // sigaction wrapper (EINVAL); they are glibc's business, not the
+            // service's.
+            let ign = ign & !(bit(32) | bit(33));
+            assert_eq!(ign, 0, "{start:?}: ignored in the child: {ign:#x}");
             assert_eq!(mask_after, mask_before, "{start:?}: parent mask restored");
             assert_eq!(
                 usr1, on_usr1 as *const () as libc::sighandler_t,
