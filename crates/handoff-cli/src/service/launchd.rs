@@ -133,6 +133,56 @@ pub fn render(label: &str, spec: &Spec, log_dir: &Path) -> String {
     )
 }
 
+/// The `handoff run` arguments of the installed plist: the strings of its
+/// `ProgramArguments` array after the handoff binary and `run`, as
+/// [`render`] wrote them. `handoff service restart --supervisor` reads the
+/// runtime dir from them the way `handoff run` would.
+pub fn run_args_of(ctx: &Ctx) -> Result<Vec<String>> {
+    let path = plist_path(ctx);
+    let plist = files::read_opt(&path)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} does not exist: is the job installed (`handoff service install`)?",
+            path.display()
+        )
+    })?;
+    let plist = String::from_utf8_lossy(&plist);
+    program_arguments(&plist)
+        .and_then(|a| match a.get(1).map(String::as_str) {
+            Some("run") => Some(a[2..].to_vec()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no `ProgramArguments` array starting `handoff run` (not written by \
+                 `handoff service install`?)",
+                path.display()
+            )
+        })
+}
+
+/// The strings of the `ProgramArguments` array of a plist [`render`] wrote,
+/// unescaped; `None` if there is none.
+fn program_arguments(plist: &str) -> Option<Vec<String>> {
+    let (_, rest) = plist.split_once("<key>ProgramArguments</key>")?;
+    let body = rest.trim_start().strip_prefix("<array>")?;
+    let (body, _) = body.split_once("</array>")?;
+    let mut out = vec![];
+    for item in body.split("<string>").skip(1) {
+        let (text, _) = item.split_once("</string>")?;
+        out.push(unxml(text));
+    }
+    Some(out)
+}
+
+/// The inverse of [`xml`].
+fn unxml(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
 fn xml(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -346,6 +396,18 @@ mod tests {
             "<string>/usr/local/bin/handoff</string>\n\t\t<string>run</string>\n\t\t<string>--runtime-dir</string>\n\t\t<string>/tmp/a&amp;b</string>\n\t\t<string>&lt;x&gt;</string>"
         ), "{p}");
         assert!(p.contains("<string>/var/log/com.example.kv.err.log</string>"));
+        // Read back as written, escapes undone.
+        assert_eq!(
+            program_arguments(&p),
+            Some(vec![
+                "/usr/local/bin/handoff".to_string(),
+                "run".into(),
+                "--runtime-dir".into(),
+                "/tmp/a&b".into(),
+                "<x>".into(),
+            ])
+        );
+        assert_eq!(program_arguments("<plist><dict></dict></plist>"), None);
         // No "--" inside an XML comment (it would make the plist invalid).
         for c in p.split("<!--").skip(1) {
             let body = c.split("-->").next().unwrap_or_default();

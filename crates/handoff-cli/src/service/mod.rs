@@ -39,7 +39,7 @@ const AFTER_HELP: &str = "EXAMPLES:\n  \
 handoff service install kv -- --runtime-dir /run/kv --state-dir /var/lib/kv \\\n      \
 --listen http=tcp://0.0.0.0:8080 -- /usr/local/bin/handoff-demo\n  \
 handoff service restart kv --reload     # zero-downtime upgrade of the service (systemd)\n  \
-handoff service restart kv --supervisor # a new handoff binary for the supervisor, in place (systemd)\n  \
+handoff service restart kv --supervisor # a new handoff binary for the supervisor, in place\n  \
 handoff service restart kv              # restart the supervisor too (applies a changed unit)\n  \
 handoff service status kv\n  \
 handoff service uninstall kv\n\n\
@@ -86,7 +86,11 @@ command fails if the upgrade aborts. Use it to deploy a new build of the service
 (default)  the supervisor itself is restarted. systemd: `systemctl restart NAME`, a SIGTERM to \
 the supervisor, which drains and stops the service, then a fresh start (not zero-downtime). \
 launchd: `launchctl kickstart -k`, which kills the running job and starts it again. Use it after \
-changing the unit/plist or upgrading the handoff binary itself.\n\n\
+changing the unit/plist.\n  \
+--supervisor  a new handoff binary for the supervisor, with zero downtime: the running \
+supervisor execs the binary the unit/job names (replace that file first), keeping its pid, \
+listeners and service process; `handoff upgrade --supervisor` on the unit's runtime dir. It \
+falls back to the old binary if the new one cannot take over.\n\n\
 launchd: when the plist on disk is what was last loaded, `kickstart -k` restarts the job; \
 otherwise the job is booted out, waited for until `launchctl print` no longer finds it \
 (--wait-timeout), and bootstrapped again, retrying launchd's transient \
@@ -164,10 +168,12 @@ struct RestartArgs {
     /// of the service, instead of restarting the supervisor.
     #[arg(long)]
     reload: bool,
-    /// systemd: upgrade the supervisor in place instead of restarting it —
-    /// `handoff upgrade --supervisor` on the unit's runtime dir: the
-    /// running supervisor execs the `handoff` binary the unit runs (replace
-    /// that file first); same main pid, the service untouched.
+    /// Upgrade the supervisor in place instead of restarting it —
+    /// `handoff upgrade --supervisor` on the runtime dir of the unit
+    /// (systemd: its ExecReload= line) or job (launchd: its
+    /// ProgramArguments): the running supervisor execs the `handoff` binary
+    /// the unit or job runs (replace that file first); same pid, so no
+    /// service-manager restart, and the service untouched.
     #[arg(long, conflicts_with = "reload")]
     supervisor: bool,
 }
@@ -217,25 +223,21 @@ fn dispatch(a: ServiceArgs, runner: &dyn Runner) -> Result<ExitCode> {
         ServiceCommand::Restart(r) => {
             let (mgr, ctx) = context(&r.target, runner)?;
             if r.supervisor {
-                return match mgr {
-                    Manager::Systemd => Ok(crate::upgrade::main(crate::upgrade::UpgradeArgs {
-                        rt: crate::args::RuntimeDir {
-                            runtime_dir: systemd::runtime_dir_of(&ctx)?,
-                        },
-                        binary: None,
-                        deadline: None,
-                        drain_grace: None,
-                        wait: None,
-                        prepare: false,
-                        discard_prepared: false,
-                        supervisor: true,
-                        json: false,
-                    })),
-                    Manager::Launchd => bail!(
-                        "--supervisor: run `handoff upgrade --runtime-dir DIR --supervisor` for a \
-                         launchd job (its label keeps the same pid)"
-                    ),
+                let runtime_dir = match mgr {
+                    Manager::Systemd => systemd::runtime_dir_of(&ctx)?,
+                    Manager::Launchd => runtime_dir_of_run_args(launchd::run_args_of(&ctx)?)?,
                 };
+                return Ok(crate::upgrade::main(crate::upgrade::UpgradeArgs {
+                    rt: crate::args::RuntimeDir { runtime_dir },
+                    binary: None,
+                    deadline: None,
+                    drain_grace: None,
+                    wait: None,
+                    prepare: false,
+                    discard_prepared: false,
+                    supervisor: true,
+                    json: false,
+                }));
             }
             match mgr {
                 Manager::Systemd => systemd::restart(&ctx, r.reload)?,
@@ -260,6 +262,19 @@ fn dispatch(a: ServiceArgs, runner: &dyn Runner) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// The runtime dir a `handoff run` with these arguments uses, resolved as
+/// `handoff run` resolves it (`--runtime-dir`, else `--config`'s, else the
+/// default).
+fn runtime_dir_of_run_args(run_args: Vec<String>) -> Result<PathBuf> {
+    let argv = std::iter::once("handoff run".to_string()).chain(run_args);
+    let parsed = RunOnly::try_parse_from(argv)
+        .map_err(|e| anyhow::anyhow!("the job's `handoff run` arguments:\n{}", e.render()))?
+        .run;
+    Ok(crate::config::resolve(&parsed)
+        .map_err(|e| anyhow::anyhow!("the job's `handoff run` arguments: {e}"))?
+        .runtime_dir)
 }
 
 fn context<'a>(t: &Target, runner: &'a dyn Runner) -> Result<(Manager, Ctx<'a>)> {

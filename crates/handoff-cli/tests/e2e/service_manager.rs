@@ -618,3 +618,67 @@ fn systemd_restart_supervisor_reexecs_it_in_place() {
     assert_eq!(status["incumbent_pid"], sup.first_pid, "{status}");
     assert!(sup.stderr_log().contains("re-executed in place"));
 }
+
+/// `handoff service restart --supervisor` (launchd): the runtime dir comes from
+/// the job's `ProgramArguments` (here through a `--config` file, resolved as
+/// `handoff run` would), and the running supervisor is upgraded in place — no
+/// launchctl call, the same pid, the service untouched.
+#[test]
+fn launchd_restart_supervisor_reexecs_it_in_place() {
+    let _guard = begin_test("launchd_restart_supervisor", Duration::from_secs(90));
+    let f = Fake::new();
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    sup.wait_settled(sup.first_pid, Duration::from_secs(10));
+    let config = dirs.root.path().join("kv.toml");
+    fs::write(
+        &config,
+        format!(
+            "runtime-dir = {:?}\nstate-dir = {:?}\n",
+            dirs.runtime.to_str().unwrap(),
+            dirs.state.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let demo = demo_bin();
+    ok(&f.service(
+        &[
+            "install",
+            "--manager",
+            "launchd",
+            "--scope",
+            "user",
+            "--dir",
+            f.units_arg(),
+            "--log-dir",
+            "/tmp/kv-logs",
+            LABEL,
+            "--",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "http=tcp://127.0.0.1:0",
+            "--",
+            demo.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    f.take_calls();
+    let out = ok(&f.service(&launchd_args("restart", &f, &["--supervisor"]), &[]));
+    assert!(out.contains("runs handoff"), "{out}");
+    assert!(f.take_calls().is_empty(), "launchctl was called");
+    let status = status_json(&dirs.runtime);
+    assert_eq!(status["supervisor_pid"], sup.pid, "{status}");
+    assert_eq!(status["incumbent_pid"], sup.first_pid, "{status}");
+    assert!(sup.stderr_log().contains("re-executed in place"));
+
+    // A job whose plist is gone says so, and what to do.
+    fs::remove_file(plist_path(&f)).unwrap();
+    let o = f.service(&launchd_args("restart", &f, &["--supervisor"]), &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("handoff service install"),
+        "{err}"
+    );
+}
