@@ -147,6 +147,18 @@ pub enum Event {
         incumbent_pid: Option<u32>,
         /// What the serving process said it is.
         build_id: String,
+        /// The executable the serving process runs, as the kernel names it
+        /// (`/proc/PID/exe`: symlinks resolved; ` (deleted)` appended once
+        /// the file was removed or replaced on disk). Absent while none
+        /// runs, or where the platform cannot tell.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incumbent_exe: Option<String>,
+        /// SHA-256 (lowercase hex) of the bytes the serving process runs —
+        /// read through the process, so it is the running build even after
+        /// the file was replaced: what `sha256sum FILE` prints for the build
+        /// it was started from. Tells two builds of the same version apart.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incumbent_exe_sha256: Option<String>,
         /// `NAME=tcp://ADDR` or `NAME=unix:PATH`, as bound.
         listeners: Vec<String>,
         /// Old incumbents still finishing their connections.
@@ -231,6 +243,33 @@ mod tests {
         assert_eq!(stop, Request::Stop { grace_ms: None });
     }
 
+    /// The running executable's path and digest are optional both ways: a
+    /// status from a supervisor that predates them reads (as unknown), and
+    /// they are left out of the JSON when unknown.
+    #[test]
+    fn status_exe_fields_are_optional() {
+        let old = serde_json::json!({
+            "event": "status", "supervisor_pid": 1, "incumbent_pid": 2, "build_id": "b",
+            "listeners": [], "retiring_pids": [], "supervisor_uptime_ms": 0,
+            "incumbent_uptime_ms": null, "stopping": false,
+            "handoffs": {"committed": 0, "aborted": 0},
+            "last_handoff": null, "in_flight": null, "journal": null,
+        });
+        let ev: Event = serde_json::from_value(old).expect("a status without the exe fields");
+        let Event::Status {
+            incumbent_exe,
+            incumbent_exe_sha256,
+            ..
+        } = &ev
+        else {
+            panic!("not a status: {ev:?}");
+        };
+        assert_eq!((incumbent_exe, incumbent_exe_sha256), (&None, &None));
+        let v = serde_json::to_value(&ev).expect("json");
+        assert!(v.get("incumbent_exe").is_none(), "{v}");
+        assert!(v.get("incumbent_exe_sha256").is_none(), "{v}");
+    }
+
     /// The service's counters travel as the service published them,
     /// whatever they hold, beside the flattened activity.
     #[test]
@@ -240,6 +279,8 @@ mod tests {
             supervisor_build: "handoff 0.1.0 (abc)".into(),
             incumbent_pid: Some(2),
             build_id: "b".into(),
+            incumbent_exe: None,
+            incumbent_exe_sha256: None,
             listeners: vec![],
             retiring_pids: vec![],
             service_counters: Some(serde_json::json!({"anything": [1, {"nested": true}]})),

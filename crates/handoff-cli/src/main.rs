@@ -27,6 +27,7 @@ mod args;
 mod config;
 mod demo;
 mod duration;
+mod exe;
 mod keeper;
 mod listen;
 mod metrics;

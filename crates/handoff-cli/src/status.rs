@@ -46,6 +46,10 @@ JSON (--json), one object; fields are only ever added:
   event                 \"status\"
   supervisor_pid, supervisor_build, supervisor_uptime_ms
   incumbent_pid, incumbent_uptime_ms, build_id      (null while none runs)
+  incumbent_exe         the executable the incumbent runs (/proc/PID/exe; absent
+                        while none runs); \" (deleted)\" once replaced on disk
+  incumbent_exe_sha256  SHA-256 of the bytes it runs, hex: equals `sha256sum`
+                        of the build it was started from (absent with the above)
   listeners             [\"NAME=tcp://ADDR\" | \"NAME=unix:PATH\"], bound addresses
   retiring_pids         old incumbents still finishing their connections
   stopping              true once `handoff stop`/SIGTERM was received
@@ -175,6 +179,8 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
         supervisor_build,
         incumbent_pid,
         build_id,
+        incumbent_exe,
+        incumbent_exe_sha256,
         listeners,
         retiring_pids,
         service_counters,
@@ -208,6 +214,16 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
         pid(*incumbent_pid),
         up(act.incumbent_uptime_ms)
     );
+    if let Some(path) = incumbent_exe {
+        let _ = writeln!(
+            o,
+            "executable         {path}{}",
+            incumbent_exe_sha256
+                .as_ref()
+                .map(|d| format!(" (sha256 {d})"))
+                .unwrap_or_default()
+        );
+    }
     for l in listeners {
         let _ = writeln!(o, "listening          {l}");
     }
@@ -398,6 +414,8 @@ mod tests {
             supervisor_build: "handoff 0.1.0 (abc)".into(),
             incumbent_pid: Some(42),
             build_id: "b".into(),
+            incumbent_exe: None,
+            incumbent_exe_sha256: None,
             listeners: vec!["http=tcp://127.0.0.1:1".into()],
             retiring_pids: vec![],
             service_counters: Some(c),
@@ -440,6 +458,8 @@ mod tests {
             supervisor_build: String::new(),
             incumbent_pid: Some(42),
             build_id: "b".into(),
+            incumbent_exe: Some("/opt/kv/v2/kv".into()),
+            incumbent_exe_sha256: Some("ab12".into()),
             listeners: vec![],
             retiring_pids: vec![],
             service_counters: None,
@@ -491,6 +511,7 @@ mod tests {
         for want in [
             "supervisor         pid 1, up 1m",
             "incumbent          pid 42 (b), up 1.5s",
+            "executable         /opt/kv/v2/kv (sha256 ab12)",
             "handoffs           3 committed, 1 aborted",
             "last handoff       0x01 committed by SIGHUP, 3.75 ms, 1.0s ago",
             "  draining                     2.25 ms",
@@ -505,6 +526,7 @@ mod tests {
         assert_eq!(json["handoffs"]["committed"], 3);
         assert_eq!(json["in_flight"]["phase"], "awaiting-ready");
         assert_eq!(json["last_handoff"]["trigger"], "sighup");
+        assert_eq!(json["incumbent_exe_sha256"], "ab12");
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, ev);
     }
@@ -518,6 +540,8 @@ mod tests {
             supervisor_build: String::new(),
             incumbent_pid: Some(42),
             build_id: "b".into(),
+            incumbent_exe: None,
+            incumbent_exe_sha256: None,
             listeners: vec![],
             retiring_pids: vec![],
             service_counters: Some(serde_json::json!({

@@ -133,6 +133,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
             let h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
             let pid = ctx.sup.incumbent_pid();
             let announced = ctx.sup.incumbent_announced().and_then(|a| a.status);
+            let exe = pid.and_then(crate::exe::of_pid);
             let _ = wire::send(
                 &stream,
                 &Event::Status {
@@ -143,6 +144,8 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                         Some(s) => format!("notify mode, STATUS={s:?}"),
                         None => "notify mode".into(),
                     },
+                    incumbent_exe: exe.as_ref().map(|e| e.path.clone()),
+                    incumbent_exe_sha256: exe.map(|e| e.sha256),
                     listeners: ctx.shown.clone(),
                     retiring_pids: ctx.sup.retiring_pids(),
                     service_counters: None,

@@ -113,13 +113,17 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
         Request::Status => {
             let (service_counters, service_counters_error) =
                 status::service_counters(&ctx.state_dir);
+            let incumbent_pid = ctx.sup.incumbent_pid();
+            let exe = incumbent_pid.and_then(crate::exe::of_pid);
             let _ = wire::send(
                 &stream,
                 &Event::Status {
                     supervisor_pid: std::process::id(),
                     supervisor_build: crate::reexec::build_id(),
-                    incumbent_pid: ctx.sup.incumbent_pid(),
+                    incumbent_pid,
                     build_id: ctx.sup.incumbent_build(),
+                    incumbent_exe: exe.as_ref().map(|e| e.path.clone()),
+                    incumbent_exe_sha256: exe.map(|e| e.sha256),
                     listeners: ctx.shown.clone(),
                     retiring_pids: ctx.sup.retiring_pids(),
                     service_counters,

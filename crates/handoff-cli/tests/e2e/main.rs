@@ -21,6 +21,7 @@ mod http_load;
 mod sd;
 
 mod admin_peer;
+mod ansible_fleet;
 mod cli_basics;
 mod cli_ops;
 mod config_metrics;
