@@ -1,17 +1,16 @@
 //! `handoff run --metrics ADDR`: a Prometheus endpoint.
 //!
-//! Counters and histograms live in one mutex-guarded struct: they change a
-//! handful of times per upgrade, so contention is nil and a scrape sees a
-//! consistent snapshot (a histogram's `_count` always equals its `+Inf`
-//! bucket). The endpoint is a deliberately small HTTP/1.0-style responder
-//! on a std `TcpListener` — one request per connection, no dependency on an
-//! HTTP stack the supervisor otherwise does not need — open to whoever can
-//! reach the address, so no client may hold it: each connection gets a
-//! thread of its own (at most [`MAX_SCRAPES`] at once, the rest answered
-//! 503), its request head must arrive whole within [`HEAD_BUDGET`] (408
-//! otherwise) and fit in [`MAX_HEAD`] bytes (431 otherwise). It used to
-//! answer one connection at a time with a 2 s timeout per read: a client
-//! sending a byte a second blocked every scrape for as long as it liked.
+//! The metrics are kept and encoded by the `prometheus` crate (text format
+//! 0.0.4): its histograms give a scrape a consistent snapshot (`_count`
+//! always equals the `+Inf` bucket) and its encoder does the escaping. The
+//! endpoint is a deliberately small HTTP/1.0-style responder on a std
+//! `TcpListener` — one request per connection, only its request line
+//! read, no HTTP server stack the supervisor otherwise does not need —
+//! open to whoever can reach the address, so no client may hold it: each
+//! connection gets a thread of its own (at most [`MAX_SCRAPES`] at once, the
+//! rest answered 503), its request head must arrive whole within
+//! [`HEAD_BUDGET`] (408 otherwise) and fit in [`MAX_HEAD`] bytes (431
+//! otherwise).
 //!
 //! Exposed (text format 0.0.4):
 //!
@@ -25,12 +24,14 @@
 //! | `handoff_supervisor_start_time_seconds` | gauge | — (Unix time) |
 
 use handoff::accept::{AcceptBackoff, Verdict};
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use prometheus::{
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder, TEXT_FORMAT,
+};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Most connections served at once. A scraper uses one at a time; more
@@ -53,40 +54,6 @@ const BUCKETS: [f64; 17] = [
     60.0, 300.0,
 ];
 
-#[derive(Debug, Clone, Default)]
-struct Histogram {
-    /// Non-cumulative counts per bucket; the last slot is +Inf.
-    counts: [u64; BUCKETS.len() + 1],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, secs: f64) {
-        let i = BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[i] += 1;
-        self.sum += secs;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, label: &str) {
-        let mut cum = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            cum += c;
-            let le = BUCKETS
-                .get(i)
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| "+Inf".into());
-            let _ = writeln!(out, "{name}_bucket{{{label},le=\"{le}\"}} {cum}");
-        }
-        let _ = writeln!(out, "{name}_sum{{{label}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{label}}} {}", self.count);
-    }
-}
-
 /// Outcome of one upgrade request, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
@@ -106,111 +73,117 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Default)]
-struct State {
-    upgrades: BTreeMap<Outcome, u64>,
-    upgrade_secs: BTreeMap<Outcome, Histogram>,
-    phase_secs: BTreeMap<&'static str, Histogram>,
-    restarts: u64,
-    incumbent_pid: Option<u32>,
-}
-
-/// The supervisor's metrics; cheap to clone (shared).
+/// The supervisor's metrics, kept and encoded by the `prometheus` crate;
+/// cheap to clone (every handle is shared).
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    state: Arc<Mutex<State>>,
-    started: f64,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
-    }
+    registry: Registry,
+    upgrades: IntCounterVec,
+    upgrade_secs: HistogramVec,
+    phase_secs: HistogramVec,
+    restarts: IntCounter,
+    incumbent_pid: IntGauge,
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
-        let started = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        Metrics {
-            state: Arc::new(Mutex::new(State::default())),
-            started,
+    /// The metrics, registered and at zero. Fails only on a bad definition
+    /// here (a name or label the crate refuses), which the unit tests
+    /// exercise: nothing at run time can cause it.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let upgrades = IntCounterVec::new(
+            Opts::new("handoff_upgrades_total", "Upgrade requests by outcome."),
+            &["outcome"],
+        )?;
+        let upgrade_secs = HistogramVec::new(
+            HistogramOpts::new(
+                "handoff_upgrade_duration_seconds",
+                "Upgrade time, request to commit or abort.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["outcome"],
+        )?;
+        let phase_secs = HistogramVec::new(
+            HistogramOpts::new(
+                "handoff_phase_duration_seconds",
+                "Time spent in each handoff phase.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["phase"],
+        )?;
+        let restarts = IntCounter::new(
+            "handoff_incumbent_restarts_total",
+            "Incumbents restarted after dying outside a handoff.",
+        )?;
+        let incumbent_pid = IntGauge::new(
+            "handoff_incumbent_pid",
+            "Pid of the serving process (0: none).",
+        )?;
+        let started = Gauge::new(
+            "handoff_supervisor_start_time_seconds",
+            "Start time of the supervisor, Unix seconds.",
+        )?;
+        started.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+        // Every outcome is exposed from the start, at zero: a rate() over a
+        // series that appears only at its first increment misses it.
+        for o in [Outcome::Committed, Outcome::Aborted, Outcome::Refused] {
+            upgrades.with_label_values(&[o.label()]);
         }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        // A panic while holding the lock leaves plain counters behind:
-        // still the best numbers we have, so keep serving them.
-        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+        registry.register(Box::new(upgrades.clone()))?;
+        registry.register(Box::new(upgrade_secs.clone()))?;
+        registry.register(Box::new(phase_secs.clone()))?;
+        registry.register(Box::new(restarts.clone()))?;
+        registry.register(Box::new(incumbent_pid.clone()))?;
+        registry.register(Box::new(started))?;
+        Ok(Metrics {
+            registry,
+            upgrades,
+            upgrade_secs,
+            phase_secs,
+            restarts,
+            incumbent_pid,
+        })
     }
 
     pub fn phase(&self, phase: &'static str, took: Duration) {
-        self.with(|s| {
-            s.phase_secs
-                .entry(phase)
-                .or_default()
-                .observe(took.as_secs_f64())
-        });
+        self.phase_secs
+            .with_label_values(&[phase])
+            .observe(took.as_secs_f64());
     }
 
     pub fn upgrade(&self, outcome: Outcome, took: Duration) {
-        self.with(|s| {
-            *s.upgrades.entry(outcome).or_default() += 1;
-            if outcome != Outcome::Refused {
-                s.upgrade_secs
-                    .entry(outcome)
-                    .or_default()
-                    .observe(took.as_secs_f64());
-            }
-        });
+        self.upgrades.with_label_values(&[outcome.label()]).inc();
+        // A refusal took no time worth a histogram: nothing was attempted.
+        if outcome != Outcome::Refused {
+            self.upgrade_secs
+                .with_label_values(&[outcome.label()])
+                .observe(took.as_secs_f64());
+        }
     }
 
     pub fn restart(&self) {
-        self.with(|s| s.restarts += 1);
+        self.restarts.inc();
     }
 
     pub fn set_incumbent(&self, pid: Option<u32>) {
-        self.with(|s| s.incumbent_pid = pid);
+        self.incumbent_pid.set(pid.map_or(0, i64::from));
     }
 
-    /// The exposition text.
+    /// The exposition text (format 0.0.4, [`TEXT_FORMAT`]).
     pub fn render(&self) -> String {
-        let mut o = String::new();
-        self.with(|s| {
-            o += "# HELP handoff_upgrades_total Upgrade requests by outcome.\n";
-            o += "# TYPE handoff_upgrades_total counter\n";
-            for k in [Outcome::Committed, Outcome::Aborted, Outcome::Refused] {
-                let n = s.upgrades.get(&k).copied().unwrap_or(0);
-                let _ = writeln!(o, "handoff_upgrades_total{{outcome=\"{}\"}} {n}", k.label());
-            }
-            o += "# HELP handoff_upgrade_duration_seconds Upgrade time, request to commit or abort.\n";
-            o += "# TYPE handoff_upgrade_duration_seconds histogram\n";
-            for (k, h) in &s.upgrade_secs {
-                let label = format!("outcome=\"{}\"", k.label());
-                h.render(&mut o, "handoff_upgrade_duration_seconds", &label);
-            }
-            o += "# HELP handoff_phase_duration_seconds Time spent in each handoff phase.\n";
-            o += "# TYPE handoff_phase_duration_seconds histogram\n";
-            for (p, h) in &s.phase_secs {
-                h.render(
-                    &mut o,
-                    "handoff_phase_duration_seconds",
-                    &format!("phase=\"{p}\""),
-                );
-            }
-            o += "# HELP handoff_incumbent_restarts_total Incumbents restarted after dying outside a handoff.\n";
-            o += "# TYPE handoff_incumbent_restarts_total counter\n";
-            let _ = writeln!(o, "handoff_incumbent_restarts_total {}", s.restarts);
-            o += "# HELP handoff_incumbent_pid Pid of the serving process (0: none).\n";
-            o += "# TYPE handoff_incumbent_pid gauge\n";
-            let _ = writeln!(o, "handoff_incumbent_pid {}", s.incumbent_pid.unwrap_or(0));
-        });
-        o += "# HELP handoff_supervisor_start_time_seconds Start time of the supervisor, Unix seconds.\n";
-        o += "# TYPE handoff_supervisor_start_time_seconds gauge\n";
-        let _ = writeln!(o, "handoff_supervisor_start_time_seconds {}", self.started);
-        o
+        let mut out = String::new();
+        if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+            // Writing into a String cannot fail; the encoder's error type
+            // is for other sinks. Say so rather than serve half a page.
+            tracing::error!(target: "handoff::metrics", error = %e, "encoding the metrics failed");
+            out.clear();
+        }
+        out
     }
 
     /// Binds ADDR and serves `/metrics` from a background thread; returns
@@ -310,9 +283,7 @@ impl Metrics {
         let mut parts = line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         match (method, path.split('?').next().unwrap_or("")) {
-            ("GET", "/metrics") => {
-                reply_typed(&s, "200 OK", "text/plain; version=0.0.4", self.render())
-            }
+            ("GET", "/metrics") => reply_typed(&s, "200 OK", TEXT_FORMAT, self.render()),
             ("GET", _) => reply(&s, "404 Not Found", "try /metrics\n".to_string()),
             _ => reply(&s, "405 Method Not Allowed", "only GET\n".to_string()),
         }
@@ -405,7 +376,7 @@ mod tests {
 
     #[test]
     fn histogram_is_cumulative_and_consistent() {
-        let m = Metrics::new();
+        let m = Metrics::new().unwrap();
         m.phase("draining", Duration::from_micros(300));
         m.phase("draining", Duration::from_millis(3));
         m.phase("draining", Duration::from_secs(400));
@@ -434,7 +405,7 @@ mod tests {
 
     #[test]
     fn outcomes_counted_and_exposed_even_at_zero() {
-        let m = Metrics::new();
+        let m = Metrics::new().unwrap();
         let t = m.render();
         assert!(
             t.contains("handoff_upgrades_total{outcome=\"committed\"} 0"),
@@ -467,7 +438,7 @@ mod tests {
 
     #[test]
     fn endpoint_answers_get_and_refuses_the_rest() {
-        let m = Metrics::new();
+        let m = Metrics::new().unwrap();
         m.upgrade(Outcome::Aborted, Duration::from_millis(7));
         let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
         let ask = |req: &str| {
@@ -494,7 +465,7 @@ mod tests {
     /// [`MAX_HEAD`] bytes without the end of the head: 431.
     #[test]
     fn an_oversize_head_is_431() {
-        let m = Metrics::new();
+        let m = Metrics::new().unwrap();
         let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -513,7 +484,7 @@ mod tests {
     /// queued behind the silent ones; a slot freed serves again.
     #[test]
     fn connections_past_the_cap_are_503_at_once() {
-        let m = Metrics::new();
+        let m = Metrics::new().unwrap();
         let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
         let silent: Vec<TcpStream> = (0..MAX_SCRAPES)
             .map(|_| TcpStream::connect(addr).unwrap())

@@ -128,6 +128,7 @@ pub struct Prepared {
 /// Runs the notify-mode supervisor until SIGTERM/SIGINT or `handoff stop`.
 /// `held` (the supervisor and restart locks) is kept until return.
 pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
+    let metrics = crate::metrics::Metrics::new().context("defining the supervisor's metrics")?;
     let mut cfg = NotifyConfig::new(&p.runtime_dir);
     cfg.deadline = p.deadline;
     cfg.drain_grace = p.drain_grace;
@@ -170,7 +171,6 @@ pub fn run<H>(args: &NotifyArgs, p: Prepared, held: H) -> Result<()> {
                 .new_pid
         }
     };
-    let metrics = crate::metrics::Metrics::new();
     metrics.set_incumbent(Some(first_pid));
     if let Some(addr) = p.metrics {
         let bound = metrics

@@ -78,6 +78,7 @@ fn run(args: RunArgs) -> Result<()> {
         println!("{}", crate::config::describe(&a));
         return Ok(());
     }
+    let metrics = Metrics::new().context("defining the supervisor's metrics")?;
     // Block the signals we handle before any thread exists, so every thread
     // inherits the mask and only the signal thread (sigwait) sees them.
     let mut sigs = SigSet::empty();
@@ -232,7 +233,6 @@ fn run(args: RunArgs) -> Result<()> {
             (sup, shown, report.new_pid)
         }
     };
-    let metrics = Metrics::new();
     metrics.set_incumbent(Some(pid));
     if let Some(addr) = a.metrics {
         let bound = metrics
