@@ -26,6 +26,21 @@
 //!   `spawn` never passes the supervisor's own
 //!   `NOTIFY_SOCKET`, `WATCHDOG_USEC` or `WATCHDOG_PID` to a service.
 //!
+//! Each assignment is spelled by the [`sd-notify`](https://docs.rs/sd-notify)
+//! crate (`NotifyState`); this module is the thin layer it lacks for a
+//! supervisor and its services:
+//! - The address is read **once**, at start, and kept: the crate reads
+//!   `NOTIFY_SOCKET` at every call and can hide it from children only by
+//!   `std::env::remove_var`, which is unsound once threads exist (a tokio
+//!   runtime, our supervisor's threads). We take the variables out of what
+//!   children get instead (`spawn`), and the re-exec hands them back.
+//! - Abstract-namespace addresses (`@name`), which the crate connects to as
+//!   a file path.
+//! - A send that cannot block for ever on a wedged manager (1 s), a message
+//!   longer than the manager reads refused rather than lost, `STATUS=`
+//!   texts made single-line, malformed `WATCHDOG_*` reported rather than
+//!   ignored, and errors that name the address and the message.
+//!
 //! ```
 //! use handoff::sd_notify::{Notifier, State};
 //! use std::os::unix::net::UnixDatagram;
@@ -46,7 +61,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
@@ -195,16 +210,21 @@ impl State {
         State::Status(s)
     }
 
+    /// Appends this state's assignments, as the `sd-notify` crate spells
+    /// them, newline-separated.
     fn write(&self, out: &mut String) -> Result<(), NotifyError> {
-        match self {
-            State::Ready => out.push_str("READY=1"),
-            State::Reloading { monotonic_usec } => {
-                out.push_str("RELOADING=1\nMONOTONIC_USEC=");
-                out.push_str(&monotonic_usec.to_string());
-            }
-            State::Stopping => out.push_str("STOPPING=1"),
-            State::Watchdog => out.push_str("WATCHDOG=1"),
+        use sd_notify::NotifyState as N;
+        let (first, second) = match self {
+            State::Ready => (N::Ready, None),
+            State::Reloading { monotonic_usec } => (
+                N::Reloading,
+                Some(N::MonotonicUsec(i128::from(*monotonic_usec))),
+            ),
+            State::Stopping => (N::Stopping, None),
+            State::Watchdog => (N::Watchdog, None),
             State::Status(s) => {
+                // The crate writes the text as it is; a newline would
+                // start an assignment of the caller's choosing.
                 if s.contains(['\n', '\0']) {
                     return Err(NotifyError::BadValue {
                         key: "STATUS",
@@ -212,9 +232,15 @@ impl State {
                         why: "contains a newline or NUL, which would split the notification",
                     });
                 }
-                out.push_str("STATUS=");
-                out.push_str(s);
+                (N::Status(s), None)
             }
+        };
+        for (i, a) in std::iter::once(first).chain(second).enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            // Writing into a String cannot fail.
+            let _ = write!(out, "{a}");
         }
         Ok(())
     }
