@@ -10,67 +10,34 @@
 //! where Yama's `ptrace_scope` allows (0, or 1 for a descendant).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
 /// Opens a pidfd for `pid` (`pidfd_open(2)`, close-on-exec).
 #[cfg(target_os = "linux")]
 pub fn open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid)
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+    let pid = i32::try_from(pid)
         .ok()
-        .filter(|p| *p > 0)
+        .and_then(Pid::from_raw)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: pidfd_open takes a pid and a flags word by value and touches
-    // no memory of ours; it returns a new descriptor or -1 with errno.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else
-    // owns it, so OwnedFd may close it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// Duplicates the target's descriptor `target_fd` into this process
 /// (`pidfd_getfd(2)`; the copy is close-on-exec).
 #[cfg(target_os = "linux")]
 pub fn getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: all three arguments are plain integers (the pidfd is borrowed
-    // and open for the call); no memory of ours is read or written. The
-    // result is a fresh descriptor in our table or -1 with errno.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_getfd,
-            pidfd.as_raw_fd(),
-            target_fd,
-            0 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor the kernel installed for us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    use rustix::process::{pidfd_getfd, PidfdGetfdFlags};
+    Ok(pidfd_getfd(pidfd, target_fd, PidfdGetfdFlags::empty())?)
 }
 
 /// Sends `sig` to the process behind `pidfd` (`pidfd_send_signal(2)`):
 /// never reaches a process that merely inherited the pid number.
 #[cfg(target_os = "linux")]
 pub fn send_signal(pidfd: BorrowedFd<'_>, sig: nix::sys::signal::Signal) -> io::Result<()> {
-    // SAFETY: a null siginfo is documented to mean "as kill(2) would"; the
-    // other arguments are integers and the pidfd is open for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            sig as libc::c_int,
-            std::ptr::null::<libc::siginfo_t>(),
-            0 as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let sig = rustix::process::Signal::from_named_raw(sig as i32)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_send_signal(pidfd, sig)?)
 }
 
 /// Waits up to `within` for the process behind `pidfd` to exit: a pidfd
@@ -79,17 +46,17 @@ pub fn send_signal(pidfd: BorrowedFd<'_>, sig: nix::sys::signal::Signal) -> io::
 /// Returns whether it exited.
 #[cfg(target_os = "linux")]
 pub fn wait_exit(pidfd: BorrowedFd<'_>, within: std::time::Duration) -> io::Result<bool> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let deadline = std::time::Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
-        match poll(&mut fds, timeout) {
+        let timeout = Timespec::try_from(left).ok();
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
             Ok(0) => return Ok(false),
             Ok(_) => return Ok(true),
-            Err(nix::errno::Errno::EINTR) if !left.is_zero() => continue,
-            Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
