@@ -34,27 +34,23 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// Blocks until `pid` has exited, without reaping it.
+/// Blocks until `pid` has exited, without reaping it
+/// (`waitid(P_PID, pid, WEXITED | WNOWAIT)`; P_PID restricts it to that
+/// one child of ours).
 pub fn wait_exited_nowait(pid: u32) -> io::Result<()> {
+    use rustix::process::{waitid, Pid, WaitId, WaitIdOptions};
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ECHILD))?;
     loop {
-        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid with a valid out pointer; P_PID restricts it to our
-        // own child, so no other owner's child is touched.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
+        match waitid(
+            WaitId::Pid(pid),
+            WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
