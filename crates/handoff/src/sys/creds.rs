@@ -7,6 +7,13 @@
 //!   supervisor), so for the successor we use `SCM_CREDENTIALS` instead:
 //!   the receiver sets `SO_PASSCRED` and the kernel attaches (and refuses to
 //!   let an unprivileged sender forge) the sender's pid/uid/gid.
+//!
+//! These stay on nix, where pidfd and waitid moved to rustix: rustix's
+//! `UCred` holds the pid as a non-zero `Pid`, but the kernel reports pid 0
+//! for a peer in a pid namespace the receiver cannot see (a client in a
+//! container), which we must read as "unknown", not trust a type that rules
+//! it out. The `SCM_CREDENTIALS` messages share `msg.rs` with descriptor
+//! passing.
 
 use std::io;
 use std::os::fd::AsFd;
