@@ -52,6 +52,8 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// A channel on a connected stream, at the Hello frame version until
+    /// [`set_version`](Self::set_version).
     pub fn new(stream: UnixStream) -> Channel {
         Channel {
             stream,
@@ -70,6 +72,8 @@ impl Channel {
         }
     }
 
+    /// The underlying socket, for socket options and flow control; reading
+    /// or writing it directly would break the framing.
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
@@ -79,6 +83,8 @@ impl Channel {
         self.version = v;
     }
 
+    /// The protocol version in use: 1 until HelloAck, then the negotiated
+    /// one.
     pub fn version(&self) -> ProtoVersion {
         self.version
     }
@@ -321,6 +327,8 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// Sends one message, as [`Channel::send`] does, from another thread;
+    /// frames never interleave with the channel's own.
     pub fn send(&self, msg: &Message) -> Result<(), FrameError> {
         in_version(msg, self.version)?;
         let bytes = frame::encode(self.version, &msg.encode())?;

@@ -91,6 +91,8 @@ impl Child {
         Ok(Child { pid, shared })
     }
 
+    /// The child's pid. Once it has exited the pid may name another
+    /// process: signal through [`Child::signal`], never by pid.
     pub fn pid(&self) -> u32 {
         self.pid
     }

@@ -59,8 +59,13 @@ pub enum Survivor {
 /// One named point.
 #[derive(Debug, Clone, Copy)]
 pub struct CrashPoint {
+    /// What `HANDOFF_CRASH_AT` names to arm it, prefixed by the role it
+    /// fires in (`s-`, `o-`, `n-`).
     pub name: &'static str,
+    /// Which process the crash matrix expects to serve once things settle.
     pub survivor: Survivor,
+    /// How the service gets back to one healthy incumbent after a crash
+    /// there, in words (docs/crash-matrix.md has the reasoning).
     pub recovery: &'static str,
 }
 

@@ -146,7 +146,11 @@ pub enum FrameError {
 /// A decoded frame: the header version and the raw payload (tag + body).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The protocol version in the header: 1 for Hello and HelloAck, the
+    /// negotiated one for everything else (the channel checks which).
     pub version: ProtoVersion,
+    /// The payload, checksum verified: a message tag, then its body
+    /// ([`Message::decode`](crate::protocol::Message::decode)).
     pub payload: Vec<u8>,
 }
 

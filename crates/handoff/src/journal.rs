@@ -22,9 +22,20 @@ pub const JOURNAL_FILE: &str = "handoff.journal";
 /// What the journal records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalRecord {
+    /// The handoff in flight (for a successor prepared ahead, the id its
+    /// handoff will take).
     pub handoff_id: HandoffId,
+    /// The phase the supervisor entered last: how far the handoff got. The
+    /// file spells it as the variant's name (`"AwaitingReady"`), not as
+    /// [`SupervisorPhase::name`] does.
     pub phase: SupervisorPhase,
+    /// Pid of the incumbent being handed off from; `None` for a first start
+    /// or a crash restart (a handoff from nobody).
     pub incumbent_pid: Option<u32>,
+    /// Pid of the successor, once spawned. A restarted supervisor stops
+    /// this process unless it turns out to be the incumbent
+    /// (docs/design.md §6.5), which is why the record naming it must be
+    /// durable before Begin.
     pub successor_pid: Option<u32>,
     /// Milliseconds since the Unix epoch when the handoff started.
     pub started_at: u64,
@@ -33,13 +44,32 @@ pub struct JournalRecord {
 /// Errors reading or writing the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    /// Replacing or removing the journal failed (creating the temp file,
+    /// writing, fsync, rename, unlink, or the fsync of the directory): the
+    /// state dir is full, read-only or gone.
     #[error("writing journal {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    Write {
+        /// The journal's path.
+        path: PathBuf,
+        /// The failed operation's error.
+        source: io::Error,
+    },
+    /// The journal exists but could not be read.
     #[error("reading journal {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    Read {
+        /// The journal's path.
+        path: PathBuf,
+        /// The read's error.
+        source: io::Error,
+    },
+    /// The journal is not a record this build can parse. A crash cannot
+    /// tear it (every write replaces it whole), so something else changed
+    /// it. Recovery stops there: the operator inspects it, then deletes it.
     #[error("journal {path} is corrupt ({source}); inspect it, then delete it to continue")]
     Corrupt {
+        /// The journal's path.
         path: PathBuf,
+        /// Why it does not parse.
         source: serde_json::Error,
     },
 }
@@ -52,6 +82,8 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// The journal of the service whose state dir is `state_dir`
+    /// (`<state_dir>/handoff.journal`). Touches nothing on disk.
     pub fn new(state_dir: &Path) -> Journal {
         Journal {
             path: state_dir.join(JOURNAL_FILE),
@@ -59,6 +91,7 @@ impl Journal {
         }
     }
 
+    /// Where the journal file is (whether it exists or not).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -141,6 +174,9 @@ struct WriterState {
 }
 
 impl JournalWriter {
+    /// Starts the writer thread for `journal`; fails only if the thread
+    /// cannot be spawned. Dropping the writer writes what is still queued,
+    /// then stops the thread.
     pub fn new(journal: Journal) -> io::Result<JournalWriter> {
         let shared = std::sync::Arc::new((
             std::sync::Mutex::new(WriterState::default()),
@@ -233,6 +269,7 @@ impl JournalWriter {
         m.lock().unwrap_or_else(|p| p.into_inner()).failed = None;
     }
 
+    /// The journal this writer replaces, for reading it directly.
     pub fn journal(&self) -> &Journal {
         &self.journal
     }

@@ -100,10 +100,12 @@
 //!   armed at run time by `HANDOFF_CRASH_AT`; inert otherwise.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
+// Every public item is documented, with or without the `supervisor`
+// feature (which makes the supervisor side and the wire types public).
+#![warn(missing_docs)]
 // A service author's build (no `supervisor` feature) sees only the service
-// side: all of it is documented, and supervisor code the service side does
-// not call is compiled but unused there.
-#![cfg_attr(not(feature = "supervisor"), warn(missing_docs))]
+// side: supervisor code the service side does not call is compiled but
+// unused there.
 #![cfg_attr(not(feature = "supervisor"), allow(dead_code, unused_imports))]
 
 /// Declares modules public with the `supervisor` feature and private

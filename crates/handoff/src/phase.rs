@@ -30,6 +30,8 @@ pub enum SupervisorPhase {
 }
 
 impl SupervisorPhase {
+    /// The phase's name in logs, errors, reports and `handoff status`
+    /// (`awaiting-ready`); also its [`Display`](std::fmt::Display).
     pub fn name(self) -> &'static str {
         match self {
             SupervisorPhase::Negotiating => "negotiating",
@@ -147,6 +149,7 @@ pub enum IncumbentPhase {
 }
 
 impl IncumbentPhase {
+    /// The phase's name in the incumbent's logs and errors (`seal-failed`).
     pub fn name(self) -> &'static str {
         match self {
             IncumbentPhase::Greeting => "greeting",
@@ -157,6 +160,8 @@ impl IncumbentPhase {
         }
     }
 
+    /// May the supervisor send `msg` to the incumbent in this phase?
+    /// Keepalives never come this way: the supervisor sends none.
     pub fn allows(self, msg: &Message) -> bool {
         use IncumbentPhase as P;
         use Message as M;
@@ -183,6 +188,7 @@ impl IncumbentPhase {
 /// The successor's side of its socketpair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SuccessorPhase {
+    /// Hello sent (once warm), waiting for HelloAck.
     Greeting,
     /// Warm; waiting for Begin (or Abort). Connections the incumbent moves
     /// arrive here too: held, unread, until Ready.
@@ -193,6 +199,7 @@ pub enum SuccessorPhase {
 }
 
 impl SuccessorPhase {
+    /// The phase's name in the successor's logs and errors (`await-begin`).
     pub fn name(self) -> &'static str {
         match self {
             SuccessorPhase::Greeting => "greeting",
@@ -201,6 +208,7 @@ impl SuccessorPhase {
         }
     }
 
+    /// May the supervisor send `msg` to the successor in this phase?
     pub fn allows(self, msg: &Message) -> bool {
         use Message as M;
         use SuccessorPhase as P;

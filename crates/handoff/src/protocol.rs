@@ -152,14 +152,30 @@ pub fn negotiate(
 /// successor) to the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
+    /// Who is speaking: an incumbent on a connection to its control socket,
+    /// a successor on the socketpair it was spawned with. The supervisor
+    /// refuses the other one
+    /// ([`ProtocolError::WrongRole`](crate::ProtocolError::WrongRole)).
     pub role: Role,
+    /// The sender's own pid. Believed only where the kernel agrees
+    /// (`SO_PEERCRED` on the control socket, `SCM_CREDENTIALS` on a
+    /// successor's socketpair) and where it is the process the supervisor
+    /// expects there (docs/design.md §4.5).
     pub pid: u32,
+    /// Lowest protocol version the sender speaks.
     pub proto_min: ProtoVersion,
+    /// Highest protocol version the sender speaks; the supervisor picks the
+    /// highest version inside both its range and this one ([`negotiate`]).
     pub proto_max: ProtoVersion,
+    /// The sender's build name
+    /// ([`ProcessConfig::build_id`](crate::ProcessConfig::build_id)), shown
+    /// in the supervisor's status, reports and logs; never interpreted.
     pub build_id: String,
 }
 
 impl Hello {
+    /// The versions the sender offers, `proto_min ..= proto_max`, as
+    /// [`negotiate`] takes them.
     pub fn range(&self) -> VersionRange {
         VersionRange {
             min: self.proto_min,
@@ -182,63 +198,169 @@ pub struct MovedMeta {
 }
 
 /// Every message of the protocol.
+///
+/// docs/design.md §4.3 has the table of tags, directions and versions,
+/// §4.4 which message is legal in which phase. Durations on the wire are
+/// whole milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// Incumbent or successor → supervisor: the first frame on every
+    /// channel (see [`Hello`]). Always sent in a version-1 frame.
     Hello(Hello),
+    /// Supervisor → incumbent or successor: the answer to Hello. Always
+    /// sent in a version-1 frame; every later frame on the channel carries
+    /// the version it names.
     HelloAck {
+        /// The version chosen: the highest in both ranges ([`negotiate`]).
         version: ProtoVersion,
     },
+    /// Supervisor → incumbent, on a channel negotiated below
+    /// [`MOVE_SINCE`] (from there on, [`Message::PrepareHandoffV3`]): a
+    /// successor is warm; stop accepting and drain. Opens the handoff on
+    /// the incumbent's side.
     PrepareHandoff {
+        /// The id the supervisor chose for this handoff (random, not reused
+        /// across restarts). Every later message of the handoff carries it;
+        /// one with another id is refused
+        /// ([`ProtocolError::WrongHandoffId`](crate::ProtocolError::WrongHandoffId)).
         handoff_id: HandoffId,
+        /// Pid of the successor the supervisor spawned; the incumbent only
+        /// logs it.
         successor_pid: u32,
-        /// What remains of the overall deadline when this is sent.
+        /// What remains of the overall deadline when this is sent, in ms.
+        /// The incumbent waits for SealRequest until then (plus the wire
+        /// slack), and for Commit until then plus the wire slack and its
+        /// `lock_wait`.
         deadline_ms: u64,
-        /// Budget for draining; never more than `deadline_ms`.
+        /// Budget for draining, in ms; never more than `deadline_ms`.
         drain_grace_ms: u64,
     },
+    /// Incumbent → supervisor: the service's drain returned (it is
+    /// expected to within the drain grace). The incumbent no longer accepts
+    /// and waits for SealRequest or ResumeAfterAbort. When connections
+    /// move, every [`Message::Connections`] batch and
+    /// [`Message::ConnectionsDone`] come first.
     Drained {
+        /// The handoff being drained for.
         handoff_id: HandoffId,
+        /// Connections still open when the drain returned (0 for a full
+        /// drain), as the service's [`DrainReport`](crate::DrainReport)
+        /// said. Informational: the supervisor seals either way.
         open_conns_remaining: u64,
+        /// Whether the service has stopped accepting, as its
+        /// [`DrainReport`](crate::DrainReport) said. Informational too.
         accept_closed: bool,
     },
+    /// Supervisor → incumbent, after Drained: make the state durable and
+    /// hand it over ([`Drainable::seal`](crate::Drainable::seal)).
     SealRequest {
+        /// The handoff whose drain has ended.
         handoff_id: HandoffId,
     },
+    /// Incumbent → supervisor while the service seals: its
+    /// `progress(done, total)` calls, relayed as they happen. A keepalive:
+    /// it resets the liveness clock and ends nothing.
     SealProgress {
+        /// The handoff being sealed for.
         handoff_id: HandoffId,
+        /// Work sealed so far, in the service's own units (records,
+        /// bytes…); passed through unchecked.
         done: u64,
+        /// The work the seal expects in all, in the same units.
         total: u64,
     },
+    /// Incumbent → supervisor: the seal succeeded and the incumbent has
+    /// released the state lock (just before sending this); it waits for
+    /// Commit or ResumeAfterAbort.
     SealComplete {
+        /// The handoff sealed for.
         handoff_id: HandoffId,
-        /// Small opaque state the incumbent hands to its successor.
+        /// Small opaque state the incumbent hands to its successor: what
+        /// [`Drainable::seal`](crate::Drainable::seal) returned, relayed
+        /// unchanged in [`Message::Begin`].
         state: Option<Vec<u8>>,
     },
+    /// Incumbent → supervisor: the seal failed. The incumbent still holds
+    /// the state lock and resumes whatever the supervisor does next; the
+    /// supervisor aborts the handoff
+    /// ([`HandoffError::SealFailed`](crate::HandoffError::SealFailed)).
     SealFailed {
+        /// The handoff whose seal failed.
         handoff_id: HandoffId,
+        /// The service's error, as text, for the supervisor's report.
         error: String,
     },
+    /// Supervisor → successor, once the incumbent has sealed (or there is
+    /// none, or it died mid-handoff): take the state lock, bind the control
+    /// socket, run the health check, then say Ready. The journal record
+    /// naming the successor is durable before this is sent
+    /// (docs/design.md §6.1).
     Begin {
+        /// The handoff the successor takes over in.
         handoff_id: HandoffId,
+        /// The incumbent's sealed state (SealComplete's `state`); `None`
+        /// when it sealed none or there was no incumbent to seal.
         state: Option<Vec<u8>>,
     },
+    /// Successor → supervisor: the successor holds the state lock, has
+    /// bound the control socket and has run its health check. Healthy, it
+    /// is the incumbent from the moment the supervisor reads this, whatever
+    /// happens next; unhealthy, the handoff aborts.
     Ready {
+        /// The handoff Begin named.
         handoff_id: HandoffId,
+        /// Names of the listeners the successor was given
+        /// (`LISTEN_FDNAMES`); for the record, the supervisor does not
+        /// check them.
         listening_on: Vec<String>,
+        /// Whether the service's health check passed. `false` aborts the
+        /// handoff ([`HandoffError::Unhealthy`](crate::HandoffError::Unhealthy))
+        /// and the incumbent resumes.
         healthz_ok: bool,
+        /// Free-form key/value pairs. The library's successor sends
+        /// `build_id` (recorded as the new incumbent's build) and, when its
+        /// health check failed, `health` with the check's error (the detail
+        /// of `HandoffError::Unhealthy`).
         metadata: Vec<(String, String)>,
     },
+    /// Supervisor → successor, then → incumbent: the handoff is done. The
+    /// successor is the incumbent; the old one retires, finishes its
+    /// connections and exits. The successor hears it first
+    /// (docs/design.md §2.2).
     Commit {
+        /// The handoff that committed.
         handoff_id: HandoffId,
     },
+    /// Supervisor → successor, before Ready: the handoff failed (or a
+    /// successor prepared ahead is discarded or replaced). The successor
+    /// exits, finishing any connections it accepted early. One the failure
+    /// blames (it exited, timed out or broke the protocol) is killed at
+    /// once; any other gets the abort grace before SIGKILL
+    /// (docs/design.md §6.2).
     Abort {
+        /// The handoff that failed (or the prepared successor's).
         handoff_id: HandoffId,
+        /// Why, as text: the handoff's error, or why a prepared successor
+        /// is stopped. The successor reports it in
+        /// [`ProcessError::Aborted`](crate::ProcessError::Aborted).
         reason: String,
     },
+    /// Supervisor → incumbent that was sent PrepareHandoff: the handoff
+    /// aborted; accept again. A sealed incumbent first re-takes the state
+    /// lock (docs/design.md §6.3). One only greeted is not told: it sees
+    /// its connection close and serves on.
     ResumeAfterAbort {
+        /// The handoff that aborted.
         handoff_id: HandoffId,
     },
+    /// Incumbent → supervisor while it drains (for a handoff or a stop) or
+    /// seals, successor → supervisor while its health check runs: a
+    /// keepalive sent every
+    /// [`Timeouts::heartbeat`](crate::Timeouts::heartbeat). It resets the
+    /// liveness clock and ends no phase.
     Heartbeat {
+        /// The handoff under way, or during a stop the
+        /// [`Message::Shutdown`]'s `stop_id`.
         handoff_id: HandoffId,
     },
     /// From a supervisor restarted after a crash: send me the listeners.
@@ -246,6 +368,9 @@ pub enum Message {
     /// The incumbent's copies of the listeners, attached as `SCM_RIGHTS`,
     /// in `names` order.
     Listeners {
+        /// One name per attached descriptor (`LISTEN_FDNAMES`, as the
+        /// incumbent was given them); a reply whose count differs from the
+        /// descriptors' is refused.
         names: Vec<String>,
     },
     /// Supervisor → idle incumbent (version ≥ [`SHUTDOWN_SINCE`]): stop
@@ -258,6 +383,9 @@ pub enum Message {
         /// Scopes the exchange like a handoff id: the incumbent's
         /// Heartbeats and its reply carry it.
         stop_id: HandoffId,
+        /// The drain's budget, in ms (the stop's grace). Whatever is still
+        /// running once the grace is over may be sent SIGKILL by the
+        /// supervisor's caller.
         drain_grace_ms: u64,
     },
     /// Incumbent → supervisor: the drain asked by [`Message::Shutdown`] is
@@ -268,18 +396,32 @@ pub enum Message {
     /// handoff drains; this one means "leaving for good". One meaning per
     /// message keeps the phase table literal.
     ShutdownDrained {
+        /// The `stop_id` of the Shutdown this answers.
         stop_id: HandoffId,
+        /// Connections still open when the drain returned; the incumbent
+        /// finishes them before it exits.
         open_conns_remaining: u64,
+        /// Whether the service has stopped accepting, as its
+        /// [`DrainReport`](crate::DrainReport) said.
         accept_closed: bool,
     },
     /// Version ≥ [`MOVE_SINCE`]: PrepareHandoff (whose version-1 body is
     /// frozen) with whether the incumbent may move its idle connections to
     /// the successor — true only when the successor negotiated ≥ 3 too.
     PrepareHandoffV3 {
+        /// As in [`Message::PrepareHandoff`]: the id every later message of
+        /// the handoff carries.
         handoff_id: HandoffId,
+        /// Pid of the successor the supervisor spawned (logged).
         successor_pid: u32,
+        /// What remains of the overall deadline, in ms; it also bounds each
+        /// write of moved connections.
         deadline_ms: u64,
+        /// Budget for draining, in ms; never more than `deadline_ms`.
         drain_grace_ms: u64,
+        /// Whether the drain may hand connections to the successor
+        /// ([`Mover::offer`](crate::Mover::offer)); `false` (the successor
+        /// speaks less than version 3) makes it close them, as before.
         move_connections: bool,
         /// Most descriptors one Connections batch may carry: what the
         /// supervisor can receive at once under its own descriptor limit
@@ -292,14 +434,22 @@ pub enum Message {
     /// received, while it waits for Begin. The sender keeps its own copies
     /// until the handoff's outcome (docs/connection-transfer.md).
     Connections {
+        /// The handoff the connections move in.
         handoff_id: HandoffId,
+        /// One entry per attached descriptor, in the same order; a count
+        /// that does not match the descriptors fails the handoff.
         conns: Vec<MovedMeta>,
     },
     /// Version ≥ [`MOVE_SINCE`]: incumbent → supervisor, before Drained:
     /// how many connections the drain moved and how many it closed.
     ConnectionsDone {
+        /// The handoff being drained for.
         handoff_id: HandoffId,
+        /// Connections sent in Connections batches. The supervisor warns in
+        /// its report when this differs from the count it relayed.
         moved: u64,
+        /// Connections the drain closed instead
+        /// ([`Mover::closed`](crate::Mover::closed)).
         closed: u64,
     },
 }

@@ -24,6 +24,8 @@ use crate::sys;
 /// What `resume_from_journal` found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovery {
+    /// The handoff the crashed supervisor left in flight, as journaled
+    /// (the journal has been cleared since).
     pub record: JournalRecord,
     /// The process now owning the control socket, if any.
     pub incumbent_pid: Option<u32>,
@@ -146,8 +148,12 @@ fn process_started_after(pid: u32, started_at_ms: u64) -> bool {
 /// An incumbent found alive by a restarted supervisor, with its listeners.
 #[derive(Debug)]
 pub struct Reattached {
+    /// The incumbent's pid, as its Hello said and the kernel confirmed.
     pub pid: u32,
+    /// The build its Hello announced.
     pub build_id: String,
+    /// Copies of the listening sockets it holds (the same kernel sockets,
+    /// ports and backlog), with their names, in its order.
     pub listeners: Vec<Listener>,
 }
 

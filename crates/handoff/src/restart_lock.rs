@@ -40,6 +40,7 @@ const NOTE_MAX: usize = 200;
 /// Who holds (or last held) the restart lock, as recorded by the holder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
+    /// Pid of the process that took the lock.
     pub pid: u32,
     /// Process start time, ms since the epoch (for humans).
     pub start_time_ms: Option<u64>,
@@ -93,10 +94,26 @@ impl fmt::Display for Holder {
 /// Errors taking the restart lock.
 #[derive(Debug, thiserror::Error)]
 pub enum RestartLockError {
+    /// The lock file could not be opened or created (a missing or
+    /// unwritable dir).
     #[error("cannot open restart lock {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    Open {
+        /// The lock file's path.
+        path: PathBuf,
+        /// The error from opening it.
+        source: io::Error,
+    },
+    /// `flock` failed for another reason than contention; or, in
+    /// [`RestartLock::reclaim`], the descriptor carried across `exec` is
+    /// not this lock file, does not hold the lock, or the record does not
+    /// name this process.
     #[error("locking restart lock {path}: {source}")]
-    Lock { path: PathBuf, source: io::Error },
+    Lock {
+        /// The lock file's path.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
     /// The lock file is a symlink or another user's (see
     /// [`crate::private_fs`]): whoever can open it can take the lock.
     #[error("restart lock: {0}")]
@@ -104,10 +121,12 @@ pub enum RestartLockError {
     /// Another live process holds the lock; it was not broken.
     #[error("restart lock {path} is held by {}; gave up after {waited_ms} ms (a live holder's lock is never broken)", describe(.holder))]
     Busy {
+        /// The lock file's path.
         path: PathBuf,
         /// The holder, if its record names a live process (boxed: keeps
         /// the error small on the happy path's `Result`).
         holder: Option<Box<Holder>>,
+        /// How long the waiter waited, in ms (at least its budget).
         waited_ms: u64,
     },
 }
@@ -270,10 +289,12 @@ impl RestartLock {
         &self.holder.token
     }
 
+    /// The record this process wrote when it took the lock.
     pub fn holder(&self) -> &Holder {
         &self.holder
     }
 
+    /// The lock file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

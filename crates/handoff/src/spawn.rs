@@ -16,13 +16,18 @@ use crate::sys::exec::ExecPlan;
 /// What to run: a program, its arguments and extra environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Program {
+    /// The executable: a path with a slash (relative to the supervisor's
+    /// working directory), or a bare name looked up in `PATH` at each
+    /// spawn ([`resolve`]).
     pub path: PathBuf,
+    /// Arguments after `argv[0]` (which is the resolved path).
     pub args: Vec<OsString>,
     /// Added to (and overriding) the supervisor's own environment.
     pub env: Vec<(OsString, OsString)>,
 }
 
 impl Program {
+    /// `path` with no arguments and no extra environment.
     pub fn new(path: impl Into<PathBuf>) -> Program {
         Program {
             path: path.into(),
@@ -31,11 +36,14 @@ impl Program {
         }
     }
 
+    /// Appends one argument.
     pub fn arg(mut self, a: impl Into<OsString>) -> Program {
         self.args.push(a.into());
         self
     }
 
+    /// Sets variable `k` to `v` in the child's environment, over the
+    /// supervisor's own value.
     pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Program {
         self.env.push((k.into(), v.into()));
         self

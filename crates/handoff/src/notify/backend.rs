@@ -59,6 +59,8 @@ pub struct NotifyConfig {
     /// How long the old process may take to exit after the stop signal
     /// before it gets SIGKILL.
     pub drain_grace: Duration,
+    /// What the old process is sent to make it finish and exit (and a new
+    /// one that did not become ready); SIGTERM by default.
     pub stop_signal: Signal,
     /// How long a new process that did not become ready gets after the
     /// stop signal before SIGKILL. Socket-activated programs accept as soon
@@ -66,6 +68,7 @@ pub struct NotifyConfig {
     /// connections; the stop signal lets it finish them instead of having
     /// them reset.
     pub abort_grace: Duration,
+    /// What must happen before a new process counts as ready.
     pub readiness: Readiness,
     /// Where to keep the crash-recovery record (the service's state dir;
     /// see [`RecordStore`]). `None`: no record, so a supervisor restarted
@@ -74,6 +77,9 @@ pub struct NotifyConfig {
 }
 
 impl NotifyConfig {
+    /// Sockets in `socket_dir`; 60 s deadline, 30 s drain grace, SIGTERM,
+    /// 5 s abort grace, `READY=1` as readiness, no crash-recovery record.
+    /// (`handoff run --mode notify` sets its own: docs/design.md §14.)
     pub fn new(socket_dir: impl Into<PathBuf>) -> NotifyConfig {
         NotifyConfig {
             socket_dir: socket_dir.into(),
@@ -90,22 +96,32 @@ impl NotifyConfig {
 /// Per-upgrade overrides.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NotifyOptions {
+    /// Replaces [`NotifyConfig::deadline`] for this upgrade.
     pub deadline: Option<Duration>,
+    /// Replaces [`NotifyConfig::drain_grace`] for this upgrade.
     pub drain_grace: Option<Duration>,
 }
 
 /// The steps of a notify-mode upgrade (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotifyPhase {
+    /// The new process was started with the listeners and its own
+    /// notify socket.
     Spawned,
+    /// It is ready: `READY=1`, the probe, or both, as configured. From here
+    /// on it is the incumbent.
     Ready,
+    /// The old process was sent the stop signal.
     OldSignalled,
+    /// The old process exited within the drain grace.
     OldStopped,
     /// The old process outlived the drain grace and was SIGKILLed.
     OldKilled,
 }
 
 impl NotifyPhase {
+    /// The step's name in logs and reports (`old-signalled`); also its
+    /// [`Display`](std::fmt::Display).
     pub fn name(self) -> &'static str {
         match self {
             NotifyPhase::Spawned => "spawned",
@@ -126,28 +142,43 @@ impl std::fmt::Display for NotifyPhase {
 /// One step as it completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotifyPhaseDone {
+    /// The step that completed.
     pub phase: NotifyPhase,
+    /// Time since the previous step completed (since the upgrade began,
+    /// for `Spawned`).
     pub took: Duration,
 }
 
 /// What a completed start or upgrade did.
 #[derive(Debug, Clone)]
 pub struct NotifyReport {
+    /// The process replaced; `None` on a first start, or when it had
+    /// already exited.
     pub old_pid: Option<u32>,
+    /// The new process, now the incumbent.
     pub new_pid: u32,
+    /// Each step as it completed, in order (as the observer saw them).
     pub phases: Vec<NotifyPhaseDone>,
     /// How the old process ended (`None` on a first start).
     pub old_exit: Option<Exit>,
     /// The old process ignored the stop signal for the whole drain grace.
     pub escalated: bool,
+    /// From the start of the upgrade to the old process's end (to Ready,
+    /// when there was none to stop).
     pub total: Duration,
+    /// Problems after Ready that did not change the outcome: the old
+    /// process escalated to SIGKILL, or could not be signalled.
     pub warnings: Vec<String>,
 }
 
 /// How [`NotifySupervisor::stop`] ended the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotifyStopped {
+    /// The process stopped: the incumbent once any upgrade in flight had
+    /// finished.
     pub pid: u32,
+    /// How it ended; [`Exit::Unknown`] for an adopted process, which is
+    /// not our child.
     pub exit: Exit,
     /// It outlived the grace and got SIGKILL.
     pub killed: bool,
@@ -201,6 +232,9 @@ pub struct NotifySupervisor {
 const REAP: Duration = Duration::from_secs(5);
 
 impl NotifySupervisor {
+    /// A supervisor passing `listeners` (in this order, at fds 3…) to every
+    /// process it starts. Nothing runs yet: [`start`](Self::start) or
+    /// [`adopt`](Self::adopt).
     pub fn new(cfg: NotifyConfig, listeners: Vec<Listener>) -> NotifySupervisor {
         NotifySupervisor {
             store: cfg.record_dir.as_ref().map(RecordStore::new),
@@ -212,10 +246,12 @@ impl NotifySupervisor {
         }
     }
 
+    /// The configuration it was created with.
     pub fn config(&self) -> &NotifyConfig {
         &self.cfg
     }
 
+    /// The listening sockets it holds and passes on, in fd order.
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
     }

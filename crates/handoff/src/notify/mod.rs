@@ -56,45 +56,87 @@ use crate::error::SpawnError;
 /// [`OldStopFailed`](Self::OldStopFailed) leaves the old process serving.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
+    /// Another start, upgrade, crash restart, adoption or stop is running
+    /// (the supervisor does one at a time). Nothing was done: retry when it
+    /// finishes.
     #[error("another upgrade is in progress; retry when it finishes")]
     InProgress,
+    /// An upgrade found no running process to replace: it exited and has
+    /// not been restarted yet, or none was ever started.
     #[error("there is no running process to upgrade from; start one first")]
     NoIncumbent,
+    /// A notify socket could not be bound in
+    /// [`NotifyConfig::socket_dir`], or its reader thread could not be
+    /// started. Check that the dir exists and is the supervisor's.
     #[error("notify socket {path}: {source}")]
     Socket {
+        /// The socket's path.
         path: PathBuf,
+        /// What failed.
         source: std::io::Error,
     },
+    /// The new process could not be spawned.
     #[error("spawned: starting the new process: {0}")]
     Spawn(#[from] SpawnError),
+    /// The new process did not become ready within the deadline: no
+    /// `READY=1`, or the readiness probe never passed. It was sent the stop
+    /// signal and, still running after the abort grace, SIGKILL; the old
+    /// process was never touched.
     #[error("ready: the new process (pid {pid}) did not become ready within {waited_ms} ms ({waiting_for}){}; it was killed", last_words(.status, .errno))]
     NotReady {
+        /// The new process's pid.
         pid: u32,
+        /// Milliseconds waited for it to become ready.
         waited_ms: u64,
         /// "READY=1", "the probe …" or both.
         waiting_for: String,
+        /// Its last `STATUS=` text, if it sent one.
         status: Option<String>,
+        /// The `ERRNO=` it reported, if any.
         errno: Option<i32>,
     },
+    /// The new process exited before it was ready; see its exit status and
+    /// last words.
     #[error("ready: the new process (pid {pid}) exited before it was ready: {exit}{}", last_words(.status, .errno))]
     Exited {
+        /// The new process's pid.
         pid: u32,
+        /// How it ended.
         exit: Exit,
+        /// Its last `STATUS=` text, if it sent one.
         status: Option<String>,
+        /// The `ERRNO=` it reported, if any.
         errno: Option<i32>,
     },
+    /// The new process said `STOPPING=1` before `READY=1`: it is giving
+    /// up. It was stopped like one that is not ready.
     #[error("ready: the new process (pid {pid}) sent STOPPING=1 before READY=1{}; it was killed", last_words(.status, .errno))]
     StoppedBeforeReady {
+        /// The new process's pid.
         pid: u32,
+        /// Its last `STATUS=` text, if it sent one.
         status: Option<String>,
+        /// The `ERRNO=` it reported, if any.
         errno: Option<i32>,
     },
+    /// A process found by [`RecordStore::find_orphan`] could not be taken
+    /// over: it is gone, or it cannot be watched.
     #[error("adopting pid {pid}, left serving by a previous supervisor: {source}")]
-    Adopt { pid: u32, source: std::io::Error },
+    Adopt {
+        /// The orphan's pid.
+        pid: u32,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The old process could not be sent the stop signal. The new one
+    /// serves regardless; an upgrade reports this among its warnings.
     #[error("old-signalled: sending {signal} to the old process (pid {pid}): {source}")]
     OldStopFailed {
+        /// The old process's pid.
         pid: u32,
+        /// The stop signal's name (`SIGTERM`).
         signal: &'static str,
+        /// Why the signal could not be sent.
         source: std::io::Error,
     },
 }

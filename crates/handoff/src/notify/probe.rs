@@ -17,9 +17,20 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadyProbe {
     /// `http://HOST:PORT/PATH`: GET must answer 2xx.
-    Http { authority: String, path: String },
+    Http {
+        /// `HOST:PORT` to connect to (also sent as `Host:`); resolved at
+        /// each attempt, its first address used.
+        authority: String,
+        /// The request target, from its leading `/` (`/` when the URL has
+        /// none).
+        path: String,
+    },
     /// `tcp://HOST:PORT`: a connect must succeed.
-    Tcp { authority: String },
+    Tcp {
+        /// `HOST:PORT` to connect to; resolved at each attempt, its first
+        /// address used.
+        authority: String,
+    },
 }
 
 impl std::str::FromStr for ReadyProbe {

@@ -35,6 +35,7 @@ pub const RECORD_FILE: &str = "notify-incumbent.json";
 /// A process, identified so a recycled pid never matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcId {
+    /// The process id, which alone may have been recycled.
     pub pid: u32,
     /// Kernel start time in clock ticks since boot (`/proc/<pid>/stat`
     /// field 22).
@@ -60,6 +61,8 @@ impl ProcId {
 /// One listener as the serving process was given it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedListener {
+    /// The listener's name, as the supervisor passed it in
+    /// `LISTEN_FDNAMES`.
     pub name: String,
     /// `tcp://HOST:PORT` or `unix:PATH` (the bound address).
     pub addr: String,
@@ -81,26 +84,60 @@ pub struct NotifyRecord {
 /// Errors of the record and of taking an orphan back.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
+    /// Replacing or removing the record failed: the state dir is full,
+    /// read-only or gone. ([`NotifySupervisor`](super::NotifySupervisor)
+    /// only logs it: it costs the recovery after a crash, never the
+    /// service.)
     #[error("writing the notify-mode record {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    Write {
+        /// The record's path.
+        path: PathBuf,
+        /// The failed operation's error.
+        source: io::Error,
+    },
+    /// The record exists but could not be read.
     #[error("reading the notify-mode record {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    Read {
+        /// The record's path.
+        path: PathBuf,
+        /// The read's error.
+        source: io::Error,
+    },
+    /// The record does not parse (every write replaces it whole, so a crash
+    /// cannot tear it). Delete it once no process from a previous
+    /// supervisor still serves.
     #[error("the notify-mode record {path} is corrupt ({source}); if no process from a previous supervisor still serves, delete it")]
     Corrupt {
+        /// The record's path.
         path: PathBuf,
+        /// Why it does not parse.
         source: serde_json::Error,
     },
+    /// The orphan was started with other listeners than this supervisor
+    /// is configured with ([`Orphan::check_names`]), so it is not taken
+    /// over.
     #[error("pid {pid} (left by a supervisor that exited) still serves with listeners {recorded:?}, but the listeners now are {wanted:?}; restart with the same --listen list to take it over, or stop pid {pid} first")]
     Names {
+        /// The orphan's pid.
         pid: u32,
+        /// The listener names the record lists, in fd order.
         recorded: Vec<String>,
+        /// The listener names this supervisor has, in order.
         wanted: Vec<String>,
     },
+    /// A listener could not be copied out of the orphan
+    /// ([`Orphan::fetch_listener`]): `pidfd_getfd` was refused (ptrace
+    /// rules, an old kernel), the orphan exited or closed the descriptor,
+    /// or it is not a socket listening on the recorded address.
     #[error("pid {pid} (left by a supervisor that exited) still serves, but its listener {name:?} (fd {fd}) could not be taken over: {why}. Stop pid {pid} (kill {pid}) and start again, or run under systemd with FileDescriptorStoreMax= so systemd's fd store keeps the sockets")]
     Fetch {
+        /// The orphan's pid.
         pid: u32,
+        /// The listener's recorded name (`#<index>` past the record's end).
         name: String,
+        /// The descriptor number in the orphan (`3 + index`).
         fd: i32,
+        /// What went wrong, with what an operator can do about it.
         why: String,
     },
 }
@@ -126,6 +163,8 @@ pub struct RecordStore {
 }
 
 impl RecordStore {
+    /// The record in `dir` (the service's state dir). Touches nothing on
+    /// disk.
     pub fn new(dir: impl Into<PathBuf>) -> RecordStore {
         let dir = dir.into();
         RecordStore {
@@ -134,6 +173,7 @@ impl RecordStore {
         }
     }
 
+    /// Where the record file is (whether it exists or not).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -231,10 +271,12 @@ pub struct Orphan {
 }
 
 impl Orphan {
+    /// The orphan's pid, checked against its start time when it was found.
     pub fn pid(&self) -> u32 {
         self.id.pid
     }
 
+    /// The record it was found by: its listeners and notify socket.
     pub fn record(&self) -> &NotifyRecord {
         &self.record
     }

@@ -42,13 +42,21 @@ use crate::sys::dgram::recv_datagram;
 /// What the watched child has announced so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Announced {
+    /// It sent `READY=1` (at least once). Stays set.
     pub ready: bool,
+    /// It sent `STOPPING=1`: it is shutting down. Stays set; before
+    /// `ready`, it fails the upgrade.
     pub stopping: bool,
+    /// It sent `RELOADING=1` and no `READY=1` since.
     pub reloading: bool,
+    /// The last `STATUS=` text it sent.
     pub status: Option<String>,
+    /// The last `ERRNO=` it sent.
     pub errno: Option<i32>,
     /// Set only when equal to the child's own pid (see the module docs).
     pub main_pid: Option<u32>,
+    /// How many `WATCHDOG=1` pings it sent (counted only: no watchdog is
+    /// enforced).
     pub watchdog_pings: u64,
 }
 
@@ -158,10 +166,12 @@ pub struct Watched {
 }
 
 impl Watched {
+    /// The socket's path, the child's `NOTIFY_SOCKET` (removed on drop).
     pub fn path(&self) -> &Path {
         &self.file.0
     }
 
+    /// The child whose datagrams count: the only sender accepted.
     pub fn pid(&self) -> u32 {
         self.pid
     }

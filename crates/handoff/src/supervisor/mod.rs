@@ -66,14 +66,19 @@ impl Supervisor {
         })
     }
 
+    /// The configuration it was created with.
     pub fn config(&self) -> &SupervisorConfig {
         &self.cfg
     }
 
+    /// The listening sockets it holds for the service's whole life and
+    /// passes to every process it spawns, in fd order (3, 4, …).
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
     }
 
+    /// The journal in the state dir, for reading what is in flight (its
+    /// writes go through the supervisor's background writer).
     pub fn journal(&self) -> &Journal {
         self.journal.journal()
     }
@@ -92,6 +97,8 @@ impl Supervisor {
         self.procs().incumbent.clone()
     }
 
+    /// The incumbent's build, as its Ready (or, for an adopted incumbent,
+    /// the caller) said; empty before the first one.
     pub fn incumbent_build(&self) -> String {
         self.procs().incumbent_build.clone()
     }

@@ -25,11 +25,18 @@ pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     /// Path of the incumbent's control socket.
     pub control_path: PathBuf,
+    /// The protocol's timeouts as the supervisor applies them
+    /// (docs/design.md §5); per handoff, [`HandoffOptions`] may override
+    /// the deadline and the drain grace.
     pub timeouts: Timeouts,
+    /// The protocol versions the supervisor accepts; each channel gets the
+    /// highest one both sides speak.
     pub versions: VersionRange,
 }
 
 impl SupervisorConfig {
+    /// A configuration with the default [`Timeouts`] and every version
+    /// this build speaks.
     pub fn new(state_dir: impl Into<PathBuf>, control_path: impl Into<PathBuf>) -> Self {
         SupervisorConfig {
             state_dir: state_dir.into(),
@@ -43,25 +50,39 @@ impl SupervisorConfig {
 /// Per-handoff overrides of the configured timeouts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HandoffOptions {
+    /// Replaces [`Timeouts::deadline`] (start → Ready) for this handoff.
     pub deadline: Option<Duration>,
+    /// Replaces [`Timeouts::drain_grace`] (PrepareHandoff → Drained) for
+    /// this handoff; still capped by what remains of the deadline.
     pub drain_grace: Option<Duration>,
 }
 
 /// One phase as it completed, reported to the observer as it happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PhaseDone {
+    /// The phase that ended.
     pub phase: SupervisorPhase,
+    /// How long the handoff spent in it.
     pub took: Duration,
 }
 
 /// What a committed handoff did.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// The handoff's id, as in the supervisor's and the processes' logs.
     pub handoff_id: HandoffId,
+    /// The incumbent handed off from; `None` for a first start or a crash
+    /// restart.
     pub old_pid: Option<u32>,
+    /// The successor, now the incumbent.
     pub new_pid: u32,
+    /// The new incumbent's build, from its Ready's `build_id` metadata
+    /// (which the library's successor always sends).
     pub new_build_id: String,
+    /// Every phase in the order it ended, Committed last.
     pub phases: Vec<PhaseDone>,
+    /// From the request to the moment both processes had been sent Commit
+    /// (the journal is cleared after that, before the call returns).
     pub total: Duration,
     /// When the handoff used a successor prepared ahead
     /// ([`Supervisor::prepare`]): how long it had been held.
@@ -100,10 +121,14 @@ pub(super) struct Processes {
 /// A successor started ahead of its upgrade by [`Supervisor::prepare`].
 #[derive(Debug, Clone)]
 pub struct Prepared {
+    /// The id the upgrade that uses it will carry (it is in the journal
+    /// already).
     pub handoff_id: HandoffId,
+    /// The successor's pid.
     pub pid: u32,
     /// What it announced in its Hello.
     pub build_id: String,
+    /// What it runs; only an upgrade of an equal `Program` uses it.
     pub program: Program,
     /// Spawn to HelloAck: the start-up the upgrade will not wait for.
     pub took: Duration,

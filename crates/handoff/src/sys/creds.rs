@@ -23,6 +23,9 @@ use std::os::fd::AsFd;
 pub struct PeerCred {
     /// None where the platform cannot say (some BSDs).
     pub pid: Option<u32>,
+    /// The peer's user id as the kernel reports it (the effective uid, for
+    /// `SO_PEERCRED` and `getpeereid`); it must be ours or root's
+    /// (docs/design.md §4.5).
     pub uid: u32,
 }
 

@@ -13,7 +13,10 @@ use std::io;
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
+    /// It exited with this status (`-1`: its status could not be
+    /// collected).
     Code(i32),
+    /// It was killed by this signal number.
     Signal(i32),
     /// The process was not our child (adopted), so its status is unknown.
     Unknown,
