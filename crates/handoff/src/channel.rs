@@ -1,8 +1,8 @@
 //! A framed, versioned message channel over a Unix stream socket.
 //!
 //! Reads are always bounded: every receive arms `SO_RCVTIMEO` through
-//! [`timeouts::arm`](crate::timeouts::arm) (with the BSD EINVAL tolerance)
-//! or is explicitly documented as unbounded. A bound is on the *whole
+//! `timeouts::arm` (with the BSD EINVAL tolerance, docs/design.md §5.3) or
+//! is explicitly documented as unbounded. A bound is on the *whole
 //! frame*, not on each read ([`read_frame_within`]): a peer that trickles a
 //! byte just before each read's timeout would otherwise hold the reader for
 //! as long as it likes (a status request trickled 1 byte / 4 s used to be
@@ -258,7 +258,7 @@ impl Channel {
 ///
 /// What a deadline cannot bound is a socket that ignores `SO_RCVTIMEO`:
 /// none does on the platforms we build for, bar the BSD quirk
-/// [`timeouts::arm`] copes with (a peer that has shut down completely, so
+/// `timeouts::arm` copes with (a peer that has shut down completely, so
 /// the read cannot block).
 pub fn read_frame_within(
     stream: &UnixStream,
