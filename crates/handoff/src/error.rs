@@ -126,7 +126,10 @@ pub enum HandoffError {
         phase: SupervisorPhase,
         /// What failed: one of the other variants.
         cause: Box<HandoffError>,
-        /// Whether an incumbent was told to resume (false on a first start).
+        /// Whether the incumbent serves on: it was sent ResumeAfterAbort,
+        /// or was greeted but never asked to drain. False when there was
+        /// none (a first start), it died or could not be reached, or
+        /// ResumeAfterAbort could not be sent.
         incumbent_resumed: bool,
     },
 }

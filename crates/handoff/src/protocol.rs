@@ -423,9 +423,10 @@ pub enum Message {
         /// ([`Mover::offer`](crate::Mover::offer)); `false` (the successor
         /// speaks less than version 3) makes it close them, as before.
         move_connections: bool,
-        /// Most descriptors one Connections batch may carry: what the
-        /// supervisor can receive at once under its own descriptor limit
-        /// (a quarter of it, at most 253).
+        /// Most descriptors the incumbent may have on their way to the
+        /// supervisor at once (sent, not yet read): a quarter of the
+        /// supervisor's soft `RLIMIT_NOFILE`, what it can take in under its
+        /// own descriptor limit. A batch is at most this, and at most 253.
         max_in_flight: u32,
     },
     /// Version ≥ [`MOVE_SINCE`]: a batch of connections, their descriptors
