@@ -4,7 +4,7 @@
 //!
 //! `peer MODE [TAG]` — TAG is ignored; tests use it to find their processes.
 //! Modes: good, wrong-role, wrong-pid, garbage, silent, no-common-version,
-//! ready-wrong-id, unhealthy.
+//! ready-wrong-id, ready-no-build-id, unhealthy.
 //!
 //! In `good` mode: `PEER_RECOVERY_MS` (see `BootOptions::recovery_wait`),
 //! `PEER_PROTO_MAX` (speak only up to this protocol version, as an older
@@ -189,6 +189,28 @@ fn main() {
                     let _ = chan.stream().write_all(b"GET / HTTP/1.1\r\n\r\n");
                 }
                 "silent" => {}
+                "ready-no-build-id" => {
+                    // A non-library successor whose Ready carries no
+                    // metadata: its build id is the one its Hello gave.
+                    chan.send_with_credentials(&hello(Role::Successor, pid, PROTO_MIN, PROTO_MAX))
+                        .unwrap();
+                    let Ok(Message::HelloAck { version }) = chan.recv(None) else {
+                        std::process::exit(1)
+                    };
+                    chan.set_version(version);
+                    let Ok(Message::Begin { handoff_id, .. }) = chan.recv(None) else {
+                        std::process::exit(1)
+                    };
+                    chan.send(&Message::Ready {
+                        handoff_id,
+                        listening_on: vec![],
+                        healthz_ok: true,
+                        metadata: vec![],
+                    })
+                    .unwrap();
+                    // Until the supervisor hangs up (the test's end).
+                    while chan.recv(None).is_ok() {}
+                }
                 "ready-wrong-id" => {
                     chan.send_with_credentials(&hello(Role::Successor, pid, PROTO_MIN, PROTO_MAX))
                         .unwrap();

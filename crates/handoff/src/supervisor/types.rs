@@ -77,7 +77,7 @@ pub struct Report {
     /// The successor, now the incumbent.
     pub new_pid: u32,
     /// The new incumbent's build, from its Ready's `build_id` metadata
-    /// (which the library's successor always sends).
+    /// (which the library's successor always sends), else from its Hello.
     pub new_build_id: String,
     /// Every phase in the order it ended, Committed last.
     pub phases: Vec<PhaseDone>,

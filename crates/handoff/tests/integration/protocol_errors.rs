@@ -649,3 +649,17 @@ fn one_handoff_at_a_time() {
     t.join().unwrap();
     s.assert_no_peer_left();
 }
+
+/// A successor whose Ready carries no `build_id` metadata (the library's
+/// always does; another implementation need not): the new incumbent's build
+/// is then the one its Hello gave, never the previous incumbent's.
+#[test]
+fn successor_without_build_id_in_ready_is_known_by_its_hello() {
+    let s = setup();
+    let t = compliant_incumbent(&s.control);
+    assert_eq!(s.sup.incumbent_build(), "test");
+    let r = s.handoff("ready-no-build-id").unwrap();
+    assert_eq!(r.new_build_id, "peer", "{r:?}");
+    assert_eq!(s.sup.incumbent_build(), "peer");
+    t.join().unwrap();
+}

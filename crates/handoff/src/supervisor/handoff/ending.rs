@@ -108,10 +108,14 @@ impl AwaitingReady {
             return Err(HandoffError::Unhealthy { detail });
         }
         run.record.successor_pid = Some(self.n.child.pid());
-        if let Some(b) = metadata.iter().find(|(k, _)| k == "build_id") {
-            let mut p = run.sup.procs();
-            p.incumbent_build = b.1.clone();
-        }
+        // The new incumbent's build: what its Ready says, else what its
+        // Hello said (a peer may leave Ready's metadata empty) — never the
+        // previous incumbent's.
+        let build = match metadata.iter().find(|(k, _)| k == "build_id") {
+            Some((_, b)) => b.clone(),
+            None => run.hello_build.clone(),
+        };
+        run.sup.procs().incumbent_build = build;
         Ok(())
     }
 }

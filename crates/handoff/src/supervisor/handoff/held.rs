@@ -26,6 +26,7 @@ impl Run<'_, '_> {
             ..held.record
         };
         self.start = Start::Held(held.n);
+        self.hello_build = held.build_id;
         self.held_for = Some(held.since.elapsed());
         self.warnings = warnings;
         self
