@@ -98,6 +98,9 @@
 //!   they are compiled for the service side's use but not public.
 //! * `crash-points`: named fault-injection points for the crash matrix,
 //!   armed at run time by `HANDOFF_CRASH_AT`; inert otherwise.
+//! * `shm-test-hooks`: a fault-injection point in the shared region's
+//!   recovery (a recoverer killed mid-recovery), armed by
+//!   `HANDOFF_SHM_HOOK`; inert otherwise.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 // Every public item is documented, with or without the `supervisor`

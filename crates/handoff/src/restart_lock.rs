@@ -1,6 +1,8 @@
 //! The restart lock (docs/design.md §8.2): serialises upgrade requests from separate
-//! processes — two `handoff upgrade` invocations, or two supervisors
-//! started for the same service — so two restarts never overlap.
+//! processes — two supervisors started for the same service (`handoff run`
+//! holds it for its whole life; `handoff upgrade` requests meet the
+//! supervisor's single handoff slot instead) — so two restarts never
+//! overlap.
 //!
 //! It is an `flock(2)` lock on `<dir>/handoff-restart.lock`. Like the state
 //! lock it belongs to the open file description, so the kernel releases it

@@ -51,7 +51,8 @@ impl Readiness {
 /// How the notify-mode supervisor is set up.
 #[derive(Debug, Clone)]
 pub struct NotifyConfig {
-    /// Where the per-child notify sockets are bound (`notify-N.sock`); the
+    /// Where the per-child notify sockets are bound
+    /// (`notify-<supervisor pid>-<n>.sock`); the
     /// supervisor's runtime dir, mode 0700.
     pub socket_dir: PathBuf,
     /// Budget from spawn to ready.
