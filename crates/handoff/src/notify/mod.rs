@@ -82,7 +82,7 @@ pub enum NotifyError {
     /// `READY=1`, or the readiness probe never passed. It was sent the stop
     /// signal and, still running after the abort grace, SIGKILL; the old
     /// process was never touched.
-    #[error("ready: the new process (pid {pid}) did not become ready within {waited_ms} ms ({waiting_for}){}; it was killed", last_words(.status, .errno))]
+    #[error("ready: the new process (pid {pid}) did not become ready within {waited_ms} ms ({waiting_for}){}; it was stopped (its stop signal, then SIGKILL once the abort grace ran out)", last_words(.status, .errno))]
     NotReady {
         /// The new process's pid.
         pid: u32,
@@ -110,7 +110,7 @@ pub enum NotifyError {
     },
     /// The new process said `STOPPING=1` before `READY=1`: it is giving
     /// up. It was stopped like one that is not ready.
-    #[error("ready: the new process (pid {pid}) sent STOPPING=1 before READY=1{}; it was killed", last_words(.status, .errno))]
+    #[error("ready: the new process (pid {pid}) sent STOPPING=1 before READY=1{}; it was stopped (its stop signal, then SIGKILL once the abort grace ran out)", last_words(.status, .errno))]
     StoppedBeforeReady {
         /// The new process's pid.
         pid: u32,
