@@ -91,9 +91,11 @@ pub struct Report {
     /// process vanished before it got Commit).
     pub warnings: Vec<String>,
     /// The connections the old process moved to the new one, and those it
-    /// closed instead; `None` when the handoff moved nothing because a
-    /// process speaks protocol version 2 or older (every connection was
-    /// closed by the drain, as before).
+    /// closed instead; `None` when nothing could be counted: a process
+    /// speaks protocol version 2 or older (every connection was closed by
+    /// the drain, as before), there was no incumbent, or the incumbent
+    /// could not start sending and closed its connections instead (it then
+    /// reports no total).
     pub connections: Option<ConnectionsMoved>,
 }
 
