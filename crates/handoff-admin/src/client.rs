@@ -34,6 +34,27 @@ pub enum ConnectError {
         /// What `connect` said.
         error: io::Error,
     },
+    /// The runtime dir (or the socket) is another user's, and we may not
+    /// enter it: the supervisor answers its own uid and root only.
+    #[error(
+        "cannot reach the supervisor at {}: {error}\n  {} belongs to uid {owner}, and this runs \
+         as uid {ours}: run the command as {} — the supervisor answers no one else",
+        path.display(),
+        runtime_dir.display(),
+        run_as(*owner)
+    )]
+    Forbidden {
+        /// The admin socket's path.
+        path: PathBuf,
+        /// The runtime dir it was derived from.
+        runtime_dir: PathBuf,
+        /// Who owns the runtime dir.
+        owner: u32,
+        /// Our own effective uid.
+        ours: u32,
+        /// What `connect` said.
+        error: io::Error,
+    },
     /// The socket is served by another user: not our supervisor.
     #[error(
         "refusing to talk to {}: it is served by uid {uid}{}, not by uid {ours} (ours) or root, \
@@ -64,6 +85,15 @@ pub enum ConnectError {
         /// What `SO_PEERCRED` said.
         error: io::Error,
     },
+}
+
+/// Who may talk to a supervisor whose runtime dir `owner` owns.
+fn run_as(owner: u32) -> String {
+    if owner == 0 {
+        "root (e.g. with sudo)".into()
+    } else {
+        format!("uid {owner} (e.g. `sudo -u '#{owner}' handoff …`) or as root")
+    }
 }
 
 /// Connects to the supervisor's admin socket in `runtime_dir`.
@@ -97,11 +127,29 @@ pub fn connect_within(
     let stream = match connected {
         Ok(s) => s,
         Err(error) => {
-            return Err(ConnectError::Unreachable {
-                path,
-                runtime_dir: runtime_dir.to_path_buf(),
-                error,
-            })
+            let ours = nix::unistd::geteuid().as_raw();
+            // EACCES where the dir is someone else's: say whose, not "is
+            // it running?" (it is; we are the wrong user).
+            let owner = std::fs::metadata(runtime_dir)
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .filter(|&o| o != ours);
+            return Err(match owner {
+                Some(owner) if error.kind() == io::ErrorKind::PermissionDenied => {
+                    ConnectError::Forbidden {
+                        path,
+                        runtime_dir: runtime_dir.to_path_buf(),
+                        owner,
+                        ours,
+                        error,
+                    }
+                }
+                _ => ConnectError::Unreachable {
+                    path,
+                    runtime_dir: runtime_dir.to_path_buf(),
+                    error,
+                },
+            });
         }
     };
     let ours = nix::unistd::geteuid().as_raw();

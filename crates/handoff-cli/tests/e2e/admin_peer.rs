@@ -76,3 +76,46 @@ fn clients_refuse_an_admin_socket_served_by_another_uid() {
         );
     }
 }
+
+/// Another user trying the admin commands on a real supervisor's 0700
+/// runtime dir is refused by the kernel (EACCES), and told why and as whom to
+/// run instead — not "is `handoff run` running?", which it is.
+#[test]
+fn another_uid_is_told_whose_supervisor_it_is() {
+    let _guard = begin_test("admin_other_uid", Duration::from_secs(60));
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: acting as another uid needs root (run the tests as root to cover it)");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("SKIPPED: no user `nobody` to act as another uid");
+        return;
+    };
+    let dirs = TestDirs::new();
+    // The other user can reach the runtime dir's path, not enter the dir.
+    std::fs::set_permissions(dirs.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    for cmd in ["status", "upgrade", "stop"] {
+        let out = Command::new(handoff_bin())
+            .args([cmd, "--runtime-dir"])
+            .arg(&dirs.runtime)
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "handoff {cmd}: {stderr}");
+        assert!(
+            stderr.contains("Permission denied")
+                && stderr.contains(&format!("this runs as uid {}", nobody.uid))
+                && stderr.contains("run the command as root"),
+            "handoff {cmd}: {stderr}"
+        );
+        assert!(!stderr.contains("running?"), "handoff {cmd}: {stderr}");
+    }
+    // Nothing happened to the service.
+    let st = status_json(&dirs.runtime);
+    assert_eq!(st["incumbent_pid"], sup.first_pid, "{st}");
+    assert_eq!(st["handoffs"]["committed"], 0, "{st}");
+}

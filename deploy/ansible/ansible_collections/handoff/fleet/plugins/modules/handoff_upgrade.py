@@ -296,10 +296,15 @@ class Handoff(object):
         last = events[-1] if events else {}
         if rc != 0 or last.get("event") != "status":
             why = last.get("message") if last.get("event") == "error" else (err or "no answer")
+            why = " ".join(why.split())
+            if not why.endswith(("?", ".")):
+                why += "."
+            if "running?" not in why:
+                why += " Is `handoff run --runtime-dir %s` running?" % self.runtime_dir
             raise Failure(
-                "`handoff status --runtime-dir %s` failed (exit %s): %s. Is `handoff run "
-                "--runtime-dir %s` running, and does this task run as its user (or root)?"
-                % (self.runtime_dir, rc, why, self.runtime_dir)
+                "`handoff status --runtime-dir %s` failed (exit %s): %s The task must run as the "
+                "user of `handoff run` (or root): the supervisor answers no one else."
+                % (self.runtime_dir, rc, why)
             )
         if last.get("incumbent_pid") is None:
             raise Failure(
