@@ -148,6 +148,24 @@ impl Progress {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A record that goes on from `counts` and `last`: what a supervisor
+    /// replaced in place (`handoff upgrade --supervisor`) had counted.
+    pub fn with_history(counts: Counts, last: Option<LastHandoff>) -> Progress {
+        let p = Progress::default();
+        {
+            let mut st = p.lock();
+            st.counts = counts;
+            st.last = last;
+        }
+        p
+    }
+
+    /// The handoffs counted and the last one, for a re-exec to carry.
+    pub fn history(&self) -> (Counts, Option<LastHandoff>) {
+        let st = self.lock();
+        (st.counts, st.last.clone())
+    }
+
     /// Runs one handoff, recording it: `perform` is
     /// [`Supervisor::perform_handoff`] (possibly wrapped), called with an
     /// observer that passes phases on to `hooks.phase`. With `wait`, a

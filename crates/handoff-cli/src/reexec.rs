@@ -67,6 +67,18 @@ pub struct Handover {
     /// Why the previous attempt fell back, when this is the fallback.
     #[serde(default)]
     pub fell_back: Option<String>,
+    /// The `--metrics` listener, listening, so a scrape during the exec is
+    /// queued rather than refused; absent without `--metrics` (and from a
+    /// program that predates it: the new one binds afresh).
+    #[serde(default)]
+    pub metrics_fd: Option<RawFd>,
+    /// The handoffs counted so far and the last one, so `handoff status`
+    /// goes on where the previous program was (absent from one that
+    /// predates it: the count starts afresh).
+    #[serde(default)]
+    pub counts: Option<handoff_admin::schema::status::Counts>,
+    #[serde(default)]
+    pub last_handoff: Option<handoff_admin::schema::status::LastHandoff>,
 }
 
 /// This binary's build: its version and a digest of the executable, so two

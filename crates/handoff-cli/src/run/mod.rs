@@ -234,12 +234,6 @@ fn run(args: RunArgs) -> Result<()> {
         }
     };
     metrics.set_incumbent(Some(pid));
-    if let Some(addr) = a.metrics {
-        let bound = metrics
-            .serve(addr)
-            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
-        println!("metrics http://{bound}/metrics");
-    }
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let watched = supervise::LibraryMode {
@@ -282,6 +276,8 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(fd) = handover.as_ref().and_then(|h| h.fallback_fd) {
         drop(crate::reexec::take_fd(fd));
     }
+    // Past it too, so a fallback still finds the carried listener open.
+    let metrics_twin = serve_metrics(&metrics, a.metrics, handover.as_ref())?;
     let admin_twin = admin_listener
         .try_clone()
         .context("keeping the admin socket for a re-exec")?;
@@ -303,10 +299,14 @@ fn run(args: RunArgs) -> Result<()> {
             supervisor_lock: lock,
             restart_lock,
             admin: admin_twin,
+            metrics: metrics_twin,
         },
         state_dir: a.state_dir.clone(),
         metrics: metrics.clone(),
-        progress: Progress::default(),
+        progress: match &handover {
+            Some(h) => Progress::with_history(h.counts.unwrap_or_default(), h.last_handoff.clone()),
+            None => Progress::default(),
+        },
         stopper: crate::stop::Stopper::default(),
         stopping: stopping.clone(),
     });
@@ -443,6 +443,41 @@ fn fall_back(handover: Option<crate::reexec::Handover>, e: anyhow::Error) -> any
         }
         _ => e,
     }
+}
+
+/// Serves `--metrics` on the listener a replaced supervisor carried across
+/// its `exec` when it is bound where asked (a scrape meanwhile waited in its
+/// backlog), else on a fresh one; returns a twin of it for the next re-exec.
+fn serve_metrics(
+    metrics: &Metrics,
+    addr: Option<std::net::SocketAddr>,
+    handover: Option<&crate::reexec::Handover>,
+) -> Result<Option<std::net::TcpListener>> {
+    let carried = match handover.and_then(|h| h.metrics_fd) {
+        Some(fd) => Some(std::net::TcpListener::from(crate::reexec::take_fd(fd)?)),
+        None => None,
+    };
+    let Some(addr) = addr else {
+        return Ok(None); // a carried one, if any, closes here
+    };
+    let fits = |l: &std::net::TcpListener| {
+        l.local_addr().is_ok_and(|have| {
+            have.ip() == addr.ip() && (addr.port() == 0 || have.port() == addr.port())
+        })
+    };
+    let listener = match carried {
+        Some(l) if fits(&l) => l,
+        _ => std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+    };
+    let twin = listener
+        .try_clone()
+        .context("keeping the metrics socket for a re-exec")?;
+    let bound = metrics
+        .serve_listener(listener)
+        .with_context(|| format!("serving the metrics endpoint {addr}"))?;
+    println!("metrics http://{bound}/metrics");
+    Ok(Some(twin))
 }
 
 fn print_listening(shown: &[String]) -> Result<()> {

@@ -26,6 +26,8 @@ pub(super) struct Carried {
     pub(super) restart_lock: handoff::RestartLock,
     /// A twin of the admin socket the admin thread serves.
     pub(super) admin: std::os::unix::net::UnixListener,
+    /// A twin of the `--metrics` listener the metrics thread serves.
+    pub(super) metrics: Option<std::net::TcpListener>,
 }
 
 pub(super) struct Ctx {
@@ -332,6 +334,7 @@ fn reexec(
     let fallback =
         std::fs::File::open("/proc/self/exe").context("keeping this binary to fall back to")?;
     let c = &ctx.carried;
+    let (counts, last_handoff) = ctx.progress.history();
     let handover = crate::reexec::Handover {
         supervisor_lock_fd: crate::reexec::raw(c.supervisor_lock.as_fd()),
         restart_lock_fd: crate::reexec::raw(c.restart_lock.as_fd()),
@@ -341,6 +344,9 @@ fn reexec(
         names: ctx.names.clone(),
         retiring: ctx.sup.retiring_pids(),
         fell_back: None,
+        metrics_fd: c.metrics.as_ref().map(|l| crate::reexec::raw(l.as_fd())),
+        counts: Some(counts),
+        last_handoff,
     };
     let _ = wire::send(
         stream,
@@ -355,12 +361,16 @@ fn reexec(
         "handoff run: re-executing in place: {} ({build})",
         binary.display()
     );
+    // No scrape may be cut half-answered by the exec: stop accepting (new
+    // ones wait in the carried socket's backlog) and let answers finish.
+    let _metrics_quiet = ctx.metrics.quiesce(Duration::from_secs(2));
     handoff::crash::point("s-before-reexec");
-    let keep = [
+    let mut keep = vec![
         c.supervisor_lock.as_fd(),
         c.restart_lock.as_fd(),
         c.admin.as_fd(),
         fallback.as_fd(),
     ];
+    keep.extend(c.metrics.as_ref().map(|l| l.as_fd()));
     Err(crate::reexec::exec(&binary, &handover, &keep))
 }

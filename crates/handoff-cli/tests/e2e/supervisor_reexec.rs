@@ -75,6 +75,7 @@ fn ten_reexecs_and_ten_upgrades_under_load_lose_nothing() {
     load.wait_progress(50, PROGRESS, "before the first re-exec");
 
     let mut incumbent = sup.first_pid;
+    let mut last_id = serde_json::Value::Null;
     for i in 0..10 {
         let which = i % 2;
         let out = reexec(&sup, &builds[which]);
@@ -96,11 +97,21 @@ fn ten_reexecs_and_ten_upgrades_under_load_lose_nothing() {
             status["incumbent_pid"], incumbent,
             "re-exec {i}: the service was touched: {status}"
         );
+        // The new program goes on counting where the old one was.
+        assert_eq!(
+            (
+                &status["handoffs"]["committed"],
+                &status["last_handoff"]["handoff_id"]
+            ),
+            (&serde_json::json!(i), &last_id),
+            "re-exec {i}: the handoff history was lost: {status}"
+        );
         load.wait_progress(20, PROGRESS, &format!("after re-exec {i}"));
 
         let c = sup.upgrade(&[]).expect_committed();
         assert_eq!(c.old_pid, incumbent, "upgrade {i}");
         incumbent = c.new_pid;
+        last_id = status_json(&sup.runtime_dir)["last_handoff"]["handoff_id"].clone();
         sup.wait_settled(incumbent, SETTLE);
         load.wait_progress(20, PROGRESS, &format!("after upgrade {i}"));
     }
@@ -173,4 +184,101 @@ fn a_binary_that_cannot_take_over_is_refused_or_falls_back() {
     let c = sup.upgrade(&[]).expect_committed();
     assert_eq!(c.old_pid, sup.first_pid);
     sup.wait_settled(c.new_pid, SETTLE);
+}
+
+/// The `--metrics` listener is carried across the `exec` like the admin
+/// socket: a scraper opening a fresh connection for every scrape through 5
+/// re-execs (one of them falling back) is never refused or failed, and the
+/// endpoint keeps its address.
+#[test]
+fn the_metrics_endpoint_answers_throughout_reexecs() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let _guard = begin_test("reexec_metrics", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let sup = Supervisor::start(
+        &dirs.runtime,
+        &dirs.state,
+        &demo_bin(),
+        &["--metrics", "127.0.0.1:0"],
+    );
+    sup.wait_settled(sup.first_pid, SETTLE);
+    let addr = sup.metrics_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let scraper = {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = (|| -> std::io::Result<String> {
+                    let mut s = std::net::TcpStream::connect(addr)?;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")?;
+                    let mut out = String::new();
+                    s.read_to_string(&mut out)?;
+                    Ok(out)
+                })();
+                match r {
+                    Ok(out) if out.starts_with("HTTP/1.1 200 OK") => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(out) => failures.lock().unwrap().push(format!("answered {out:.60}")),
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+            }
+        })
+    };
+    let progressed = |what: &str| {
+        let target = ok.load(Ordering::Relaxed) + 20;
+        support::wait_until(PROGRESS, what, || ok.load(Ordering::Relaxed) >= target);
+    };
+    progressed("scrapes before the re-execs");
+    let a = handoff_copy(dirs.root.path(), "handoff-a", b"a");
+    let b = handoff_copy(dirs.root.path(), "handoff-b", b"b");
+    // A real handoff that fails its takeover and falls back, metrics fd and all.
+    let failing = dirs.root.path().join("handoff-failing.sh");
+    std::fs::write(
+        &failing,
+        format!(
+            "#!/bin/sh\nexport HANDOFF_TEST_TAKEOVER_FAIL=1\nexec '{}' \"$@\"\n",
+            a.display()
+        ),
+    )
+    .expect("write the wrapper");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    for (i, bin) in [&a, &b, &failing, &a, &b].into_iter().enumerate() {
+        let out = reexec(&sup, bin);
+        let want = if bin == &failing { Some(1) } else { Some(0) };
+        assert_eq!(
+            out.status.code(),
+            want,
+            "re-exec {i} ({}): {}\n{}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr),
+            sup.stderr_log()
+        );
+        progressed(&format!("scrapes after re-exec {i}"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    scraper.join().expect("the scraper");
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} scrapes failed: {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed) + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    let st = status_json(&sup.runtime_dir);
+    assert_eq!(st["supervisor_pid"], sup.pid, "{st}");
+    assert_eq!(st["incumbent_pid"], sup.first_pid, "{st}");
+    eprintln!(
+        "{} scrapes through 5 re-execs (one fallen back), 0 failed",
+        ok.load(Ordering::Relaxed)
+    );
 }

@@ -1,38 +1,27 @@
-//! `handoff run --metrics ADDR`: a Prometheus endpoint.
-//!
-//! The metrics are kept and encoded by the `prometheus` crate (text format
-//! 0.0.4): its histograms give a scrape a consistent snapshot (`_count`
-//! always equals the `+Inf` bucket) and its encoder does the escaping. The
-//! endpoint is a deliberately small HTTP/1.0-style responder on a std
-//! `TcpListener` — one request per connection, only its request line
-//! read, no HTTP server stack the supervisor otherwise does not need —
+//! The `/metrics` endpoint: a deliberately small HTTP/1.0-style responder
+//! on a std `TcpListener` — one request per connection, only its request
+//! line read, no HTTP server stack the supervisor otherwise does not need —
 //! open to whoever can reach the address, so no client may hold it: each
 //! connection gets a thread of its own (at most [`MAX_SCRAPES`] at once, the
 //! rest answered 503), its request head must arrive whole within
 //! [`HEAD_BUDGET`] (408 otherwise) and fit in [`MAX_HEAD`] bytes (431
 //! otherwise).
 //!
-//! Exposed (text format 0.0.4):
-//!
-//! | metric | type | labels |
-//! |---|---|---|
-//! | `handoff_upgrades_total` | counter | `outcome` = committed, aborted, refused |
-//! | `handoff_upgrade_duration_seconds` | histogram | `outcome` |
-//! | `handoff_phase_duration_seconds` | histogram | `phase` (negotiating, draining, sealing, awaiting-ready, …) |
-//! | `handoff_incumbent_restarts_total` | counter | — (crash restarts outside a handoff) |
-//! | `handoff_incumbent_pid` | gauge | — |
-//! | `handoff_supervisor_start_time_seconds` | gauge | — (Unix time) |
+//! Across `handoff upgrade --supervisor` the listening socket is carried
+//! through the `exec`; [`Metrics::quiesce`] first stops accepting and lets
+//! the answers in progress finish, so no scrape is cut by the `exec` — those
+//! arriving meanwhile wait in the backlog for the new program.
 
 use handoff::accept::{AcceptBackoff, Verdict};
-use prometheus::{
-    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder, TEXT_FORMAT,
-};
+use prometheus::TEXT_FORMAT;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::Metrics;
 
 /// Most connections served at once. A scraper uses one at a time; more
 /// than a few at once is a misbehaving or hostile client, answered 503 at
@@ -46,152 +35,19 @@ pub const MAX_HEAD: usize = 8192;
 /// Bound on writing an answer to a client that does not read it.
 const WRITE_BUDGET: Duration = Duration::from_secs(2);
 
-/// Upper bounds of the duration buckets, in seconds: sub-millisecond
-/// phases (drain, seal on a warm service) up to the 5-minute default
-/// deadline.
-const BUCKETS: [f64; 17] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 300.0,
-];
-
-/// Outcome of one upgrade request, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Outcome {
-    Committed,
-    Aborted,
-    /// Not attempted: another was in flight, no incumbent, stopping.
-    Refused,
-}
-
-impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Committed => "committed",
-            Outcome::Aborted => "aborted",
-            Outcome::Refused => "refused",
-        }
-    }
-}
-
-/// The supervisor's metrics, kept and encoded by the `prometheus` crate;
-/// cheap to clone (every handle is shared).
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    registry: Registry,
-    upgrades: IntCounterVec,
-    upgrade_secs: HistogramVec,
-    phase_secs: HistogramVec,
-    restarts: IntCounter,
-    incumbent_pid: IntGauge,
-}
-
 impl Metrics {
-    /// The metrics, registered and at zero. Fails only on a bad definition
-    /// here (a name or label the crate refuses), which the unit tests
-    /// exercise: nothing at run time can cause it.
-    pub fn new() -> prometheus::Result<Metrics> {
-        let registry = Registry::new();
-        let upgrades = IntCounterVec::new(
-            Opts::new("handoff_upgrades_total", "Upgrade requests by outcome."),
-            &["outcome"],
-        )?;
-        let upgrade_secs = HistogramVec::new(
-            HistogramOpts::new(
-                "handoff_upgrade_duration_seconds",
-                "Upgrade time, request to commit or abort.",
-            )
-            .buckets(BUCKETS.to_vec()),
-            &["outcome"],
-        )?;
-        let phase_secs = HistogramVec::new(
-            HistogramOpts::new(
-                "handoff_phase_duration_seconds",
-                "Time spent in each handoff phase.",
-            )
-            .buckets(BUCKETS.to_vec()),
-            &["phase"],
-        )?;
-        let restarts = IntCounter::new(
-            "handoff_incumbent_restarts_total",
-            "Incumbents restarted after dying outside a handoff.",
-        )?;
-        let incumbent_pid = IntGauge::new(
-            "handoff_incumbent_pid",
-            "Pid of the serving process (0: none).",
-        )?;
-        let started = Gauge::new(
-            "handoff_supervisor_start_time_seconds",
-            "Start time of the supervisor, Unix seconds.",
-        )?;
-        started.set(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-        );
-        // Every outcome is exposed from the start, at zero: a rate() over a
-        // series that appears only at its first increment misses it.
-        for o in [Outcome::Committed, Outcome::Aborted, Outcome::Refused] {
-            upgrades.with_label_values(&[o.label()]);
-        }
-        registry.register(Box::new(upgrades.clone()))?;
-        registry.register(Box::new(upgrade_secs.clone()))?;
-        registry.register(Box::new(phase_secs.clone()))?;
-        registry.register(Box::new(restarts.clone()))?;
-        registry.register(Box::new(incumbent_pid.clone()))?;
-        registry.register(Box::new(started))?;
-        Ok(Metrics {
-            registry,
-            upgrades,
-            upgrade_secs,
-            phase_secs,
-            restarts,
-            incumbent_pid,
-        })
-    }
-
-    pub fn phase(&self, phase: &'static str, took: Duration) {
-        self.phase_secs
-            .with_label_values(&[phase])
-            .observe(took.as_secs_f64());
-    }
-
-    pub fn upgrade(&self, outcome: Outcome, took: Duration) {
-        self.upgrades.with_label_values(&[outcome.label()]).inc();
-        // A refusal took no time worth a histogram: nothing was attempted.
-        if outcome != Outcome::Refused {
-            self.upgrade_secs
-                .with_label_values(&[outcome.label()])
-                .observe(took.as_secs_f64());
-        }
-    }
-
-    pub fn restart(&self) {
-        self.restarts.inc();
-    }
-
-    pub fn set_incumbent(&self, pid: Option<u32>) {
-        self.incumbent_pid.set(pid.map_or(0, i64::from));
-    }
-
-    /// The exposition text (format 0.0.4, [`TEXT_FORMAT`]).
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
-            // Writing into a String cannot fail; the encoder's error type
-            // is for other sinks. Say so rather than serve half a page.
-            tracing::error!(target: "handoff::metrics", error = %e, "encoding the metrics failed");
-            out.clear();
-        }
-        out
-    }
-
     /// Binds ADDR and serves `/metrics` from a background thread; returns
     /// the bound address (port 0 picks one). Each connection is answered on
     /// a thread of its own, at most [`MAX_SCRAPES`] at once.
     pub fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr)?;
+        self.serve_listener(TcpListener::bind(addr)?)
+    }
+
+    /// [`serve`](Metrics::serve) on a listener already bound — the one a
+    /// replaced supervisor carried across its `exec`.
+    pub fn serve_listener(&self, listener: TcpListener) -> std::io::Result<SocketAddr> {
         let local = listener.local_addr()?;
+        self.gate.lock().serving = true;
         let me = self.clone();
         std::thread::Builder::new()
             .name("metrics".into())
@@ -200,14 +56,19 @@ impl Metrics {
                 // (retrying at once spins), logging at most every few
                 // seconds; stop only if the socket itself is unusable.
                 let mut backoff = AcceptBackoff::new();
-                let open = Arc::new(AtomicUsize::new(0));
-                for conn in listener.incoming() {
-                    match conn {
+                loop {
+                    me.gate.hold_while_paused();
+                    // Accept only what is there, so a pause is noticed
+                    // within POLL_EVERY even with no client at all.
+                    if !readable(&listener, POLL_EVERY) {
+                        continue;
+                    }
+                    match listener.accept().map(|(s, _)| s) {
                         Ok(s) => {
                             if let Some(unsaid) = backoff.succeeded() {
                                 tracing::info!(target: "handoff::metrics", unsaid, "accepting again");
                             }
-                            me.dispatch(s, &open)
+                            me.dispatch(s)
                         }
                         Err(e) => match backoff.failed(&e) {
                             Verdict::Retry { say, suppressed } => {
@@ -229,10 +90,13 @@ impl Metrics {
     /// Gives `s` a thread and one of the [`MAX_SCRAPES`] slots, or answers
     /// 503 at once when they are all taken (a short answer into a fresh
     /// connection's empty buffer: it does not block this accept loop).
-    fn dispatch(&self, s: TcpStream, open: &Arc<AtomicUsize>) {
-        let taken = open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            (n < MAX_SCRAPES).then_some(n + 1)
-        });
+    fn dispatch(&self, s: TcpStream) {
+        let taken = self
+            .gate
+            .open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_SCRAPES).then_some(n + 1)
+            });
         if taken.is_err() {
             let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
             reply(
@@ -242,7 +106,7 @@ impl Metrics {
             );
             return;
         }
-        let slot = Slot(open.clone());
+        let slot = Slot(self.gate.clone());
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("metrics-conn".into())
@@ -291,11 +155,114 @@ impl Metrics {
 }
 
 /// One of the [`MAX_SCRAPES`] connection slots, given back on drop.
-struct Slot(Arc<AtomicUsize>);
+struct Slot(Arc<Gate>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How often the accept loop looks at the pause flag when nobody connects.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Whether `listener` has a connection to accept within `within` (false on
+/// a timeout or an interrupted wait: the caller loops).
+fn readable(listener: &TcpListener, within: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let timeout = PollTimeout::try_from(within).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    // An error here (EINTR, ENOMEM) is retried by the loop; accept itself
+    // reports what is wrong with the socket.
+    poll(&mut fds, timeout).is_ok_and(|n| n > 0)
+}
+
+/// The endpoint's accept loop and answers in progress, as a `--supervisor`
+/// re-exec must see them: it asks the loop to stop accepting and waits for
+/// the answers to finish (see [`Metrics::quiesce`]).
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+    /// Connections being answered (each holds a [`Slot`]).
+    open: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// The accept loop runs.
+    serving: bool,
+    /// A re-exec asked it to stop accepting.
+    pause: bool,
+    /// It has stopped, and waits for `pause` to go.
+    paused: bool,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// In the accept loop: while a pause is asked for, accept nothing.
+    fn hold_while_paused(&self) {
+        let mut st = self.lock();
+        if !st.pause {
+            return;
+        }
+        st.paused = true;
+        self.changed.notify_all();
+        while st.pause {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.paused = false;
+    }
+}
+
+/// The endpoint accepting nothing while held, and every answer that was in
+/// progress finished; accepting again when dropped (a re-exec that failed
+/// and carries on). An `exec` while held loses no scrape: connections made
+/// meanwhile wait in the listening socket's backlog for the new program.
+#[derive(Debug)]
+#[must_use = "the endpoint accepts again when this is dropped"]
+pub struct Quiet {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        self.gate.lock().pause = false;
+        self.gate.changed.notify_all();
+    }
+}
+
+impl Metrics {
+    /// Stops accepting scrapes and waits, at most `within`, until none is
+    /// being answered; see [`Quiet`]. Returns at once when the endpoint is
+    /// not served.
+    pub fn quiesce(&self, within: Duration) -> Quiet {
+        let deadline = Instant::now() + within;
+        let gate = &self.gate;
+        let mut st = gate.lock();
+        st.pause = true;
+        while st.serving && !(st.paused && gate.open.load(Ordering::SeqCst) == 0) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(target: "handoff::metrics", open = gate.open.load(Ordering::SeqCst),
+                    "scrapes still being answered after {within:?}; going on");
+                break;
+            }
+            // Answers ending are not signalled: look again every few ms.
+            st = gate
+                .changed
+                .wait_timeout(st, left.min(Duration::from_millis(5)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(st);
+        Quiet { gate: gate.clone() }
     }
 }
 
@@ -373,68 +340,8 @@ fn reply_typed(mut s: &TcpStream, status: &str, ctype: &str, body: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_is_cumulative_and_consistent() {
-        let m = Metrics::new().unwrap();
-        m.phase("draining", Duration::from_micros(300));
-        m.phase("draining", Duration::from_millis(3));
-        m.phase("draining", Duration::from_secs(400));
-        let t = m.render();
-        assert!(
-            t.contains("handoff_phase_duration_seconds_bucket{phase=\"draining\",le=\"0.0005\"} 1"),
-            "{t}"
-        );
-        assert!(
-            t.contains("handoff_phase_duration_seconds_bucket{phase=\"draining\",le=\"0.005\"} 2"),
-            "{t}"
-        );
-        assert!(
-            t.contains("handoff_phase_duration_seconds_bucket{phase=\"draining\",le=\"300\"} 2"),
-            "{t}"
-        );
-        assert!(
-            t.contains("handoff_phase_duration_seconds_bucket{phase=\"draining\",le=\"+Inf\"} 3"),
-            "{t}"
-        );
-        assert!(
-            t.contains("handoff_phase_duration_seconds_count{phase=\"draining\"} 3"),
-            "{t}"
-        );
-    }
-
-    #[test]
-    fn outcomes_counted_and_exposed_even_at_zero() {
-        let m = Metrics::new().unwrap();
-        let t = m.render();
-        assert!(
-            t.contains("handoff_upgrades_total{outcome=\"committed\"} 0"),
-            "{t}"
-        );
-        m.upgrade(Outcome::Committed, Duration::from_millis(2));
-        m.upgrade(Outcome::Refused, Duration::ZERO);
-        m.restart();
-        m.set_incumbent(Some(42));
-        let t = m.render();
-        assert!(
-            t.contains("handoff_upgrades_total{outcome=\"committed\"} 1"),
-            "{t}"
-        );
-        assert!(
-            t.contains("handoff_upgrades_total{outcome=\"refused\"} 1"),
-            "{t}"
-        );
-        assert!(
-            t.contains("handoff_upgrade_duration_seconds_count{outcome=\"committed\"} 1"),
-            "{t}"
-        );
-        assert!(
-            !t.contains("handoff_upgrade_duration_seconds_count{outcome=\"refused\"}"),
-            "{t}"
-        );
-        assert!(t.contains("handoff_incumbent_restarts_total 1"), "{t}");
-        assert!(t.contains("handoff_incumbent_pid 42"), "{t}");
-    }
+    use crate::metrics::{Metrics, Outcome};
+    use std::time::Duration;
 
     #[test]
     fn endpoint_answers_get_and_refuses_the_rest() {
