@@ -52,8 +52,10 @@ pub use socket::{Announced, NotifySocket, Watched};
 use crate::child::Exit;
 use crate::error::SpawnError;
 
-/// Why a notify-mode start or upgrade failed. Every variant before
-/// [`OldStopFailed`](Self::OldStopFailed) leaves the old process serving.
+/// Why a notify-mode start or upgrade failed; each leaves the old process
+/// serving. ([`OldStopFailed`](Self::OldStopFailed) is the exception, and
+/// never reaches a caller as an error: the new process serves regardless, and
+/// the upgrade reports it among its warnings.)
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
     /// Another start, upgrade, crash restart, adoption or stop is running
