@@ -55,6 +55,21 @@ fn hello(role: Role, pid: u32, min: u16, max: u16) -> Message {
     })
 }
 
+/// A successor's greeting by hand, up to Begin: returns the handoff id
+/// (exits 1 on anything else).
+fn greet_until_begin(chan: &mut Channel, pid: u32) -> u64 {
+    chan.send_with_credentials(&hello(Role::Successor, pid, PROTO_MIN, PROTO_MAX))
+        .unwrap();
+    let Ok(Message::HelloAck { version }) = chan.recv(None) else {
+        std::process::exit(1)
+    };
+    chan.set_version(version);
+    let Ok(Message::Begin { handoff_id, .. }) = chan.recv(None) else {
+        std::process::exit(1)
+    };
+    handoff_id
+}
+
 fn park() -> ! {
     loop {
         std::thread::park();
@@ -192,15 +207,7 @@ fn main() {
                 "ready-no-build-id" => {
                     // A non-library successor whose Ready carries no
                     // metadata: its build id is the one its Hello gave.
-                    chan.send_with_credentials(&hello(Role::Successor, pid, PROTO_MIN, PROTO_MAX))
-                        .unwrap();
-                    let Ok(Message::HelloAck { version }) = chan.recv(None) else {
-                        std::process::exit(1)
-                    };
-                    chan.set_version(version);
-                    let Ok(Message::Begin { handoff_id, .. }) = chan.recv(None) else {
-                        std::process::exit(1)
-                    };
+                    let handoff_id = greet_until_begin(&mut chan, pid);
                     chan.send(&Message::Ready {
                         handoff_id,
                         listening_on: vec![],
@@ -212,15 +219,7 @@ fn main() {
                     while chan.recv(None).is_ok() {}
                 }
                 "ready-wrong-id" => {
-                    chan.send_with_credentials(&hello(Role::Successor, pid, PROTO_MIN, PROTO_MAX))
-                        .unwrap();
-                    let Ok(Message::HelloAck { version }) = chan.recv(None) else {
-                        std::process::exit(1)
-                    };
-                    chan.set_version(version);
-                    let Ok(Message::Begin { handoff_id, .. }) = chan.recv(None) else {
-                        std::process::exit(1)
-                    };
+                    let handoff_id = greet_until_begin(&mut chan, pid);
                     chan.send(&Message::Ready {
                         handoff_id: handoff_id.wrapping_add(1),
                         listening_on: vec![],

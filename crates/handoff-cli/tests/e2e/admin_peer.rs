@@ -16,6 +16,20 @@ use std::time::Duration;
 
 use support::*;
 
+/// The user `nobody`, to act as another uid: only when the tests run as root
+/// (the test is skipped with a visible reason otherwise).
+fn another_user() -> Option<nix::unistd::User> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: acting as another uid needs root (run the tests as root to cover it)");
+        return None;
+    }
+    let user = nix::unistd::User::from_name("nobody").ok().flatten();
+    if user.is_none() {
+        eprintln!("SKIPPED: no user `nobody` to act as another uid");
+    }
+    user
+}
+
 /// Kills the fake server however the test ends.
 struct Fake(std::process::Child);
 
@@ -29,12 +43,7 @@ impl Drop for Fake {
 #[test]
 fn clients_refuse_an_admin_socket_served_by_another_uid() {
     let _guard = begin_test("admin_peer", Duration::from_secs(60));
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: acting as another uid needs root (run the tests as root to cover it)");
-        return;
-    }
-    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
-        eprintln!("SKIPPED: no user `nobody` to act as another uid");
+    let Some(nobody) = another_user() else {
         return;
     };
     let dirs = TestDirs::new();
@@ -83,12 +92,7 @@ fn clients_refuse_an_admin_socket_served_by_another_uid() {
 #[test]
 fn another_uid_is_told_whose_supervisor_it_is() {
     let _guard = begin_test("admin_other_uid", Duration::from_secs(60));
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: acting as another uid needs root (run the tests as root to cover it)");
-        return;
-    }
-    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
-        eprintln!("SKIPPED: no user `nobody` to act as another uid");
+    let Some(nobody) = another_user() else {
         return;
     };
     let dirs = TestDirs::new();

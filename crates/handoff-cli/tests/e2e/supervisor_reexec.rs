@@ -29,6 +29,20 @@ fn handoff_copy(dir: &Path, name: &str, extra: &[u8]) -> PathBuf {
     path
 }
 
+/// A wrapper that runs `binary` (a real handoff: it passes the check) made to
+/// fail its takeover, so the re-exec falls back to the previous program.
+fn takeover_failing(dir: &Path, binary: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("handoff-failing.sh");
+    let script = format!(
+        "#!/bin/sh\nexport HANDOFF_TEST_TAKEOVER_FAIL=1\nexec '{}' \"$@\"\n",
+        binary.display()
+    );
+    std::fs::write(&path, script).expect("write the wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
 /// What `binary reexec-check` says its build is.
 fn build_of(binary: &Path) -> String {
     let out = std::process::Command::new(binary)
@@ -152,19 +166,8 @@ fn a_binary_that_cannot_take_over_is_refused_or_falls_back() {
     assert!(err.contains("cannot replace this supervisor"), "{err}");
 
     // Passes the check (it is a real handoff), fails to take over.
-    let failing = dirs.root.path().join("handoff-failing.sh");
-    std::fs::write(
-        &failing,
-        format!(
-            "#!/bin/sh\nexport HANDOFF_TEST_TAKEOVER_FAIL=1\nexec '{}' \"$@\"\n",
-            handoff_copy(dirs.root.path(), "handoff-new", b"new").display()
-        ),
-    )
-    .expect("write the wrapper");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    let new = handoff_copy(dirs.root.path(), "handoff-new", b"new");
+    let failing = takeover_failing(dirs.root.path(), &new);
     let out = reexec(&sup, &failing);
     let text = format!(
         "{}\n{}\nsupervisor log:\n{}",
@@ -238,19 +241,7 @@ fn the_metrics_endpoint_answers_throughout_reexecs() {
     let a = handoff_copy(dirs.root.path(), "handoff-a", b"a");
     let b = handoff_copy(dirs.root.path(), "handoff-b", b"b");
     // A real handoff that fails its takeover and falls back, metrics fd and all.
-    let failing = dirs.root.path().join("handoff-failing.sh");
-    std::fs::write(
-        &failing,
-        format!(
-            "#!/bin/sh\nexport HANDOFF_TEST_TAKEOVER_FAIL=1\nexec '{}' \"$@\"\n",
-            a.display()
-        ),
-    )
-    .expect("write the wrapper");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    let failing = takeover_failing(dirs.root.path(), &a);
     for (i, bin) in [&a, &b, &failing, &a, &b].into_iter().enumerate() {
         let out = reexec(&sup, bin);
         let want = if bin == &failing { Some(1) } else { Some(0) };

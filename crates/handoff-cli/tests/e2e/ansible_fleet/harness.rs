@@ -642,6 +642,29 @@ impl Host {
     }
 }
 
+/// `ansible HOST -m handoff.fleet.handoff_upgrade -a "COMMON EXTRA" FLAGS…`
+/// from `scratch`, with the arguments every call on `host` shares.
+pub(super) fn run_module(
+    scratch: &Path,
+    inventory: &str,
+    host: &Host,
+    extra: &str,
+    flags: &[&str],
+) -> AnsibleRun {
+    let args = format!("{} {extra}", host.module_args());
+    let mut argv = vec![
+        host.name.as_str(),
+        "-i",
+        inventory,
+        "-m",
+        "handoff.fleet.handoff_upgrade",
+        "-a",
+        &args,
+    ];
+    argv.extend_from_slice(flags);
+    run_ansible(scratch, "ansible", &argv)
+}
+
 pub(super) fn write_inventory(path: &Path, hosts: &[&Host]) {
     let mut inv = String::from("[app]\n");
     for h in hosts {

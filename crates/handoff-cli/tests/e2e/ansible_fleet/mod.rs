@@ -99,13 +99,8 @@ fn module_is_idempotent_and_honours_check_mode() {
     wait_loads_progress(&[&load], LOAD_PROGRESS, "the load runs");
     let inv = inventory.to_str().expect("UTF-8");
     let module = |extra: &str, check: bool| {
-        let args = format!("{} {extra}", host.module_args());
-        let mut argv = vec!["h1", "-i", inv, "-m", "handoff.fleet.handoff_upgrade", "-a"];
-        argv.push(&args);
-        if check {
-            argv.extend(["--check", "--diff"]);
-        }
-        run_ansible(scratch.root.path(), "ansible", &argv)
+        let flags: &[&str] = if check { &["--check", "--diff"] } else { &[] };
+        run_module(scratch.root.path(), inv, &host, extra, flags)
     };
     let v2 = format!("build={}", builds.v2.display());
     let before = host.assert_runs(&host.release("v1"), "at the start");
@@ -217,13 +212,8 @@ fn module_rolls_back_to_the_previous_build() {
     wait_loads_progress(&[&load], LOAD_PROGRESS, "the load runs");
     let inv = inventory.to_str().expect("UTF-8");
     let module = |extra: &str, check: bool| {
-        let args = format!("{} {extra}", host.module_args());
-        let mut argv = vec!["h1", "-i", inv, "-m", "handoff.fleet.handoff_upgrade", "-a"];
-        argv.push(&args);
-        if check {
-            argv.push("--check");
-        }
-        run_ansible(scratch.root.path(), "ansible", &argv)
+        let flags: &[&str] = if check { &["--check"] } else { &[] };
+        run_module(scratch.root.path(), inv, &host, extra, flags)
     };
 
     let run = module("state=rolled_back", false);
