@@ -157,6 +157,8 @@ pub enum Event {
         /// read through the process, so it is the running build even after
         /// the file was replaced: what `sha256sum FILE` prints for the build
         /// it was started from. Tells two builds of the same version apart.
+        /// Absent for a moment after a new build starts (it is hashed in the
+        /// background, so a status query never waits for it): ask again.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         incumbent_exe_sha256: Option<String>,
         /// `NAME=tcp://ADDR` or `NAME=unix:PATH`, as bound.

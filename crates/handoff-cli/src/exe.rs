@@ -10,14 +10,19 @@
 //! is what `sha256sum` prints for that file.
 //!
 //! Hashing a large binary takes a while (a 64 MB debug build: about half a
-//! second on a small VM, as long as `sha256sum` takes), so digests are kept
-//! per file — device, inode, size and modification time of the open
-//! executable — and a status query hashes a build once, not at every call.
+//! second on a small VM, as long as `sha256sum` takes), and a status query
+//! must never wait for it: the systemd watchdog probe is a status query with
+//! a deadline of a quarter of `WatchdogSec=`. So a query answers from a cache
+//! kept per file — device, inode, size and modification time of the open
+//! executable — and a build not hashed yet is hashed on a thread of its own
+//! while the query answers without the digest (`incumbent_exe_sha256`
+//! absent, the path present); a query a moment later has it. Each build is
+//! hashed once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use sha2::{Digest, Sha256};
 
@@ -26,8 +31,8 @@ use sha2::{Digest, Sha256};
 pub struct Exe {
     /// As the kernel names it (`readlink /proc/PID/exe`).
     pub path: String,
-    /// SHA-256 of its bytes, lowercase hex.
-    pub sha256: String,
+    /// SHA-256 of its bytes, lowercase hex; `None` while it is being hashed.
+    pub sha256: Option<String>,
 }
 
 /// Identifies the file behind an open executable: two opens of the same
@@ -39,33 +44,76 @@ type FileKey = (u64, u64, u64, i64, i64);
 /// Digests already computed. Few builds ever run under one supervisor
 /// at once; the map is emptied when it grows past this.
 const CACHED: usize = 8;
-static DIGESTS: Mutex<Option<HashMap<FileKey, String>>> = Mutex::new(None);
 
-/// The executable of `pid` and its digest; `None` if the process is gone,
-/// not ours to inspect, or the platform has no `/proc/PID/exe`.
+#[derive(Default)]
+struct Digests {
+    done: HashMap<FileKey, String>,
+    /// Being hashed on a thread now.
+    pending: HashSet<FileKey>,
+}
+
+static DIGESTS: Mutex<Option<Digests>> = Mutex::new(None);
+
+fn digests() -> MutexGuard<'static, Option<Digests>> {
+    DIGESTS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The executable of `pid` and, once known, its digest; `None` if the
+/// process is gone, not ours to inspect, or the platform has no
+/// `/proc/PID/exe`. Never waits for a hash.
 pub fn of_pid(pid: u32) -> Option<Exe> {
     let link = format!("/proc/{pid}/exe");
     let path = std::fs::read_link(&link).ok()?;
     let file = File::open(&link).ok()?;
-    let sha256 = digest(file).ok()?;
     Some(Exe {
         path: path.to_string_lossy().into_owned(),
-        sha256,
+        sha256: digest_or_start(file),
     })
 }
 
-/// The SHA-256 of an open file, from the cache when the same file was
-/// hashed before. The lock is held while hashing, so concurrent status
-/// queries hash a new build once between them.
-fn digest(mut file: File) -> std::io::Result<String> {
+fn key_of(file: &File) -> std::io::Result<FileKey> {
     use std::os::unix::fs::MetadataExt;
     let m = file.metadata()?;
-    let key: FileKey = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
-    let mut cache = DIGESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let cache = cache.get_or_insert_with(HashMap::new);
-    if let Some(d) = cache.get(&key) {
-        return Ok(d.clone());
+    Ok((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// The cached digest of `file`, or `None` after making sure a thread is
+/// hashing it (the open file keeps the bytes reachable even if the process
+/// exits or the file is replaced meanwhile).
+fn digest_or_start(file: File) -> Option<String> {
+    let key = key_of(&file).ok()?;
+    let mut g = digests();
+    let d = g.get_or_insert_with(Digests::default);
+    if let Some(hex) = d.done.get(&key) {
+        return Some(hex.clone());
     }
+    if d.pending.insert(key) {
+        let spawned = std::thread::Builder::new()
+            .name("exe-digest".into())
+            .spawn(move || {
+                let hex = hash(file);
+                let mut g = digests();
+                let d = g.get_or_insert_with(Digests::default);
+                d.pending.remove(&key);
+                match hex {
+                    Ok(hex) => {
+                        if d.done.len() >= CACHED {
+                            d.done.clear();
+                        }
+                        d.done.insert(key, hex);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "hashing the service's executable failed"),
+                }
+            });
+        if spawned.is_err() {
+            d.pending.remove(&key); // tried again at the next query
+        }
+    }
+    None
+}
+
+/// SHA-256 of an open file, lowercase hex.
+fn hash(mut file: File) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -75,12 +123,7 @@ fn digest(mut file: File) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    if cache.len() >= CACHED {
-        cache.clear();
-    }
-    cache.insert(key, hex.clone());
-    Ok(hex)
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
@@ -89,34 +132,45 @@ mod tests {
 
     /// The digest is SHA-256 as `sha256sum` computes it.
     #[test]
-    fn digest_is_sha256() {
+    fn hash_is_sha256() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
         assert_eq!(
-            digest(File::open(&p).unwrap()).unwrap(),
+            hash(File::open(&p).unwrap()).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        // Another file, another digest: the cache is per file, not per call site.
         let q = dir.path().join("g");
         std::fs::write(&q, b"").unwrap();
         assert_eq!(
-            digest(File::open(&q).unwrap()).unwrap(),
+            hash(File::open(&q).unwrap()).unwrap(),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
 
-    /// Our own process: the test binary's path and the digest of its bytes.
+    /// Our own process: the test binary's path at once, its digest once the
+    /// background hash is done (the first query does not wait for it).
     #[cfg(target_os = "linux")]
     #[test]
-    fn of_pid_names_the_running_file() {
-        let exe = of_pid(std::process::id()).expect("our own /proc/self/exe");
+    fn of_pid_names_the_running_file_then_its_digest() {
         let me = std::env::current_exe().unwrap();
+        let exe = of_pid(std::process::id()).expect("our own /proc/self/exe");
         assert_eq!(std::path::Path::new(&exe.path), me.canonicalize().unwrap());
         let mut h = Sha256::new();
         h.update(std::fs::read(&me).unwrap());
         let want: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(exe.sha256, want);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let got = loop {
+            if let Some(d) = of_pid(std::process::id()).and_then(|e| e.sha256) {
+                break d;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no digest within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(got, want);
         assert_eq!(of_pid(u32::MAX), None, "no such process");
     }
 }

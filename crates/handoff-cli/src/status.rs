@@ -49,7 +49,9 @@ JSON (--json), one object; fields are only ever added:
   incumbent_exe         the executable the incumbent runs (/proc/PID/exe; absent
                         while none runs); \" (deleted)\" once replaced on disk
   incumbent_exe_sha256  SHA-256 of the bytes it runs, hex: equals `sha256sum`
-                        of the build it was started from (absent with the above)
+                        of the build it was started from (absent with the above,
+                        and for a moment after a new build starts: it is hashed
+                        in the background, never while a status waits)
   listeners             [\"NAME=tcp://ADDR\" | \"NAME=unix:PATH\"], bound addresses
   retiring_pids         old incumbents still finishing their connections
   stopping              true once `handoff stop`/SIGTERM was received
@@ -221,7 +223,7 @@ pub fn render(ev: &Event, now_ms: u64) -> String {
             incumbent_exe_sha256
                 .as_ref()
                 .map(|d| format!(" (sha256 {d})"))
-                .unwrap_or_default()
+                .unwrap_or_else(|| " (sha256 being computed: ask again in a moment)".into())
         );
     }
     for l in listeners {

@@ -145,7 +145,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                         None => "notify mode".into(),
                     },
                     incumbent_exe: exe.as_ref().map(|e| e.path.clone()),
-                    incumbent_exe_sha256: exe.map(|e| e.sha256),
+                    incumbent_exe_sha256: exe.and_then(|e| e.sha256),
                     listeners: ctx.shown.clone(),
                     retiring_pids: ctx.sup.retiring_pids(),
                     service_counters: None,

@@ -125,7 +125,7 @@ pub(super) fn handle_admin(stream: UnixStream, req: Request, ctx: &Ctx) {
                     incumbent_pid,
                     build_id: ctx.sup.incumbent_build(),
                     incumbent_exe: exe.as_ref().map(|e| e.path.clone()),
-                    incumbent_exe_sha256: exe.map(|e| e.sha256),
+                    incumbent_exe_sha256: exe.and_then(|e| e.sha256),
                     listeners: ctx.shown.clone(),
                     retiring_pids: ctx.sup.retiring_pids(),
                     service_counters,

@@ -555,7 +555,7 @@ impl Host {
     }
 
     pub(super) fn status(&self) -> Value {
-        status_json(self.runtime())
+        status_with_digest(self.runtime())
     }
 
     pub(super) fn release(&self, version: &str) -> PathBuf {
@@ -663,6 +663,21 @@ pub(super) fn run_module(
     ];
     argv.extend_from_slice(flags);
     run_ansible(scratch, "ansible", &argv)
+}
+
+/// `handoff status --json` once it gives the digest of what runs (hashed in the
+/// background after a new build starts).
+pub(super) fn status_with_digest(runtime: &Path) -> Value {
+    let mut st = Value::Null;
+    wait_until(
+        Duration::from_secs(30),
+        "the status gives the running build's digest",
+        || {
+            st = status_json(runtime);
+            st["incumbent_exe_sha256"].is_string()
+        },
+    );
+    st
 }
 
 pub(super) fn write_inventory(path: &Path, hosts: &[&Host]) {

@@ -229,6 +229,8 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 RECORD_VERSION = 1
+# How long to wait for the supervisor to hash a build it just started.
+DIGEST_WAIT = 60
 
 
 class Failure(Exception):
@@ -292,6 +294,17 @@ class Handoff(object):
         return rc, events, err.strip()
 
     def status(self):
+        """`handoff status --json`, once it names the digest of what runs: the
+        supervisor hashes a new build in the background (a status never waits
+        for it), so right after an upgrade the digest may be absent a moment."""
+        deadline = time.time() + DIGEST_WAIT
+        while True:
+            st = self.status_once()
+            if st.get("incumbent_exe_sha256") or not st.get("incumbent_exe") or time.time() > deadline:
+                return self.checked(st)
+            time.sleep(0.2)
+
+    def status_once(self):
         rc, events, err = self.run(["status", "--runtime-dir", self.runtime_dir, "--json"])
         last = events[-1] if events else {}
         if rc != 0 or last.get("event") != "status":
@@ -311,6 +324,14 @@ class Handoff(object):
                 "no service process runs under the supervisor at %s right now (it is starting, or "
                 "restarting the service after a crash): retry once `handoff status` shows an incumbent"
                 % self.runtime_dir
+            )
+        return last
+
+    def checked(self, last):
+        if last.get("incumbent_exe") and not last.get("incumbent_exe_sha256"):
+            raise Failure(
+                "the supervisor at %s did not finish hashing the executable its service runs (%s) "
+                "within %d s: is its disk that slow? Retry" % (self.runtime_dir, last["incumbent_exe"], DIGEST_WAIT)
             )
         if not last.get("incumbent_exe_sha256"):
             raise Failure(
