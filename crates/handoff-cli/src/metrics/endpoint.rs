@@ -8,7 +8,7 @@
 //! otherwise).
 //!
 //! Across `handoff upgrade --supervisor` the listening socket is carried
-//! through the `exec`; [`Metrics::quiesce`] first stops accepting and lets
+//! through the `exec`; [`Gate::quiesce`] first stops accepting and lets
 //! the answers in progress finish, so no scrape is cut by the `exec` — those
 //! arriving meanwhile wait in the backlog for the new program.
 
@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::Metrics;
+/// What a scrape is answered with: the exposition text, rendered afresh.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Most connections served at once. A scraper uses one at a time; more
 /// than a few at once is a misbehaving or hostile client, answered 503 at
@@ -35,21 +36,26 @@ pub const MAX_HEAD: usize = 8192;
 /// Bound on writing an answer to a client that does not read it.
 const WRITE_BUDGET: Duration = Duration::from_secs(2);
 
-impl Metrics {
-    /// Binds ADDR and serves `/metrics` from a background thread; returns
-    /// the bound address (port 0 picks one). Each connection is answered on
-    /// a thread of its own, at most [`MAX_SCRAPES`] at once.
-    pub fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        self.serve_listener(TcpListener::bind(addr)?)
-    }
+/// The endpoint: `render` served on `listener` from a background thread,
+/// its accept loop behind `gate`.
+#[derive(Clone)]
+struct Endpoint {
+    gate: Arc<Gate>,
+    render: Render,
+}
 
-    /// [`serve`](Metrics::serve) on a listener already bound — the one a
-    /// replaced supervisor carried across its `exec`.
-    pub fn serve_listener(&self, listener: TcpListener) -> std::io::Result<SocketAddr> {
-        let local = listener.local_addr()?;
-        self.gate.lock().serving = true;
-        let me = self.clone();
-        std::thread::Builder::new()
+/// Serves `render` as `/metrics` on `listener` from a background thread;
+/// returns the bound address. Each connection is answered on a thread of
+/// its own, at most [`MAX_SCRAPES`] at once.
+pub fn serve(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    render: Render,
+) -> std::io::Result<SocketAddr> {
+    let local = listener.local_addr()?;
+    gate.lock().serving = true;
+    let me = Endpoint { gate, render };
+    std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
                 // EMFILE and the like: keep going after a growing pause
@@ -84,9 +90,10 @@ impl Metrics {
                     }
                 }
             })?;
-        Ok(local)
-    }
+    Ok(local)
+}
 
+impl Endpoint {
     /// Gives `s` a thread and one of the [`MAX_SCRAPES`] slots, or answers
     /// 503 at once when they are all taken (a short answer into a fresh
     /// connection's empty buffer: it does not block this accept loop).
@@ -147,7 +154,7 @@ impl Metrics {
         let mut parts = line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         match (method, path.split('?').next().unwrap_or("")) {
-            ("GET", "/metrics") => reply_typed(&s, "200 OK", TEXT_FORMAT, self.render()),
+            ("GET", "/metrics") => reply_typed(&s, "200 OK", TEXT_FORMAT, (self.render)()),
             ("GET", _) => reply(&s, "404 Not Found", "try /metrics\n".to_string()),
             _ => reply(&s, "405 Method Not Allowed", "only GET\n".to_string()),
         }
@@ -181,7 +188,7 @@ fn readable(listener: &TcpListener, within: Duration) -> bool {
 /// re-exec must see them: it asks the loop to stop accepting and waits for
 /// the answers to finish (see [`Metrics::quiesce`]).
 #[derive(Debug, Default)]
-pub(super) struct Gate {
+pub struct Gate {
     state: Mutex<GateState>,
     changed: Condvar,
     /// Connections being answered (each holds a [`Slot`]).
@@ -238,13 +245,13 @@ impl Drop for Quiet {
     }
 }
 
-impl Metrics {
+impl Gate {
     /// Stops accepting scrapes and waits, at most `within`, until none is
     /// being answered; see [`Quiet`]. Returns at once when the endpoint is
     /// not served.
-    pub fn quiesce(&self, within: Duration) -> Quiet {
+    pub fn quiesce(self: &Arc<Self>, within: Duration) -> Quiet {
         let deadline = Instant::now() + within;
-        let gate = &self.gate;
+        let gate = self;
         let mut st = gate.lock();
         st.pause = true;
         while st.serving && !(st.paused && gate.open.load(Ordering::SeqCst) == 0) {
@@ -335,78 +342,4 @@ fn reply_typed(mut s: &TcpStream, status: &str, ctype: &str, body: String) {
     );
     let _ = s.write_all(head.as_bytes());
     let _ = s.write_all(body.as_bytes());
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::metrics::{Metrics, Outcome};
-    use std::time::Duration;
-
-    #[test]
-    fn endpoint_answers_get_and_refuses_the_rest() {
-        let m = Metrics::new().unwrap();
-        m.upgrade(Outcome::Aborted, Duration::from_millis(7));
-        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
-        let ask = |req: &str| {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(req.as_bytes()).unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        };
-        let r = ask("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
-        assert!(
-            r.contains("handoff_upgrades_total{outcome=\"aborted\"} 1"),
-            "{r}"
-        );
-        assert!(ask("GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
-        assert!(ask("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
-        // A client that sends a partial request and hangs up: the next
-        // scrape is still answered.
-        drop(TcpStream::connect(addr).unwrap());
-        assert!(ask("GET /metrics HTTP/1.0\r\n\r\n").contains("handoff_incumbent_pid"));
-    }
-
-    /// [`MAX_HEAD`] bytes without the end of the head: 431.
-    #[test]
-    fn an_oversize_head_is_431() {
-        let m = Metrics::new().unwrap();
-        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut req = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
-        // Exactly the cap: more would be left unread, and the server's
-        // close would then reset the connection under the answer.
-        req.resize(MAX_HEAD, b'a');
-        s.write_all(&req).unwrap();
-        let mut out = vec![];
-        let _ = s.read_to_end(&mut out);
-        let out = String::from_utf8_lossy(&out);
-        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
-    }
-
-    /// Connections past [`MAX_SCRAPES`] are answered 503 at once, not
-    /// queued behind the silent ones; a slot freed serves again.
-    #[test]
-    fn connections_past_the_cap_are_503_at_once() {
-        let m = Metrics::new().unwrap();
-        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
-        let silent: Vec<TcpStream> = (0..MAX_SCRAPES)
-            .map(|_| TcpStream::connect(addr).unwrap())
-            .collect();
-        // The accept loop takes them in order: once one more is answered
-        // 503, all the silent ones hold a slot.
-        let t = Instant::now();
-        // It sends nothing: the answer cannot depend on a request, and
-        // unread bytes would make the server's close a reset.
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
-        assert!(t.elapsed() < HEAD_BUDGET, "{:?}", t.elapsed());
-        drop(silent);
-    }
 }

@@ -22,6 +22,7 @@ use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -156,6 +157,26 @@ impl Metrics {
         self.incumbent_pid.set(pid.map_or(0, i64::from));
     }
 
+    /// Binds ADDR and serves `/metrics` from a background thread; returns
+    /// the bound address (port 0 picks one). See [`endpoint`].
+    pub fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        self.serve_listener(TcpListener::bind(addr)?)
+    }
+
+    /// [`serve`](Metrics::serve) on a listener already bound — the one a
+    /// replaced supervisor carried across its `exec`.
+    pub fn serve_listener(&self, listener: TcpListener) -> std::io::Result<SocketAddr> {
+        let me = self.clone();
+        endpoint::serve(listener, self.gate.clone(), Arc::new(move || me.render()))
+    }
+
+    /// Stops the endpoint accepting and waits, at most `within`, for the
+    /// scrapes being answered (before a re-exec); accepting again when the
+    /// result is dropped. At once when the endpoint is not served.
+    pub fn quiesce(&self, within: Duration) -> endpoint::Quiet {
+        self.gate.quiesce(within)
+    }
+
     /// The exposition text (format 0.0.4, `prometheus::TEXT_FORMAT`).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -233,5 +254,77 @@ mod tests {
         );
         assert!(t.contains("handoff_incumbent_restarts_total 1"), "{t}");
         assert!(t.contains("handoff_incumbent_pid 42"), "{t}");
+    }
+
+    use endpoint::{HEAD_BUDGET, MAX_HEAD, MAX_SCRAPES};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    #[test]
+    fn endpoint_answers_get_and_refuses_the_rest() {
+        let m = Metrics::new().unwrap();
+        m.upgrade(Outcome::Aborted, Duration::from_millis(7));
+        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let ask = |req: &str| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(req.as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        let r = ask("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(
+            r.contains("handoff_upgrades_total{outcome=\"aborted\"} 1"),
+            "{r}"
+        );
+        assert!(ask("GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(ask("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        // A client that sends a partial request and hangs up: the next
+        // scrape is still answered.
+        drop(TcpStream::connect(addr).unwrap());
+        assert!(ask("GET /metrics HTTP/1.0\r\n\r\n").contains("handoff_incumbent_pid"));
+    }
+
+    /// [`MAX_HEAD`] bytes without the end of the head: 431.
+    #[test]
+    fn an_oversize_head_is_431() {
+        let m = Metrics::new().unwrap();
+        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        // Exactly the cap: more would be left unread, and the server's
+        // close would then reset the connection under the answer.
+        req.resize(MAX_HEAD, b'a');
+        s.write_all(&req).unwrap();
+        let mut out = vec![];
+        let _ = s.read_to_end(&mut out);
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    }
+
+    /// Connections past [`MAX_SCRAPES`] are answered 503 at once, not
+    /// queued behind the silent ones; a slot freed serves again.
+    #[test]
+    fn connections_past_the_cap_are_503_at_once() {
+        let m = Metrics::new().unwrap();
+        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let silent: Vec<TcpStream> = (0..MAX_SCRAPES)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // The accept loop takes them in order: once one more is answered
+        // 503, all the silent ones hold a slot.
+        let t = Instant::now();
+        // It sends nothing: the answer cannot depend on a request, and
+        // unread bytes would make the server's close a reset.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        assert!(t.elapsed() < HEAD_BUDGET, "{:?}", t.elapsed());
+        drop(silent);
     }
 }
