@@ -642,6 +642,38 @@ impl Host {
     }
 }
 
+/// One host "h1" running v1 under load, with an inventory naming it: the module
+/// tests' start. (Field order: the load stops before the host, the host before
+/// its scratch dir goes.)
+pub(super) struct OneHost {
+    pub(super) load: HostLoad,
+    pub(super) host: Host,
+    pub(super) builds: Builds,
+    /// The inventory file's path.
+    pub(super) inventory: String,
+    pub(super) scratch: TestDirs,
+}
+
+impl OneHost {
+    pub(super) fn start() -> OneHost {
+        ansible_bin();
+        let scratch = TestDirs::new();
+        let builds = Builds::make(scratch.root.path());
+        let host = Host::start("h1", &builds.v1);
+        let inventory = scratch.root.path().join("inventory.ini");
+        write_inventory(&inventory, &[&host]);
+        let load = HostLoad::start(host.sup.addr);
+        wait_loads_progress(&[&load], LOAD_PROGRESS, "the load runs");
+        OneHost {
+            load,
+            host,
+            builds,
+            inventory: inventory.to_str().expect("UTF-8").to_owned(),
+            scratch,
+        }
+    }
+}
+
 /// `ansible HOST -m handoff.fleet.handoff_upgrade -a "COMMON EXTRA" FLAGS…`
 /// from `scratch`, with the arguments every call on `host` shares.
 pub(super) fn run_module(

@@ -97,18 +97,17 @@ fn status_names_the_running_executable_and_its_digest() {
 #[test]
 fn module_is_idempotent_and_honours_check_mode() {
     let _guard = begin_test("module_idempotent", Duration::from_secs(600));
-    ansible_bin();
-    let scratch = TestDirs::new();
-    let builds = Builds::make(scratch.root.path());
-    let host = Host::start("h1", &builds.v1);
-    let inventory = scratch.root.path().join("inventory.ini");
-    write_inventory(&inventory, &[&host]);
-    let load = HostLoad::start(host.sup.addr);
-    wait_loads_progress(&[&load], LOAD_PROGRESS, "the load runs");
-    let inv = inventory.to_str().expect("UTF-8");
+    // Bound in this order so they drop in the reverse: load, host, then dirs.
+    let OneHost {
+        scratch,
+        inventory,
+        builds,
+        host,
+        load,
+    } = OneHost::start();
     let module = |extra: &str, check: bool| {
         let flags: &[&str] = if check { &["--check", "--diff"] } else { &[] };
-        run_module(scratch.root.path(), inv, &host, extra, flags)
+        run_module(scratch.root.path(), &inventory, &host, extra, flags)
     };
     let v2 = format!("build={}", builds.v2.display());
     let before = host.assert_runs(&host.release("v1"), "at the start");
@@ -210,18 +209,17 @@ fn module_is_idempotent_and_honours_check_mode() {
 #[test]
 fn module_rolls_back_to_the_previous_build() {
     let _guard = begin_test("module_rollback", Duration::from_secs(600));
-    ansible_bin();
-    let scratch = TestDirs::new();
-    let builds = Builds::make(scratch.root.path());
-    let host = Host::start("h1", &builds.v1);
-    let inventory = scratch.root.path().join("inventory.ini");
-    write_inventory(&inventory, &[&host]);
-    let load = HostLoad::start(host.sup.addr);
-    wait_loads_progress(&[&load], LOAD_PROGRESS, "the load runs");
-    let inv = inventory.to_str().expect("UTF-8");
+    // Bound in this order so they drop in the reverse: load, host, then dirs.
+    let OneHost {
+        scratch,
+        inventory,
+        builds,
+        host,
+        load,
+    } = OneHost::start();
     let module = |extra: &str, check: bool| {
         let flags: &[&str] = if check { &["--check"] } else { &[] };
-        run_module(scratch.root.path(), inv, &host, extra, flags)
+        run_module(scratch.root.path(), &inventory, &host, extra, flags)
     };
 
     let run = module("state=rolled_back", false);
