@@ -23,6 +23,26 @@ pub fn admin_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join(ADMIN_SOCK)
 }
 
+/// A successor's pre-copy catch-up with the incumbent's writes, as its
+/// Ready reported it (docs/design.md §2.7).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct CatchUp {
+    /// Rounds run before Hello.
+    pub rounds: u32,
+    /// Records applied over all rounds.
+    pub records: u64,
+    /// Bytes read over all rounds.
+    pub bytes: u64,
+    /// Records the last round found: what was written during the round
+    /// before it.
+    pub last_records: u64,
+    /// Whether the last round was within the service's bound (else a cap
+    /// on rounds or time stopped it).
+    pub converged: bool,
+    /// All rounds together.
+    pub took_ms: f64,
+}
+
 /// What a client asks; exactly one per connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -107,6 +127,11 @@ pub enum Event {
         /// Connections the drain closed instead of moving (HTTP/2, ...).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         connections_closed: Option<u64>,
+        /// How the new process caught up with the old one's writes before
+        /// its Hello; absent when it did not (a stateless service, or one
+        /// that does not use catch-up).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        catch_up: Option<CatchUp>,
     },
     /// `handoff upgrade --prepare`: the successor started, said Hello and
     /// is held for the next upgrade.

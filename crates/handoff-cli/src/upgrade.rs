@@ -167,6 +167,7 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                 prepared_for_ms,
                 connections_moved,
                 connections_closed,
+                catch_up,
                 ..
             } => {
                 if !a.json {
@@ -184,6 +185,17 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                     println!(
                         "committed: pid {old} -> {new_pid} ({build_id}) in {total_ms:.2} ms{held}{conns}"
                     );
+                    if let Some(c) = catch_up {
+                        let how = if c.converged {
+                            "converged"
+                        } else {
+                            "stopped by its cap; the rest was read after Begin"
+                        };
+                        println!(
+                            "  caught up before Hello: {} rounds, {} records in {:.2} ms, the last round {} records ({how})",
+                            c.rounds, c.records, c.took_ms, c.last_records
+                        );
+                    }
                     for w in warnings {
                         eprintln!("warning: {w}");
                     }

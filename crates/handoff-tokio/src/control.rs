@@ -22,6 +22,7 @@ use crate::phase::{Moved, Phase, Retirement, Shared};
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type Hook<T> = Box<dyn FnMut() -> BoxFuture<Result<T, BoxError>> + Send>;
 pub(crate) type BeginHook = Box<dyn FnOnce(Begin) -> BoxFuture<Result<(), BoxError>> + Send>;
+pub(crate) type CatchUpHook = Box<dyn FnMut() -> Result<handoff::CatchUpRound, BoxError> + Send>;
 
 /// What a new build learns when its handoff begins: it holds the state
 /// lock now.
@@ -39,6 +40,7 @@ pub struct Begin {
 /// The service's own async code, each optional.
 #[derive(Default)]
 pub(crate) struct Hooks {
+    pub(crate) catch_up: Option<(handoff::CatchUpPolicy, CatchUpHook)>,
     pub(crate) on_begin: Option<BeginHook>,
     pub(crate) on_drain: Option<Hook<()>>,
     pub(crate) on_serving: Option<Box<dyn FnOnce() + Send>>,
@@ -50,6 +52,7 @@ pub(crate) struct Hooks {
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
+            .field("catch_up", &self.catch_up.as_ref().map(|(p, _)| p))
             .field("on_begin", &self.on_begin.is_some())
             .field("on_drain", &self.on_drain.is_some())
             .field("on_serving", &self.on_serving.is_some())
@@ -77,7 +80,7 @@ impl Drop for PanicGuard {
 }
 
 /// Runs the whole protocol for this process; returns when it retires.
-pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle) -> Outcome {
+pub(crate) fn run(mut boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle) -> Outcome {
     let _guard = PanicGuard(shared.clone());
     let fail = |phase: &'static str, e: &dyn std::fmt::Display| {
         let message = e.to_string();
@@ -85,6 +88,14 @@ pub(crate) fn run(boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Handle)
         (phase, message)
     };
     let state_dir = boot.config().state_dir.clone();
+    if let Some((policy, mut round)) = hooks.catch_up.take() {
+        if let Err(e) = boot.catch_up(&mut || round(), &policy) {
+            // Not up to date, so not fit to take over: no Hello. The
+            // supervisor sees this process end and the old one serves on.
+            shared.set_phase(Phase::Retired(Retirement::Aborted));
+            return Err(fail("catching up", &e));
+        }
+    }
     let begun = match boot.begin() {
         Ok(b) => b,
         Err(e) => {

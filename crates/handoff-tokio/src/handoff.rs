@@ -84,6 +84,29 @@ impl Builder {
         self
     }
 
+    /// Brings the state read during warm-up up to date before this build
+    /// says it is ready to take over: `round` is called again and again —
+    /// each call reads and applies what the old build wrote since the
+    /// previous one (for a log: from the offset reached to the end) — until
+    /// a round finds at most what `policy` allows or a cap ends it. Only
+    /// then does the handoff start, so what is left to read after
+    /// [`on_begin`](Self::on_begin), while nobody accepts, is one short
+    /// round's writes rather than everything written during warm-up.
+    ///
+    /// `round` runs on handoff's own thread, without the state lock and
+    /// while the old build writes: blocking file I/O is fine, and it must
+    /// leave a record caught half-written for the next round. An error
+    /// ends this process's start (the old build serves on). The rounds are
+    /// in `handoff upgrade`'s report. `crates/handoff-demo` (a log with a
+    /// checkpointed index) uses it; docs/design.md §2.7 says why.
+    pub fn catch_up<F>(mut self, policy: crate::CatchUpPolicy, f: F) -> Self
+    where
+        F: FnMut() -> Result<crate::CatchUpRound, BoxError> + Send + 'static,
+    {
+        self.hooks.catch_up = Some((policy, Box::new(f)));
+        self
+    }
+
     /// Runs when a handoff (or `handoff stop`) starts draining this
     /// process, before accepting stops: pause background work that writes
     /// state, say goodbye to peers. An error makes the drain fail: the

@@ -73,3 +73,4 @@ pub use crate::error::{BoxError, Error};
 pub use crate::handoff::{Builder, Handoff};
 #[cfg(feature = "http")]
 pub use crate::http::{Incoming, Listen};
+pub use ::handoff::{CatchUpPolicy, CatchUpRound};

@@ -128,6 +128,7 @@ macro_rules! supervisor_side {
 mod abort;
 pub mod accept;
 mod busy;
+mod catch_up;
 mod clock;
 mod incumbent;
 pub mod listeners;
@@ -179,6 +180,7 @@ supervisor_side! {
 }
 
 pub use abort::AbortSignal;
+pub use catch_up::{CatchUp, CatchUpPolicy, CatchUpReport, CatchUpRound};
 pub use error::ProcessError;
 pub use frame::FrameError;
 pub use incumbent::{Incumbent, Retired};

@@ -30,6 +30,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::catch_up::{self, CatchUp, CatchUpPolicy, CatchUpReport};
 use crate::channel::Channel;
 use crate::crash;
 use crate::error::{ProcessError, ProtocolError};
@@ -109,6 +110,8 @@ pub struct Boot {
     /// A successor's control channel before Hello.
     pending: Option<UnixStream>,
     chan: Option<Channel>,
+    /// What [`Boot::catch_up`] did, for Ready's metadata.
+    caught_up: Option<CatchUpReport>,
 }
 
 fn env_path(var: &str, fallback: Option<PathBuf>) -> Result<PathBuf, ProcessError> {
@@ -158,6 +161,7 @@ impl Boot {
             kept,
             pending: None,
             chan: None,
+            caught_up: None,
         };
         if role == StartRole::Successor {
             // Taken now (and made close-on-exec); Hello waits for begin().
@@ -218,6 +222,31 @@ impl Boot {
         std::mem::take(&mut self.listeners)
     }
 
+    /// Brings the service's state up to date with what the incumbent wrote
+    /// during warm-up, round after round, until a round finds at most what
+    /// `policy` allows (docs/design.md §2.7); then call
+    /// [`begin`](Self::begin) at once. What is left after the seal is then
+    /// one short round's writes, read after Begin inside the accept gap,
+    /// instead of everything written while this process warmed up.
+    ///
+    /// The rounds run without the state lock, while the incumbent writes:
+    /// each must read only what is complete and leave the rest for the
+    /// next. The report goes to the supervisor in Ready (the upgrade
+    /// report shows it). A round's error is returned: exit without saying
+    /// Hello, and the incumbent serves on.
+    pub fn catch_up(
+        &mut self,
+        src: &mut dyn CatchUp,
+        policy: &CatchUpPolicy,
+    ) -> Result<CatchUpReport, ProcessError> {
+        let r = CatchUpReport::run(src, policy).map_err(|e| {
+            ProcessError::Service(format!("catching up with the incumbent's writes: {e}"))
+        })?;
+        tracing::info!(target: "handoff::successor", rounds = r.rounds, records = r.records, bytes = r.bytes, last_records = r.last.records, converged = r.converged, took_us = r.took.as_micros() as u64, "caught up");
+        self.caught_up = Some(r);
+        Ok(r)
+    }
+
     /// Says Hello (a successor), waits for Begin and takes the state lock.
     ///
     /// Do all warm-up before calling this. Hello tells the supervisor this
@@ -274,6 +303,7 @@ impl Boot {
             state,
             kept: self.kept,
             moved,
+            caught_up: self.caught_up,
         })
     }
 }
@@ -290,6 +320,8 @@ pub struct Begun {
     /// Connections the old incumbent moved to us: not to be read before
     /// Ready (until then the handoff may abort and the old one serve them).
     moved: Vec<MovedConnection>,
+    /// What [`Boot::catch_up`] did, for Ready's metadata.
+    caught_up: Option<CatchUpReport>,
 }
 
 impl Begun {
@@ -348,6 +380,9 @@ impl Begun {
         let mut metadata = vec![("build_id".to_string(), self.cfg.build_id.clone())];
         if let Err(e) = &healthy {
             metadata.push(("health".into(), e.clone()));
+        }
+        if let Some(r) = self.caught_up {
+            metadata.push((catch_up::METADATA_KEY.into(), r.to_metadata()));
         }
         let ready = Message::Ready {
             handoff_id: id,

@@ -274,6 +274,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                         prepared_for_ms: None,
                         connections_moved: None,
                         connections_closed: None,
+                        catch_up: None,
                     }
                 }
                 Err(NotifyError::InProgress) if ctx.stopping.load(Ordering::SeqCst) => {

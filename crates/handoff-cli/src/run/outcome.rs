@@ -2,7 +2,7 @@
 //! event for the client that asked, and as a line in the supervisor's log.
 
 use handoff::{HandoffError, Report};
-use handoff_admin::schema::Event;
+use handoff_admin::schema::{CatchUp, Event};
 
 use crate::progress::ms;
 
@@ -29,6 +29,14 @@ pub(super) fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
                 prepared_for_ms: r.prepared_for.map(ms),
                 connections_moved: r.connections.map(|c| c.moved),
                 connections_closed: r.connections.map(|c| c.closed),
+                catch_up: r.catch_up.map(|c| CatchUp {
+                    rounds: c.rounds,
+                    records: c.records,
+                    bytes: c.bytes,
+                    last_records: c.last.records,
+                    converged: c.converged,
+                    took_ms: ms(c.took),
+                }),
             }
         }
         Err(e @ (HandoffError::InProgress | HandoffError::NoIncumbent)) => Event::Error {

@@ -97,6 +97,10 @@ pub struct Report {
     /// could not start sending and closed its connections instead (it then
     /// reports no total).
     pub connections: Option<ConnectionsMoved>,
+    /// How the successor caught up with the incumbent's writes before its
+    /// Hello ([`Boot::catch_up`](crate::Boot::catch_up)), as its Ready
+    /// said; `None` when it did not.
+    pub catch_up: Option<crate::CatchUpReport>,
 }
 
 /// What a handoff did with the old process's live connections.

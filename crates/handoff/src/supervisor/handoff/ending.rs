@@ -8,6 +8,7 @@ use crate::channel::Channel;
 use crate::child::Child;
 use crate::crash;
 use crate::error::{HandoffError, ProtocolError};
+use crate::CatchUpReport;
 use crate::frame::FrameError;
 use crate::phase::{Peer, SupervisorPhase};
 use crate::protocol::Message;
@@ -116,6 +117,10 @@ impl AwaitingReady {
             None => run.hello_build.clone(),
         };
         run.sup.procs().incumbent_build = build;
+        run.catch_up = metadata
+            .iter()
+            .find(|(k, _)| k == crate::catch_up::METADATA_KEY)
+            .and_then(|(_, v)| CatchUpReport::from_metadata(v));
         Ok(())
     }
 }
@@ -222,6 +227,7 @@ impl Ready {
             prepared_for: run.held_for,
             warnings,
             connections: moved,
+            catch_up: run.catch_up,
         })
     }
 }

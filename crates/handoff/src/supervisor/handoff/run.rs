@@ -77,6 +77,8 @@ pub(in crate::supervisor) struct Run<'a, 'o> {
     pub(super) warnings: Vec<String>,
     /// The build id the successor announced in its Hello.
     pub(super) hello_build: String,
+    /// The successor's catch-up, from its Ready.
+    pub(super) catch_up: Option<crate::CatchUpReport>,
 }
 
 impl<'a, 'o> Run<'a, 'o> {
@@ -122,6 +124,7 @@ impl<'a, 'o> Run<'a, 'o> {
             held_for: None,
             warnings: vec![],
             hello_build: String::new(),
+            catch_up: None,
         }
     }
 
