@@ -36,6 +36,9 @@ handoff-demo: a durable key-value HTTP service that upgrades with zero downtime
 USAGE:
     handoff run --runtime-dir DIR --state-dir DIR --listen http=tcp://127.0.0.1:8080 -- handoff-demo
     handoff-demo --listen 127.0.0.1:8080 --state-dir DIR [--control-sock PATH]   (standalone)
+    handoff-demo seed --state-dir DIR --keys N
+        write a store of N keys (seed-I = 32 bytes) into an empty state dir, for tests
+        and benchmarks of large stores
 
 ENDPOINTS:
     GET /healthz, GET /version, GET /kv/KEY, PUT /kv/KEY (200 once durable)
@@ -46,6 +49,7 @@ ENVIRONMENT:
     HANDOFF_DEMO_WARMUP_MS    extra warm-up before taking over (simulates loading caches; 0)
     HANDOFF_DEMO_FAULT        test fault: exit-before-ready | fail-health | hang-before-ready | fail-seal
                               | panic-in-drain | no-sigterm-handler
+    HANDOFF_DEMO_CHECKPOINT_RECORDS  write the store's index after this many keys changed (262144)
     HANDOFF_DEMO_PROTO_MAX    test knob: speak the control protocol only up to this version
                               (1: a build from before `handoff stop` drained through it)
     RUST_LOG                  log filter (default: warn)
@@ -100,13 +104,58 @@ fn proto_max() -> Result<Option<u16>, String> {
     }
 }
 
+/// `handoff-demo seed --state-dir DIR --keys N`.
+fn seed(args: &[String]) -> Result<(), String> {
+    let (mut dir, mut keys) = (None, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--state-dir" => dir = Some(PathBuf::from(val()?)),
+            "--keys" => {
+                let v = val()?;
+                keys = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| format!("--keys {v:?}: expected a number of keys"))?,
+                )
+            }
+            other => return Err(format!("seed: unexpected argument {other:?} (see --help)")),
+        }
+    }
+    let dir = dir.ok_or("seed needs --state-dir DIR")?;
+    let keys = keys.ok_or("seed needs --keys N")?;
+    let started = std::time::Instant::now();
+    let bytes = store::seed(&dir, keys, |done| {
+        eprintln!("handoff-demo seed: {done} of {keys} keys written");
+    })
+    .map_err(|e| format!("seeding {}: {e}", dir.display()))?;
+    eprintln!(
+        "handoff-demo seed: {keys} keys, {bytes} bytes in {} in {:.2} s",
+        dir.join(store::LOG_FILE).display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("seed") {
+        return match seed(&argv[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("handoff-demo: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, plain text in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let pid = std::process::id();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -190,6 +239,22 @@ async fn run() -> Result<ExitCode, String> {
             }
             Ok(())
         });
+    {
+        // Pre-copy: before Hello, read what the old build appended during
+        // our warm-up, round after round, until a round finds little; only
+        // that little is left for after Begin, inside the accept gap.
+        let life = life.clone();
+        builder = builder.catch_up(handoff_tokio::CatchUpPolicy::default(), move || {
+            let mut l = lock(&life);
+            let Some(p) = l.preloaded.as_mut() else {
+                return Ok(handoff_tokio::CatchUpRound::default());
+            };
+            let (records, bytes) = p
+                .catch_up()
+                .map_err(|e| format!("catching up with the store: {e}"))?;
+            Ok(handoff_tokio::CatchUpRound { records, bytes })
+        });
+    }
     {
         let (shared, life, via_handoff) = (shared.clone(), life.clone(), via_handoff.clone());
         builder = builder.on_begin(move |begin| {
@@ -312,12 +377,15 @@ async fn run() -> Result<ExitCode, String> {
     // The counters region is shared, with its own lock: no need to wait for
     // the state lock to map it.
     *lock(&counters) = live::Live::open(&state_dir);
-    // Read the store ahead of Begin (without the lock): after Begin only
-    // the tail appended since needs reading, keeping the accept gap short.
-    lock(&life).preloaded = Some(
-        Store::preload(&state_dir)
-            .map_err(|e| format!("preloading the store in {}: {e}", state_dir.display()))?,
-    );
+    // Read the store ahead of Begin (without the lock): its index and what
+    // was written since; catch-up rounds follow before Hello, and after
+    // Begin only the last round's tail is read, keeping the accept gap short.
+    let started = std::time::Instant::now();
+    let preloaded = Store::preload(&state_dir)
+        .map_err(|e| format!("preloading the store in {}: {e}", state_dir.display()))?;
+    let (indexed, held) = preloaded.held();
+    tracing::info!(target: "demo::store", indexed, held, took_us = started.elapsed().as_micros() as u64, "preloaded");
+    lock(&life).preloaded = Some(preloaded);
 
     let mut listeners = handoff
         .tcp_listeners()

@@ -93,8 +93,12 @@ async fn read(State(s): State<Arc<Shared>>, Path(key): Path<String>) -> (StatusC
     match s.store() {
         None => closed(),
         Some(store) => match store.get(&key) {
-            Some(v) => (StatusCode::OK, v.to_vec()),
-            None => (StatusCode::NOT_FOUND, b"no such key\n".to_vec()),
+            Ok(Some(v)) => (StatusCode::OK, v.to_vec()),
+            Ok(None) => (StatusCode::NOT_FOUND, b"no such key\n".to_vec()),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading {key}: {e}\n").into_bytes(),
+            ),
         },
     }
 }

@@ -30,6 +30,7 @@ mod demo_http;
 mod disk_full;
 mod fd_exhaustion;
 mod fd_soak;
+mod large_store;
 mod log_lines;
 mod moved_connections;
 mod notify_mode;
