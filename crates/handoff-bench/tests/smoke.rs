@@ -188,3 +188,43 @@ fn move_bench_runs_and_every_connection_moves() {
         }
     }
 }
+
+/// `handoff-bench-state` in a tiny form: a seeded store of 5,000 keys upgraded twice idle
+/// and twice under writes; every upgrade commits with a catch-up report and an accept gap,
+/// the pair's memory is sampled, and no acknowledged write is lost.
+#[test]
+fn state_bench_runs_and_loses_no_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("state.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_handoff-bench-state"));
+    cmd.args(["--keys", "5000", "--upgrades", "2", "--clients", "4"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--workdir")
+        .arg(dir.path().join("work"));
+    let out = run_bounded(&mut cmd, "handoff-bench-state", Duration::from_secs(90));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON")).expect("JSON");
+    let series = v.as_array().expect("series");
+    assert_eq!(series.len(), 2, "{v}");
+    for s in series {
+        assert_eq!(s["keys"].as_u64(), Some(5000), "{s}");
+        assert_eq!(s["lost"].as_u64(), Some(0), "{s}\n{stderr}");
+        assert_eq!(s["failed_requests"].as_u64(), Some(0), "{s}\n{stderr}");
+        let rounds = s["rounds"].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 2, "{s}");
+        for r in rounds {
+            assert_eq!(r["error"], serde_json::Value::Null, "{r}\n{stderr}");
+            assert!(r["gap_ms"].as_f64().is_some_and(|g| g > 0.0), "{r}");
+            assert!(
+                r["catch_up"]["rounds"].as_u64().is_some_and(|n| n >= 1),
+                "{r}"
+            );
+            assert!(r["peak_pss_mib"].as_f64().is_some_and(|m| m > 0.0), "{r}");
+        }
+    }
+    assert_eq!(series[0]["writes"], "none", "{v}");
+    assert!(series[1]["acked"].as_u64().is_some_and(|n| n > 0), "{v}");
+}
