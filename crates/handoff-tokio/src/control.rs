@@ -88,15 +88,20 @@ pub(crate) fn run(mut boot: Boot, shared: Arc<Shared>, mut hooks: Hooks, rt: Han
         (phase, message)
     };
     let state_dir = boot.config().state_dir.clone();
-    if let Some((policy, mut round)) = hooks.catch_up.take() {
-        if let Err(e) = boot.catch_up(&mut || round(), &policy) {
-            // Not up to date, so not fit to take over: no Hello. The
-            // supervisor sees this process end and the old one serves on.
-            shared.set_phase(Phase::Retired(Retirement::Aborted));
-            return Err(fail("catching up", &e));
+    let begun = match hooks.catch_up.take() {
+        Some((policy, mut round)) => {
+            let mut src = || round();
+            if let Err(e) = boot.catch_up(&mut src, &policy) {
+                // Not up to date, so not fit to take over: no Hello. The
+                // supervisor sees this process end and the old one serves on.
+                shared.set_phase(Phase::Retired(Retirement::Aborted));
+                return Err(fail("catching up", &e));
+            }
+            boot.begin_keeping_up(&mut src)
         }
-    }
-    let begun = match boot.begin() {
+        None => boot.begin(),
+    };
+    let begun = match begun {
         Ok(b) => b,
         Err(e) => {
             // Aborted or the supervisor hung up before Begin: the incumbent

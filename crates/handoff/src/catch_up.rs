@@ -144,10 +144,7 @@ impl CatchUpReport {
         let mut report = CatchUpReport::default();
         loop {
             let r = src.round()?;
-            report.rounds += 1;
-            report.records += r.records;
-            report.bytes += r.bytes;
-            report.last = r;
+            report.add_round(r);
             if r.records <= policy.max_tail_records && r.bytes <= policy.max_tail_bytes {
                 report.converged = true;
                 break;
@@ -158,6 +155,14 @@ impl CatchUpReport {
         }
         report.took = started.elapsed();
         Ok(report)
+    }
+
+    /// Counts one more round (run while waiting for Begin).
+    pub(crate) fn add_round(&mut self, r: CatchUpRound) {
+        self.rounds += 1;
+        self.records += r.records;
+        self.bytes += r.bytes;
+        self.last = r;
     }
 
     /// As carried in Ready's metadata: `rounds=3 records=1200 bytes=48000

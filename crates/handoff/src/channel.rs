@@ -148,6 +148,12 @@ impl Channel {
         Ok(sys::poll::first_readable(&fds, within)?.map(|i| i == 1))
     }
 
+    /// Waits up to `within` until the peer has sent something or hung up.
+    pub fn readable_within(&self, within: Duration) -> io::Result<bool> {
+        use std::os::fd::AsFd;
+        Ok(sys::poll::first_readable(&[self.stream.as_fd()], within)?.is_some())
+    }
+
     /// A handle that can send from another thread (heartbeats).
     pub fn sender(&self) -> io::Result<Sender> {
         Ok(Sender {

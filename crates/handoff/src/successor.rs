@@ -31,6 +31,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::catch_up::{self, CatchUp, CatchUpPolicy, CatchUpReport};
+
+/// How long a successor that caught up waits for the supervisor before it
+/// runs another catch-up round ([`Boot::begin_keeping_up`]): rare enough
+/// to cost nothing in a handoff that goes straight on (Begin arrives
+/// sooner), often enough that a held successor's tail stays small.
+pub(crate) const KEEP_UP_EVERY: Duration = Duration::from_millis(100);
 use crate::channel::Channel;
 use crate::crash;
 use crate::error::{ProcessError, ProtocolError};
@@ -257,14 +263,47 @@ impl Boot {
     ///
     /// A successor whose supervisor hangs up or aborts gets an error and
     /// should exit: the incumbent keeps serving.
-    pub fn begin(mut self) -> Result<Begun, ProcessError> {
+    pub fn begin(self) -> Result<Begun, ProcessError> {
+        self.begin_inner(None)
+    }
+
+    /// [`begin`](Self::begin) for a service that caught up
+    /// ([`catch_up`](Self::catch_up)): while it waits for Begin — held as a
+    /// successor prepared ahead (`handoff upgrade --prepare`), or while a
+    /// slow drain runs — it runs a round of `src` whenever 100 ms pass with
+    /// nothing from the supervisor, so that
+    /// what it reads after Begin stays about one round's writes however
+    /// long it was held (docs/design.md §2.7). The rounds are added to the
+    /// catch-up report; a round's error ends this start (exit: the
+    /// incumbent serves on, a held successor is replaced at the upgrade).
+    pub fn begin_keeping_up(self, src: &mut dyn CatchUp) -> Result<Begun, ProcessError> {
+        self.begin_inner(Some(src))
+    }
+
+    fn begin_inner(mut self, mut keep_up: Option<&mut dyn CatchUp>) -> Result<Begun, ProcessError> {
         if let Some(stream) = self.pending.take() {
             self.greet(stream)?;
         }
         let mut moved = vec![];
+        let caught_up = &mut self.caught_up;
         let (handoff_id, state) = match self.chan.as_mut() {
             None => (0, None),
             Some(chan) => loop {
+                if let Some(src) = keep_up.as_deref_mut() {
+                    // An error of the poll itself is left for the read
+                    // below to report.
+                    if let Ok(false) = chan.readable_within(KEEP_UP_EVERY) {
+                        let r = src.round().map_err(|e| {
+                            ProcessError::Service(format!(
+                                "keeping up with the incumbent's writes while waiting for Begin: {e}"
+                            ))
+                        })?;
+                        tracing::debug!(target: "handoff::successor", records = r.records, bytes = r.bytes, "kept up while waiting for Begin");
+                        let report = caught_up.get_or_insert_with(CatchUpReport::default);
+                        report.add_round(r);
+                        continue;
+                    }
+                }
                 match recv_moving(chan) {
                     Ok((Message::Begin { handoff_id, state }, _)) => break (handoff_id, state),
                     Ok((Message::Connections { conns, .. }, fds)) => {

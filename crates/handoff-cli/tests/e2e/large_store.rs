@@ -20,7 +20,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{
-    begin_test, demo_bin, verify_acked, Conn, Load, LoadExt, StartOpts, Supervisor, TestDirs,
+    begin_test, demo_bin, verify_acked, wait_until, Conn, Load, LoadExt, StartOpts, Supervisor,
+    TestDirs,
 };
 
 /// Keys the store holds before the service first starts.
@@ -157,5 +158,101 @@ fn a_large_store_upgrades_under_writes_reading_only_what_is_new() {
         checkpoints > UPGRADES,
         "{checkpoints} checkpoints written over {} acknowledged writes\n{log}",
         report.acked.len()
+    );
+}
+
+/// The `kept up while waiting for Begin` rounds so far: records each read.
+fn kept_up(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("kept up while waiting for Begin"))
+        .filter_map(|l| {
+            let at = l.find(" records=")? + " records=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Records the new build read after Begin (`read the tail after Begin`).
+fn tails(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("read the tail after Begin"))
+        .filter_map(|l| {
+            let at = l.find(" records=")? + " records=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A successor prepared ahead (`handoff upgrade --prepare`) caught up when
+/// it said Hello; the old build then writes on for as long as it is held.
+/// It keeps catching up meanwhile, so that after Begin it reads about one
+/// round's writes instead of everything written while it was held, and
+/// every acknowledged write is there after the upgrade.
+#[test]
+fn a_prepared_successor_keeps_up_with_the_writes_while_held() {
+    let _guard = begin_test(
+        "a_prepared_successor_keeps_up_with_the_writes_while_held",
+        Duration::from_secs(120),
+    );
+    let dirs = TestDirs::new();
+    let opts = StartOpts {
+        env: vec![(
+            "RUST_LOG".into(),
+            "warn,demo::store=info,handoff::successor=debug".into(),
+        )],
+        ..StartOpts::default()
+    };
+    let sup = Supervisor::start_with(&dirs.runtime, &dirs.state, &demo_bin(), &[], &opts);
+    sup.wait_settled(sup.first_pid, SETTLE);
+    let out = sup.upgrade(&["--prepare"]);
+    assert_eq!(out.code, Some(0), "prepare failed\n{out}");
+
+    // Writes while it is held, until it has read some of them.
+    let load = Load::start(sup.addr, 2, 0).expect("start the load");
+    load.wait_progress(400, PROGRESS, "while a successor is held");
+    wait_until(
+        PROGRESS,
+        "the held successor has read some of the writes",
+        || kept_up(&sup.stderr_log()).iter().sum::<u64>() > 50,
+    );
+    let out = sup.upgrade(&[]);
+    let c = out.expect_committed();
+    sup.wait_settled(c.new_pid, SETTLE);
+    load.wait_progress(100, PROGRESS, "after the upgrade");
+    let report = load.stop();
+    let lost = verify_acked(sup.addr, &report.acked);
+    assert!(
+        report.failure_count() == 0 && lost.is_empty(),
+        "{report}\n{} of {} acknowledged writes are missing or wrong: {:?}",
+        lost.len(),
+        report.acked.len(),
+        lost.iter().take(10).collect::<Vec<_>>()
+    );
+
+    let log = sup.stderr_log();
+    let kept: u64 = kept_up(&log).iter().sum();
+    let tail = *tails(&log)
+        .last()
+        .expect("a `read the tail after Begin` line");
+    let committed = out.events_of("committed")[0].clone();
+    let cu = &committed["catch_up"];
+    eprintln!("kept up with {kept} records while held; {tail} read after Begin; report {cu}");
+    assert!(
+        cu["rounds"].as_u64().is_some_and(|r| r >= 2)
+            && cu["records"].as_u64().is_some_and(|r| r >= kept),
+        "the report does not count the rounds run while held: {committed}\n{out}"
+    );
+    assert!(
+        tail < kept,
+        "after Begin the new build read {tail} records, no fewer than the {kept} it had kept up \
+         with while held: it did not keep up\n{log}"
     );
 }

@@ -323,7 +323,12 @@ impl Preloaded {
             return Store::open(&self.dir);
         }
         let view = &mut self.view;
-        let end = scan(&file, self.offset, u64::MAX, |off, r| view.apply(off, r))?;
+        let mut records = 0u64;
+        let end = scan(&file, self.offset, u64::MAX, |off, r| {
+            records += 1;
+            view.apply(off, r);
+        })?;
+        tracing::info!(target: "demo::store", records, bytes = end - self.offset, "read the tail after Begin");
         let loaded = Loaded {
             view: self.view,
             end,
