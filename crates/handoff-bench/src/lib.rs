@@ -27,6 +27,7 @@ pub mod contest;
 pub mod floors;
 pub mod report;
 pub mod tiny;
+pub mod upgrade_cmd;
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -64,4 +65,16 @@ pub fn raise_nofile() -> u64 {
         }
         Err(_) => 1024,
     }
+}
+
+/// Creates `dir` (and its parents) with mode 0700: the benches' scratch dirs, where the
+/// runtime and state dirs of `handoff run` live (it refuses dirs others can enter).
+pub fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }

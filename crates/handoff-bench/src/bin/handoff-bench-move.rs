@@ -24,17 +24,17 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures_util::stream::{self, StreamExt};
 use handoff_bench::contest::{self, Bins, Peer, Running};
+use handoff_bench::private_dir;
 use handoff_bench::raise_nofile;
 use handoff_bench::report::Dist;
+use handoff_bench::upgrade_cmd::upgrade_json;
 use handoff_load::conn::Conn;
 use serde::Serialize;
 
@@ -148,15 +148,6 @@ fn main() -> Result<()> {
         bail!("{failed} failed connections or upgrades (see above)");
     }
     Ok(())
-}
-
-/// Creates `dir` with mode 0700 (the runtime and state dirs of `handoff run` live in it).
-fn private_dir(dir: &Path) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// One service with `n` idle connections, upgraded `args.upgrades` times.
@@ -358,58 +349,21 @@ const UPGRADE_BUDGET: Duration = Duration::from_secs(60);
 /// Runs `handoff upgrade --runtime-dir RUN --json` and reads its events.
 fn upgrade(bins: &Bins, run: &Path) -> Result<Round> {
     let t = Instant::now();
-    let child = Command::new(bins.path("handoff")?)
-        .arg("upgrade")
-        .arg("--runtime-dir")
-        .arg(run)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting handoff upgrade")?;
-    let out = contest::output_within(child, UPGRADE_BUDGET).context("handoff upgrade")?;
+    let u = upgrade_json(&bins.path("handoff")?, run, UPGRADE_BUDGET)?;
     let mut r = Round {
         command_ms: t.elapsed().as_secs_f64() * 1e3,
+        draining_ms: u.phase_ms("draining"),
+        error: u.error,
         ..Round::default()
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        match ev["event"].as_str() {
-            Some("phase") => {
-                let phase = ev["phase"].as_str().unwrap_or("?").to_owned();
-                let ms = ev["took_ms"].as_f64().unwrap_or(f64::NAN);
-                if phase == "draining" {
-                    r.draining_ms = Some(ms);
-                }
-                r.phases.push((phase, ms));
-            }
-            Some("committed") => {
-                r.old_pid = ev["old_pid"].as_u64().map(|p| p as u32);
-                r.new_pid = ev["new_pid"].as_u64().map(|p| p as u32);
-                r.total_ms = ev["total_ms"].as_f64();
-                r.moved = ev["connections_moved"].as_u64();
-                r.closed = ev["connections_closed"].as_u64();
-            }
-            Some("aborted") => {
-                r.error = Some(format!("aborted: {}", ev["reason"]));
-            }
-            Some("error") => {
-                r.error = Some(format!("error: {}", ev["message"]));
-            }
-            _ => {}
-        }
+    if let Some(ev) = &u.committed {
+        r.old_pid = ev["old_pid"].as_u64().map(|p| p as u32);
+        r.new_pid = ev["new_pid"].as_u64().map(|p| p as u32);
+        r.total_ms = ev["total_ms"].as_f64();
+        r.moved = ev["connections_moved"].as_u64();
+        r.closed = ev["connections_closed"].as_u64();
     }
-    if !out.status.success() && r.error.is_none() {
-        r.error = Some(format!(
-            "handoff upgrade: {}: {} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    r.phases = u.phases;
     Ok(r)
 }
 

@@ -30,9 +30,7 @@
 //! target/release/handoff-bench-state --keys 0,1000000,10000000 --upgrades 20
 //! ```
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,7 +41,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use handoff_bench::contest::{self, Bins};
+use handoff_bench::private_dir;
 use handoff_bench::report::Dist;
+use handoff_bench::upgrade_cmd::upgrade_json;
 use handoff_load::blocking::{verify_acked, Client, Load};
 use serde::Serialize;
 
@@ -173,15 +173,6 @@ fn main() -> Result<()> {
         bail!("{bad} lost writes, failed requests or failed upgrades (see above)");
     }
     Ok(())
-}
-
-/// Creates `dir` with mode 0700 (the runtime and state dirs of `handoff run` live in it).
-fn private_dir(dir: &Path) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// `handoff run` of the demo, stopped (its whole process group) when dropped.
@@ -435,63 +426,32 @@ const UPGRADE_BUDGET: Duration = Duration::from_secs(120);
 
 /// Runs `handoff upgrade --runtime-dir RUN --json` and reads its events.
 fn upgrade(run: &Path) -> Result<Round> {
-    let child = Command::new(handoff_path(run))
-        .arg("upgrade")
-        .arg("--runtime-dir")
-        .arg(run)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting handoff upgrade")?;
-    let out = contest::output_within(child, UPGRADE_BUDGET).context("handoff upgrade")?;
-    let mut r = Round::default();
-    let mut phases: HashMap<String, f64> = HashMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        match ev["event"].as_str() {
-            Some("phase") => {
-                let phase = ev["phase"].as_str().unwrap_or("?").to_owned();
-                let ms = ev["took_ms"].as_f64().unwrap_or(f64::NAN);
-                phases.insert(phase.clone(), ms);
-                r.phases.push((phase, ms));
-            }
-            Some("committed") => {
-                r.old_pid = ev["old_pid"].as_u64().map(|p| p as u32);
-                r.new_pid = ev["new_pid"].as_u64().map(|p| p as u32);
-                r.total_ms = ev["total_ms"].as_f64();
-                let c = &ev["catch_up"];
-                if c.is_object() {
-                    r.catch_up = Some(CatchUp {
-                        rounds: c["rounds"].as_u64().unwrap_or(0),
-                        records: c["records"].as_u64().unwrap_or(0),
-                        last_records: c["last_records"].as_u64().unwrap_or(0),
-                        converged: c["converged"].as_bool().unwrap_or(false),
-                        took_ms: c["took_ms"].as_f64().unwrap_or(f64::NAN),
-                    });
-                }
-            }
-            Some("aborted") => r.error = Some(format!("aborted: {}", ev["reason"])),
-            Some("error") => r.error = Some(format!("error: {}", ev["message"])),
-            _ => {}
+    let u = upgrade_json(&handoff_path(run), run, UPGRADE_BUDGET)?;
+    let mut r = Round {
+        warmup_ms: u.phase_ms("negotiating"),
+        gap_ms: ["draining", "sealing", "awaiting-ready", "committed"]
+            .iter()
+            .map(|p| u.phase_ms(p))
+            .sum(),
+        error: u.error.clone(),
+        ..Round::default()
+    };
+    if let Some(ev) = &u.committed {
+        r.old_pid = ev["old_pid"].as_u64().map(|p| p as u32);
+        r.new_pid = ev["new_pid"].as_u64().map(|p| p as u32);
+        r.total_ms = ev["total_ms"].as_f64();
+        let c = &ev["catch_up"];
+        if c.is_object() {
+            r.catch_up = Some(CatchUp {
+                rounds: c["rounds"].as_u64().unwrap_or(0),
+                records: c["records"].as_u64().unwrap_or(0),
+                last_records: c["last_records"].as_u64().unwrap_or(0),
+                converged: c["converged"].as_bool().unwrap_or(false),
+                took_ms: c["took_ms"].as_f64().unwrap_or(f64::NAN),
+            });
         }
     }
-    if r.error.is_none() && r.new_pid.is_none() {
-        r.error = Some(format!(
-            "no committed event (exit {:?}): {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    r.warmup_ms = phases.get("negotiating").copied();
-    let gap: Option<Vec<f64>> = ["draining", "sealing", "awaiting-ready", "committed"]
-        .iter()
-        .map(|p| phases.get(*p).copied())
-        .collect();
-    r.gap_ms = gap.map(|g| g.iter().sum());
+    r.phases = u.phases;
     Ok(r)
 }
 

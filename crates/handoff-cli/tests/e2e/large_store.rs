@@ -32,17 +32,27 @@ const UPGRADES: usize = 6;
 const SETTLE: Duration = Duration::from_secs(20);
 const PROGRESS: Duration = Duration::from_secs(10);
 
+/// The value of ` NAME=` (digits) in `line`.
+fn field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `records=` of every log line saying `what`.
+fn records_of(log: &str, what: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| field(l, "records"))
+        .collect()
+}
+
 /// The `preloaded` lines of every process so far: (keys indexed, keys read
 /// after the index).
 fn preloads(log: &str) -> Vec<(u64, u64)> {
-    let field = |line: &str, name: &str| -> Option<u64> {
-        let at = line.find(&format!(" {name}="))? + name.len() + 2;
-        line[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
     log.lines()
         .filter(|l| l.contains("demo::store") && l.contains("preloaded"))
         .filter_map(|l| Some((field(l, "indexed")?, field(l, "held")?)))
@@ -161,36 +171,6 @@ fn a_large_store_upgrades_under_writes_reading_only_what_is_new() {
     );
 }
 
-/// The `kept up while waiting for Begin` rounds so far: records each read.
-fn kept_up(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("kept up while waiting for Begin"))
-        .filter_map(|l| {
-            let at = l.find(" records=")? + " records=".len();
-            l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// Records the new build read after Begin (`read the tail after Begin`).
-fn tails(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("read the tail after Begin"))
-        .filter_map(|l| {
-            let at = l.find(" records=")? + " records=".len();
-            l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 /// A successor prepared ahead (`handoff upgrade --prepare`) caught up when
 /// it said Hello; the old build then writes on for as long as it is held.
 /// It keeps catching up meanwhile, so that after Begin it reads about one
@@ -221,7 +201,12 @@ fn a_prepared_successor_keeps_up_with_the_writes_while_held() {
     wait_until(
         PROGRESS,
         "the held successor has read some of the writes",
-        || kept_up(&sup.stderr_log()).iter().sum::<u64>() > 50,
+        || {
+            records_of(&sup.stderr_log(), "kept up while waiting for Begin")
+                .iter()
+                .sum::<u64>()
+                > 50
+        },
     );
     let out = sup.upgrade(&[]);
     let c = out.expect_committed();
@@ -238,8 +223,10 @@ fn a_prepared_successor_keeps_up_with_the_writes_while_held() {
     );
 
     let log = sup.stderr_log();
-    let kept: u64 = kept_up(&log).iter().sum();
-    let tail = *tails(&log)
+    let kept: u64 = records_of(&log, "kept up while waiting for Begin")
+        .iter()
+        .sum();
+    let tail = *records_of(&log, "read the tail after Begin")
         .last()
         .expect("a `read the tail after Begin` line");
     let committed = out.events_of("committed")[0].clone();

@@ -383,6 +383,28 @@ impl Table {
         self.live += len;
     }
 
+    /// Walks `tag`'s probe sequence: the first entry of the same tag that
+    /// `is_it` accepts (`true`), or the empty slot that ends the sequence
+    /// (`false`); with its position.
+    fn find(
+        &self,
+        tag: u64,
+        mut is_it: impl FnMut(u64) -> io::Result<bool>,
+    ) -> io::Result<(usize, bool)> {
+        let mask = (1 << self.bits) - 1;
+        let mut i = slot(tag, self.bits);
+        loop {
+            let e = self.entries[i];
+            if e == 0 {
+                return Ok((i, false));
+            }
+            if entry_tag(e) == tag && is_it(e)? {
+                return Ok((i, true));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// Points `key` at its record at `off` (`len` bytes), replacing the
     /// entry of an older record of the same key: the key at an entry with
     /// the same tag is read from `log` to tell.
@@ -396,46 +418,32 @@ impl Table {
     ) -> io::Result<()> {
         self.reserve(1);
         let tag = tag_of(key);
-        let mask = (1 << self.bits) - 1;
-        let mut i = slot(tag, self.bits);
-        loop {
-            let e = self.entries[i];
-            if e == 0 {
-                self.entries[i] = entry(tag, off);
-                self.keys += 1;
-                self.live += len;
-                return Ok(());
-            }
-            if entry_tag(e) == tag {
-                let rec = read_record(log, entry_off(e), end)?;
-                if let Some(r) = log::parse(&rec) {
-                    if r.key == key {
-                        self.entries[i] = entry(tag, off);
-                        self.live = self.live - r.len as u64 + len;
-                        return Ok(());
-                    }
+        let mut old_len = 0;
+        let (i, found) = self.find(tag, |e| {
+            let rec = read_record(log, entry_off(e), end)?;
+            Ok(match log::parse(&rec) {
+                Some(r) if r.key == key => {
+                    old_len = r.len as u64;
+                    true
                 }
-            }
-            i = (i + 1) & mask;
+                _ => false,
+            })
+        })?;
+        self.entries[i] = entry(tag, off);
+        if found {
+            self.live = self.live - old_len + len;
+        } else {
+            self.keys += 1;
+            self.live += len;
         }
+        Ok(())
     }
 
     /// Whether `key`'s entry points at `off`: the record there is its
     /// latest (a compaction keeps exactly those).
     pub(super) fn points_at(&self, key: &str, off: u64) -> bool {
-        let tag = tag_of(key);
-        let mask = (1 << self.bits) - 1;
-        let mut i = slot(tag, self.bits);
-        loop {
-            let e = self.entries[i];
-            if e == 0 {
-                return false;
-            }
-            if entry_tag(e) == tag && entry_off(e) == off {
-                return true;
-            }
-            i = (i + 1) & mask;
-        }
+        self.find(tag_of(key), |e| Ok(entry_off(e) == off))
+            .is_ok_and(|(_, found)| found)
     }
 
     /// Writes the table as the checkpoint of `log` up to `covered`: a temp
