@@ -64,6 +64,12 @@ struct Args {
     /// Keep-alive clients of the saturating load.
     #[arg(long, default_value_t = 32)]
     clients: usize,
+    /// Run the load generator's threads at this nice value (`renice`): on a machine
+    /// where it shares the cores with the service, so that it takes what the service
+    /// leaves instead of delaying the handoff's own threads (clients are remote in
+    /// production). 0 leaves them as they are.
+    #[arg(long, default_value_t = 0)]
+    load_nice: i32,
     /// Write the results as JSON here too.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -291,6 +297,9 @@ fn wait_healthy(svc: &mut Service, within: Duration) -> Result<()> {
 fn series(svc: &Service, keys: u64, writes: &str, args: &Args) -> Result<Series> {
     let load = if writes == "saturating" {
         let l = Load::start(svc.addr, args.clients, 0).context("starting the load")?;
+        if args.load_nice != 0 {
+            renice_load_threads(args.load_nice)?;
+        }
         if !l.wait_for_ok(1000, Duration::from_secs(30)) {
             bail!("the load made no progress: {}", l.snapshot());
         }
@@ -376,6 +385,30 @@ fn series(svc: &Service, keys: u64, writes: &str, args: &Args) -> Result<Series>
         details,
         rounds,
     })
+}
+
+/// Sets the nice value of this process's load-generator threads (named `load`).
+fn renice_load_threads(nice: i32) -> Result<()> {
+    let mut tids = vec![];
+    for e in std::fs::read_dir("/proc/self/task")?.flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with("load") {
+            tids.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    if tids.is_empty() {
+        bail!("found no load-generator thread to renice");
+    }
+    let status = Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p"])
+        .args(&tids)
+        .stdout(Stdio::null())
+        .status()
+        .context("running renice")?;
+    if !status.success() {
+        bail!("renice -n {nice} of the load threads {tids:?}: {status}");
+    }
+    Ok(())
 }
 
 /// (Rss, Pss, Anonymous) in MiB, summed over the supervisor's children (the service's

@@ -147,12 +147,15 @@ fn a_large_store_upgrades_under_writes_reading_only_what_is_new() {
         UPGRADES + 1,
         "one `preloaded` line per process expected\n{log}"
     );
-    // Every process found the store indexed and read at most what was
-    // written since the last checkpoint (plus the one in flight).
+    // Every process found the store indexed and read only what was written
+    // since a recent checkpoint: a few hundred records — the last
+    // checkpoint's threshold, the writes while one is being written (a
+    // debug build takes ~100 ms), or an older index when a newer one lands
+    // during the preload — never the 200,000 of history.
     assert_eq!(preloads[0], (SEEDED, 0), "the first start\n{log}");
     for (i, &(indexed, held)) in preloads.iter().enumerate().skip(1) {
         assert!(
-            indexed >= SEEDED && held < 3 * CHECKPOINT_EVERY,
+            indexed >= SEEDED && held < SEEDED / 20,
             "upgrade {i}: the new build found {indexed} keys indexed and read {held} after the \
              index: it replayed history instead of the checkpoint's tail\n{log}"
         );
@@ -198,14 +201,17 @@ fn a_prepared_successor_keeps_up_with_the_writes_while_held() {
     // Writes while it is held, until it has read some of them.
     let load = Load::start(sup.addr, 2, 0).expect("start the load");
     load.wait_progress(400, PROGRESS, "while a successor is held");
+    // Long enough for several rounds (one per 100 ms of quiet) to have read
+    // many writes: one round's worth, left for after Begin, is then small
+    // against it.
     wait_until(
         PROGRESS,
-        "the held successor has read some of the writes",
+        "the held successor has read 500 of the writes",
         || {
             records_of(&sup.stderr_log(), "kept up while waiting for Begin")
                 .iter()
                 .sum::<u64>()
-                > 50
+                >= 500
         },
     );
     let out = sup.upgrade(&[]);
@@ -238,8 +244,8 @@ fn a_prepared_successor_keeps_up_with_the_writes_while_held() {
         "the report does not count the rounds run while held: {committed}\n{out}"
     );
     assert!(
-        tail < kept,
-        "after Begin the new build read {tail} records, no fewer than the {kept} it had kept up \
-         with while held: it did not keep up\n{log}"
+        tail < kept / 2,
+        "after Begin the new build read {tail} records, not much fewer than the {kept} it had \
+         kept up with while held: it did not keep up\n{log}"
     );
 }
