@@ -98,7 +98,57 @@ impl Builder {
     /// leave a record caught half-written for the next round. An error
     /// ends this process's start (the old build serves on). The rounds are
     /// in `handoff upgrade`'s report. `crates/handoff-demo` (a log with a
-    /// checkpointed index) uses it; docs/design.md §2.7 says why.
+    /// checkpointed index) uses it; docs/design.md §2.7 says why. Keep
+    /// `round` cheap when there is nothing new: after Hello it also runs
+    /// every 100 ms while the build waits to take over (held by `handoff
+    /// upgrade --prepare`, say), so that what is left after Begin stays one
+    /// round's writes however long it waited.
+    ///
+    /// ```no_run
+    /// use std::io::{Read, Seek, SeekFrom};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use handoff_tokio::{CatchUpPolicy, CatchUpRound};
+    ///
+    /// /// A log read during warm-up, and how far.
+    /// struct Replica {
+    ///     log: std::fs::File,
+    ///     offset: u64,
+    /// }
+    ///
+    /// impl Replica {
+    ///     /// Applies what was appended since the last call; a record
+    ///     /// caught half-written stays for the next one.
+    ///     fn apply_new(&mut self) -> std::io::Result<(u64, u64)> {
+    ///         let end = self.log.metadata()?.len(); // no further: a busy writer never stops
+    ///         let mut new = vec![0; (end - self.offset) as usize];
+    ///         self.log.seek(SeekFrom::Start(self.offset))?;
+    ///         self.log.read_exact(&mut new)?;
+    ///         let whole = new.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    ///         let records = new[..whole].iter().filter(|&&b| b == b'\n').count();
+    ///         // … apply new[..whole] to the in-memory state …
+    ///         self.offset += whole as u64;
+    ///         Ok((records as u64, whole as u64))
+    ///     }
+    /// }
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// let replica = Arc::new(Mutex::new(Replica {
+    ///     log: std::fs::File::open("/var/lib/app/log")?,
+    ///     offset: 0,
+    /// }));
+    /// replica.lock().unwrap().apply_new()?; // warm-up: the bulk
+    /// let r = replica.clone();
+    /// let handoff = handoff_tokio::Handoff::builder("app 2.0")
+    ///     .stateful()
+    ///     .catch_up(CatchUpPolicy::default(), move || {
+    ///         let (records, bytes) = r.lock().unwrap().apply_new()?;
+    ///         Ok(CatchUpRound { records, bytes })
+    ///     })
+    ///     // on_begin (the lock is ours): apply_new() once more, then write.
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
     pub fn catch_up<F>(mut self, policy: crate::CatchUpPolicy, f: F) -> Self
     where
         F: FnMut() -> Result<crate::CatchUpRound, BoxError> + Send + 'static,
