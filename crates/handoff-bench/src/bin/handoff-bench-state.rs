@@ -274,12 +274,15 @@ fn store_series(bins: &Bins, dir: &Path, keys: u64, args: &Args) -> Result<Vec<S
     Ok(out)
 }
 
-/// Polls `GET /healthz` until it answers 200; fails at once if `handoff run` exits.
+/// Polls until `GET /healthz` answers 200 and the supervisor's admin socket is there
+/// (the service may serve a moment before `handoff run` listens for `handoff upgrade`);
+/// fails at once if `handoff run` exits.
 fn wait_healthy(svc: &mut Service, within: Duration) -> Result<()> {
     let (addr, end) = (svc.addr, Instant::now() + within);
+    let admin = svc.run.join("admin.sock");
     loop {
         if let Ok(r) = Client::new(addr, false).get("/healthz") {
-            if r.status == 200 {
+            if r.status == 200 && admin.exists() {
                 return Ok(());
             }
         }
