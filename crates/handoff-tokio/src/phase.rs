@@ -176,17 +176,21 @@ impl Shared {
             .is_some()
     }
 
-    /// Offers a connection to the drain in progress (refused when it does
-    /// not move connections), under the read lock rather than a clone.
-    pub(crate) fn offer(
+    /// Lends a connection to the drain in progress (refused, and given
+    /// back, when it does not move connections), under the read lock
+    /// rather than a clone of the mover.
+    pub(crate) fn lend<C>(
         &self,
-        fd: std::os::fd::BorrowedFd<'_>,
+        conn: C,
         unread: &[u8],
         state: &[u8],
-    ) -> Result<(), handoff::MoveRefused> {
+    ) -> Result<handoff::Lent<C>, (C, handoff::MoveRefused)>
+    where
+        C: std::os::fd::AsFd + Send + Sync + 'static,
+    {
         match &*self.mover.read().unwrap_or_else(|p| p.into_inner()) {
-            Some(m) => m.offer(fd, unread, state),
-            None => Err(handoff::MoveRefused::Closed),
+            Some(m) => m.lend(conn, unread, state),
+            None => Err((conn, handoff::MoveRefused::Closed)),
         }
     }
 

@@ -180,7 +180,7 @@ impl CatchUpReport {
         )
     }
 
-    /// Parses [`to_metadata`](Self::to_metadata)'s form. Unknown keys are
+    /// Parses the form the successor's Ready metadata carries. Unknown keys are
     /// skipped (a newer successor may say more); a malformed value or no
     /// `rounds` gives `None` — it is a report, never a reason to fail.
     pub fn from_metadata(s: &str) -> Option<CatchUpReport> {

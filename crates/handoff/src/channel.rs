@@ -365,8 +365,9 @@ impl Sender {
         flight: &mut sys::fdpass::InFlight,
         n: usize,
         deadline: Instant,
+        stop: &dyn Fn() -> bool,
     ) -> io::Result<()> {
-        flight.wait_room(&self.stream, n, deadline)
+        flight.wait_room(&self.stream, n, deadline, stop)
     }
 
     /// Records in `flight` a batch of `fds` descriptors just sent.

@@ -186,7 +186,7 @@ pub use frame::FrameError;
 pub use incumbent::{Incumbent, Retired};
 pub use listeners::Listener;
 pub use lock::{LockError, StateLock};
-pub use moving::{MoveRefused, MovedConnection, Mover, MAX_CONNECTION_BYTES};
+pub use moving::{Lent, MoveRefused, MovedConnection, Mover, MAX_CONNECTION_BYTES};
 pub use private_fs::PrivateError;
 pub use process::{bind_control, DrainReport, Drainable, ProcessConfig, ServiceError};
 pub use protocol::Peer;

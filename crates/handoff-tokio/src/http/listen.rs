@@ -21,7 +21,7 @@ mod sealed {
 pub trait Listen: sealed::Sealed + Send + Sync + 'static {
     /// One accepted connection.
     #[doc(hidden)]
-    type Io: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static;
+    type Io: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static;
 
     /// Accepts one connection, ready for HTTP.
     #[doc(hidden)]

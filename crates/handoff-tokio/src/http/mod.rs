@@ -194,7 +194,7 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
     shared: Arc<Shared>,
     key: Arc<str>,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsFd + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsFd + Unpin + Send + Sync + 'static,
 {
     let mut no_move = false;
     loop {
@@ -235,17 +235,23 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
             return;
         };
         let (s, rest) = rewind.into_parts();
-        (stream, counted, unread) = (s, c, rest);
-        if let Err(e) = shared.offer(stream.as_fd(), &unread, key.as_bytes()) {
-            // Serve it again, winding down as a connection that does not
-            // move: answered with `Connection: close`, or closed when idle.
-            tracing::debug!(target: "handoff_tokio", error = %e, "connection not moved; closing it instead");
-            if let Some(m) = shared.mover() {
-                m.closed(1);
+        (counted, unread) = (c, rest);
+        // Lent, not duplicated: the mover holds the stream until it is sent.
+        let lent = match shared.lend(s, &unread, key.as_bytes()) {
+            Ok(lent) => lent,
+            Err((s, e)) => {
+                // Serve it again, winding down as a connection that does
+                // not move: answered with `Connection: close`, or closed
+                // when idle.
+                tracing::debug!(target: "handoff_tokio", error = %e, "connection not moved; closing it instead");
+                if let Some(m) = shared.mover() {
+                    m.closed(1);
+                }
+                stream = s;
+                no_move = true;
+                continue;
             }
-            no_move = true;
-            continue;
-        }
+        };
         // Parked: not read by anyone until the outcome.
         counted.parked();
         let mut moved = shared.subscribe_moved();
@@ -255,6 +261,8 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
             .map(|m| *m)
             .unwrap_or(Moved::Gone);
         drop(husk);
+        // The outcome is known, so the mover has let go of it: at once.
+        stream = lent.take_back();
         match fate {
             Moved::Back => {
                 counted.unparked();

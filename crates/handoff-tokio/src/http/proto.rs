@@ -31,15 +31,22 @@ type H2Conn<I, S> = http2::Connection<TokioIo<Io<I>>, Tracked<S>, TokioExecutor>
 /// The client preface of HTTP/2 over cleartext with prior knowledge.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// hyper's read buffer and the service of a connection taken apart to
-/// move, kept until the handoff's outcome instead of freed on the spot.
+/// hyper's read buffer, the service and the (emptied) box of a connection
+/// taken apart to move, kept until the handoff's outcome instead of freed
+/// on the spot.
 ///
-/// Freeing them is most of what taking a connection out of hyper costs
-/// (the read buffer is the size class whose free makes glibc consolidate
-/// its heap), and it would be paid 10,000 times inside the drain, while
-/// nobody accepts. Dropped once the outcome is known: then the next build
-/// serves, or the drain is over.
-pub(crate) struct Husk<S>(#[allow(dead_code)] Option<(hyper::body::Bytes, Tracked<S>)>);
+/// Freeing is most of what taking a connection out of hyper costs, and it
+/// would be paid 10,000 times inside the drain, while nobody accepts: the
+/// read buffer is the size class whose free makes glibc consolidate its
+/// heap, and with glibc a block freed by another thread than the one that
+/// allocated it waits for that thread's arena lock — with the tokio
+/// workers taking connections apart side by side, a third of their
+/// switches-out in a drain were on that lock. Dropped once the outcome is
+/// known: then the next build serves, or the drain is over.
+pub(crate) struct Husk<S>(
+    #[allow(dead_code)] Option<(hyper::body::Bytes, Tracked<S>)>,
+    #[allow(dead_code)] Option<Box<dyn std::any::Any + Send>>,
+);
 
 pub(crate) enum Http<I: Stream, S: Svc<B>, B: ResBody> {
     /// Reading the first bytes, to tell HTTP/2 from HTTP/1.
@@ -48,9 +55,10 @@ pub(crate) enum Http<I: Stream, S: Svc<B>, B: ResBody> {
         buf: Vec<u8>,
         svc: Option<Tracked<S>>,
     },
-    /// Boxed: each variant is as small as the others.
+    /// Boxed: each variant is as small as the others. The box is emptied,
+    /// not freed, when the connection is taken apart ([`Husk`]).
     H1 {
-        conn: Box<H1Conn<I, S>>,
+        conn: Box<Option<H1Conn<I, S>>>,
         done: bool,
     },
     H2(Pin<Box<H2Conn<I, S>>>),
@@ -71,7 +79,11 @@ impl<I: Stream, S: Svc<B>, B: ResBody> Http<I, S, B> {
     pub(crate) fn graceful(&mut self) {
         match self {
             Http::Sniff { .. } => *self = Http::Done(std::marker::PhantomData),
-            Http::H1 { conn, .. } => Pin::new(&mut **conn).graceful_shutdown(),
+            Http::H1 { conn, .. } => {
+                if let Some(c) = conn.as_mut() {
+                    Pin::new(c).graceful_shutdown();
+                }
+            }
             Http::H2(c) => c.as_mut().graceful_shutdown(),
             Http::Done(_) => {}
         }
@@ -92,13 +104,13 @@ impl<I: Stream, S: Svc<B>, B: ResBody> Http<I, S, B> {
             Http::Sniff { io, buf, svc } => {
                 let mut io = io?;
                 io.get_mut()?.put_back(&buf);
-                Some((io, Husk(svc.map(|s| (hyper::body::Bytes::new(), s)))))
+                Some((io, Husk(svc.map(|s| (hyper::body::Bytes::new(), s)), None)))
             }
-            Http::H1 { conn, .. } => {
-                let parts = conn.into_parts()?;
+            Http::H1 { mut conn, .. } => {
+                let parts = conn.take()?.into_parts()?;
                 let mut io = parts.io.into_inner();
                 io.get_mut()?.put_back(&parts.read_buf);
-                Some((io, Husk(Some((parts.read_buf, parts.service)))))
+                Some((io, Husk(Some((parts.read_buf, parts.service)), Some(conn))))
             }
             Http::H2(_) | Http::Done(_) => None,
         }
@@ -158,16 +170,16 @@ where
                         let mut b = http1::Builder::new();
                         b.timer(TokioTimer::new());
                         Http::H1 {
-                            conn: Box::new(b.serve_connection(io, svc).with_upgrades()),
+                            conn: Box::new(Some(b.serve_connection(io, svc).with_upgrades())),
                             done: false,
                         }
                     };
                 }
                 Http::H1 { conn, done } => {
-                    if *done {
+                    let Some(c) = conn.as_mut().as_mut().filter(|_| !*done) else {
                         return Poll::Ready(());
-                    }
-                    return match Pin::new(&mut **conn).poll(cx) {
+                    };
+                    return match Pin::new(c).poll(cx) {
                         Poll::Ready(_) => {
                             *done = true;
                             Poll::Ready(())

@@ -166,13 +166,15 @@ impl InFlight {
     }
 
     /// Waits until `n` more descriptors fit in the window — the peer of
-    /// `sock` has read enough — or `deadline`. Polls, backing off from
-    /// 10 µs to 200 µs: there is no readiness event for "the peer read it".
+    /// `sock` has read enough —, `deadline`, or `stop()` says to give up.
+    /// Polls, backing off from 10 µs to 200 µs: there is no readiness event
+    /// for "the peer read it".
     pub fn wait_room<F: AsFd>(
         &mut self,
         sock: &F,
         n: usize,
         deadline: std::time::Instant,
+        stop: &dyn Fn() -> bool,
     ) -> io::Result<()> {
         let mut pause = std::time::Duration::from_micros(10);
         loop {
@@ -181,6 +183,12 @@ impl InFlight {
             if self.fds == 0 || self.fds + n <= self.window {
                 self.before = unread;
                 return Ok(());
+            }
+            if stop() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "stopped waiting for the peer to read the descriptors sent to it",
+                ));
             }
             let now = std::time::Instant::now();
             if now >= deadline {
@@ -285,24 +293,29 @@ mod tests {
         // Two batches of 2 fit in a window of 5; a third does not until
         // the peer reads.
         for _ in 0..2 {
-            w.wait_room(&a, 2, soon).unwrap();
+            w.wait_room(&a, 2, soon, &|| false).unwrap();
             send_with_fds(&a, &[7u8; 100], &[file.as_fd(), file.as_fd()]).unwrap();
             w.sent(&a, 2);
         }
         let err = w
-            .wait_room(&a, 2, Instant::now() + Duration::from_millis(20))
+            .wait_room(&a, 2, Instant::now() + Duration::from_millis(20), &|| false)
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Told to stop (the handoff aborted), it gives up at once, long
+        // before its deadline.
+        let err = w.wait_room(&a, 2, soon, &|| true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        assert!(Instant::now() < soon);
         // The peer reads the first batch: room again.
         let mut buf = [0u8; 100];
         let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
         assert_eq!((n, fds.len()), (100, 2));
-        w.wait_room(&a, 2, soon).unwrap();
+        w.wait_room(&a, 2, soon, &|| false).unwrap();
         assert_eq!(w.fds, 2, "the second batch is still unread");
         // A batch bigger than the window still goes when nothing is in
         // flight.
         let _ = recv_with_fds(&b, &mut buf).unwrap();
-        w.wait_room(&a, 50, soon).unwrap();
+        w.wait_room(&a, 50, soon, &|| false).unwrap();
         assert_eq!(w.fds, 0);
     }
 

@@ -302,7 +302,7 @@ fn relay_batch(
         .chan
         .stream()
         .set_write_timeout(Some(left))
-        .and_then(|()| flight.wait_room(n.chan.stream(), borrowed.len(), Instant::now() + left))
+        .and_then(|()| flight.wait_room(n.chan.stream(), borrowed.len(), Instant::now() + left, &|| false))
         .map_err(FrameError::from)
         .and_then(|()| {
             n.chan.send_with_fds(

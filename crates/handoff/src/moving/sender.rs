@@ -1,0 +1,139 @@
+//! The thread that sends the queued connections to the supervisor, batch
+//! after batch, within the window of descriptors in flight.
+
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use super::queue::{Mover, Offered};
+use crate::channel::Sender;
+use crate::frame::FrameError;
+use crate::protocol::{HandoffId, Message, MovedMeta};
+
+/// What the sender thread did.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    pub(crate) moved: u64,
+    pub(crate) closed: u64,
+}
+
+/// The thread that sends offered connections to the supervisor as they
+/// come, so the duplicates live for the time of one batch, not the drain.
+pub(crate) struct Flusher {
+    mover: Mover,
+    thread: Option<std::thread::JoinHandle<Result<u64, FrameError>>>,
+}
+
+impl Flusher {
+    /// Starts sending `mover`'s offers on `sender` for handoff `id`; every
+    /// write must finish by `deadline` (the handoff's).
+    pub(crate) fn start(
+        sender: Sender,
+        id: HandoffId,
+        mover: Mover,
+        deadline: Instant,
+    ) -> std::io::Result<Flusher> {
+        let m = mover.clone();
+        let thread = std::thread::Builder::new()
+            .name("handoff-move".into())
+            .spawn(move || {
+                let mut moved = 0u64;
+                let mut flight = crate::sys::fdpass::InFlight::new(m.0.window);
+                let sent = loop {
+                    let Some(batch) = m.next_batch() else {
+                        break Ok(moved);
+                    };
+                    let n = batch.len() as u64;
+                    let r = send_batch(&sender, &mut flight, id, batch, deadline, &m);
+                    // The batch is gone: duplicates closed (the supervisor's
+                    // copies, in flight or received, keep the sockets open),
+                    // lent connections free to go back.
+                    m.released();
+                    if let Err(e) = r {
+                        break Err(e);
+                    }
+                    crate::crash::point("o-in-transfer");
+                    moved += n;
+                };
+                // Whatever is still queued was never sent: refuse further
+                // offers and drop it (the service holds the connections and
+                // keeps them on the outcome it learns).
+                m.close();
+                m.drop_queued();
+                let _ = sender.set_write_timeout(None);
+                sent
+            })?;
+        Ok(Flusher {
+            mover,
+            thread: Some(thread),
+        })
+    }
+
+    /// Closes the offers and waits until everything offered is sent.
+    pub(crate) fn finish(mut self) -> Result<Sent, FrameError> {
+        self.mover.close();
+        let joined = self.thread.take().map(|t| t.join());
+        // Nothing is sent past this point, even if the thread panicked.
+        self.mover.drop_queued();
+        let moved = match joined {
+            Some(Ok(r)) => r?,
+            Some(Err(_)) => {
+                return Err(FrameError::Io(std::io::Error::other(
+                    "the thread sending moved connections panicked",
+                )))
+            }
+            None => 0,
+        };
+        Ok(Sent {
+            moved,
+            closed: self.mover.queue().closed,
+        })
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        // Not finished (an abort): stop offering and sending, and wait for
+        // the batch being sent, if any (the handoff's deadline bounds each
+        // write). When this returns nothing is sent any more: the service
+        // may serve its connections again, and a lent one is its own.
+        self.mover.abandon();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.mover.drop_queued();
+    }
+}
+
+/// Sends one batch: its descriptors and, in the same frame, what goes with
+/// each.
+fn send_batch(
+    sender: &Sender,
+    flight: &mut crate::sys::fdpass::InFlight,
+    id: HandoffId,
+    batch: Vec<Offered>,
+    deadline: Instant,
+    mover: &Mover,
+) -> Result<(), FrameError> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    sender.set_write_timeout(Some(left))?;
+    // Within the window (`sys::fdpass::InFlight`): the kernel refuses
+    // descriptors past the user's limit. An abort stops the wait.
+    let abandoned = || mover.queue().abandoned;
+    sender.wait_room(flight, batch.len(), deadline, &abandoned)?;
+    let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|c| c.fd.as_fd()).collect();
+    let msg = Message::Connections {
+        handoff_id: id,
+        conns: batch
+            .iter()
+            .map(|c| MovedMeta {
+                unread: c.unread.clone(),
+                state: c.state.as_slice().to_vec(),
+            })
+            .collect(),
+    };
+    sender.send_with_fds(&msg, &fds)?;
+    sender.note_sent(flight, fds.len());
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The mover's queue, its limits and the sender thread, on socket pairs.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use super::queue::Mover;
+use super::sender::Flusher;
+use super::{MoveRefused, MAX_CONNECTION_BYTES};
+use crate::protocol::Message;
+
+const MAX_BATCH_FDS: usize = crate::sys::fdpass::MAX_FDS;
+
+#[test]
+fn batches_are_what_the_supervisor_can_take() {
+    let m = Mover::moving_at_most(10);
+    assert_eq!(m.0.batch, 10);
+    assert_eq!(Mover::moving_at_most(0).0.batch, 1);
+    assert!(Mover::moving_at_most(100_000).0.batch <= MAX_BATCH_FDS);
+    let (a, _b) = UnixStream::pair().unwrap();
+    for _ in 0..25 {
+        m.offer(a.as_fd(), b"", b"").unwrap();
+    }
+    assert_eq!(m.next_batch().unwrap().len(), 10);
+}
+
+#[test]
+fn a_disabled_mover_refuses_and_keeps_nothing() {
+    let m = Mover::disabled();
+    let (a, _b) = UnixStream::pair().unwrap();
+    assert!(!m.is_moving());
+    assert!(matches!(
+        m.offer(a.as_fd(), b"", b""),
+        Err(MoveRefused::NotMoving)
+    ));
+}
+
+/// The sender thread sends what is offered, in batches of at most 253
+/// descriptors, each frame's descriptors the offered sockets, in order.
+#[test]
+fn the_flusher_sends_every_offer_with_its_descriptor() {
+    use crate::channel::Channel;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut ours = Channel::new(ours);
+    ours.set_version(crate::protocol::MOVE_SINCE);
+    let mut theirs = Channel::new(theirs);
+    theirs.set_version(crate::protocol::MOVE_SINCE);
+    let m = Mover::new(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let f = Flusher::start(ours.sender().unwrap(), 7, m.clone(), deadline).unwrap();
+    // Sockets whose peers we keep, to tell them apart after the move.
+    let pairs: Vec<_> = (0..260).map(|_| UnixStream::pair().unwrap()).collect();
+    for (i, (a, _)) in pairs.iter().enumerate() {
+        m.offer(a.as_fd(), format!("u{i}").as_bytes(), b"s")
+            .unwrap();
+    }
+    m.closed(2);
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![];
+        while got.len() < 260 {
+            let (msg, fds) = theirs.recv_with_fds(Duration::from_secs(10)).unwrap();
+            let Message::Connections { handoff_id, conns } = msg else {
+                panic!("{msg:?}")
+            };
+            assert_eq!(handoff_id, 7);
+            assert_eq!(conns.len(), fds.len());
+            assert!(fds.len() <= MAX_BATCH_FDS);
+            got.extend(conns.into_iter().zip(fds));
+        }
+        got
+    });
+    let sent = f.finish().unwrap();
+    assert_eq!((sent.moved, sent.closed), (260, 2));
+    let got = reader.join().unwrap();
+    for (i, (meta, fd)) in got.into_iter().enumerate() {
+        assert_eq!(meta.unread, format!("u{i}").as_bytes());
+        // The very socket: what is written to it comes out of its peer.
+        let mut s = UnixStream::from(fd);
+        std::io::Write::write_all(&mut s, &[i as u8]).unwrap();
+        let mut b = [0u8; 1];
+        std::io::Read::read_exact(&mut &pairs[i].1, &mut b).unwrap();
+        assert_eq!(b[0], i as u8);
+    }
+    assert!(matches!(
+        m.offer(pairs[0].0.as_fd(), b"", b""),
+        Err(MoveRefused::Closed)
+    ));
+}
+
+#[test]
+fn offers_are_checked_and_batched_within_the_limits() {
+    let m = Mover::new(true);
+    let (a, _b) = UnixStream::pair().unwrap();
+    let big = vec![0u8; MAX_CONNECTION_BYTES + 1];
+    assert!(matches!(
+        m.offer(a.as_fd(), &big, b""),
+        Err(MoveRefused::TooLarge { .. })
+    ));
+    let batch = m.0.batch;
+    assert!((1..=MAX_BATCH_FDS).contains(&batch));
+    for _ in 0..batch + 7 {
+        m.offer(a.as_fd(), b"GET", b"s").unwrap();
+    }
+    assert_eq!(m.next_batch().unwrap().len(), batch);
+    assert_eq!(m.next_batch().unwrap().len(), 7);
+    // Big offers split by bytes: four of 256 KiB do not fit one frame.
+    let quarter = vec![1u8; MAX_CONNECTION_BYTES];
+    for _ in 0..4 {
+        m.offer(a.as_fd(), &quarter, b"").unwrap();
+    }
+    assert_eq!(m.next_batch().unwrap().len(), 3);
+    assert_eq!(m.next_batch().unwrap().len(), 1);
+    m.close();
+    assert!(m.next_batch().is_none());
+    assert!(matches!(
+        m.offer(a.as_fd(), b"", b""),
+        Err(MoveRefused::Closed)
+    ));
+}
+
+/// A lent connection goes out as an offered one does — the very socket,
+/// no duplicate made — and comes back to its owner once sent.
+#[test]
+fn a_lent_connection_is_sent_and_given_back() {
+    use crate::channel::Channel;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut ours = Channel::new(ours);
+    ours.set_version(crate::protocol::MOVE_SINCE);
+    let mut theirs = Channel::new(theirs);
+    theirs.set_version(crate::protocol::MOVE_SINCE);
+    let m = Mover::new(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let f = Flusher::start(ours.sender().unwrap(), 9, m.clone(), deadline).unwrap();
+    let (conn, peer) = UnixStream::pair().unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&conn);
+    let lent = m.lend(conn, b"GET /", b"tcp").unwrap();
+    let sent = f.finish().unwrap();
+    assert_eq!(sent.moved, 1);
+    let (msg, fds) = theirs.recv_with_fds(Duration::from_secs(10)).unwrap();
+    let Message::Connections { handoff_id, conns } = msg else {
+        panic!("{msg:?}")
+    };
+    assert_eq!((handoff_id, conns.len(), fds.len()), (9, 1, 1));
+    assert_eq!(conns[0].unread, b"GET /");
+    assert_eq!(conns[0].state, b"tcp");
+    // The same socket: the receiver's copy reaches our peer.
+    let mut moved = UnixStream::from(fds.into_iter().next().unwrap());
+    std::io::Write::write_all(&mut moved, b"x").unwrap();
+    let mut b = [0u8; 1];
+    std::io::Read::read_exact(&mut &peer, &mut b).unwrap();
+    assert_eq!(&b, b"x");
+    // Ours again, the same descriptor it was (nothing was duplicated).
+    let back = lent.take_back();
+    assert_eq!(std::os::fd::AsRawFd::as_raw_fd(&back), raw);
+}
+
+/// Refused lends hand the connection straight back, with the reason.
+#[test]
+fn a_refused_lend_gives_the_connection_back() {
+    let (a, _b) = UnixStream::pair().unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&a);
+    let (a, e) = Mover::disabled().lend(a, b"", b"").unwrap_err();
+    assert!(matches!(e, MoveRefused::NotMoving), "{e}");
+    let m = Mover::new(true);
+    let big = vec![0u8; MAX_CONNECTION_BYTES + 1];
+    let (a, e) = m.lend(a, &big, b"").unwrap_err();
+    assert!(matches!(e, MoveRefused::TooLarge { .. }), "{e}");
+    m.close();
+    let (a, e) = m.lend(a, b"", b"").unwrap_err();
+    assert!(matches!(e, MoveRefused::Closed), "{e}");
+    assert_eq!(std::os::fd::AsRawFd::as_raw_fd(&a), raw);
+    assert_eq!(m.queued(), 0);
+}
+
+/// `take_back` waits while the sender holds the connection (a batch being
+/// sent), and returns once the sender lets go.
+#[test]
+fn take_back_waits_for_the_batch_in_flight() {
+    let m = Mover::new(true);
+    let (a, _b) = UnixStream::pair().unwrap();
+    let lent = m.lend(a, b"", b"").unwrap();
+    // What the sender thread does: take the batch, send it (here: hold it).
+    let batch = m.next_batch().unwrap();
+    assert_eq!(batch.len(), 1);
+    let taker = std::thread::spawn(move || lent.take_back());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.queue().takers == 0 {
+        assert!(Instant::now() < deadline, "take_back never waited");
+        std::thread::yield_now();
+    }
+    assert!(!taker.is_finished());
+    drop(batch);
+    m.released();
+    let back = taker.join().unwrap();
+    let mut probe = &back;
+    std::io::Write::write_all(&mut probe, b"still open").unwrap();
+}
+
+/// An aborted handoff's sender stops: what is queued is not sent, the
+/// thread is gone when the flusher is dropped, and every lent connection
+/// comes back at once.
+#[test]
+fn an_abandoned_flusher_sends_nothing_more_and_lets_go() {
+    use crate::channel::Channel;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut ours = Channel::new(ours);
+    ours.set_version(crate::protocol::MOVE_SINCE);
+    let mut theirs = Channel::new(theirs);
+    theirs.set_version(crate::protocol::MOVE_SINCE);
+    // A window of one descriptor: the second batch waits for the reader,
+    // which never reads until the flusher is dropped.
+    let m = Mover::moving_at_most(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pairs: Vec<_> = (0..5).map(|_| UnixStream::pair().unwrap()).collect();
+    let mut lent = vec![];
+    for (a, _) in &pairs {
+        lent.push(m.lend(a.try_clone().unwrap(), b"", b"").unwrap());
+    }
+    let f = Flusher::start(ours.sender().unwrap(), 3, m.clone(), deadline).unwrap();
+    let started = Instant::now();
+    drop(f);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "dropping the flusher waited for the deadline"
+    );
+    assert_eq!(m.queued(), 0);
+    for l in lent {
+        drop(l.take_back());
+    }
+    // At most the one batch the window let out before the drop; the rest
+    // never will be.
+    let mut got = 0;
+    while let Ok((_, fds)) = theirs.recv_with_fds(Duration::from_millis(1)) {
+        got += fds.len();
+    }
+    assert!(
+        got <= 1,
+        "{got} of 5 sent, with a window of 1 and no reader"
+    );
+    assert!(matches!(
+        m.lend(pairs[0].0.try_clone().unwrap(), b"", b""),
+        Err((_, MoveRefused::Closed))
+    ));
+}
