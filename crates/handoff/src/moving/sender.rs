@@ -38,12 +38,13 @@ impl Flusher {
             .spawn(move || {
                 let mut moved = 0u64;
                 let mut flight = crate::sys::fdpass::InFlight::new(m.0.window);
+                let mut metas = Vec::new();
                 let sent = loop {
                     let Some(batch) = m.next_batch() else {
                         break Ok(moved);
                     };
                     let n = batch.len() as u64;
-                    let r = send_batch(&sender, &mut flight, id, batch, deadline, &m);
+                    let r = send_batch(&sender, &mut flight, id, batch, deadline, &m, &mut metas);
                     // The batch is gone: duplicates closed (the supervisor's
                     // copies, in flight or received, keep the sockets open),
                     // lent connections free to go back.
@@ -113,6 +114,7 @@ fn send_batch(
     batch: Vec<Offered>,
     deadline: Instant,
     mover: &Mover,
+    metas: &mut Vec<MovedMeta>,
 ) -> Result<(), FrameError> {
     let left = deadline
         .saturating_duration_since(Instant::now())
@@ -123,17 +125,31 @@ fn send_batch(
     let abandoned = || mover.queue().abandoned;
     sender.wait_room(flight, batch.len(), deadline, &abandoned)?;
     let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|c| c.fd.as_fd()).collect();
+    // The same buffers batch after batch: a few hundred small allocations
+    // freed per batch would leave glibc's fast bins full, and the frame's
+    // own allocation (past the small sizes) consolidates them all first —
+    // it was half of this thread's time in a 10,000-connection drain.
+    let mut conns = std::mem::take(metas);
+    conns.truncate(batch.len());
+    conns.resize_with(batch.len(), || MovedMeta {
+        unread: Vec::new(),
+        state: Vec::new(),
+    });
+    for (meta, c) in conns.iter_mut().zip(&batch) {
+        meta.unread.clear();
+        meta.unread.extend_from_slice(&c.unread);
+        meta.state.clear();
+        meta.state.extend_from_slice(c.state.as_slice());
+    }
     let msg = Message::Connections {
         handoff_id: id,
-        conns: batch
-            .iter()
-            .map(|c| MovedMeta {
-                unread: c.unread.clone(),
-                state: c.state.as_slice().to_vec(),
-            })
-            .collect(),
+        conns,
     };
-    sender.send_with_fds(&msg, &fds)?;
+    let sent = sender.send_with_fds(&msg, &fds);
+    if let Message::Connections { conns, .. } = msg {
+        *metas = conns;
+    }
+    sent?;
     sender.note_sent(flight, fds.len());
     Ok(())
 }
