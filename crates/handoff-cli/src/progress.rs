@@ -70,7 +70,16 @@ struct Running {
     phase: SupervisorPhase,
     phase_since: Instant,
     done: Vec<PhaseTiming>,
+    /// Its outcome has been told to the requester; the slot is being
+    /// released. A request arriving now waits for it instead of being
+    /// turned away: the requester of the last upgrade may be a script
+    /// that starts the next as soon as it heard the outcome.
+    finishing: bool,
 }
+
+/// How long a request waits for a handoff that has told its outcome to
+/// release the slot (microseconds, in practice).
+const FINISHING_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct State {
@@ -78,6 +87,8 @@ struct State {
     counts: Counts,
     last: Option<LastHandoff>,
     running: Option<Running>,
+    /// Requests waiting for a finishing handoff to release the slot.
+    awaiting_release: usize,
 }
 
 /// The supervisor's record of its handoffs; one per `handoff run`.
@@ -194,7 +205,7 @@ impl Progress {
         let until = wait.map(|w| Instant::now() + w);
         let mut told = false;
         loop {
-            if self.admit(trigger)? {
+            if self.admit_after_finishing(trigger)? {
                 let r = perform(&mut |p| {
                     self.phase_ended(p);
                     observer(p);
@@ -205,11 +216,13 @@ impl Progress {
                     Err(HandoffError::InProgress) => self.end(trigger, None),
                     Err(HandoffError::NoIncumbent) => {
                         let r = Err(HandoffError::NoIncumbent);
+                        self.finishing();
                         done(&r);
                         self.end(trigger, None);
                         return r.map_err(UpgradeFailure::Handoff);
                     }
                     r => {
+                        self.finishing();
                         done(&r);
                         self.end(trigger, Some(&r));
                         return r.map_err(UpgradeFailure::Handoff);
@@ -237,6 +250,36 @@ impl Progress {
         }
     }
 
+    /// Takes the slot, waiting (up to [`FINISHING_WAIT`]) for a handoff
+    /// that has told its outcome and is releasing it: `Ok(false)` if a
+    /// handoff is in flight.
+    fn admit_after_finishing(&self, trigger: Trigger) -> Result<bool, UpgradeFailure> {
+        let until = Instant::now() + FINISHING_WAIT;
+        let mut st = self.lock();
+        while st.running.as_ref().is_some_and(|r| r.finishing) && !st.stopping {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st.awaiting_release += 1;
+            st = self
+                .idle
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            st.awaiting_release -= 1;
+        }
+        drop(st);
+        self.admit(trigger)
+    }
+
+    /// The handoff in the slot has an outcome, about to be told.
+    fn finishing(&self) {
+        if let Some(r) = self.lock().running.as_mut() {
+            r.finishing = true;
+        }
+    }
+
     /// Takes the slot: `Ok(false)` if a handoff is in flight.
     fn admit(&self, trigger: Trigger) -> Result<bool, UpgradeFailure> {
         let mut st = self.lock();
@@ -253,6 +296,7 @@ impl Progress {
             phase: SupervisorPhase::Negotiating,
             phase_since: now,
             done: vec![],
+            finishing: false,
         });
         Ok(true)
     }
@@ -418,6 +462,42 @@ mod tests {
         assert!(ours < 3_600_000, "{ours}");
         assert!(init + 10 >= ours, "init {init} < ours {ours}");
         assert!(uptime_ms(u32::MAX).is_none());
+    }
+
+    /// The requester of an upgrade hears its outcome just before the slot
+    /// is released. One that starts the next upgrade at once waits for that
+    /// release instead of being told another handoff is in progress; a
+    /// handoff still running is refused as before.
+    #[test]
+    fn a_request_waits_for_a_handoff_that_told_its_outcome() {
+        let p = std::sync::Arc::new(Progress::default());
+        assert!(p.admit(Trigger::Admin).unwrap());
+        assert!(
+            !p.admit_after_finishing(Trigger::Admin).unwrap(),
+            "a handoff still running is refused at once"
+        );
+        p.finishing();
+        let next = std::thread::spawn({
+            let p = p.clone();
+            move || p.admit_after_finishing(Trigger::Admin)
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.lock().awaiting_release == 0 {
+            assert!(
+                !next.is_finished(),
+                "refused instead of waiting: {:?}",
+                next.join()
+            );
+            assert!(Instant::now() < deadline, "the request never waited");
+            std::thread::yield_now();
+        }
+        // What the first handoff does after telling its outcome.
+        p.end(Trigger::Admin, None);
+        assert!(
+            next.join().unwrap().unwrap(),
+            "the next request got the slot"
+        );
+        assert!(p.lock().running.is_some());
     }
 
     #[test]
