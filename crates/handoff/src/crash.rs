@@ -170,7 +170,7 @@ mod tests {
             include_str!("supervisor/prepared.rs"),
             include_str!("incumbent.rs"),
             include_str!("successor.rs"),
-            include_str!("moving.rs"),
+            include_str!("moving/sender.rs"),
             // The handoff binary's re-exec (its points fire in the supervisor).
             include_str!("../../handoff-cli/src/run/requests.rs"),
             include_str!("../../handoff-cli/src/run/mod.rs"),
