@@ -7,9 +7,21 @@ use std::time::{Duration, Instant};
 use super::queue::Mover;
 use super::sender::Flusher;
 use super::{MoveRefused, MAX_CONNECTION_BYTES};
+use crate::channel::Channel;
 use crate::protocol::Message;
 
 const MAX_BATCH_FDS: usize = crate::sys::fdpass::MAX_FDS;
+
+/// The incumbent's end of a control connection and the supervisor's, both
+/// speaking the version that moves connections.
+fn channel_pair() -> (Channel, Channel) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut ours = Channel::new(ours);
+    ours.set_version(crate::protocol::MOVE_SINCE);
+    let mut theirs = Channel::new(theirs);
+    theirs.set_version(crate::protocol::MOVE_SINCE);
+    (ours, theirs)
+}
 
 #[test]
 fn batches_are_what_the_supervisor_can_take() {
@@ -39,12 +51,7 @@ fn a_disabled_mover_refuses_and_keeps_nothing() {
 /// descriptors, each frame's descriptors the offered sockets, in order.
 #[test]
 fn the_flusher_sends_every_offer_with_its_descriptor() {
-    use crate::channel::Channel;
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let mut ours = Channel::new(ours);
-    ours.set_version(crate::protocol::MOVE_SINCE);
-    let mut theirs = Channel::new(theirs);
-    theirs.set_version(crate::protocol::MOVE_SINCE);
+    let (ours, mut theirs) = channel_pair();
     let m = Mover::new(true);
     let deadline = Instant::now() + Duration::from_secs(10);
     let f = Flusher::start(ours.sender().unwrap(), 7, m.clone(), deadline).unwrap();
@@ -122,12 +129,7 @@ fn offers_are_checked_and_batched_within_the_limits() {
 /// no duplicate made — and comes back to its owner once sent.
 #[test]
 fn a_lent_connection_is_sent_and_given_back() {
-    use crate::channel::Channel;
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let mut ours = Channel::new(ours);
-    ours.set_version(crate::protocol::MOVE_SINCE);
-    let mut theirs = Channel::new(theirs);
-    theirs.set_version(crate::protocol::MOVE_SINCE);
+    let (ours, mut theirs) = channel_pair();
     let m = Mover::new(true);
     let deadline = Instant::now() + Duration::from_secs(10);
     let f = Flusher::start(ours.sender().unwrap(), 9, m.clone(), deadline).unwrap();
@@ -201,12 +203,7 @@ fn take_back_waits_for_the_batch_in_flight() {
 /// comes back at once.
 #[test]
 fn an_abandoned_flusher_sends_nothing_more_and_lets_go() {
-    use crate::channel::Channel;
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let mut ours = Channel::new(ours);
-    ours.set_version(crate::protocol::MOVE_SINCE);
-    let mut theirs = Channel::new(theirs);
-    theirs.set_version(crate::protocol::MOVE_SINCE);
+    let (ours, mut theirs) = channel_pair();
     // A window of one descriptor: the second batch waits for the reader,
     // which never reads until the flusher is dropped.
     let m = Mover::moving_at_most(1);
