@@ -46,6 +46,14 @@ impl Handoff {
     /// ones are closed after a grace, HTTP/2 gets GOAWAY, and no close
     /// resets what the client had not read.
     ///
+    /// In an upgrade (both builds on protocol version 3) an HTTP/1.1
+    /// connection between requests is not closed at all: it is handed to the
+    /// new build, which answers its next request on the same socket (the
+    /// upgrade report counts connections moved and closed). An idle
+    /// keep-alive connection is otherwise hyper's to close: one that sends
+    /// nothing for 30 s is closed (hyper's header-read timeout), and a moved
+    /// one starts that clock again in the new build.
+    ///
     /// The service gets each request's body as [`Incoming`]: hyper's,
     /// watched so that once draining a client that stops sending its body
     /// is cut after [`Builder::head_grace`](crate::Builder::head_grace)

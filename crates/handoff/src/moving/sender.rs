@@ -17,7 +17,8 @@ pub(crate) struct Sent {
 }
 
 /// The thread that sends offered connections to the supervisor as they
-/// come, so the duplicates live for the time of one batch, not the drain.
+/// come, so what it holds of them (duplicates, lent connections) is held
+/// for the time of one batch, not the drain.
 pub(crate) struct Flusher {
     mover: Mover,
     thread: Option<std::thread::JoinHandle<Result<u64, FrameError>>>,
