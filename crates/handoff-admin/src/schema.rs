@@ -127,6 +127,11 @@ pub enum Event {
         /// Connections the drain closed instead of moving (HTTP/2, ...).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         connections_closed: Option<u64>,
+        /// Whether the moved connections went straight from the old
+        /// process to the new one (protocol version 4) rather than through
+        /// the supervisor; absent when none were moved.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connections_direct: Option<bool>,
         /// How the new process caught up with the old one's writes before
         /// its Hello; absent when it did not (a stateless service, or one
         /// that does not use catch-up).

@@ -167,6 +167,7 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                 prepared_for_ms,
                 connections_moved,
                 connections_closed,
+                connections_direct,
                 catch_up,
                 ..
             } => {
@@ -179,7 +180,15 @@ pub fn main(a: UpgradeArgs) -> ExitCode {
                         })
                         .unwrap_or_default();
                     let conns = match (connections_moved, connections_closed) {
-                        (Some(m), Some(c)) => format!("; {m} connections moved, {c} closed"),
+                        (Some(m), Some(c)) => {
+                            let how = match connections_direct {
+                                Some(false) => {
+                                    " (through the supervisor: a process speaks protocol 3)"
+                                }
+                                _ => "",
+                            };
+                            format!("; {m} connections moved{how}, {c} closed")
+                        }
                         _ => String::new(),
                     };
                     println!(

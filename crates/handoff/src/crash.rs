@@ -37,6 +37,7 @@ pub const POINTS: &[CrashPoint] = &[
     CrashPoint::new("n-after-ready", Survivor::Restarted, "committed to a process that then died: the supervisor restarts the service"),
     // Moving connections (protocol version 3, docs/connection-transfer.md).
     CrashPoint::new("o-in-transfer", Survivor::New, "incumbent died after sending a batch of connections: the supervisor continues with the successor, which serves the moved ones after Ready; the rest closed with the incumbent"),
+    CrashPoint::new("s-after-moved", Survivor::Old, "version 4: the supervisor died once every connection had gone straight to the successor (ConnectionsDone): the incumbent still holds its copies and resumes them; the successor exits on EOF, its copies close without a FIN"),
     CrashPoint::new("s-relaying", Survivor::Old, "the supervisor died holding a batch (its copies close with it): the incumbent still holds every connection and resumes them; the successor exits on EOF, its copies close without a FIN"),
     // Replacing the supervisor in place (`handoff upgrade --supervisor`,
     // in the handoff binary: docs/design.md §9).
@@ -171,6 +172,7 @@ mod tests {
             include_str!("incumbent.rs"),
             include_str!("successor.rs"),
             include_str!("moving/sender.rs"),
+            include_str!("moving/inbound.rs"),
             // The handoff binary's re-exec (its points fire in the supervisor).
             include_str!("../../handoff-cli/src/run/requests.rs"),
             include_str!("../../handoff-cli/src/run/mod.rs"),

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -110,6 +110,9 @@ const NO_WAKE_TICK: Duration = Duration::from_millis(10);
 struct Greeted {
     chan: Channel,
     first: Message,
+    /// Descriptors attached to `first`: the socket to the successor of a
+    /// PrepareHandoffV4; dropped (closed) with any other message.
+    fds: Vec<OwnedFd>,
     /// Held until the control thread is done with it: queued requests
     /// count against [`MAX_GREETING`] as well.
     _slot: Slot,
@@ -332,7 +335,7 @@ impl Incumbent {
                     tracing::debug!(target: "handoff::incumbent", message = g.first.name(), "control peer hung up while its request waited");
                     continue;
                 }
-                match self.handoff(g.chan, g.first, service)? {
+                match self.handoff(g.chan, g.first, g.fds, service)? {
                     Next::Continue => continue,
                     Next::Retire(r) => {
                         tracing::info!(target: "handoff::incumbent", ?r, "retiring");
@@ -484,12 +487,13 @@ impl Incumbent {
         let spawned = std::thread::Builder::new()
             .name("handoff-greet".into())
             .spawn(move || {
-                let Some((chan, first)) = await_request(chan, greeting) else {
+                let Some((chan, first, fds)) = await_request(chan, greeting) else {
                     return;
                 };
                 let queued = to_serve.send(Greeted {
                     chan,
                     first,
+                    fds,
                     _slot: slot,
                 });
                 // Sent: wake the control thread (a full wake socket
@@ -538,9 +542,12 @@ impl Incumbent {
         &mut self,
         chan: Channel,
         first: Message,
+        mut fds: Vec<OwnedFd>,
         service: &mut D,
     ) -> Result<Next, ProcessError> {
         let t = self.cfg.timeouts;
+        // Version 4: the socket to the successor the connections go on.
+        let mut direct = None;
         let (id, deadline, grace, moving) = match first {
             Message::PrepareHandoff {
                 handoff_id,
@@ -562,6 +569,33 @@ impl Incumbent {
                 drain_grace_ms,
                 move_connections.then_some(max_in_flight as usize),
             ),
+            Message::PrepareHandoffV4 {
+                handoff_id,
+                deadline_ms,
+                drain_grace_ms,
+                successor_pid,
+                max_in_flight,
+            } => {
+                let (id, deadline, grace, moving) = Self::prepared(
+                    handoff_id,
+                    successor_pid,
+                    deadline_ms,
+                    drain_grace_ms,
+                    Some(max_in_flight as usize),
+                );
+                match crate::moving::socket::open(std::mem::take(&mut fds), chan.version()) {
+                    Ok(c) => {
+                        direct = Some(c);
+                        (id, deadline, grace, moving)
+                    }
+                    // Without it nothing can move: close them, as a drain
+                    // without moving would.
+                    Err(e) => {
+                        tracing::warn!(target: "handoff::incumbent", error = %e, "PrepareHandoff came without a usable socket to the successor; closing connections instead of moving them");
+                        (id, deadline, grace, None)
+                    }
+                }
+            }
             Message::Shutdown {
                 stop_id,
                 drain_grace_ms,
@@ -608,7 +642,10 @@ impl Incumbent {
         let hex = crate::protocol::IdHex(id);
         let (mover, flusher) = if let Some(max_in_flight) = moving {
             let mover = crate::Mover::moving_at_most(max_in_flight);
-            let started = chan
+            // Straight to the successor (version 4), or to the supervisor.
+            let started = direct
+                .as_ref()
+                .unwrap_or(&chan)
                 .sender()
                 .and_then(|s| Flusher::start(s, id, mover.clone(), deadline));
             match started {
@@ -638,6 +675,7 @@ impl Incumbent {
             // Drained to a supervisor that has moved on. (The offered
             // connections are the service's still: `resume` serves them.)
             drop(flusher);
+            drop(direct); // the successor sees our end close
             tracing::info!(target: "handoff::incumbent", handoff_id = %hex, "the supervisor aborted during the drain; the drain stops now");
             return self.after_drain(chan, id, deadline, service);
         }
@@ -655,11 +693,18 @@ impl Incumbent {
         if let Some(sent) = sent {
             let done = sent.and_then(|s| {
                 tracing::info!(target: "handoff::incumbent", handoff_id = %hex, moved = s.moved, closed = s.closed, "connections moved");
-                chan.send(&Message::ConnectionsDone {
+                let count = Message::ConnectionsDone {
                     handoff_id: id,
                     moved: s.moved,
                     closed: s.closed,
-                })
+                };
+                // Moving directly, the successor gets the count too, and
+                // then our end's close: it has everything before we say
+                // Drained, so before it can get Begin.
+                if let Some(d) = direct.take() {
+                    d.send(&count)?;
+                }
+                chan.send(&count)
             });
             if let Err(e) = done {
                 // The successor may hold some of them; it gets no Begin
@@ -990,7 +1035,7 @@ impl Incumbent {
 /// budget, then the idle timeout). `None`: the connection ended, timed
 /// out or broke the protocol, and is dropped (said at debug level, as a
 /// probe that reads Hello and hangs up is routine).
-fn await_request(mut chan: Channel, g: Greeting) -> Option<(Channel, Message)> {
+fn await_request(mut chan: Channel, g: Greeting) -> Option<(Channel, Message, Vec<OwnedFd>)> {
     match chan.recv(Some(g.hello)) {
         Ok(Message::HelloAck { version }) => {
             // The supervisor picks; we only check it is one we speak.
@@ -1019,8 +1064,16 @@ fn await_request(mut chan: Channel, g: Greeting) -> Option<(Channel, Message)> {
             return None;
         }
     }
-    match Incumbent::recv(&mut chan, IncumbentPhase::Idle, None, g.idle) {
-        Ok(m) => Some((chan, m)),
+    let phase = IncumbentPhase::Idle;
+    let got = chan
+        .recv_with_fds(g.idle)
+        .map_err(|e| ProtocolError::frame(Peer::Supervisor, phase.name(), e))
+        .and_then(|(msg, fds)| {
+            let legal = phase.allows(&msg);
+            crate::phase::admit(Peer::Supervisor, phase.name(), legal, None, msg).map(|m| (m, fds))
+        });
+    match got {
+        Ok((m, fds)) => Some((chan, m, fds)),
         Err(e) => {
             // Nothing was changed yet: the connection simply ends.
             tracing::debug!(target: "handoff::incumbent", error = %e, "control connection ended before PrepareHandoff");

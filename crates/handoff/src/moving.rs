@@ -1,13 +1,15 @@
 //! Moving live connections to the successor instead of closing them
-//! (protocol version 3; docs/connection-transfer.md).
+//! (protocol versions 3 and 4; docs/connection-transfer.md).
 //!
 //! A connection is three things, whatever the protocol above it: its
 //! descriptor, the bytes already read from it and not consumed, and an
 //! opaque state blob from the service. During a handoff's drain the service
 //! [offers](Mover::offer) each connection that is between requests; a
-//! thread of the library sends them to the supervisor in batches (each
-//! batch one frame, its descriptors attached), which relays them to the
-//! successor. The successor gets them back as [`MovedConnection`]s from
+//! thread of the library sends them in batches (each batch one frame, its
+//! descriptors attached) straight to the successor, on a socket pair the
+//! supervisor made for the handoff (protocol version 4, [`socket`]; the
+//! successor reads it with [`inbound`]), or — a peer at version 3 — to
+//! the supervisor, which relays them. The successor gets them back as [`MovedConnection`]s from
 //! [`Incumbent::take_moved`](crate::Incumbent::take_moved) once it is the
 //! incumbent.
 //!
@@ -30,8 +32,10 @@
 //! holds it.
 
 mod connection;
+pub(crate) mod inbound;
 mod queue;
 mod sender;
+pub(crate) mod socket;
 #[cfg(test)]
 mod tests;
 

@@ -132,6 +132,16 @@ pub fn stop_allows(msg: &Message) -> bool {
     )
 }
 
+/// What the successor accepts on the socket the incumbent moves its
+/// connections on (version 4, [`Message::MoveChannel`]): batches, then
+/// their count — nothing else ever travels that way.
+pub fn direct_move_allows(msg: &Message) -> bool {
+    matches!(
+        msg,
+        Message::Connections { .. } | Message::ConnectionsDone { .. }
+    )
+}
+
 /// The incumbent's side of one control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IncumbentPhase {
@@ -172,6 +182,7 @@ impl IncumbentPhase {
                     P::Idle,
                     M::PrepareHandoff { .. }
                         | M::PrepareHandoffV3 { .. }
+                        | M::PrepareHandoffV4 { .. }
                         | M::FetchListeners {}
                         | M::Shutdown { .. }
                 )
@@ -217,7 +228,12 @@ impl SuccessorPhase {
             (P::Greeting, M::HelloAck { .. })
                 | (
                     P::AwaitBegin,
-                    M::Begin { .. } | M::Abort { .. } | M::Connections { .. }
+                    M::Begin { .. }
+                        | M::Abort { .. }
+                        // Version 3: moved connections, relayed.
+                        | M::Connections { .. }
+                        // Version 4: the socket they come on instead.
+                        | M::MoveChannel { .. }
                 )
                 | (P::AwaitCommit, M::Commit { .. })
         )
@@ -388,6 +404,68 @@ mod tests {
         };
         assert!(IncumbentPhase::Idle.allows(&prep));
         assert!(!IncumbentPhase::Drained.allows(&prep));
+    }
+
+    /// Version 4: the incumbent is asked to move straight to the
+    /// successor only in place of PrepareHandoff; the successor gets its
+    /// end only while it waits for Begin; the direct socket carries the
+    /// batches and their count and nothing else.
+    #[test]
+    fn direct_moves_only_where_the_table_says() {
+        let prep = Message::PrepareHandoffV4 {
+            handoff_id: 1,
+            successor_pid: 2,
+            deadline_ms: 3,
+            drain_grace_ms: 4,
+            max_in_flight: 253,
+        };
+        let chan = Message::MoveChannel { handoff_id: 1 };
+        assert!(IncumbentPhase::Idle.allows(&prep));
+        assert!(SuccessorPhase::AwaitBegin.allows(&chan));
+        for p in [
+            IncumbentPhase::Greeting,
+            IncumbentPhase::Drained,
+            IncumbentPhase::SealFailed,
+            IncumbentPhase::Sealed,
+        ] {
+            assert!(!p.allows(&prep), "{}", p.name());
+        }
+        for p in [SuccessorPhase::Greeting, SuccessorPhase::AwaitCommit] {
+            assert!(!p.allows(&chan), "{}", p.name());
+        }
+        for p in [
+            SupervisorPhase::Negotiating,
+            SupervisorPhase::Draining,
+            SupervisorPhase::Sealing,
+            SupervisorPhase::AwaitingReady,
+            SupervisorPhase::Committed,
+            SupervisorPhase::ResumingAfterAbort,
+        ] {
+            for peer in [Peer::Incumbent, Peer::Successor] {
+                assert!(!p.allows(peer, &prep), "{p} {peer}");
+                assert!(!p.allows(peer, &chan), "{p} {peer}");
+            }
+        }
+        assert!(direct_move_allows(&Message::Connections {
+            handoff_id: 1,
+            conns: vec![],
+        }));
+        assert!(direct_move_allows(&Message::ConnectionsDone {
+            handoff_id: 1,
+            moved: 0,
+            closed: 0,
+        }));
+        for m in [
+            prep,
+            chan,
+            Message::Begin {
+                handoff_id: 1,
+                state: None,
+            },
+            Message::Heartbeat { handoff_id: 1 },
+        ] {
+            assert!(!direct_move_allows(&m), "{}", m.name());
+        }
     }
 
     #[test]

@@ -23,6 +23,13 @@
 //!   descriptors attached), [`Message::ConnectionsDone`] counts them. Used
 //!   only when the incumbent *and* the successor negotiated 3; otherwise the
 //!   drain closes connections as before.
+//! * 4 — the moved connections go straight from the incumbent to the
+//!   successor, on a socket pair the supervisor makes for the handoff
+//!   ([`Message::PrepareHandoffV4`] to the incumbent and
+//!   [`Message::MoveChannel`] to the successor, one end attached to each),
+//!   instead of through the supervisor: it received, re-sent and closed
+//!   every descriptor, a fifth of the CPU a large drain costs. Used only
+//!   when both peers negotiated 4; with a peer at 3 the supervisor relays.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +42,9 @@ pub const SHUTDOWN_SINCE: ProtoVersion = 2;
 /// First version that moves connections ([`Message::PrepareHandoffV3`],
 /// [`Message::Connections`], [`Message::ConnectionsDone`]).
 pub const MOVE_SINCE: ProtoVersion = 3;
+/// First version that moves connections on a direct incumbent → successor
+/// socket ([`Message::PrepareHandoffV4`], [`Message::MoveChannel`]).
+pub const MOVE_DIRECT_SINCE: ProtoVersion = 4;
 /// Version of the frames carrying `Hello`/`HelloAck`, fixed forever.
 pub const HELLO_FRAME_VERSION: ProtoVersion = 1;
 
@@ -453,6 +463,38 @@ pub enum Message {
         /// ([`Mover::closed`](crate::Mover::closed)).
         closed: u64,
     },
+    /// Version ≥ [`MOVE_DIRECT_SINCE`]: PrepareHandoff for an incumbent
+    /// that moves its idle connections straight to the successor. One
+    /// descriptor is attached: a socket whose other end the successor got
+    /// ([`Message::MoveChannel`]). The incumbent sends its
+    /// [`Message::Connections`] batches there, then a
+    /// [`Message::ConnectionsDone`] there *and* to the supervisor, all
+    /// before Drained (docs/connection-transfer.md).
+    PrepareHandoffV4 {
+        /// As in [`Message::PrepareHandoff`].
+        handoff_id: HandoffId,
+        /// Pid of the successor the supervisor spawned (logged).
+        successor_pid: u32,
+        /// What remains of the overall deadline, in ms; it also bounds each
+        /// write of moved connections.
+        deadline_ms: u64,
+        /// Budget for draining, in ms; never more than `deadline_ms`.
+        drain_grace_ms: u64,
+        /// Most descriptors the incumbent may have on their way to the
+        /// successor at once (sent, not yet read): a quarter of the
+        /// successor's soft `RLIMIT_NOFILE`. A batch is at most this, and
+        /// at most 253.
+        max_in_flight: u32,
+    },
+    /// Version ≥ [`MOVE_DIRECT_SINCE`]: supervisor → successor while it
+    /// waits for Begin, before the incumbent is asked to drain: one
+    /// descriptor attached, the socket on which the incumbent will send the
+    /// connections it moves. Read alongside the control channel until
+    /// Begin; every batch on it comes before Begin.
+    MoveChannel {
+        /// The handoff the connections move in.
+        handoff_id: HandoffId,
+    },
 }
 
 macro_rules! bodies {
@@ -532,6 +574,8 @@ bodies! {
     18 PrepareHandoffV3 { handoff_id: HandoffId, successor_pid: u32, deadline_ms: u64, drain_grace_ms: u64, move_connections: bool, max_in_flight: u32 }
     19 Connections { handoff_id: HandoffId, conns: Vec<MovedMeta> }
     20 ConnectionsDone { handoff_id: HandoffId, moved: u64, closed: u64 }
+    21 PrepareHandoffV4 { handoff_id: HandoffId, successor_pid: u32, deadline_ms: u64, drain_grace_ms: u64, max_in_flight: u32 }
+    22 MoveChannel { handoff_id: HandoffId }
 }
 
 /// Decodes a body and insists that it used every byte: trailing garbage is a
@@ -563,6 +607,7 @@ impl Message {
             Message::PrepareHandoffV3 { .. }
             | Message::Connections { .. }
             | Message::ConnectionsDone { .. } => MOVE_SINCE,
+            Message::PrepareHandoffV4 { .. } | Message::MoveChannel { .. } => MOVE_DIRECT_SINCE,
             _ => 1,
         }
     }
@@ -590,7 +635,9 @@ impl Message {
             | Message::Heartbeat { handoff_id }
             | Message::PrepareHandoffV3 { handoff_id, .. }
             | Message::Connections { handoff_id, .. }
-            | Message::ConnectionsDone { handoff_id, .. } => Some(*handoff_id),
+            | Message::ConnectionsDone { handoff_id, .. }
+            | Message::PrepareHandoffV4 { handoff_id, .. }
+            | Message::MoveChannel { handoff_id } => Some(*handoff_id),
             Message::Shutdown { stop_id, .. } | Message::ShutdownDrained { stop_id, .. } => {
                 Some(*stop_id)
             }
@@ -701,6 +748,14 @@ mod tests {
                 moved: 2,
                 closed: 1,
             },
+            Message::PrepareHandoffV4 {
+                handoff_id: 7,
+                successor_pid: 9,
+                deadline_ms: 1000,
+                drain_grace_ms: 500,
+                max_in_flight: 253,
+            },
+            Message::MoveChannel { handoff_id: 7 },
         ]
     }
 
@@ -732,13 +787,17 @@ mod tests {
         assert_eq!(s.handoff_id(), Some(0x0102));
         assert_eq!(d.handoff_id(), Some(3));
         assert!(!s.is_keepalive() && !d.is_keepalive());
-        // Everything else is version 1 or 3.
+        // Everything else is version 1, 3 or 4.
         for m in all() {
             if !matches!(
                 m,
                 Message::Shutdown { .. } | Message::ShutdownDrained { .. }
             ) {
-                assert!([1, MOVE_SINCE].contains(&m.since()), "{}", m.name());
+                assert!(
+                    [1, MOVE_SINCE, MOVE_DIRECT_SINCE].contains(&m.since()),
+                    "{}",
+                    m.name()
+                );
             }
         }
         const { assert!(SHUTDOWN_SINCE <= PROTO_MAX && SHUTDOWN_SINCE > PROTO_MIN) };
@@ -784,11 +843,35 @@ mod tests {
                     | Message::PrepareHandoffV3 { .. }
                     | Message::Connections { .. }
                     | Message::ConnectionsDone { .. }
+                    | Message::PrepareHandoffV4 { .. }
+                    | Message::MoveChannel { .. }
             ) {
                 assert_eq!(m.since(), 1, "{}", m.name());
             }
         }
-        const { assert!(MOVE_SINCE == PROTO_MAX && MOVE_SINCE > SHUTDOWN_SINCE) };
+        const { assert!(MOVE_SINCE < PROTO_MAX && MOVE_SINCE > SHUTDOWN_SINCE) };
+    }
+
+    /// Version 4's messages keep their tags and version.
+    #[test]
+    fn direct_move_messages_have_their_tags_and_version() {
+        let p = Message::PrepareHandoffV4 {
+            handoff_id: 1,
+            successor_pid: 2,
+            deadline_ms: 3,
+            drain_grace_ms: 4,
+            max_in_flight: 5,
+        };
+        assert_eq!(p.encode(), vec![21, 1, 2, 3, 4, 5]);
+        let c = Message::MoveChannel { handoff_id: 6 };
+        assert_eq!(c.encode(), vec![22, 6]);
+        for m in [&p, &c] {
+            assert_eq!(m.since(), MOVE_DIRECT_SINCE, "{}", m.name());
+            assert!(!m.is_keepalive());
+        }
+        assert_eq!(p.handoff_id(), Some(1));
+        assert_eq!(c.handoff_id(), Some(6));
+        const { assert!(MOVE_DIRECT_SINCE == PROTO_MAX && MOVE_DIRECT_SINCE > MOVE_SINCE) };
     }
 
     #[test]

@@ -37,12 +37,17 @@ use crate::catch_up::{self, CatchUp, CatchUpPolicy, CatchUpReport};
 /// to cost nothing in a handoff that goes straight on (Begin arrives
 /// sooner), often enough that a held successor's tail stays small.
 pub(crate) const KEEP_UP_EVERY: Duration = Duration::from_millis(100);
+/// How long a successor reading two sockets (control and moved
+/// connections) waits in one poll before it polls again; nothing runs
+/// between polls, so it only bounds one system call.
+const IDLE_POLL: Duration = Duration::from_secs(3600);
 use crate::channel::Channel;
 use crate::crash;
 use crate::error::{ProcessError, ProtocolError};
 use crate::incumbent::Incumbent;
 use crate::listeners::{self, Listener};
 use crate::lock::StateLock;
+use crate::moving::inbound::{adopt, Inbound};
 use crate::moving::MovedConnection;
 use crate::phase::{Peer, SuccessorPhase};
 use crate::process::{bind_control, Heartbeat, ProcessConfig};
@@ -286,30 +291,74 @@ impl Boot {
         }
         let mut moved = vec![];
         let caught_up = &mut self.caught_up;
+        // Version 4: the socket the incumbent moves its connections on,
+        // read beside the control channel (docs/connection-transfer.md).
+        let mut inbound: Option<Inbound> = None;
+        let frame_budget = self.cfg.timeouts.hello;
         let (handoff_id, state) = match self.chan.as_mut() {
             None => (0, None),
             Some(chan) => loop {
-                if let Some(src) = keep_up.as_deref_mut() {
-                    // An error of the poll itself is left for the read
-                    // below to report.
-                    if let Ok(false) = chan.readable_within(KEEP_UP_EVERY) {
-                        let r = src.round().map_err(|e| {
-                            ProcessError::Service(format!(
-                                "keeping up with the incumbent's writes while waiting for Begin: {e}"
-                            ))
-                        })?;
-                        tracing::debug!(target: "handoff::successor", records = r.records, bytes = r.bytes, "kept up while waiting for Begin");
-                        let report = caught_up.get_or_insert_with(CatchUpReport::default);
-                        report.add_round(r);
+                // Wait for the control channel, the move socket (read a
+                // batch as it comes: the incumbent's window waits for us)
+                // or, keeping up, the next round's time.
+                let wait = if keep_up.is_some() {
+                    KEEP_UP_EVERY
+                } else {
+                    IDLE_POLL
+                };
+                let readable = match &inbound {
+                    Some(i) => chan.first_readable(i.channel(), wait),
+                    None if keep_up.is_some() => {
+                        chan.readable_within(wait).map(|r| r.then_some(false))
+                    }
+                    None => Ok(Some(false)),
+                };
+                match readable {
+                    Ok(Some(true)) => {
+                        if let Some(i) = inbound.as_mut() {
+                            if !i.read_one(&mut moved)? {
+                                inbound = None; // all there (or the incumbent is gone)
+                            }
+                        }
                         continue;
                     }
+                    Ok(None) => {
+                        if let Some(src) = keep_up.as_deref_mut() {
+                            let r = src.round().map_err(|e| {
+                                ProcessError::Service(format!(
+                                    "keeping up with the incumbent's writes while waiting for Begin: {e}"
+                                ))
+                            })?;
+                            tracing::debug!(target: "handoff::successor", records = r.records, bytes = r.bytes, "kept up while waiting for Begin");
+                            let report = caught_up.get_or_insert_with(CatchUpReport::default);
+                            report.add_round(r);
+                        }
+                        continue;
+                    }
+                    // The control channel (or a failed poll, which the read
+                    // below reports).
+                    Ok(Some(false)) | Err(_) => {}
                 }
                 match recv_moving(chan) {
-                    Ok((Message::Begin { handoff_id, state }, _)) => break (handoff_id, state),
+                    Ok((Message::Begin { handoff_id, state }, _)) => {
+                        // Whatever is still on its way was sent before
+                        // Drained, so before Begin: take it in now.
+                        if let Some(i) = inbound.take() {
+                            i.finish(&mut moved)?;
+                        }
+                        break (handoff_id, state);
+                    }
                     Ok((Message::Connections { conns, .. }, fds)) => {
                         // Held, unread, until we are the incumbent.
-                        adopt(conns, fds, &mut moved)?;
-                        crash::point("n-after-adopt");
+                        adopt(Peer::Supervisor, conns, fds, &mut moved)?;
+                    }
+                    Ok((Message::MoveChannel { handoff_id }, fds)) => {
+                        inbound = Some(Inbound::open(
+                            handoff_id,
+                            fds,
+                            chan.version(),
+                            frame_budget,
+                        )?);
                     }
                     Ok((Message::Abort { reason, .. }, _)) => {
                         return Err(ProcessError::Aborted { reason })
@@ -526,42 +575,6 @@ fn recv_moving(chan: &mut Channel) -> Result<(Message, Vec<std::os::fd::OwnedFd>
     let legal = phase.allows(&msg);
     let msg = crate::phase::admit(Peer::Supervisor, phase.name(), legal, None, msg)?;
     Ok((msg, fds))
-}
-
-/// Takes in one batch: as many descriptors as entries. Anything else is a
-/// broken supervisor: refuse the handoff (the old incumbent keeps its
-/// copies and serves on).
-fn adopt(
-    conns: Vec<crate::protocol::MovedMeta>,
-    fds: Vec<std::os::fd::OwnedFd>,
-    into: &mut Vec<MovedConnection>,
-) -> Result<(), ProtocolError> {
-    let phase = SuccessorPhase::AwaitBegin.name();
-    if conns.len() != fds.len() {
-        return Err(ProtocolError::frame(
-            Peer::Supervisor,
-            phase,
-            crate::frame::FrameError::Malformed {
-                message: "Connections",
-                reason: format!(
-                    "{} connections but {} descriptors attached",
-                    conns.len(),
-                    fds.len()
-                ),
-            },
-        ));
-    }
-    // Whether each is a socket is checked once this process owns them
-    // (`Incumbent::take_moved`), not here: an `fstat` per descriptor here
-    // would slow every batch of the drain, while nobody may be accepting.
-    for (meta, fd) in conns.into_iter().zip(fds) {
-        into.push(MovedConnection {
-            fd,
-            unread: meta.unread,
-            state: meta.state,
-        });
-    }
-    Ok(())
 }
 
 fn recv(

@@ -274,6 +274,7 @@ fn handle(stream: UnixStream, req: Request, ctx: &Ctx) {
                         prepared_for_ms: None,
                         connections_moved: None,
                         connections_closed: None,
+                        connections_direct: None,
                         catch_up: None,
                     }
                 }

@@ -29,6 +29,7 @@ pub(super) fn outcome_event(r: &Result<Report, HandoffError>) -> Event {
                 prepared_for_ms: r.prepared_for.map(ms),
                 connections_moved: r.connections.map(|c| c.moved),
                 connections_closed: r.connections.map(|c| c.closed),
+                connections_direct: r.connections.map(|c| c.direct),
                 catch_up: r.catch_up.map(|c| CatchUp {
                     rounds: c.rounds,
                     records: c.records,

@@ -109,13 +109,16 @@ fn demo_with_state_keeps_500_keep_alive_connections_and_every_acknowledged_write
 
 /// Protocol version 2 on either side: nothing moves (the report says so by
 /// saying nothing), connections close politely as before, and no request
-/// fails. Then both sides at 3 again: they move.
+/// fails. Version 3 on either side: they move through the supervisor.
+/// Both sides at 4: they move straight from one to the other.
 #[test]
 fn an_old_build_on_either_side_falls_back_to_closing_with_no_failed_request() {
     let _guard = begin_test("moved_fallback", Duration::from_secs(180));
     let dirs = TestDirs::new();
     let v2 = dirs.env_wrapper("v2", &[("HANDOFF_DEMO_PROTO_MAX", "2")]);
     let v2 = v2.to_str().unwrap();
+    let v3 = dirs.env_wrapper("v3", &[("HANDOFF_DEMO_PROTO_MAX", "3")]);
+    let v3 = v3.to_str().unwrap();
     let demo = demo_bin();
     let demo = demo.to_str().unwrap();
     let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
@@ -126,16 +129,23 @@ fn an_old_build_on_either_side_falls_back_to_closing_with_no_failed_request() {
     // should depend on winning.
     let sticky = Load::sticky(sup.addr, 50, "/version", Duration::from_millis(20));
     let mut last = sup.first_pid;
-    // new → old, old → new, then new → new.
-    for (i, (binary, moves)) in [(v2, false), (demo, false), (demo, true)]
-        .into_iter()
-        .enumerate()
-    {
+    // new → v2, v2 → new, new → v3, v3 → new, then new → new. `None`:
+    // nothing moves; `Some(direct)`: they move, straight or relayed.
+    let steps = [
+        (v2, None),
+        (demo, None),
+        (v3, Some(false)),
+        (demo, Some(false)),
+        (demo, Some(true)),
+    ];
+    for (i, (binary, how)) in steps.into_iter().enumerate() {
+        let moves = how.is_some();
         let before = sticky.stats.reconnects.lock().unwrap().len();
         let c = sup.upgrade(&["--binary", binary]).expect_committed();
         assert_eq!(c.old_pid, last, "upgrade {i}");
         last = c.new_pid;
         assert_eq!(c.connections_moved.is_some(), moves, "upgrade {i}: {c:?}");
+        assert_eq!(c.connections_direct, how, "upgrade {i}: {c:?}");
         wait_until(
             Duration::from_secs(30),
             &format!("upgrade {i}: every client answered by pid {last}"),

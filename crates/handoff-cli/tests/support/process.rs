@@ -384,6 +384,8 @@ pub struct Committed {
     /// Live connections moved to the new process (protocol version 3).
     pub connections_moved: Option<u64>,
     pub connections_closed: Option<u64>,
+    /// Whether they went straight to the new process (protocol 4).
+    pub connections_direct: Option<bool>,
 }
 
 /// Fields of the final `aborted` event.
@@ -465,6 +467,7 @@ impl UpgradeOutcome {
                 .unwrap_or_else(|| panic!("no total_ms in {e}\n{self}")),
             connections_moved: e["connections_moved"].as_u64(),
             connections_closed: e["connections_closed"].as_u64(),
+            connections_direct: e["connections_direct"].as_bool(),
         }
     }
 

@@ -239,3 +239,165 @@ fn an_abandoned_flusher_sends_nothing_more_and_lets_go() {
         Err((_, MoveRefused::Closed))
     ));
 }
+
+// The successor's end of a direct move (protocol version 4).
+
+use super::inbound::Inbound;
+use crate::error::ProtocolError;
+use crate::protocol::{MovedMeta, MOVE_DIRECT_SINCE};
+use std::os::fd::OwnedFd;
+
+const FRAME: Duration = Duration::from_secs(5);
+
+/// The supervisor's socket pair: the incumbent's end as a channel, the
+/// successor's as what MoveChannel carries.
+fn direct_pair(id: u64) -> (Channel, Inbound) {
+    let (inc, succ) = UnixStream::pair().unwrap();
+    let mut inc = Channel::new(inc);
+    inc.set_version(MOVE_DIRECT_SINCE);
+    let inbound = Inbound::open(id, vec![OwnedFd::from(succ)], MOVE_DIRECT_SINCE, FRAME).unwrap();
+    (inc, inbound)
+}
+
+/// MoveChannel must carry exactly one descriptor, and it must be a Unix
+/// socket whose maker can be told: anything else is refused, named.
+#[test]
+fn the_move_socket_is_checked_before_use() {
+    let none = Inbound::open(1, vec![], MOVE_DIRECT_SINCE, FRAME).unwrap_err();
+    assert!(
+        none.to_string()
+            .contains("expected one descriptor attached, got 0"),
+        "{none}"
+    );
+    let (a, b) = UnixStream::pair().unwrap();
+    let two = Inbound::open(1, vec![a.into(), b.into()], MOVE_DIRECT_SINCE, FRAME).unwrap_err();
+    assert!(two.to_string().contains("got 2"), "{two}");
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    let pipe = Inbound::open(1, vec![r], MOVE_DIRECT_SINCE, FRAME).unwrap_err();
+    assert!(pipe.to_string().contains("not a Unix socket"), "{pipe}");
+    assert!(matches!(pipe, ProtocolError::Frame { .. }), "{pipe:?}");
+}
+
+/// What the incumbent's sender thread writes on its end is what the
+/// successor takes in: every connection, in order, with its bytes, then
+/// the count ends it.
+#[test]
+fn a_direct_move_delivers_every_connection_then_ends() {
+    let (inc, mut inbound) = direct_pair(9);
+    let m = Mover::moving_at_most(100);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let f = Flusher::start(inc.sender().unwrap(), 9, m.clone(), deadline).unwrap();
+    let pairs: Vec<_> = (0..300).map(|_| UnixStream::pair().unwrap()).collect();
+    for (i, (a, _)) in pairs.iter().enumerate() {
+        m.offer(a.as_fd(), format!("u{i}").as_bytes(), b"http")
+            .unwrap();
+    }
+    // Read as it comes, as the successor does while waiting for Begin:
+    // the window (100) is smaller than what is offered.
+    let mut got = vec![];
+    while got.len() < pairs.len() {
+        assert!(
+            inbound.read_one(&mut got).unwrap(),
+            "ended early at {}",
+            got.len()
+        );
+    }
+    let sent = f.finish().unwrap();
+    assert_eq!(sent.moved, 300);
+    inc.send(&Message::ConnectionsDone {
+        handoff_id: 9,
+        moved: 300,
+        closed: 0,
+    })
+    .unwrap();
+    drop(inc);
+    inbound.finish(&mut got).unwrap();
+    assert_eq!(got.len(), 300);
+    for (i, (c, (_, peer))) in got.iter().zip(&pairs).enumerate() {
+        assert_eq!(c.unread, format!("u{i}").as_bytes());
+        assert_eq!(c.state, b"http");
+        // The descriptor is the offered socket: a byte written on it
+        // reaches the peer we kept.
+        let s = UnixStream::from(c.fd.try_clone().unwrap());
+        std::io::Write::write_all(&mut &s, b"x").unwrap();
+        let mut b = [0u8; 1];
+        peer.set_read_timeout(Some(FRAME)).unwrap();
+        std::io::Read::read_exact(&mut &*peer, &mut b).unwrap();
+    }
+}
+
+/// An incumbent that dies part-way (its end closes, perhaps mid-frame)
+/// ends the move without failing the successor: what arrived stays, the
+/// supervisor decides.
+#[test]
+fn an_incumbent_gone_mid_move_keeps_what_arrived() {
+    let (inc, mut inbound) = direct_pair(3);
+    let (a, _b) = UnixStream::pair().unwrap();
+    inc.send_with_fds(
+        &Message::Connections {
+            handoff_id: 3,
+            conns: vec![MovedMeta {
+                unread: vec![],
+                state: vec![],
+            }],
+        },
+        &[a.as_fd()],
+    )
+    .unwrap();
+    // Half a frame header, then gone.
+    std::io::Write::write_all(&mut inc.stream(), &[0, 0]).unwrap();
+    drop(inc);
+    let mut got = vec![];
+    assert!(inbound.read_one(&mut got).unwrap());
+    assert!(!inbound.read_one(&mut got).unwrap());
+    assert_eq!(got.len(), 1);
+}
+
+/// Only batches and their count travel on the move socket, for this
+/// handoff, each batch with as many descriptors as entries.
+#[test]
+fn the_move_socket_refuses_anything_else() {
+    let conns = |n: usize| {
+        (0..n)
+            .map(|_| MovedMeta {
+                unread: vec![],
+                state: vec![],
+            })
+            .collect::<Vec<_>>()
+    };
+    let (a, _b) = UnixStream::pair().unwrap();
+    let cases: Vec<(Message, usize, &str)> = vec![
+        (
+            Message::Begin {
+                handoff_id: 5,
+                state: None,
+            },
+            0,
+            "Begin, which is not legal",
+        ),
+        (
+            Message::Connections {
+                handoff_id: 6,
+                conns: conns(1),
+            },
+            1,
+            "for handoff",
+        ),
+        (
+            Message::Connections {
+                handoff_id: 5,
+                conns: conns(2),
+            },
+            1,
+            "2 connections but 1 descriptors attached",
+        ),
+    ];
+    for (msg, fds, says) in cases {
+        let (inc, mut inbound) = direct_pair(5);
+        let attached = vec![a.as_fd(); fds];
+        inc.send_with_fds(&msg, &attached).unwrap();
+        let e = inbound.read_one(&mut vec![]).unwrap_err();
+        assert!(e.to_string().contains(says), "{}: {e}", msg.name());
+        assert_eq!(e.peer(), Some(crate::phase::Peer::Incumbent), "{e}");
+    }
+}

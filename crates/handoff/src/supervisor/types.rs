@@ -110,6 +110,10 @@ pub struct ConnectionsMoved {
     pub moved: u64,
     /// Closed by the drain instead (HTTP/2, upgraded, refused).
     pub closed: u64,
+    /// They went straight from the old process to the new one (both speak
+    /// protocol version 4); `false`: relayed through the supervisor (one
+    /// of them speaks 3).
+    pub direct: bool,
 }
 
 // `total` runs from the request to the moment both processes have been sent

@@ -82,7 +82,9 @@ fn a_synchronous_service_moves_its_connections_with_their_unread_bytes() {
             r.connections,
             Some(ConnectionsMoved {
                 moved: 20,
-                closed: 0
+                closed: 0,
+                // Both speak protocol 4: straight from one to the other.
+                direct: true,
             }),
             "round {round}"
         );

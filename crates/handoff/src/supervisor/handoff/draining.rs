@@ -1,7 +1,8 @@
 //! Draining and sealing: the incumbent is asked to stop accepting and
 //! finish (or move) its connections, then to seal its state; the successor
-//! is watched meanwhile, and the connections the drain moves are relayed
-//! to it.
+//! is watched meanwhile, and the connections the drain moves go to it —
+//! straight from the incumbent on a socket pair we make (version 4), or
+//! relayed through us (version 3).
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use crate::crash;
 use crate::error::{HandoffError, ProtocolError};
 use crate::frame::FrameError;
 use crate::phase::{Peer, SupervisorPhase};
-use crate::protocol::{Message, MovedMeta, MOVE_SINCE};
+use crate::protocol::{Message, MovedMeta, MOVE_DIRECT_SINCE, MOVE_SINCE};
 use crate::supervisor::types::{ConnectionsMoved, Successor};
 use crate::sys;
 use crate::timeouts::PhaseClock;
@@ -23,6 +24,9 @@ use crate::timeouts::PhaseClock;
 struct Relay {
     /// This handoff moves connections (both peers negotiated version 3).
     moving: bool,
+    /// They go straight to the successor (both negotiated version 4): no
+    /// batch comes our way, only the count.
+    direct: bool,
     /// Connections relayed to the successor so far.
     relayed: u64,
     /// The descriptors on their way to the successor (its window: see
@@ -68,8 +72,42 @@ impl Draining {
         // Version 3 on the incumbent's channel says whether to move its
         // connections: only when the successor can take them too.
         let moving = o.version() >= MOVE_SINCE && n.chan.version() >= MOVE_SINCE;
-        let prepare = if o.version() >= MOVE_SINCE {
-            Message::PrepareHandoffV3 {
+        // Version 4 on both: straight from one to the other, on a socket
+        // pair whose ends we hand out and close — we never hold a moved
+        // connection, and a crash of ours mid-transfer breaks both control
+        // channels exactly as before (docs/connection-transfer.md). If we
+        // cannot make the pair or hand the successor its end, we relay.
+        let direct = if moving && o.version() >= MOVE_DIRECT_SINCE && n.chan.version() >= MOVE_DIRECT_SINCE {
+            match direct_channel(run, &n) {
+                Ok(end) => Some(end),
+                Err(DirectFailed::Successor(e)) => {
+                    let e = successor_failure(&n, ProtocolError::frame(Peer::Successor, "draining", e));
+                    return Err((e, Left { o: Some(o), prepared: false, n: Some(n) }));
+                }
+                Err(DirectFailed::Pair(e)) => {
+                    run.warnings.push(format!("could not make the socket pair to move connections directly ({e}); relaying them instead"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let sent = if let Some(end) = &direct {
+            // The successor reads the batches: its own limit is the window.
+            let window = sys::fdpass::nofile_limit_of(n.child.pid())
+                .ok()
+                .map(|l| sys::fdpass::window_for_limit(Some(l)))
+                .unwrap_or(sys::fdpass::MAX_FDS);
+            let prepare = Message::PrepareHandoffV4 {
+                handoff_id: run.id,
+                successor_pid: n.child.pid(),
+                deadline_ms: remaining.as_millis() as u64,
+                drain_grace_ms: grace.as_millis() as u64,
+                max_in_flight: u32::try_from(window).unwrap_or(u32::MAX),
+            };
+            o.send_with_fds(&prepare, &[std::os::fd::AsFd::as_fd(end)])
+        } else if o.version() >= MOVE_SINCE {
+            o.send(&Message::PrepareHandoffV3 {
                 handoff_id: run.id,
                 successor_pid: n.child.pid(),
                 deadline_ms: remaining.as_millis() as u64,
@@ -78,16 +116,19 @@ impl Draining {
                 // What we can take in at once: a batch lands in our own
                 // descriptor table before it goes on.
                 max_in_flight: u32::try_from(own_window).unwrap_or(u32::MAX),
-            }
+            })
         } else {
-            Message::PrepareHandoff {
+            o.send(&Message::PrepareHandoff {
                 handoff_id: run.id,
                 successor_pid: n.child.pid(),
                 deadline_ms: remaining.as_millis() as u64,
                 drain_grace_ms: grace.as_millis() as u64,
-            }
+            })
         };
-        if let Err(e) = o.send(&prepare) {
+        // Our copy of the incumbent's end closes here: from now on the two
+        // ends belong to the incumbent and the successor only.
+        let direct = direct.map(drop).is_some();
+        if let Err(e) = sent {
             // Whether it got the request is unknown: tell it to resume.
             let e = ProtocolError::frame(Peer::Incumbent, "draining", e).into();
             return Err((
@@ -105,6 +146,7 @@ impl Draining {
             n,
             relay: Relay {
                 moving,
+                direct,
                 relayed: 0,
                 to_successor: sys::fdpass::InFlight::new(own_window.min(incumbent_window)),
                 moved: None,
@@ -223,14 +265,19 @@ fn recv_incumbent(
             continue;
         }
         match (msg, relay.as_deref_mut()) {
-            (Message::Connections { conns, .. }, Some(r)) if r.moving => {
+            (Message::Connections { conns, .. }, Some(r)) if r.moving && !r.direct => {
                 relay_batch(run, n, r, conns, fds)?
             }
             (Message::ConnectionsDone { moved, closed, .. }, Some(r)) if r.moving => {
-                if moved != r.relayed {
+                crash::point_if(r.direct, "s-after-moved");
+                if !r.direct && moved != r.relayed {
                     run.warnings.push(format!("the old incumbent counted {moved} connections moved, the supervisor relayed {}", r.relayed));
                 }
-                r.moved = Some(ConnectionsMoved { moved, closed });
+                r.moved = Some(ConnectionsMoved {
+                    moved,
+                    closed,
+                    direct: r.direct,
+                });
             }
             (m @ (Message::Connections { .. } | Message::ConnectionsDone { .. }), _) => {
                 return Err(unasked(m.name()))
@@ -255,14 +302,38 @@ fn successor_spoke(run: &Run<'_, '_>, n: &mut Successor, phase: &'static str) ->
     successor_failure(n, e)
 }
 
-/// A move message from an incumbent that was not asked to move.
+/// A move message from an incumbent that was not asked to move — or, when
+/// it moves them straight to the successor, a batch sent our way.
 fn unasked(message: &'static str) -> HandoffError {
     ProtocolError::Unexpected {
         peer: Peer::Incumbent,
-        phase: "draining (no connections were to move)",
+        phase: "draining (no connections were to move through the supervisor)",
         message,
     }
     .into()
+}
+
+/// Why the direct socket pair could not be set up.
+enum DirectFailed {
+    /// Making the pair: relay instead.
+    Pair(std::io::Error),
+    /// Handing the successor its end: the successor's failure.
+    Successor(FrameError),
+}
+
+/// Makes the socket pair the incumbent moves its connections on and hands
+/// the successor its end (MoveChannel); returns the incumbent's end, to go
+/// with PrepareHandoff. Both ends are close-on-exec; ours close when the
+/// caller drops them.
+fn direct_channel(run: &Run<'_, '_>, n: &Successor) -> Result<OwnedFd, DirectFailed> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(DirectFailed::Pair)?;
+    n.chan
+        .send_with_fds(
+            &Message::MoveChannel { handoff_id: run.id },
+            &[std::os::fd::AsFd::as_fd(&theirs)],
+        )
+        .map_err(DirectFailed::Successor)?;
+    Ok(OwnedFd::from(ours))
 }
 
 /// Passes one batch of moved connections on to the successor as it came;
