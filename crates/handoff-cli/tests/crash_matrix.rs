@@ -546,6 +546,14 @@ fn stress_random_crash_points() {
                 // fires in the prepare (spawn, greeting, holding) or in the
                 // upgrade that hands over to the held process.
                 let reexec = p.name.contains("reexec");
+                // The supervisor relays moved connections only to or from
+                // a process at protocol version 3: hand over to one.
+                let v3 = dirs.env_wrapper(&format!("v3-{it}"), &[("HANDOFF_DEMO_PROTO_MAX", "3")]);
+                let demo = if p.name == "s-relaying" {
+                    v3.to_str().unwrap()
+                } else {
+                    demo
+                };
                 let out = if reexec {
                     // Its points fire replacing the supervisor in place.
                     sup.upgrade(&["--supervisor", "--wait", "3s"])

@@ -636,6 +636,9 @@ impl Incumbent {
             }
         };
 
+        // Stops the drain: the supervisor's abort, or a failed send of moved
+        // connections.
+        let abort = crate::AbortSignal::new();
         // Connections the drain moves go out as they are offered, on a
         // thread of their own (docs/connection-transfer.md). Without that
         // thread nothing is moved: the drain closes them, as before.
@@ -647,7 +650,7 @@ impl Incumbent {
                 .as_ref()
                 .unwrap_or(&chan)
                 .sender()
-                .and_then(|s| Flusher::start(s, id, mover.clone(), deadline));
+                .and_then(|s| Flusher::start(s, id, mover.clone(), deadline, abort.clone()));
             match started {
                 Ok(f) => (mover, Some(f)),
                 Err(e) => {
@@ -663,7 +666,6 @@ impl Incumbent {
         // supervisor says nothing while we drain unless it aborts (or it
         // went away), and then the drain stops at once.
         let hb = Heartbeat::start(chan.sender(), id, t.heartbeat);
-        let abort = crate::AbortSignal::new();
         let watch = AbortWatch::start(&chan, &abort);
         crash::point("o-in-drain");
         let drained = service.drain_moving(grace, &abort, &mover);
@@ -674,9 +676,23 @@ impl Incumbent {
             // read it below, as after a completed drain, without saying
             // Drained to a supervisor that has moved on. (The offered
             // connections are the service's still: `resume` serves them.)
+            let failed = flusher.as_ref().is_some_and(Flusher::failed);
             drop(flusher);
             drop(direct); // the successor sees our end close
-            tracing::info!(target: "handoff::incumbent", handoff_id = %hex, "the supervisor aborted during the drain; the drain stops now");
+            if failed {
+                // Our own sending failed (the successor is gone or stuck):
+                // serve on now rather than when the supervisor has noticed
+                // — connections refused meanwhile would be closed, each a
+                // client reconnecting. Safe: we said no Drained, hold the
+                // lock, and the successor gets no Begin. Dropping the
+                // channel aborts the handoff.
+                tracing::warn!(target: "handoff::incumbent", handoff_id = %hex, "moving connections failed during the drain; serving them again and abandoning the handoff");
+                self.resume(service)?;
+                return Ok(Next::Continue);
+            }
+            // The supervisor aborted: its ResumeAfterAbort (or EOF) is
+            // waiting on the connection.
+            tracing::info!(target: "handoff::incumbent", handoff_id = %hex, "the handoff was aborted during the drain; the drain stops now");
             return self.after_drain(chan, id, deadline, service);
         }
         // Everything offered must be on its way before Drained.

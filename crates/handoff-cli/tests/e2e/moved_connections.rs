@@ -516,3 +516,59 @@ fn moving_stays_under_the_users_descriptor_limit_in_flight() {
     }
     let _ = as_user(&["stop", "--runtime-dir", run_dir]).output();
 }
+
+/// A new build that cannot hold the connections it is handed (its soft
+/// descriptor limit is 64, 200 connections move straight to it): its
+/// receive comes back truncated, it gives up, the upgrade aborts, and the
+/// old build serves every connection on — no failed request, no
+/// reconnect. Then a build with room takes them all.
+#[test]
+fn a_new_build_without_room_for_the_connections_aborts_and_the_old_one_keeps_them() {
+    let _guard = begin_test("moved_no_room", Duration::from_secs(120));
+    let dirs = TestDirs::new();
+    let cramped = dirs.root.path().join("demo-cramped.sh");
+    std::fs::write(
+        &cramped,
+        format!(
+            "#!/bin/sh\nulimit -Sn 64 || exit 1\nexec '{}' \"$@\"\n",
+            demo_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &cramped,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    let sticky = Load::sticky(sup.addr, 200, "/version", PAUSE);
+    wait_until(
+        Duration::from_secs(30),
+        "every client answered once",
+        || sticky.stats.sticky.lock().unwrap().len() == 200,
+    );
+    let out = sup.upgrade(&["--binary", cramped.to_str().unwrap()]);
+    let a = out.expect_aborted(&["successor", "descriptor", "truncated"]);
+    assert_eq!(a.phase, "draining", "{out}");
+    let answered = sticky.stats.ok.load(Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(30),
+        "the old build answers the clients again",
+        || sticky.stats.ok.load(Ordering::SeqCst) >= answered + 400,
+    );
+    let c = sup.upgrade(&[]).expect_committed();
+    assert_eq!(c.old_pid, sup.first_pid);
+    assert_eq!(c.connections_moved, Some(200), "{c:?}");
+    assert_eq!(c.connections_direct, Some(true), "{c:?}");
+    wait_until(
+        Duration::from_secs(30),
+        "every client answered by the new build",
+        || {
+            let s = sticky.stats.sticky.lock().unwrap();
+            s.len() == 200 && s.values().all(|&(_, _, pid)| pid == c.new_pid)
+        },
+    );
+    let stats = sticky.finish();
+    assert_no_failures(&stats, &sup);
+    assert_sticky(&stats, 200, c.new_pid);
+}

@@ -345,7 +345,10 @@ pub(crate) async fn drive<C: Future + Unpin>(
         // with it.
         let closing = loop {
             if !rx.borrow_and_update().winding_down() {
-                break false; // the handoff aborted: serve on
+                // The handoff aborted: serve on, and a refusal to move in
+                // that drain does not hold for the next one.
+                state.no_move.store(false, Ordering::SeqCst);
+                break false;
             }
             let now = Instant::now();
             if now >= hard {

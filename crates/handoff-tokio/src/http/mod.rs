@@ -213,6 +213,11 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
 {
     let mut no_move = false;
     loop {
+        // A refusal to move holds for the drain it happened in: one that
+        // comes back while serving (that drain aborted) may move next time.
+        if no_move && !shared.phase().winding_down() {
+            no_move = false;
+        }
         let state = ConnState::new();
         if no_move {
             state.set_no_move();

@@ -22,18 +22,27 @@ pub(crate) struct Sent {
 pub(crate) struct Flusher {
     mover: Mover,
     thread: Option<std::thread::JoinHandle<Result<u64, FrameError>>>,
+    /// A send failed: nothing more moves in this handoff.
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Flusher {
     /// Starts sending `mover`'s offers on `sender` for handoff `id`; every
-    /// write must finish by `deadline` (the handoff's).
+    /// write must finish by `deadline` (the handoff's). A send that fails
+    /// fires `on_failure` (the drain's abort): nothing more can move, and a
+    /// drain that went on would close every connection it had left — each
+    /// a client reconnecting — where stopping lets the service serve them
+    /// on (the successor that was to take them is gone, or stuck).
     pub(crate) fn start(
         sender: Sender,
         id: HandoffId,
         mover: Mover,
         deadline: Instant,
+        on_failure: crate::AbortSignal,
     ) -> std::io::Result<Flusher> {
         let m = mover.clone();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fail = failed.clone();
         let thread = std::thread::Builder::new()
             .name("handoff-move".into())
             .spawn(move || {
@@ -51,6 +60,9 @@ impl Flusher {
                     // lent connections free to go back.
                     m.released();
                     if let Err(e) = r {
+                        tracing::warn!(target: "handoff::incumbent", error = %e, "sending moved connections failed; the drain stops");
+                        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+                        on_failure.fire();
                         break Err(e);
                     }
                     crate::crash::point("o-in-transfer");
@@ -67,7 +79,13 @@ impl Flusher {
         Ok(Flusher {
             mover,
             thread: Some(thread),
+            failed,
         })
+    }
+
+    /// Whether a send failed (the drain's abort fired for it).
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Closes the offers and waits until everything offered is sent.

@@ -54,7 +54,14 @@ fn the_flusher_sends_every_offer_with_its_descriptor() {
     let (ours, mut theirs) = channel_pair();
     let m = Mover::new(true);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let f = Flusher::start(ours.sender().unwrap(), 7, m.clone(), deadline).unwrap();
+    let f = Flusher::start(
+        ours.sender().unwrap(),
+        7,
+        m.clone(),
+        deadline,
+        crate::AbortSignal::new(),
+    )
+    .unwrap();
     // Sockets whose peers we keep, to tell them apart after the move.
     let pairs: Vec<_> = (0..260).map(|_| UnixStream::pair().unwrap()).collect();
     for (i, (a, _)) in pairs.iter().enumerate() {
@@ -132,7 +139,14 @@ fn a_lent_connection_is_sent_and_given_back() {
     let (ours, mut theirs) = channel_pair();
     let m = Mover::new(true);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let f = Flusher::start(ours.sender().unwrap(), 9, m.clone(), deadline).unwrap();
+    let f = Flusher::start(
+        ours.sender().unwrap(),
+        9,
+        m.clone(),
+        deadline,
+        crate::AbortSignal::new(),
+    )
+    .unwrap();
     let (conn, peer) = UnixStream::pair().unwrap();
     let raw = std::os::fd::AsRawFd::as_raw_fd(&conn);
     let lent = m.lend(conn, b"GET /", b"tcp").unwrap();
@@ -213,7 +227,14 @@ fn an_abandoned_flusher_sends_nothing_more_and_lets_go() {
     for (a, _) in &pairs {
         lent.push(m.lend(a.try_clone().unwrap(), b"", b"").unwrap());
     }
-    let f = Flusher::start(ours.sender().unwrap(), 3, m.clone(), deadline).unwrap();
+    let f = Flusher::start(
+        ours.sender().unwrap(),
+        3,
+        m.clone(),
+        deadline,
+        crate::AbortSignal::new(),
+    )
+    .unwrap();
     let started = Instant::now();
     drop(f);
     assert!(
@@ -286,7 +307,14 @@ fn a_direct_move_delivers_every_connection_then_ends() {
     let (inc, mut inbound) = direct_pair(9);
     let m = Mover::moving_at_most(100);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let f = Flusher::start(inc.sender().unwrap(), 9, m.clone(), deadline).unwrap();
+    let f = Flusher::start(
+        inc.sender().unwrap(),
+        9,
+        m.clone(),
+        deadline,
+        crate::AbortSignal::new(),
+    )
+    .unwrap();
     let pairs: Vec<_> = (0..300).map(|_| UnixStream::pair().unwrap()).collect();
     for (i, (a, _)) in pairs.iter().enumerate() {
         m.offer(a.as_fd(), format!("u{i}").as_bytes(), b"http")
@@ -400,4 +428,38 @@ fn the_move_socket_refuses_anything_else() {
         assert!(e.to_string().contains(says), "{}: {e}", msg.name());
         assert_eq!(e.peer(), Some(crate::phase::Peer::Incumbent), "{e}");
     }
+}
+
+/// A send that fails (the peer is gone) stops the drain: the sender fires
+/// the drain's abort and says it failed, so the service serves its
+/// connections on instead of closing the rest one by one.
+#[test]
+fn a_failed_send_aborts_the_drain() {
+    let (ours, theirs) = channel_pair();
+    drop(theirs);
+    let m = Mover::moving_at_most(10);
+    let abort = crate::AbortSignal::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let f = Flusher::start(
+        ours.sender().unwrap(),
+        4,
+        m.clone(),
+        deadline,
+        abort.clone(),
+    )
+    .unwrap();
+    let (a, _b) = UnixStream::pair().unwrap();
+    m.offer(a.as_fd(), b"", b"").unwrap();
+    assert!(abort.wait(Duration::from_secs(10)), "the abort never fired");
+    assert!(f.failed());
+    // Nothing more is taken once it failed.
+    let until = Instant::now() + Duration::from_secs(10);
+    while m.offer(a.as_fd(), b"", b"").is_ok() {
+        assert!(
+            Instant::now() < until,
+            "offers still taken after the sender failed"
+        );
+        std::thread::yield_now();
+    }
+    assert!(f.finish().is_err());
 }
