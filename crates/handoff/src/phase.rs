@@ -244,6 +244,15 @@ impl SuccessorPhase {
 mod tests {
     use super::*;
 
+    const ALL_SUPERVISOR_PHASES: [SupervisorPhase; 6] = [
+        SupervisorPhase::Negotiating,
+        SupervisorPhase::Draining,
+        SupervisorPhase::Sealing,
+        SupervisorPhase::AwaitingReady,
+        SupervisorPhase::Committed,
+        SupervisorPhase::ResumingAfterAbort,
+    ];
+
     #[test]
     fn keepalives_only_where_promised() {
         let hb = Message::Heartbeat { handoff_id: 1 };
@@ -316,14 +325,7 @@ mod tests {
             open_conns_remaining: 0,
             accept_closed: true,
         }));
-        for p in [
-            SupervisorPhase::Negotiating,
-            SupervisorPhase::Draining,
-            SupervisorPhase::Sealing,
-            SupervisorPhase::AwaitingReady,
-            SupervisorPhase::Committed,
-            SupervisorPhase::ResumingAfterAbort,
-        ] {
+        for p in ALL_SUPERVISOR_PHASES {
             for peer in [Peer::Incumbent, Peer::Successor] {
                 assert!(!p.allows(peer, &done), "{p} {peer}");
                 assert!(!p.allows(peer, &shutdown), "{p} {peer}");
@@ -433,14 +435,7 @@ mod tests {
         for p in [SuccessorPhase::Greeting, SuccessorPhase::AwaitCommit] {
             assert!(!p.allows(&chan), "{}", p.name());
         }
-        for p in [
-            SupervisorPhase::Negotiating,
-            SupervisorPhase::Draining,
-            SupervisorPhase::Sealing,
-            SupervisorPhase::AwaitingReady,
-            SupervisorPhase::Committed,
-            SupervisorPhase::ResumingAfterAbort,
-        ] {
+        for p in ALL_SUPERVISOR_PHASES {
             for peer in [Peer::Incumbent, Peer::Successor] {
                 assert!(!p.allows(peer, &prep), "{p} {peer}");
                 assert!(!p.allows(peer, &chan), "{p} {peer}");

@@ -207,6 +207,20 @@ pub struct MovedMeta {
     pub state: Vec<u8>,
 }
 
+impl MovedMeta {
+    /// A [`Message::Connections`] batch must bring one descriptor per
+    /// entry: anything else is a broken or hostile sender, refused whole.
+    pub(crate) fn check_batch(entries: usize, descriptors: usize) -> Result<(), FrameError> {
+        if entries == descriptors {
+            return Ok(());
+        }
+        Err(FrameError::Malformed {
+            message: "Connections",
+            reason: format!("{entries} connections but {descriptors} descriptors attached"),
+        })
+    }
+}
+
 /// Every message of the protocol.
 ///
 /// docs/design.md §4.3 has the table of tags, directions and versions,

@@ -1,4 +1,4 @@
-//! Live connections moved to the new build (protocol version 3,
+//! Live connections moved to the new build (protocol versions 3 and 4,
 //! docs/connection-transfer.md), through the real `handoff` binary: 500
 //! keep-alive clients that never retry keep the very same TCP connection
 //! across 20 upgrades of the axum example and of the demo (with state, and

@@ -25,20 +25,8 @@ pub(crate) fn adopt(
     fds: Vec<OwnedFd>,
     into: &mut Vec<MovedConnection>,
 ) -> Result<(), ProtocolError> {
-    if conns.len() != fds.len() {
-        return Err(ProtocolError::frame(
-            peer,
-            PHASE,
-            FrameError::Malformed {
-                message: "Connections",
-                reason: format!(
-                    "{} connections but {} descriptors attached",
-                    conns.len(),
-                    fds.len()
-                ),
-            },
-        ));
-    }
+    MovedMeta::check_batch(conns.len(), fds.len())
+        .map_err(|e| ProtocolError::frame(peer, PHASE, e))?;
     // Whether each is a socket is checked once this process owns them
     // (`Incumbent::take_moved`), not here: an `fstat` per descriptor here
     // would slow every batch of the drain, while nobody may be accepting.

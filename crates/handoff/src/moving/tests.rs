@@ -23,6 +23,20 @@ fn channel_pair() -> (Channel, Channel) {
     (ours, theirs)
 }
 
+/// Starts a sender thread on `chan` for handoff `id`, with a deadline
+/// far enough and an abort nobody watches.
+fn start_flusher(chan: &Channel, id: u64, m: &Mover) -> Flusher {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    Flusher::start(
+        chan.sender().unwrap(),
+        id,
+        m.clone(),
+        deadline,
+        crate::AbortSignal::new(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn batches_are_what_the_supervisor_can_take() {
     let m = Mover::moving_at_most(10);
@@ -53,15 +67,7 @@ fn a_disabled_mover_refuses_and_keeps_nothing() {
 fn the_flusher_sends_every_offer_with_its_descriptor() {
     let (ours, mut theirs) = channel_pair();
     let m = Mover::new(true);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let f = Flusher::start(
-        ours.sender().unwrap(),
-        7,
-        m.clone(),
-        deadline,
-        crate::AbortSignal::new(),
-    )
-    .unwrap();
+    let f = start_flusher(&ours, 7, &m);
     // Sockets whose peers we keep, to tell them apart after the move.
     let pairs: Vec<_> = (0..260).map(|_| UnixStream::pair().unwrap()).collect();
     for (i, (a, _)) in pairs.iter().enumerate() {
@@ -138,15 +144,7 @@ fn offers_are_checked_and_batched_within_the_limits() {
 fn a_lent_connection_is_sent_and_given_back() {
     let (ours, mut theirs) = channel_pair();
     let m = Mover::new(true);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let f = Flusher::start(
-        ours.sender().unwrap(),
-        9,
-        m.clone(),
-        deadline,
-        crate::AbortSignal::new(),
-    )
-    .unwrap();
+    let f = start_flusher(&ours, 9, &m);
     let (conn, peer) = UnixStream::pair().unwrap();
     let raw = std::os::fd::AsRawFd::as_raw_fd(&conn);
     let lent = m.lend(conn, b"GET /", b"tcp").unwrap();
@@ -306,15 +304,7 @@ fn the_move_socket_is_checked_before_use() {
 fn a_direct_move_delivers_every_connection_then_ends() {
     let (inc, mut inbound) = direct_pair(9);
     let m = Mover::moving_at_most(100);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let f = Flusher::start(
-        inc.sender().unwrap(),
-        9,
-        m.clone(),
-        deadline,
-        crate::AbortSignal::new(),
-    )
-    .unwrap();
+    let f = start_flusher(&inc, 9, &m);
     let pairs: Vec<_> = (0..300).map(|_| UnixStream::pair().unwrap()).collect();
     for (i, (a, _)) in pairs.iter().enumerate() {
         m.offer(a.as_fd(), format!("u{i}").as_bytes(), b"http")

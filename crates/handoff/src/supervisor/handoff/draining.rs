@@ -346,20 +346,8 @@ fn relay_batch(
     conns: Vec<MovedMeta>,
     fds: Vec<OwnedFd>,
 ) -> Result<(), HandoffError> {
-    if conns.len() != fds.len() {
-        return Err(ProtocolError::frame(
-            Peer::Incumbent,
-            "draining",
-            FrameError::Malformed {
-                message: "Connections",
-                reason: format!(
-                    "{} connections but {} descriptors attached",
-                    conns.len(),
-                    fds.len()
-                ),
-            },
-        )
-        .into());
+    if let Err(e) = MovedMeta::check_batch(conns.len(), fds.len()) {
+        return Err(ProtocolError::frame(Peer::Incumbent, "draining", e).into());
     }
     crash::point_if(run.with_incumbent, "s-relaying");
     let count = conns.len() as u64;
