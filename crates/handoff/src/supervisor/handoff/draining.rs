@@ -76,21 +76,25 @@ impl Draining {
         // pair whose ends we hand out and close — we never hold a moved
         // connection, and a crash of ours mid-transfer breaks both control
         // channels exactly as before (docs/connection-transfer.md). If we
-        // cannot make the pair or hand the successor its end, we relay.
-        let direct = if moving && o.version() >= MOVE_DIRECT_SINCE && n.chan.version() >= MOVE_DIRECT_SINCE {
+        // cannot make the pair we relay; a successor that cannot take its
+        // end has failed.
+        let v4 = o.version() >= MOVE_DIRECT_SINCE && n.chan.version() >= MOVE_DIRECT_SINCE;
+        let direct = if !(moving && v4) {
+            None
+        } else {
             match direct_channel(run, &n) {
-                Ok(end) => Some(end),
-                Err(DirectFailed::Successor(e)) => {
-                    let e = successor_failure(&n, ProtocolError::frame(Peer::Successor, "draining", e));
-                    return Err((e, Left { o: Some(o), prepared: false, n: Some(n) }));
-                }
-                Err(DirectFailed::Pair(e)) => {
-                    run.warnings.push(format!("could not make the socket pair to move connections directly ({e}); relaying them instead"));
-                    None
+                Ok(end) => end,
+                Err(e) => {
+                    let e = ProtocolError::frame(Peer::Successor, "draining", e);
+                    let e = successor_failure(&n, e);
+                    let left = Left {
+                        o: Some(o),
+                        prepared: false,
+                        n: Some(n),
+                    };
+                    return Err((e, left));
                 }
             }
-        } else {
-            None
         };
         let sent = if let Some(end) = &direct {
             // The successor reads the batches: its own limit is the window.
@@ -313,27 +317,28 @@ fn unasked(message: &'static str) -> HandoffError {
     .into()
 }
 
-/// Why the direct socket pair could not be set up.
-enum DirectFailed {
-    /// Making the pair: relay instead.
-    Pair(std::io::Error),
-    /// Handing the successor its end: the successor's failure.
-    Successor(FrameError),
-}
-
 /// Makes the socket pair the incumbent moves its connections on and hands
 /// the successor its end (MoveChannel); returns the incumbent's end, to go
 /// with PrepareHandoff. Both ends are close-on-exec; ours close when the
-/// caller drops them.
-fn direct_channel(run: &Run<'_, '_>, n: &Successor) -> Result<OwnedFd, DirectFailed> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(DirectFailed::Pair)?;
-    n.chan
-        .send_with_fds(
-            &Message::MoveChannel { handoff_id: run.id },
-            &[std::os::fd::AsFd::as_fd(&theirs)],
-        )
-        .map_err(DirectFailed::Successor)?;
-    Ok(OwnedFd::from(ours))
+/// caller drops them. No pair (the descriptor limit, say): `None`, with a
+/// warning, and the supervisor relays. The successor's channel failing is
+/// the error: the successor's failure.
+fn direct_channel(run: &mut Run<'_, '_>, n: &Successor) -> Result<Option<OwnedFd>, FrameError> {
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            run.warnings.push(format!(
+                "could not make the socket pair to move connections directly ({e}); relaying them instead"
+            ));
+            return Ok(None);
+        }
+    };
+    let handoff_id = run.id;
+    n.chan.send_with_fds(
+        &Message::MoveChannel { handoff_id },
+        &[std::os::fd::AsFd::as_fd(&theirs)],
+    )?;
+    Ok(Some(OwnedFd::from(ours)))
 }
 
 /// Passes one batch of moved connections on to the successor as it came;
