@@ -9,7 +9,7 @@
 //! process was started from even after the file was replaced on disk, and it
 //! is what `sha256sum` prints for that file.
 //!
-//! Hashing a large binary takes a while (a 64 MB debug build: about half a
+//! Hashing a large binary takes a while (a 64 MB build: about half a
 //! second on a small VM, as long as `sha256sum` takes), and a status query
 //! must never wait for it: the systemd watchdog probe is a status query with
 //! a deadline of a quarter of `WatchdogSec=`. So a query answers from a cache

@@ -24,7 +24,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use handoff::crash::{Survivor, POINTS};
 use support::*;
@@ -89,7 +89,7 @@ fn settle(roots: &[u32], addr: SocketAddr, lock: &Path, what: &str) -> u32 {
 
 /// The fd count of an idle incumbent. Measured once it has answered a
 /// request — it accepts only after its control channel to the supervisor is
-/// closed — and as the lowest of a few samples, since the connection of that
+/// closed — and as the lowest of samples, since the connection of that
 /// request closes asynchronously.
 fn idle_fd_baseline(pid: u32, addr: SocketAddr) -> usize {
     assert_eq!(
@@ -97,27 +97,36 @@ fn idle_fd_baseline(pid: u32, addr: SocketAddr) -> usize {
         Some(pid),
         "baseline: {pid} is not serving"
     );
-    let mut low = usize::MAX;
-    poll_until(Duration::from_millis(300), || {
-        low = low.min(count_open_fds(pid).unwrap_or(usize::MAX));
-        false
-    });
-    low
+    lowest_steady_fds(pid).unwrap_or(usize::MAX)
 }
 
-/// The fd count of a process that opens short-lived fds of its own (a
-/// supervisor watching an adopted incumbent reads /proc every 20 ms): the
-/// lowest of samples over 300 ms.
-fn steady_fds(pid: u32) -> Option<usize> {
-    let mut low: Option<usize> = None;
-    poll_until(Duration::from_millis(300), || {
-        if let Some(n) = count_open_fds(pid) {
-            low = Some(low.map_or(n, |l| l.min(n)));
+/// The fd count of a process whose count moves for an instant now and
+/// then (a supervisor watching an adopted incumbent reads /proc every 20
+/// ms; an idle incumbent closes its last client's socket a moment after
+/// the client did): the lowest sample, once no lower one has come for
+/// [`STEADY`] (at most [`STEADY_CAP`] of sampling; it was always the whole
+/// 300 ms, 0.6 s of each scenario).
+fn lowest_steady_fds(pid: u32) -> Option<usize> {
+    let mut low: Option<(usize, Instant)> = None;
+    poll_until(STEADY_CAP, || {
+        let Some(n) = count_open_fds(pid) else {
+            return false;
+        };
+        let now = Instant::now();
+        match low {
+            Some((l, _)) if n > l => {}
+            Some((l, since)) if n == l => return now - since >= STEADY,
+            _ => low = Some((n, now)),
         }
         false
     });
-    low
+    low.map(|(l, _)| l)
 }
+
+/// How long a count must hold to be taken for a process's steady count.
+const STEADY: Duration = Duration::from_millis(100);
+/// How long at most a steady count is looked for (the lowest seen wins).
+const STEADY_CAP: Duration = Duration::from_millis(300);
 
 fn idle_fds_settle(pid: u32, expected: usize, what: &str) {
     let mut now = None;
@@ -339,7 +348,7 @@ fn run_scenario(point: &str, prepared: bool) {
 
     idle_fds_settle(survivor, idle_fds, point);
     let sup = supervisor_pid(current.pid);
-    let sup_fds = steady_fds(sup).expect("supervisor fds");
+    let sup_fds = lowest_steady_fds(sup).expect("supervisor fds");
 
     // The next upgrade commits, and leaves one process again.
     let next = current
@@ -508,7 +517,7 @@ fn stress_random_crash_points() {
         let wrapper = wrapper.to_str().unwrap();
         eprintln!("stress {it}: {} (expect {:?})", p.name, p.survivor);
         let sup_before = supervisor_pid(sups.last().unwrap().pid);
-        let fds_before = steady_fds(sup_before);
+        let fds_before = lowest_steady_fds(sup_before);
         match &p.name[..2] {
             "n-" => {
                 let out = sups.last().unwrap().upgrade(&["--binary", wrapper]);

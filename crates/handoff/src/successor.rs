@@ -89,7 +89,8 @@ pub struct BootOptions {
 impl BootOptions {
     /// Options for build `build_id`, with no default paths, the versions
     /// this build speaks, timeouts from [`Timeouts::from_env`], a 5 s lock
-    /// wait and a 10 s recovery wait (or `HANDOFF_RECOVERY_WAIT_MS`).
+    /// wait (or `HANDOFF_LOCK_WAIT_MS`) and a 10 s recovery wait (or
+    /// `HANDOFF_RECOVERY_WAIT_MS`).
     pub fn new(build_id: impl Into<String>) -> BootOptions {
         BootOptions {
             build_id: build_id.into(),
@@ -97,16 +98,23 @@ impl BootOptions {
             control_path: None,
             versions: VersionRange::OURS,
             timeouts: Timeouts::from_env(),
-            lock_wait: Duration::from_secs(5),
-            // A test knob like HANDOFF_HEARTBEAT_MS: crash tests shorten how
-            // long a sealed incumbent that lost its supervisor keeps trying.
-            recovery_wait: std::env::var("HANDOFF_RECOVERY_WAIT_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis)
-                .unwrap_or(Duration::from_secs(10)),
+            // Test knobs like HANDOFF_HEARTBEAT_MS: tests shorten how long
+            // a successor waits for the sealed incumbent's lock, and an
+            // incumbent whose handoff aborted after its seal waits to take
+            // it back; crash tests, how long a sealed incumbent that lost
+            // its supervisor keeps trying.
+            lock_wait: env_ms("HANDOFF_LOCK_WAIT_MS").unwrap_or(Duration::from_secs(5)),
+            recovery_wait: env_ms("HANDOFF_RECOVERY_WAIT_MS").unwrap_or(Duration::from_secs(10)),
         }
     }
+}
+
+/// A duration in milliseconds from the environment variable `name`.
+fn env_ms(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
 }
 
 /// A process that has read its environment but is not serving yet.

@@ -252,7 +252,13 @@ fn unsafe_dirs_and_planted_links_are_refused_with_the_fix() {
 fn an_incumbent_that_cannot_retake_the_lock_after_an_abort_waits_for_it() {
     let _guard = begin_test("retake_lock", Duration::from_secs(120));
     let dirs = TestDirs::new();
-    let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
+    // The successor's wait for the lock, then the incumbent's before it
+    // says it cannot take it back: 1 s each instead of 5.
+    let opts = StartOpts {
+        env: vec![("HANDOFF_LOCK_WAIT_MS".into(), "1000".into())],
+        ..StartOpts::default()
+    };
+    let sup = Supervisor::start_with(&dirs.runtime, &dirs.state, &demo_bin(), &[], &opts);
     let first = sup.first_pid;
     let lock = dirs.state.join("handoff.lock");
     // Someone of the service's own uid (the files are its alone now) holds

@@ -530,7 +530,7 @@ impl Host {
         let release = app_dir.join("releases/v1").join(APP);
         fs::create_dir_all(release.parent().expect("parent")).expect("create releases/v1");
         // A release as a deploy puts it on a host: a file of its own. (A hard link when
-        // the filesystem allows: the same bytes without another 64 MB copy per host.)
+        // the filesystem allows: the same bytes without another copy of a debug build per host.)
         if fs::hard_link(v1, &release).is_err() {
             fs::copy(v1, &release).expect("copy v1");
         }
