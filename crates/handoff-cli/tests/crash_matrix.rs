@@ -140,6 +140,19 @@ fn idle_fds_settle(pid: u32, expected: usize, what: &str) {
     );
 }
 
+/// The highest protocol version at which supervisor point `point` still
+/// fires, when it is not the newest: the supervisor relays moved
+/// connections only for a peer at version 3 (from 4 they go straight to
+/// the successor), and sends SealRequest only to an incumbent at 4 or less
+/// (from 5 it seals on its own).
+fn older_incumbent(point: &str) -> Option<&'static str> {
+    match point {
+        "s-relaying" => Some("3"),
+        "s-after-seal-request" => Some("4"),
+        _ => None,
+    }
+}
+
 fn scenario(point: &str) {
     run_scenario(point, false)
 }
@@ -171,13 +184,12 @@ fn run_scenario(point: &str, prepared: bool) {
         s1_env.push(("HANDOFF_CRASH_AT".into(), point.into()));
     }
     let crashing = dirs.env_wrapper(point, &[("HANDOFF_CRASH_AT", point)]);
-    // The supervisor relays moved connections only for a peer at protocol
-    // version 3 (at 4 they go straight to the successor): its relaying
-    // point needs an incumbent of that version.
+    // Points of older protocol versions need an incumbent that speaks at
+    // most that version (`older_incumbent`).
     let program = if role == "o-" {
         crashing.clone()
-    } else if point == "s-relaying" {
-        dirs.env_wrapper("v3", &[("HANDOFF_DEMO_PROTO_MAX", "3")])
+    } else if let Some(v) = older_incumbent(point) {
+        dirs.env_wrapper(&format!("v{v}"), &[("HANDOFF_DEMO_PROTO_MAX", v)])
     } else {
         demo_bin()
     };
@@ -541,6 +553,17 @@ fn stress_random_crash_points() {
                     .expect_committed();
             }
             _ => {
+                if p.name == "s-after-seal-request" {
+                    // Its point fires only with an incumbent at version 4.
+                    let v4 =
+                        dirs.env_wrapper(&format!("v4-{it}"), &[("HANDOFF_DEMO_PROTO_MAX", "4")]);
+                    sups.last()
+                        .unwrap()
+                        .upgrade(&["--binary", v4.to_str().unwrap()])
+                        .expect_committed();
+                    let roots: Vec<u32> = sups.iter().map(|s| s.pid).collect();
+                    settle(&roots, addr, &lock, p.name);
+                }
                 // Replace the supervisor by one armed with the point (a
                 // kill -9 and a re-attach in itself), crash it mid-upgrade,
                 // then start a clean one.

@@ -27,7 +27,9 @@ use crate::lock::StateLock;
 use crate::moving::Flusher;
 use crate::phase::{IncumbentPhase, Peer};
 use crate::process::{bind_control, Drainable, Heartbeat, ProcessConfig};
-use crate::protocol::{negotiate, HandoffId, Hello, Message, Role, VersionRange};
+use crate::protocol::{
+    negotiate, HandoffId, Hello, Message, Role, VersionRange, SEAL_AT_ONCE_SINCE,
+};
 use crate::sys;
 
 /// Most control connections greeted at once (each on a short-lived thread
@@ -583,7 +585,7 @@ impl Incumbent {
                     drain_grace_ms,
                     Some(max_in_flight as usize),
                 );
-                match crate::moving::socket::open(std::mem::take(&mut fds), chan.version()) {
+                match crate::moving::socket::open(std::mem::take(&mut fds)) {
                     Ok(c) => {
                         direct = Some(c);
                         (id, deadline, grace, moving)
@@ -693,7 +695,7 @@ impl Incumbent {
             // The supervisor aborted: its ResumeAfterAbort (or EOF) is
             // waiting on the connection.
             tracing::info!(target: "handoff::incumbent", handoff_id = %hex, "the handoff was aborted during the drain; the drain stops now");
-            return self.after_drain(chan, id, deadline, service);
+            return self.after_drain(chan, id, deadline, service, false);
         }
         // Everything offered must be on its way before Drained.
         let sent = flusher.map(Flusher::finish);
@@ -742,7 +744,10 @@ impl Incumbent {
             return Ok(Next::Continue);
         }
         crash::point("o-after-drained");
-        self.after_drain(chan, id, deadline, service)
+        // From version 5 the seal follows at once: the supervisor would
+        // only have asked for it (protocol.rs, "Versions").
+        let seal_now = chan.version() >= SEAL_AT_ONCE_SINCE;
+        self.after_drain(chan, id, deadline, service, seal_now)
     }
 
     /// A PrepareHandoff of either version, read: what the drain needs
@@ -763,34 +768,37 @@ impl Incumbent {
         )
     }
 
-    /// Drained (or the drain was cut short by an abort): wait for the seal
-    /// request, or resume.
+    /// Drained (or the drain was cut short by an abort): seal at once
+    /// (`seal_now`: version 5), or wait for the seal request — or resume.
     fn after_drain<D: Drainable>(
         &mut self,
         mut chan: Channel,
         id: HandoffId,
         deadline: Instant,
         service: &mut D,
+        seal_now: bool,
     ) -> Result<Next, ProcessError> {
         let t = self.cfg.timeouts;
         let left = |slack: Duration| deadline.saturating_duration_since(Instant::now()) + slack;
-        match Self::recv(
-            &mut chan,
-            IncumbentPhase::Drained,
-            Some(id),
-            left(t.wire_slack),
-        ) {
-            Ok(Message::SealRequest { .. }) => {}
-            Ok(Message::ResumeAfterAbort { .. }) => {
-                tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "handoff aborted while draining or drained; resuming");
-                self.resume(service)?;
-                return Ok(Next::Continue);
-            }
-            got => {
-                let e = Self::off_table(IncumbentPhase::Drained, got);
-                tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "lost the supervisor while drained; resuming");
-                self.resume(service)?;
-                return Ok(Next::Continue);
+        if !seal_now {
+            match Self::recv(
+                &mut chan,
+                IncumbentPhase::Drained,
+                Some(id),
+                left(t.wire_slack),
+            ) {
+                Ok(Message::SealRequest { .. }) => {}
+                Ok(Message::ResumeAfterAbort { .. }) => {
+                    tracing::info!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), "handoff aborted while draining or drained; resuming");
+                    self.resume(service)?;
+                    return Ok(Next::Continue);
+                }
+                got => {
+                    let e = Self::off_table(IncumbentPhase::Drained, got);
+                    tracing::warn!(target: "handoff::incumbent", handoff_id = %crate::protocol::IdHex(id), error = %e, "lost the supervisor while drained; resuming");
+                    self.resume(service)?;
+                    return Ok(Next::Continue);
+                }
             }
         }
 

@@ -15,7 +15,7 @@
 //! N -> S  Hello (its warm-up done); S: HelloAck
 //! S -> O  PrepareHandoff{id, successor_pid, deadline_ms, drain_grace_ms}
 //! O -> S  Heartbeat* Drained{open_conns_remaining, accept_closed}
-//! S -> O  SealRequest        O -> S  SealProgress* SealComplete | SealFailed
+//! S -> O  SealRequest (v ≤ 4) O -> S  SealProgress* SealComplete | SealFailed
 //! S -> N  Begin{state?}      N -> S  Ready{listening_on, healthz_ok, metadata}
 //! S -> N, then O: Commit      (O exits after its connections finish)
 //! ```

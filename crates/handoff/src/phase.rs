@@ -18,7 +18,8 @@ pub enum SupervisorPhase {
     Negotiating,
     /// PrepareHandoff sent; waiting for Drained.
     Draining,
-    /// SealRequest sent; waiting for SealComplete or SealFailed.
+    /// Drained received (and, with an incumbent below version 5,
+    /// SealRequest sent); waiting for SealComplete or SealFailed.
     Sealing,
     /// Begin sent; waiting for the successor's Ready.
     AwaitingReady,
@@ -150,7 +151,9 @@ pub enum IncumbentPhase {
     /// Negotiated; waiting for PrepareHandoff (a handoff), FetchListeners
     /// (a re-attaching supervisor) or Shutdown (`handoff stop`).
     Idle,
-    /// Drained sent; waiting for the seal request (or an abort).
+    /// Drained sent; waiting for the seal request (or an abort). From
+    /// version 5 an incumbent seals at once instead and never waits here
+    /// (except after a drain an abort cut short).
     Drained,
     /// Seal failed and reported; waiting to be told to resume.
     SealFailed,

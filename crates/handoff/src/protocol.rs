@@ -30,6 +30,14 @@
 //!   instead of through the supervisor: it received, re-sent and closed
 //!   every descriptor, a fifth of the CPU a large drain costs. Used only
 //!   when both peers negotiated 4; with a peer at 3 the supervisor relays.
+//! * 5 — no new message: an incumbent that said Drained seals at once, and
+//!   the supervisor sends no [`Message::SealRequest`]. Nothing happens
+//!   between the two (the supervisor only journaled the phase), and the
+//!   round trip was two wake-ups inside the accept gap — on a machine
+//!   saturated by its own clients, a millisecond or more each. An abort
+//!   that comes meanwhile finds the incumbent sealed, as one during the
+//!   seal always could: it takes its lock back and serves (docs/design.md
+//!   §4.2). With an incumbent at 4 or less the supervisor asks, as before.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +53,9 @@ pub const MOVE_SINCE: ProtoVersion = 3;
 /// First version that moves connections on a direct incumbent → successor
 /// socket ([`Message::PrepareHandoffV4`], [`Message::MoveChannel`]).
 pub const MOVE_DIRECT_SINCE: ProtoVersion = 4;
+/// First version whose incumbent seals as soon as it has said Drained,
+/// without waiting for [`Message::SealRequest`].
+pub const SEAL_AT_ONCE_SINCE: ProtoVersion = 5;
 /// Version of the frames carrying `Hello`/`HelloAck`, fixed forever.
 pub const HELLO_FRAME_VERSION: ProtoVersion = 1;
 
@@ -885,7 +896,13 @@ mod tests {
         }
         assert_eq!(p.handoff_id(), Some(1));
         assert_eq!(c.handoff_id(), Some(6));
-        const { assert!(MOVE_DIRECT_SINCE == PROTO_MAX && MOVE_DIRECT_SINCE > MOVE_SINCE) };
+        const {
+            assert!(
+                MOVE_DIRECT_SINCE < SEAL_AT_ONCE_SINCE
+                    && SEAL_AT_ONCE_SINCE == PROTO_MAX
+                    && MOVE_DIRECT_SINCE > MOVE_SINCE
+            )
+        };
     }
 
     #[test]

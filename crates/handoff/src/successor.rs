@@ -361,12 +361,7 @@ impl Boot {
                         adopt(Peer::Supervisor, conns, fds, &mut moved)?;
                     }
                     Ok((Message::MoveChannel { handoff_id }, fds)) => {
-                        inbound = Some(Inbound::open(
-                            handoff_id,
-                            fds,
-                            chan.version(),
-                            frame_budget,
-                        )?);
+                        inbound = Some(Inbound::open(handoff_id, fds, frame_budget)?);
                     }
                     Ok((Message::Abort { reason, .. }, _)) => {
                         return Err(ProcessError::Aborted { reason })

@@ -6,4 +6,4 @@ pub type ProtoVersion = u16;
 /// Lowest protocol version this build can speak.
 pub const PROTO_MIN: ProtoVersion = 1;
 /// Highest protocol version this build can speak.
-pub const PROTO_MAX: ProtoVersion = 4;
+pub const PROTO_MAX: ProtoVersion = 5;

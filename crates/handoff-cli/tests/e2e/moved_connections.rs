@@ -110,7 +110,10 @@ fn demo_with_state_keeps_500_keep_alive_connections_and_every_acknowledged_write
 /// Protocol version 2 on either side: nothing moves (the report says so by
 /// saying nothing), connections close politely as before, and no request
 /// fails. Version 3 on either side: they move through the supervisor.
-/// Both sides at 4: they move straight from one to the other.
+/// Both sides at 4 or later: they move straight from one to the other,
+/// also between a build at 4 and one at 5 (the move socket's frames are of
+/// version 4 whatever each side negotiated; a build at 5 is not asked to
+/// seal).
 #[test]
 fn an_old_build_on_either_side_falls_back_to_closing_with_no_failed_request() {
     let _guard = begin_test("moved_fallback", Duration::from_secs(180));
@@ -119,6 +122,8 @@ fn an_old_build_on_either_side_falls_back_to_closing_with_no_failed_request() {
     let v2 = v2.to_str().unwrap();
     let v3 = dirs.env_wrapper("v3", &[("HANDOFF_DEMO_PROTO_MAX", "3")]);
     let v3 = v3.to_str().unwrap();
+    let v4 = dirs.env_wrapper("v4", &[("HANDOFF_DEMO_PROTO_MAX", "4")]);
+    let v4 = v4.to_str().unwrap();
     let demo = demo_bin();
     let demo = demo.to_str().unwrap();
     let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
@@ -129,13 +134,16 @@ fn an_old_build_on_either_side_falls_back_to_closing_with_no_failed_request() {
     // should depend on winning.
     let sticky = Load::sticky(sup.addr, 50, "/version", Duration::from_millis(20));
     let mut last = sup.first_pid;
-    // new → v2, v2 → new, new → v3, v3 → new, then new → new. `None`:
-    // nothing moves; `Some(direct)`: they move, straight or relayed.
+    // new → v2, v2 → new, new → v3, v3 → new, new → v4, v4 → new, then
+    // new → new. `None`: nothing moves; `Some(direct)`: they move, straight
+    // or relayed.
     let steps = [
         (v2, None),
         (demo, None),
         (v3, Some(false)),
         (demo, Some(false)),
+        (v4, Some(true)),
+        (demo, Some(true)),
         (demo, Some(true)),
     ];
     for (i, (binary, how)) in steps.into_iter().enumerate() {

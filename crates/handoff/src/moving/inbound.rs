@@ -10,7 +10,7 @@ use crate::channel::Channel;
 use crate::crash;
 use crate::frame::FrameError;
 use crate::phase::Peer;
-use crate::protocol::{HandoffId, Message, MovedMeta, ProtoVersion};
+use crate::protocol::{HandoffId, Message, MovedMeta};
 use crate::protocol_error::ProtocolError;
 
 /// The phase the successor names in errors about moved connections.
@@ -59,10 +59,9 @@ impl Inbound {
     pub(crate) fn open(
         id: HandoffId,
         fds: Vec<OwnedFd>,
-        version: ProtoVersion,
         timeout: Duration,
     ) -> Result<Inbound, ProtocolError> {
-        let chan = super::socket::open(fds, version).map_err(|reason| {
+        let chan = super::socket::open(fds).map_err(|reason| {
             ProtocolError::frame(
                 Peer::Supervisor,
                 PHASE,

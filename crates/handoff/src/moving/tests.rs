@@ -274,7 +274,7 @@ fn direct_pair(id: u64) -> (Channel, Inbound) {
     let (inc, succ) = UnixStream::pair().unwrap();
     let mut inc = Channel::new(inc);
     inc.set_version(MOVE_DIRECT_SINCE);
-    let inbound = Inbound::open(id, vec![OwnedFd::from(succ)], MOVE_DIRECT_SINCE, FRAME).unwrap();
+    let inbound = Inbound::open(id, vec![OwnedFd::from(succ)], FRAME).unwrap();
     (inc, inbound)
 }
 
@@ -282,17 +282,17 @@ fn direct_pair(id: u64) -> (Channel, Inbound) {
 /// socket whose maker can be told: anything else is refused, named.
 #[test]
 fn the_move_socket_is_checked_before_use() {
-    let none = Inbound::open(1, vec![], MOVE_DIRECT_SINCE, FRAME).unwrap_err();
+    let none = Inbound::open(1, vec![], FRAME).unwrap_err();
     assert!(
         none.to_string()
             .contains("expected one descriptor attached, got 0"),
         "{none}"
     );
     let (a, b) = UnixStream::pair().unwrap();
-    let two = Inbound::open(1, vec![a.into(), b.into()], MOVE_DIRECT_SINCE, FRAME).unwrap_err();
+    let two = Inbound::open(1, vec![a.into(), b.into()], FRAME).unwrap_err();
     assert!(two.to_string().contains("got 2"), "{two}");
     let (r, _w) = nix::unistd::pipe().unwrap();
-    let pipe = Inbound::open(1, vec![r], MOVE_DIRECT_SINCE, FRAME).unwrap_err();
+    let pipe = Inbound::open(1, vec![r], FRAME).unwrap_err();
     assert!(pipe.to_string().contains("not a Unix socket"), "{pipe}");
     assert!(matches!(pipe, ProtocolError::Frame { .. }), "{pipe:?}");
 }

@@ -6,7 +6,7 @@
 //! S -> O  connect(control socket); O: Hello; S: HelloAck (N starts meanwhile)
 //! N -> S  Hello (its warm-up done); S: HelloAck
 //! S -> O  PrepareHandoff            O -> S  Heartbeat* Drained
-//! S -> O  SealRequest               O -> S  SealProgress* SealComplete | SealFailed
+//! S -> O  SealRequest (v ≤ 4)       O -> S  SealProgress* SealComplete | SealFailed
 //! S -> N  Begin                     N -> S  Heartbeat* Ready
 //! S -> O,N Commit
 //! ```

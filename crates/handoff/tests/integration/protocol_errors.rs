@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use handoff::channel::Channel;
 use handoff::error::ProtocolError;
 use handoff::frame::{self, FrameError};
-use handoff::protocol::{Hello, Message, Role};
+use handoff::protocol::{Hello, Message, Role, SEAL_AT_ONCE_SINCE};
 use handoff::{
     HandoffError, HandoffOptions, Listener, Program, Supervisor, SupervisorConfig, Timeouts,
 };
@@ -399,10 +399,17 @@ fn version_negotiation_with_an_older_incumbent_picks_its_version() {
 
 #[test]
 fn version_negotiation_disjoint_fails_clearly() {
+    // A range wholly above ours: a build from the future.
+    const ABOVE: u16 = handoff::VersionRange::OURS.max + 1;
     let s = setup();
     let t = fake_incumbent(&s.control, |st| {
         Channel::new(st)
-            .send(&hello(Role::Incumbent, std::process::id(), 5, 6))
+            .send(&hello(
+                Role::Incumbent,
+                std::process::id(),
+                ABOVE,
+                ABOVE + 1,
+            ))
             .unwrap();
     });
     let e = s.handoff("good").unwrap_err();
@@ -414,7 +421,7 @@ fn version_negotiation_disjoint_fails_clearly() {
     let msg = e.to_string();
     assert!(
         msg.contains("no common protocol version")
-            && msg.contains("5..=6")
+            && msg.contains(&format!("{ABOVE}..={}", ABOVE + 1))
             && msg.contains(&handoff::VersionRange::OURS.to_string()),
         "{msg}"
     );
@@ -575,6 +582,102 @@ fn missing_binary_is_a_spawn_error_and_incumbent_is_untouched() {
             HandoffError::Spawn(handoff::SpawnError::NotFound { .. })
         ),
         "{e}"
+    );
+}
+
+// ---- version 5: the incumbent seals unasked ---------------------------------
+
+/// A fake incumbent speaking versions up to `max`, draining and sealing as
+/// an incumbent of that version does: on SealRequest below version 5, at
+/// once after Drained from 5. Returns the messages it got.
+fn incumbent_at(path: &Path, max: u16) -> JoinHandle<Vec<&'static str>> {
+    fake_incumbent(path, move |st| {
+        let mut c = Channel::new(st);
+        c.send(&hello(Role::Incumbent, std::process::id(), 1, max))
+            .unwrap();
+        let version = match c.recv(Some(Duration::from_secs(5))).unwrap() {
+            Message::HelloAck { version } => version,
+            m => panic!("expected HelloAck, got {m:?}"),
+        };
+        c.set_version(version);
+        let seal = |c: &mut Channel, handoff_id| {
+            c.send(&Message::SealComplete {
+                handoff_id,
+                state: None,
+            })
+            .unwrap()
+        };
+        let mut seen = vec![];
+        // The descriptor a PrepareHandoffV4 brings (the move socket) is
+        // dropped: nothing moves, and its close ends the successor's reading.
+        while let Ok((m, _fds)) = c.recv_with_fds(Duration::from_secs(15)) {
+            seen.push(m.name());
+            match m {
+                Message::PrepareHandoff { handoff_id, .. }
+                | Message::PrepareHandoffV3 { handoff_id, .. }
+                | Message::PrepareHandoffV4 { handoff_id, .. } => {
+                    c.send(&Message::Drained {
+                        handoff_id,
+                        open_conns_remaining: 0,
+                        accept_closed: true,
+                    })
+                    .unwrap();
+                    if version >= SEAL_AT_ONCE_SINCE {
+                        seal(&mut c, handoff_id);
+                    }
+                }
+                Message::SealRequest { handoff_id } => seal(&mut c, handoff_id),
+                _ => break,
+            }
+        }
+        seen
+    })
+}
+
+/// Hands off from a fake incumbent of version `max` to a real successor;
+/// what the incumbent was sent, and the phases the supervisor went through.
+fn handoff_from_version(max: u16) -> (Vec<&'static str>, Vec<&'static str>) {
+    let s = setup();
+    let t = incumbent_at(&s.control, max);
+    let mut phases = vec![];
+    s.sup
+        .perform_handoff(&s.program("good"), HandoffOptions::default(), &mut |p| {
+            phases.push(p.phase.name())
+        })
+        .unwrap();
+    (t.join().unwrap(), phases)
+}
+
+#[test]
+fn an_incumbent_at_version_5_seals_without_being_asked() {
+    let (seen, phases) = handoff_from_version(SEAL_AT_ONCE_SINCE);
+    assert_eq!(seen, vec!["PrepareHandoffV4", "Commit"]);
+    // Its seal is still a phase of its own in the report and the journal.
+    assert_eq!(
+        phases,
+        [
+            "negotiating",
+            "draining",
+            "sealing",
+            "awaiting-ready",
+            "committed"
+        ]
+    );
+}
+
+#[test]
+fn an_incumbent_at_version_4_is_asked_to_seal() {
+    let (seen, phases) = handoff_from_version(SEAL_AT_ONCE_SINCE - 1);
+    assert_eq!(seen, vec!["PrepareHandoffV4", "SealRequest", "Commit"]);
+    assert_eq!(
+        phases,
+        [
+            "negotiating",
+            "draining",
+            "sealing",
+            "awaiting-ready",
+            "committed"
+        ]
     );
 }
 

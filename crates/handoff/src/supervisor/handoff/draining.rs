@@ -15,7 +15,7 @@ use crate::crash;
 use crate::error::{HandoffError, ProtocolError};
 use crate::frame::FrameError;
 use crate::phase::{Peer, SupervisorPhase};
-use crate::protocol::{Message, MovedMeta, MOVE_DIRECT_SINCE, MOVE_SINCE};
+use crate::protocol::{Message, MovedMeta, MOVE_DIRECT_SINCE, MOVE_SINCE, SEAL_AT_ONCE_SINCE};
 use crate::supervisor::types::{ConnectionsMoved, Successor};
 use crate::sys;
 use crate::timeouts::PhaseClock;
@@ -43,7 +43,8 @@ pub(super) struct Draining {
     relay: Relay,
 }
 
-/// SealRequest sent: the incumbent hands over its state.
+/// Drained received (and SealRequest sent, below version 5): the
+/// incumbent hands over its state.
 pub(super) struct Sealing {
     o: Channel,
     n: Successor,
@@ -159,7 +160,8 @@ impl Draining {
     }
 
     /// Waits for Drained (relaying moved connections meanwhile), then
-    /// sends SealRequest.
+    /// sends SealRequest — or, to an incumbent at version 5 or later, which
+    /// seals on its own once it has said Drained, nothing.
     pub(super) fn drained(mut self, run: &mut Run<'_, '_>) -> Step<Sealing> {
         let grace = run.t.drain_grace.min(run.remaining());
         let got = recv_incumbent(run, &mut self.o, &mut self.n, Some(&mut self.relay), grace);
@@ -173,11 +175,13 @@ impl Draining {
         };
         crash::point_if(run.with_incumbent, "s-after-drained");
         run.enter(SupervisorPhase::Sealing);
-        if let Err(e) = self.o.send(&Message::SealRequest { handoff_id: run.id }) {
-            let e = ProtocolError::frame(Peer::Incumbent, "sealing", e).into();
-            return Err((e, self.left()));
+        if self.o.version() < SEAL_AT_ONCE_SINCE {
+            if let Err(e) = self.o.send(&Message::SealRequest { handoff_id: run.id }) {
+                let e = ProtocolError::frame(Peer::Incumbent, "sealing", e).into();
+                return Err((e, self.left()));
+            }
+            crash::point_if(run.with_incumbent, "s-after-seal-request");
         }
-        crash::point_if(run.with_incumbent, "s-after-seal-request");
         Ok(Sealing {
             o: self.o,
             n: self.n,
