@@ -94,21 +94,20 @@ fn run_refuses_a_bad_listen_spec_before_starting_anything() {
 /// a clear error, instead of spinning forever.
 #[test]
 fn crash_restart_then_crash_loop_limit() {
-    let _guard = begin_test("crash_loop", Duration::from_secs(90));
+    let _guard = begin_light_test("crash_loop", Duration::from_secs(90));
     let dirs = TestDirs::new();
     // Serves the first two times it starts, then fails at once.
     let marker = dirs.root.path().join("starts");
     let script = dirs.root.path().join("flaky.sh");
-    std::fs::write(
+    write_executable(
         &script,
         format!(
             "#!/bin/sh\necho x >> '{m}'\n[ \"$(wc -l < '{m}')\" -le 2 ] || exit 7\nexec '{demo}' \"$@\"\n",
             m = marker.display(),
             demo = demo_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        )
+        .as_bytes(),
+    );
     let mut sup = Supervisor::start(&dirs.runtime, &dirs.state, &script, &[]);
     let kill9 = |pid: u32| {
         let _ = nix::sys::signal::kill(
@@ -144,21 +143,20 @@ fn crash_restart_then_crash_loop_limit() {
 /// resetting the count: "restart 1/5 failed" every 100 ms, forever.)
 #[test]
 fn crash_loop_limit_fires_after_a_long_healthy_run() {
-    let _guard = begin_test("crash_loop_after_healthy", Duration::from_secs(90));
+    let _guard = begin_light_test("crash_loop_after_healthy", Duration::from_secs(90));
     let dirs = TestDirs::new();
     // Serves the first time it starts, then fails at once.
     let marker = dirs.root.path().join("starts");
     let script = dirs.root.path().join("once.sh");
-    std::fs::write(
+    write_executable(
         &script,
         format!(
             "#!/bin/sh\necho x >> '{m}'\n[ \"$(wc -l < '{m}')\" -le 1 ] || exit 7\nexec '{demo}' \"$@\"\n",
             m = marker.display(),
             demo = demo_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        )
+        .as_bytes(),
+    );
     let opts = StartOpts {
         env: vec![("HANDOFF_HEALTHY_AFTER_MS".into(), "500".into())],
         ..StartOpts::default()

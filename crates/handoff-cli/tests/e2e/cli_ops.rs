@@ -375,7 +375,7 @@ fn sighup_upgrades() {
 
 #[test]
 fn concurrent_upgrades_with_wait_both_commit_in_turn() {
-    let _guard = begin_test("upgrade_wait", Duration::from_secs(120));
+    let _guard = begin_light_test("upgrade_wait", Duration::from_secs(120));
     let dirs = TestDirs::new();
     let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
     // Each successor warms up for a while, so the handoffs overlap.

@@ -39,7 +39,7 @@ fn sample(text: &str, series: &str) -> f64 {
 
 #[test]
 fn config_file_alone_runs_the_service_and_metrics_count_what_happened() {
-    let _guard = begin_test("config_metrics", Duration::from_secs(120));
+    let _guard = begin_light_test("config_metrics", Duration::from_secs(120));
     let dirs = TestDirs::new();
     // Relative paths resolve against the file's directory (the test root).
     let cfg = write_config(

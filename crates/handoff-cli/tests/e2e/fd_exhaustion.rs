@@ -39,7 +39,7 @@ fn reply(mut s: &UnixStream, within: Duration) -> String {
 
 #[test]
 fn admin_accept_out_of_descriptors_backs_off_logs_rarely_and_recovers() {
-    let _guard = begin_test("admin_emfile", Duration::from_secs(120));
+    let _guard = begin_light_test("admin_emfile", Duration::from_secs(120));
     let dirs = TestDirs::new();
     // 28 descriptor numbers: the supervisor's own (about 8: stdio, locks,
     // admin and listening sockets, the incumbent's control connection)

@@ -5,7 +5,6 @@
 
 use crate::support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -21,17 +20,16 @@ fn supervisor_lines_stay_whole_while_the_service_writes_stderr() {
     let dirs = TestDirs::new();
     let demo = demo_bin();
     let noisy = dirs.runtime.with_file_name("noisy-demo.sh");
-    std::fs::write(
+    write_executable(
         &noisy,
         format!(
             "#!/bin/sh\n\
              ( n=0; while [ $n -lt 3000 ]; do echo \"svc-noise-$n\" >&2; n=$((n+1)); done ) &\n\
              exec '{}' \"$@\"\n",
             demo.display()
-        ),
-    )
-    .expect("write the wrapper");
-    std::fs::set_permissions(&noisy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        )
+        .as_bytes(),
+    );
     let sup = Supervisor::start_with(
         &dirs.runtime,
         &dirs.state,

@@ -4,9 +4,11 @@
 //!
 //! One test binary on purpose: each file below used to be its own, and each
 //! compiled and linked `support` and the dependency graph again (25 links per
-//! `cargo test`, 25 crates for clippy). The tests that drive services still run
-//! one at a time ([`support::begin_test`] holds a process-wide lock), as they did
-//! within each former binary. Two stay binaries of their own: the crash matrix
+//! `cargo test`, 25 crates for clippy). The tests that drive services run one at
+//! a time ([`support::begin_test`] holds a process-wide lock), as they did within
+//! each former binary — except that each of the few that mostly wait on timers
+//! ([`support::begin_light_test`], a few percent of a core each) runs beside
+//! one of them. Two stay binaries of their own: the crash matrix
 //! (`tests/crash_matrix.rs`), which `scripts/crash-matrix-loop` runs alone, and
 //! `tests/demo.rs`, which makes its process a child subreaper (a process-wide
 //! setting that would re-parent every other test's orphans to it).

@@ -382,15 +382,14 @@ fn moving_stays_under_the_users_descriptor_limit_in_flight() {
     )
     .unwrap();
     let svc = dir.path().join("svc.sh");
-    std::fs::write(
+    write_executable(
         &svc,
         format!(
             "#!/bin/sh\nulimit -Sn 4000 || exit 1\nexec '{}' \"$@\"\n",
             handoff_bin().with_file_name("example-axum").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&svc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        )
+        .as_bytes(),
+    );
     if root {
         for p in [dir.path(), svc.as_path()] {
             nix::unistd::chown(p, Some(65534.into()), Some(65534.into())).unwrap();
@@ -535,19 +534,14 @@ fn a_new_build_without_room_for_the_connections_aborts_and_the_old_one_keeps_the
     let _guard = begin_test("moved_no_room", Duration::from_secs(120));
     let dirs = TestDirs::new();
     let cramped = dirs.root.path().join("demo-cramped.sh");
-    std::fs::write(
+    write_executable(
         &cramped,
         format!(
             "#!/bin/sh\nulimit -Sn 64 || exit 1\nexec '{}' \"$@\"\n",
             demo_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &cramped,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+        )
+        .as_bytes(),
+    );
     let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
     let sticky = Load::sticky(sup.addr, 200, "/version", PAUSE);
     wait_until(

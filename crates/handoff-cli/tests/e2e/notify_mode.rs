@@ -31,7 +31,8 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::{
-    begin_test, handoff_bin, poll_until, wait_until, Client, StartOpts, Supervisor, TestDirs,
+    begin_light_test, begin_test, handoff_bin, poll_until, wait_until, Client, StartOpts,
+    Supervisor, TestDirs,
 };
 
 const SETTLE: Duration = Duration::from_secs(15);
@@ -222,7 +223,7 @@ fn python_service_upgraded_20_times_under_load_with_zero_failed_requests() {
 
 #[test]
 fn a_new_process_that_never_sends_ready_is_aborted_within_the_deadline() {
-    let _g = begin_test("notify_never_ready", Duration::from_secs(90));
+    let _g = begin_light_test("notify_never_ready", Duration::from_secs(90));
     let dirs = TestDirs::new();
     let (sup, behaviour) = start(&dirs, &[]);
     std::fs::write(&behaviour, "no-ready").unwrap();
@@ -285,7 +286,7 @@ fn an_old_process_ignoring_sigterm_is_killed_after_the_drain_grace() {
 
 #[test]
 fn ready_from_a_process_that_is_not_the_child_is_ignored() {
-    let _g = begin_test("notify_foreign_ready", Duration::from_secs(90));
+    let _g = begin_light_test("notify_foreign_ready", Duration::from_secs(90));
     let dirs = TestDirs::new();
     let (sup, behaviour) = start(&dirs, &[]);
     std::fs::write(&behaviour, "no-ready").unwrap();
@@ -536,11 +537,25 @@ fn ready_probe_and_stop_signal_flags() {
         ],
         &[Signal::SIGINT, Signal::SIGHUP],
     );
+    // The probe passes whatever the program does, so "ready" can come before
+    // Python is up. One full-suite run took 62 s in this test: the old
+    // process outlived its SIGINT until the 60 s drain grace's SIGKILL (not
+    // reproduced in 27 runs alone and under CPU load). Signalling a program
+    // that may still be starting is the one timing-dependent step here, so
+    // each process is stopped only once it says it runs.
+    let started = |pid: u32| {
+        wait_until(SETTLE, &format!("pid {pid} has started"), || {
+            sup.stderr_log()
+                .contains(&format!("notify_service[{pid}]: started;"))
+        })
+    };
+    started(sup.first_pid);
     let c = sup.upgrade(&[]).expect_committed();
     assert_eq!(c.old_pid, sup.first_pid);
     // SIGINT is not handled by the Python service: it dies of it at once.
     assert!(gone(sup.first_pid));
     sup.wait_settled(c.new_pid, SETTLE);
+    started(c.new_pid);
     shut_down(sup);
 }
 
@@ -549,7 +564,7 @@ fn ready_probe_and_stop_signal_flags() {
 /// accepted, instead of a SIGKILL that resets them.
 #[test]
 fn an_aborted_new_process_finishes_its_requests_before_it_is_stopped() {
-    let _g = begin_test("notify_abort_grace", Duration::from_secs(90));
+    let _g = begin_light_test("notify_abort_grace", Duration::from_secs(90));
     let dirs = TestDirs::new();
     let (sup, behaviour) = start(&dirs, &["--abort-grace", "20s"]);
     std::fs::write(&behaviour, "no-ready").unwrap();

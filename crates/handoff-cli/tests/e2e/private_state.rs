@@ -250,7 +250,7 @@ fn unsafe_dirs_and_planted_links_are_refused_with_the_fix() {
 /// says so, and serves again the moment the lock is free.
 #[test]
 fn an_incumbent_that_cannot_retake_the_lock_after_an_abort_waits_for_it() {
-    let _guard = begin_test("retake_lock", Duration::from_secs(120));
+    let _guard = begin_light_test("retake_lock", Duration::from_secs(120));
     let dirs = TestDirs::new();
     // The successor's wait for the lock, then the incumbent's before it
     // says it cannot take it back: 1 s each instead of 5.

@@ -38,7 +38,7 @@ fn settle(sup: &Supervisor, pid: u32) {
 }
 
 fn deleted_runtime_dir(name: &str, extra: &[&str]) {
-    let _guard = begin_test(name, Duration::from_secs(120));
+    let _guard = begin_light_test(name, Duration::from_secs(120));
     let notify = !extra.is_empty();
     let dirs = TestDirs::new();
     // Notify mode runs a plain socket-activated service (the demo needs

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    begin_test, demo_bin, handoff_bin, lock_holders, poll_until, process_state, wait_until, Load,
-    LoadExt, LoadReportExt, Supervisor, TestDirs, UpgradeOutcome, UPGRADE_TIMEOUT,
+    begin_light_test, begin_test, demo_bin, handoff_bin, lock_holders, poll_until, process_state,
+    wait_until, Load, LoadExt, LoadReportExt, Supervisor, TestDirs, UpgradeOutcome,
+    UPGRADE_TIMEOUT,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -301,7 +302,7 @@ fn counters_carry_across_upgrades_under_load() {
 /// Once the first dies, the kernel has released the lock and a new supervisor starts.
 #[test]
 fn second_supervisor_for_the_same_state_dir_is_refused() {
-    let _guard = begin_test(
+    let _guard = begin_light_test(
         "second_supervisor_for_the_same_state_dir_is_refused",
         Duration::from_secs(90),
     );

@@ -77,7 +77,7 @@ fn read_until_closed<R: Read + Send + 'static>(mut from: R) -> mpsc::Receiver<(V
 /// meanwhile. (Its 33 bytes would take 33 s; each read was within 5 s.)
 #[test]
 fn a_trickled_admin_request_is_cut_at_its_budget() {
-    let _guard = begin_test("admin_trickle", Duration::from_secs(60));
+    let _guard = begin_light_test("admin_trickle", Duration::from_secs(60));
     let dirs = TestDirs::new();
     let _sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
     let s = UnixStream::connect(dirs.runtime.join("admin.sock")).unwrap();
@@ -127,7 +127,7 @@ fn hello_ack(version: u16) -> Vec<u8> {
 /// bytes kept coming, then 60 s waiting for a request).
 #[test]
 fn strangers_on_the_control_socket_do_not_stall_an_upgrade() {
-    let _guard = begin_test("control_strangers", Duration::from_secs(90));
+    let _guard = begin_light_test("control_strangers", Duration::from_secs(90));
     let dirs = TestDirs::new();
     let sup = Supervisor::start(&dirs.runtime, &dirs.state, &demo_bin(), &[]);
     let control = dirs.runtime.join("control.sock");

@@ -20,26 +20,22 @@ const PROGRESS: Duration = Duration::from_secs(10);
 /// A copy of the `handoff` binary under test at `dir/name`, made a different
 /// build by `extra` bytes appended (an ELF file ignores trailing bytes).
 fn handoff_copy(dir: &Path, name: &str, extra: &[u8]) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
     let mut bytes = std::fs::read(support::handoff_bin()).expect("read the handoff binary");
     bytes.extend_from_slice(extra);
-    std::fs::write(&path, bytes).expect("write a handoff copy");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    support::write_executable(&path, &bytes);
     path
 }
 
 /// A wrapper that runs `binary` (a real handoff: it passes the check) made to
 /// fail its takeover, so the re-exec falls back to the previous program.
 fn takeover_failing(dir: &Path, binary: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join("handoff-failing.sh");
     let script = format!(
         "#!/bin/sh\nexport HANDOFF_TEST_TAKEOVER_FAIL=1\nexec '{}' \"$@\"\n",
         binary.display()
     );
-    std::fs::write(&path, script).expect("write the wrapper");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    support::write_executable(&path, script.as_bytes());
     path
 }
 

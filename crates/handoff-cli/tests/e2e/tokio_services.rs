@@ -286,19 +286,14 @@ fn kv_example_with_state_loses_no_acknowledged_write_across_upgrades() {
     // old build sealed, and the old build re-takes the lock, reopens its log
     // (`resume`) and accepts again.
     let crashing = dirs.root.path().join("kv-crash-after-lock.sh");
-    std::fs::write(
+    write_executable(
         &crashing,
         format!(
             "#!/bin/sh\nHANDOFF_CRASH_AT=n-after-lock exec {} \"$@\"\n",
             example("example-kv").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &crashing,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+        )
+        .as_bytes(),
+    );
     let out = sup.upgrade(&["--binary", crashing.to_str().unwrap()]);
     assert_ne!(
         out.code,

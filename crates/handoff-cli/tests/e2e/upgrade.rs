@@ -173,8 +173,8 @@ struct AbortCase<'a> {
     name: &'a str,
     /// Given the test's scratch dirs (to write wrapper scripts into), returns the PROGRAM
     /// for `handoff run` (the real demo, or a wrapper for incumbent-side faults) and the
-    /// arguments of the failing `handoff upgrade`. Called with the test lock held, so no
-    /// other test forks while a script is being written (see `support::begin_test`).
+    /// arguments of the failing `handoff upgrade`. Scripts it writes go through
+    /// `support::write_executable`, as every executable a test writes (ETXTBSY).
     setup: &'a dyn Fn(&TestDirs) -> (PathBuf, Vec<String>),
     /// The abort reason must mention at least one of these (case-insensitive).
     reason_any_of: &'a [&'a str],

@@ -82,10 +82,15 @@ pub fn wait_until(deadline: Duration, what: &str, f: impl FnMut() -> bool) {
 /// them on parallel threads would only add flakiness; with the lock, a plain
 /// `cargo test --workspace` behaves like `--test-threads=1` for these tests.
 ///
-/// It also removes a classic source of flakiness: a test writing a wrapper script while
-/// another test thread forks could leave the script's write fd open in that child for an
-/// instant, and exec'ing it would fail with ETXTBSY.
+/// Scripts and copies of binaries that tests execute are written through a child process
+/// ([`write_executable`]): a test writing one while another test's thread forks would
+/// otherwise leave the write descriptor open in that child for an instant, and an exec of
+/// the file then fails with ETXTBSY.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Serializes the *light* end-to-end tests ([`begin_light_test`]) among themselves; each
+/// runs beside whichever [`SERIAL`] test is running.
+static LIGHT: Mutex<()> = Mutex::new(());
 
 /// Pids of supervisors currently running, so the watchdog can kill their process trees
 /// before aborting the test process (an abort runs no destructors).
@@ -100,12 +105,30 @@ pub struct TestGuard {
     _serial: MutexGuard<'static, ()>,
 }
 
-/// With `HANDOFF_TEST_TIMINGS=FILE`, each end-to-end test appends `SECONDS NAME` to FILE
+/// With `HANDOFF_TEST_TIMINGS=FILE`, each end-to-end test appends `SECONDS NAME CPU` to FILE
 /// when it ends (pass or fail): how the suite's wall time is found and kept down
-/// (`sort -rn FILE | head`).
+/// (`sort -rn FILE | head`). CPU is the seconds of CPU the test process and the processes
+/// it reaped used meanwhile (the tests run one at a time): a long test that uses little of
+/// it waits on timers.
 struct Timing {
     name: String,
     started: Instant,
+    cpu: Duration,
+}
+
+/// CPU used so far by this process and the children it has reaped.
+fn cpu_used() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN]
+        .into_iter()
+        .filter_map(|who| getrusage(who).ok())
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| {
+                Duration::new(tv.tv_sec().max(0) as u64, tv.tv_usec().max(0) as u32 * 1000)
+            };
+            t(u.user_time()) + t(u.system_time())
+        })
+        .sum()
 }
 
 impl Drop for Timing {
@@ -114,9 +137,10 @@ impl Drop for Timing {
             return;
         };
         let line = format!(
-            "{:.2} {}\n",
+            "{:.2} {} {:.2}\n",
             self.started.elapsed().as_secs_f64(),
-            self.name
+            self.name,
+            cpu_used().saturating_sub(self.cpu).as_secs_f64()
         );
         // Best effort: a timing file that cannot be written must not fail the test.
         if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
@@ -130,13 +154,27 @@ impl Drop for Timing {
 /// `limit`, kills every supervisor's process tree and aborts the test process with a
 /// message. Bind it first (`let _guard = begin_test(..)`) so it is dropped last.
 pub fn begin_test(name: &str, limit: Duration) -> TestGuard {
-    let serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    guard(&SERIAL, name, limit)
+}
+
+/// [`begin_test`] for a test that mostly waits on timers of the code under test (an abort
+/// grace, a request budget, a restart back-off): measured at a few percent of a core
+/// (`HANDOFF_TEST_TIMINGS`' CPU column), with bounds of seconds in its assertions. Light
+/// tests run one at a time among themselves, but each beside the [`begin_test`] test in
+/// progress, which barely notices it: about a minute less of the suite's wall time on 2
+/// cores. A test that drives load, counts on a quiet machine, or changes anything
+/// process-wide (limits, signal dispositions) is not light.
+pub fn begin_light_test(name: &str, limit: Duration) -> TestGuard {
+    guard(&LIGHT, name, limit)
+}
+
+fn guard(lock: &'static Mutex<()>, name: &str, limit: Duration) -> TestGuard {
+    let serial = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     TestGuard {
         _timing: Timing {
             name: name.to_owned(),
             started: Instant::now(),
+            cpu: cpu_used(),
         },
         _watchdog: Watchdog::arm(name, limit),
         _serial: serial,
@@ -314,7 +352,7 @@ impl TestDirs {
     /// supervisor sees the demo itself as its child.
     pub fn fault_wrapper(&self, fault: &str) -> PathBuf {
         let path = self.root.path().join(format!("demo-{fault}.sh"));
-        write_file(&path, wrapper_script(fault).as_bytes(), 0o755);
+        write_executable(&path, wrapper_script(fault).as_bytes());
         path
     }
 
@@ -333,7 +371,7 @@ impl TestDirs {
         }
         script.push_str(&format!("exec '{demo}' \"$@\"\n"));
         let path = self.root.path().join(format!("demo-{name}.sh"));
-        write_file(&path, script.as_bytes(), 0o755);
+        write_executable(&path, script.as_bytes());
         path
     }
 
@@ -364,6 +402,30 @@ fn wrapper_script(fault: &str) -> String {
 
 /// Creates `path` with `mode`, writes `content`, syncs and closes it before returning, so
 /// nothing holds it open for writing when it is later exec'ed.
+/// Writes an executable file (a script, a copy of a binary) at `path`, which must not
+/// exist, through a child process (`install -m 0755`): see [`SERIAL`] for why not with a
+/// write of this process.
+pub fn write_executable(path: &Path, content: &[u8]) {
+    let src = PathBuf::from(format!("{}.src", path.display()));
+    write_file(&src, content, 0o600);
+    let out = Command::new("install")
+        .arg("-m")
+        .arg("0755")
+        .arg(&src)
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("run install(1) for {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "install(1) {} -> {}: {}\n{}",
+        src.display(),
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = fs::remove_file(&src);
+}
+
 fn write_file(path: &Path, content: &[u8], mode: u32) {
     let mut f = fs::OpenOptions::new()
         .write(true)

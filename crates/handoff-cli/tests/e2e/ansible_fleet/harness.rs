@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,14 +64,7 @@ pub(super) fn repo_root() -> PathBuf {
 
 pub(super) fn write_exec(path: &Path, content: &[u8]) {
     fs::create_dir_all(path.parent().expect("a parent dir")).expect("create the build dir");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o755)
-        .open(path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    std::io::Write::write_all(&mut f, content).expect("write a build");
-    f.sync_all().expect("sync a build");
+    crate::support::write_executable(path, content);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -532,7 +525,7 @@ impl Host {
         // A release as a deploy puts it on a host: a file of its own. (A hard link when
         // the filesystem allows: the same bytes without another copy of a debug build per host.)
         if fs::hard_link(v1, &release).is_err() {
-            fs::copy(v1, &release).expect("copy v1");
+            crate::support::write_executable(&release, &fs::read(v1).expect("read v1"));
         }
         symlink(&release, app_dir.join("current")).expect("link current");
         let record_dir = dirs.root.path().join("records");

@@ -104,7 +104,6 @@ pub struct Fake {
 
 impl Fake {
     pub fn new() -> Fake {
-        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let (bin, state, units) = (
             tmp.path().join("bin"),
@@ -115,9 +114,7 @@ impl Fake {
             fs::create_dir_all(d).unwrap();
         }
         for (name, text) in [("launchctl", LAUNCHCTL), ("systemctl", SYSTEMCTL)] {
-            let p = bin.join(name);
-            fs::write(&p, text).unwrap();
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+            crate::support::write_executable(&bin.join(name), text.as_bytes());
         }
         Fake {
             _tmp: tmp,
