@@ -550,9 +550,17 @@ fn ready_probe_and_stop_signal_flags() {
         })
     };
     started(sup.first_pid);
-    let c = sup.upgrade(&[]).expect_committed();
+    let out = sup.upgrade(&[]);
+    let c = out.expect_committed();
     assert_eq!(c.old_pid, sup.first_pid);
-    // SIGINT is not handled by the Python service: it dies of it at once.
+    // SIGINT is not handled by the Python service: it dies of it at once —
+    // stopped, not killed after the drain grace (which would pass, slowly).
+    assert_eq!(
+        phase_names(&out),
+        ["spawned", "ready", "old-signalled", "old-stopped"],
+        "{out}\n{}",
+        sup.stderr_log()
+    );
     assert!(gone(sup.first_pid));
     sup.wait_settled(c.new_pid, SETTLE);
     started(c.new_pid);

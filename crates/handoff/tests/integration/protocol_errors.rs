@@ -634,6 +634,15 @@ fn incumbent_at(path: &Path, max: u16) -> JoinHandle<Vec<&'static str>> {
     })
 }
 
+/// The supervisor's phases of a handoff that commits, in order.
+const EVERY_PHASE: [&str; 5] = [
+    "negotiating",
+    "draining",
+    "sealing",
+    "awaiting-ready",
+    "committed",
+];
+
 /// Hands off from a fake incumbent of version `max` to a real successor;
 /// what the incumbent was sent, and the phases the supervisor went through.
 fn handoff_from_version(max: u16) -> (Vec<&'static str>, Vec<&'static str>) {
@@ -653,32 +662,14 @@ fn an_incumbent_at_version_5_seals_without_being_asked() {
     let (seen, phases) = handoff_from_version(SEAL_AT_ONCE_SINCE);
     assert_eq!(seen, vec!["PrepareHandoffV4", "Commit"]);
     // Its seal is still a phase of its own in the report and the journal.
-    assert_eq!(
-        phases,
-        [
-            "negotiating",
-            "draining",
-            "sealing",
-            "awaiting-ready",
-            "committed"
-        ]
-    );
+    assert_eq!(phases, EVERY_PHASE);
 }
 
 #[test]
 fn an_incumbent_at_version_4_is_asked_to_seal() {
     let (seen, phases) = handoff_from_version(SEAL_AT_ONCE_SINCE - 1);
     assert_eq!(seen, vec!["PrepareHandoffV4", "SealRequest", "Commit"]);
-    assert_eq!(
-        phases,
-        [
-            "negotiating",
-            "draining",
-            "sealing",
-            "awaiting-ready",
-            "committed"
-        ]
-    );
+    assert_eq!(phases, EVERY_PHASE);
 }
 
 // ---- the happy path, twice: fake incumbent → peer → peer ------------------
@@ -698,16 +689,7 @@ fn full_handoff_then_peer_to_peer() {
         t.join().unwrap(),
         vec!["PrepareHandoff", "SealRequest", "Commit"]
     );
-    assert_eq!(
-        phases,
-        vec![
-            "negotiating",
-            "draining",
-            "sealing",
-            "awaiting-ready",
-            "committed"
-        ]
-    );
+    assert_eq!(phases, EVERY_PHASE);
     assert_eq!(r.old_pid, Some(std::process::id()));
     assert_eq!(s.sup.incumbent_pid(), Some(r.new_pid));
     assert!(
