@@ -80,7 +80,8 @@ pub fn wait_until(deadline: Duration, what: &str, f: impl FnMut() -> bool) {
 /// Serializes the end-to-end tests within one test binary. They are timing-sensitive
 /// (deadlines of 2 s, load generators saturating a 2-core machine), so `cargo test` running
 /// them on parallel threads would only add flakiness; with the lock, a plain
-/// `cargo test --workspace` behaves like `--test-threads=1` for these tests.
+/// `cargo test --workspace` behaves like `--test-threads=1` for these tests (the light
+/// ones, [`LIGHT`], have a lock of their own).
 ///
 /// Scripts and copies of binaries that tests execute are written through a child process
 /// ([`write_executable`]): a test writing one while another test's thread forks would
@@ -108,8 +109,9 @@ pub struct TestGuard {
 /// With `HANDOFF_TEST_TIMINGS=FILE`, each end-to-end test appends `SECONDS NAME CPU` to FILE
 /// when it ends (pass or fail): how the suite's wall time is found and kept down
 /// (`sort -rn FILE | head`). CPU is the seconds of CPU the test process and the processes
-/// it reaped used meanwhile (the tests run one at a time): a long test that uses little of
-/// it waits on timers.
+/// it reaped used meanwhile: a long test that uses little of it waits on timers. The
+/// figure is process-wide, so a light test ([`begin_light_test`]) and the serialized test
+/// beside it each count the other's too; measure one alone (a name filter) to classify it.
 struct Timing {
     name: String,
     started: Instant,
