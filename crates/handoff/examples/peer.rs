@@ -14,7 +14,7 @@
 //! and errors of the library are then written to stderr).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use handoff::channel::Channel;
@@ -180,7 +180,13 @@ fn main() {
                     inc.serve(&mut idle)
                 });
             match r {
-                Ok(retired) => println!("retired: {retired:?}"),
+                Ok(retired) => {
+                    // Whether a new process could take over the state
+                    // while this one finishes what is open.
+                    let held = std::env::var_os("HANDOFF_STATE_DIR")
+                        .and_then(|d| handoff::StateLock::is_held(Path::new(&d)).ok());
+                    println!("retired: {retired:?}; state lock held: {held:?}")
+                }
                 Err(e) => {
                     eprintln!("peer[{pid}]: {e}");
                     std::process::exit(1);

@@ -169,7 +169,7 @@ mod tests {
             include_str!("supervisor/handoff/held.rs"),
             include_str!("supervisor/handoff/ending.rs"),
             include_str!("supervisor/prepared.rs"),
-            include_str!("incumbent.rs"),
+            include_str!("incumbent/conversation.rs"),
             include_str!("successor.rs"),
             include_str!("moving/sender.rs"),
             include_str!("moving/inbound.rs"),

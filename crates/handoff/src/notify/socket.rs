@@ -23,7 +23,7 @@
 //! real server and exits is therefore not supported in notify mode — run it
 //! in the foreground.
 //!
-//! Datagrams longer than [`MAX_DATAGRAM`](super::MAX_DATAGRAM), with
+//! Datagrams longer than [`MAX_DATAGRAM`], with
 //! truncated control data, or carrying descriptors (`FDSTORE=1` is not
 //! supported; the descriptors are closed at once) are logged and dropped.
 //! Linux only: elsewhere there are no per-datagram credentials, so every

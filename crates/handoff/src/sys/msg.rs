@@ -1,6 +1,14 @@
 //! `sendmsg`/`recvmsg` with control messages, shared by credential passing
 //! and descriptor passing: EINTR retried, `SIGPIPE` never raised, the whole
 //! buffer written (the control message rides on the first chunk).
+//!
+//! On nix, not rustix (which has `sendmsg`/`recvmsg` with `SCM_RIGHTS`
+//! too): credential passing must stay on nix (`creds.rs`: a peer's pid of 0
+//! across pid namespaces), and descriptor passing shares this one loop with
+//! it. Moving `SCM_RIGHTS` alone would make two send loops and two receive
+//! paths for one concern, each with its own EINTR and truncation handling,
+//! and nix would stay a dependency all the same (the spawn's `fork` path
+//! and signals in `exec.rs`, `poll` in the incumbent).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd};

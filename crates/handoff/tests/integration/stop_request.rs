@@ -162,6 +162,9 @@ fn shutdown_drains_heartbeats_reports_and_retires() {
     let (status, out) = peer.exit();
     assert!(status.success(), "{status:?}");
     assert!(out.contains("Stopped { stop_id: 5 }"), "{out}");
+    // Held until the process exits (`Retired::Stopped`): nothing may take
+    // over the state while it finishes what is open.
+    assert!(out.contains("state lock held: Some(true)"), "{out}");
 }
 
 /// An incumbent that negotiated version 1 refuses Shutdown like the older

@@ -12,7 +12,7 @@
 //!                                                           Ready ──commit──▶ Report
 //! ```
 //!
-//! A step that fails hands back what it held ([`Left`]: the incumbent's
+//! A step that fails hands back what it held ([`Left`](run::Left): the incumbent's
 //! channel and whether it was asked to drain, the successor) for the abort
 //! path, which tells each what to do. Receiving yields the payload the
 //! phase table allows there, or the handoff's failure — never a panic.
