@@ -186,7 +186,7 @@ fn readable(listener: &TcpListener, within: Duration) -> bool {
 
 /// The endpoint's accept loop and answers in progress, as a `--supervisor`
 /// re-exec must see them: it asks the loop to stop accepting and waits for
-/// the answers to finish (see [`Metrics::quiesce`]).
+/// the answers to finish (see [`Metrics::quiesce`](super::Metrics::quiesce)).
 #[derive(Debug, Default)]
 pub struct Gate {
     state: Mutex<GateState>,
