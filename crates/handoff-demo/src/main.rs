@@ -290,7 +290,7 @@ async fn run() -> Result<ExitCode, String> {
                 },
                 _ => match shared.store() {
                     Some(store) => store
-                        .flush_blocking()
+                        .writer_running()
                         .map_err(|e| format!("store writer: {e}").into()),
                     None => Err("the store is not open".into()),
                 },

@@ -224,6 +224,20 @@ impl Store {
             .map_err(|_| io::Error::other("store writer stopped"))?
     }
 
+    /// Whether the writer is running: the health check's question (a
+    /// writer that died would fail every PUT). Asked of the thread's handle,
+    /// not the thread: [`flush_blocking`](Self::flush_blocking) would answer
+    /// too, but a round trip to the writer is one more wake-up inside the
+    /// accept gap, where the new build's health check runs.
+    pub fn writer_running(&self) -> io::Result<()> {
+        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        match w.as_ref() {
+            Some(h) if !h.is_finished() => Ok(()),
+            Some(_) => Err(io::Error::other("store writer stopped")),
+            None => Err(io::Error::other("store is sealed")),
+        }
+    }
+
     /// Flushes, then stops the writer: no write is possible afterwards, and
     /// no checkpoint of this process lands after it returns.
     pub fn seal(&self) -> io::Result<()> {

@@ -588,3 +588,15 @@ fn compaction_keeps_the_latest_of_checkpointed_and_recent_keys() {
     }
     assert_eq!(again.len(), want.len());
 }
+
+#[test]
+fn the_writer_is_running_until_the_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.writer_running().unwrap();
+    rt().block_on(s.put("k".into(), b"v".to_vec())).unwrap();
+    s.writer_running().unwrap();
+    s.seal().unwrap();
+    let e = s.writer_running().unwrap_err();
+    assert!(e.to_string().contains("sealed"), "{e}");
+}
