@@ -29,6 +29,7 @@ pub struct Builder {
     hooks: Hooks,
     idle_grace: Duration,
     first_request_grace: Duration,
+    header_read_timeout: Duration,
     head_grace: Duration,
     min_body_rate: u64,
     drain_grace: Duration,
@@ -222,6 +223,20 @@ impl Builder {
         self
     }
 
+    /// While serving, how long an HTTP/1.1 connection may go without
+    /// sending a complete request head — counted from its last response,
+    /// or from its accept (default 30 s, hyper's own default): then it is
+    /// closed, and a client that sent part of a head gets `408 Request
+    /// Timeout` first. This bounds what an idle or a slowloris client holds
+    /// (a descriptor, a slot under
+    /// [`max_connections`](Self::max_connections)); a request in flight is
+    /// never timed out by it. A connection moved to the next build starts
+    /// the clock again there.
+    pub fn header_read_timeout(mut self, d: Duration) -> Self {
+        self.header_read_timeout = d;
+        self
+    }
+
     /// Once the drain began, how long a client that has sent part of a
     /// request head may take to send the rest (default 1 s, counted from
     /// the drain's start or the head's first byte, whichever is later); it
@@ -323,6 +338,7 @@ impl Builder {
                 first_request: self.first_request_grace,
                 head: self.head_grace,
                 min_body_rate: self.min_body_rate,
+                header_read: self.header_read_timeout,
             },
             self.drain_grace,
         ));
@@ -445,6 +461,7 @@ impl Handoff {
             hooks: Hooks::default(),
             idle_grace: Duration::from_millis(250),
             first_request_grace: Duration::from_secs(2),
+            header_read_timeout: Duration::from_secs(30),
             head_grace: Duration::from_secs(1),
             min_body_rate: 64 * 1024,
             drain_grace: Duration::from_secs(30),

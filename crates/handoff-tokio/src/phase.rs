@@ -87,6 +87,12 @@ pub(crate) struct Graces {
     /// Bytes a second a request body must keep arriving at, once winding
     /// down, not to be cut after the head grace.
     pub(crate) min_body_rate: u64,
+    /// While serving, how long an HTTP/1 connection may go without a
+    /// complete request head after its last response (or its accept):
+    /// then it is closed, a half-sent head answered `408`. Not hyper's
+    /// header-read timeout: its timer is freed inside the drain, when the
+    /// connection is taken out of hyper (`http/conn.rs`, `drive`).
+    pub(crate) header_read: Duration,
 }
 
 #[derive(Debug)]
@@ -516,6 +522,7 @@ mod tests {
                 first_request: Duration::from_millis(10),
                 head: Duration::from_millis(10),
                 min_body_rate: 1,
+                header_read: Duration::from_secs(30),
             },
             Duration::from_secs(1),
         ))

@@ -230,6 +230,7 @@ mod tests {
             first_request: Duration::from_millis(10),
             head: Duration::from_millis(head_ms),
             min_body_rate: rate,
+            header_read: Duration::from_secs(30),
         }
     }
 

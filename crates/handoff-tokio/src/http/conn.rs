@@ -22,6 +22,11 @@
 //! * an upgraded connection (WebSocket) leaves hyper; it stays counted, and
 //!   the process waits for it within the drain grace.
 //!
+//! While serving, an HTTP/1 connection that sends no request head within
+//! the header-read timeout after its last response (or its accept) is
+//! closed the same way — a half-sent head answered `408` — so an idle or
+//! slowloris client holds a descriptor for a bounded time only.
+//!
 //! All of this is reversible while the handoff may still abort: a
 //! connection not yet told to close keeps serving when the phase goes back
 //! to serving. Past the wind-down's hard deadline whatever is left is
@@ -143,6 +148,17 @@ impl ConnState {
             return None;
         }
         *lock(&self.partial_since)
+    }
+
+    /// While serving, when this connection has waited too long for a
+    /// request head (the header-read timeout, counted from its last
+    /// response or its accept); `None` while a request is in flight, and
+    /// on HTTP/2 (hyper's h2 has its own keep-alive).
+    fn head_due(&self, timeout: std::time::Duration) -> Option<Instant> {
+        if self.inflight.load(Ordering::SeqCst) > 0 || self.h2.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(lock(&self.last_done).unwrap_or(self.accepted) + timeout)
     }
 
     /// Whether the stream wrapper should answer 408 as it closes.
@@ -311,12 +327,24 @@ pub(crate) enum Ended {
 /// hyper's `graceful_shutdown` on it (HTTP/1: close once idle; HTTP/2:
 /// GOAWAY); `movable` says whether it is one that can move (HTTP/1, not
 /// upgraded).
+///
+/// While serving it also closes an HTTP/1 connection that sends no request
+/// head within the header-read timeout (`Graces::header_read`) — the job
+/// of hyper's own header-read timer, which is not used: that timer sits in
+/// hyper's state, so taking a connection out of hyper to move it would
+/// remove it from the runtime's timer wheel (a lock shared by the workers)
+/// inside the drain, 10,000 times for 10,000 connections — a tenth of the
+/// drain (BENCHMARKS.md). `timer` belongs to the caller instead, who keeps
+/// it, registered, until the handoff's outcome. It is re-armed lazily:
+/// when it fires early (a request came meanwhile) it is set again, so a
+/// request costs the timer nothing.
 pub(crate) async fn drive<C: Future + Unpin>(
     conn: &mut C,
     graceful: impl Fn(&mut C),
     movable: impl Fn(&C) -> bool,
     state: Arc<ConnState>,
     shared: Arc<Shared>,
+    mut timer: Pin<&mut tokio::time::Sleep>,
 ) -> Ended {
     let mut rx = shared.subscribe();
     let mut cut = shared.subscribe_cut();
@@ -325,10 +353,29 @@ pub(crate) async fn drive<C: Future + Unpin>(
     };
     tokio::pin!(cut);
     loop {
-        // Serving: wait for the connection to end or a wind-down to begin.
+        // Serving: wait for the connection to end, a wind-down to begin or
+        // the header-read timeout.
         loop {
             if rx.borrow_and_update().winding_down() {
                 break;
+            }
+            let now = Instant::now();
+            let due = state.head_due(shared.graces.header_read);
+            if due.is_some_and(|d| d <= now) {
+                // No request head in time: closed, and a half-sent one is
+                // answered 408 as the stream closes — when nothing of
+                // hyper's is unflushed (it could interleave), else just
+                // closed: a client that reads nothing is not waited for.
+                if state.partial_head().is_some() && state.write_idle.load(Ordering::SeqCst) {
+                    state.timed_out.store(true, Ordering::SeqCst);
+                }
+                return Ended::Done;
+            }
+            // In flight: look again a timeout later (the request's end
+            // moves the deadline; nothing wakes us for it).
+            let wake = due.unwrap_or(now + shared.graces.header_read);
+            if timer.deadline() != wake.into() {
+                timer.as_mut().reset(wake.into());
             }
             // The phase first: a drain wakes every connection at once, and
             // one that is about to move need not be polled by hyper (10,000
@@ -337,6 +384,7 @@ pub(crate) async fn drive<C: Future + Unpin>(
                 biased;
                 r = rx.changed() => if r.is_err() { break },
                 _ = &mut *conn => return Ended::Done,
+                _ = timer.as_mut() => {}
             }
         }
         let since = Instant::now();
@@ -382,9 +430,10 @@ pub(crate) async fn drive<C: Future + Unpin>(
                 break true;
             }
             let wake = due.unwrap_or(now + shared.graces.idle).min(hard);
+            timer.as_mut().reset(wake.into());
             tokio::select! {
                 _ = &mut *conn => return Ended::Done,
-                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = timer.as_mut() => {}
                 _ = rx.changed() => {}
                 _ = state.changed.notified() => {}
                 _ = &mut cut => return Ended::Done,

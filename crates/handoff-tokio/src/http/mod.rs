@@ -50,9 +50,10 @@ impl Handoff {
     /// HTTP/1.1 connection between requests is not closed at all: it is
     /// handed to the new build, which answers its next request on the same
     /// socket (the upgrade report counts connections moved and closed). An
-    /// idle keep-alive connection is otherwise hyper's to close: one that
-    /// sends nothing for 30 s is closed (hyper's header-read timeout), and a
-    /// moved one starts that clock again in the new build.
+    /// idle keep-alive connection is otherwise closed once it has sent no
+    /// request head for 30 s
+    /// ([`Builder::header_read_timeout`](crate::Builder::header_read_timeout)),
+    /// and a moved one starts that clock again in the new build.
     ///
     /// Taking a connection out of hyper frees hyper's state for it on
     /// whichever worker thread does it; with glibc's `malloc` the workers
@@ -212,6 +213,11 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsFd + Unpin + Send + Sync + 'static,
 {
     let mut no_move = false;
+    // The header-read timeout's timer (`conn::drive`): one per socket, kept
+    // until the socket leaves this process, so that moving the connection
+    // does not take it out of the timer wheel inside the drain.
+    let timer = tokio::time::sleep(shared.graces.header_read);
+    tokio::pin!(timer);
     loop {
         // A refusal to move holds for the drain it happened in: one that
         // comes back while serving (that drain aborted) may move next time.
@@ -235,6 +241,7 @@ async fn serve_connection<I, S: Svc<B>, B: ResBody>(
             Http::movable,
             state.clone(),
             shared.clone(),
+            timer.as_mut(),
         )
         .await;
         if let Ended::Done = ended {

@@ -167,8 +167,10 @@ where
                         b.timer(TokioTimer::new());
                         Http::H2(Box::pin(b.serve_connection(io, svc)))
                     } else {
-                        let mut b = http1::Builder::new();
-                        b.timer(TokioTimer::new());
+                        // No timer: the header-read timeout is
+                        // `conn::drive`'s (hyper's would be freed inside
+                        // the drain when the connection moves).
+                        let b = http1::Builder::new();
                         Http::H1 {
                             conn: Box::new(Some(b.serve_connection(io, svc).with_upgrades())),
                             done: false,

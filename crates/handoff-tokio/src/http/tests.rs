@@ -22,6 +22,7 @@ fn graces_ms(idle: u64, first_request: u64, head: u64) -> Graces {
         first_request: Duration::from_millis(first_request),
         head: Duration::from_millis(head),
         min_body_rate: 65536,
+        header_read: Duration::from_secs(30),
     }
 }
 
@@ -48,6 +49,7 @@ impl Server {
                 first_request: Duration::from_secs(2),
                 head: Duration::from_secs(1),
                 min_body_rate: 65536,
+                header_read: Duration::from_secs(30),
             },
         )
         .await
@@ -464,6 +466,69 @@ async fn a_half_sent_head_is_answered_408_once_the_head_grace_is_over() {
         "{} connections still open",
         srv.shared().open_connections()
     );
+}
+
+/// While serving, the header-read timeout (`Graces::header_read`, kept by
+/// `conn::drive` rather than hyper): a connection that sends no request
+/// head for that long after its last response — or after its accept — is
+/// closed with a FIN, a half-sent head first answered 408; a request that
+/// takes longer than the timeout is not cut by it, and its connection stays
+/// open for the next one.
+#[tokio::test]
+async fn while_serving_the_header_read_timeout_closes_idle_and_half_sent_connections() {
+    let timeout = Duration::from_millis(150);
+    let srv = Server::start_with(
+        true,
+        Graces {
+            header_read: timeout,
+            ..graces_ms(5000, 5000, 5000)
+        },
+    )
+    .await;
+    let mut idle = TcpStream::connect(srv.addr).await.unwrap();
+    // Before the request: its answer, which starts the clock, comes later.
+    let idle_since = std::time::Instant::now();
+    exchange(&mut idle, "/").await.unwrap();
+    // Before the connect: the accept, which starts the clock, comes later.
+    let silent_since = std::time::Instant::now();
+    let mut silent = TcpStream::connect(srv.addr).await.unwrap();
+    let mut half = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut half, "/").await.unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    // `/slow` answers after 300 ms: twice the timeout, in flight.
+    let mut slow = TcpStream::connect(srv.addr).await.unwrap();
+    let (head, body) = exchange(&mut slow, "/slow").await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(body, "slow");
+
+    for (name, c, since) in [
+        ("idle", &mut idle, idle_since),
+        ("silent", &mut silent, silent_since),
+    ] {
+        expect_eof(c)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: a reset instead of a FIN: {e}"));
+        assert!(
+            since.elapsed() >= timeout,
+            "{name}: closed {:?} after its last response or accept, before the timeout",
+            since.elapsed()
+        );
+    }
+    let (head, body) = read_response(&mut half)
+        .await
+        .unwrap_or_else(|e| panic!("no answer to the half-sent head: {e}"));
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "");
+    expect_eof(&mut half)
+        .await
+        .unwrap_or_else(|e| panic!("a reset instead of a FIN after the 408: {e}"));
+    // The slow request's connection was answered and kept; it is served
+    // again (its own idle clock started at that answer).
+    let (head, body) = exchange(&mut slow, "/").await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "ok");
 }
 
 /// A head completed within the head grace is a request like any other:
