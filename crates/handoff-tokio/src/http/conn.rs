@@ -135,8 +135,10 @@ impl ConnState {
 
     /// hyper wrote (`false`) or flushed everything it wrote (`true`).
     pub(crate) fn wrote(&self, flushed: bool) {
-        self.write_idle.store(flushed, Ordering::SeqCst);
-        if flushed {
+        let was = self.write_idle.swap(flushed, Ordering::SeqCst);
+        // Only a change is news: hyper flushes at every poll, and a wake-up
+        // per flush would have the drive loop poll hyper, which flushes…
+        if flushed && !was {
             self.changed.notify_one();
         }
     }

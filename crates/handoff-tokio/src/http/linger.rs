@@ -35,6 +35,14 @@ pub(crate) const LINGER: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
+#[cfg(test)]
+thread_local! {
+    /// Flushes asked of streams on this thread: how often hyper was polled
+    /// (it flushes at every poll). Per thread, so a current-thread test
+    /// counts its own connections only.
+    pub(crate) static FLUSHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// What a lingering stream must be.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for I {}
@@ -182,6 +190,8 @@ impl<I: Stream> AsyncWrite for Lingering<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        #[cfg(test)]
+        FLUSHES.with(|f| f.set(f.get() + 1));
         let r = match self.stream() {
             Ok(s) => s.poll_flush(cx),
             Err(e) => Poll::Ready(Err(e)),

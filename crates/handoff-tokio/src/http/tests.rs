@@ -531,6 +531,32 @@ async fn while_serving_the_header_read_timeout_closes_idle_and_half_sent_connect
     assert_eq!(body, "ok");
 }
 
+/// A connection waiting out its idle grace in a drain that does not move
+/// connections (`handoff stop`, notify mode, an old peer) waits: hyper is
+/// not polled in a loop meanwhile. (It was: hyper flushes at every poll,
+/// each flush woke the drive loop, which polled hyper again — every such
+/// connection spun a core's worth of wake-ups until its grace ran out.)
+#[tokio::test]
+async fn a_connection_waiting_out_its_grace_is_not_polled_in_a_loop() {
+    let srv = Server::start(Duration::from_millis(300)).await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    exchange(&mut c, "/").await.unwrap();
+    let before = super::linger::FLUSHES.with(|f| f.get());
+    let started = std::time::Instant::now();
+    srv.shared().set_phase(Phase::Draining);
+    expect_eof(&mut c).await.unwrap();
+    let polls = super::linger::FLUSHES.with(|f| f.get()) - before;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before its idle grace"
+    );
+    assert!(
+        polls < 20,
+        "hyper was polled {polls} times while the connection waited out {:?}",
+        started.elapsed()
+    );
+}
+
 /// A head completed within the head grace is a request like any other:
 /// answered (with `Connection: close`), not 408.
 #[tokio::test]
