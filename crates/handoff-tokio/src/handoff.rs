@@ -14,6 +14,11 @@ use crate::control::{self, Begin, Hooks, Outcome};
 use crate::error::{BoxError, Error};
 use crate::phase::{Graces, Phase, Retirement, Shared};
 
+/// The longest any of the builder's durations is taken to be: a deadline is
+/// an `Instant` plus one, and `Duration::MAX` (a natural way to say
+/// "never") would overflow it and panic mid-drain.
+pub(crate) const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Sets up a [`Handoff`]: what the service is called, and — only if it has
 /// state — how it seals and resumes.
 ///
@@ -219,7 +224,7 @@ impl Builder {
     /// sends its next request within it gets an answer with `Connection:
     /// close` instead of a closed socket.
     pub fn idle_grace(mut self, d: Duration) -> Self {
-        self.idle_grace = d;
+        self.idle_grace = d.min(LONGEST);
         self
     }
 
@@ -232,8 +237,11 @@ impl Builder {
     /// [`max_connections`](Self::max_connections)); a request in flight is
     /// never timed out by it. A connection moved to the next build starts
     /// the clock again there.
+    ///
+    /// Like every duration the builder takes, it is capped at ten years:
+    /// `Duration::MAX` means "never" without overflowing a deadline.
     pub fn header_read_timeout(mut self, d: Duration) -> Self {
-        self.header_read_timeout = d;
+        self.header_read_timeout = d.min(LONGEST);
         self
     }
 
@@ -249,7 +257,7 @@ impl Builder {
     /// it the service reads an error from the body, and the response says
     /// `Connection: close` (and `408`, if the service answered a failure).
     pub fn head_grace(mut self, d: Duration) -> Self {
-        self.head_grace = d;
+        self.head_grace = d.min(LONGEST);
         self
     }
 
@@ -270,7 +278,7 @@ impl Builder {
     /// accepting for good, when no handoff said otherwise (default 30 s;
     /// during a handoff the supervisor's `--drain-grace` applies).
     pub fn drain_grace(mut self, d: Duration) -> Self {
-        self.drain_grace = d;
+        self.drain_grace = d.min(LONGEST);
         self
     }
 
@@ -670,5 +678,31 @@ impl Handoff {
                 message: "a seal, resume, begin or health hook panicked".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Duration::MAX` ("never") is taken as ten years, so no deadline
+    /// built from it (`Instant` + grace) overflows and panics (a server
+    /// whose graces are that long: `http::tests`).
+    #[test]
+    fn a_duration_of_max_is_capped() {
+        let b = Handoff::builder("t")
+            .idle_grace(Duration::MAX)
+            .head_grace(Duration::MAX)
+            .header_read_timeout(Duration::MAX)
+            .drain_grace(Duration::MAX);
+        for d in [
+            b.idle_grace,
+            b.head_grace,
+            b.header_read_timeout,
+            b.drain_grace,
+        ] {
+            assert_eq!(d, LONGEST);
+        }
+        let _ = std::time::Instant::now() + LONGEST + LONGEST;
     }
 }

@@ -557,6 +557,31 @@ async fn a_connection_waiting_out_its_grace_is_not_polled_in_a_loop() {
     );
 }
 
+/// Graces as long as the builder takes them (`Duration::MAX` is capped at
+/// `LONGEST`): every deadline built from them is computed without
+/// overflowing — the connection is served, and closed by the drain's short
+/// idle grace.
+#[tokio::test]
+async fn the_longest_graces_serve_and_drain_without_overflow() {
+    let srv = Server::start_with(
+        true,
+        Graces {
+            head: crate::handoff::LONGEST,
+            header_read: crate::handoff::LONGEST,
+            ..graces_ms(20, 20, 20)
+        },
+    )
+    .await;
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    let (head, body) = exchange(&mut c, "/").await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "ok");
+    srv.shared().set_phase(Phase::Draining);
+    expect_eof(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("a reset instead of a FIN: {e}"));
+}
+
 /// A head completed within the head grace is a request like any other:
 /// answered (with `Connection: close`), not 408.
 #[tokio::test]
