@@ -163,6 +163,18 @@ impl ConnState {
         Some(lock(&self.last_done).unwrap_or(self.accepted) + timeout)
     }
 
+    /// A request head is in progress and hyper has flushed all it wrote:
+    /// marks the connection for the stream wrapper to answer `408` as it
+    /// closes (nothing of hyper's can interleave) and says so. Otherwise
+    /// nothing is marked.
+    fn time_out_head(&self) -> bool {
+        let due = self.partial_head().is_some() && self.write_idle.load(Ordering::SeqCst);
+        if due {
+            self.timed_out.store(true, Ordering::SeqCst);
+        }
+        due
+    }
+
     /// Whether the stream wrapper should answer 408 as it closes.
     pub(crate) fn timed_out(&self) -> bool {
         self.timed_out.load(Ordering::SeqCst)
@@ -368,9 +380,7 @@ pub(crate) async fn drive<C: Future + Unpin>(
                 // answered 408 as the stream closes — when nothing of
                 // hyper's is unflushed (it could interleave), else just
                 // closed: a client that reads nothing is not waited for.
-                if state.partial_head().is_some() && state.write_idle.load(Ordering::SeqCst) {
-                    state.timed_out.store(true, Ordering::SeqCst);
-                }
+                state.time_out_head();
                 return Ended::Done;
             }
             // In flight: look again a timeout later (the request's end
@@ -412,12 +422,9 @@ pub(crate) async fn drive<C: Future + Unpin>(
             if due.is_some_and(|t| t <= now)
                 && !(moving && movable(conn) && !state.no_move.load(Ordering::SeqCst))
             {
-                if state.partial_head().is_some() && state.write_idle.load(Ordering::SeqCst) {
+                if state.time_out_head() {
                     // A head that did not finish in its grace: hyper would
-                    // only drop it unanswered, so it goes, and the stream
-                    // wrapper answers 408 as it closes (nothing of hyper's
-                    // can interleave: it has flushed all it wrote).
-                    state.timed_out.store(true, Ordering::SeqCst);
+                    // only drop it unanswered, so it goes with a 408.
                     return Ended::Done;
                 }
                 if moving && !state.no_move.load(Ordering::SeqCst) {
